@@ -1,0 +1,85 @@
+//! Userspace-only helpers: `aya::Pod` for the shared types, and turning keys back into labels.
+extern crate std;
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::{Config, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, TotalKey};
+
+// SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with no padding
+// (the sizes are asserted in lib.rs), so every bit pattern is valid.
+unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for TotalKey {}
+unsafe impl aya::Pod for PeerKey {}
+unsafe impl aya::Pod for PeerCounters {}
+
+impl Config {
+    /// Builds the kernel configuration from a port list; `None` when there are too many ports.
+    pub fn from_ports(ports: &[u16]) -> Option<Self> {
+        if ports.len() > crate::MAX_PORTS {
+            return None;
+        }
+        let mut cfg = Config::EMPTY;
+        cfg.ports[..ports.len()].copy_from_slice(ports);
+        cfg.port_count = ports.len() as u32;
+        Some(cfg)
+    }
+}
+
+impl PeerKey {
+    /// The peer address as Rust's `IpAddr` (displayed compressed and lower case for IPv6).
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self.family {
+            FAMILY_V4 => {
+                let [a, b, c, d, ..] = self.addr;
+                Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+            }
+            FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(self.addr))),
+            _ => None,
+        }
+    }
+}
+
+impl TotalKey {
+    pub fn new(
+        ifindex: u32,
+        port: u16,
+        event: crate::Event,
+        direction: crate::Direction,
+        side: crate::Side,
+    ) -> Self {
+        Self {
+            ifindex,
+            port,
+            event: event as u8,
+            direction: direction as u8,
+            side: side as u8,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn peer_addresses_display_like_ipaddr() {
+        let mut k = PeerKey { ifindex: 1, addr: [0; 16], port: 25, family: FAMILY_V4, direction: 0 };
+        k.addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        assert_eq!(k.ip().unwrap().to_string(), "192.0.2.7");
+        k.family = FAMILY_V6;
+        k.addr = "2001:DB8:0:0:0:0:0:1".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(k.ip().unwrap().to_string(), "2001:db8::1");
+        k.family = 9;
+        assert_eq!(k.ip(), None);
+    }
+
+    #[test]
+    fn config_from_ports() {
+        let c = Config::from_ports(&[25, 465, 587]).unwrap();
+        assert_eq!(c.ports(), &[25, 465, 587]);
+        assert!(Config::from_ports(&[1; 17]).is_none());
+        assert_eq!(Config::from_ports(&[7; 16]).unwrap().ports().len(), 16);
+    }
+}

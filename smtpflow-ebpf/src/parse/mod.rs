@@ -1,0 +1,81 @@
+//! Frame parser: Ethernet (up to two VLAN tags) → IPv4/IPv6 (options, extension headers,
+//! fragments) → TCP. Each layer is a small function reading through [`Packet`] only.
+mod ip;
+mod tcp;
+
+use smtpflow_common::FAMILY_V4;
+
+use crate::packet::Packet;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags walked: 802.1Q, or 802.1ad + 802.1Q (QinQ).
+const MAX_VLAN_TAGS: usize = 2;
+const VLAN_HLEN: usize = 4;
+
+/// Why a frame yields no TCP segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// A header is invalid or runs past the end of the frame. Counted, never classified.
+    Malformed,
+    /// Not TCP, or a fragment without the TCP header: ignored.
+    NotTcp,
+}
+
+impl From<()> for Skip {
+    /// A read past the end of the frame: the header being read is truncated.
+    fn from((): ()) -> Self {
+        Skip::Malformed
+    }
+}
+
+/// What the counters need from a TCP segment. Addresses are in network order; IPv4 addresses use
+/// the first four bytes.
+pub struct Segment {
+    pub family: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub flags: u8,
+    pub window: u16,
+}
+
+impl Segment {
+    fn new(family: u8) -> Self {
+        Self { family, src: [0; 16], dst: [0; 16], src_port: 0, dst_port: 0, flags: 0, window: 0 }
+    }
+}
+
+/// Parses a frame from its Ethernet header down to the TCP header.
+#[inline(always)]
+pub fn parse<P: Packet>(p: &P) -> Result<Segment, Skip> {
+    let mut ethertype = u16::from_be(p.read_at::<u16>(ETH_HLEN - 2)?);
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // The tag is TCI (2 bytes) then the encapsulated ethertype (2 bytes).
+        ethertype = u16::from_be(p.read_at::<u16>(off + 2)?);
+        off += VLAN_HLEN;
+    }
+    let mut seg = match ethertype {
+        ETH_P_IP => {
+            let mut seg = Segment::new(FAMILY_V4);
+            off = ip::v4(p, off, &mut seg)?;
+            seg
+        }
+        ETH_P_IPV6 => {
+            let mut seg = Segment::new(smtpflow_common::FAMILY_V6);
+            off = ip::v6(p, off, &mut seg)?;
+            seg
+        }
+        _ => return Err(Skip::NotTcp),
+    };
+    tcp::header(p, off, &mut seg)?;
+    Ok(seg)
+}

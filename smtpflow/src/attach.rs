@@ -1,0 +1,204 @@
+//! Loading the kernel programs and attaching them to interfaces. Everything attached is owned by
+//! [`Attached`]: dropping it detaches (TCX and XDP bpf links also go away with the process, so a
+//! killed smtpflow leaves nothing behind; netlink TC filters are cleaned up at the next start).
+use std::{ffi::CString, io};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, NlOptions, TcAttachOptions, TcError},
+    },
+    util::KernelVersion,
+};
+use log::{info, warn};
+use smtpflow_common::{Config, names};
+
+use crate::cli::{Mode, TcLink};
+
+/// The kernel object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpflow"));
+
+/// An interface we watch.
+#[derive(Debug, Clone)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+}
+
+impl Iface {
+    /// Looks the interface up in the current network namespace.
+    pub fn lookup(name: &str) -> anyhow::Result<Self> {
+        let c = CString::new(name).with_context(|| format!("bad interface name {name:?}"))?;
+        // SAFETY: `c` is a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if index == 0 {
+            bail!(
+                "interface {name} does not exist in this network namespace \
+                 (`ip -br link` lists the interfaces here)"
+            );
+        }
+        Ok(Self { name: name.to_owned(), index })
+    }
+}
+
+/// How one program is attached, for logs and `smtpflow_attachment_info`.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub iface: String,
+    pub hook: &'static str,
+    pub how: &'static str,
+}
+
+/// The loaded object with its programs attached. Drop to detach.
+pub struct Attached {
+    pub ebpf: Ebpf,
+    pub attachments: Vec<Attachment>,
+}
+
+/// Loads the kernel object with its configuration.
+pub fn load(config: &Config, max_peers: u32) -> anyhow::Result<Ebpf> {
+    raise_memlock_limit();
+    EbpfLoader::new()
+        .override_global(names::GLOBAL_CONFIG, config, true)
+        .map_max_entries(names::MAP_PEERS, max_peers)
+        .load(EBPF_OBJECT)
+        .context(
+            "loading the eBPF object failed: the kernel needs BPF with BTF (Linux 5.8+ with \
+             CONFIG_DEBUG_INFO_BTF); run as root, and see `dmesg` for the kernel's reason",
+        )
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+fn raise_memlock_limit() {
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
+        return;
+    }
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        warn!("could not raise RLIMIT_MEMLOCK ({}); map creation may fail on old kernels", io::Error::last_os_error());
+    }
+}
+
+/// Attaches the programs of `mode` to every interface.
+pub fn attach(mut ebpf: Ebpf, ifaces: &[Iface], mode: Mode, tc_link: TcLink) -> anyhow::Result<Attached> {
+    let mut attachments = Vec::new();
+    match mode {
+        Mode::Tc => {
+            let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+            let use_tcx = match tc_link {
+                TcLink::Auto => has_tcx,
+                TcLink::Tcx => {
+                    if !has_tcx {
+                        bail!("--tc-link tcx needs Linux 6.6 or later; use --tc-link auto or netlink");
+                    }
+                    true
+                }
+                TcLink::Netlink => false,
+            };
+            for (prog_name, hook, attach_type) in [
+                (names::PROG_TC_INGRESS, "tc_ingress", TcAttachType::Ingress),
+                (names::PROG_TC_EGRESS, "tc_egress", TcAttachType::Egress),
+            ] {
+                let prog: &mut SchedClassifier = program(&mut ebpf, prog_name)?.try_into()?;
+                prog.load().with_context(|| verifier_hint(prog_name))?;
+                for iface in ifaces {
+                    let how = attach_tc(prog, prog_name, iface, attach_type, use_tcx)?;
+                    attachments.push(Attachment { iface: iface.name.clone(), hook, how });
+                }
+            }
+        }
+        Mode::Xdp => {
+            let prog: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
+            prog.load().with_context(|| verifier_hint(names::PROG_XDP))?;
+            for iface in ifaces {
+                let how = attach_xdp(prog, iface)?;
+                attachments.push(Attachment { iface: iface.name.clone(), hook: "xdp", how });
+            }
+        }
+    }
+    for a in &attachments {
+        info!("attached {} on {} ({})", a.hook, a.iface, a.how);
+    }
+    Ok(Attached { ebpf, attachments })
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the embedded object (a build problem)"))
+}
+
+fn verifier_hint(name: &str) -> String {
+    format!(
+        "the kernel rejected program {name}; this kernel may be too old for smtpflow \
+         (Linux 5.15+ is supported) — `smtpflow check` and `dmesg` say more"
+    )
+}
+
+fn attach_tc(
+    prog: &mut SchedClassifier,
+    prog_name: &str,
+    iface: &Iface,
+    attach_type: TcAttachType,
+    use_tcx: bool,
+) -> anyhow::Result<&'static str> {
+    let options = if use_tcx {
+        TcAttachOptions::TcxOrder(LinkOrder::default())
+    } else {
+        // A clsact qdisc may already be there and shared with others: add ours only if missing,
+        // and never delete it.
+        match tc::qdisc_add_clsact(&iface.name) {
+            Ok(()) => info!("added clsact qdisc on {}", iface.name),
+            Err(e) if is_exists(&e) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("adding a clsact qdisc on {} failed", iface.name));
+            }
+        }
+        // A previous smtpflow that was killed leaves its netlink filters behind: remove them.
+        match tc::qdisc_detach_program(&iface.name, attach_type, prog_name) {
+            Ok(()) => warn!("removed stale {prog_name} filters on {} left by an earlier run", iface.name),
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing stale {prog_name} filters on {} failed", iface.name));
+            }
+        }
+        TcAttachOptions::Netlink(NlOptions::default())
+    };
+    prog.attach_with_options(&iface.name, attach_type, options)
+        .map_err(|e| tc_attach_error(e, iface, use_tcx))?;
+    Ok(if use_tcx { "tcx" } else { "netlink" })
+}
+
+fn is_exists(e: &TcError) -> bool {
+    match e {
+        TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        TcError::IoError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
+}
+
+fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Error {
+    let how = if use_tcx { "TCX" } else { "netlink clsact" };
+    anyhow::Error::new(e).context(format!(
+        "attaching the TC program to {} through {how} failed{}",
+        iface.name,
+        if use_tcx { "; on kernels without TCX try --tc-link netlink" } else { "" }
+    ))
+}
+
+fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
+    match prog.attach(&iface.name, XdpMode::Driver) {
+        Ok(_) => return Ok("xdp driver mode"),
+        Err(e) => info!("XDP driver mode is not available on {} ({e}); trying generic mode", iface.name),
+    }
+    prog.attach(&iface.name, XdpMode::Skb).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "attaching XDP to {} failed in driver and generic mode; if another XDP program is \
+             attached there (`bpftool net show dev {}`), use --mode tc instead",
+            iface.name, iface.name
+        ))
+    })?;
+    Ok("xdp generic mode")
+}

@@ -1,0 +1,192 @@
+//! Command line: `smtpflow watch` and its flags. Every duration flag takes values like `500ms`,
+//! `1s` or `10s`.
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use smtpflow_common::{DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smtpflow",
+    version,
+    about = "SMTP handshake and TCP pressure observer for mail gateways (eBPF)",
+    long_about = "smtpflow counts SYN, SYN-ACK, RST and zero-window events on the SMTP ports in \
+                  the kernel (TC or XDP) and exports them, per peer and in total, as Prometheus \
+                  metrics. It must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to interfaces, count SMTP TCP events and serve them on /metrics until stopped.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// clsact/TCX classifiers on ingress and egress: both directions, every event.
+    Tc,
+    /// XDP on ingress only (driver mode where the device supports it, else generic): sees what
+    /// peers send, nothing the local host sends.
+    Xdp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TcLink {
+    /// TCX links on Linux 6.6 and later, netlink filters on older kernels.
+    Auto,
+    /// TCX links only (Linux 6.6+).
+    Tcx,
+    /// netlink clsact filters, as on kernels before 6.6 (stale filters of ours are removed at
+    /// start; the clsact qdisc is never deleted).
+    Netlink,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Interface to watch; repeat for several (each is its own `iface` label).
+    #[arg(long = "iface", short = 'i', required = true, value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+
+    /// Where the kernel programs attach.
+    #[arg(long, value_enum, default_value_t = Mode::Tc)]
+    pub mode: Mode,
+
+    /// How TC programs attach (tc mode only).
+    #[arg(long, value_enum, default_value_t = TcLink::Auto)]
+    pub tc_link: TcLink,
+
+    /// SMTP ports, comma separated (at most 16).
+    #[arg(long, value_name = "PORTS", default_value = "25,465,587", value_parser = parse_ports)]
+    pub ports: PortList,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9925")]
+    pub metrics_addr: SocketAddr,
+
+    /// Capacity of the kernel's per-peer LRU map; the least recently seen peers are evicted
+    /// (their events stay in the exact totals).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PEERS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_peers: u32,
+
+    /// Most peers exported as per-peer series (the most active ones), so a flood of spoofed
+    /// sources cannot explode the scrape.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_peer_series: usize,
+
+    /// How often the kernel maps are drained; a scrape shows every event up to this long ago.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// How often a status line is printed to stderr (0s: never).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub status_every: Duration,
+}
+
+/// A validated, de-duplicated list of SMTP ports in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+pub fn parse_ports(s: &str) -> Result<PortList, String> {
+    let mut ports = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("empty entry in port list {s:?} (write e.g. 25,465,587)"));
+        }
+        let port: u16 = part
+            .parse()
+            .map_err(|_| format!("{part:?} is not a TCP port (1-65535)"))?;
+        if port == 0 {
+            return Err("port 0 is not a TCP port (1-65535)".into());
+        }
+        if ports.contains(&port) {
+            return Err(format!("port {port} is listed twice"));
+        }
+        ports.push(port);
+    }
+    if ports.len() > MAX_PORTS {
+        return Err(format!("{} ports given; at most {MAX_PORTS} are supported", ports.len()));
+    }
+    Ok(PortList(ports))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 1s or 10s"))
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("{s:?} is too short; the drain interval must be at least 10ms"));
+    }
+    Ok(d)
+}
+
+impl WatchArgs {
+    /// Checks that need more than one flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ifaces.len() > MAX_IFACES {
+            return Err(format!("{} interfaces given; at most {MAX_IFACES}", self.ifaces.len()));
+        }
+        for (i, name) in self.ifaces.iter().enumerate() {
+            if self.ifaces[..i].contains(name) {
+                return Err(format!("interface {name} is given twice"));
+            }
+        }
+        if self.mode == Mode::Xdp && self.tc_link != TcLink::Auto {
+            return Err("--tc-link applies to --mode tc only".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_ports("25,465,587").unwrap().0, vec![25, 465, 587]);
+        assert_eq!(parse_ports(" 2525 , 25").unwrap().0, vec![2525, 25]);
+        for bad in ["", "25,", "x", "0", "65536", "25,25", "-1", "25;587"] {
+            assert!(parse_ports(bad).is_err(), "{bad:?} accepted");
+        }
+        let sixteen: Vec<String> = (1..=16).map(|p: u16| p.to_string()).collect();
+        assert_eq!(parse_ports(&sixteen.join(",")).unwrap().0.len(), 16);
+        let seventeen: Vec<String> = (1..=17).map(|p: u16| p.to_string()).collect();
+        assert!(parse_ports(&seventeen.join(",")).unwrap_err().contains("at most 16"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_interval("1ms").is_err());
+    }
+
+    #[test]
+    fn watch_flags() {
+        let cli = Cli::try_parse_from(["smtpflow", "watch", "--iface", "eth0", "-i", "eth1"])
+            .unwrap();
+        let Command::Watch(w) = cli.command;
+        assert_eq!(w.ifaces, ["eth0", "eth1"]);
+        assert_eq!(w.mode, Mode::Tc);
+        assert_eq!(w.ports.0, vec![25, 465, 587]);
+        assert_eq!(w.max_peers, 65536);
+        assert_eq!(w.max_peer_series, 1000);
+        assert_eq!(w.interval, Duration::from_secs(1));
+        assert!(w.validate().is_ok());
+        assert!(Cli::try_parse_from(["smtpflow", "watch"]).is_err());
+        let dup = Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "-i", "a"]).unwrap();
+        let Command::Watch(w) = dup.command;
+        assert!(w.validate().is_err());
+    }
+}
