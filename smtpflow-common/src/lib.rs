@@ -43,7 +43,10 @@ pub struct Config {
 }
 
 impl Config {
-    pub const EMPTY: Self = Self { ports: [0; MAX_PORTS], port_count: 0 };
+    pub const EMPTY: Self = Self {
+        ports: [0; MAX_PORTS],
+        port_count: 0,
+    };
 
     /// The configured ports, as a slice.
     pub fn ports(&self) -> &[u16] {
@@ -118,8 +121,12 @@ pub enum Stat {
 
 impl Stat {
     pub const COUNT: usize = 4;
-    pub const ALL: [Stat; Self::COUNT] =
-        [Stat::Malformed, Stat::PeerInserts, Stat::PeerInsertFailed, Stat::TotalsInsertFailed];
+    pub const ALL: [Stat; Self::COUNT] = [
+        Stat::Malformed,
+        Stat::PeerInserts,
+        Stat::PeerInsertFailed,
+        Stat::TotalsInsertFailed,
+    ];
 }
 
 const _: () = {

@@ -31,7 +31,8 @@ pub enum Event {
 
 impl Event {
     pub const COUNT: usize = 4;
-    pub const ALL: [Event; Self::COUNT] = [Event::Syn, Event::SynAck, Event::Rst, Event::ZeroWindow];
+    pub const ALL: [Event; Self::COUNT] =
+        [Event::Syn, Event::SynAck, Event::Rst, Event::ZeroWindow];
 
     /// The `event` label value.
     pub const fn label(self) -> &'static str {
@@ -116,7 +117,11 @@ pub const fn classify(flags: u8, window: u16) -> Option<Event> {
     if flags & RST != 0 {
         Some(Event::Rst)
     } else if flags & SYN != 0 {
-        if flags & ACK != 0 { Some(Event::SynAck) } else { Some(Event::Syn) }
+        if flags & ACK != 0 {
+            Some(Event::SynAck)
+        } else {
+            Some(Event::Syn)
+        }
     } else if window == 0 && flags & FIN == 0 {
         Some(Event::ZeroWindow)
     } else {
@@ -139,11 +144,21 @@ pub fn smtp_port(src_port: u16, dst_port: u16, ports: &[u16]) -> Option<PortMatc
     // A plain bounded loop: the kernel's verifier sees at most `MAX_PORTS` iterations.
     for &p in ports.iter().take(crate::MAX_PORTS) {
         if p == dst_port {
-            return Some(PortMatch { port: dst_port, sender_is_client: true });
+            return Some(PortMatch {
+                port: dst_port,
+                sender_is_client: true,
+            });
         }
         src_hit |= p == src_port;
     }
-    if src_hit { Some(PortMatch { port: src_port, sender_is_client: false }) } else { None }
+    if src_hit {
+        Some(PortMatch {
+            port: src_port,
+            sender_is_client: false,
+        })
+    } else {
+        None
+    }
 }
 
 /// The connection's direction from who sent the packet and whether the sender is the client.
@@ -153,7 +168,11 @@ pub const fn direction_of(side: Side, sender_is_client: bool) -> Direction {
         Side::Peer => sender_is_client,
         Side::Local => !sender_is_client,
     };
-    if client_is_peer { Direction::Inbound } else { Direction::Outbound }
+    if client_is_peer {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +203,11 @@ mod tests {
             (0, 1, None),
         ];
         for &(flags, window, want) in cases {
-            assert_eq!(classify(flags, window), want, "flags {flags:#04x} window {window}");
+            assert_eq!(
+                classify(flags, window),
+                want,
+                "flags {flags:#04x} window {window}"
+            );
         }
     }
 
@@ -219,27 +242,42 @@ mod tests {
     fn destination_port_wins() {
         assert_eq!(
             smtp_port(40000, 25, PORTS),
-            Some(PortMatch { port: 25, sender_is_client: true })
+            Some(PortMatch {
+                port: 25,
+                sender_is_client: true
+            })
         );
         assert_eq!(
             smtp_port(25, 40000, PORTS),
-            Some(PortMatch { port: 25, sender_is_client: false })
+            Some(PortMatch {
+                port: 25,
+                sender_is_client: false
+            })
         );
         // Both are SMTP ports: the destination decides.
         assert_eq!(
             smtp_port(25, 587, PORTS),
-            Some(PortMatch { port: 587, sender_is_client: true })
+            Some(PortMatch {
+                port: 587,
+                sender_is_client: true
+            })
         );
         assert_eq!(
             smtp_port(587, 25, PORTS),
-            Some(PortMatch { port: 25, sender_is_client: true })
+            Some(PortMatch {
+                port: 25,
+                sender_is_client: true
+            })
         );
         assert_eq!(smtp_port(80, 443, PORTS), None);
         assert_eq!(smtp_port(0, 0, PORTS), None);
         assert_eq!(smtp_port(25, 25, &[]), None);
         assert_eq!(
             smtp_port(2525, 1, &[2525]),
-            Some(PortMatch { port: 2525, sender_is_client: false })
+            Some(PortMatch {
+                port: 2525,
+                sender_is_client: false
+            })
         );
     }
 

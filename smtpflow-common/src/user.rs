@@ -65,7 +65,13 @@ mod tests {
 
     #[test]
     fn peer_addresses_display_like_ipaddr() {
-        let mut k = PeerKey { ifindex: 1, addr: [0; 16], port: 25, family: FAMILY_V4, direction: 0 };
+        let mut k = PeerKey {
+            ifindex: 1,
+            addr: [0; 16],
+            port: 25,
+            family: FAMILY_V4,
+            direction: 0,
+        };
         k.addr[..4].copy_from_slice(&[192, 0, 2, 7]);
         assert_eq!(k.ip().unwrap().to_string(), "192.0.2.7");
         k.family = FAMILY_V6;

@@ -125,7 +125,7 @@ fn count_peer(key: &PeerKey, index: usize) {
     if let Some(slot) = init.counts.get_mut(index) {
         *slot = 1;
     }
-    match PEERS.insert(key, &init, u64::from(BPF_NOEXIST)) {
+    match PEERS.insert(key, init, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(Stat::PeerInserts),
         Err(e) if e == -EEXIST => match PEERS.get_ptr_mut(key) {
             Some(v) => add_one(v, index),

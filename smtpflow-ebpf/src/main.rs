@@ -6,7 +6,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd: the bpf target has no CAS, so AtomicU64 has no fetch_add")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd: the bpf target has no CAS, so AtomicU64 has no fetch_add"
+)]
 
 mod count;
 mod packet;

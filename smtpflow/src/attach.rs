@@ -39,7 +39,10 @@ impl Iface {
                  (`ip -br link` lists the interfaces here)"
             );
         }
-        Ok(Self { name: name.to_owned(), index })
+        Ok(Self {
+            name: name.to_owned(),
+            index,
+        })
     }
 }
 
@@ -59,6 +62,11 @@ pub struct Attached {
 
 /// Loads the kernel object with its configuration.
 pub fn load(config: &Config, max_peers: u32) -> anyhow::Result<Ebpf> {
+    if EBPF_OBJECT.is_empty() {
+        bail!(
+            "this binary was built with AYA_BUILD_SKIP=1 and has no kernel programs; rebuild it with `cargo xtask build`"
+        );
+    }
     raise_memlock_limit();
     EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
@@ -75,15 +83,26 @@ fn raise_memlock_limit() {
     if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
         return;
     }
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        warn!("could not raise RLIMIT_MEMLOCK ({}); map creation may fail on old kernels", io::Error::last_os_error());
+        warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); map creation may fail on old kernels",
+            io::Error::last_os_error()
+        );
     }
 }
 
 /// Attaches the programs of `mode` to every interface.
-pub fn attach(mut ebpf: Ebpf, ifaces: &[Iface], mode: Mode, tc_link: TcLink) -> anyhow::Result<Attached> {
+pub fn attach(
+    mut ebpf: Ebpf,
+    ifaces: &[Iface],
+    mode: Mode,
+    tc_link: TcLink,
+) -> anyhow::Result<Attached> {
     let mut attachments = Vec::new();
     match mode {
         Mode::Tc => {
@@ -92,7 +111,9 @@ pub fn attach(mut ebpf: Ebpf, ifaces: &[Iface], mode: Mode, tc_link: TcLink) -> 
                 TcLink::Auto => has_tcx,
                 TcLink::Tcx => {
                     if !has_tcx {
-                        bail!("--tc-link tcx needs Linux 6.6 or later; use --tc-link auto or netlink");
+                        bail!(
+                            "--tc-link tcx needs Linux 6.6 or later; use --tc-link auto or netlink"
+                        );
                     }
                     true
                 }
@@ -106,16 +127,25 @@ pub fn attach(mut ebpf: Ebpf, ifaces: &[Iface], mode: Mode, tc_link: TcLink) -> 
                 prog.load().with_context(|| verifier_hint(prog_name))?;
                 for iface in ifaces {
                     let how = attach_tc(prog, prog_name, iface, attach_type, use_tcx)?;
-                    attachments.push(Attachment { iface: iface.name.clone(), hook, how });
+                    attachments.push(Attachment {
+                        iface: iface.name.clone(),
+                        hook,
+                        how,
+                    });
                 }
             }
         }
         Mode::Xdp => {
             let prog: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
-            prog.load().with_context(|| verifier_hint(names::PROG_XDP))?;
+            prog.load()
+                .with_context(|| verifier_hint(names::PROG_XDP))?;
             for iface in ifaces {
                 let how = attach_xdp(prog, iface)?;
-                attachments.push(Attachment { iface: iface.name.clone(), hook: "xdp", how });
+                attachments.push(Attachment {
+                    iface: iface.name.clone(),
+                    hook: "xdp",
+                    how,
+                });
             }
         }
     }
@@ -126,8 +156,9 @@ pub fn attach(mut ebpf: Ebpf, ifaces: &[Iface], mode: Mode, tc_link: TcLink) -> 
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name)
-        .with_context(|| format!("program {name} missing from the embedded object (a build problem)"))
+    ebpf.program_mut(name).with_context(|| {
+        format!("program {name} missing from the embedded object (a build problem)")
+    })
 }
 
 fn verifier_hint(name: &str) -> String {
@@ -153,15 +184,24 @@ fn attach_tc(
             Ok(()) => info!("added clsact qdisc on {}", iface.name),
             Err(e) if is_exists(&e) => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("adding a clsact qdisc on {} failed", iface.name));
+                return Err(e)
+                    .with_context(|| format!("adding a clsact qdisc on {} failed", iface.name));
             }
         }
         // A previous smtpflow that was killed leaves its netlink filters behind: remove them.
         match tc::qdisc_detach_program(&iface.name, attach_type, prog_name) {
-            Ok(()) => warn!("removed stale {prog_name} filters on {} left by an earlier run", iface.name),
+            Ok(()) => warn!(
+                "removed stale {prog_name} filters on {} left by an earlier run",
+                iface.name
+            ),
             Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("removing stale {prog_name} filters on {} failed", iface.name));
+                return Err(e).with_context(|| {
+                    format!(
+                        "removing stale {prog_name} filters on {} failed",
+                        iface.name
+                    )
+                });
             }
         }
         TcAttachOptions::Netlink(NlOptions::default())
@@ -184,14 +224,21 @@ fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Err
     anyhow::Error::new(e).context(format!(
         "attaching the TC program to {} through {how} failed{}",
         iface.name,
-        if use_tcx { "; on kernels without TCX try --tc-link netlink" } else { "" }
+        if use_tcx {
+            "; on kernels without TCX try --tc-link netlink"
+        } else {
+            ""
+        }
     ))
 }
 
 fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
     match prog.attach(&iface.name, XdpMode::Driver) {
         Ok(_) => return Ok("xdp driver mode"),
-        Err(e) => info!("XDP driver mode is not available on {} ({e}); trying generic mode", iface.name),
+        Err(e) => info!(
+            "XDP driver mode is not available on {} ({e}); trying generic mode",
+            iface.name
+        ),
     }
     prog.attach(&iface.name, XdpMode::Skb).map_err(|e| {
         anyhow::Error::new(e).context(format!(

@@ -96,7 +96,9 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
     for part in s.split(',') {
         let part = part.trim();
         if part.is_empty() {
-            return Err(format!("empty entry in port list {s:?} (write e.g. 25,465,587)"));
+            return Err(format!(
+                "empty entry in port list {s:?} (write e.g. 25,465,587)"
+            ));
         }
         let port: u16 = part
             .parse()
@@ -110,7 +112,10 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
         ports.push(port);
     }
     if ports.len() > MAX_PORTS {
-        return Err(format!("{} ports given; at most {MAX_PORTS} are supported", ports.len()));
+        return Err(format!(
+            "{} ports given; at most {MAX_PORTS} are supported",
+            ports.len()
+        ));
     }
     Ok(PortList(ports))
 }
@@ -123,7 +128,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(10) {
-        return Err(format!("{s:?} is too short; the drain interval must be at least 10ms"));
+        return Err(format!(
+            "{s:?} is too short; the drain interval must be at least 10ms"
+        ));
     }
     Ok(d)
 }
@@ -132,7 +139,10 @@ impl WatchArgs {
     /// Checks that need more than one flag.
     pub fn validate(&self) -> Result<(), String> {
         if self.ifaces.len() > MAX_IFACES {
-            return Err(format!("{} interfaces given; at most {MAX_IFACES}", self.ifaces.len()));
+            return Err(format!(
+                "{} interfaces given; at most {MAX_IFACES}",
+                self.ifaces.len()
+            ));
         }
         for (i, name) in self.ifaces.iter().enumerate() {
             if self.ifaces[..i].contains(name) {
@@ -160,7 +170,11 @@ mod tests {
         let sixteen: Vec<String> = (1..=16).map(|p: u16| p.to_string()).collect();
         assert_eq!(parse_ports(&sixteen.join(",")).unwrap().0.len(), 16);
         let seventeen: Vec<String> = (1..=17).map(|p: u16| p.to_string()).collect();
-        assert!(parse_ports(&seventeen.join(",")).unwrap_err().contains("at most 16"));
+        assert!(
+            parse_ports(&seventeen.join(","))
+                .unwrap_err()
+                .contains("at most 16")
+        );
     }
 
     #[test]
@@ -174,8 +188,8 @@ mod tests {
 
     #[test]
     fn watch_flags() {
-        let cli = Cli::try_parse_from(["smtpflow", "watch", "--iface", "eth0", "-i", "eth1"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["smtpflow", "watch", "--iface", "eth0", "-i", "eth1"]).unwrap();
         let Command::Watch(w) = cli.command;
         assert_eq!(w.ifaces, ["eth0", "eth1"]);
         assert_eq!(w.mode, Mode::Tc);

@@ -43,9 +43,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the embedded object (a build problem)"))?;
+    let map = ebpf.take_map(name).with_context(|| {
+        format!("map {name} missing from the embedded object (a build problem)")
+    })?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -63,13 +63,19 @@ impl Maps {
     /// Creates every totals key of the watched interfaces and ports at zero, so the kernel only
     /// ever looks keys up and every series exists from the first scrape.
     pub fn seed_totals(&mut self, ifindexes: &[u32], ports: &[u16]) -> anyhow::Result<()> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("reading the CPU count")?;
         for key in all_total_keys(ifindexes, ports) {
             let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
             self.totals
                 .insert(key, zeros, BPF_NOEXIST)
                 .or_else(|e| match e {
-                    MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+                    MapError::SyscallError(ref s)
+                        if s.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                    {
+                        Ok(())
+                    }
                     e => Err(e),
                 })
                 .context("seeding the totals map")?;
@@ -100,11 +106,16 @@ impl Maps {
         }
         let mut stats = [0u64; Stat::COUNT];
         for (i, slot) in stats.iter_mut().enumerate() {
-            let values = self.stats.get(&(i as u32), 0).context("reading the stats map")?;
+            let values = self
+                .stats
+                .get(&(i as u32), 0)
+                .context("reading the stats map")?;
             *slot = values.iter().sum();
         }
         let inserts = stats[Stat::PeerInserts as usize];
-        self.evictions = self.evictions.max(inserts.saturating_sub(peers.len() as u64));
+        self.evictions = self
+            .evictions
+            .max(inserts.saturating_sub(peers.len() as u64));
         Ok(Snapshot {
             totals,
             peers,

@@ -28,7 +28,12 @@ struct Family {
 
 impl Family {
     fn new(name: &'static str, kind: MetricType, help: &'static str) -> Self {
-        Self { name, help, kind, metrics: Vec::new() }
+        Self {
+            name,
+            help,
+            kind,
+            metrics: Vec::new(),
+        }
     }
 
     fn add(&mut self, labels: &[(&str, &str)], value: f64) {
@@ -93,18 +98,33 @@ pub fn top_peers(peers: &[(PeerKey, PeerCounters)], limit: usize) -> HashMap<Pee
 }
 
 impl Exporter {
-    pub fn new(ifnames: HashMap<u32, String>, max_peer_series: usize, attachments: Vec<Attachment>) -> Self {
-        Self { ifnames, max_peer_series, attachments }
+    pub fn new(
+        ifnames: HashMap<u32, String>,
+        max_peer_series: usize,
+        attachments: Vec<Attachment>,
+    ) -> Self {
+        Self {
+            ifnames,
+            max_peer_series,
+            attachments,
+        }
     }
 
     fn ifname(&self, ifindex: u32) -> String {
-        self.ifnames.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex{ifindex}"))
+        self.ifnames
+            .get(&ifindex)
+            .cloned()
+            .unwrap_or_else(|| format!("ifindex{ifindex}"))
     }
 
     pub fn render(&self, snap: &Snapshot) -> Bytes {
         let mut families = Vec::new();
 
-        let mut info = Family::new("smtpflow_build_info", MetricType::GAUGE, "smtpflow build information; always 1.");
+        let mut info = Family::new(
+            "smtpflow_build_info",
+            MetricType::GAUGE,
+            "smtpflow build information; always 1.",
+        );
         info.add(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
         info.finish(&mut families);
 
@@ -114,7 +134,10 @@ impl Exporter {
             "Kernel programs attached, by interface, hook and attach method; always 1.",
         );
         for a in &self.attachments {
-            att.add(&[("iface", &a.iface), ("hook", a.hook), ("method", a.how)], 1.0);
+            att.add(
+                &[("iface", &a.iface), ("hook", a.hook), ("method", a.how)],
+                1.0,
+            );
         }
         att.finish(&mut families);
 
@@ -124,15 +147,23 @@ impl Exporter {
             "SMTP-port TCP events seen, exact over all peers.",
         );
         for (k, v) in &snap.totals {
-            let (Some(e), Some(d), Some(s)) =
-                (Event::from_u8(k.event), Direction::from_u8(k.direction), Side::from_u8(k.side))
-            else {
+            let (Some(e), Some(d), Some(s)) = (
+                Event::from_u8(k.event),
+                Direction::from_u8(k.direction),
+                Side::from_u8(k.side),
+            ) else {
                 continue;
             };
             let iface = self.ifname(k.ifindex);
             let port = k.port.to_string();
             events.add(
-                &[("iface", &iface), ("direction", d.label()), ("port", &port), ("event", e.label()), ("side", s.label())],
+                &[
+                    ("iface", &iface),
+                    ("direction", d.label()),
+                    ("port", &port),
+                    ("event", e.label()),
+                    ("side", s.label()),
+                ],
                 *v as f64,
             );
         }
@@ -145,11 +176,16 @@ impl Exporter {
             "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in \
              the kernel's per-peer LRU map.",
         );
-        let mut peers_sorted: Vec<&(PeerKey, PeerCounters)> =
-            snap.peers.iter().filter(|(k, _)| selected.contains_key(&peer_id(k))).collect();
+        let mut peers_sorted: Vec<&(PeerKey, PeerCounters)> = snap
+            .peers
+            .iter()
+            .filter(|(k, _)| selected.contains_key(&peer_id(k)))
+            .collect();
         peers_sorted.sort_by_key(|(k, _)| *k);
         for (k, v) in peers_sorted {
-            let (Some(ip), Some(d)) = (k.ip(), Direction::from_u8(k.direction)) else { continue };
+            let (Some(ip), Some(d)) = (k.ip(), Direction::from_u8(k.direction)) else {
+                continue;
+            };
             let iface = self.ifname(k.ifindex);
             let peer = ip.to_string();
             let port = k.port.to_string();
@@ -158,7 +194,14 @@ impl Exporter {
                     let n = v.counts[PeerCounters::index(e, s)];
                     if n != 0 {
                         per_peer.add(
-                            &[("iface", &iface), ("peer", &peer), ("direction", d.label()), ("port", &port), ("event", e.label()), ("side", s.label())],
+                            &[
+                                ("iface", &iface),
+                                ("peer", &peer),
+                                ("direction", d.label()),
+                                ("port", &port),
+                                ("event", e.label()),
+                                ("side", s.label()),
+                            ],
                             n as f64,
                         );
                     }
@@ -167,21 +210,45 @@ impl Exporter {
         }
         per_peer.finish(&mut families);
 
-        let peers_tracked = snap.peers.iter().map(|(k, _)| peer_id(k)).collect::<std::collections::HashSet<_>>().len();
-        let mut g = Family::new("smtpflow_peers_tracked", MetricType::GAUGE, "Distinct peers (address and interface) in the kernel's per-peer map.");
+        let peers_tracked = snap
+            .peers
+            .iter()
+            .map(|(k, _)| peer_id(k))
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        let mut g = Family::new(
+            "smtpflow_peers_tracked",
+            MetricType::GAUGE,
+            "Distinct peers (address and interface) in the kernel's per-peer map.",
+        );
         g.add(&[], peers_tracked as f64);
         g.finish(&mut families);
-        let mut g = Family::new("smtpflow_peers_exported", MetricType::GAUGE, "Peers exported as per-peer series (at most --max-peer-series).");
+        let mut g = Family::new(
+            "smtpflow_peers_exported",
+            MetricType::GAUGE,
+            "Peers exported as per-peer series (at most --max-peer-series).",
+        );
         g.add(&[], selected.len() as f64);
         g.finish(&mut families);
 
-        let mut entries = Family::new("smtpflow_map_entries", MetricType::GAUGE, "Entries in a kernel map.");
+        let mut entries = Family::new(
+            "smtpflow_map_entries",
+            MetricType::GAUGE,
+            "Entries in a kernel map.",
+        );
         entries.add(&[("map", "peers")], snap.peers.len() as f64);
         entries.add(&[("map", "totals")], snap.totals.len() as f64);
         entries.finish(&mut families);
-        let mut cap = Family::new("smtpflow_map_capacity", MetricType::GAUGE, "Capacity (max entries) of a kernel map.");
+        let mut cap = Family::new(
+            "smtpflow_map_capacity",
+            MetricType::GAUGE,
+            "Capacity (max entries) of a kernel map.",
+        );
         cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
-        cap.add(&[("map", "totals")], f64::from(smtpflow_common::TOTALS_CAPACITY));
+        cap.add(
+            &[("map", "totals")],
+            f64::from(smtpflow_common::TOTALS_CAPACITY),
+        );
         cap.finish(&mut families);
         let mut ev = Family::new(
             "smtpflow_map_evictions_total",
@@ -192,16 +259,32 @@ impl Exporter {
         ev.finish(&mut families);
 
         for (stat, name, help) in [
-            (Stat::Malformed, "smtpflow_malformed_packets_total", "Frames with malformed IPv4, IPv6 or TCP headers; never counted as events."),
-            (Stat::PeerInsertFailed, "smtpflow_peer_insert_failures_total", "Events whose peer entry could not be created (counted in the totals only)."),
-            (Stat::TotalsInsertFailed, "smtpflow_lost_events_total", "Events the kernel could not count at all; non-zero is a bug, please report it."),
+            (
+                Stat::Malformed,
+                "smtpflow_malformed_packets_total",
+                "Frames with malformed IPv4, IPv6 or TCP headers; never counted as events.",
+            ),
+            (
+                Stat::PeerInsertFailed,
+                "smtpflow_peer_insert_failures_total",
+                "Events whose peer entry could not be created (counted in the totals only).",
+            ),
+            (
+                Stat::TotalsInsertFailed,
+                "smtpflow_lost_events_total",
+                "Events the kernel could not count at all; non-zero is a bug, please report it.",
+            ),
         ] {
             let mut f = Family::new(name, MetricType::COUNTER, help);
             f.add(&[], snap.stats[stat as usize] as f64);
             f.finish(&mut families);
         }
 
-        let mut d = Family::new("smtpflow_drain_duration_seconds", MetricType::GAUGE, "Time the last drain of the kernel maps took.");
+        let mut d = Family::new(
+            "smtpflow_drain_duration_seconds",
+            MetricType::GAUGE,
+            "Time the last drain of the kernel maps took.",
+        );
         d.add(&[], snap.drain_seconds);
         d.finish(&mut families);
 
@@ -228,7 +311,13 @@ mod tests {
             addr[1] = 0x01;
             addr[15] = last;
         }
-        PeerKey { ifindex: 2, addr, port: 25, family, direction: direction as u8 }
+        PeerKey {
+            ifindex: 2,
+            addr,
+            port: 25,
+            family,
+            direction: direction as u8,
+        }
     }
 
     fn counters(syn: u64) -> PeerCounters {
@@ -240,10 +329,24 @@ mod tests {
     #[test]
     fn renders_exact_totals_and_capped_peers() {
         let mut snap = Snapshot::default();
-        snap.totals.insert(TotalKey::new(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 7);
-        snap.totals.insert(TotalKey::new(2, 25, Event::SynAck, Direction::Inbound, Side::Local), 5);
-        snap.peers = (1..=5).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i)))).collect();
-        snap.peers.push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
+        snap.totals.insert(
+            TotalKey::new(2, 25, Event::Syn, Direction::Inbound, Side::Peer),
+            7,
+        );
+        snap.totals.insert(
+            TotalKey::new(2, 25, Event::SynAck, Direction::Inbound, Side::Local),
+            5,
+        );
+        snap.peers = (1..=5)
+            .map(|i| {
+                (
+                    peer(i, FAMILY_V4, Direction::Inbound),
+                    counters(u64::from(i)),
+                )
+            })
+            .collect();
+        snap.peers
+            .push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
         snap.peers_capacity = 65536;
         let ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), 3, Vec::new());
         let text = String::from_utf8(ex.render(&snap).to_vec()).unwrap();
@@ -261,7 +364,9 @@ mod tests {
 
     #[test]
     fn top_peers_is_deterministic_under_ties() {
-        let peers: Vec<_> = (1..=10).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(1))).collect();
+        let peers: Vec<_> = (1..=10)
+            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(1)))
+            .collect();
         let a = top_peers(&peers, 4);
         let b = top_peers(&peers, 4);
         assert_eq!(a, b);

@@ -45,7 +45,11 @@ fn main() -> ExitCode {
 fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     privileges::require()?;
-    let ifaces = args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
+    let ifaces = args
+        .ifaces
+        .iter()
+        .map(|n| Iface::lookup(n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let config = Config::from_ports(&args.ports.0).context("too many ports")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -69,7 +73,10 @@ async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::R
     maps.seed_totals(&ifindexes, config.ports())?;
 
     let exporter = Exporter::new(
-        ifaces.iter().map(|i| (i.index, i.name.clone())).collect::<HashMap<_, _>>(),
+        ifaces
+            .iter()
+            .map(|i| (i.index, i.name.clone()))
+            .collect::<HashMap<_, _>>(),
         args.max_peer_series,
         attached.attachments.clone(),
     );
@@ -114,7 +121,10 @@ async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::R
     drop(attached);
     match result {
         Ok(signal) => {
-            log::info!("{signal}: detached from {}; exiting", args.ifaces.join(", "));
+            log::info!(
+                "{signal}: detached from {}; exiting",
+                args.ifaces.join(", ")
+            );
             Ok(())
         }
         Err(e) => Err(e.context("draining the kernel maps failed; detached")),

@@ -57,8 +57,14 @@ mod tests {
         let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
         assert_eq!(missing(effective_caps(root).unwrap()), Vec::<&str>::new());
         let none = "CapEff:\t0000000000000000\n";
-        assert_eq!(missing(effective_caps(none).unwrap()), ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]);
-        let bpf_only = format!("CapEff:\t{:016x}\n", (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN));
+        assert_eq!(
+            missing(effective_caps(none).unwrap()),
+            ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]
+        );
+        let bpf_only = format!(
+            "CapEff:\t{:016x}\n",
+            (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN)
+        );
         assert_eq!(missing(effective_caps(&bpf_only).unwrap()), ["CAP_PERFMON"]);
         assert_eq!(effective_caps("CapEff:\tzz\n"), None);
         assert_eq!(effective_caps(""), None);

@@ -6,11 +6,14 @@ use smtpflow_common::{Direction, TotalKey};
 
 use crate::drain::Snapshot;
 
+/// Events summed by (direction, port).
+type ByDirectionPort = BTreeMap<(Direction, u16), u64>;
+
 pub struct Reporter {
-    last: Option<(Instant, BTreeMap<(Direction, u16), u64>)>,
+    last: Option<(Instant, ByDirectionPort)>,
 }
 
-fn by_direction_port(totals: &BTreeMap<TotalKey, u64>) -> BTreeMap<(Direction, u16), u64> {
+fn by_direction_port(totals: &BTreeMap<TotalKey, u64>) -> ByDirectionPort {
     let mut out = BTreeMap::new();
     for (k, v) in totals {
         if let Some(d) = Direction::from_u8(k.direction) {

@@ -26,7 +26,10 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -34,11 +37,20 @@ fn route(req: &Request<Incoming>, metrics: &watch::Receiver<Bytes>) -> Response<
     let path = req.uri().path();
     let known = matches!(path, "/metrics" | "/healthz");
     if !known {
-        return respond(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found; try /metrics\n"));
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found; try /metrics\n"),
+        );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", Bytes::from_static(b"method not allowed\n"));
-        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"method not allowed\n"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     match path {

@@ -3,6 +3,7 @@
 //! them, makes real traffic, and asserts exact counters scraped from its `/metrics`.
 //!
 //! Everything created is removed on drop, so a failing (panicking) test cleans up too.
+pub mod capture;
 pub mod frames;
 pub mod metrics;
 pub mod netns;
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            eprintln!("SKIPPED: this test needs root (network namespaces, BPF); run `cargo xtask test`");
+            eprintln!(
+                "SKIPPED: this test needs root (network namespaces, BPF); run `cargo xtask test`"
+            );
             return;
         }
     };

@@ -11,7 +11,10 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {} failed: {}{}",
@@ -29,7 +32,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(role: &str) -> Self {
-        let name = format!("sft{}-{}-{role}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "sft{}-{}-{role}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -73,7 +80,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -112,7 +121,18 @@ impl Pair {
         let local = Netns::new("gw");
         let peer = Netns::new("peer");
         // Create inside the gateway namespace so nothing ever touches the host's interfaces.
-        local.ip(&["link", "add", Self::LOCAL_IF, "type", "veth", "peer", "name", Self::PEER_IF, "netns", &peer.name]);
+        local.ip(&[
+            "link",
+            "add",
+            Self::LOCAL_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::PEER_IF,
+            "netns",
+            &peer.name,
+        ]);
         for (ns, ifname, v4, v6) in [
             (&local, Self::LOCAL_IF, Self::LOCAL_V4, Self::LOCAL_V6),
             (&peer, Self::PEER_IF, Self::PEER_V4, Self::PEER_V6),

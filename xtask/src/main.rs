@@ -1,1 +1,194 @@
-fn main(){}
+//! Set-up, build, run and test orchestration for smtpflow: what cargo alone cannot do.
+//!
+//! `cargo xtask run -- watch --iface eth0` and `cargo xtask test` are the README's two
+//! commands; both start with an idempotent `setup`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "smtpflow's set-up, build, run and test commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages, nightly rust-src, bpf-linker. Idempotent.
+    Setup,
+    /// Set up and build target/release/smtpflow (kernel programs embedded).
+    Build,
+    /// Set up, build, and run smtpflow as root with the given arguments.
+    Run {
+        /// Arguments for smtpflow, e.g. `watch --iface eth0`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, lint, and run every test (unit and root integration tests).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+        /// Skip the lints (fmt, clippy on userspace and on the kernel crate).
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Format check and clippy for userspace and the kernel crate.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its description when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let desc = format!("{cmd:?}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot start {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    setup::setup()?;
+    run_cmd(cargo().args(["build", "--release", "--package", "smtpflow"]))?;
+    Ok(workspace_root().join("target/release/smtpflow"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn lint() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    run_cmd(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "smtpflow-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate only builds for the BPF target, with nightly and build-std.
+    run_cmd(
+        Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--package",
+                "smtpflow-ebpf",
+                "--release",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace_root().join("target/ebpf-lint"),
+            ),
+    )
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => build().map(|p| println!("built {}", p.display())),
+        Cmd::Run { args } => {
+            let bin = build()?;
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg(&bin);
+                c
+            };
+            run_cmd(cmd.args(&args))
+        }
+        Cmd::Lint => {
+            setup::setup()?;
+            lint()
+        }
+        Cmd::Test { filter, no_lint } => {
+            let bin = build()?;
+            if !no_lint {
+                lint()?;
+            }
+            if !is_root() {
+                bail!(
+                    "the integration tests need root (network namespaces, BPF): run `sudo -E cargo xtask test`"
+                );
+            }
+            let filter: Vec<String> = filter.into_iter().collect();
+            // Unit tests of every userspace crate.
+            run_cmd(
+                cargo()
+                    .args([
+                        "test",
+                        "--workspace",
+                        "--exclude",
+                        "smtpflow-ebpf",
+                        "--exclude",
+                        "smtpflow-tests",
+                    ])
+                    .args(&filter),
+            )?;
+            // Integration tests against the release binary, one at a time: some assert on
+            // system-wide state (programs loaded, links attached).
+            run_cmd(
+                cargo()
+                    .args(["test", "--package", "smtpflow-tests"])
+                    .args(&filter)
+                    .args(["--", "--test-threads=1"])
+                    .env("SMTPFLOW_BIN", &bin),
+            )
+        }
+    }
+}

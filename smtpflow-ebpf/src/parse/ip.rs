@@ -102,5 +102,9 @@ pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip
             return Err(Skip::NotTcp);
         }
     }
-    if next == IPPROTO_TCP { Ok(off) } else { Err(Skip::NotTcp) }
+    if next == IPPROTO_TCP {
+        Ok(off)
+    } else {
+        Err(Skip::NotTcp)
+    }
 }

@@ -46,7 +46,15 @@ pub struct Segment {
 
 impl Segment {
     fn new(family: u8) -> Self {
-        Self { family, src: [0; 16], dst: [0; 16], src_port: 0, dst_port: 0, flags: 0, window: 0 }
+        Self {
+            family,
+            src: [0; 16],
+            dst: [0; 16],
+            src_port: 0,
+            dst_port: 0,
+            flags: 0,
+            window: 0,
+        }
     }
 }
 
