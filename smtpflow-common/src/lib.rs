@@ -10,6 +10,11 @@ pub mod rules;
 #[cfg(feature = "user")]
 pub mod user;
 
+pub mod flow;
+
+pub use flow::{
+    FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
+};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};
 
 /// Most SMTP ports the kernel program matches (`--ports`).
@@ -20,18 +25,29 @@ pub mod names {
     pub const PROG_TC_INGRESS: &str = "smtpflow_tc_in";
     pub const PROG_TC_EGRESS: &str = "smtpflow_tc_out";
     pub const PROG_XDP: &str = "smtpflow_xdp";
+    pub const PROG_SKB_DROP: &str = "smtpflow_drop";
     pub const GLOBAL_CONFIG: &str = "CONFIG";
-    pub const MAP_TOTALS: &str = "TOTALS";
+    pub const GLOBAL_DROP_CONFIG: &str = "DROP_CONFIG";
+    pub const MAP_COUNTERS: &str = "COUNTERS";
     pub const MAP_PEERS: &str = "PEERS";
+    pub const MAP_PEER_GREETINGS: &str = "PEER_GREETINGS";
+    pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_HISTS: &str = "HISTS";
     pub const MAP_STATS: &str = "STATS";
 }
 
 /// Default capacity of the per-peer LRU map (`--max-peers`).
 pub const DEFAULT_MAX_PEERS: u32 = 65_536;
-/// Capacity of the exact totals map: `MAX_IFACES * MAX_PORTS * events * directions * sides`.
+/// Default capacity of the per-connection LRU map (`--max-flows`).
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Most interfaces one smtpflow watches.
 pub const MAX_IFACES: usize = 32;
-pub const TOTALS_CAPACITY: u32 =
-    (MAX_IFACES * MAX_PORTS * Event::COUNT * Direction::COUNT * Side::COUNT) as u32;
+/// Capacity of the exact counters map. The event, outcome and reset keys of every watched
+/// interface and port are created up front (at most `MAX_IFACES * MAX_PORTS * 62`, about 32k);
+/// the rest holds reply codes and drop reasons as they appear.
+pub const COUNTERS_CAPACITY: u32 = 65_536;
+/// Capacity of the duration histograms map: interfaces x ports x directions x kinds.
+pub const HISTS_CAPACITY: u32 = (MAX_IFACES * MAX_PORTS * 2 * 2) as u32;
 
 /// Runtime configuration, a read-only global of the kernel object set by the loader.
 #[repr(C)]
@@ -40,18 +56,23 @@ pub struct Config {
     /// SMTP ports in host byte order; only the first `port_count` are used.
     pub ports: [u16; MAX_PORTS],
     pub port_count: u32,
+    /// Bit `i` set: `ports[i]` carries plaintext SMTP, whose server replies are read.
+    pub plaintext_mask: u32,
 }
 
 impl Config {
-    pub const EMPTY: Self = Self {
-        ports: [0; MAX_PORTS],
-        port_count: 0,
-    };
+    pub const EMPTY: Self = Self { ports: [0; MAX_PORTS], port_count: 0, plaintext_mask: 0 };
 
     /// The configured ports, as a slice.
     pub fn ports(&self) -> &[u16] {
         let n = (self.port_count as usize).min(MAX_PORTS);
         &self.ports[..n]
+    }
+
+    /// Whether replies on the port at `index` of `ports` are read.
+    #[inline(always)]
+    pub const fn is_plaintext(&self, index: usize) -> bool {
+        index < MAX_PORTS && self.plaintext_mask & (1 << index) != 0
     }
 }
 
@@ -60,19 +81,83 @@ impl Config {
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Key of the exact per-CPU totals map.
+/// What a [`CounterKey`] counts, and what its `a`, `b` and `code` fields mean.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    /// `a`: [`Event`], `b`: [`Side`].
+    Event = 0,
+    /// `a`: [`Outcome`] (established, refused; timeouts are decided in userspace).
+    Handshake = 1,
+    /// The same SYN seen again while its handshake is pending.
+    SynRetransmit = 2,
+    /// `a`: [`Phase`], `b`: [`Side`] that sent the RST.
+    Reset = 3,
+    /// `code`: SMTP reply code.
+    Reply = 4,
+    /// `code`: SMTP reply code of the first reply of a connection.
+    Greeting = 5,
+    /// `ifindex` 0, `code`: the kernel's `enum skb_drop_reason` value.
+    SynDrop = 6,
+}
+
+impl Metric {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Metric::Event),
+            1 => Some(Metric::Handshake),
+            2 => Some(Metric::SynRetransmit),
+            3 => Some(Metric::Reset),
+            4 => Some(Metric::Reply),
+            5 => Some(Metric::Greeting),
+            6 => Some(Metric::SynDrop),
+            _ => None,
+        }
+    }
+}
+
+/// Key of the exact per-CPU counters map: every lossless counter the kernel keeps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TotalKey {
+pub struct CounterKey {
     pub ifindex: u32,
     pub port: u16,
-    /// [`Event`] as u8.
-    pub event: u8,
+    /// [`Metric`] as u8.
+    pub metric: u8,
     /// [`Direction`] as u8.
     pub direction: u8,
-    /// [`Side`] as u8.
-    pub side: u8,
-    pub _pad: [u8; 3],
+    pub a: u8,
+    pub b: u8,
+    pub code: u16,
+}
+
+impl CounterKey {
+    #[inline(always)]
+    pub const fn new(ifindex: u32, port: u16, metric: Metric, direction: Direction) -> Self {
+        Self {
+            ifindex,
+            port,
+            metric: metric as u8,
+            direction: direction as u8,
+            a: 0,
+            b: 0,
+            code: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn event(
+        ifindex: u32,
+        port: u16,
+        event: Event,
+        direction: Direction,
+        side: Side,
+    ) -> Self {
+        let mut k = Self::new(ifindex, port, Metric::Event, direction);
+        k.a = event as u8;
+        k.b = side as u8;
+        k
+    }
 }
 
 /// Key of the per-peer LRU map. IPv4 addresses use the first four bytes of `addr`.
@@ -88,11 +173,13 @@ pub struct PeerKey {
     pub direction: u8,
 }
 
-/// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`].
+/// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], and
+/// the handshake outcomes the kernel decides (established, refused).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerCounters {
     pub counts: [u64; Event::COUNT * Side::COUNT],
+    pub outcomes: [u64; 2],
 }
 
 impl PeerCounters {
@@ -100,9 +187,52 @@ impl PeerCounters {
         event as usize * Side::COUNT + side as usize
     }
 
+    /// All events and outcomes: how active the peer is.
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().sum::<u64>() + self.outcomes.iter().sum::<u64>()
     }
+}
+
+/// Key of the per-peer greeting map: a peer and the code of its connections' first reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerGreetingKey {
+    pub peer: PeerKey,
+    pub code: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Offsets into kernel structures, read from the running kernel's BTF by the loader (Rust eBPF
+/// has no CO-RE), for the `kfree_skb` program. `enabled` 0 turns the program into a no-op.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropConfig {
+    pub enabled: u32,
+    /// Network namespace (inode number) to count drops in; 0: every namespace.
+    pub netns_inum: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_iif: u32,
+    pub dev_nd_net: u32,
+    pub sk_net: u32,
+    pub net_ns_inum: u32,
+}
+
+impl DropConfig {
+    pub const DISABLED: Self = Self {
+        enabled: 0,
+        netns_inum: 0,
+        skb_head: 0,
+        skb_network_header: 0,
+        skb_dev: 0,
+        skb_sk: 0,
+        skb_iif: 0,
+        dev_nd_net: 0,
+        sk_net: 0,
+        net_ns_inum: 0,
+    };
 }
 
 /// Indices of the per-CPU `STATS` array: the kernel program's own bookkeeping.
@@ -115,24 +245,27 @@ pub enum Stat {
     PeerInserts = 1,
     /// A per-peer entry could not be created (the event still counted in the totals).
     PeerInsertFailed = 2,
-    /// A totals entry could not be created: an event was lost. Must stay 0.
-    TotalsInsertFailed = 3,
+    /// A counters entry could not be created: a count was lost. Must stay 0.
+    CounterInsertFailed = 3,
+    /// New flow entries created (LRU evictions = inserts - live entries - deletions).
+    FlowInserts = 4,
+    /// Flow entries the kernel deleted (connection reset or closed by the server).
+    FlowDeletes = 5,
+    /// A flow entry could not be created.
+    FlowInsertFailed = 6,
+    /// A histogram entry could not be created: a duration was lost. Must stay 0.
+    HistInsertFailed = 7,
 }
 
 impl Stat {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Stat; Self::COUNT] = [
-        Stat::Malformed,
-        Stat::PeerInserts,
-        Stat::PeerInsertFailed,
-        Stat::TotalsInsertFailed,
-    ];
+    pub const COUNT: usize = 8;
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 36);
-    assert!(size_of::<TotalKey>() == 12);
+    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<CounterKey>() == 12);
     assert!(size_of::<PeerKey>() == 24);
-    assert!(size_of::<PeerCounters>() == 64);
-    assert!(TOTALS_CAPACITY == 8192);
+    assert!(size_of::<PeerCounters>() == 80);
+    assert!(size_of::<PeerGreetingKey>() == 28);
+    assert!(size_of::<DropConfig>() == 40);
 };

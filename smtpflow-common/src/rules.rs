@@ -117,11 +117,7 @@ pub const fn classify(flags: u8, window: u16) -> Option<Event> {
     if flags & RST != 0 {
         Some(Event::Rst)
     } else if flags & SYN != 0 {
-        if flags & ACK != 0 {
-            Some(Event::SynAck)
-        } else {
-            Some(Event::Syn)
-        }
+        if flags & ACK != 0 { Some(Event::SynAck) } else { Some(Event::Syn) }
     } else if window == 0 && flags & FIN == 0 {
         Some(Event::ZeroWindow)
     } else {
@@ -133,6 +129,8 @@ pub const fn classify(flags: u8, window: u16) -> Option<Event> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortMatch {
     pub port: u16,
+    /// Position of `port` in the configured list.
+    pub index: usize,
     /// The destination port is the SMTP port, so the sender is the client.
     pub sender_is_client: bool,
 }
@@ -140,25 +138,17 @@ pub struct PortMatch {
 /// The destination port if it is an SMTP port, else the source port if it is one.
 #[inline(always)]
 pub fn smtp_port(src_port: u16, dst_port: u16, ports: &[u16]) -> Option<PortMatch> {
-    let mut src_hit = false;
+    let mut src_hit = None;
     // A plain bounded loop: the kernel's verifier sees at most `MAX_PORTS` iterations.
-    for &p in ports.iter().take(crate::MAX_PORTS) {
+    for (index, &p) in ports.iter().take(crate::MAX_PORTS).enumerate() {
         if p == dst_port {
-            return Some(PortMatch {
-                port: dst_port,
-                sender_is_client: true,
-            });
+            return Some(PortMatch { port: dst_port, index, sender_is_client: true });
         }
-        src_hit |= p == src_port;
+        if p == src_port && src_hit.is_none() {
+            src_hit = Some(index);
+        }
     }
-    if src_hit {
-        Some(PortMatch {
-            port: src_port,
-            sender_is_client: false,
-        })
-    } else {
-        None
-    }
+    src_hit.map(|index| PortMatch { port: src_port, index, sender_is_client: false })
 }
 
 /// The connection's direction from who sent the packet and whether the sender is the client.
@@ -168,11 +158,7 @@ pub const fn direction_of(side: Side, sender_is_client: bool) -> Direction {
         Side::Peer => sender_is_client,
         Side::Local => !sender_is_client,
     };
-    if client_is_peer {
-        Direction::Inbound
-    } else {
-        Direction::Outbound
-    }
+    if client_is_peer { Direction::Inbound } else { Direction::Outbound }
 }
 
 #[cfg(test)]
@@ -203,11 +189,7 @@ mod tests {
             (0, 1, None),
         ];
         for &(flags, window, want) in cases {
-            assert_eq!(
-                classify(flags, window),
-                want,
-                "flags {flags:#04x} window {window}"
-            );
+            assert_eq!(classify(flags, window), want, "flags {flags:#04x} window {window}");
         }
     }
 
@@ -240,45 +222,17 @@ mod tests {
 
     #[test]
     fn destination_port_wins() {
-        assert_eq!(
-            smtp_port(40000, 25, PORTS),
-            Some(PortMatch {
-                port: 25,
-                sender_is_client: true
-            })
-        );
-        assert_eq!(
-            smtp_port(25, 40000, PORTS),
-            Some(PortMatch {
-                port: 25,
-                sender_is_client: false
-            })
-        );
+        let m = |port, index, sender_is_client| Some(PortMatch { port, index, sender_is_client });
+        assert_eq!(smtp_port(40000, 25, PORTS), m(25, 0, true));
+        assert_eq!(smtp_port(25, 40000, PORTS), m(25, 0, false));
+        assert_eq!(smtp_port(40000, 465, PORTS), m(465, 1, true));
         // Both are SMTP ports: the destination decides.
-        assert_eq!(
-            smtp_port(25, 587, PORTS),
-            Some(PortMatch {
-                port: 587,
-                sender_is_client: true
-            })
-        );
-        assert_eq!(
-            smtp_port(587, 25, PORTS),
-            Some(PortMatch {
-                port: 25,
-                sender_is_client: true
-            })
-        );
+        assert_eq!(smtp_port(25, 587, PORTS), m(587, 2, true));
+        assert_eq!(smtp_port(587, 25, PORTS), m(25, 0, true));
         assert_eq!(smtp_port(80, 443, PORTS), None);
         assert_eq!(smtp_port(0, 0, PORTS), None);
         assert_eq!(smtp_port(25, 25, &[]), None);
-        assert_eq!(
-            smtp_port(2525, 1, &[2525]),
-            Some(PortMatch {
-                port: 2525,
-                sender_is_client: false
-            })
-        );
+        assert_eq!(smtp_port(2525, 1, &[2525]), m(2525, 0, false));
     }
 
     #[test]

@@ -3,24 +3,39 @@ extern crate std;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::{Config, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, TotalKey};
+use crate::{
+    Config, CounterKey, DropConfig, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, HistKey, Histogram,
+    PeerCounters, PeerGreetingKey, PeerKey,
+};
 
 // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with no padding
-// (the sizes are asserted in lib.rs), so every bit pattern is valid.
+// (the sizes are asserted in lib.rs and flow.rs), so every bit pattern is valid.
 unsafe impl aya::Pod for Config {}
-unsafe impl aya::Pod for TotalKey {}
+unsafe impl aya::Pod for DropConfig {}
+unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for PeerKey {}
 unsafe impl aya::Pod for PeerCounters {}
+unsafe impl aya::Pod for PeerGreetingKey {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowState {}
+unsafe impl aya::Pod for HistKey {}
+unsafe impl aya::Pod for Histogram {}
 
 impl Config {
-    /// Builds the kernel configuration from a port list; `None` when there are too many ports.
-    pub fn from_ports(ports: &[u16]) -> Option<Self> {
+    /// Builds the kernel configuration from the SMTP ports and those of them whose replies are
+    /// read; `None` when there are too many ports.
+    pub fn from_ports(ports: &[u16], plaintext: &[u16]) -> Option<Self> {
         if ports.len() > crate::MAX_PORTS {
             return None;
         }
         let mut cfg = Config::EMPTY;
         cfg.ports[..ports.len()].copy_from_slice(ports);
         cfg.port_count = ports.len() as u32;
+        for (i, p) in ports.iter().enumerate() {
+            if plaintext.contains(p) {
+                cfg.plaintext_mask |= 1 << i;
+            }
+        }
         Some(cfg)
     }
 }
@@ -39,25 +54,6 @@ impl PeerKey {
     }
 }
 
-impl TotalKey {
-    pub fn new(
-        ifindex: u32,
-        port: u16,
-        event: crate::Event,
-        direction: crate::Direction,
-        side: crate::Side,
-    ) -> Self {
-        Self {
-            ifindex,
-            port,
-            event: event as u8,
-            direction: direction as u8,
-            side: side as u8,
-            _pad: [0; 3],
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,13 +61,8 @@ mod tests {
 
     #[test]
     fn peer_addresses_display_like_ipaddr() {
-        let mut k = PeerKey {
-            ifindex: 1,
-            addr: [0; 16],
-            port: 25,
-            family: FAMILY_V4,
-            direction: 0,
-        };
+        let mut k =
+            PeerKey { ifindex: 1, addr: [0; 16], port: 25, family: FAMILY_V4, direction: 0 };
         k.addr[..4].copy_from_slice(&[192, 0, 2, 7]);
         assert_eq!(k.ip().unwrap().to_string(), "192.0.2.7");
         k.family = FAMILY_V6;
@@ -83,9 +74,10 @@ mod tests {
 
     #[test]
     fn config_from_ports() {
-        let c = Config::from_ports(&[25, 465, 587]).unwrap();
+        let c = Config::from_ports(&[25, 465, 587], &[25, 587]).unwrap();
         assert_eq!(c.ports(), &[25, 465, 587]);
-        assert!(Config::from_ports(&[1; 17]).is_none());
-        assert_eq!(Config::from_ports(&[7; 16]).unwrap().ports().len(), 16);
+        assert!(c.is_plaintext(0) && !c.is_plaintext(1) && c.is_plaintext(2) && !c.is_plaintext(3));
+        assert!(Config::from_ports(&[1; 17], &[]).is_none());
+        assert_eq!(Config::from_ports(&[7; 16], &[]).unwrap().ports().len(), 16);
     }
 }

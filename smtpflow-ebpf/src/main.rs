@@ -6,12 +6,15 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![expect(
     internal_features,
     reason = "atomic_xadd: the bpf target has no CAS, so AtomicU64 has no fetch_add"
 )]
 
 mod count;
+mod drops;
+mod flow;
 mod packet;
 mod parse;
 

@@ -5,15 +5,15 @@ use std::{ffi::CString, io};
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf as AyaBtf, Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        BtfTracePoint, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttachOptions, TcError},
     },
     util::KernelVersion,
 };
 use log::{info, warn};
-use smtpflow_common::{Config, names};
+use smtpflow_common::{Config, DropConfig, names};
 
 use crate::cli::{Mode, TcLink};
 
@@ -39,10 +39,7 @@ impl Iface {
                  (`ip -br link` lists the interfaces here)"
             );
         }
-        Ok(Self {
-            name: name.to_owned(),
-            index,
-        })
+        Ok(Self { name: name.to_owned(), index })
     }
 }
 
@@ -60,8 +57,14 @@ pub struct Attached {
     pub attachments: Vec<Attachment>,
 }
 
+/// Map sizes chosen on the command line.
+pub struct Sizes {
+    pub max_peers: u32,
+    pub max_flows: u32,
+}
+
 /// Loads the kernel object with its configuration.
-pub fn load(config: &Config, max_peers: u32) -> anyhow::Result<Ebpf> {
+pub fn load(config: &Config, drop_config: &DropConfig, sizes: &Sizes) -> anyhow::Result<Ebpf> {
     if EBPF_OBJECT.is_empty() {
         bail!(
             "this binary was built with AYA_BUILD_SKIP=1 and has no kernel programs; rebuild it with `cargo xtask build`"
@@ -70,7 +73,10 @@ pub fn load(config: &Config, max_peers: u32) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
-        .map_max_entries(names::MAP_PEERS, max_peers)
+        .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
+        .map_max_entries(names::MAP_PEERS, sizes.max_peers)
+        .map_max_entries(names::MAP_PEER_GREETINGS, sizes.max_peers)
+        .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
         .load(EBPF_OBJECT)
         .context(
             "loading the eBPF object failed: the kernel needs BPF with BTF (Linux 5.8+ with \
@@ -83,10 +89,7 @@ fn raise_memlock_limit() {
     if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
         return;
     }
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         warn!(
@@ -127,25 +130,16 @@ pub fn attach(
                 prog.load().with_context(|| verifier_hint(prog_name))?;
                 for iface in ifaces {
                     let how = attach_tc(prog, prog_name, iface, attach_type, use_tcx)?;
-                    attachments.push(Attachment {
-                        iface: iface.name.clone(),
-                        hook,
-                        how,
-                    });
+                    attachments.push(Attachment { iface: iface.name.clone(), hook, how });
                 }
             }
         }
         Mode::Xdp => {
             let prog: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
-            prog.load()
-                .with_context(|| verifier_hint(names::PROG_XDP))?;
+            prog.load().with_context(|| verifier_hint(names::PROG_XDP))?;
             for iface in ifaces {
                 let how = attach_xdp(prog, iface)?;
-                attachments.push(Attachment {
-                    iface: iface.name.clone(),
-                    hook: "xdp",
-                    how,
-                });
+                attachments.push(Attachment { iface: iface.name.clone(), hook: "xdp", how });
             }
         }
     }
@@ -153,6 +147,22 @@ pub fn attach(
         info!("attached {} on {} ({})", a.hook, a.iface, a.how);
     }
     Ok(Attached { ebpf, attachments })
+}
+
+/// Attaches the `kfree_skb` drop-reason program. Best effort: on failure the caller says once
+/// that drop reasons are unavailable and carries on.
+pub fn attach_drop_reasons(attached: &mut Attached) -> anyhow::Result<()> {
+    let btf = AyaBtf::from_sys_fs().context("reading the kernel's BTF")?;
+    let prog: &mut BtfTracePoint = program(&mut attached.ebpf, names::PROG_SKB_DROP)?.try_into()?;
+    prog.load("kfree_skb", &btf).context("loading the kfree_skb tracepoint program")?;
+    prog.attach().context("attaching to the kfree_skb tracepoint")?;
+    attached.attachments.push(Attachment {
+        iface: String::new(),
+        hook: "kfree_skb",
+        how: "tp_btf",
+    });
+    info!("attached kfree_skb (tp_btf): SYN drop reasons are counted");
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
@@ -190,17 +200,13 @@ fn attach_tc(
         }
         // A previous smtpflow that was killed leaves its netlink filters behind: remove them.
         match tc::qdisc_detach_program(&iface.name, attach_type, prog_name) {
-            Ok(()) => warn!(
-                "removed stale {prog_name} filters on {} left by an earlier run",
-                iface.name
-            ),
+            Ok(()) => {
+                warn!("removed stale {prog_name} filters on {} left by an earlier run", iface.name)
+            }
             Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!(
-                        "removing stale {prog_name} filters on {} failed",
-                        iface.name
-                    )
+                    format!("removing stale {prog_name} filters on {} failed", iface.name)
                 });
             }
         }
@@ -224,21 +230,16 @@ fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Err
     anyhow::Error::new(e).context(format!(
         "attaching the TC program to {} through {how} failed{}",
         iface.name,
-        if use_tcx {
-            "; on kernels without TCX try --tc-link netlink"
-        } else {
-            ""
-        }
+        if use_tcx { "; on kernels without TCX try --tc-link netlink" } else { "" }
     ))
 }
 
 fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
     match prog.attach(&iface.name, XdpMode::Driver) {
         Ok(_) => return Ok("xdp driver mode"),
-        Err(e) => info!(
-            "XDP driver mode is not available on {} ({e}); trying generic mode",
-            iface.name
-        ),
+        Err(e) => {
+            info!("XDP driver mode is not available on {} ({e}); trying generic mode", iface.name)
+        }
     }
     prog.attach(&iface.name, XdpMode::Skb).map_err(|e| {
         anyhow::Error::new(e).context(format!(

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use smtpflow_common::{DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
+use smtpflow_common::{DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,6 +78,21 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_peer_series: usize,
 
+    /// Capacity of the kernel's per-connection LRU map (handshake state, greetings, replies);
+    /// evictions are counted.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_flows: u32,
+
+    /// A SYN with no SYN-ACK or RST after this long is a `timeout` handshake.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// SMTP ports carrying plaintext SMTP, whose server replies are read (a subset of --ports;
+    /// reading stops after STARTTLS). Default: 25 and 587 where watched. Empty: read none.
+    #[arg(long, value_name = "PORTS", value_parser = parse_reply_ports)]
+    pub reply_ports: Option<PortList>,
+
     /// How often the kernel maps are drained; a scrape shows every event up to this long ago.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
@@ -96,13 +111,10 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
     for part in s.split(',') {
         let part = part.trim();
         if part.is_empty() {
-            return Err(format!(
-                "empty entry in port list {s:?} (write e.g. 25,465,587)"
-            ));
+            return Err(format!("empty entry in port list {s:?} (write e.g. 25,465,587)"));
         }
-        let port: u16 = part
-            .parse()
-            .map_err(|_| format!("{part:?} is not a TCP port (1-65535)"))?;
+        let port: u16 =
+            part.parse().map_err(|_| format!("{part:?} is not a TCP port (1-65535)"))?;
         if port == 0 {
             return Err("port 0 is not a TCP port (1-65535)".into());
         }
@@ -112,12 +124,13 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
         ports.push(port);
     }
     if ports.len() > MAX_PORTS {
-        return Err(format!(
-            "{} ports given; at most {MAX_PORTS} are supported",
-            ports.len()
-        ));
+        return Err(format!("{} ports given; at most {MAX_PORTS} are supported", ports.len()));
     }
     Ok(PortList(ports))
+}
+
+fn parse_reply_ports(s: &str) -> Result<PortList, String> {
+    if s.trim().is_empty() { Ok(PortList(Vec::new())) } else { parse_ports(s) }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -128,26 +141,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(10) {
-        return Err(format!(
-            "{s:?} is too short; the drain interval must be at least 10ms"
-        ));
+        return Err(format!("{s:?} is too short; the drain interval must be at least 10ms"));
     }
     Ok(d)
 }
 
 impl WatchArgs {
+    /// Ports whose server replies are read.
+    pub fn plaintext_ports(&self) -> Vec<u16> {
+        match &self.reply_ports {
+            Some(explicit) => explicit.0.clone(),
+            None => self.ports.0.iter().copied().filter(|p| [25, 587].contains(p)).collect(),
+        }
+    }
+
     /// Checks that need more than one flag.
     pub fn validate(&self) -> Result<(), String> {
         if self.ifaces.len() > MAX_IFACES {
-            return Err(format!(
-                "{} interfaces given; at most {MAX_IFACES}",
-                self.ifaces.len()
-            ));
+            return Err(format!("{} interfaces given; at most {MAX_IFACES}", self.ifaces.len()));
         }
         for (i, name) in self.ifaces.iter().enumerate() {
             if self.ifaces[..i].contains(name) {
                 return Err(format!("interface {name} is given twice"));
             }
+        }
+        if let Some(explicit) = &self.reply_ports
+            && let Some(p) = explicit.0.iter().find(|p| !self.ports.0.contains(p))
+        {
+            return Err(format!("--reply-ports lists {p}, which is not in --ports"));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("--handshake-timeout must be more than 0s".into());
         }
         if self.mode == Mode::Xdp && self.tc_link != TcLink::Auto {
             return Err("--tc-link applies to --mode tc only".into());
@@ -170,11 +194,7 @@ mod tests {
         let sixteen: Vec<String> = (1..=16).map(|p: u16| p.to_string()).collect();
         assert_eq!(parse_ports(&sixteen.join(",")).unwrap().0.len(), 16);
         let seventeen: Vec<String> = (1..=17).map(|p: u16| p.to_string()).collect();
-        assert!(
-            parse_ports(&seventeen.join(","))
-                .unwrap_err()
-                .contains("at most 16")
-        );
+        assert!(parse_ports(&seventeen.join(",")).unwrap_err().contains("at most 16"));
     }
 
     #[test]
@@ -197,6 +217,22 @@ mod tests {
         assert_eq!(w.max_peers, 65536);
         assert_eq!(w.max_peer_series, 1000);
         assert_eq!(w.interval, Duration::from_secs(1));
+        assert_eq!(w.max_flows, 262_144);
+        assert_eq!(w.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(w.plaintext_ports(), vec![25, 587]);
+        assert!(w.validate().is_ok());
+        let odd =
+            Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--reply-ports", "2525"]).unwrap();
+        let Command::Watch(w) = odd.command;
+        assert!(w.validate().unwrap_err().contains("not in --ports"));
+        let none =
+            Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--reply-ports", ""]).unwrap();
+        let Command::Watch(w) = none.command;
+        assert!(w.plaintext_ports().is_empty() && w.validate().is_ok());
+        let custom =
+            Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--ports", "2525,587"]).unwrap();
+        let Command::Watch(w) = custom.command;
+        assert_eq!(w.plaintext_ports(), vec![587]);
         assert!(w.validate().is_ok());
         assert!(Cli::try_parse_from(["smtpflow", "watch"]).is_err());
         let dup = Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "-i", "a"]).unwrap();

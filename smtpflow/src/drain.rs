@@ -1,42 +1,76 @@
-//! Reading the kernel maps into a [`Snapshot`]: exact totals summed over CPUs, the per-peer LRU
-//! entries, and the program's own bookkeeping.
-use std::{collections::BTreeMap, time::Instant};
+//! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
+//! the per-peer LRU entries, and the programs' own bookkeeping; and sweeping the flow map for
+//! handshakes that timed out (the one outcome decided here, since it is the absence of a packet).
+use std::{
+    collections::BTreeMap,
+    num::NonZeroUsize,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
+use lru::LruCache;
 use smtpflow_common::{
-    Direction, Event, PeerCounters, PeerKey, Side, Stat, TOTALS_CAPACITY, TotalKey, names,
+    CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey, HistKind,
+    Histogram, Metric, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Phase, Side, Stat,
+    flow::state, names,
 };
 
-/// `bpf_map_update_elem` flag: create only.
+/// `bpf_map_update_elem` flags: create only; update only.
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
-/// Owned handles on the kernel maps.
+/// Owned handles on the kernel maps, and what userspace itself counts.
 pub struct Maps {
-    totals: PerCpuHashMap<MapData, TotalKey, u64>,
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
     peers: HashMap<MapData, PeerKey, PeerCounters>,
+    peer_greetings: HashMap<MapData, PeerGreetingKey, u64>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
     stats: PerCpuArray<MapData, u64>,
     pub peers_capacity: u32,
-    /// Highest eviction count reported so far (the estimate only ever grows).
-    evictions: u64,
+    pub flows_capacity: u32,
+    handshake_timeout: Duration,
+    /// Timed-out handshakes by (ifindex, port, direction).
+    timeouts: BTreeMap<(u32, u16, u8), u64>,
+    /// Timed-out handshakes per peer, bounded like the kernel's per-peer map.
+    peer_timeouts: LruCache<PeerKey, u64>,
+    /// Highest eviction counts reported so far (the estimates only ever grow).
+    peer_evictions: u64,
+    flow_evictions: u64,
 }
 
 /// One reading of the kernel maps.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Exact event totals, summed over CPUs.
-    pub totals: BTreeMap<TotalKey, u64>,
+    /// Exact counters, summed over CPUs.
+    pub counters: BTreeMap<CounterKey, u64>,
+    /// Duration histograms, summed over CPUs.
+    pub hists: BTreeMap<HistKey, Histogram>,
     /// Every per-peer entry alive in the LRU map.
     pub peers: Vec<(PeerKey, PeerCounters)>,
+    pub peer_greetings: Vec<(PeerGreetingKey, u64)>,
+    /// Timed-out handshakes by (ifindex, port, direction), and per peer.
+    pub timeouts: BTreeMap<(u32, u16, u8), u64>,
+    pub peer_timeouts: Vec<(PeerKey, u64)>,
     /// [`Stat`] counters summed over CPUs.
     pub stats: [u64; Stat::COUNT],
-    /// Per-peer entries evicted by the LRU so far.
     pub peer_evictions: u64,
     pub peers_capacity: u32,
+    pub flows: usize,
+    pub flow_evictions: u64,
+    pub flows_capacity: u32,
     pub drain_seconds: f64,
+}
+
+impl Snapshot {
+    /// Event totals by key (the `Metric::Event` counters).
+    pub fn events(&self) -> impl Iterator<Item = (&CounterKey, u64)> {
+        self.counters.iter().filter(|(k, _)| k.metric == Metric::Event as u8).map(|(k, v)| (k, *v))
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -49,98 +83,234 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn is_exists(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
+}
+
+/// Sums each key's per-CPU values, skipping keys deleted while we iterate.
+fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    what: &str,
+    mut fold: impl FnMut(&PerCpuValues<V>) -> V,
+) -> anyhow::Result<BTreeMap<K, V>> {
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        match item {
+            Ok((key, values)) => {
+                out.insert(key, fold(&values));
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+        }
+    }
+    Ok(out)
+}
+
+fn read_all<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    what: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok(entry) => out.push(entry),
+            // Evicted between listing its key and reading it.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+        }
+    }
+    Ok(out)
+}
+
 impl Maps {
-    pub fn take(ebpf: &mut Ebpf, peers_capacity: u32) -> anyhow::Result<Self> {
+    pub fn take(
+        ebpf: &mut Ebpf,
+        peers_capacity: u32,
+        flows_capacity: u32,
+        handshake_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            totals: take(ebpf, names::MAP_TOTALS)?,
+            counters: take(ebpf, names::MAP_COUNTERS)?,
+            hists: take(ebpf, names::MAP_HISTS)?,
             peers: take(ebpf, names::MAP_PEERS)?,
+            peer_greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
+            flows: take(ebpf, names::MAP_FLOWS)?,
             stats: take(ebpf, names::MAP_STATS)?,
             peers_capacity,
-            evictions: 0,
+            flows_capacity,
+            handshake_timeout,
+            timeouts: BTreeMap::new(),
+            peer_timeouts: LruCache::new(
+                NonZeroUsize::new(peers_capacity as usize).unwrap_or(NonZeroUsize::MIN),
+            ),
+            peer_evictions: 0,
+            flow_evictions: 0,
         })
     }
 
-    /// Creates every totals key of the watched interfaces and ports at zero, so the kernel only
-    /// ever looks keys up and every series exists from the first scrape.
-    pub fn seed_totals(&mut self, ifindexes: &[u32], ports: &[u16]) -> anyhow::Result<()> {
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("reading the CPU count")?;
-        for key in all_total_keys(ifindexes, ports) {
+    /// Creates every fixed counter and histogram of the watched interfaces and ports at zero, so
+    /// the kernel only ever looks them up and every series exists from the first scrape.
+    pub fn seed(&mut self, ifindexes: &[u32], ports: &[u16]) -> anyhow::Result<()> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
+        for key in fixed_counter_keys(ifindexes, ports) {
             let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
-            self.totals
-                .insert(key, zeros, BPF_NOEXIST)
-                .or_else(|e| match e {
-                    MapError::SyscallError(ref s)
-                        if s.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                    {
-                        Ok(())
+            match self.counters.insert(key, zeros, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(e) if is_exists(&e) => {}
+                Err(e) => return Err(e).context("seeding the counters map"),
+            }
+        }
+        for &ifindex in ifindexes {
+            for &port in ports {
+                for direction in Direction::ALL {
+                    for kind in [HistKind::Handshake, HistKind::Greeting] {
+                        let key =
+                            HistKey { ifindex, port, direction: direction as u8, kind: kind as u8 };
+                        let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
+                            .context("per-CPU zeros")?;
+                        match self.hists.insert(key, zeros, BPF_NOEXIST) {
+                            Ok(()) => {}
+                            Err(e) if is_exists(&e) => {}
+                            Err(e) => return Err(e).context("seeding the histograms map"),
+                        }
                     }
-                    e => Err(e),
-                })
-                .context("seeding the totals map")?;
+                }
+            }
+        }
+        for &ifindex in ifindexes {
+            for &port in ports {
+                for direction in Direction::ALL {
+                    self.timeouts.entry((ifindex, port, direction as u8)).or_default();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks pending handshakes older than the timeout as timed out and counts them. The flows
+    /// stay, so that a late retransmission or answer is recognised and adds no second outcome.
+    fn sweep_timeouts(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let limit = self.handshake_timeout.as_nanos() as u64;
+        let expired: Vec<FlowKey> = read_all(&self.flows, "flows")?
+            .into_iter()
+            .filter(|(_, st)| st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit)
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            // Look again right before marking: an answer may have arrived meanwhile.
+            let mut st = match self.flows.get(&key, 0) {
+                Ok(st) if st.state == state::SYN_SENT => st,
+                _ => continue,
+            };
+            st.state = state::TIMED_OUT;
+            match self.flows.insert(key, st, BPF_EXIST) {
+                Ok(()) => {}
+                // Evicted or reset meanwhile: nothing to decide any more.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e).context("marking a timed-out flow"),
+            }
+            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
+            let inbound = key.direction == Direction::Inbound as u8;
+            let peer = PeerKey {
+                ifindex: key.ifindex,
+                addr: if inbound { key.client } else { key.server },
+                port: key.server_port,
+                family: key.family,
+                direction: key.direction,
+            };
+            *self.peer_timeouts.get_or_insert_mut(peer, || 0) += 1;
         }
         Ok(())
     }
 
     pub fn drain(&mut self) -> anyhow::Result<Snapshot> {
         let started = Instant::now();
-        let mut totals = BTreeMap::new();
-        for item in self.totals.iter() {
-            match item {
-                Ok((key, values)) => {
-                    totals.insert(key, values.iter().sum::<u64>());
+        self.sweep_timeouts()?;
+        let counters = read_per_cpu(&self.counters, "counters", |v| v.iter().sum())?;
+        let hists = read_per_cpu(&self.hists, "histograms", |v| {
+            let mut h = Histogram::ZERO;
+            for cpu in v.iter() {
+                for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
+                    *sum += b;
                 }
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("reading the totals map"),
+                h.sum_ns += cpu.sum_ns;
             }
-        }
-        let mut peers = Vec::with_capacity(self.peers_capacity.min(1 << 20) as usize);
-        for item in self.peers.iter() {
-            match item {
-                Ok(entry) => peers.push(entry),
-                // Evicted between listing its key and reading it.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("reading the per-peer map"),
-            }
-        }
+            h
+        })?;
+        let peers = read_all(&self.peers, "per-peer")?;
+        let peer_greetings = read_all(&self.peer_greetings, "per-peer greetings")?;
+        let flows = self.flows.keys().count();
         let mut stats = [0u64; Stat::COUNT];
         for (i, slot) in stats.iter_mut().enumerate() {
-            let values = self
-                .stats
-                .get(&(i as u32), 0)
-                .context("reading the stats map")?;
+            let values = self.stats.get(&(i as u32), 0).context("reading the stats map")?;
             *slot = values.iter().sum();
         }
-        let inserts = stats[Stat::PeerInserts as usize];
-        self.evictions = self
-            .evictions
-            .max(inserts.saturating_sub(peers.len() as u64));
+        self.peer_evictions = self
+            .peer_evictions
+            .max(stats[Stat::PeerInserts as usize].saturating_sub(peers.len() as u64));
+        let flow_gone = stats[Stat::FlowDeletes as usize] + flows as u64;
+        self.flow_evictions =
+            self.flow_evictions.max(stats[Stat::FlowInserts as usize].saturating_sub(flow_gone));
         Ok(Snapshot {
-            totals,
+            counters,
+            hists,
             peers,
+            peer_greetings,
+            timeouts: self.timeouts.clone(),
+            peer_timeouts: self.peer_timeouts.iter().map(|(k, v)| (*k, *v)).collect(),
             stats,
-            peer_evictions: self.evictions,
+            peer_evictions: self.peer_evictions,
             peers_capacity: self.peers_capacity,
+            flows,
+            flow_evictions: self.flow_evictions,
+            flows_capacity: self.flows_capacity,
             drain_seconds: started.elapsed().as_secs_f64(),
         })
     }
 }
 
-/// Every (event, direction, side) of every interface and port.
-pub fn all_total_keys(ifindexes: &[u32], ports: &[u16]) -> Vec<TotalKey> {
+/// Every counter of a watched interface and port that should exist (as zero) from the start.
+pub fn fixed_counter_keys(ifindexes: &[u32], ports: &[u16]) -> Vec<CounterKey> {
     let mut keys = Vec::new();
     for &ifindex in ifindexes {
         for &port in ports {
             for direction in Direction::ALL {
                 for event in Event::ALL {
                     for side in Side::ALL {
-                        keys.push(TotalKey::new(ifindex, port, event, direction, side));
+                        keys.push(CounterKey::event(ifindex, port, event, direction, side));
+                    }
+                }
+                for outcome in [Outcome::Established, Outcome::Refused] {
+                    let mut k = CounterKey::new(ifindex, port, Metric::Handshake, direction);
+                    k.a = outcome as u8;
+                    keys.push(k);
+                }
+                keys.push(CounterKey::new(ifindex, port, Metric::SynRetransmit, direction));
+                for phase in Phase::ALL {
+                    for side in Side::ALL {
+                        let mut k = CounterKey::new(ifindex, port, Metric::Reset, direction);
+                        k.a = phase as u8;
+                        k.b = side as u8;
+                        keys.push(k);
                     }
                 }
             }
         }
     }
-    debug_assert!(keys.len() <= TOTALS_CAPACITY as usize);
     keys
 }
+
+const _: () = assert!(HIST_BUCKETS == 18 && FAMILY_V4 == 4);

@@ -1,21 +1,28 @@
 //! Rendering a [`Snapshot`] as Prometheus text. The drain loop renders once per interval; every
 //! scrape in between is served the same bytes.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use prometheus::{
     Encoder as _, TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{
+        Bucket, Counter, Gauge, Histogram as PromHistogram, LabelPair, Metric, MetricFamily,
+        MetricType,
+    },
 };
-use smtpflow_common::{Direction, Event, PeerCounters, PeerKey, Side, Stat};
+use smtpflow_common::{
+    Direction, Event, HIST_BOUNDS_NS, HistKind, Histogram, Metric as Kind, Outcome, PeerCounters,
+    PeerKey, Phase, Side, Stat,
+};
 
-use crate::{attach::Attachment, drain::Snapshot};
+use crate::{attach::Attachment, drain::Snapshot, drops::DropReasons};
 
 /// What the exporter knows besides the snapshot.
 pub struct Exporter {
     ifnames: HashMap<u32, String>,
     max_peer_series: usize,
     attachments: Vec<Attachment>,
+    drop_reasons: Option<DropReasons>,
 }
 
 /// A metric family under construction.
@@ -26,39 +33,53 @@ struct Family {
     metrics: Vec<Metric>,
 }
 
+fn label_pairs(labels: &[(&str, &str)]) -> Vec<LabelPair> {
+    labels
+        .iter()
+        .map(|(n, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*n).to_owned());
+            l.set_value((*v).to_owned());
+            l
+        })
+        .collect()
+}
+
 impl Family {
     fn new(name: &'static str, kind: MetricType, help: &'static str) -> Self {
-        Self {
-            name,
-            help,
-            kind,
-            metrics: Vec::new(),
-        }
+        Self { name, help, kind, metrics: Vec::new() }
     }
 
     fn add(&mut self, labels: &[(&str, &str)], value: f64) {
-        let labels = labels
-            .iter()
-            .map(|(n, v)| {
-                let mut l = LabelPair::default();
-                l.set_name((*n).to_owned());
-                l.set_value((*v).to_owned());
-                l
-            })
-            .collect();
-        let mut m = Metric::from_label(labels);
-        match self.kind {
-            MetricType::GAUGE => {
-                let mut g = Gauge::default();
-                g.set_value(value);
-                m.set_gauge(g);
-            }
-            _ => {
-                let mut c = Counter::default();
-                c.set_value(value);
-                m.set_counter(c);
-            }
+        let mut m = Metric::from_label(label_pairs(labels));
+        if self.kind == MetricType::GAUGE {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        } else {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
         }
+        self.metrics.push(m);
+    }
+
+    fn add_histogram(&mut self, labels: &[(&str, &str)], h: &Histogram) {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(HIST_BOUNDS_NS.len());
+        for (bound, n) in HIST_BOUNDS_NS.iter().zip(h.buckets) {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound as f64 / 1e9);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        let mut p = PromHistogram::default();
+        p.set_bucket(buckets);
+        p.set_sample_count(h.buckets.iter().sum());
+        p.set_sample_sum(h.sum_ns as f64 / 1e9);
+        let mut m = Metric::from_label(label_pairs(labels));
+        m.set_histogram(p);
         self.metrics.push(m);
     }
 
@@ -83,18 +104,25 @@ fn peer_id(k: &PeerKey) -> PeerId {
 }
 
 /// The `limit` most active peers (by all their events), ties broken by address for stability.
-pub fn top_peers(peers: &[(PeerKey, PeerCounters)], limit: usize) -> HashMap<PeerId, u64> {
+pub fn top_peers(peers: &[(PeerKey, PeerCounters)], limit: usize) -> HashSet<PeerId> {
     let mut activity: HashMap<PeerId, u64> = HashMap::new();
     for (k, v) in peers {
         *activity.entry(peer_id(k)).or_default() += v.total();
     }
-    if activity.len() <= limit {
-        return activity;
-    }
     let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
-    ranked.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    ranked.truncate(limit);
-    ranked.into_iter().collect()
+    if ranked.len() > limit {
+        ranked.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(limit);
+    }
+    ranked.into_iter().map(|(id, _)| id).collect()
+}
+
+/// Labels of a per-peer series, as owned strings.
+struct PeerLabels {
+    iface: String,
+    peer: String,
+    direction: &'static str,
+    port: String,
 }
 
 impl Exporter {
@@ -102,191 +130,31 @@ impl Exporter {
         ifnames: HashMap<u32, String>,
         max_peer_series: usize,
         attachments: Vec<Attachment>,
+        drop_reasons: Option<DropReasons>,
     ) -> Self {
-        Self {
-            ifnames,
-            max_peer_series,
-            attachments,
-        }
+        Self { ifnames, max_peer_series, attachments, drop_reasons }
     }
 
     fn ifname(&self, ifindex: u32) -> String {
-        self.ifnames
-            .get(&ifindex)
-            .cloned()
-            .unwrap_or_else(|| format!("ifindex{ifindex}"))
+        self.ifnames.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex{ifindex}"))
+    }
+
+    fn peer_labels(&self, k: &PeerKey) -> Option<PeerLabels> {
+        Some(PeerLabels {
+            iface: self.ifname(k.ifindex),
+            peer: k.ip()?.to_string(),
+            direction: Direction::from_u8(k.direction)?.label(),
+            port: k.port.to_string(),
+        })
     }
 
     pub fn render(&self, snap: &Snapshot) -> Bytes {
         let mut families = Vec::new();
-
-        let mut info = Family::new(
-            "smtpflow_build_info",
-            MetricType::GAUGE,
-            "smtpflow build information; always 1.",
-        );
-        info.add(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
-        info.finish(&mut families);
-
-        let mut att = Family::new(
-            "smtpflow_attachment_info",
-            MetricType::GAUGE,
-            "Kernel programs attached, by interface, hook and attach method; always 1.",
-        );
-        for a in &self.attachments {
-            att.add(
-                &[("iface", &a.iface), ("hook", a.hook), ("method", a.how)],
-                1.0,
-            );
-        }
-        att.finish(&mut families);
-
-        let mut events = Family::new(
-            "smtpflow_tcp_events_total",
-            MetricType::COUNTER,
-            "SMTP-port TCP events seen, exact over all peers.",
-        );
-        for (k, v) in &snap.totals {
-            let (Some(e), Some(d), Some(s)) = (
-                Event::from_u8(k.event),
-                Direction::from_u8(k.direction),
-                Side::from_u8(k.side),
-            ) else {
-                continue;
-            };
-            let iface = self.ifname(k.ifindex);
-            let port = k.port.to_string();
-            events.add(
-                &[
-                    ("iface", &iface),
-                    ("direction", d.label()),
-                    ("port", &port),
-                    ("event", e.label()),
-                    ("side", s.label()),
-                ],
-                *v as f64,
-            );
-        }
-        events.finish(&mut families);
-
-        let selected = top_peers(&snap.peers, self.max_peer_series);
-        let mut per_peer = Family::new(
-            "smtpflow_peer_tcp_events_total",
-            MetricType::COUNTER,
-            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in \
-             the kernel's per-peer LRU map.",
-        );
-        let mut peers_sorted: Vec<&(PeerKey, PeerCounters)> = snap
-            .peers
-            .iter()
-            .filter(|(k, _)| selected.contains_key(&peer_id(k)))
-            .collect();
-        peers_sorted.sort_by_key(|(k, _)| *k);
-        for (k, v) in peers_sorted {
-            let (Some(ip), Some(d)) = (k.ip(), Direction::from_u8(k.direction)) else {
-                continue;
-            };
-            let iface = self.ifname(k.ifindex);
-            let peer = ip.to_string();
-            let port = k.port.to_string();
-            for e in Event::ALL {
-                for s in Side::ALL {
-                    let n = v.counts[PeerCounters::index(e, s)];
-                    if n != 0 {
-                        per_peer.add(
-                            &[
-                                ("iface", &iface),
-                                ("peer", &peer),
-                                ("direction", d.label()),
-                                ("port", &port),
-                                ("event", e.label()),
-                                ("side", s.label()),
-                            ],
-                            n as f64,
-                        );
-                    }
-                }
-            }
-        }
-        per_peer.finish(&mut families);
-
-        let peers_tracked = snap
-            .peers
-            .iter()
-            .map(|(k, _)| peer_id(k))
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        let mut g = Family::new(
-            "smtpflow_peers_tracked",
-            MetricType::GAUGE,
-            "Distinct peers (address and interface) in the kernel's per-peer map.",
-        );
-        g.add(&[], peers_tracked as f64);
-        g.finish(&mut families);
-        let mut g = Family::new(
-            "smtpflow_peers_exported",
-            MetricType::GAUGE,
-            "Peers exported as per-peer series (at most --max-peer-series).",
-        );
-        g.add(&[], selected.len() as f64);
-        g.finish(&mut families);
-
-        let mut entries = Family::new(
-            "smtpflow_map_entries",
-            MetricType::GAUGE,
-            "Entries in a kernel map.",
-        );
-        entries.add(&[("map", "peers")], snap.peers.len() as f64);
-        entries.add(&[("map", "totals")], snap.totals.len() as f64);
-        entries.finish(&mut families);
-        let mut cap = Family::new(
-            "smtpflow_map_capacity",
-            MetricType::GAUGE,
-            "Capacity (max entries) of a kernel map.",
-        );
-        cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
-        cap.add(
-            &[("map", "totals")],
-            f64::from(smtpflow_common::TOTALS_CAPACITY),
-        );
-        cap.finish(&mut families);
-        let mut ev = Family::new(
-            "smtpflow_map_evictions_total",
-            MetricType::COUNTER,
-            "Entries evicted from a kernel LRU map (their events stay in the totals).",
-        );
-        ev.add(&[("map", "peers")], snap.peer_evictions as f64);
-        ev.finish(&mut families);
-
-        for (stat, name, help) in [
-            (
-                Stat::Malformed,
-                "smtpflow_malformed_packets_total",
-                "Frames with malformed IPv4, IPv6 or TCP headers; never counted as events.",
-            ),
-            (
-                Stat::PeerInsertFailed,
-                "smtpflow_peer_insert_failures_total",
-                "Events whose peer entry could not be created (counted in the totals only).",
-            ),
-            (
-                Stat::TotalsInsertFailed,
-                "smtpflow_lost_events_total",
-                "Events the kernel could not count at all; non-zero is a bug, please report it.",
-            ),
-        ] {
-            let mut f = Family::new(name, MetricType::COUNTER, help);
-            f.add(&[], snap.stats[stat as usize] as f64);
-            f.finish(&mut families);
-        }
-
-        let mut d = Family::new(
-            "smtpflow_drain_duration_seconds",
-            MetricType::GAUGE,
-            "Time the last drain of the kernel maps took.",
-        );
-        d.add(&[], snap.drain_seconds);
-        d.finish(&mut families);
+        self.render_info(&mut families);
+        self.render_counters(snap, &mut families);
+        self.render_histograms(snap, &mut families);
+        self.render_peers(snap, &mut families);
+        render_self(snap, &mut families);
 
         let mut buf = Vec::with_capacity(64 * 1024);
         // Encoding only fails for empty families, which `finish` never emits.
@@ -295,12 +163,335 @@ impl Exporter {
         }
         Bytes::from(buf)
     }
+
+    fn render_info(&self, out: &mut Vec<MetricFamily>) {
+        let mut info = Family::new(
+            "smtpflow_build_info",
+            MetricType::GAUGE,
+            "smtpflow build information; always 1.",
+        );
+        info.add(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+        info.finish(out);
+        let mut att = Family::new(
+            "smtpflow_attachment_info",
+            MetricType::GAUGE,
+            "Kernel programs attached, by interface (empty for kernel-wide hooks), hook and method; always 1.",
+        );
+        for a in &self.attachments {
+            att.add(&[("iface", &a.iface), ("hook", a.hook), ("method", a.how)], 1.0);
+        }
+        att.finish(out);
+    }
+
+    fn render_counters(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+        let mut events = Family::new(
+            "smtpflow_tcp_events_total",
+            MetricType::COUNTER,
+            "SMTP-port TCP events seen, exact over all peers.",
+        );
+        let mut handshakes = Family::new(
+            "smtpflow_handshakes_total",
+            MetricType::COUNTER,
+            "SMTP connection attempts by outcome: established (answered by a SYN-ACK), refused (answered by a RST), timeout (no answer within --handshake-timeout).",
+        );
+        let mut retransmits = Family::new(
+            "smtpflow_syn_retransmits_total",
+            MetricType::COUNTER,
+            "SYNs seen again while their handshake was pending.",
+        );
+        let mut resets = Family::new(
+            "smtpflow_resets_total",
+            MetricType::COUNTER,
+            "RSTs by the phase of their connection (handshake, pre_greeting, session) and the side that sent them.",
+        );
+        let mut replies = Family::new(
+            "smtpflow_smtp_replies_total",
+            MetricType::COUNTER,
+            "SMTP replies by code, from server segments that start with a reply line (plaintext ports, until STARTTLS).",
+        );
+        let mut greetings = Family::new(
+            "smtpflow_smtp_greetings_total",
+            MetricType::COUNTER,
+            "First SMTP reply of each connection, by code.",
+        );
+        let mut drops = Family::new(
+            "smtpflow_syn_drops_total",
+            MetricType::COUNTER,
+            "SMTP-port SYNs the kernel dropped, by drop reason (kfree_skb).",
+        );
+        for (k, v) in &snap.counters {
+            let v = *v as f64;
+            let (Some(kind), Some(d)) = (Kind::from_u8(k.metric), Direction::from_u8(k.direction))
+            else {
+                continue;
+            };
+            let iface = self.ifname(k.ifindex);
+            let port = k.port.to_string();
+            let base =
+                [("iface", iface.as_str()), ("direction", d.label()), ("port", port.as_str())];
+            let code = k.code.to_string();
+            match kind {
+                Kind::Event => {
+                    if let (Some(e), Some(s)) = (Event::from_u8(k.a), Side::from_u8(k.b)) {
+                        events.add(
+                            &[&base[..], &[("event", e.label()), ("side", s.label())]].concat(),
+                            v,
+                        );
+                    }
+                }
+                Kind::Handshake => {
+                    if let Some(o) = Outcome::from_u8(k.a) {
+                        handshakes.add(&[&base[..], &[("outcome", o.label())]].concat(), v);
+                    }
+                }
+                Kind::SynRetransmit => retransmits.add(&base, v),
+                Kind::Reset => {
+                    if let (Some(p), Some(s)) = (Phase::from_u8(k.a), Side::from_u8(k.b)) {
+                        resets.add(
+                            &[&base[..], &[("phase", p.label()), ("side", s.label())]].concat(),
+                            v,
+                        );
+                    }
+                }
+                Kind::Reply => replies.add(&[&base[..], &[("code", code.as_str())]].concat(), v),
+                Kind::Greeting => {
+                    greetings.add(&[&base[..], &[("code", code.as_str())]].concat(), v)
+                }
+                Kind::SynDrop => {
+                    let reason = match &self.drop_reasons {
+                        Some(r) => r.name(k.code),
+                        None => format!("reason_{}", k.code),
+                    };
+                    drops.add(
+                        &[
+                            ("direction", d.label()),
+                            ("port", port.as_str()),
+                            ("reason", reason.as_str()),
+                        ],
+                        v,
+                    );
+                }
+            }
+        }
+        for ((ifindex, port, direction), n) in &snap.timeouts {
+            let Some(d) = Direction::from_u8(*direction) else { continue };
+            let iface = self.ifname(*ifindex);
+            let port = port.to_string();
+            handshakes.add(
+                &[
+                    ("iface", &iface),
+                    ("direction", d.label()),
+                    ("port", &port),
+                    ("outcome", Outcome::Timeout.label()),
+                ],
+                *n as f64,
+            );
+        }
+        for f in [events, handshakes, retransmits, resets, replies, greetings, drops] {
+            f.finish(out);
+        }
+    }
+
+    fn render_histograms(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+        let mut handshake = Family::new(
+            "smtpflow_handshake_duration_seconds",
+            MetricType::HISTOGRAM,
+            "First SYN to SYN-ACK, at the observation point.",
+        );
+        let mut greeting = Family::new(
+            "smtpflow_greeting_duration_seconds",
+            MetricType::HISTOGRAM,
+            "Handshake completion to the server's first payload (the 220 banner; the TLS ServerHello on 465).",
+        );
+        for (k, h) in &snap.hists {
+            let Some(d) = Direction::from_u8(k.direction) else { continue };
+            let iface = self.ifname(k.ifindex);
+            let port = k.port.to_string();
+            let labels =
+                [("iface", iface.as_str()), ("direction", d.label()), ("port", port.as_str())];
+            if k.kind == HistKind::Handshake as u8 {
+                handshake.add_histogram(&labels, h);
+            } else {
+                greeting.add_histogram(&labels, h);
+            }
+        }
+        handshake.finish(out);
+        greeting.finish(out);
+    }
+
+    fn render_peers(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+        let selected = top_peers(&snap.peers, self.max_peer_series);
+        let mut per_peer = Family::new(
+            "smtpflow_peer_tcp_events_total",
+            MetricType::COUNTER,
+            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
+        );
+        let mut peer_handshakes = Family::new(
+            "smtpflow_peer_handshakes_total",
+            MetricType::COUNTER,
+            "Handshake outcomes per peer, for the exported peers.",
+        );
+        let mut peer_greetings = Family::new(
+            "smtpflow_peer_smtp_greetings_total",
+            MetricType::COUNTER,
+            "Greeting codes per peer, for the exported peers.",
+        );
+        let mut peers: Vec<&(PeerKey, PeerCounters)> =
+            snap.peers.iter().filter(|(k, _)| selected.contains(&peer_id(k))).collect();
+        peers.sort_by_key(|(k, _)| *k);
+        for (k, v) in peers {
+            let Some(l) = self.peer_labels(k) else { continue };
+            let base = [
+                ("iface", l.iface.as_str()),
+                ("peer", l.peer.as_str()),
+                ("direction", l.direction),
+                ("port", l.port.as_str()),
+            ];
+            for e in Event::ALL {
+                for s in Side::ALL {
+                    let n = v.counts[PeerCounters::index(e, s)];
+                    if n != 0 {
+                        per_peer.add(
+                            &[&base[..], &[("event", e.label()), ("side", s.label())]].concat(),
+                            n as f64,
+                        );
+                    }
+                }
+            }
+            for (o, n) in [Outcome::Established, Outcome::Refused].into_iter().zip(v.outcomes) {
+                if n != 0 {
+                    peer_handshakes.add(&[&base[..], &[("outcome", o.label())]].concat(), n as f64);
+                }
+            }
+        }
+        let mut timeouts: Vec<&(PeerKey, u64)> =
+            snap.peer_timeouts.iter().filter(|(k, _)| selected.contains(&peer_id(k))).collect();
+        timeouts.sort_by_key(|(k, _)| *k);
+        for (k, n) in timeouts {
+            let Some(l) = self.peer_labels(k) else { continue };
+            peer_handshakes.add(
+                &[
+                    ("iface", &l.iface),
+                    ("peer", &l.peer),
+                    ("direction", l.direction),
+                    ("port", &l.port),
+                    ("outcome", Outcome::Timeout.label()),
+                ],
+                *n as f64,
+            );
+        }
+        let mut greets: Vec<_> = snap
+            .peer_greetings
+            .iter()
+            .filter(|(k, _)| selected.contains(&peer_id(&k.peer)))
+            .collect();
+        greets.sort_by_key(|(k, _)| *k);
+        for (k, n) in greets {
+            let Some(l) = self.peer_labels(&k.peer) else { continue };
+            let code = k.code.to_string();
+            peer_greetings.add(
+                &[
+                    ("iface", &l.iface),
+                    ("peer", &l.peer),
+                    ("direction", l.direction),
+                    ("port", &l.port),
+                    ("code", &code),
+                ],
+                *n as f64,
+            );
+        }
+        per_peer.finish(out);
+        peer_handshakes.finish(out);
+        peer_greetings.finish(out);
+
+        let tracked = snap.peers.iter().map(|(k, _)| peer_id(k)).collect::<HashSet<_>>().len();
+        let mut g = Family::new(
+            "smtpflow_peers_tracked",
+            MetricType::GAUGE,
+            "Distinct peers (address and interface) in the kernel's per-peer map.",
+        );
+        g.add(&[], tracked as f64);
+        g.finish(out);
+        let mut g = Family::new(
+            "smtpflow_peers_exported",
+            MetricType::GAUGE,
+            "Peers exported as per-peer series (at most --max-peer-series).",
+        );
+        g.add(&[], selected.len() as f64);
+        g.finish(out);
+    }
+}
+
+/// smtpflow's own health: map fill, evictions, and the kernel programs' bookkeeping.
+fn render_self(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+    let mut entries =
+        Family::new("smtpflow_map_entries", MetricType::GAUGE, "Entries in a kernel map.");
+    entries.add(&[("map", "peers")], snap.peers.len() as f64);
+    entries.add(&[("map", "flows")], snap.flows as f64);
+    entries.add(&[("map", "counters")], snap.counters.len() as f64);
+    entries.finish(out);
+    let mut cap = Family::new(
+        "smtpflow_map_capacity",
+        MetricType::GAUGE,
+        "Capacity (max entries) of a kernel map.",
+    );
+    cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
+    cap.add(&[("map", "flows")], f64::from(snap.flows_capacity));
+    cap.add(&[("map", "counters")], f64::from(smtpflow_common::COUNTERS_CAPACITY));
+    cap.finish(out);
+    let mut ev = Family::new(
+        "smtpflow_map_evictions_total",
+        MetricType::COUNTER,
+        "Entries evicted from a kernel LRU map (peers: their events stay in the totals; flows: their handshake, greeting and replies are no longer followed).",
+    );
+    ev.add(&[("map", "peers")], snap.peer_evictions as f64);
+    ev.add(&[("map", "flows")], snap.flow_evictions as f64);
+    ev.finish(out);
+    let lost = snap.stats[Stat::CounterInsertFailed as usize]
+        + snap.stats[Stat::HistInsertFailed as usize];
+    for (value, name, help) in [
+        (
+            snap.stats[Stat::Malformed as usize],
+            "smtpflow_malformed_packets_total",
+            "Frames with malformed IPv4, IPv6 or TCP headers; never counted as events.",
+        ),
+        (
+            snap.stats[Stat::PeerInsertFailed as usize],
+            "smtpflow_peer_insert_failures_total",
+            "Per-peer entries that could not be created (the events are still in the totals).",
+        ),
+        (
+            snap.stats[Stat::FlowInsertFailed as usize],
+            "smtpflow_flow_insert_failures_total",
+            "Connections whose flow entry could not be created (not followed).",
+        ),
+        (
+            lost,
+            "smtpflow_lost_events_total",
+            "Counts or durations the kernel could not record at all; non-zero is a bug, please report it.",
+        ),
+    ] {
+        let mut f = Family::new(name, MetricType::COUNTER, help);
+        f.add(&[], value as f64);
+        f.finish(out);
+    }
+    let mut d = Family::new(
+        "smtpflow_drain_duration_seconds",
+        MetricType::GAUGE,
+        "Time the last drain of the kernel maps took.",
+    );
+    d.add(&[], snap.drain_seconds);
+    d.finish(out);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smtpflow_common::{FAMILY_V4, FAMILY_V6, TotalKey};
+    use smtpflow_common::{CounterKey, FAMILY_V4, FAMILY_V6, HistKey, PeerGreetingKey};
+
+    fn event_key(ifindex: u32, port: u16, e: Event, d: Direction, s: Side) -> CounterKey {
+        CounterKey::event(ifindex, port, e, d, s)
+    }
 
     fn peer(last: u8, family: u8, direction: Direction) -> PeerKey {
         let mut addr = [0u8; 16];
@@ -311,13 +502,7 @@ mod tests {
             addr[1] = 0x01;
             addr[15] = last;
         }
-        PeerKey {
-            ifindex: 2,
-            addr,
-            port: 25,
-            family,
-            direction: direction as u8,
-        }
+        PeerKey { ifindex: 2, addr, port: 25, family, direction: direction as u8 }
     }
 
     fn counters(syn: u64) -> PeerCounters {
@@ -326,30 +511,22 @@ mod tests {
         c
     }
 
+    fn render(snap: &Snapshot, cap: usize) -> String {
+        let ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), cap, Vec::new(), None);
+        String::from_utf8(ex.render(snap).to_vec()).unwrap()
+    }
+
     #[test]
     fn renders_exact_totals_and_capped_peers() {
         let mut snap = Snapshot::default();
-        snap.totals.insert(
-            TotalKey::new(2, 25, Event::Syn, Direction::Inbound, Side::Peer),
-            7,
-        );
-        snap.totals.insert(
-            TotalKey::new(2, 25, Event::SynAck, Direction::Inbound, Side::Local),
-            5,
-        );
+        snap.counters.insert(event_key(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 7);
+        snap.counters.insert(event_key(2, 25, Event::SynAck, Direction::Inbound, Side::Local), 5);
         snap.peers = (1..=5)
-            .map(|i| {
-                (
-                    peer(i, FAMILY_V4, Direction::Inbound),
-                    counters(u64::from(i)),
-                )
-            })
+            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
             .collect();
-        snap.peers
-            .push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
+        snap.peers.push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
         snap.peers_capacity = 65536;
-        let ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), 3, Vec::new());
-        let text = String::from_utf8(ex.render(&snap).to_vec()).unwrap();
+        let text = render(&snap, 3);
         assert!(text.contains(r#"smtpflow_tcp_events_total{iface="eth0",direction="inbound",port="25",event="syn",side="peer"} 7"#), "{text}");
         assert!(text.contains(r#"event="syn_ack",side="local"} 5"#));
         // The three most active peers: 2001::9 (100), .5 and .4.
@@ -363,13 +540,57 @@ mod tests {
     }
 
     #[test]
+    fn renders_handshakes_histograms_replies_and_drops() {
+        let mut snap = Snapshot::default();
+        let mut k = CounterKey::new(2, 25, Kind::Handshake, Direction::Inbound);
+        k.a = Outcome::Refused as u8;
+        snap.counters.insert(k, 3);
+        let mut k = CounterKey::new(2, 587, Kind::Greeting, Direction::Outbound);
+        k.code = 421;
+        snap.counters.insert(k, 2);
+        let mut k = CounterKey::new(0, 25, Kind::SynDrop, Direction::Inbound);
+        k.code = 77;
+        snap.counters.insert(k, 4);
+        snap.timeouts.insert((2, 25, Direction::Inbound as u8), 6);
+        let mut h = Histogram::ZERO;
+        h.buckets[0] = 1; // <= 50us
+        h.buckets[13] = 2; // <= 1s
+        h.sum_ns = 2_000_040_000;
+        snap.hists.insert(
+            HistKey { ifindex: 2, port: 25, direction: 0, kind: HistKind::Handshake as u8 },
+            h,
+        );
+        let p = peer(1, FAMILY_V4, Direction::Outbound);
+        let mut c = PeerCounters::default();
+        c.outcomes[Outcome::Refused as usize] = 1;
+        snap.peers.push((p, c));
+        snap.peer_timeouts.push((p, 2));
+        snap.peer_greetings.push((PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] }, 5));
+        let text = render(&snap, 10);
+        for want in [
+            r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="refused"} 3"#,
+            r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="timeout"} 6"#,
+            r#"smtpflow_smtp_greetings_total{iface="eth0",direction="outbound",port="587",code="421"} 2"#,
+            r#"smtpflow_syn_drops_total{direction="inbound",port="25",reason="reason_77"} 4"#,
+            r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="0.00005"} 1"#,
+            r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="0.5"} 1"#,
+            r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="1"} 3"#,
+            r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="+Inf"} 3"#,
+            r#"smtpflow_handshake_duration_seconds_count{iface="eth0",direction="inbound",port="25"} 3"#,
+            r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="refused"} 1"#,
+            r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="timeout"} 2"#,
+            r#"smtpflow_peer_smtp_greetings_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",code="421"} 5"#,
+        ] {
+            assert!(text.contains(want), "missing {want}\n{text}");
+        }
+    }
+
+    #[test]
     fn top_peers_is_deterministic_under_ties() {
-        let peers: Vec<_> = (1..=10)
-            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(1)))
-            .collect();
+        let peers: Vec<_> =
+            (1..=10).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(1))).collect();
         let a = top_peers(&peers, 4);
-        let b = top_peers(&peers, 4);
-        assert_eq!(a, b);
+        assert_eq!(a, top_peers(&peers, 4));
         assert_eq!(a.len(), 4);
         assert!(top_peers(&peers, 0).is_empty());
     }

@@ -1,7 +1,9 @@
 //! smtpflow: SMTP handshake and TCP pressure observer for mail gateways.
 mod attach;
+mod btf;
 mod cli;
 mod drain;
+mod drops;
 mod export;
 mod privileges;
 mod report;
@@ -45,12 +47,10 @@ fn main() -> ExitCode {
 fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     privileges::require()?;
-    let ifaces = args
-        .ifaces
-        .iter()
-        .map(|n| Iface::lookup(n))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let config = Config::from_ports(&args.ports.0).context("too many ports")?;
+    let ifaces =
+        args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
+    let config =
+        Config::from_ports(&args.ports.0, &args.plaintext_ports()).context("too many ports")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -66,19 +66,40 @@ async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::R
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let ebpf = attach::load(&config, args.max_peers)?;
+    let (drop_config, drop_reasons) = match drops::prepare() {
+        Ok((c, r)) => (c, Some(r)),
+        Err(e) => {
+            log::warn!(
+                "SYN drop reasons are not available on this kernel: {e:#}; carrying on without smtpflow_syn_drops_total"
+            );
+            (smtpflow_common::DropConfig::DISABLED, None)
+        }
+    };
+    let sizes = attach::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
+    let ebpf = attach::load(&config, &drop_config, &sizes)?;
     let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
-    let mut maps = Maps::take(&mut attached.ebpf, args.max_peers)?;
+    let drop_reasons = match drop_reasons {
+        Some(r) => match attach::attach_drop_reasons(&mut attached) {
+            Ok(()) => Some(r),
+            Err(e) => {
+                log::warn!(
+                    "SYN drop reasons are not available: {e:#}; carrying on without smtpflow_syn_drops_total"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let mut maps =
+        Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
     let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
-    maps.seed_totals(&ifindexes, config.ports())?;
+    maps.seed(&ifindexes, config.ports())?;
 
     let exporter = Exporter::new(
-        ifaces
-            .iter()
-            .map(|i| (i.index, i.name.clone()))
-            .collect::<HashMap<_, _>>(),
+        ifaces.iter().map(|i| (i.index, i.name.clone())).collect::<HashMap<_, _>>(),
         args.max_peer_series,
         attached.attachments.clone(),
+        drop_reasons,
     );
     let first = maps.drain()?;
     let (tx, rx) = watch::channel(exporter.render(&first));
@@ -121,10 +142,7 @@ async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::R
     drop(attached);
     match result {
         Ok(signal) => {
-            log::info!(
-                "{signal}: detached from {}; exiting",
-                args.ifaces.join(", ")
-            );
+            log::info!("{signal}: detached from {}; exiting", args.ifaces.join(", "));
             Ok(())
         }
         Err(e) => Err(e.context("draining the kernel maps failed; detached")),

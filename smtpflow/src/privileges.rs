@@ -61,10 +61,7 @@ mod tests {
             missing(effective_caps(none).unwrap()),
             ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"]
         );
-        let bpf_only = format!(
-            "CapEff:\t{:016x}\n",
-            (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN)
-        );
+        let bpf_only = format!("CapEff:\t{:016x}\n", (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN));
         assert_eq!(missing(effective_caps(&bpf_only).unwrap()), ["CAP_PERFMON"]);
         assert_eq!(effective_caps("CapEff:\tzz\n"), None);
         assert_eq!(effective_caps(""), None);

@@ -2,7 +2,7 @@
 //! without Prometheus.
 use std::{collections::BTreeMap, time::Instant};
 
-use smtpflow_common::{Direction, TotalKey};
+use smtpflow_common::Direction;
 
 use crate::drain::Snapshot;
 
@@ -13,9 +13,9 @@ pub struct Reporter {
     last: Option<(Instant, ByDirectionPort)>,
 }
 
-fn by_direction_port(totals: &BTreeMap<TotalKey, u64>) -> ByDirectionPort {
+fn by_direction_port(snap: &Snapshot) -> ByDirectionPort {
     let mut out = BTreeMap::new();
-    for (k, v) in totals {
+    for (k, v) in snap.events() {
         if let Some(d) = Direction::from_u8(k.direction) {
             *out.entry((d, k.port)).or_default() += v;
         }
@@ -30,7 +30,7 @@ impl Reporter {
 
     /// One line: events per second by direction and port since the last line, peers tracked.
     pub fn line(&mut self, snap: &Snapshot, now: Instant) -> Option<String> {
-        let current = by_direction_port(&snap.totals);
+        let current = by_direction_port(snap);
         let line = self.last.as_ref().map(|(then, before)| {
             let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
             let mut parts = Vec::new();

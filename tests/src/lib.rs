@@ -5,6 +5,7 @@
 //! Everything created is removed on drop, so a failing (panicking) test cleans up too.
 pub mod capture;
 pub mod frames;
+pub mod lifecycle_support;
 pub mod metrics;
 pub mod netns;
 pub mod watch;

@@ -1,6 +1,17 @@
 //! IPv4 and IPv6 headers. Both return the offset of the TCP header.
 use super::{Segment, Skip};
-use crate::packet::{MAX_OFFSET, Packet};
+use crate::packet::Packet;
+
+/// Where the IP layer says the TCP header starts and where the IP packet ends.
+pub struct L4 {
+    pub off: usize,
+    /// End of the IP packet in the frame; 0 when the IP header gives no length (a TSO/BIG TCP
+    /// super-packet, or an IPv6 jumbogram): the frame's end counts then.
+    pub end: usize,
+}
+
+/// How deep a TCP header may start; deeper extension-header chains are not inspected.
+const MAX_L4_OFFSET: usize = 1024;
 
 const IPPROTO_TCP: u8 = 6;
 const IPV4_MIN_HLEN: usize = 20;
@@ -51,7 +62,7 @@ const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr
 /// IPv4: IHL < 5 or a header past the end of the frame is malformed; non-first fragments and
 /// other protocols are not TCP.
 #[inline(always)]
-pub fn v4<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip> {
+pub fn v4<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
     let h: Ipv4Hdr = p.read_at(off)?;
     let hlen = usize::from(h.ver_ihl & 0x0f) * 4;
     if h.ver_ihl >> 4 != 4 || hlen < IPV4_MIN_HLEN {
@@ -64,13 +75,14 @@ pub fn v4<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip
     }
     seg.src[..4].copy_from_slice(&h.src);
     seg.dst[..4].copy_from_slice(&h.dst);
-    Ok(off + hlen)
+    let total = usize::from(u16::from_be(h.tot_len));
+    Ok(L4 { off: off + hlen, end: if total > hlen { off + total } else { 0 } })
 }
 
 /// IPv6: walks hop-by-hop, routing, destination-options and fragment headers; only a first
 /// fragment carries the TCP header.
 #[inline(always)]
-pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip> {
+pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
     let h: Ipv6Hdr = p.read_at(off)?;
     if h.ver_tc_flow[0] >> 4 != 6 {
         return Err(Skip::Malformed);
@@ -78,10 +90,12 @@ pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip
     let mut next = h.next_header;
     seg.src = h.src;
     seg.dst = h.dst;
+    let payload = usize::from(u16::from_be(h.payload_len));
+    let end = if payload > 0 { off + IPV6_HLEN + payload } else { 0 };
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok(off),
+            IPPROTO_TCP => return Ok(L4 { off, end }),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let [nh, len]: [u8; 2] = p.read_at(off)?;
                 next = nh;
@@ -97,14 +111,10 @@ pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<usize, Skip
             }
             _ => return Err(Skip::NotTcp),
         }
-        if off > MAX_OFFSET {
+        if off > MAX_L4_OFFSET {
             // Deeper than we inspect: not a header chain SMTP traffic uses.
             return Err(Skip::NotTcp);
         }
     }
-    if next == IPPROTO_TCP {
-        Ok(off)
-    } else {
-        Err(Skip::NotTcp)
-    }
+    if next == IPPROTO_TCP { Ok(L4 { off, end }) } else { Err(Skip::NotTcp) }
 }

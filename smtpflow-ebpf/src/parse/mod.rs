@@ -42,10 +42,15 @@ pub struct Segment {
     pub dst_port: u16,
     pub flags: u8,
     pub window: u16,
+    pub seq: u32,
+    /// Offset of the TCP payload in the frame.
+    pub payload_off: usize,
+    /// Payload bytes, from the IP length (Ethernet padding excluded) and the frame length.
+    pub payload_len: u32,
 }
 
 impl Segment {
-    fn new(family: u8) -> Self {
+    pub const fn new(family: u8) -> Self {
         Self {
             family,
             src: [0; 16],
@@ -54,13 +59,17 @@ impl Segment {
             dst_port: 0,
             flags: 0,
             window: 0,
+            seq: 0,
+            payload_off: 0,
+            payload_len: 0,
         }
     }
 }
 
-/// Parses a frame from its Ethernet header down to the TCP header.
-#[inline(always)]
-pub fn parse<P: Packet>(p: &P) -> Result<Segment, Skip> {
+/// Parses a frame from its Ethernet header down to the TCP header. Not inlined: its header copies
+/// live in their own BPF stack frame, beside (not on top of) the flow tracker's.
+#[inline(never)]
+pub fn parse<P: Packet>(p: &P, seg: &mut Segment) -> Result<(), Skip> {
     let mut ethertype = u16::from_be(p.read_at::<u16>(ETH_HLEN - 2)?);
     let mut off = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -71,19 +80,16 @@ pub fn parse<P: Packet>(p: &P) -> Result<Segment, Skip> {
         ethertype = u16::from_be(p.read_at::<u16>(off + 2)?);
         off += VLAN_HLEN;
     }
-    let mut seg = match ethertype {
+    let l4 = match ethertype {
         ETH_P_IP => {
-            let mut seg = Segment::new(FAMILY_V4);
-            off = ip::v4(p, off, &mut seg)?;
-            seg
+            seg.family = FAMILY_V4;
+            ip::v4(p, off, seg)?
         }
         ETH_P_IPV6 => {
-            let mut seg = Segment::new(smtpflow_common::FAMILY_V6);
-            off = ip::v6(p, off, &mut seg)?;
-            seg
+            seg.family = smtpflow_common::FAMILY_V6;
+            ip::v6(p, off, seg)?
         }
         _ => return Err(Skip::NotTcp),
     };
-    tcp::header(p, off, &mut seg)?;
-    Ok(seg)
+    tcp::header(p, l4, seg)
 }

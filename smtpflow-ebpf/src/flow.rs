@@ -1,0 +1,106 @@
+//! The flow map: one entry per SMTP connection attempt, advanced by the state machine in
+//! `smtpflow_common::flow::step`. Userspace sweeps entries whose handshake timed out.
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::LruHashMap};
+use smtpflow_common::{
+    DEFAULT_MAX_FLOWS, Direction, FlowKey, FlowState, Stat,
+    flow::{Actions, FlowPacket, step},
+};
+
+use crate::{count::bump, packet::Packet, parse::Segment};
+
+/// Resized by the loader (`--max-flows`).
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Where a packet belongs: what `track` needs besides the segment (one argument, as BPF calls
+/// take at most five).
+#[derive(Clone, Copy)]
+pub struct Where {
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub sender_is_client: bool,
+    /// Replies on this port are read.
+    pub plaintext: bool,
+    pub now: u64,
+}
+
+/// Reads what the state machine needs from the payload: its first bytes (a reply code or
+/// STARTTLS) and whether it ends a line.
+#[inline(always)]
+fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
+    let len = seg.payload_len as usize;
+    if len >= 8 {
+        if let Ok(head) = p.read_at::<[u8; 8]>(seg.payload_off) {
+            fp.head = head;
+            fp.head_len = 8;
+        }
+    } else if len >= 4 {
+        if let Ok(head) = p.read_at::<[u8; 4]>(seg.payload_off) {
+            fp.head[..4].copy_from_slice(&head);
+            fp.head_len = 4;
+        }
+    }
+    if from_server && len > 0 {
+        // The last byte, read as the second of two: a used one-byte packet read lets LLVM turn
+        // `p + 1 > end` into `p >= end`, which gives the verifier no range. The byte before the
+        // payload always exists (the TCP header's last). Unreadable (past what we inspect):
+        // assume the segment ended a line, as SMTP replies do.
+        fp.ends_line =
+            p.read_at::<[u8; 2]>(seg.payload_off + len - 2).map_or(true, |[_, last]| last == b'\n');
+    }
+}
+
+/// Advances the packet's flow and returns what to count. Not inlined: a BPF subprogram has its
+/// own 512-byte stack frame.
+#[inline(never)]
+pub fn track<P: Packet>(p: &P, seg: &Segment, at: &Where) -> Actions {
+    let Where { ifindex, direction, sender_is_client, plaintext, now } = *at;
+    let (client, server, client_port, server_port) = if sender_is_client {
+        (seg.src, seg.dst, seg.src_port, seg.dst_port)
+    } else {
+        (seg.dst, seg.src, seg.dst_port, seg.src_port)
+    };
+    let key = FlowKey {
+        ifindex,
+        client,
+        server,
+        client_port,
+        server_port,
+        family: seg.family,
+        direction: direction as u8,
+        _pad: [0; 2],
+    };
+    let mut fp = FlowPacket {
+        flags: seg.flags,
+        from_client: sender_is_client,
+        seq: seg.seq,
+        payload_len: seg.payload_len,
+        ends_line: true,
+        plaintext,
+        ..FlowPacket::default()
+    };
+    if plaintext && seg.payload_len > 0 {
+        read_payload(p, seg, &mut fp, !sender_is_client);
+    }
+
+    let stored = FLOWS.get_ptr_mut(&key);
+    // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
+    // a state change of that flow, never a count in the exact counters.
+    let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
+    let actions = step(&mut st, stored.is_some(), &fp, now);
+    if actions.delete {
+        if FLOWS.remove(&key).is_ok() {
+            bump(Stat::FlowDeletes);
+        }
+    } else if actions.store {
+        match stored {
+            // SAFETY: as above.
+            Some(s) => unsafe { *s = st },
+            None => match FLOWS.insert(&key, st, u64::from(BPF_NOEXIST)) {
+                Ok(()) => bump(Stat::FlowInserts),
+                Err(_) => bump(Stat::FlowInsertFailed),
+            },
+        }
+    }
+    actions
+}

@@ -1,0 +1,751 @@
+//! Attaching and detaching, crashes and restarts, and the errors an operator sees, against the
+//! real `smtpflow watch` binary in test-owned network namespaces.
+//!
+//! What is hooked to an interface is read from the kernel (`bpftool net show` for XDP and
+//! netlink TC filters, `BPF_PROG_QUERY` for TCX links, which the installed bpftool cannot list).
+//! Programs are identified by the ids seen attached, not by name: other tests running at the
+//! same time load programs with the same names.
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use smtpflow_tests::{
+    Netns, Pair, Watch, in_netns,
+    lifecycle_support::{
+        Finished, Hook, KillOnDrop, hooks, http_request, kinds, progs_named, run_bounded,
+        wait_freed, wait_unhooked,
+    },
+    require_root, wait_for,
+    watch::{METRICS_ADDR, binary, http_get},
+};
+
+const EVENTS: &str = "smtpflow_tcp_events_total";
+/// How long a program may take to be freed after its last holder went away.
+const FREE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an operator error may take to be reported.
+const ERROR_TIMEOUT: Duration = Duration::from_secs(15);
+
+const TC_IN: &str = "smtpflow_tc_in";
+const TC_OUT: &str = "smtpflow_tc_out";
+const XDP: &str = "smtpflow_xdp";
+
+/// Listens on `addr` inside `ns` and accepts (then closes) `n` connections on a thread.
+fn serve(ns: &Netns, addr: &str, n: usize) -> thread::JoinHandle<()> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind test server"));
+    thread::spawn(move || {
+        for _ in 0..n {
+            let (s, _) = listener.accept().expect("accept");
+            drop(s);
+        }
+    })
+}
+
+/// Connects `n` times from `ns` and closes each connection at once.
+fn connect_n(ns: &Netns, addr: &str, n: usize) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    in_netns(ns, move || {
+        for _ in 0..n {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            drop(s);
+        }
+    });
+}
+
+/// One inbound connection (peer to the gateway's port 25) and one outbound one (gateway to the
+/// peer's port 25).
+fn one_each_way(pair: &Pair) {
+    let inbound = format!("{}:25", Pair::LOCAL_V4);
+    let server = serve(&pair.local, &inbound, 1);
+    connect_n(&pair.peer, &inbound, 1);
+    server.join().unwrap();
+    let outbound = format!("{}:25", Pair::PEER_V4);
+    let remote = serve(&pair.peer, &outbound, 1);
+    connect_n(&pair.local, &outbound, 1);
+    remote.join().unwrap();
+}
+
+fn labels<'a>(
+    iface: &'a str,
+    dir: &'a str,
+    event: &'a str,
+    side: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![("iface", iface), ("direction", dir), ("port", "25"), ("event", event), ("side", side)]
+}
+
+/// The exact counts after [`one_each_way`]: TC sees both directions, XDP only what the peer
+/// sends.
+/// `(metric, labels, exact value)` as [`Watch::expect_settled`] takes them.
+type Expected = Vec<(&'static str, Vec<(&'static str, &'static str)>, u64)>;
+
+fn one_each_way_expected(tc: bool) -> Expected {
+    let i = Pair::LOCAL_IF;
+    let local = u64::from(tc);
+    vec![
+        (EVENTS, labels(i, "inbound", "syn", "peer"), 1),
+        (EVENTS, labels(i, "inbound", "syn_ack", "local"), local),
+        (EVENTS, labels(i, "outbound", "syn", "local"), local),
+        (EVENTS, labels(i, "outbound", "syn_ack", "peer"), 1),
+        (EVENTS, vec![], 2 + 2 * local),
+        ("smtpflow_malformed_packets_total", vec![], 0),
+        ("smtpflow_lost_events_total", vec![], 0),
+    ]
+}
+
+fn want(hooks: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<_> = hooks.iter().map(|(k, n)| ((*k).to_owned(), (*n).to_owned())).collect();
+    v.sort();
+    v
+}
+
+fn ids(hooks: &[Hook]) -> Vec<u32> {
+    hooks.iter().map(|h| h.prog_id).collect()
+}
+
+fn show(hooks: &[Hook]) -> String {
+    if hooks.is_empty() {
+        return "nothing".into();
+    }
+    hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Asserts that exactly `expected` (kind, program name) is hooked to `ifname`; returns the hooks.
+fn assert_hooked(ns: &Netns, ifname: &str, expected: &[(&str, &str)], w: &Watch) -> Vec<Hook> {
+    let got = hooks(ns, ifname);
+    assert_eq!(
+        kinds(&got),
+        want(expected),
+        "programs hooked to {ifname}: {}\nsmtpflow stderr:\n{}",
+        show(&got),
+        w.stderr()
+    );
+    got
+}
+
+/// Asserts (bounded wait) that nothing is hooked to `ifname` and that the programs `ids` are
+/// freed (a freed program is attached nowhere).
+fn assert_nothing_left(ns: &Netns, ifname: &str, ids: &[u32], after: &str) {
+    let left = wait_unhooked(ns, ifname, "", FREE_TIMEOUT);
+    assert!(
+        left.is_empty(),
+        "{after}: still hooked to {ifname} after {FREE_TIMEOUT:?}: {}",
+        show(&left)
+    );
+    let alive = wait_freed(ids, FREE_TIMEOUT);
+    assert!(
+        alive.is_empty(),
+        "{after}: programs {alive:?} were still loaded after {FREE_TIMEOUT:?} (smtpflow \
+         programs on this machine now: {:?})",
+        progs_named("smtpflow_")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1, 2: SIGKILL leaves nothing attached (TCX and XDP are bpf links owned by the process).
+
+fn sigkill_then_restart(extra: &[&str], expected: &[(&str, &str)], tc: bool) {
+    let pair = Pair::new();
+    let i = Pair::LOCAL_IF;
+    let mut w = Watch::start(&pair.local, i, extra);
+    let first = assert_hooked(&pair.local, i, expected, &w);
+
+    assert_eq!(w.stop_with(libc::SIGKILL), None, "smtpflow must be ended by SIGKILL, not exit");
+    drop(w);
+    assert_nothing_left(&pair.local, i, &ids(&first), "after SIGKILL");
+
+    let w = Watch::start(&pair.local, i, extra);
+    let second = assert_hooked(&pair.local, i, expected, &w);
+    for h in &second {
+        assert!(
+            !ids(&first).contains(&h.prog_id),
+            "the restarted smtpflow reuses program {h} of the killed one"
+        );
+    }
+    one_each_way(&pair);
+    w.expect_settled(&pair.local, &one_each_way_expected(tc));
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached_tcx() {
+    require_root!();
+    sigkill_then_restart(
+        &["--mode", "tc", "--tc-link", "tcx"],
+        &[("tcx/ingress", TC_IN), ("tcx/egress", TC_OUT)],
+        true,
+    );
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached_xdp() {
+    require_root!();
+    sigkill_then_restart(&["--mode", "xdp"], &[("xdp", XDP)], false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3: netlink TC filters survive a crash; the next start removes them, and a clean stop leaves
+// foreign filters and the shared clsact qdisc alone.
+
+fn tc_show(ns: &Netns, what: &[&str]) -> String {
+    ns.exec_ok("tc", what)
+}
+
+#[test]
+fn netlink_filters_survive_sigkill_and_are_cleaned_at_next_start() {
+    require_root!();
+    let pair = Pair::new();
+    let i = Pair::LOCAL_IF;
+    let ns = &pair.local;
+    // A foreign filter that never matches our traffic (this kernel has no matchall or gact, so
+    // `u32` without an action stands in; it must not match, or it would end classification
+    // before smtpflow's filter runs).
+    ns.exec_ok("tc", &["qdisc", "add", "dev", i, "clsact"]);
+    ns.exec_ok(
+        "tc",
+        &[
+            "filter",
+            "add",
+            "dev",
+            i,
+            "ingress",
+            "prio",
+            "1",
+            "protocol",
+            "ip",
+            "u32",
+            "match",
+            "ip",
+            "dst",
+            "192.0.2.1/32",
+            "flowid",
+            "1:1",
+        ],
+    );
+    let qdiscs_before = tc_show(ns, &["qdisc", "show", "dev", i]);
+    let ingress_before = tc_show(ns, &["filter", "show", "dev", i, "ingress"]);
+    let egress_before = tc_show(ns, &["filter", "show", "dev", i, "egress"]);
+    assert!(
+        ingress_before.contains("u32") && qdiscs_before.contains("clsact"),
+        "setup: {qdiscs_before}\n{ingress_before}"
+    );
+
+    let netlink = ["--mode", "tc", "--tc-link", "netlink"];
+    let expected = [("tc/ingress", TC_IN), ("tc/egress", TC_OUT)];
+    let mut w = Watch::start(ns, i, &netlink);
+    let first = assert_hooked(ns, i, &expected, &w);
+    assert_eq!(w.stop_with(libc::SIGKILL), None);
+    drop(w);
+
+    // The point: netlink filters are not owned by the process and stay after a crash.
+    thread::sleep(Duration::from_millis(500));
+    let stale = hooks(ns, i);
+    assert_eq!(
+        stale,
+        first,
+        "after SIGKILL the netlink filters should have stayed, unchanged: {}",
+        show(&stale)
+    );
+
+    let w = Watch::start(ns, i, &netlink);
+    let log = w.stderr();
+    for prog in [TC_IN, TC_OUT] {
+        assert!(
+            log.contains(&format!("removed stale {prog} filters on {i}")),
+            "the restart did not say it removed the stale {prog} filters:\n{log}"
+        );
+    }
+    let second = assert_hooked(ns, i, &expected, &w);
+    let alive = wait_freed(&ids(&first), FREE_TIMEOUT);
+    assert!(
+        alive.is_empty(),
+        "the stale filters' programs {alive:?} are still loaded; hooked now: {}",
+        show(&second)
+    );
+    one_each_way(&pair);
+    w.expect_settled(ns, &one_each_way_expected(true));
+
+    let mut w = w;
+    assert_eq!(w.stop_with(libc::SIGTERM), Some(0), "SIGTERM must exit 0; stderr:\n{}", w.stderr());
+    let left = hooks(ns, i);
+    assert!(left.is_empty(), "after SIGTERM smtpflow left filters behind: {}", show(&left));
+    assert_nothing_left(ns, i, &ids(&second), "after SIGTERM");
+    assert_eq!(
+        tc_show(ns, &["filter", "show", "dev", i, "ingress"]),
+        ingress_before,
+        "the foreign ingress filter changed"
+    );
+    assert_eq!(
+        tc_show(ns, &["filter", "show", "dev", i, "egress"]),
+        egress_before,
+        "egress filters changed"
+    );
+    assert_eq!(
+        tc_show(ns, &["qdisc", "show", "dev", i]),
+        qdiscs_before,
+        "the shared clsact qdisc must stay"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4: SIGTERM and SIGINT exit 0 and detach before exiting.
+
+fn graceful_stop(extra: &[&str], expected: &[(&str, &str)], signal: i32, name: &str) {
+    let pair = Pair::new();
+    let i = Pair::LOCAL_IF;
+    let mut w = Watch::start(&pair.local, i, extra);
+    let before = assert_hooked(&pair.local, i, expected, &w);
+    let code = w.stop_with(signal);
+    let log = w.stderr();
+    assert_eq!(code, Some(0), "{name} must exit 0; stderr:\n{log}");
+    assert!(
+        log.contains(&format!("{name}: detached from {i}")),
+        "no '{name}: detached from {i}' in the log:\n{log}"
+    );
+    // Detaching happens before the exit: nothing may be hooked any more, right away.
+    let left = hooks(&pair.local, i);
+    assert!(left.is_empty(), "after {name} and exit, still hooked: {}", show(&left));
+    assert_nothing_left(&pair.local, i, &ids(&before), &format!("after {name}"));
+}
+
+#[test]
+fn sigterm_exits_zero_and_detaches_tcx() {
+    require_root!();
+    graceful_stop(
+        &["--tc-link", "tcx"],
+        &[("tcx/ingress", TC_IN), ("tcx/egress", TC_OUT)],
+        libc::SIGTERM,
+        "SIGTERM",
+    );
+}
+
+#[test]
+fn sigint_exits_zero_and_detaches_tcx() {
+    require_root!();
+    graceful_stop(
+        &["--tc-link", "tcx"],
+        &[("tcx/ingress", TC_IN), ("tcx/egress", TC_OUT)],
+        libc::SIGINT,
+        "SIGINT",
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_and_detaches_xdp() {
+    require_root!();
+    graceful_stop(&["--mode", "xdp"], &[("xdp", XDP)], libc::SIGTERM, "SIGTERM");
+}
+
+#[test]
+fn sigint_exits_zero_and_detaches_netlink() {
+    require_root!();
+    graceful_stop(
+        &["--tc-link", "netlink"],
+        &[("tc/ingress", TC_IN), ("tc/egress", TC_OUT)],
+        libc::SIGINT,
+        "SIGINT",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5: two interfaces, each counted under its own label.
+
+#[test]
+fn two_interfaces_counted_separately() {
+    require_root!();
+    let pair = Pair::new();
+    const IF2: &str = "sf2";
+    const PEER_IF2: &str = "sf3";
+    const LOCAL2: &str = "10.78.0.1";
+    const PEER2: &str = "10.78.0.2";
+    pair.local.ip(&[
+        "link",
+        "add",
+        IF2,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        PEER_IF2,
+        "netns",
+        &pair.peer.name,
+    ]);
+    for (ns, ifname, addr) in [(&pair.local, IF2, LOCAL2), (&pair.peer, PEER_IF2, PEER2)] {
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", ifname]);
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+
+    let w = Watch::start_args(
+        &pair.local,
+        &["--iface", Pair::LOCAL_IF, "--iface", IF2, "--tc-link", "tcx"],
+    );
+    for ifname in [Pair::LOCAL_IF, IF2] {
+        assert_hooked(&pair.local, ifname, &[("tcx/ingress", TC_IN), ("tcx/egress", TC_OUT)], &w);
+    }
+
+    // Different counts per interface, so a mixed-up label cannot pass.
+    const N1: usize = 2;
+    const N2: usize = 3;
+    let a1 = format!("{}:25", Pair::LOCAL_V4);
+    let a2 = format!("{LOCAL2}:25");
+    let s1 = serve(&pair.local, &a1, N1);
+    let s2 = serve(&pair.local, &a2, N2);
+    connect_n(&pair.peer, &a1, N1);
+    connect_n(&pair.peer, &a2, N2);
+    s1.join().unwrap();
+    s2.join().unwrap();
+
+    let (n1, n2) = (N1 as u64, N2 as u64);
+    let peer_syn = |ifname, peer| {
+        vec![
+            ("iface", ifname),
+            ("peer", peer),
+            ("direction", "inbound"),
+            ("port", "25"),
+            ("event", "syn"),
+            ("side", "peer"),
+        ]
+    };
+    let expected = vec![
+        (EVENTS, labels(Pair::LOCAL_IF, "inbound", "syn", "peer"), n1),
+        (EVENTS, labels(Pair::LOCAL_IF, "inbound", "syn_ack", "local"), n1),
+        (EVENTS, vec![("iface", Pair::LOCAL_IF)], 2 * n1),
+        (EVENTS, labels(IF2, "inbound", "syn", "peer"), n2),
+        (EVENTS, labels(IF2, "inbound", "syn_ack", "local"), n2),
+        (EVENTS, vec![("iface", IF2)], 2 * n2),
+        (EVENTS, vec![], 2 * n1 + 2 * n2),
+        ("smtpflow_peer_tcp_events_total", peer_syn(Pair::LOCAL_IF, Pair::PEER_V4), n1),
+        ("smtpflow_peer_tcp_events_total", peer_syn(IF2, PEER2), n2),
+        ("smtpflow_peer_tcp_events_total", vec![("iface", Pair::LOCAL_IF), ("peer", PEER2)], 0),
+        ("smtpflow_peer_tcp_events_total", vec![("iface", IF2), ("peer", Pair::PEER_V4)], 0),
+    ];
+    let m = w.expect_settled(&pair.local, &expected);
+    // Every combination is exported per interface: 3 ports x 2 directions x 4 events x 2 sides.
+    for ifname in [Pair::LOCAL_IF, IF2] {
+        assert_eq!(
+            m.matching(EVENTS, &[("iface", ifname)]).count(),
+            48,
+            "series for {ifname}:\n{}",
+            m.text
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6: operator errors: non-zero exit, quickly, with a message naming the problem; nothing left
+// attached.
+
+/// Runs `ip netns exec <ns> [wrapper...] smtpflow watch <args>` with a time limit.
+fn run_watch(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Finished {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).args(wrapper).arg(binary()).arg("watch").args(args);
+    run_bounded(cmd, ERROR_TIMEOUT)
+}
+
+/// Asserts that `run` failed (a non-zero exit, not a signal) and that its stderr contains every
+/// one of `words`; returns stderr.
+fn assert_failed(run: &Finished, what: &str, words: &[&str]) -> String {
+    let err = &run.stderr;
+    assert!(
+        matches!(run.code, Some(c) if c != 0),
+        "{what}: expected a non-zero exit, got {:?} after {:?}\nstderr:\n{err}\nstdout:\n{}",
+        run.code,
+        run.elapsed,
+        run.stdout
+    );
+    for w in words {
+        assert!(err.contains(w), "{what}: stderr does not mention {w:?}:\n{err}");
+    }
+    err.clone()
+}
+
+fn assert_nothing_hooked(ns: &Netns, what: &str) {
+    let left = hooks(ns, Pair::LOCAL_IF);
+    assert!(left.is_empty(), "{what}: left hooked to {}: {}", Pair::LOCAL_IF, show(&left));
+}
+
+#[test]
+fn error_unknown_interface() {
+    require_root!();
+    let pair = Pair::new();
+    let r = run_watch(&pair.local, &[], &["--iface", "nosuch0"]);
+    assert_failed(&r, "--iface nosuch0", &["nosuch0", "does not exist"]);
+    // A known interface next to an unknown one: nothing is attached to the known one.
+    for netlink in [false, true] {
+        let mut args = vec!["--iface", Pair::LOCAL_IF, "--iface", "nosuch0"];
+        if netlink {
+            args.extend(["--tc-link", "netlink"]);
+        }
+        let r = run_watch(&pair.local, &[], &args);
+        assert_failed(&r, &args.join(" "), &["nosuch0", "does not exist"]);
+        assert_nothing_hooked(&pair.local, &args.join(" "));
+    }
+}
+
+#[test]
+fn error_bad_arguments() {
+    require_root!();
+    let pair = Pair::new();
+    let seventeen: Vec<String> = (25..42).map(|p: u16| p.to_string()).collect();
+    let seventeen = seventeen.join(",");
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--ports", "25,25"], &["--ports", "25", "twice"]),
+        (&["--ports", "0"], &["--ports", "0", "not a TCP port", "1-65535"]),
+        (&["--ports", "70000"], &["--ports", "70000", "not a TCP port", "1-65535"]),
+        (&["--ports", ""], &["--ports", "empty"]),
+        (&["--ports", "25,,587"], &["--ports", "empty"]),
+        (&["--ports", &seventeen], &["--ports", "17 ports", "at most 16"]),
+        (&["--mode", "xdp", "--tc-link", "netlink"], &["--tc-link", "--mode tc"]),
+        (&["--iface", Pair::LOCAL_IF], &["sf0", "twice"]),
+        (&["--interval", "1ms"], &["--interval", "at least 10ms"]),
+    ];
+    for (extra, words) in cases {
+        let mut args = vec!["--iface", Pair::LOCAL_IF];
+        args.extend_from_slice(extra);
+        let r = run_watch(&pair.local, &[], &args);
+        assert_failed(&r, &format!("watch {}", args.join(" ")), words);
+        assert_nothing_hooked(&pair.local, &args.join(" "));
+    }
+}
+
+#[test]
+fn error_metrics_addr_in_use() {
+    require_root!();
+    let pair = Pair::new();
+    let addr: SocketAddr = METRICS_ADDR.parse().unwrap();
+    let _busy = in_netns(&pair.local, move || TcpListener::bind(addr).expect("bind"));
+    // With netlink filters too: those would survive the failed start, so this shows the address
+    // is checked before anything is attached.
+    for link in ["tcx", "netlink"] {
+        let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_ADDR, "--tc-link", link];
+        let r = run_watch(&pair.local, &[], &args);
+        assert_failed(
+            &r,
+            &format!("--metrics-addr {METRICS_ADDR} in use ({link})"),
+            &[METRICS_ADDR, "in use", "--metrics-addr"],
+        );
+        assert_nothing_hooked(&pair.local, &format!("failed start ({link})"));
+        assert!(!r.stderr.contains("attached"), "attached before failing: {}", r.stderr);
+    }
+}
+
+fn installed(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success() || !o.stdout.is_empty() || !o.stderr.is_empty())
+}
+
+/// The capability names listed after `missing:` in an error message.
+fn missing_caps(stderr: &str) -> Vec<String> {
+    let after = stderr
+        .split_once("missing:")
+        .map(|(_, a)| a)
+        .unwrap_or_else(|| panic!("no 'missing:' list in:\n{stderr}"));
+    after
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("CAP_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn error_not_root_or_missing_capabilities() {
+    require_root!();
+    let pair = Pair::new();
+    assert!(installed("setpriv"), "setpriv (util-linux) is needed for this test");
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
+    let r = run_watch(&pair.local, &nobody, &["--iface", Pair::LOCAL_IF]);
+    let err = assert_failed(&r, "as nobody", &["root", "CAP_BPF"]);
+    assert_eq!(missing_caps(&err), ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"], "{err}");
+    assert_nothing_hooked(&pair.local, "as nobody");
+
+    if !installed("capsh") {
+        eprintln!("capsh is not installed: skipping the partial-capability cases");
+        return;
+    }
+    // Root with some capabilities dropped from the bounding set.
+    let cases: &[(&str, &[&str])] = &[
+        ("cap_bpf,cap_perfmon,cap_sys_admin", &["CAP_BPF", "CAP_PERFMON"]),
+        ("cap_net_admin", &["CAP_NET_ADMIN"]),
+    ];
+    let shell = format!("--shell={}", binary().display());
+    for (drop, missing) in cases {
+        let drop_arg = format!("--drop={drop}");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pair.local.name, "capsh", &drop_arg, &shell]).args([
+            "--",
+            "watch",
+            "--iface",
+            Pair::LOCAL_IF,
+        ]);
+        let r = run_bounded(cmd, ERROR_TIMEOUT);
+        let err = assert_failed(&r, &format!("without {drop}"), missing);
+        assert_eq!(&missing_caps(&err), missing, "without {drop}: {err}");
+        assert_nothing_hooked(&pair.local, &format!("without {drop}"));
+    }
+
+    // The documented minimum (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON without CAP_SYS_ADMIN) is
+    // enough to run.
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &pair.local.name, "capsh", "--drop=cap_sys_admin", &shell])
+        .args(["--", "watch", "--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_ADDR])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn capsh")));
+    let served = wait_for(Duration::from_secs(20), || {
+        if let Some(st) = child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("smtpflow without CAP_SYS_ADMIN exited early: {st}");
+        }
+        http_get(&pair.local, METRICS_ADDR, "/healthz").ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(served.is_some(), "smtpflow without CAP_SYS_ADMIN did not serve /healthz within 20s");
+    assert_eq!(
+        kinds(&hooks(&pair.local, Pair::LOCAL_IF)).len(),
+        2,
+        "without CAP_SYS_ADMIN: not attached on ingress and egress"
+    );
+    // capsh execs smtpflow (--shell), so the child's pid is smtpflow's.
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(child.pid(), libc::SIGTERM) };
+    let status = wait_for(Duration::from_secs(10), || {
+        child.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM without CAP_SYS_ADMIN: {status:?}");
+    child.0 = None;
+}
+
+/// XDP already taken on the second interface: the start fails naming it, and what was attached
+/// to the first interface meanwhile is rolled back.
+#[test]
+fn error_xdp_busy_on_second_interface_rolls_back() {
+    require_root!();
+    let pair = Pair::new();
+    pair.local.ip(&[
+        "link",
+        "add",
+        "sf2",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sf3",
+        "netns",
+        &pair.peer.name,
+    ]);
+    pair.local.ip(&["link", "set", "sf2", "up"]);
+    pair.peer.ip(&["link", "set", "sf3", "up"]);
+    let w = Watch::start(&pair.local, "sf2", &["--mode", "xdp"]);
+    let owner = assert_hooked(&pair.local, "sf2", &[("xdp", XDP)], &w);
+
+    let r = run_watch(
+        &pair.local,
+        &[],
+        &[
+            "--iface",
+            Pair::LOCAL_IF,
+            "--iface",
+            "sf2",
+            "--mode",
+            "xdp",
+            "--metrics-addr",
+            "127.0.0.1:9926",
+        ],
+    );
+    assert_failed(&r, "XDP busy on sf2", &["sf2", "--mode tc"]);
+    assert_nothing_hooked(&pair.local, "failed XDP start");
+    let still = hooks(&pair.local, "sf2");
+    assert_eq!(still, owner, "the running smtpflow's XDP program on sf2 changed");
+}
+
+/// A second smtpflow on the same interface with netlink filters must not take the first one's
+/// filters away while it runs.
+#[test]
+#[ignore = "loader bug: a second netlink instance removes the running first instance's filters as 'stale'"]
+fn netlink_second_instance_keeps_first_attached() {
+    require_root!();
+    let pair = Pair::new();
+    let i = Pair::LOCAL_IF;
+    let netlink = ["--tc-link", "netlink"];
+    let w1 = Watch::start(&pair.local, i, &netlink);
+    let first = assert_hooked(&pair.local, i, &[("tc/ingress", TC_IN), ("tc/egress", TC_OUT)], &w1);
+    // The second instance, on another metrics address, until it serves (or gives up).
+    let second_addr = "127.0.0.1:9926";
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &pair.local.name])
+        .arg(binary())
+        .args(["watch", "--iface", i, "--tc-link", "netlink"])
+        .args(["--metrics-addr", second_addr])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut second = KillOnDrop(Some(cmd.spawn().expect("spawn the second smtpflow")));
+    let _ = wait_for(Duration::from_secs(20), || {
+        let exited = second.0.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+        let serving = http_get(&pair.local, second_addr, "/healthz").is_ok_and(|(s, _)| s == 200);
+        (exited || serving).then_some(())
+    });
+    let now = hooks(&pair.local, i);
+    for h in &first {
+        assert!(
+            now.contains(h),
+            "the first smtpflow's {h} was removed by the second; hooked now: {}\nfirst's stderr:\n{}",
+            show(&now),
+            w1.stderr()
+        );
+    }
+    // SAFETY: plain syscall on our own child (`ip netns exec` execs smtpflow).
+    unsafe { libc::kill(second.pid(), libc::SIGTERM) };
+    let _ = wait_for(Duration::from_secs(10), || {
+        second.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7: the HTTP endpoint.
+
+#[test]
+fn http_endpoints() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, Pair::LOCAL_IF, &[]);
+    let req = |method: &str, path: &str| {
+        http_request(&pair.local, &w.addr, method, path)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    };
+
+    let r = req("GET", "/healthz");
+    assert_eq!((r.status, r.body.trim()), (200, "ok"), "GET /healthz: {r:?}");
+
+    let r = req("GET", "/metrics");
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.head);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain") && t.contains("version=0.0.4")),
+        "GET /metrics content type: {}",
+        r.head
+    );
+    assert!(
+        r.body.contains("smtpflow_build_info"),
+        "no smtpflow_build_info in /metrics:\n{}",
+        r.body
+    );
+
+    for path in ["/", "/nope", "/metrics/x", "/healthzz"] {
+        let r = req("GET", path);
+        assert_eq!(r.status, 404, "GET {path}: {}\n{}", r.head, r.body);
+    }
+
+    for (method, path) in [("POST", "/metrics"), ("PUT", "/metrics"), ("POST", "/healthz")] {
+        let r = req(method, path);
+        assert_eq!(r.status, 405, "{method} {path}: {}\n{}", r.head, r.body);
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {path}: {}", r.head);
+    }
+
+    let r = req("HEAD", "/metrics");
+    assert_eq!(r.status, 200, "HEAD /metrics: {}", r.head);
+    assert!(r.body.is_empty(), "HEAD /metrics has a body: {:?}", r.body);
+}
