@@ -1,7 +1,12 @@
 //! Loading the kernel programs and attaching them to interfaces. Everything attached is owned by
 //! [`Attached`]: dropping it detaches (TCX and XDP bpf links also go away with the process, so a
 //! killed smtpflow leaves nothing behind; netlink TC filters are cleaned up at the next start).
-use std::{ffi::CString, io};
+use std::{
+    ffi::CString,
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Seek as _, Write as _},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -55,6 +60,45 @@ pub struct Attachment {
 pub struct Attached {
     pub ebpf: Ebpf,
     pub attachments: Vec<Attachment>,
+    /// Per-interface locks held while netlink TC filters are ours (released when the process
+    /// ends, however it ends).
+    _netlink_locks: Vec<File>,
+}
+
+/// Where the netlink TC locks live (a tmpfs: nothing survives a reboot).
+const LOCK_DIR: &str = "/run/smtpflow";
+
+/// Takes the lock that says "this process owns smtpflow's netlink filters on this interface".
+/// Netlink filters outlive a killed process, so a new smtpflow removes the ones it finds: the
+/// lock tells a crashed owner (lock free) from a running one (lock held), whose filters must be
+/// left alone.
+fn lock_netlink_iface(iface: &Iface) -> anyhow::Result<File> {
+    std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
+    let netns =
+        std::fs::metadata("/proc/self/ns/net").context("reading the network namespace")?.ino();
+    let path = format!("{LOCK_DIR}/tc-netns{netns}-if{}.lock", iface.index);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut owner = String::new();
+        let _ = file.read_to_string(&mut owner);
+        bail!(
+            "another smtpflow (pid {}) is attached to {} through netlink TC filters; stop it \
+             first (two instances can share an interface only with TCX, on Linux 6.6+)",
+            owner.trim(),
+            iface.name
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Map sizes chosen on the command line.
@@ -107,6 +151,7 @@ pub fn attach(
     tc_link: TcLink,
 ) -> anyhow::Result<Attached> {
     let mut attachments = Vec::new();
+    let mut netlink_locks = Vec::new();
     match mode {
         Mode::Tc => {
             let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
@@ -122,6 +167,11 @@ pub fn attach(
                 }
                 TcLink::Netlink => false,
             };
+            if !use_tcx {
+                for iface in ifaces {
+                    netlink_locks.push(lock_netlink_iface(iface)?);
+                }
+            }
             for (prog_name, hook, attach_type) in [
                 (names::PROG_TC_INGRESS, "tc_ingress", TcAttachType::Ingress),
                 (names::PROG_TC_EGRESS, "tc_egress", TcAttachType::Egress),
@@ -146,7 +196,7 @@ pub fn attach(
     for a in &attachments {
         info!("attached {} on {} ({})", a.hook, a.iface, a.how);
     }
-    Ok(Attached { ebpf, attachments })
+    Ok(Attached { ebpf, attachments, _netlink_locks: netlink_locks })
 }
 
 /// Attaches the `kfree_skb` drop-reason program. Best effort: on failure the caller says once
@@ -237,6 +287,14 @@ fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Err
 fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
     match prog.attach(&iface.name, XdpMode::Driver) {
         Ok(_) => return Ok("xdp driver mode"),
+        Err(e) if os_error(&e) == Some(libc::EEXIST) || os_error(&e) == Some(libc::EBUSY) => {
+            bail!(
+                "another XDP program is already attached to {} (`bpftool net show dev {}`); \
+                 use --mode tc, which runs beside it",
+                iface.name,
+                iface.name
+            );
+        }
         Err(e) => {
             info!("XDP driver mode is not available on {} ({e}); trying generic mode", iface.name)
         }
@@ -249,4 +307,12 @@ fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
         ))
     })?;
     Ok("xdp generic mode")
+}
+
+/// The OS error code behind a program error, if any.
+fn os_error(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
 }

@@ -662,9 +662,8 @@ fn error_xdp_busy_on_second_interface_rolls_back() {
 }
 
 /// A second smtpflow on the same interface with netlink filters must not take the first one's
-/// filters away while it runs.
+/// filters away while it runs: it refuses, saying why.
 #[test]
-#[ignore = "loader bug: a second netlink instance removes the running first instance's filters as 'stale'"]
 fn netlink_second_instance_keeps_first_attached() {
     require_root!();
     let pair = Pair::new();
@@ -681,13 +680,24 @@ fn netlink_second_instance_keeps_first_attached() {
         .args(["--metrics-addr", second_addr])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::process::Stdio::piped());
     let mut second = KillOnDrop(Some(cmd.spawn().expect("spawn the second smtpflow")));
-    let _ = wait_for(Duration::from_secs(20), || {
-        let exited = second.0.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+    let status = wait_for(Duration::from_secs(20), || {
+        let exited = second.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
         let serving = http_get(&pair.local, second_addr, "/healthz").is_ok_and(|(s, _)| s == 200);
-        (exited || serving).then_some(())
-    });
+        assert!(!serving, "the second netlink instance started beside the first");
+        exited
+    })
+    .expect("the second smtpflow neither refused nor started within 20s");
+    let mut stderr = String::new();
+    if let Some(mut e) = second.0.as_mut().and_then(|c| c.stderr.take()) {
+        std::io::Read::read_to_string(&mut e, &mut stderr).expect("read stderr");
+    }
+    assert!(!status.success(), "the second instance must refuse: {stderr}");
+    assert!(
+        stderr.contains("another smtpflow") && stderr.contains(i) && stderr.contains("TCX"),
+        "the refusal must say why and what to do: {stderr}"
+    );
     let now = hooks(&pair.local, i);
     for h in &first {
         assert!(
