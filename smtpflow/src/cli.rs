@@ -23,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Attach to interfaces, count SMTP TCP events and serve them on /metrics until stopped.
     Watch(WatchArgs),
+    /// Attach, observe for a while, and say which cause of failing SMTP handshakes is active,
+    /// with the evidence. Exit status: 0 healthy, 1 a cause is active, 2 error.
+    Diagnose(DiagnoseArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,8 +48,9 @@ pub enum TcLink {
     Netlink,
 }
 
+/// What to watch and how: shared by `watch` and `diagnose`.
 #[derive(Debug, Clone, Args)]
-pub struct WatchArgs {
+pub struct ObserveArgs {
     /// Interface to watch; repeat for several (each is its own `iface` label).
     #[arg(long = "iface", short = 'i', required = true, value_name = "IFACE")]
     pub ifaces: Vec<String>,
@@ -63,20 +67,11 @@ pub struct WatchArgs {
     #[arg(long, value_name = "PORTS", default_value = "25,465,587", value_parser = parse_ports)]
     pub ports: PortList,
 
-    /// Address of the Prometheus endpoint (/metrics, /healthz).
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9925")]
-    pub metrics_addr: SocketAddr,
-
     /// Capacity of the kernel's per-peer LRU map; the least recently seen peers are evicted
     /// (their events stay in the exact totals).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PEERS,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_peers: u32,
-
-    /// Most peers exported as per-peer series (the most active ones), so a flood of spoofed
-    /// sources cannot explode the scrape.
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    pub max_peer_series: usize,
 
     /// Capacity of the kernel's per-connection LRU map (handshake state, greetings, replies);
     /// evictions are counted.
@@ -97,9 +92,55 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
 
+    /// A cause needs at least this many failures in the window (unanswered or refused
+    /// handshakes, 4xx replies, SYNs dropped on full queues).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_failures: u64,
+
+    /// A stall cause needs at least this many zero-window events in the window.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_zero_windows: u64,
+
+    /// Conntrack counts as near its limit from this fill ratio (entries / nf_conntrack_max).
+    #[arg(long, value_name = "RATIO", default_value_t = 0.9, value_parser = parse_ratio)]
+    pub conntrack_fill: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9925")]
+    pub metrics_addr: SocketAddr,
+
+    /// Most peers exported as per-peer series (the most active ones), so a flood of spoofed
+    /// sources cannot explode the scrape.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_peer_series: usize,
+
+    /// The diagnosis looks this far back.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    pub window: Duration,
+
     /// How often a status line is printed to stderr (0s: never).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub status_every: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiagnoseArgs {
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+
+    /// How long to observe; the diagnosis covers this whole time.
+    #[arg(long = "for", value_name = "DURATION", default_value = "10s", value_parser = parse_interval)]
+    pub duration: Duration,
+
+    /// Print the verdict as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A validated, de-duplicated list of SMTP ports in the order given.
@@ -138,6 +179,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 500ms, 1s or 10s"))
 }
 
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.9)")),
+    }
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(10) {
@@ -146,7 +194,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-impl WatchArgs {
+impl ObserveArgs {
     /// Ports whose server replies are read.
     pub fn plaintext_ports(&self) -> Vec<u16> {
         match &self.reply_ports {
@@ -207,15 +255,40 @@ mod tests {
     }
 
     #[test]
+    fn diagnose_flags() {
+        let cli =
+            Cli::try_parse_from(["smtpflow", "diagnose", "-i", "eth0", "--for", "3s", "--json"])
+                .unwrap();
+        let Command::Diagnose(d) = cli.command else { panic!("diagnose") };
+        assert_eq!((d.duration, d.json), (Duration::from_secs(3), true));
+        assert_eq!((d.observe.min_failures, d.observe.min_zero_windows), (1, 10));
+        assert_eq!(d.observe.conntrack_fill, 0.9);
+        assert!(
+            Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--conntrack-fill", "1.5"])
+                .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--min-failures", "0"])
+                .is_err()
+        );
+        // Watch-only flags are not diagnose's.
+        assert!(
+            Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--metrics-addr", "1.2.3.4:1"])
+                .is_err()
+        );
+    }
+
+    #[test]
     fn watch_flags() {
         let cli =
             Cli::try_parse_from(["smtpflow", "watch", "--iface", "eth0", "-i", "eth1"]).unwrap();
-        let Command::Watch(w) = cli.command;
+        let Command::Watch(w) = cli.command else { panic!("watch") };
+        assert_eq!(w.window, Duration::from_secs(60));
+        let w = w.observe;
         assert_eq!(w.ifaces, ["eth0", "eth1"]);
         assert_eq!(w.mode, Mode::Tc);
         assert_eq!(w.ports.0, vec![25, 465, 587]);
         assert_eq!(w.max_peers, 65536);
-        assert_eq!(w.max_peer_series, 1000);
         assert_eq!(w.interval, Duration::from_secs(1));
         assert_eq!(w.max_flows, 262_144);
         assert_eq!(w.handshake_timeout, Duration::from_secs(3));
@@ -223,20 +296,20 @@ mod tests {
         assert!(w.validate().is_ok());
         let odd =
             Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--reply-ports", "2525"]).unwrap();
-        let Command::Watch(w) = odd.command;
+        let Command::Watch(WatchArgs { observe: w, .. }) = odd.command else { panic!("watch") };
         assert!(w.validate().unwrap_err().contains("not in --ports"));
         let none =
             Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--reply-ports", ""]).unwrap();
-        let Command::Watch(w) = none.command;
+        let Command::Watch(WatchArgs { observe: w, .. }) = none.command else { panic!("watch") };
         assert!(w.plaintext_ports().is_empty() && w.validate().is_ok());
         let custom =
             Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "--ports", "2525,587"]).unwrap();
-        let Command::Watch(w) = custom.command;
+        let Command::Watch(WatchArgs { observe: w, .. }) = custom.command else { panic!("watch") };
         assert_eq!(w.plaintext_ports(), vec![587]);
         assert!(w.validate().is_ok());
         assert!(Cli::try_parse_from(["smtpflow", "watch"]).is_err());
         let dup = Cli::try_parse_from(["smtpflow", "watch", "-i", "a", "-i", "a"]).unwrap();
-        let Command::Watch(w) = dup.command;
+        let Command::Watch(WatchArgs { observe: w, .. }) = dup.command else { panic!("watch") };
         assert!(w.validate().is_err());
     }
 }

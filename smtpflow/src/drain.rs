@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub flow_evictions: u64,
     pub flows_capacity: u32,
     pub drain_seconds: f64,
+    /// The kernel's pressure signals, read beside the maps.
+    pub pressure: crate::pressure::Pressure,
 }
 
 impl Snapshot {
@@ -278,6 +280,7 @@ impl Maps {
             flow_evictions: self.flow_evictions,
             flows_capacity: self.flows_capacity,
             drain_seconds: started.elapsed().as_secs_f64(),
+            pressure: Default::default(),
         })
     }
 }

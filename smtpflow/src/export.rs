@@ -15,7 +15,7 @@ use smtpflow_common::{
     PeerKey, Phase, Side, Stat,
 };
 
-use crate::{attach::Attachment, drain::Snapshot, drops::DropReasons};
+use crate::{attach::Attachment, diagnose::Finding, drain::Snapshot, drops::DropReasons};
 
 /// What the exporter knows besides the snapshot.
 pub struct Exporter {
@@ -148,9 +148,10 @@ impl Exporter {
         })
     }
 
-    pub fn render(&self, snap: &Snapshot) -> Bytes {
+    pub fn render(&self, snap: &Snapshot, findings: &[Finding]) -> Bytes {
         let mut families = Vec::new();
         self.render_info(&mut families);
+        render_diagnosis(findings, &mut families);
         self.render_counters(snap, &mut families);
         self.render_histograms(snap, &mut families);
         self.render_peers(snap, &mut families);
@@ -422,6 +423,42 @@ impl Exporter {
     }
 }
 
+/// The diagnosis: a gauge per cause, its evidence, and the peers most involved.
+fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
+    let mut active = Family::new(
+        "smtpflow_diagnosis",
+        MetricType::GAUGE,
+        "Whether a cause of failing SMTP handshakes is active over the diagnosis window (1) or not (0).",
+    );
+    let mut evidence = Family::new(
+        "smtpflow_diagnosis_evidence",
+        MetricType::GAUGE,
+        "The numbers behind each cause's verdict, over the diagnosis window.",
+    );
+    let mut peers = Family::new(
+        "smtpflow_diagnosis_top_peer",
+        MetricType::GAUGE,
+        "The peers most involved in an active per-peer cause, with their count in the window.",
+    );
+    for f in findings {
+        active.add(&[("cause", f.cause.label())], if f.active { 1.0 } else { 0.0 });
+        for (name, v) in &f.evidence {
+            evidence.add(&[("cause", f.cause.label()), ("evidence", name)], *v);
+        }
+        if f.active {
+            for (p, n) in &f.top_peers {
+                peers.add(
+                    &[("cause", f.cause.label()), ("iface", &p.iface), ("peer", &p.peer)],
+                    *n as f64,
+                );
+            }
+        }
+    }
+    active.finish(out);
+    evidence.finish(out);
+    peers.finish(out);
+}
+
 /// smtpflow's own health: map fill, evictions, and the kernel programs' bookkeeping.
 fn render_self(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     let mut entries =
@@ -513,7 +550,7 @@ mod tests {
 
     fn render(snap: &Snapshot, cap: usize) -> String {
         let ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), cap, Vec::new(), None);
-        String::from_utf8(ex.render(snap).to_vec()).unwrap()
+        String::from_utf8(ex.render(snap, &[]).to_vec()).unwrap()
     }
 
     #[test]

@@ -2,14 +2,20 @@
 mod attach;
 mod btf;
 mod cli;
+mod diagnose;
 mod drain;
 mod drops;
 mod export;
+mod pressure;
 mod privileges;
 mod report;
 mod serve;
 
-use std::{collections::HashMap, process::ExitCode, time::Instant};
+use std::{
+    collections::HashMap,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -20,9 +26,11 @@ use tokio::{
 };
 
 use crate::{
-    attach::Iface,
-    cli::{Cli, Command, WatchArgs},
-    drain::Maps,
+    attach::{Attached, Iface},
+    cli::{Cli, Command, DiagnoseArgs, ObserveArgs, WatchArgs},
+    diagnose::{Diagnoser, Finding, Reading, Thresholds},
+    drain::{Maps, Snapshot},
+    drops::DropReasons,
     export::Exporter,
     report::Reporter,
 };
@@ -32,100 +40,161 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Watch(args) => run_watch(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("smtpflow: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
-    args.validate().map_err(anyhow::Error::msg)?;
-    privileges::require()?;
-    let ifaces =
-        args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
-    let config =
-        Config::from_ports(&args.ports.0, &args.plaintext_ports()).context("too many ports")?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(watch(args, ifaces, config))
+        .expect("starting the async runtime");
+    match cli.command {
+        Command::Watch(args) => match runtime.block_on(run_watch(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smtpflow: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Diagnose(args) => match runtime.block_on(run_diagnose(args)) {
+            Ok(healthy) => ExitCode::from(if healthy { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("smtpflow: error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
 }
 
-async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::Result<()> {
+/// The kernel programs attached and their maps: what `watch` and `diagnose` share.
+struct Observer {
+    attached: Attached,
+    maps: Maps,
+    ifaces: Vec<Iface>,
+    config: Config,
+    drop_reasons: Option<DropReasons>,
+}
+
+impl Observer {
+    /// Checks privileges and flags, loads, attaches and seeds the maps.
+    fn start(args: &ObserveArgs) -> anyhow::Result<Self> {
+        args.validate().map_err(anyhow::Error::msg)?;
+        privileges::require()?;
+        let ifaces =
+            args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let config =
+            Config::from_ports(&args.ports.0, &args.plaintext_ports()).context("too many ports")?;
+        let (drop_config, drop_reasons) = match drops::prepare() {
+            Ok((c, r)) => (c, Some(r)),
+            Err(e) => {
+                log::warn!(
+                    "SYN drop reasons are not available on this kernel: {e:#}; carrying on \
+                     without smtpflow_syn_drops_total"
+                );
+                (smtpflow_common::DropConfig::DISABLED, None)
+            }
+        };
+        let sizes = attach::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
+        let ebpf = attach::load(&config, &drop_config, &sizes)?;
+        let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
+        let drop_reasons =
+            drop_reasons.and_then(|r| match attach::attach_drop_reasons(&mut attached) {
+                Ok(()) => Some(r),
+                Err(e) => {
+                    log::warn!(
+                        "SYN drop reasons are not available: {e:#}; carrying on without \
+                     smtpflow_syn_drops_total"
+                    );
+                    None
+                }
+            });
+        let mut maps =
+            Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
+        let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
+        maps.seed(&ifindexes, config.ports())?;
+        Ok(Self { attached, maps, ifaces, config, drop_reasons })
+    }
+
+    fn ifnames(&self) -> HashMap<u32, String> {
+        self.ifaces.iter().map(|i| (i.index, i.name.clone())).collect()
+    }
+
+    fn iface_list(&self) -> String {
+        self.ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Drains the maps (blocking syscalls, off the async workers).
+    fn drain(&mut self) -> anyhow::Result<Snapshot> {
+        tokio::task::block_in_place(|| self.maps.drain())
+    }
+
+    /// What the diagnosis needs from a snapshot.
+    fn reading(&self, snap: &Snapshot) -> Reading {
+        let names = self.ifnames();
+        Reading::from_snapshot(snap, self.drop_reasons.as_ref(), |i| {
+            names.get(&i).cloned().unwrap_or_else(|| format!("ifindex{i}"))
+        })
+    }
+}
+
+fn thresholds(args: &ObserveArgs, window: Duration) -> Thresholds {
+    Thresholds {
+        window,
+        conntrack_fill: args.conntrack_fill,
+        min_failures: args.min_failures,
+        min_zero_windows: args.min_zero_windows,
+    }
+}
+
+/// Logs the causes that turned on or off.
+fn log_changes(changed: &[Finding]) {
+    for f in changed {
+        if f.active {
+            log::warn!("diagnosis: {} is active: {}", f.cause.label(), f.summary);
+        } else {
+            log::info!("diagnosis: {} is over", f.cause.label());
+        }
+    }
+}
+
+async fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
     // Bind first: a busy port fails before anything is attached.
     let listener = serve::bind(args.metrics_addr).await?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-
-    let (drop_config, drop_reasons) = match drops::prepare() {
-        Ok((c, r)) => (c, Some(r)),
-        Err(e) => {
-            log::warn!(
-                "SYN drop reasons are not available on this kernel: {e:#}; carrying on without smtpflow_syn_drops_total"
-            );
-            (smtpflow_common::DropConfig::DISABLED, None)
-        }
-    };
-    let sizes = attach::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
-    let ebpf = attach::load(&config, &drop_config, &sizes)?;
-    let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
-    let drop_reasons = match drop_reasons {
-        Some(r) => match attach::attach_drop_reasons(&mut attached) {
-            Ok(()) => Some(r),
-            Err(e) => {
-                log::warn!(
-                    "SYN drop reasons are not available: {e:#}; carrying on without smtpflow_syn_drops_total"
-                );
-                None
-            }
-        },
-        None => None,
-    };
-    let mut maps =
-        Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
-    let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
-    maps.seed(&ifindexes, config.ports())?;
-
+    let mut obs = Observer::start(&args.observe)?;
     let exporter = Exporter::new(
-        ifaces.iter().map(|i| (i.index, i.name.clone())).collect::<HashMap<_, _>>(),
+        obs.ifnames(),
         args.max_peer_series,
-        attached.attachments.clone(),
-        drop_reasons,
+        obs.attached.attachments.clone(),
+        obs.drop_reasons.clone(),
     );
-    let first = maps.drain()?;
-    let (tx, rx) = watch::channel(exporter.render(&first));
+    let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
+    let first = obs.drain()?;
+    let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&first));
+    let (tx, rx) = watch::channel(exporter.render(&first, &findings));
     let server = tokio::spawn(serve::serve(listener, rx));
     log::info!(
         "watching {} on ports {:?}; metrics on http://{}/metrics, drained every {:?}",
-        args.ifaces.join(", "),
-        config.ports(),
+        obs.iface_list(),
+        obs.config.ports(),
         args.metrics_addr,
-        args.interval
+        args.observe.interval
     );
 
     let mut reporter = Reporter::new();
     reporter.line(&first, Instant::now());
     let mut last_status = Instant::now();
-    let mut tick = tokio::time::interval(args.interval);
+    let mut tick = tokio::time::interval(args.observe.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = tick.tick() => {
-                let snap = match tokio::task::block_in_place(|| maps.drain()) {
+                let snap = match obs.drain() {
                     Ok(s) => s,
                     Err(e) => break Err(e),
                 };
-                tx.send_replace(exporter.render(&snap));
                 let now = Instant::now();
+                let (findings, changed) = diagnoser.update(now, obs.reading(&snap));
+                log_changes(&changed);
+                tx.send_replace(exporter.render(&snap, &findings));
                 if !args.status_every.is_zero() && now.duration_since(last_status) >= args.status_every {
                     if let Some(line) = reporter.line(&snap, now) {
                         eprintln!("{line}");
@@ -138,13 +207,47 @@ async fn watch(args: WatchArgs, ifaces: Vec<Iface>, config: Config) -> anyhow::R
         }
     };
     server.abort();
-    drop(maps);
-    drop(attached);
+    let ifaces = obs.iface_list();
+    drop(obs);
     match result {
         Ok(signal) => {
-            log::info!("{signal}: detached from {}; exiting", args.ifaces.join(", "));
+            log::info!("{signal}: detached from {ifaces}; exiting");
             Ok(())
         }
         Err(e) => Err(e.context("draining the kernel maps failed; detached")),
     }
+}
+
+/// Observes for `--for`, then prints the verdict. `Ok(true)`: healthy.
+async fn run_diagnose(args: DiagnoseArgs) -> anyhow::Result<bool> {
+    let mut obs = Observer::start(&args.observe)?;
+    let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.duration));
+    let started = Instant::now();
+    let first = obs.drain()?;
+    diagnoser.update(started, obs.reading(&first));
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut tick = tokio::time::interval(args.observe.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = tokio::time::sleep(args.duration);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let snap = obs.drain()?;
+                diagnoser.update(Instant::now(), obs.reading(&snap));
+            }
+            _ = &mut deadline => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    let snap = obs.drain()?;
+    let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&snap));
+    let observed = started.elapsed();
+    let healthy = findings.iter().all(|f| !f.active);
+    if args.json {
+        println!("{}", diagnose::to_json(&findings, &obs.iface_list(), observed));
+    } else {
+        print!("{}", diagnose::to_text(&findings, &obs.iface_list(), observed));
+    }
+    Ok(healthy)
 }
