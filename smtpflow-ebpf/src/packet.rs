@@ -20,6 +20,10 @@ pub trait Packet {
 
     /// Length of the whole frame.
     fn len(&self) -> usize;
+
+    /// VLAN tags the kernel already took out of the frame into metadata (TC sees frames after
+    /// the outer tag is stripped; XDP sees them as they arrived).
+    fn stripped_vlan_tags(&self) -> usize;
 }
 
 /// Returns `v` unchanged, hiding from LLVM what it knows about it, so that a bounds check the
@@ -62,6 +66,11 @@ impl Packet for XdpContext {
     fn len(&self) -> usize {
         self.data_end() - self.data()
     }
+
+    #[inline(always)]
+    fn stripped_vlan_tags(&self) -> usize {
+        0
+    }
 }
 
 impl Packet for TcContext {
@@ -94,6 +103,12 @@ impl Packet for TcContext {
     #[inline(always)]
     fn len(&self) -> usize {
         TcContext::len(self) as usize
+    }
+
+    #[inline(always)]
+    fn stripped_vlan_tags(&self) -> usize {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        usize::from(unsafe { (*self.skb.skb).vlan_present } != 0)
     }
 }
 

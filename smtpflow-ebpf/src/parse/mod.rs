@@ -72,8 +72,10 @@ impl Segment {
 pub fn parse<P: Packet>(p: &P, seg: &mut Segment) -> Result<(), Skip> {
     let mut ethertype = u16::from_be(p.read_at::<u16>(ETH_HLEN - 2)?);
     let mut off = ETH_HLEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+    // A tag already stripped into metadata counts against the two.
+    let in_frame = MAX_VLAN_TAGS - p.stripped_vlan_tags().min(MAX_VLAN_TAGS);
+    for i in 0..MAX_VLAN_TAGS {
+        if i >= in_frame || (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD) {
             break;
         }
         // The tag is TCI (2 bytes) then the encapsulated ethertype (2 bytes).
