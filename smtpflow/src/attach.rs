@@ -199,6 +199,26 @@ pub fn attach(
     Ok(Attached { ebpf, attachments, _netlink_locks: netlink_locks })
 }
 
+/// Loads one program through the verifier without attaching it (`smtpflow check`). For TC,
+/// the ingress program stands for both directions (they are the same code).
+pub fn verify(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let prog = program(ebpf, name)?;
+    match prog {
+        aya::programs::Program::SchedClassifier(p) => p.load()?,
+        aya::programs::Program::Xdp(p) => p.load()?,
+        _ => bail!("{name} is not a TC or XDP program"),
+    }
+    Ok(())
+}
+
+/// Loads the drop-reason program without attaching it (`smtpflow check`).
+pub fn verify_drop_reasons(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let btf = AyaBtf::from_sys_fs().context("reading the kernel's BTF")?;
+    let prog: &mut BtfTracePoint = program(ebpf, names::PROG_SKB_DROP)?.try_into()?;
+    prog.load("kfree_skb", &btf).context("loading the kfree_skb tracepoint program")?;
+    Ok(())
+}
+
 /// Attaches the `kfree_skb` drop-reason program. Best effort: on failure the caller says once
 /// that drop reasons are unavailable and carries on.
 pub fn attach_drop_reasons(attached: &mut Attached) -> anyhow::Result<()> {

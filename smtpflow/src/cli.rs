@@ -1,6 +1,6 @@
 //! Command line: `smtpflow watch` and its flags. Every duration flag takes values like `500ms`,
 //! `1s` or `10s`.
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use smtpflow_common::{DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
@@ -15,8 +15,18 @@ use smtpflow_common::{DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORT
                   metrics. It must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)."
 )]
 pub struct Cli {
+    /// Log lines as text, or as one JSON object a line (for log shippers).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -26,6 +36,23 @@ pub enum Command {
     /// Attach, observe for a while, and say which cause of failing SMTP handshakes is active,
     /// with the evidence. Exit status: 0 healthy, 1 a cause is active, 2 error.
     Diagnose(DiagnoseArgs),
+    /// Tell whether this host can run smtpflow: kernel, BTF, capabilities, TC/XDP, conntrack,
+    /// tracepoints, interfaces. Prints a table with a fix for each failure; exit status 0 when
+    /// nothing failed, 1 otherwise.
+    Check(CheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Interface to check as well; repeat for several.
+    #[arg(long = "iface", short = 'i', value_name = "IFACE")]
+    pub ifaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,6 +78,11 @@ pub enum TcLink {
 /// What to watch and how: shared by `watch` and `diagnose`.
 #[derive(Debug, Clone, Args)]
 pub struct ObserveArgs {
+    /// Read flag values from this TOML file (keys are the long flag names; [watch] and
+    /// [diagnose] tables for command-specific ones). Flags on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Interface to watch; repeat for several (each is its own `iface` label).
     #[arg(long = "iface", short = 'i', required = true, value_name = "IFACE")]
     pub ifaces: Vec<String>,

@@ -155,6 +155,7 @@ impl Exporter {
         self.render_counters(snap, &mut families);
         self.render_histograms(snap, &mut families);
         self.render_peers(snap, &mut families);
+        render_pressure(snap, &mut families);
         render_self(snap, &mut families);
 
         let mut buf = Vec::with_capacity(64 * 1024);
@@ -457,6 +458,49 @@ fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
     active.finish(out);
     evidence.finish(out);
     peers.finish(out);
+}
+
+/// The kernel's pressure signals: conntrack (absent when conntrack is) and TCP counters.
+fn render_pressure(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+    use crate::pressure::{CONNTRACK_STATS, TCP_STATS};
+    if let Some(ct) = &snap.pressure.conntrack {
+        let mut f = Family::new(
+            "smtpflow_conntrack_entries",
+            MetricType::GAUGE,
+            "Conntrack entries in this network namespace (nf_conntrack_count).",
+        );
+        f.add(&[], ct.entries as f64);
+        f.finish(out);
+        let mut f = Family::new(
+            "smtpflow_conntrack_entries_limit",
+            MetricType::GAUGE,
+            "Size limit of the conntrack table (nf_conntrack_max).",
+        );
+        f.add(&[], ct.limit as f64);
+        f.finish(out);
+        let mut f = Family::new(
+            "smtpflow_conntrack_stat_total",
+            MetricType::COUNTER,
+            "Conntrack statistics summed over CPUs (ctnetlink, else /proc/net/stat/nf_conntrack).",
+        );
+        for stat in CONNTRACK_STATS {
+            if let Some(v) = ct.stats.get(stat) {
+                f.add(&[("stat", stat)], *v as f64);
+            }
+        }
+        f.finish(out);
+    }
+    let mut f = Family::new(
+        "smtpflow_tcp_stat_total",
+        MetricType::COUNTER,
+        "TCP counters of this network namespace (TcpExt from /proc/net/netstat, Tcp from /proc/net/snmp).",
+    );
+    for stat in TCP_STATS {
+        if let Some(v) = snap.pressure.tcp.get(stat) {
+            f.add(&[("stat", stat)], *v as f64);
+        }
+    }
+    f.finish(out);
 }
 
 /// smtpflow's own health: map fill, evictions, and the kernel programs' bookkeeping.

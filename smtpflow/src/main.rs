@@ -1,7 +1,9 @@
 //! smtpflow: SMTP handshake and TCP pressure observer for mail gateways.
 mod attach;
 mod btf;
+mod check;
 mod cli;
+mod config;
 mod diagnose;
 mod drain;
 mod drops;
@@ -9,16 +11,18 @@ mod export;
 mod pressure;
 mod privileges;
 mod report;
+mod selfstats;
 mod serve;
 
 use std::{
     collections::HashMap,
+    io::{IsTerminal as _, Write as _},
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use smtpflow_common::Config;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -27,7 +31,7 @@ use tokio::{
 
 use crate::{
     attach::{Attached, Iface},
-    cli::{Cli, Command, DiagnoseArgs, ObserveArgs, WatchArgs},
+    cli::{Cli, Command, DiagnoseArgs, LogFormat, ObserveArgs, WatchArgs},
     diagnose::{Diagnoser, Finding, Reading, Thresholds},
     drain::{Maps, Snapshot},
     drops::DropReasons,
@@ -35,31 +39,84 @@ use crate::{
     report::Reporter,
 };
 
+fn init_logging(format: LogFormat) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    builder.format_target(false);
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
+}
+
+/// Says why smtpflow stops: on stderr whatever RUST_LOG says, as JSON when logs are JSON.
+fn report_error(format: LogFormat, e: &anyhow::Error) {
+    match format {
+        LogFormat::Text => eprintln!("smtpflow: error: {e:#}"),
+        LogFormat::Json => {
+            let line = serde_json::json!({"level": "ERROR", "msg": format!("{e:#}")});
+            eprintln!("{line}");
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("starting the async runtime");
+    let args = match config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("smtpflow: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    init_logging(cli.log_format);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("starting the async runtime")
+    };
     match cli.command {
-        Command::Watch(args) => match runtime.block_on(run_watch(args)) {
+        Command::Watch(args) => match runtime().block_on(run_watch(args, cli.log_format)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("smtpflow: error: {e:#}");
+                report_error(cli.log_format, &e);
                 ExitCode::FAILURE
             }
         },
-        Command::Diagnose(args) => match runtime.block_on(run_diagnose(args)) {
+        Command::Diagnose(args) => match runtime().block_on(run_diagnose(args)) {
             Ok(healthy) => ExitCode::from(if healthy { 0 } else { 1 }),
             Err(e) => {
-                eprintln!("smtpflow: error: {e:#}");
+                report_error(cli.log_format, &e);
                 ExitCode::from(2)
             }
         },
+        Command::Check(args) => {
+            let (table, passed) = check::render(&check::run(&args));
+            print!("{table}");
+            if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "smtpflow", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("smtpflow: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -70,6 +127,7 @@ struct Observer {
     ifaces: Vec<Iface>,
     config: Config,
     drop_reasons: Option<DropReasons>,
+    pressure: pressure::Reader,
 }
 
 impl Observer {
@@ -77,6 +135,7 @@ impl Observer {
     fn start(args: &ObserveArgs) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
         privileges::require()?;
+        let pressure = pressure::Reader::from_env()?;
         let ifaces =
             args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
         let config =
@@ -109,7 +168,7 @@ impl Observer {
             Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
         let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
         maps.seed(&ifindexes, config.ports())?;
-        Ok(Self { attached, maps, ifaces, config, drop_reasons })
+        Ok(Self { attached, maps, ifaces, config, drop_reasons, pressure })
     }
 
     fn ifnames(&self) -> HashMap<u32, String> {
@@ -120,9 +179,13 @@ impl Observer {
         self.ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    /// Drains the maps (blocking syscalls, off the async workers).
+    /// Drains the maps and reads the pressure signals (blocking syscalls, off the async workers).
     fn drain(&mut self) -> anyhow::Result<Snapshot> {
-        tokio::task::block_in_place(|| self.maps.drain())
+        tokio::task::block_in_place(|| {
+            let mut snap = self.maps.drain()?;
+            snap.pressure = self.pressure.read();
+            Ok(snap)
+        })
     }
 
     /// What the diagnosis needs from a snapshot.
@@ -154,7 +217,7 @@ fn log_changes(changed: &[Finding]) {
     }
 }
 
-async fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
+async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()> {
     // Bind first: a busy port fails before anything is attached.
     let listener = serve::bind(args.metrics_addr).await?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -169,7 +232,8 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
     let first = obs.drain()?;
     let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&first));
-    let (tx, rx) = watch::channel(exporter.render(&first, &findings));
+    let rendered = selfstats::append(exporter.render(&first, &findings), &obs.attached.ebpf);
+    let (tx, rx) = watch::channel(rendered);
     let server = tokio::spawn(serve::serve(listener, rx));
     log::info!(
         "watching {} on ports {:?}; metrics on http://{}/metrics, drained every {:?}",
@@ -179,6 +243,8 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
         args.observe.interval
     );
 
+    // A person at a terminal gets a live table; log shippers and journald get log lines.
+    let live_view = std::io::stderr().is_terminal() && log_format == LogFormat::Text;
     let mut reporter = Reporter::new();
     reporter.line(&first, Instant::now());
     let mut last_status = Instant::now();
@@ -194,10 +260,14 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<()> {
                 let now = Instant::now();
                 let (findings, changed) = diagnoser.update(now, obs.reading(&snap));
                 log_changes(&changed);
-                tx.send_replace(exporter.render(&snap, &findings));
+                let rendered = exporter.render(&snap, &findings);
+                tx.send_replace(selfstats::append(rendered, &obs.attached.ebpf));
                 if !args.status_every.is_zero() && now.duration_since(last_status) >= args.status_every {
-                    if let Some(line) = reporter.line(&snap, now) {
-                        eprintln!("{line}");
+                    if live_view {
+                        // Clear the terminal and draw the table from its top-left corner.
+                        eprint!("\x1b[2J\x1b[H{}", reporter.table(&snap, &findings, &obs.iface_list(), now));
+                    } else if let Some(line) = reporter.line(&snap, now) {
+                        log::info!("{line}");
                     }
                     last_status = now;
                 }

@@ -1,10 +1,10 @@
-//! The status line printed to stderr every few seconds, so a person sees smtpflow working
-//! without Prometheus.
-use std::{collections::BTreeMap, time::Instant};
+//! What a person sees on stderr: a status line every few seconds (when stderr is not a terminal,
+//! or logs are JSON), or a live table refreshed in place on a terminal.
+use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
-use smtpflow_common::Direction;
+use smtpflow_common::{Direction, Metric, Outcome, Stat};
 
-use crate::drain::Snapshot;
+use crate::{diagnose::Finding, drain::Snapshot};
 
 /// Events summed by (direction, port).
 type ByDirectionPort = BTreeMap<(Direction, u16), u64>;
@@ -23,35 +23,149 @@ fn by_direction_port(snap: &Snapshot) -> ByDirectionPort {
     out
 }
 
+/// How many peers the live view lists.
+const TOP_PEERS: usize = 5;
+
 impl Reporter {
     pub fn new() -> Self {
         Self { last: None }
     }
 
-    /// One line: events per second by direction and port since the last line, peers tracked.
-    pub fn line(&mut self, snap: &Snapshot, now: Instant) -> Option<String> {
+    /// Events per second by direction and port since the previous call (`None` the first time).
+    fn rates(&mut self, snap: &Snapshot, now: Instant) -> Option<Vec<((Direction, u16), f64)>> {
         let current = by_direction_port(snap);
-        let line = self.last.as_ref().map(|(then, before)| {
+        let rates = self.last.as_ref().map(|(then, before)| {
             let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
-            let mut parts = Vec::new();
-            let mut sum = 0.0;
-            for ((d, port), v) in &current {
-                let rate = v.saturating_sub(before.get(&(*d, *port)).copied().unwrap_or(0)) as f64 / secs;
-                sum += rate;
-                if rate > 0.0 {
-                    parts.push(format!("{} {port}: {rate:.1}/s", d.label()));
-                }
-            }
-            let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
-            format!(
-                "smtpflow: {sum:.1} events/s{detail}; {} peer entries of {}, {} evicted, {} malformed",
-                snap.peers.len(),
-                snap.peers_capacity,
-                snap.peer_evictions,
-                snap.stats[smtpflow_common::Stat::Malformed as usize],
-            )
+            current
+                .iter()
+                .map(|(k, v)| {
+                    (*k, v.saturating_sub(before.get(k).copied().unwrap_or(0)) as f64 / secs)
+                })
+                .collect()
         });
         self.last = Some((now, current));
-        line
+        rates
+    }
+
+    /// One line: events per second by direction and port, peers tracked.
+    pub fn line(&mut self, snap: &Snapshot, now: Instant) -> Option<String> {
+        let rates = self.rates(snap, now)?;
+        let sum: f64 = rates.iter().map(|(_, r)| r).sum();
+        let parts: Vec<String> = rates
+            .iter()
+            .filter(|(_, r)| *r > 0.0)
+            .map(|((d, port), r)| format!("{} {port}: {r:.1}/s", d.label()))
+            .collect();
+        let detail =
+            if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
+        Some(format!(
+            "smtpflow: {sum:.1} events/s{detail}; {} peer entries of {}, {} evicted, {} malformed",
+            snap.peers.len(),
+            snap.peers_capacity,
+            snap.peer_evictions,
+            snap.stats[Stat::Malformed as usize],
+        ))
+    }
+
+    /// The live view: rates, handshake outcomes, top peers by failures, the diagnosis.
+    pub fn table(
+        &mut self,
+        snap: &Snapshot,
+        findings: &[Finding],
+        ifaces: &str,
+        now: Instant,
+    ) -> String {
+        let mut out = format!("smtpflow on {ifaces}  (Ctrl-C to stop)\n\nEVENTS/S\n");
+        for ((d, port), r) in self.rates(snap, now).unwrap_or_default() {
+            let _ = writeln!(out, "  {:<9} {port:<6} {r:>10.1}", d.label());
+        }
+        out.push_str("\nHANDSHAKES SINCE START   established     refused     timeout\n");
+        let mut outcomes: BTreeMap<(u8, u16), [u64; 3]> = BTreeMap::new();
+        for (k, v) in &snap.counters {
+            if k.metric == Metric::Handshake as u8 && (k.a as usize) < 3 {
+                outcomes.entry((k.direction, k.port)).or_default()[k.a as usize] += v;
+            }
+        }
+        for ((_, port, d), n) in &snap.timeouts {
+            outcomes.entry((*d, *port)).or_default()[Outcome::Timeout as usize] += n;
+        }
+        for ((d, port), [e, r, t]) in &outcomes {
+            let label = Direction::from_u8(*d).map_or("?", Direction::label);
+            let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11}");
+        }
+        out.push_str("\nTOP PEERS BY FAILED HANDSHAKES\n");
+        let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, c) in &snap.peers {
+            if c.outcomes[Outcome::Refused as usize] > 0 {
+                *failures.entry(peer_label(k)).or_default() +=
+                    c.outcomes[Outcome::Refused as usize];
+            }
+        }
+        for (k, n) in &snap.peer_timeouts {
+            *failures.entry(peer_label(k)).or_default() += n;
+        }
+        let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if ranked.is_empty() {
+            out.push_str("  none\n");
+        }
+        for (peer, n) in ranked.into_iter().take(TOP_PEERS) {
+            let _ = writeln!(out, "  {peer:<40} {n:>8}");
+        }
+        out.push_str("\nDIAGNOSIS\n");
+        let active: Vec<&Finding> = findings.iter().filter(|f| f.active).collect();
+        if active.is_empty() {
+            out.push_str("  healthy: no cause active\n");
+        }
+        for f in active {
+            let _ = writeln!(out, "  ACTIVE {}: {}", f.cause.label(), f.summary);
+        }
+        out
+    }
+}
+
+fn peer_label(k: &smtpflow_common::PeerKey) -> String {
+    let ip = k.ip().map(|ip| ip.to_string()).unwrap_or_default();
+    let d = Direction::from_u8(k.direction).map_or("?", Direction::label);
+    format!("{ip} {d} {}", k.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smtpflow_common::{CounterKey, Event, PeerCounters, PeerKey, Side};
+
+    #[test]
+    fn line_and_table_show_rates_outcomes_and_peers() {
+        let mut snap = Snapshot::default();
+        snap.counters
+            .insert(CounterKey::event(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 0);
+        let mut r = Reporter::new();
+        let t0 = Instant::now();
+        assert!(r.line(&snap, t0).is_none(), "no rate before a second reading");
+        snap.counters
+            .insert(CounterKey::event(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 10);
+        let mut k = CounterKey::new(2, 25, Metric::Handshake, Direction::Outbound);
+        k.a = Outcome::Refused as u8;
+        snap.counters.insert(k, 4);
+        let peer = PeerKey {
+            ifindex: 2,
+            addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 25,
+            family: 4,
+            direction: 1,
+        };
+        let mut c = PeerCounters::default();
+        c.outcomes[Outcome::Refused as usize] = 4;
+        snap.peers.push((peer, c));
+        let line = r.line(&snap, t0 + std::time::Duration::from_secs(2)).unwrap();
+        assert!(line.starts_with("smtpflow: 5.0 events/s (inbound 25: 5.0/s)"), "{line}");
+        let table = r.table(&snap, &[], "eth0", t0 + std::time::Duration::from_secs(4));
+        assert!(table.contains("192.0.2.1 outbound 25"), "{table}");
+        assert!(table.contains("healthy: no cause active"));
+        assert!(
+            table.contains("outbound  25                     0           4           0"),
+            "{table}"
+        );
     }
 }

@@ -7,7 +7,10 @@ pub mod capture;
 pub mod frames;
 pub mod lifecycle_support;
 pub mod metrics;
+pub mod netfilter;
 pub mod netns;
+pub mod nfqueue;
+pub mod smtp;
 pub mod watch;
 
 pub use metrics::Metrics;

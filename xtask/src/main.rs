@@ -2,6 +2,8 @@
 //!
 //! `cargo xtask run -- watch --iface eth0` and `cargo xtask test` are the README's two
 //! commands; both start with an idempotent `setup`.
+mod bench;
+mod deb;
 mod setup;
 
 use std::{
@@ -13,10 +15,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    about = "smtpflow's set-up, build, run and test commands"
-)]
+#[command(name = "xtask", about = "smtpflow's set-up, build, run and test commands")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -44,6 +43,17 @@ enum Cmd {
     },
     /// Format check and clippy for userspace and the kernel crate.
     Lint,
+    /// Set up, build, and make the Debian package in target/debian/.
+    Deb,
+    /// Set up, build, and run the benchmarks as root (see docs/benchmarks.md).
+    Bench {
+        /// Tiny counts, seconds in all: checks that every benchmark still works.
+        #[arg(long)]
+        smoke: bool,
+        /// Only these benchmarks (comma separated): kernel, live, churn, scale.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -112,15 +122,7 @@ fn lint() -> anyhow::Result<()> {
     // The kernel crate only builds for the BPF target, with nightly and build-std.
     run_cmd(
         Command::new("rustup")
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "clippy",
-                "--package",
-                "smtpflow-ebpf",
-                "--release",
-            ])
+            .args(["run", "nightly", "cargo", "clippy", "--package", "smtpflow-ebpf", "--release"])
             .args([
                 "--target",
                 "bpfel-unknown-none",
@@ -130,10 +132,7 @@ fn lint() -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ])
-            .env(
-                "CARGO_TARGET_DIR",
-                workspace_root().join("target/ebpf-lint"),
-            ),
+            .env("CARGO_TARGET_DIR", workspace_root().join("target/ebpf-lint")),
     )
 }
 
@@ -152,10 +151,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             run_cmd(cmd.args(&args))
         }
+        Cmd::Bench { smoke, only } => {
+            bench::check_tools()?;
+            bench::bench(&build()?, smoke, &only)
+        }
         Cmd::Lint => {
             setup::setup()?;
             lint()
         }
+        Cmd::Deb => deb::build(&build()?).map(|p| println!("built {}", p.display())),
         Cmd::Test { filter, no_lint } => {
             let bin = build()?;
             if !no_lint {
@@ -180,6 +184,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ])
                     .args(&filter),
             )?;
+            // Every benchmark once with tiny counts, so they keep working (no timing asserted).
+            if filter.is_empty() {
+                bench::bench(&bin, true, &[])?;
+            }
             // Integration tests against the release binary, one at a time: some assert on
             // system-wide state (programs loaded, links attached).
             run_cmd(

@@ -11,6 +11,14 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",    // the tests inspect what is attached
     "util-linux", // setpriv (tests run smtpflow without privileges)
     "ca-certificates",
+    "postfix",  // smtp-sink: the real SMTP server of the handshake tests
+    "swaks",    // a real SMTP client for the handshake tests
+    "nftables", // nft: SYN-dropping rules and their counters in the handshake tests
+    "iptables", // iptables-nft: the xtables NFQUEUE target (no nft `queue` on every kernel)
+    "iperf3",   // benchmarks: live throughput over veth
+    "tcpdump",  // benchmarks: the alternative observer, side by side
+    "binutils", // objcopy: `cargo xtask deb` strips the packaged binary
+    "systemd",  // systemd-analyze: the tests verify the unit
 ];
 
 /// The bpf-linker series that matches the nightly's LLVM (its default `rust-llvm-22` feature).
@@ -25,9 +33,7 @@ pub fn setup() -> anyhow::Result<()> {
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn apt_packages() -> anyhow::Result<()> {
@@ -63,10 +69,8 @@ fn apt_get(args: &[&str]) -> Command {
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
-    let installed = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    );
+    let installed =
+        output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]);
     match installed {
         Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => return Ok(()),
         Some(_) => {}
@@ -88,16 +92,10 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     if let Some(v) = output("bpf-linker", &["--version"]) {
-        if v.split_whitespace()
-            .nth(1)
-            .is_some_and(|v| v.starts_with("0.10."))
-        {
+        if v.split_whitespace().nth(1).is_some_and(|v| v.starts_with("0.10.")) {
             return Ok(());
         }
-        eprintln!(
-            "setup: bpf-linker {} found, replacing it with {BPF_LINKER_VERSION}",
-            v.trim()
-        );
+        eprintln!("setup: bpf-linker {} found, replacing it with {BPF_LINKER_VERSION}", v.trim());
     } else {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (about 90 s)");
     }

@@ -1,7 +1,21 @@
 //! The kernel's pressure signals, read in the network namespace smtpflow runs in (that of the
 //! watched interfaces): conntrack fill and statistics, and the TCP counters that tell listen
 //! queues overflowing. Absent conntrack is a valid state, not an error.
-use std::collections::BTreeMap;
+//!
+//! Conntrack's per-CPU statistics come from ctnetlink (`IPCTNL_MSG_CT_GET_STATS_CPU`, see
+//! [`ctnetlink`]), because many distribution kernels are built without
+//! `/proc/net/stat/nf_conntrack`; that file is the fallback. Entries and limit come from
+//! ctnetlink's `IPCTNL_MSG_CT_GET_STATS` with the statistics, else from the sysctls
+//! `nf_conntrack_count` and `nf_conntrack_max`. The TCP counters come from `/proc/net/netstat`
+//! (`TcpExt`) and `/proc/net/snmp` (`Tcp`). All of these are per network namespace.
+pub mod ctnetlink;
+pub mod procfs;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    path::{Path, PathBuf},
+};
 
 /// Conntrack statistics smtpflow reads, summed over CPUs (`stat` label values).
 pub const CONNTRACK_STATS: [&str; 5] =
@@ -44,4 +58,293 @@ pub struct Pressure {
     pub conntrack: Option<Conntrack>,
     /// [`TCP_STATS`] by name.
     pub tcp: BTreeMap<&'static str, u64>,
+}
+
+/// Environment variable choosing where the conntrack statistics come from: `auto` (the default:
+/// ctnetlink, else procfs), `netlink` or `procfs` (only that source; for tests and for kernels
+/// where one of them misbehaves).
+pub const SOURCE_ENV: &str = "SMTPFLOW_CONNTRACK_SOURCE";
+
+/// Which conntrack statistics sources [`Reader`] may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceMode {
+    Auto,
+    Netlink,
+    Procfs,
+}
+
+impl std::str::FromStr for SourceMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "netlink" => Ok(Self::Netlink),
+            "procfs" => Ok(Self::Procfs),
+            other => Err(format!("{SOURCE_ENV}={other:?}: expected auto, netlink or procfs")),
+        }
+    }
+}
+
+/// Reads [`Pressure`] in the calling thread's network namespace, keeping the ctnetlink socket
+/// open between readings. Problems are logged when they start or change, not at every reading.
+pub struct Reader {
+    mode: SourceMode,
+    proc_root: PathBuf,
+    netlink: Option<ctnetlink::Socket>,
+    /// The last message logged per topic (`None` once the topic is fine again).
+    logged: HashMap<&'static str, String>,
+}
+
+fn read_text(path: &Path) -> io::Result<String> {
+    std::fs::read_to_string(path)
+}
+
+impl Reader {
+    /// The mode from [`SOURCE_ENV`] (unset: auto); an unknown value is an error.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let mode = match std::env::var(SOURCE_ENV) {
+            Ok(v) if !v.is_empty() => v.parse().map_err(anyhow::Error::msg)?,
+            _ => SourceMode::Auto,
+        };
+        Ok(Self::new(mode, "/proc"))
+    }
+
+    pub fn new(mode: SourceMode, proc_root: impl Into<PathBuf>) -> Self {
+        Self { mode, proc_root: proc_root.into(), netlink: None, logged: HashMap::new() }
+    }
+
+    /// Logs `msg` under `topic` unless it is what was logged last for that topic.
+    fn note(&mut self, topic: &'static str, warn: bool, msg: String) {
+        if self.logged.get(topic) != Some(&msg) {
+            if warn {
+                log::warn!("{msg}");
+            } else {
+                log::info!("{msg}");
+            }
+            self.logged.insert(topic, msg);
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.proc_root.join(rel)
+    }
+
+    pub fn read(&mut self) -> Pressure {
+        let tcp = match self.read_tcp() {
+            Ok(tcp) => {
+                self.logged.remove("tcp");
+                tcp
+            }
+            Err(e) => {
+                self.note("tcp", true, format!("TCP statistics unavailable: {e:#}"));
+                BTreeMap::new()
+            }
+        };
+        let conntrack = self.read_conntrack();
+        let state = match &conntrack {
+            None => "conntrack is not available in this network namespace".to_owned(),
+            Some(Conntrack { source: Some(StatsSource::Netlink), .. }) => {
+                "conntrack statistics from ctnetlink".to_owned()
+            }
+            Some(Conntrack { source: Some(StatsSource::Procfs), .. }) => {
+                "conntrack statistics from /proc/net/stat/nf_conntrack".to_owned()
+            }
+            Some(Conntrack { source: None, .. }) => {
+                "conntrack statistics unavailable (entries and limit only)".to_owned()
+            }
+        };
+        self.note("source", false, state);
+        Pressure { conntrack, tcp }
+    }
+
+    fn read_tcp(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let netstat = read_text(&self.path("net/netstat"))?;
+        let snmp = read_text(&self.path("net/snmp"))?;
+        Ok(procfs::parse_tcp_stats(&netstat, &snmp)?)
+    }
+
+    fn read_sysctl(&self, name: &str) -> anyhow::Result<u64> {
+        let path = self.path(&format!("sys/net/netfilter/{name}"));
+        let text = read_text(&path)?;
+        procfs::parse_sysctl_u64(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    fn read_conntrack(&mut self) -> Option<Conntrack> {
+        // The sysctls exist where conntrack is loaded (in every namespace, used or not); where
+        // they do not, conntrack is absent. Checking first also keeps a netlink request from
+        // loading the modules on demand.
+        if !self.path("sys/net/netfilter/nf_conntrack_count").exists() {
+            self.netlink = None;
+            return None;
+        }
+        if self.mode != SourceMode::Procfs {
+            match self.read_netlink() {
+                Ok(ct) => {
+                    self.logged.remove("netlink");
+                    return Some(ct);
+                }
+                Err(e) => {
+                    // Reopened at the next reading: no stale replies, and a namespace or module
+                    // that changed meanwhile is picked up.
+                    self.netlink = None;
+                    let fallback =
+                        if self.mode == SourceMode::Auto { "; reading procfs instead" } else { "" };
+                    self.note(
+                        "netlink",
+                        true,
+                        format!("ctnetlink statistics failed: {e:#}{fallback}"),
+                    );
+                }
+            }
+        }
+        let (entries, limit) =
+            match (self.read_sysctl("nf_conntrack_count"), self.read_sysctl("nf_conntrack_max")) {
+                (Ok(e), Ok(l)) => {
+                    self.logged.remove("sysctl");
+                    (e, l)
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    self.note("sysctl", true, format!("conntrack sysctls unreadable: {e:#}"));
+                    return None;
+                }
+            };
+        let mut ct = Conntrack { entries, limit, stats: BTreeMap::new(), source: None };
+        if self.mode == SourceMode::Netlink {
+            return Some(ct);
+        }
+        let path = self.path("net/stat/nf_conntrack");
+        match read_text(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(procfs::parse_conntrack_stat(&t)?))
+        {
+            Ok(stats) => {
+                self.logged.remove("procfs");
+                ct.stats = stats;
+                ct.source = Some(StatsSource::Procfs);
+            }
+            Err(e) => {
+                self.note("procfs", true, format!("{}: {e:#}", path.display()));
+            }
+        }
+        Some(ct)
+    }
+
+    fn read_netlink(&mut self) -> anyhow::Result<Conntrack> {
+        let socket = match &mut self.netlink {
+            Some(s) => s,
+            None => self.netlink.insert(ctnetlink::Socket::open()?),
+        };
+        let global = socket.global()?;
+        let stats = socket.cpu_stats()?;
+        let limit = match global.max_entries {
+            Some(max) => max,
+            None => self.read_sysctl("nf_conntrack_max")?,
+        };
+        Ok(Conntrack { entries: global.entries, limit, stats, source: Some(StatsSource::Netlink) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake /proc tree from the captures in testdata/.
+    fn fake_proc(with_stat: bool, with_conntrack: bool) -> PathBuf {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "smtpflow-pressure-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/pressure/testdata");
+        let put = |rel: &str, file: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::copy(data.join(file), p).unwrap();
+        };
+        put("net/netstat", "netstat");
+        put("net/snmp", "snmp");
+        std::fs::create_dir_all(root.join("sys/net/netfilter")).unwrap();
+        if with_conntrack {
+            put("sys/net/netfilter/nf_conntrack_count", "nf_conntrack_count");
+            put("sys/net/netfilter/nf_conntrack_max", "nf_conntrack_max");
+            if with_stat {
+                put("net/stat/nf_conntrack", "nf_conntrack.stat");
+            }
+        }
+        root
+    }
+
+    #[test]
+    fn procfs_source() {
+        let root = fake_proc(true, true);
+        let p = Reader::new(SourceMode::Procfs, &root).read();
+        let ct = p.conntrack.unwrap();
+        assert_eq!((ct.entries, ct.limit, ct.source), (5, 262_144, Some(StatsSource::Procfs)));
+        assert_eq!(ct.stats["invalid"], 9);
+        assert_eq!(ct.stats.len(), CONNTRACK_STATS.len());
+        assert_eq!(p.tcp["ListenOverflows"], 18);
+        assert_eq!(p.tcp.len(), TCP_STATS.len());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn absent_conntrack_is_none_and_stats_file_optional() {
+        let root = fake_proc(false, false);
+        let p = Reader::new(SourceMode::Auto, &root).read();
+        assert_eq!(p.conntrack, None);
+        assert_eq!(p.tcp.len(), TCP_STATS.len());
+        std::fs::remove_dir_all(root).unwrap();
+
+        // Sysctls but no /proc/net/stat/nf_conntrack (a kernel built without it): entries and
+        // limit, no statistics.
+        let root = fake_proc(false, true);
+        let ct = Reader::new(SourceMode::Procfs, &root).read().conntrack.unwrap();
+        assert_eq!((ct.entries, ct.limit, ct.source), (5, 262_144, None));
+        assert!(ct.stats.is_empty());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn source_mode_parsing() {
+        assert_eq!("auto".parse::<SourceMode>(), Ok(SourceMode::Auto));
+        assert_eq!("netlink".parse::<SourceMode>(), Ok(SourceMode::Netlink));
+        assert_eq!("procfs".parse::<SourceMode>(), Ok(SourceMode::Procfs));
+        assert!("proc".parse::<SourceMode>().is_err());
+    }
+
+    #[test]
+    fn renders_the_four_families() {
+        let mut snap = crate::drain::Snapshot::default();
+        snap.pressure = Pressure {
+            conntrack: Some(Conntrack {
+                entries: 5,
+                limit: 262_144,
+                stats: CONNTRACK_STATS.iter().map(|&s| (s, 1)).collect(),
+                source: Some(StatsSource::Netlink),
+            }),
+            tcp: BTreeMap::from([("ListenOverflows", 18), ("EstabResets", 6)]),
+        };
+        let ex = crate::export::Exporter::new(HashMap::new(), 10, Vec::new(), None);
+        let text = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        for want in [
+            "# TYPE smtpflow_conntrack_entries gauge",
+            "smtpflow_conntrack_entries 5",
+            "# TYPE smtpflow_conntrack_entries_limit gauge",
+            "smtpflow_conntrack_entries_limit 262144",
+            "# TYPE smtpflow_conntrack_stat_total counter",
+            r#"smtpflow_conntrack_stat_total{stat="insert_failed"} 1"#,
+            r#"smtpflow_conntrack_stat_total{stat="search_restart"} 1"#,
+            "# TYPE smtpflow_tcp_stat_total counter",
+            r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#,
+            r#"smtpflow_tcp_stat_total{stat="EstabResets"} 6"#,
+        ] {
+            assert!(text.contains(want), "missing {want}\n{text}");
+        }
+        // No conntrack: no conntrack families at all; TCP stays.
+        snap.pressure.conntrack = None;
+        let text = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        assert!(!text.contains("smtpflow_conntrack_"), "{text}");
+        assert!(text.contains(r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#));
+    }
 }

@@ -1,0 +1,271 @@
+//! smtpflow's benchmarks, side by side with the floor (empty eBPF programs) and the alternative
+//! (tcpdump). Run with `cargo xtask bench` (full, a few minutes) or `cargo xtask bench --smoke`
+//! (tiny counts, seconds; part of `cargo xtask test`). Needs root.
+//!
+//! 1. kernel: cost per packet of the real programs vs empty programs (BPF_PROG_TEST_RUN).
+//! 2. live: iperf3 throughput over veth with no observer, smtpflow tc/xdp, tcpdump; the
+//!    kernel's per-program accounting under that load.
+//! 3. churn: SYN rate the gateway sustains with and without smtpflow; smtpflow's CPU and RSS at
+//!    10,000 SYN/s.
+//! 4. scale: drain, scrape and RSS of the real binary with 10k, 100k and 1M peers tracked.
+//!
+//! Results are printed as Markdown tables with a pass/miss line per target; no target failure
+//! makes the run fail (only errors do), so the smoke run in CI asserts no timing.
+#[allow(dead_code, reason = "the loader will use all of batch.rs; the bench only part")]
+#[path = "../../src/batch.rs"]
+mod batch;
+mod churn;
+mod empty;
+mod frames;
+mod kernel;
+mod live;
+mod scale;
+mod sys;
+
+use std::{fmt::Write as _, process::ExitCode, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Heap accounting, to compare drain strategies' peak memory.
+pub mod alloc_count {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    static CURRENT: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Counting;
+
+    fn grew(by: usize) {
+        let now = CURRENT.fetch_add(by, Ordering::Relaxed) + by;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+
+    // SAFETY: forwards to the system allocator; only counts.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            grew(layout.size());
+            // SAFETY: same contract as ours.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+            // SAFETY: same contract as ours.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            grew(new_size);
+            CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+            // SAFETY: same contract as ours.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// Starts a new peak measurement; returns the current heap size.
+    pub fn reset_peak() -> usize {
+        let now = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(now, Ordering::Relaxed);
+        now
+    }
+
+    pub fn peak() -> usize {
+        PEAK.load(Ordering::Relaxed)
+    }
+}
+
+#[global_allocator]
+static ALLOC: alloc_count::Counting = alloc_count::Counting;
+
+/// A table of results.
+pub struct Section {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub note: String,
+}
+
+impl Section {
+    pub fn new(title: &str, header: &[&str]) -> Self {
+        Self {
+            title: title.to_owned(),
+            header: header.iter().map(|s| (*s).to_owned()).collect(),
+            rows: Vec::new(),
+            note: String::new(),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = format!("### {}\n\n", self.title);
+        let _ = writeln!(s, "| {} |", self.header.join(" | "));
+        let _ = writeln!(s, "|{}", "---|".repeat(self.header.len()));
+        for r in &self.rows {
+            let _ = writeln!(s, "| {} |", r.join(" | "));
+        }
+        if !self.note.is_empty() {
+            let _ = write!(s, "\n{}\n", self.note);
+        }
+        s
+    }
+}
+
+/// A target and whether it was met.
+pub struct Check {
+    pub what: String,
+    pub value: String,
+    pub pass: bool,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub sections: Vec<Section>,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn add(&mut self, section: Section) {
+        println!("{}", section.markdown());
+        self.sections.push(section);
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        for sec in &self.sections {
+            s.push_str(&sec.markdown());
+            s.push('\n');
+        }
+        s.push_str("### Targets\n\n| target | measured | |\n|---|---|---|\n");
+        for c in &self.checks {
+            let _ =
+                writeln!(s, "| {} | {} | {} |", c.what, c.value, if c.pass { "pass" } else { "MISS" });
+        }
+        s
+    }
+}
+
+/// Counts and durations of one run.
+pub struct Params {
+    pub smoke: bool,
+    pub bin: String,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024 / 1024);
+    format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
+}
+
+const ALL: &[&str] = &["kernel", "live", "churn", "scale"];
+
+fn usage() -> String {
+    format!(
+        "usage: bench [--smoke] [--only {}] [--bin PATH] [--markdown FILE]\n\
+         (SMTPFLOW_BIN or target/release/smtpflow by default; needs root)",
+        ALL.join(",")
+    )
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut smoke = false;
+    let mut only: Vec<String> = ALL.iter().map(|s| (*s).to_owned()).collect();
+    let mut bin = std::env::var("SMTPFLOW_BIN").ok();
+    let mut markdown = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--smoke" => smoke = true,
+            "--only" => {
+                let list = args.next().context("--only needs a list")?;
+                only = list.split(',').map(str::to_owned).collect();
+                if let Some(bad) = only.iter().find(|o| !ALL.contains(&o.as_str())) {
+                    bail!("unknown benchmark {bad:?}\n{}", usage());
+                }
+            }
+            "--bin" => bin = Some(args.next().context("--bin needs a path")?),
+            "--markdown" => markdown = Some(args.next().context("--markdown needs a file")?),
+            // `cargo bench` passes --bench to every bench binary.
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks need root (BPF, network namespaces): run `sudo -E cargo xtask bench`");
+    }
+    let bin = bin.unwrap_or_else(|| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/smtpflow").to_owned()
+    });
+    if only.iter().any(|o| o != "kernel") && !std::path::Path::new(&bin).exists() {
+        bail!("{bin} is missing: build it with `cargo build --release -p smtpflow`");
+    }
+    sys::install_signal_cleanup()?;
+    let p = Params { smoke, bin };
+    let machine = machine();
+    println!(
+        "# smtpflow benchmarks{}\n\nMachine: {machine}\n",
+        if smoke { " (smoke run: tiny counts, numbers are not meaningful)" } else { "" }
+    );
+    let started = Instant::now();
+    let mut report = Report::default();
+    for name in &only {
+        let t = Instant::now();
+        let result = match name.as_str() {
+            "kernel" => kernel::run(
+                &if smoke {
+                    kernel::Params { repeat: 1000, rounds: 1, distinct: 1000 }
+                } else {
+                    kernel::Params { repeat: 1_000_000, rounds: 5, distinct: 300_000 }
+                },
+                &mut report,
+            ),
+            "live" => live::run(&p, &mut report),
+            "churn" => churn::run(&p, &mut report),
+            "scale" => scale::run(&p, &mut report),
+            _ => unreachable!(),
+        };
+        result.with_context(|| format!("benchmark {name}"))?;
+        eprintln!("bench: {name} done in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    let text = format!(
+        "Machine: {machine}. {} run, {:.0}s.\n\n{}",
+        if smoke { "Smoke" } else { "Full" },
+        started.elapsed().as_secs_f64(),
+        report.markdown()
+    );
+    let targets = text.split_once("### Targets").map_or("", |(_, t)| t);
+    println!("### Targets{targets}");
+    if let Some(path) = markdown {
+        std::fs::write(&path, &text).with_context(|| format!("writing {path}"))?;
+        eprintln!("bench: results written to {path}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

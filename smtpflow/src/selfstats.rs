@@ -1,0 +1,149 @@
+//! The kernel programs' own cost, from the kernel's per-program accounting (`run_cnt` and
+//! `run_time_ns` of `bpf_prog_info`): `smtpflow_ebpf_program_runs_total{program}` and
+//! `smtpflow_ebpf_program_run_seconds_total{program}`.
+//!
+//! The kernel keeps these only while accounting is on: `sysctl kernel.bpf_stats_enabled=1`, or
+//! while some process holds a `BPF_ENABLE_STATS` file descriptor (which the sysctl does not show).
+//! Accounting costs two clock reads per program run, so it is off by default and smtpflow never
+//! turns it on. The families are exported while the sysctl is 1, or once any of our programs has
+//! been counted (the counters then keep their last value while accounting is off).
+use aya::Ebpf;
+use bytes::{BufMut as _, Bytes, BytesMut};
+use prometheus::{
+    Encoder as _, TextEncoder,
+    proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
+};
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// One loaded program's accumulated cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs: u64,
+    pub run_ns: u64,
+}
+
+/// Whether `kernel.bpf_stats_enabled` is 1.
+pub fn sysctl_enabled() -> bool {
+    std::fs::read_to_string(STATS_SYSCTL).is_ok_and(|s| s.trim() == "1")
+}
+
+/// The cost of every loaded program of `ebpf`, by name. One `BPF_OBJ_GET_INFO_BY_FD` each.
+pub fn read(ebpf: &Ebpf) -> Vec<ProgramCost> {
+    let mut costs: Vec<ProgramCost> = ebpf
+        .programs()
+        .filter_map(|(name, prog)| {
+            // Programs that were never loaded (e.g. XDP in tc mode) have no info.
+            let info = prog.info().ok()?;
+            Some(ProgramCost {
+                program: name.to_owned(),
+                runs: info.run_count(),
+                run_ns: info.run_time().as_nanos() as u64,
+            })
+        })
+        .collect();
+    costs.sort_by(|a, b| a.program.cmp(&b.program));
+    costs
+}
+
+fn counter_family(
+    name: &str,
+    help: &str,
+    costs: &[ProgramCost],
+    value: impl Fn(&ProgramCost) -> f64,
+) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_owned());
+    family.set_help(help.to_owned());
+    family.set_field_type(MetricType::COUNTER);
+    family.set_metric(
+        costs
+            .iter()
+            .map(|c| {
+                let mut label = LabelPair::default();
+                label.set_name("program".to_owned());
+                label.set_value(c.program.clone());
+                let mut counter = Counter::default();
+                counter.set_value(value(c));
+                let mut m = Metric::from_label(vec![label]);
+                m.set_counter(counter);
+                m
+            })
+            .collect(),
+    );
+    family
+}
+
+/// The two families, or none while accounting is off and has never counted our programs.
+pub fn families(costs: &[ProgramCost], sysctl_on: bool) -> Vec<MetricFamily> {
+    if costs.is_empty() || !(sysctl_on || costs.iter().any(|c| c.runs > 0)) {
+        return Vec::new();
+    }
+    vec![
+        counter_family(
+            "smtpflow_ebpf_program_runs_total",
+            "Runs of each smtpflow kernel program, counted by the kernel while kernel.bpf_stats_enabled=1.",
+            costs,
+            |c| c.runs as f64,
+        ),
+        counter_family(
+            "smtpflow_ebpf_program_run_seconds_total",
+            "CPU time spent in each smtpflow kernel program, counted by the kernel while kernel.bpf_stats_enabled=1.",
+            costs,
+            |c| c.run_ns as f64 / 1e9,
+        ),
+    ]
+}
+
+/// Appends the kernel programs' cost to a rendering of the other metrics (Prometheus text
+/// families may follow one another).
+pub fn append(rendered: Bytes, ebpf: &Ebpf) -> Bytes {
+    let fams = families(&read(ebpf), sysctl_enabled());
+    if fams.is_empty() {
+        return rendered;
+    }
+    let mut text = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&fams, &mut text) {
+        log::warn!("rendering the kernel programs' cost failed: {e}");
+        return rendered;
+    }
+    let mut out = BytesMut::with_capacity(rendered.len() + text.len());
+    out.put(rendered);
+    out.put_slice(&text);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(costs: &[ProgramCost], on: bool) -> String {
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&families(costs, on), &mut text).unwrap();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn exported_while_enabled_or_once_counted() {
+        let idle = [ProgramCost { program: "smtpflow_tc_in".into(), runs: 0, run_ns: 0 }];
+        assert_eq!(render(&idle, false), "");
+        assert!(render(&[], true).is_empty());
+        let on = render(&idle, true);
+        assert!(on.contains(r#"smtpflow_ebpf_program_runs_total{program="smtpflow_tc_in"} 0"#));
+        let counted = [
+            ProgramCost { program: "smtpflow_tc_in".into(), runs: 1000, run_ns: 2_500_000_000 },
+            ProgramCost { program: "smtpflow_tc_out".into(), runs: 7, run_ns: 350 },
+        ];
+        let text = render(&counted, false);
+        for want in [
+            "# TYPE smtpflow_ebpf_program_runs_total counter",
+            r#"smtpflow_ebpf_program_runs_total{program="smtpflow_tc_in"} 1000"#,
+            r#"smtpflow_ebpf_program_runs_total{program="smtpflow_tc_out"} 7"#,
+            r#"smtpflow_ebpf_program_run_seconds_total{program="smtpflow_tc_in"} 2.5"#,
+            r#"smtpflow_ebpf_program_run_seconds_total{program="smtpflow_tc_out"} 0.00000035"#,
+        ] {
+            assert!(text.contains(want), "missing {want}\n{text}");
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! SMTP servers and clients for the handshake tests: Postfix's `smtp-sink` run in a namespace, a
+//! minimal SMTP client over `TcpStream`, `swaks`, and small servers that reset connections at a
+//! chosen point. Every process is killed on drop and every wait is bounded.
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crate::{Netns, in_netns, wait_for};
+
+/// A child process killed (SIGKILL) and reaped on drop; its stderr goes to a temporary file.
+pub struct Process {
+    child: Option<Child>,
+    what: String,
+    stderr_path: PathBuf,
+}
+
+impl Process {
+    /// Starts `cmd args...` inside `ns` (`ip netns exec` execs it, so the child is the program).
+    pub fn spawn(ns: &Netns, cmd: &str, args: &[&str]) -> Self {
+        let stderr_path =
+            std::env::temp_dir().join(format!("{}-{cmd}-{}.stderr", ns.name, unique()));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, cmd])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd} in {}: {e}", ns.name));
+        Self { child: Some(child), what: format!("{cmd} {}", args.join(" ")), stderr_path }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Panics (with its stderr) if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("{} exited ({status}):\n{}", self.what, self.stderr());
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// A number unique within this test process, for temporary file names.
+fn unique() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Waits (at most 10 s) until something listens on TCP `addr` in `ns`.
+pub fn wait_listening(ns: &Netns, addr: SocketAddr, mut alive: impl FnMut()) {
+    let ok = wait_for(Duration::from_secs(10), || {
+        alive();
+        let out = ns.exec("ss", &["-Hltn", &format!("sport = :{}", addr.port())]);
+        String::from_utf8_lossy(&out.stdout).contains(&addr.to_string()).then_some(())
+    });
+    assert!(ok.is_some(), "nothing listens on {addr} in {} after 10s", ns.name);
+}
+
+/// Postfix's `smtp-sink` listening on `addr` in a namespace, killed on drop.
+pub struct SmtpSink {
+    pub addr: SocketAddr,
+    process: Process,
+}
+
+impl SmtpSink {
+    /// `smtp-sink -u nobody <extra...> <addr> 100`: e.g. no extra for a 220 greeting,
+    /// `-Q connect` for a 421 greeting (then the server closes), `-W connect:1` to greet after
+    /// one second. Returns once it listens.
+    pub fn start(ns: &Netns, addr: &str, extra: &[&str]) -> Self {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        let listen = addr.to_string();
+        let mut args = vec!["-u", "nobody"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[listen.as_str(), "100"]);
+        let mut process = Process::spawn(ns, "smtp-sink", &args);
+        wait_listening(ns, addr, || process.assert_running());
+        Self { addr, process }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.process.stderr()
+    }
+}
+
+/// What one client session saw.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The greeting's reply code.
+    pub greeting: u16,
+    /// Every reply code, in order (the greeting first).
+    pub replies: Vec<u16>,
+    /// How long `connect` took (SYN to SYN-ACK, from the client's side).
+    pub connect: Duration,
+    /// From the start of `connect` to the whole greeting read.
+    pub greeted: Duration,
+}
+
+/// Reads one complete reply (through a line `NNN <text>\r\n`); `Ok(None)` at end of stream.
+fn read_reply(s: &mut TcpStream) -> io::Result<Option<u16>> {
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if s.read(&mut byte)? == 0 {
+            return if text.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "reply cut short"))
+            };
+        }
+        text.push(byte[0]);
+        if text.ends_with(b"\r\n") {
+            let last = text[..text.len() - 2].rsplit(|&b| b == b'\n').next().unwrap_or_default();
+            if last.len() >= 4 && last[3] == b' ' {
+                let code = std::str::from_utf8(&last[..3]).ok().and_then(|c| c.parse().ok());
+                return code.map(Some).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "not an SMTP reply")
+                });
+            }
+        }
+    }
+}
+
+/// One polite SMTP session: connect, read the greeting; after a 220 send QUIT and read the
+/// answer; then read to the end of the stream (the server closes first) and close. Nothing is
+/// sent after a non-220 greeting, so no RST is provoked.
+pub fn session(addr: SocketAddr, timeout: Duration) -> io::Result<Session> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    let connect = start.elapsed();
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let greeting = read_reply(&mut s)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"))?;
+    let greeted = start.elapsed();
+    let mut replies = vec![greeting];
+    if greeting == 220 {
+        s.write_all(b"QUIT\r\n")?;
+        if let Some(code) = read_reply(&mut s)? {
+            replies.push(code);
+        }
+    }
+    while let Some(code) = read_reply(&mut s)? {
+        replies.push(code);
+    }
+    Ok(Session { greeting, replies, connect, greeted })
+}
+
+/// Runs `n` sessions to `addr` from `ns`, all at once (one thread each), and returns them.
+pub fn sessions(ns: &Netns, addr: &str, n: usize) -> Vec<Session> {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    in_netns(ns, move || {
+        let threads: Vec<_> =
+            (0..n).map(|_| thread::spawn(move || session(addr, Duration::from_secs(5)))).collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("session thread").unwrap_or_else(|e| panic!("{addr}: {e}")))
+            .collect()
+    })
+}
+
+/// `n` connection attempts to `addr` from `ns`, all at once, each given up after `timeout`.
+/// Returns each attempt's result kind (`Ok(())` when it connected).
+pub fn attempts(
+    ns: &Netns,
+    addr: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Result<(), io::ErrorKind>> {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    in_netns(ns, move || {
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                thread::spawn(move || {
+                    TcpStream::connect_timeout(&addr, timeout).map(drop).map_err(|e| e.kind())
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("connect thread")).collect()
+    })
+}
+
+/// Sets `SO_LINGER` to {on, 0 s}: closing the socket then sends a RST instead of a FIN.
+pub fn linger_zero(fd: &impl AsRawFd) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a valid socket with a valid struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
+/// A TCP listener bound in `ns` with the given accept backlog.
+pub fn listen(ns: &Netns, addr: &str, backlog: i32) -> TcpListener {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only: {addr}") };
+    in_netns(ns, move || {
+        // SAFETY: plain socket syscalls with valid arguments; the fd is owned by the listener.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            let listener = TcpListener::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4);
+            let mut sin: libc::sockaddr_in = std::mem::zeroed();
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            let rc = libc::bind(fd, (&raw const sin).cast(), size_of::<libc::sockaddr_in>() as u32);
+            assert_eq!(rc, 0, "bind {addr}: {}", io::Error::last_os_error());
+            let rc = libc::listen(fd, backlog);
+            assert_eq!(rc, 0, "listen: {}", io::Error::last_os_error());
+            listener
+        }
+    })
+}
+
+/// Accepts one connection, waiting at most `timeout`.
+pub fn accept_within(l: &TcpListener, timeout: Duration) -> TcpStream {
+    l.set_nonblocking(true).expect("nonblocking listener");
+    let s = wait_for(timeout, || l.accept().ok().map(|(s, _)| s))
+        .unwrap_or_else(|| panic!("no connection to accept within {timeout:?}"));
+    s.set_nonblocking(false).expect("blocking stream");
+    s
+}
+
+/// Serves `n` connections on a thread: accepts each and at once closes it with a RST (before
+/// any greeting).
+pub fn serve_reset_after_accept(l: TcpListener, n: usize) -> JoinHandle<()> {
+    thread::spawn(move || {
+        for _ in 0..n {
+            let s = accept_within(&l, Duration::from_secs(10));
+            linger_zero(&s);
+            drop(s);
+        }
+    })
+}
+
+/// Serves `n` connections on a thread: greets each with `220 test ESMTP`, then only reads until
+/// the client goes away (sending nothing more, so a client's RST is the connection's last
+/// packet).
+pub fn serve_greet_then_wait(l: TcpListener, n: usize) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let conns: Vec<_> = (0..n)
+            .map(|_| {
+                let mut s = accept_within(&l, Duration::from_secs(10));
+                s.write_all(b"220 test ESMTP\r\n").expect("greeting");
+                s
+            })
+            .collect();
+        for mut s in conns {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 512];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    })
+}
+
+/// From `ns`, `n` times one after the other: connects to `addr` and reads; the server resets the
+/// connection. Returns what each read ended with.
+pub fn connect_expect_reset(ns: &Netns, addr: &str, n: usize) -> Vec<io::ErrorKind> {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    in_netns(ns, move || {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 64];
+                match s.read(&mut buf) {
+                    Ok(0) => io::ErrorKind::UnexpectedEof,
+                    Ok(_) => io::ErrorKind::InvalidData,
+                    Err(e) => e.kind(),
+                }
+            })
+            .collect()
+    })
+}
+
+/// From `ns`, `n` times one after the other: connects to `addr`, reads the greeting, then aborts
+/// the session with a RST. Returns the greeting codes.
+pub fn greeting_then_abort(ns: &Netns, addr: &str, n: usize) -> Vec<u16> {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    in_netns(ns, move || {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let code = read_reply(&mut s).expect("greeting").expect("a greeting");
+                linger_zero(&s);
+                drop(s);
+                code
+            })
+            .collect()
+    })
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd args...` inside `ns`, waiting at most `timeout` (killed and a panic after that).
+/// Output is captured through files, so a chatty program cannot block on a full pipe.
+pub fn run_in(ns: &Netns, cmd: &str, args: &[&str], timeout: Duration) -> Output {
+    let tag = format!("{}-{cmd}-{}", ns.name, unique());
+    let out_path = std::env::temp_dir().join(format!("{tag}.stdout"));
+    let err_path = std::env::temp_dir().join(format!("{tag}.stderr"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, cmd])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let mut guard = Process { child: Some(child), what: cmd.into(), stderr_path: err_path.clone() };
+    let status =
+        wait_for(timeout, || guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()));
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = guard.stderr();
+    let _ = std::fs::remove_file(&out_path);
+    let Some(status) = status else {
+        drop(guard);
+        panic!(
+            "{cmd} {} still ran after {timeout:?}; killed it.\n{stdout}{stderr}",
+            args.join(" ")
+        );
+    };
+    guard.child = None; // reaped by try_wait
+    Output { code: status.code(), stdout, stderr }
+}
+
+/// One `swaks` session from `ns` to `server:port` that quits after the banner (sending `QUIT`
+/// whatever the banner said, as swaks does).
+pub fn swaks_banner(ns: &Netns, server: &str, port: u16) -> Output {
+    let port = port.to_string();
+    run_in(
+        ns,
+        "swaks",
+        &[
+            "--server",
+            server,
+            "--port",
+            &port,
+            "--quit-after",
+            "banner",
+            "--timeout",
+            "5",
+            "--helo",
+            "client.test",
+            "--from",
+            "a@client.test",
+            "--to",
+            "b@server.test",
+        ],
+        Duration::from_secs(20),
+    )
+}

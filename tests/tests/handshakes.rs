@@ -1,0 +1,801 @@
+//! Handshake outcomes, reset phases, greeting timing, SMTP replies and SYN drop reasons, from
+//! real servers (Postfix's `smtp-sink`, small Rust servers), real clients (`swaks`, a Rust SMTP
+//! client) and real kernel drops (nftables rules, a listen queue that overflows), each counted by
+//! the real `smtpflow watch` on the gateway's interface `sf0`.
+//!
+//! Where the kernel's timers decide how many packets there are (SYN retransmissions), the
+//! expected counts come from an independent observer: an nftables counter, the kernel's own
+//! statistics, or a packet capture. Nothing assumes Linux's SYN retry schedule.
+use std::{net::SocketAddr, thread, time::Duration};
+
+use smtpflow_tests::{
+    Pair, Watch,
+    capture::{self, Capture},
+    netfilter::{netstat, nft_counter, nft_drop_syns, nft_table, queue_syns},
+    nfqueue::{Held, Holder},
+    require_root,
+    smtp::{self, Session, SmtpSink},
+};
+
+const IF: &str = Pair::LOCAL_IF;
+const PEER: &str = Pair::PEER_V4;
+
+const HANDSHAKES: &str = "smtpflow_handshakes_total";
+const PEER_HANDSHAKES: &str = "smtpflow_peer_handshakes_total";
+const RETRANSMITS: &str = "smtpflow_syn_retransmits_total";
+const RESETS: &str = "smtpflow_resets_total";
+const REPLIES: &str = "smtpflow_smtp_replies_total";
+const GREETINGS: &str = "smtpflow_smtp_greetings_total";
+const PEER_GREETINGS: &str = "smtpflow_peer_smtp_greetings_total";
+const DROPS: &str = "smtpflow_syn_drops_total";
+const HS_BUCKET: &str = "smtpflow_handshake_duration_seconds_bucket";
+const HS_COUNT: &str = "smtpflow_handshake_duration_seconds_count";
+const HS_SUM: &str = "smtpflow_handshake_duration_seconds_sum";
+const GREET_BUCKET: &str = "smtpflow_greeting_duration_seconds_bucket";
+const GREET_COUNT: &str = "smtpflow_greeting_duration_seconds_count";
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// One expected sample: metric, label filter (summed over the other labels), exact value.
+type E = (&'static str, Vec<(&'static str, &'static str)>, u64);
+
+fn series(
+    name: &'static str,
+    dir: &'static str,
+    port: &'static str,
+    extra: &[(&'static str, &'static str)],
+    n: u64,
+) -> E {
+    let mut labels = vec![("iface", IF), ("direction", dir), ("port", port)];
+    labels.extend_from_slice(extra);
+    (name, labels, n)
+}
+
+fn outcome(dir: &'static str, port: &'static str, outcome: &'static str, n: u64) -> E {
+    series(HANDSHAKES, dir, port, &[("outcome", outcome)], n)
+}
+
+fn peer_outcome(dir: &'static str, port: &'static str, outcome: &'static str, n: u64) -> E {
+    series(PEER_HANDSHAKES, dir, port, &[("peer", PEER), ("outcome", outcome)], n)
+}
+
+fn retransmits(dir: &'static str, port: &'static str, n: u64) -> E {
+    series(RETRANSMITS, dir, port, &[], n)
+}
+
+fn reset(
+    dir: &'static str,
+    port: &'static str,
+    phase: &'static str,
+    side: &'static str,
+    n: u64,
+) -> E {
+    series(RESETS, dir, port, &[("phase", phase), ("side", side)], n)
+}
+
+fn reply(dir: &'static str, port: &'static str, code: &'static str, n: u64) -> E {
+    series(REPLIES, dir, port, &[("code", code)], n)
+}
+
+fn greeting(dir: &'static str, port: &'static str, code: &'static str, n: u64) -> E {
+    series(GREETINGS, dir, port, &[("code", code)], n)
+}
+
+fn peer_greeting(dir: &'static str, port: &'static str, code: &'static str, n: u64) -> E {
+    series(PEER_GREETINGS, dir, port, &[("peer", PEER), ("code", code)], n)
+}
+
+fn bucket(
+    name: &'static str,
+    dir: &'static str,
+    port: &'static str,
+    le: &'static str,
+    n: u64,
+) -> E {
+    series(name, dir, port, &[("le", le)], n)
+}
+
+fn count(name: &'static str, dir: &'static str, port: &'static str, n: u64) -> E {
+    series(name, dir, port, &[], n)
+}
+
+/// Drop counters carry no `iface` (the kernel-wide hook sees the namespace, not an interface).
+fn drops(dir: &'static str, port: &'static str, reason: &'static str, n: u64) -> E {
+    (DROPS, vec![("direction", dir), ("port", port), ("reason", reason)], n)
+}
+
+fn total(name: &'static str, filter: &[(&'static str, &'static str)], n: u64) -> E {
+    (name, filter.to_vec(), n)
+}
+
+/// smtpflow's own health: nothing lost, nothing malformed, every flow entry created. (Flow
+/// evictions are not asserted here: their estimate can count one that never happened, see
+/// `tc_flow_evictions_not_overcounted`.)
+fn healthy() -> Vec<E> {
+    vec![
+        total("smtpflow_lost_events_total", &[], 0),
+        total("smtpflow_malformed_packets_total", &[], 0),
+        total("smtpflow_flow_insert_failures_total", &[], 0),
+    ]
+}
+
+/// How many sessions got each reply code (the client's own view).
+fn replies_with(sessions: &[Session], code: u16) -> u64 {
+    sessions.iter().flat_map(|s| &s.replies).filter(|&&c| c == code).count() as u64
+}
+
+/// Pure SYNs to `dport` among captured IPv4 frames.
+fn syns_to(frames: &[Vec<u8>], dport: u16) -> u64 {
+    frames
+        .iter()
+        .filter_map(|f| capture::ipv4_tcp(f))
+        .filter(|s| s.dst_port == dport && s.flags & (SYN | ACK | RST) == SYN)
+        .count() as u64
+}
+
+/// RSTs from source port `sport` among captured IPv4 frames.
+fn rsts_from(frames: &[Vec<u8>], sport: u16) -> u64 {
+    frames
+        .iter()
+        .filter_map(|f| capture::ipv4_tcp(f))
+        .filter(|s| s.src_port == sport && s.flags & RST != 0)
+        .count() as u64
+}
+
+fn addr(ip: &str, port: u16) -> String {
+    SocketAddr::new(ip.parse().unwrap(), port).to_string()
+}
+
+/// Inbound: `smtp-sink` on the gateway answering 220 on port 25 and 421 on port 587 (then
+/// closing), a Rust SMTP client in the peer connecting N and M times. Every attempt is an
+/// established handshake; the greetings and replies are counted by code, in total and per peer;
+/// both histograms hold one observation per connection; nothing is reset or retransmitted.
+#[test]
+fn tc_inbound_greetings_from_smtp_sink() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &[]);
+    let _ok = SmtpSink::start(&pair.local, &addr(Pair::LOCAL_V4, 25), &[]);
+    let _busy = SmtpSink::start(&pair.local, &addr(Pair::LOCAL_V4, 587), &["-Q", "connect"]);
+
+    const N: u64 = 5;
+    const M: u64 = 3;
+    let ok = smtp::sessions(&pair.peer, &addr(Pair::LOCAL_V4, 25), N as usize);
+    let busy = smtp::sessions(&pair.peer, &addr(Pair::LOCAL_V4, 587), M as usize);
+    assert!(ok.iter().all(|s| s.replies == [220, 221]), "{ok:?}");
+    assert!(busy.iter().all(|s| s.replies == [421]), "{busy:?}");
+
+    let i = "inbound";
+    let mut expected = vec![
+        outcome(i, "25", "established", N),
+        outcome(i, "587", "established", M),
+        total(HANDSHAKES, &[], N + M),
+        total(RETRANSMITS, &[], 0),
+        peer_outcome(i, "25", "established", N),
+        peer_outcome(i, "587", "established", M),
+        total(PEER_HANDSHAKES, &[], N + M),
+        greeting(i, "25", "220", replies_with(&ok, 220)),
+        greeting(i, "587", "421", replies_with(&busy, 421)),
+        total(GREETINGS, &[], N + M),
+        peer_greeting(i, "25", "220", N),
+        peer_greeting(i, "587", "421", M),
+        total(PEER_GREETINGS, &[], N + M),
+        reply(i, "25", "220", N),
+        reply(i, "25", "221", replies_with(&ok, 221)),
+        reply(i, "587", "421", M),
+        total(REPLIES, &[], 2 * N + M),
+        count(HS_COUNT, i, "25", N),
+        count(HS_COUNT, i, "587", M),
+        total(HS_COUNT, &[], N + M),
+        // The gateway's own stack answers a SYN within microseconds.
+        bucket(HS_BUCKET, i, "25", "0.1", N),
+        count(GREET_COUNT, i, "25", N),
+        count(GREET_COUNT, i, "587", M),
+        total(GREET_COUNT, &[], N + M),
+        total(RESETS, &[], 0),
+        total(DROPS, &[], 0),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// Outbound: the gateway runs `swaks` against `smtp-sink` in the peer namespace (220 on 25,
+/// 421 on 587). Outbound established handshakes, greetings and replies by code, per peer.
+/// swaks sends QUIT even after a 421, to a server that has closed: the server's RST is a
+/// session reset (the flow ended with the server's FIN), counted as often as a capture saw it.
+#[test]
+fn tc_outbound_greetings_with_swaks() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &[]);
+    let _ok = SmtpSink::start(&pair.peer, &addr(PEER, 25), &[]);
+    let _busy = SmtpSink::start(&pair.peer, &addr(PEER, 587), &["-Q", "connect"]);
+    let cap = Capture::start(&pair.local, IF);
+
+    const N: u64 = 3;
+    const M: u64 = 2;
+    for _ in 0..N {
+        let out = smtp::swaks_banner(&pair.local, PEER, 25);
+        assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("<-  220 ") && out.stdout.contains("<-  221 "), "{out:?}");
+    }
+    for _ in 0..M {
+        let out = smtp::swaks_banner(&pair.local, PEER, 587);
+        assert_ne!(out.code, Some(0), "a 421 banner is an error for swaks: {out:?}");
+        assert!(out.stdout.contains("<** 421 "), "{out:?}");
+    }
+    thread::sleep(Duration::from_millis(300));
+    let frames = cap.finish();
+    let server_resets = rsts_from(&frames, 587);
+    assert!(server_resets >= M, "the 421 server reset {server_resets} times for {M} QUITs");
+
+    let o = "outbound";
+    let mut expected = vec![
+        outcome(o, "25", "established", N),
+        outcome(o, "587", "established", M),
+        total(HANDSHAKES, &[], N + M),
+        total(RETRANSMITS, &[], 0),
+        peer_outcome(o, "25", "established", N),
+        peer_outcome(o, "587", "established", M),
+        total(PEER_HANDSHAKES, &[], N + M),
+        greeting(o, "25", "220", N),
+        greeting(o, "587", "421", M),
+        total(GREETINGS, &[], N + M),
+        peer_greeting(o, "25", "220", N),
+        peer_greeting(o, "587", "421", M),
+        total(PEER_GREETINGS, &[], N + M),
+        reply(o, "25", "220", N),
+        reply(o, "25", "221", N),
+        reply(o, "587", "421", M),
+        total(REPLIES, &[], 2 * N + M),
+        count(HS_COUNT, o, "25", N),
+        count(HS_COUNT, o, "587", M),
+        count(GREET_COUNT, o, "25", N),
+        count(GREET_COUNT, o, "587", M),
+        reset(o, "587", "session", "peer", server_resets),
+        total(RESETS, &[], server_resets),
+        total(DROPS, &[], 0),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// Closed ports are refused (a handshake-phase reset by the answering side); SYNs dropped by
+/// nftables time out once per attempt (`--handshake-timeout 1s`) and their retransmissions are
+/// counted; the drops in smtpflow's own namespace are counted by reason and direction, exactly
+/// as often as the nft rules' counters say, and drops in another namespace are not.
+#[test]
+fn tc_refused_timeouts_and_netfilter_drops() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
+    // Gateway: drop inbound SYNs to 25 (input) and our own SYNs to 465 (output, before TC).
+    nft_table(&pair.local);
+    nft_drop_syns(&pair.local, "input", 25, "in25");
+    nft_drop_syns(&pair.local, "output", 465, "out465");
+    // Peer: drop the gateway's SYNs to 25.
+    nft_table(&pair.peer);
+    nft_drop_syns(&pair.peer, "input", 25, "peer25");
+    let cap = Capture::start(&pair.local, IF);
+
+    const A_IN: usize = 3;
+    const A_OUT: usize = 2;
+    let give_up = Duration::from_millis(2500);
+    let (in25, out25, out465, in587, out587) = thread::scope(|s| {
+        let in25 = s.spawn(|| smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 25), A_IN, give_up));
+        let out25 = s.spawn(|| smtp::attempts(&pair.local, &addr(PEER, 25), A_OUT, give_up));
+        let out465 = s.spawn(|| smtp::attempts(&pair.local, &addr(PEER, 465), 1, give_up));
+        let in587 = s.spawn(|| smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 587), 1, give_up));
+        let out587 = s.spawn(|| smtp::attempts(&pair.local, &addr(PEER, 587), 1, give_up));
+        (
+            in25.join().unwrap(),
+            out25.join().unwrap(),
+            out465.join().unwrap(),
+            in587.join().unwrap(),
+            out587.join().unwrap(),
+        )
+    });
+    use std::io::ErrorKind::{ConnectionRefused, TimedOut};
+    for r in in25.iter().chain(&out25).chain(&out465) {
+        assert_eq!(*r, Err(TimedOut), "a dropped SYN must time out");
+    }
+    assert_eq!(in587, [Err(ConnectionRefused)]);
+    assert_eq!(out587, [Err(ConnectionRefused)]);
+    thread::sleep(Duration::from_millis(200));
+    let frames = cap.finish();
+
+    let in25_syns = nft_counter(&pair.local, "in25");
+    let out465_syns = nft_counter(&pair.local, "out465");
+    let peer25_syns = nft_counter(&pair.peer, "peer25");
+    eprintln!("nft counters: in25 {in25_syns}, out465 {out465_syns}, peer25 {peer25_syns}");
+    // The independent capture on sf0 saw exactly the SYNs the input rule dropped.
+    assert_eq!(syns_to(&frames, 25), in25_syns);
+    assert!(in25_syns >= A_IN as u64 && peer25_syns >= A_OUT as u64 && out465_syns >= 1);
+
+    let (i, o) = ("inbound", "outbound");
+    let mut expected = vec![
+        outcome(i, "25", "timeout", A_IN as u64),
+        retransmits(i, "25", in25_syns - A_IN as u64),
+        outcome(o, "25", "timeout", A_OUT as u64),
+        retransmits(o, "25", peer25_syns - A_OUT as u64),
+        // Dropped before TC egress: never on the wire, so no flow at all.
+        total(HANDSHAKES, &[("port", "465")], 0),
+        total(RETRANSMITS, &[("port", "465")], 0),
+        outcome(i, "587", "refused", 1),
+        outcome(o, "587", "refused", 1),
+        total(HANDSHAKES, &[], (A_IN + A_OUT + 2) as u64),
+        total(RETRANSMITS, &[], in25_syns - A_IN as u64 + peer25_syns - A_OUT as u64),
+        peer_outcome(i, "25", "timeout", A_IN as u64),
+        peer_outcome(o, "25", "timeout", A_OUT as u64),
+        peer_outcome(i, "587", "refused", 1),
+        peer_outcome(o, "587", "refused", 1),
+        total(PEER_HANDSHAKES, &[], (A_IN + A_OUT + 2) as u64),
+        reset(i, "587", "handshake", "local", 1),
+        reset(o, "587", "handshake", "peer", 1),
+        total(RESETS, &[], 2),
+        drops(i, "25", "NETFILTER_DROP", in25_syns),
+        drops(o, "465", "NETFILTER_DROP", out465_syns),
+        // The closed port's SYN, freed after the RST was sent.
+        drops(i, "587", "NO_SOCKET", 1),
+        // The peer's drops (its nft rule, its closed port) are another namespace's.
+        total(DROPS, &[], in25_syns + out465_syns + 1),
+        total(HS_COUNT, &[], 0),
+        total(GREETINGS, &[], 0),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// A listener with backlog 1 that never accepts: two connections fill its accept queue, the
+/// next attempts' SYNs are dropped by the kernel (ListenOverflows). Checked: the two handshakes
+/// are established, the others time out once each, their retransmissions are counted, and every
+/// overflow was one of the SYNs a capture saw (so the kernel's counter is a SYN count here).
+/// With `check_reason`, also the contract's `syn_drops_total{reason="TCP_LISTEN_OVERFLOW"}`
+/// equal to the ListenOverflows delta.
+fn listen_overflow(check_reason: bool) {
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
+    let cap = Capture::start(&pair.local, IF);
+    let server = addr(Pair::LOCAL_V4, 25);
+    let listener = smtp::listen(&pair.local, &server, 1);
+    let before = netstat(&pair.local, "TcpExt", "ListenOverflows");
+
+    // Fill the accept queue one connection at a time (never two half-open requests at once).
+    let target: SocketAddr = server.parse().unwrap();
+    let filled = smtpflow_tests::in_netns(&pair.peer, move || {
+        (0..2)
+            .map(|_| {
+                let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                    .expect("filling the accept queue");
+                thread::sleep(Duration::from_millis(50));
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    let queued = smtpflow_tests::wait_for(Duration::from_secs(5), || {
+        let out = pair.local.exec_ok("ss", &["-Hltn", "sport = :25"]);
+        let recv_q = out.split_whitespace().nth(1).and_then(|q| q.parse::<u32>().ok());
+        (recv_q == Some(2)).then_some(())
+    });
+    assert!(queued.is_some(), "the accept queue did not fill");
+
+    const K: usize = 3;
+    let results = smtp::attempts(&pair.peer, &server, K, Duration::from_millis(2500));
+    assert!(results.iter().all(|r| *r == Err(std::io::ErrorKind::TimedOut)), "{results:?}");
+    let overflows = netstat(&pair.local, "TcpExt", "ListenOverflows") - before;
+    thread::sleep(Duration::from_millis(200));
+    let syns = syns_to(&cap.finish(), 25);
+    let overflow_syns = syns - 2;
+    eprintln!("ListenOverflows +{overflows}; SYNs captured {syns} (2 accepted)");
+    assert!(overflow_syns >= K as u64);
+    assert_eq!(overflows, overflow_syns, "every overflow is one of the dropped SYNs");
+
+    let i = "inbound";
+    let mut expected = vec![
+        outcome(i, "25", "established", 2),
+        outcome(i, "25", "timeout", K as u64),
+        total(HANDSHAKES, &[], 2 + K as u64),
+        retransmits(i, "25", overflow_syns - K as u64),
+        peer_outcome(i, "25", "timeout", K as u64),
+        total(RESETS, &[], 0),
+    ];
+    if check_reason {
+        expected.push(drops(i, "25", "TCP_LISTEN_OVERFLOW", overflows));
+        expected.push(total(DROPS, &[], overflows));
+    }
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+    drop(filled);
+    drop(listener);
+}
+
+#[test]
+fn tc_listen_overflow_outcomes() {
+    require_root!();
+    listen_overflow(false);
+}
+
+/// The contract's drop-reason half of the listen overflow case. On Linux 6.18 a SYN dropped
+/// because the accept queue is full is not freed through `kfree_skb` at all: tcp_conn_request
+/// counts ListenOverflows and returns 0, and tcp_rcv_state_process then `consume_skb`s it. The
+/// TCP_LISTEN_OVERFLOW reason is only given to the third ACK dropped in tcp_check_req, which
+/// the drop program ignores (SYNs only). So smtpflow reports 0 here.
+#[test]
+#[ignore = "smtpflow bug: SYNs dropped on accept-queue overflow never reach tp_btf/kfree_skb on \
+            Linux 6.18 (consume_skb), so syn_drops_total{reason=\"TCP_LISTEN_OVERFLOW\"} stays 0 \
+            while ListenOverflows grows"]
+fn tc_listen_overflow_drop_reason() {
+    require_root!();
+    listen_overflow(true);
+}
+
+/// Added delay without netem: NFQUEUE holders. The peer holds the gateway's SYNs to its port 25
+/// for 300 ms (outbound handshakes), and the gateway's own stack holds the peer's SYNs to 587
+/// for 600 ms after TC ingress saw them (inbound handshakes; both under the 1 s initial RTO). The peer's `smtp-sink -W
+/// connect:1` greets one second after accepting. Each duration lands in the bucket that the
+/// holders' measured hold times (a lower bound) and the clients' own timings (an upper bound)
+/// put it in, and the histogram's sum lies between those bounds.
+#[test]
+fn tc_handshake_and_greeting_durations_with_held_syns() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &[]);
+    let _slow = SmtpSink::start(&pair.peer, &addr(PEER, 25), &["-W", "connect:1"]);
+    let _local = SmtpSink::start(&pair.local, &addr(Pair::LOCAL_V4, 587), &[]);
+    let peer_holder = Holder::start(&pair.peer, 1, Duration::from_millis(300));
+    queue_syns(&pair.peer, 25, 1);
+    let local_holder = Holder::start(&pair.local, 2, Duration::from_millis(600));
+    queue_syns(&pair.local, 587, 2);
+
+    const N_OUT: usize = 3;
+    const N_IN: usize = 3;
+    let (out, inb) = thread::scope(|s| {
+        let out = s.spawn(|| smtp::sessions(&pair.local, &addr(PEER, 25), N_OUT));
+        let inb = s.spawn(|| smtp::sessions(&pair.peer, &addr(Pair::LOCAL_V4, 587), N_IN));
+        (out.join().unwrap(), inb.join().unwrap())
+    });
+    let held_out = peer_holder.finish();
+    let held_in = local_holder.finish();
+    eprintln!("held outbound SYNs: {held_out:?}\nheld inbound SYNs: {held_in:?}");
+    eprintln!("outbound sessions: {out:?}\ninbound sessions: {inb:?}");
+    assert!(out.iter().chain(&inb).all(|s| s.replies == [220, 221]));
+    // Exactly one SYN per connection was held (no retransmission: held < the 1 s initial RTO).
+    for (held, port, n) in [(&held_out, 25, N_OUT), (&held_in, 587, N_IN)] {
+        assert_eq!(held.len(), n, "{held:?}");
+        assert!(held.iter().all(|h| h.dst_port == port && h.tcp_flags & (SYN | ACK) == SYN));
+    }
+    // Lower bounds: the SYN passed smtpflow before it was held (outbound: on its way out of
+    // the gateway; inbound: TC ingress comes before netfilter). Upper bounds: the client's
+    // connect() spans SYN and SYN-ACK at any point on the path.
+    let min = |h: &[Held]| h.iter().map(|h| h.held).min().unwrap();
+    let max_connect = |s: &[Session]| s.iter().map(|s| s.connect).max().unwrap();
+    let (lo_out, hi_out) = (min(&held_out), max_connect(&out));
+    let (lo_in, hi_in) = (min(&held_in), max_connect(&inb));
+    assert!(lo_out > Duration::from_millis(250) && hi_out <= Duration::from_millis(500));
+    assert!(lo_in > Duration::from_millis(500) && hi_in <= Duration::from_secs(1));
+    // The greeting: smtp-sink waits 1 s after accept (after the handshake); the client's time
+    // from connect() to the greeting bounds it from above.
+    let hi_greet = out.iter().map(|s| s.greeted).max().unwrap();
+    assert!(hi_greet <= Duration::from_millis(2500), "{out:?}");
+
+    let (i, o) = ("inbound", "outbound");
+    let mut expected = vec![
+        outcome(o, "25", "established", N_OUT as u64),
+        outcome(i, "587", "established", N_IN as u64),
+        total(RETRANSMITS, &[], 0),
+        count(HS_COUNT, o, "25", N_OUT as u64),
+        bucket(HS_BUCKET, o, "25", "0.25", 0),
+        bucket(HS_BUCKET, o, "25", "0.5", N_OUT as u64),
+        count(HS_COUNT, i, "587", N_IN as u64),
+        bucket(HS_BUCKET, i, "587", "0.5", 0),
+        bucket(HS_BUCKET, i, "587", "1", N_IN as u64),
+        count(GREET_COUNT, o, "25", N_OUT as u64),
+        bucket(GREET_BUCKET, o, "25", "1", 0),
+        bucket(GREET_BUCKET, o, "25", "2.5", N_OUT as u64),
+        count(GREET_COUNT, i, "587", N_IN as u64),
+        greeting(o, "25", "220", N_OUT as u64),
+        greeting(i, "587", "220", N_IN as u64),
+        total(RESETS, &[], 0),
+    ];
+    expected.extend(healthy());
+    let m = w.expect_settled(&pair.local, &expected);
+    // The sums lie between the summed lower and upper bounds.
+    let sum = |dir: &str, port: &str| {
+        m.get(HS_SUM, &[("iface", IF), ("direction", dir), ("port", port)]).unwrap()
+    };
+    let total_held = |h: &[Held]| -> f64 { h.iter().map(|h| h.held.as_secs_f64()).sum() };
+    let total_connect = |s: &[Session]| -> f64 { s.iter().map(|s| s.connect.as_secs_f64()).sum() };
+    let (sum_out, sum_in) = (sum(o, "25"), sum(i, "587"));
+    assert!(
+        total_held(&held_out) <= sum_out && sum_out <= total_connect(&out),
+        "outbound handshake sum {sum_out} outside [{}, {}]",
+        total_held(&held_out),
+        total_connect(&out)
+    );
+    assert!(
+        total_held(&held_in) <= sum_in && sum_in <= total_connect(&inb),
+        "inbound handshake sum {sum_in} outside [{}, {}]",
+        total_held(&held_in),
+        total_connect(&inb)
+    );
+}
+
+/// Resets by phase and side, in both directions. A server that accepts and at once closes with
+/// a RST (SO_LINGER 0): `pre_greeting`, sent by the server's side. A client that reads the 220
+/// greeting and then aborts with a RST: `session`, sent by the client's side. A closed port:
+/// `handshake`, sent by the answering side, and a `refused` outcome.
+#[test]
+fn tc_reset_phases_and_sides() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &[]);
+    const R: usize = 3; // resets before the greeting
+    const S: usize = 2; // resets in session
+    const C: usize = 2; // closed port
+
+    // (server namespace, server address, client namespace)
+    let cases = [(&pair.local, Pair::LOCAL_V4, &pair.peer), (&pair.peer, PEER, &pair.local)];
+    for (server_ns, ip, client_ns) in cases {
+        let pre = smtp::serve_reset_after_accept(smtp::listen(server_ns, &addr(ip, 25), 16), R);
+        let sess = smtp::serve_greet_then_wait(smtp::listen(server_ns, &addr(ip, 587), 16), S);
+        let kinds = smtp::connect_expect_reset(client_ns, &addr(ip, 25), R);
+        assert!(kinds.iter().all(|k| *k == std::io::ErrorKind::ConnectionReset), "{kinds:?}");
+        let codes = smtp::greeting_then_abort(client_ns, &addr(ip, 587), S);
+        assert_eq!(codes, vec![220; S]);
+        let refused = smtp::attempts(client_ns, &addr(ip, 465), C, Duration::from_secs(2));
+        assert!(refused.iter().all(|r| *r == Err(std::io::ErrorKind::ConnectionRefused)));
+        pre.join().expect("reset server");
+        sess.join().expect("greeting server");
+    }
+
+    let (r, s, c) = (R as u64, S as u64, C as u64);
+    let (i, o) = ("inbound", "outbound");
+    let mut expected = vec![
+        // Inbound: the gateway serves.
+        reset(i, "25", "pre_greeting", "local", r),
+        reset(i, "587", "session", "peer", s),
+        reset(i, "465", "handshake", "local", c),
+        total(RESETS, &[("direction", i)], r + s + c),
+        outcome(i, "25", "established", r),
+        outcome(i, "587", "established", s),
+        outcome(i, "465", "refused", c),
+        total(HANDSHAKES, &[("direction", i)], r + s + c),
+        greeting(i, "587", "220", s),
+        count(GREET_COUNT, i, "587", s),
+        count(GREET_COUNT, i, "25", 0),
+        // Outbound: the peer serves.
+        reset(o, "25", "pre_greeting", "peer", r),
+        reset(o, "587", "session", "local", s),
+        reset(o, "465", "handshake", "peer", c),
+        total(RESETS, &[("direction", o)], r + s + c),
+        outcome(o, "25", "established", r),
+        outcome(o, "587", "established", s),
+        outcome(o, "465", "refused", c),
+        total(HANDSHAKES, &[("direction", o)], r + s + c),
+        greeting(o, "587", "220", s),
+        count(GREET_COUNT, o, "587", s),
+        peer_outcome(o, "465", "refused", c),
+        peer_outcome(i, "465", "refused", c),
+        total(RETRANSMITS, &[], 0),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// XDP sees ingress only, and the state machine makes of that:
+/// - inbound: a handshake is established by the client's ACK (the SYN-ACK is never seen, so no
+///   handshake duration), a dropped SYN times out and its retransmissions count; the server's
+///   greeting and replies leave through egress and are not seen. A closed port's RST is not
+///   seen either: the attempt stays pending and the sweep counts it as a timeout.
+/// - outbound: the peer's SYN-ACK establishes the handshake (our SYN was not seen: no duration),
+///   the remote greetings and replies are counted and timed. A remote RST refusing an unseen SYN
+///   belongs to no known flow: a `session` reset, not a refusal.
+#[test]
+fn xdp_ingress_only_outcomes() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--mode", "xdp", "--handshake-timeout", "1s"]);
+    nft_table(&pair.local);
+    nft_drop_syns(&pair.local, "input", 587, "in587");
+    let _local = SmtpSink::start(&pair.local, &addr(Pair::LOCAL_V4, 25), &[]);
+    let _ok = SmtpSink::start(&pair.peer, &addr(PEER, 25), &[]);
+    let _busy = SmtpSink::start(&pair.peer, &addr(PEER, 587), &["-Q", "connect"]);
+
+    const N_IN: usize = 3;
+    const A_IN: usize = 2;
+    const N_OUT: usize = 2;
+    let give_up = Duration::from_millis(2500);
+    let inbound = smtp::sessions(&pair.peer, &addr(Pair::LOCAL_V4, 25), N_IN);
+    let timeouts = smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 587), A_IN, give_up);
+    let closed_in = smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 465), 1, give_up);
+    let ok = smtp::sessions(&pair.local, &addr(PEER, 25), N_OUT);
+    let busy = smtp::sessions(&pair.local, &addr(PEER, 587), N_OUT);
+    let closed_out = smtp::attempts(&pair.local, &addr(PEER, 465), 1, give_up);
+    use std::io::ErrorKind::{ConnectionRefused, TimedOut};
+    assert!(inbound.iter().chain(&ok).all(|s| s.replies == [220, 221]));
+    assert!(busy.iter().all(|s| s.replies == [421]));
+    assert!(timeouts.iter().all(|r| *r == Err(TimedOut)));
+    assert_eq!((closed_in[0], closed_out[0]), (Err(ConnectionRefused), Err(ConnectionRefused)));
+    let in587 = nft_counter(&pair.local, "in587");
+    assert!(in587 >= A_IN as u64);
+
+    let (i, o) = ("inbound", "outbound");
+    let n_in = N_IN as u64;
+    let n_out = N_OUT as u64;
+    let mut expected = vec![
+        outcome(i, "25", "established", n_in),
+        count(HS_COUNT, i, "25", 0),
+        total(GREETINGS, &[("direction", i)], 0),
+        total(REPLIES, &[("direction", i)], 0),
+        total(GREET_COUNT, &[("direction", i)], 0),
+        outcome(i, "587", "timeout", A_IN as u64),
+        retransmits(i, "587", in587 - A_IN as u64),
+        drops(i, "587", "NETFILTER_DROP", in587),
+        outcome(i, "465", "refused", 0),
+        outcome(i, "465", "timeout", 1),
+        drops(i, "465", "NO_SOCKET", 1),
+        total(RESETS, &[("direction", i)], 0),
+        total(HANDSHAKES, &[("direction", i)], n_in + A_IN as u64 + 1),
+        outcome(o, "25", "established", n_out),
+        outcome(o, "587", "established", n_out),
+        total(HS_COUNT, &[("direction", o)], 0),
+        greeting(o, "25", "220", n_out),
+        greeting(o, "587", "421", n_out),
+        reply(o, "25", "220", n_out),
+        reply(o, "25", "221", n_out),
+        reply(o, "587", "421", n_out),
+        total(REPLIES, &[("direction", o)], 3 * n_out),
+        count(GREET_COUNT, o, "25", n_out),
+        count(GREET_COUNT, o, "587", n_out),
+        outcome(o, "465", "refused", 0),
+        reset(o, "465", "session", "peer", 1),
+        total(RESETS, &[("direction", o)], 1),
+        total(HANDSHAKES, &[("direction", o)], 2 * n_out),
+        total(RETRANSMITS, &[("direction", o)], 0),
+        peer_outcome(i, "25", "established", n_in),
+        peer_outcome(i, "587", "timeout", A_IN as u64),
+        peer_outcome(i, "465", "timeout", 1),
+        peer_outcome(o, "25", "established", n_out),
+        peer_outcome(o, "587", "established", n_out),
+        peer_greeting(o, "25", "220", n_out),
+        peer_greeting(o, "587", "421", n_out),
+        total(PEER_GREETINGS, &[("direction", i)], 0),
+        total(DROPS, &[], in587 + 1),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// A flow map of 8 entries (`--max-flows 8`) and a burst of attempts whose SYNs nftables drops,
+/// so that no flow is ever deleted: every flow beyond what the map holds is evicted. Exactly:
+/// evictions = SYNs seen (the nft counter; one per attempt, the clients give up before the
+/// first retransmission) minus the entries left, and only the flows still in the map can time
+/// out. The entries left are read from the kernel map itself with bpftool.
+#[test]
+fn tc_flow_map_evictions() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--max-flows", "8", "--handshake-timeout", "1s"]);
+    nft_table(&pair.local);
+    nft_drop_syns(&pair.local, "input", 25, "in25");
+
+    const K: usize = 24;
+    let results =
+        smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 25), K, Duration::from_millis(400));
+    assert!(results.iter().all(|r| *r == Err(std::io::ErrorKind::TimedOut)), "{results:?}");
+    let syns = nft_counter(&pair.local, "in25");
+    assert!(syns >= K as u64);
+    // Settle first on what does not depend on the entries left, then read them.
+    w.expect_settled(&pair.local, &[total("smtpflow_map_capacity", &[("map", "flows")], 8)]);
+    let left = smtpflow_tests::wait_for(Duration::from_secs(10), || {
+        let m = w.scrape(&pair.local);
+        let timeouts = m.sum(HANDSHAKES, &[("outcome", "timeout")]);
+        let entries = m.sum("smtpflow_map_entries", &[("map", "flows")]);
+        (timeouts > 0 && timeouts == entries).then_some(entries)
+    })
+    .expect("the flows left in the map time out");
+    let kernel_entries = flow_map_entries(w.pid());
+    eprintln!("SYNs {syns}, flows left {left} (bpftool: {kernel_entries})");
+    assert_eq!(left, kernel_entries, "smtpflow's entry count is the kernel map's");
+    assert!(left <= 8 && left < syns);
+
+    let i = "inbound";
+    let mut expected = vec![
+        total("smtpflow_map_evictions_total", &[("map", "flows")], syns - left),
+        total("smtpflow_map_entries", &[("map", "flows")], left),
+        outcome(i, "25", "timeout", left),
+        total(HANDSHAKES, &[], left),
+        // Every SYN was a new attempt: none is a retransmission.
+        total(RETRANSMITS, &[], 0),
+        drops(i, "25", "NETFILTER_DROP", syns),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
+/// Entries in the FLOWS map of the smtpflow process `pid`, read with bpftool (the map ids a
+/// process holds are in its /proc fdinfo).
+fn flow_map_entries(pid: u32) -> u64 {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo");
+    let ids: Vec<String> = fds
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines().find_map(|l| l.strip_prefix("map_id:").map(|v| v.trim().to_owned()))
+        })
+        .collect();
+    for id in ids {
+        let show = std::process::Command::new("bpftool")
+            .args(["map", "show", "id", &id])
+            .output()
+            .expect("bpftool");
+        if !String::from_utf8_lossy(&show.stdout).contains("name FLOWS ") {
+            continue;
+        }
+        let dump = std::process::Command::new("bpftool")
+            .args(["map", "dump", "id", &id])
+            .output()
+            .expect("bpftool");
+        let text = String::from_utf8_lossy(&dump.stdout);
+        // "Found N elements"
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix("Found ")?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no element count in bpftool output:\n{text}"));
+    }
+    panic!("smtpflow (pid {pid}) holds no FLOWS map");
+}
+
+/// Many short connections, each reset by its client right after the handshake, while smtpflow
+/// drains every 10 ms: every flow is deleted by its RST, none is ever evicted (the map holds
+/// 262144), so `smtpflow_map_evictions_total{map="flows"}` must stay 0.
+///
+/// It does not, now and then: the drain counts the live flow entries, then reads the kernel's
+/// insert and delete counters, and estimates evictions = inserts - deletes - live. A flow
+/// inserted between the two reads is in the inserts but not in the live count, so the estimate
+/// is one too high; and as the estimate only ever grows (`max` with the previous one), the
+/// phantom eviction stays forever. (Peer evictions are estimated the same way.)
+#[test]
+#[ignore = "smtpflow bug (a race, so not on every run): the flow eviction estimate counts a flow \
+            inserted between the drain's entry count and its stats read as evicted, and keeps \
+            it (max), so smtpflow_map_evictions_total{map=\"flows\"} > 0 with nothing evicted"]
+fn tc_flow_evictions_not_overcounted() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--interval", "10ms"]);
+    const N: usize = 2500;
+    const CLIENTS: usize = 2;
+    let listener = smtp::listen(&pair.local, &addr(Pair::LOCAL_V4, 25), 512);
+    let server = thread::spawn(move || {
+        for _ in 0..N * CLIENTS {
+            drop(smtp::accept_within(&listener, Duration::from_secs(10)));
+        }
+    });
+    let target: SocketAddr = addr(Pair::LOCAL_V4, 25).parse().unwrap();
+    thread::scope(|s| {
+        for _ in 0..CLIENTS {
+            s.spawn(|| {
+                smtpflow_tests::in_netns(&pair.peer, move || {
+                    for _ in 0..N {
+                        let c =
+                            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                                .expect("connect");
+                        smtp::linger_zero(&c);
+                    }
+                })
+            });
+        }
+    });
+    server.join().expect("server");
+    let n = (N * CLIENTS) as u64;
+    let mut expected = vec![
+        outcome("inbound", "25", "established", n),
+        // The client's RST, before the greeting or after the server's FIN deleted the flow.
+        total(RESETS, &[("side", "peer")], n),
+        total("smtpflow_map_entries", &[("map", "flows")], 0),
+        total("smtpflow_map_evictions_total", &[("map", "flows")], 0),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
