@@ -136,6 +136,31 @@ pub struct ObserveArgs {
     /// Conntrack counts as near its limit from this fill ratio (entries / nf_conntrack_max).
     #[arg(long, value_name = "RATIO", default_value_t = 0.9, value_parser = parse_ratio)]
     pub conntrack_fill: f64,
+
+    /// How peers are written in exported series and log lines: their address, their network
+    /// (--peer-prefix-v4/-v6; peers of one network are summed), or a keyed hash
+    /// (--peer-hash-key-file).
+    #[arg(long, value_enum, default_value_t = PeerLabelMode::Ip)]
+    pub peer_label: PeerLabelMode,
+
+    /// Prefix length of IPv4 peers with --peer-label prefix.
+    #[arg(long, value_name = "BITS", default_value_t = 24, value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub peer_prefix_v4: u8,
+
+    /// Prefix length of IPv6 peers with --peer-label prefix.
+    #[arg(long, value_name = "BITS", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub peer_prefix_v6: u8,
+
+    /// Key of --peer-label hash; gateways sharing it label a peer alike.
+    #[arg(long, value_name = "FILE", default_value = "/etc/machine-id")]
+    pub peer_hash_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerLabelMode {
+    Ip,
+    Prefix,
+    Hash,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -151,6 +176,20 @@ pub struct WatchArgs {
     /// sources cannot explode the scrape.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_peer_series: usize,
+
+    /// Keep every capability after attaching (by default all but CAP_NET_ADMIN are dropped once
+    /// the programs are attached and the maps held).
+    #[arg(long)]
+    pub keep_privileges: bool,
+
+    /// Run as this user once attached (with only CAP_NET_ADMIN).
+    #[arg(long, value_name = "USER", conflicts_with = "keep_privileges")]
+    pub user: Option<String>,
+
+    /// TLS and basic auth for the metrics endpoint, in the Prometheus exporters' web config
+    /// format (tls_server_config, basic_auth_users with bcrypt hashes).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
 
     /// The diagnosis looks this far back.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
@@ -227,6 +266,30 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 impl ObserveArgs {
+    /// How peers are labelled, reading the hash key when needed.
+    pub fn peer_labeler(&self) -> anyhow::Result<crate::peer_label::PeerLabel> {
+        use crate::peer_label::PeerLabel;
+        Ok(match self.peer_label {
+            PeerLabelMode::Ip => PeerLabel::Ip,
+            PeerLabelMode::Prefix => {
+                PeerLabel::Prefix { v4: self.peer_prefix_v4, v6: self.peer_prefix_v6 }
+            }
+            PeerLabelMode::Hash => {
+                let path = &self.peer_hash_key_file;
+                let key = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--peer-label hash reads its key from {}: {e}; pass --peer-hash-key-file",
+                        path.display()
+                    )
+                })?;
+                if key.iter().all(u8::is_ascii_whitespace) {
+                    anyhow::bail!("the peer hash key file {} is empty", path.display());
+                }
+                PeerLabel::Hash { key }
+            }
+        })
+    }
+
     /// Ports whose server replies are read.
     pub fn plaintext_ports(&self) -> Vec<u16> {
         match &self.reply_ports {

@@ -140,6 +140,7 @@ impl Reading {
     pub fn from_snapshot(
         snap: &Snapshot,
         reasons: Option<&DropReasons>,
+        labeler: &crate::peer_label::PeerLabel,
         ifname: impl Fn(u32) -> String,
     ) -> Self {
         let mut r = Reading::default();
@@ -179,7 +180,7 @@ impl Reading {
         }
         let peer_name = |k: &smtpflow_common::PeerKey| PeerName {
             iface: ifname(k.ifindex),
-            peer: k.ip().map(|ip| ip.to_string()).unwrap_or_default(),
+            peer: k.ip().map(|ip| labeler.label(ip)).unwrap_or_default(),
         };
         for (k, c) in &snap.peers {
             let zw_local =

@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub drain_seconds: f64,
     /// The kernel's pressure signals, read beside the maps.
     pub pressure: crate::pressure::Pressure,
+    /// Whether each watched interface is still there.
+    pub ifaces_up: Vec<(String, bool)>,
 }
 
 impl Snapshot {
@@ -238,6 +240,16 @@ impl Maps {
         Ok(())
     }
 
+    /// The [`Stat`] counters, summed over CPUs.
+    fn read_stats(&self) -> anyhow::Result<[u64; Stat::COUNT]> {
+        let mut stats = [0u64; Stat::COUNT];
+        for (i, slot) in stats.iter_mut().enumerate() {
+            let values = self.stats.get(&(i as u32), 0).context("reading the stats map")?;
+            *slot = values.iter().sum();
+        }
+        Ok(stats)
+    }
+
     pub fn drain(&mut self) -> anyhow::Result<Snapshot> {
         let started = Instant::now();
         self.sweep_timeouts()?;
@@ -252,20 +264,20 @@ impl Maps {
             }
             h
         })?;
+        // Evictions are estimated as inserts - live entries - deletions. Inserts are read before
+        // the maps are listed and deletions after, so the estimate can only be too low at one
+        // moment (never too high), and keeping the largest one seen is exact over time.
+        let inserted = self.read_stats()?;
         let peers = read_all(&self.peers, "per-peer")?;
         let peer_greetings = read_all(&self.peer_greetings, "per-peer greetings")?;
         let flows = self.flows.keys().count();
-        let mut stats = [0u64; Stat::COUNT];
-        for (i, slot) in stats.iter_mut().enumerate() {
-            let values = self.stats.get(&(i as u32), 0).context("reading the stats map")?;
-            *slot = values.iter().sum();
-        }
+        let stats = self.read_stats()?;
         self.peer_evictions = self
             .peer_evictions
-            .max(stats[Stat::PeerInserts as usize].saturating_sub(peers.len() as u64));
+            .max(inserted[Stat::PeerInserts as usize].saturating_sub(peers.len() as u64));
         let flow_gone = stats[Stat::FlowDeletes as usize] + flows as u64;
         self.flow_evictions =
-            self.flow_evictions.max(stats[Stat::FlowInserts as usize].saturating_sub(flow_gone));
+            self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
         Ok(Snapshot {
             counters,
             hists,
@@ -281,6 +293,7 @@ impl Maps {
             flows_capacity: self.flows_capacity,
             drain_seconds: started.elapsed().as_secs_f64(),
             pressure: Default::default(),
+            ifaces_up: Vec::new(),
         })
     }
 }

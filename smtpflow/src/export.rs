@@ -15,7 +15,10 @@ use smtpflow_common::{
     PeerKey, Phase, Side, Stat,
 };
 
-use crate::{attach::Attachment, diagnose::Finding, drain::Snapshot, drops::DropReasons};
+use crate::{
+    attach::Attachment, diagnose::Finding, drain::Snapshot, drops::DropReasons,
+    peer_label::PeerLabel,
+};
 
 /// What the exporter knows besides the snapshot.
 pub struct Exporter {
@@ -23,6 +26,7 @@ pub struct Exporter {
     max_peer_series: usize,
     attachments: Vec<Attachment>,
     drop_reasons: Option<DropReasons>,
+    labeler: PeerLabel,
 }
 
 /// A metric family under construction.
@@ -125,14 +129,49 @@ struct PeerLabels {
     port: String,
 }
 
+impl PeerLabels {
+    /// The full label set of a series: the peer's labels, then `extra`.
+    fn with(&self, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("iface", self.iface.clone()),
+            ("peer", self.peer.clone()),
+            ("direction", self.direction.to_owned()),
+            ("port", self.port.clone()),
+        ];
+        v.extend(extra.iter().map(|(k, val)| (*k, (*val).to_owned())));
+        v
+    }
+}
+
+/// Per-peer series summed by their full label set; zeros are not exported.
+#[derive(Default)]
+struct Summed(std::collections::BTreeMap<Vec<(&'static str, String)>, u64>);
+
+impl Summed {
+    fn add(&mut self, labels: Vec<(&'static str, String)>, n: u64) {
+        if n != 0 {
+            *self.0.entry(labels).or_default() += n;
+        }
+    }
+
+    fn finish(self, mut family: Family, out: &mut Vec<MetricFamily>) {
+        for (labels, n) in self.0 {
+            let refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            family.add(&refs, n as f64);
+        }
+        family.finish(out);
+    }
+}
+
 impl Exporter {
     pub fn new(
         ifnames: HashMap<u32, String>,
         max_peer_series: usize,
         attachments: Vec<Attachment>,
         drop_reasons: Option<DropReasons>,
+        labeler: PeerLabel,
     ) -> Self {
-        Self { ifnames, max_peer_series, attachments, drop_reasons }
+        Self { ifnames, max_peer_series, attachments, drop_reasons, labeler }
     }
 
     fn ifname(&self, ifindex: u32) -> String {
@@ -142,7 +181,7 @@ impl Exporter {
     fn peer_labels(&self, k: &PeerKey) -> Option<PeerLabels> {
         Some(PeerLabels {
             iface: self.ifname(k.ifindex),
-            peer: k.ip()?.to_string(),
+            peer: self.labeler.label(k.ip()?),
             direction: Direction::from_u8(k.direction)?.label(),
             port: k.port.to_string(),
         })
@@ -156,6 +195,15 @@ impl Exporter {
         self.render_histograms(snap, &mut families);
         self.render_peers(snap, &mut families);
         render_pressure(snap, &mut families);
+        let mut up = Family::new(
+            "smtpflow_interface_up",
+            MetricType::GAUGE,
+            "Whether a watched interface exists (0: it disappeared and its programs with it).",
+        );
+        for (iface, present) in &snap.ifaces_up {
+            up.add(&[("iface", iface)], if *present { 1.0 } else { 0.0 });
+        }
+        up.finish(&mut families);
         render_self(snap, &mut families);
 
         let mut buf = Vec::with_capacity(64 * 1024);
@@ -323,88 +371,55 @@ impl Exporter {
 
     fn render_peers(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
         let selected = top_peers(&snap.peers, self.max_peer_series);
-        let mut per_peer = Family::new(
-            "smtpflow_peer_tcp_events_total",
-            MetricType::COUNTER,
-            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
-        );
-        let mut peer_handshakes = Family::new(
-            "smtpflow_peer_handshakes_total",
-            MetricType::COUNTER,
-            "Handshake outcomes per peer, for the exported peers.",
-        );
-        let mut peer_greetings = Family::new(
-            "smtpflow_peer_smtp_greetings_total",
-            MetricType::COUNTER,
-            "Greeting codes per peer, for the exported peers.",
-        );
-        let mut peers: Vec<&(PeerKey, PeerCounters)> =
-            snap.peers.iter().filter(|(k, _)| selected.contains(&peer_id(k))).collect();
-        peers.sort_by_key(|(k, _)| *k);
-        for (k, v) in peers {
+        let picked = |k: &PeerKey| selected.contains(&peer_id(k));
+        // Series by their labels, summed: with --peer-label prefix several peers share one.
+        let mut events = Summed::default();
+        let mut handshakes = Summed::default();
+        let mut greetings = Summed::default();
+        for (k, v) in snap.peers.iter().filter(|(k, _)| picked(k)) {
             let Some(l) = self.peer_labels(k) else { continue };
-            let base = [
-                ("iface", l.iface.as_str()),
-                ("peer", l.peer.as_str()),
-                ("direction", l.direction),
-                ("port", l.port.as_str()),
-            ];
             for e in Event::ALL {
                 for s in Side::ALL {
                     let n = v.counts[PeerCounters::index(e, s)];
-                    if n != 0 {
-                        per_peer.add(
-                            &[&base[..], &[("event", e.label()), ("side", s.label())]].concat(),
-                            n as f64,
-                        );
-                    }
+                    events.add(l.with(&[("event", e.label()), ("side", s.label())]), n);
                 }
             }
             for (o, n) in [Outcome::Established, Outcome::Refused].into_iter().zip(v.outcomes) {
-                if n != 0 {
-                    peer_handshakes.add(&[&base[..], &[("outcome", o.label())]].concat(), n as f64);
-                }
+                handshakes.add(l.with(&[("outcome", o.label())]), n);
             }
         }
-        let mut timeouts: Vec<&(PeerKey, u64)> =
-            snap.peer_timeouts.iter().filter(|(k, _)| selected.contains(&peer_id(k))).collect();
-        timeouts.sort_by_key(|(k, _)| *k);
-        for (k, n) in timeouts {
+        for (k, n) in snap.peer_timeouts.iter().filter(|(k, _)| picked(k)) {
             let Some(l) = self.peer_labels(k) else { continue };
-            peer_handshakes.add(
-                &[
-                    ("iface", &l.iface),
-                    ("peer", &l.peer),
-                    ("direction", l.direction),
-                    ("port", &l.port),
-                    ("outcome", Outcome::Timeout.label()),
-                ],
-                *n as f64,
-            );
+            handshakes.add(l.with(&[("outcome", Outcome::Timeout.label())]), *n);
         }
-        let mut greets: Vec<_> = snap
-            .peer_greetings
-            .iter()
-            .filter(|(k, _)| selected.contains(&peer_id(&k.peer)))
-            .collect();
-        greets.sort_by_key(|(k, _)| *k);
-        for (k, n) in greets {
+        for (k, n) in snap.peer_greetings.iter().filter(|(k, _)| picked(&k.peer)) {
             let Some(l) = self.peer_labels(&k.peer) else { continue };
-            let code = k.code.to_string();
-            peer_greetings.add(
-                &[
-                    ("iface", &l.iface),
-                    ("peer", &l.peer),
-                    ("direction", l.direction),
-                    ("port", &l.port),
-                    ("code", &code),
-                ],
-                *n as f64,
-            );
+            greetings.add(l.with(&[("code", &k.code.to_string())]), *n);
         }
-        per_peer.finish(out);
-        peer_handshakes.finish(out);
-        peer_greetings.finish(out);
+        events.finish(
+            Family::new(
+                "smtpflow_peer_tcp_events_total",
+                MetricType::COUNTER,
+                "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
+            ),
+            out,
+        );
+        handshakes.finish(
+            Family::new(
+                "smtpflow_peer_handshakes_total",
+                MetricType::COUNTER,
+                "Handshake outcomes per peer, for the exported peers.",
+            ),
+            out,
+        );
+        greetings.finish(
+            Family::new(
+                "smtpflow_peer_smtp_greetings_total",
+                MetricType::COUNTER,
+                "Greeting codes per peer, for the exported peers.",
+            ),
+            out,
+        );
 
         let tracked = snap.peers.iter().map(|(k, _)| peer_id(k)).collect::<HashSet<_>>().len();
         let mut g = Family::new(
@@ -461,7 +476,7 @@ fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
 }
 
 /// The kernel's pressure signals: conntrack (absent when conntrack is) and TCP counters.
-fn render_pressure(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+pub(crate) fn render_pressure(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     use crate::pressure::{CONNTRACK_STATS, TCP_STATS};
     if let Some(ct) = &snap.pressure.conntrack {
         let mut f = Family::new(
@@ -593,7 +608,12 @@ mod tests {
     }
 
     fn render(snap: &Snapshot, cap: usize) -> String {
-        let ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), cap, Vec::new(), None);
+        render_with(snap, cap, PeerLabel::Ip)
+    }
+
+    fn render_with(snap: &Snapshot, cap: usize, labeler: PeerLabel) -> String {
+        let ex =
+            Exporter::new(HashMap::from([(2, "eth0".to_owned())]), cap, Vec::new(), None, labeler);
         String::from_utf8(ex.render(snap, &[]).to_vec()).unwrap()
     }
 
@@ -664,6 +684,23 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }
+    }
+
+    #[test]
+    fn prefix_labels_sum_the_peers_of_a_network() {
+        let mut snap = Snapshot::default();
+        snap.peers = (1..=3)
+            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
+            .collect();
+        let text = render_with(&snap, 10, PeerLabel::Prefix { v4: 24, v6: 64 });
+        assert!(
+            text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="198.51.100.0/24",direction="inbound",port="25",event="syn",side="peer"} 6"#),
+            "{text}"
+        );
+        assert!(!text.contains("198.51.100.1\""), "no full address: {text}");
+        let hashed = render_with(&snap, 10, PeerLabel::Hash { key: b"k".to_vec() });
+        assert!(!hashed.contains("198.51.100"), "{hashed}");
+        assert_eq!(hashed.matches("smtpflow_peer_tcp_events_total{").count(), 3);
     }
 
     #[test]

@@ -8,16 +8,19 @@ mod diagnose;
 mod drain;
 mod drops;
 mod export;
+mod peer_label;
 mod pressure;
 mod privileges;
 mod report;
 mod selfstats;
 mod serve;
+mod web;
 
 use std::{
     collections::HashMap,
     io::{IsTerminal as _, Write as _},
     process::ExitCode,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -127,6 +130,9 @@ struct Observer {
     ifaces: Vec<Iface>,
     config: Config,
     drop_reasons: Option<DropReasons>,
+    labeler: peer_label::PeerLabel,
+    /// Whether each watched interface still exists (same order as `ifaces`).
+    present: Vec<bool>,
     pressure: pressure::Reader,
 }
 
@@ -134,6 +140,7 @@ impl Observer {
     /// Checks privileges and flags, loads, attaches and seeds the maps.
     fn start(args: &ObserveArgs) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
+        let labeler = args.peer_labeler()?;
         privileges::require()?;
         let pressure = pressure::Reader::from_env()?;
         let ifaces =
@@ -168,7 +175,8 @@ impl Observer {
             Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
         let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
         maps.seed(&ifindexes, config.ports())?;
-        Ok(Self { attached, maps, ifaces, config, drop_reasons, pressure })
+        let present = vec![true; ifaces.len()];
+        Ok(Self { attached, maps, ifaces, config, drop_reasons, labeler, pressure, present })
     }
 
     fn ifnames(&self) -> HashMap<u32, String> {
@@ -188,10 +196,43 @@ impl Observer {
         })
     }
 
+    /// Notices watched interfaces that disappear (their programs go with them: smtpflow keeps
+    /// serving, says so once, and exports `smtpflow_interface_up 0`) and come back: then it
+    /// stops with an error, so that the service manager restarts it and it attaches again (it
+    /// has dropped the privileges to attach by itself). No crash loop while an interface is gone.
+    fn check_ifaces(&mut self, snap: &mut Snapshot) -> anyhow::Result<()> {
+        for (iface, present) in self.ifaces.iter().zip(self.present.iter_mut()) {
+            let now = Iface::lookup(&iface.name).ok().map(|i| i.index);
+            match (now, *present) {
+                (None, true) => {
+                    log::warn!(
+                        "interface {} disappeared; smtpflow keeps serving and restarts when it comes back",
+                        iface.name
+                    );
+                    *present = false;
+                }
+                (Some(index), false) => anyhow::bail!(
+                    "interface {} is back (ifindex {index}); exiting so that the service manager \
+                     restarts smtpflow and it attaches again",
+                    iface.name
+                ),
+                (Some(index), true) if index != iface.index => anyhow::bail!(
+                    "interface {} was replaced (ifindex {} is now {index}); exiting so that the \
+                     service manager restarts smtpflow and it attaches again",
+                    iface.name,
+                    iface.index
+                ),
+                _ => {}
+            }
+            snap.ifaces_up.push((iface.name.clone(), *present));
+        }
+        Ok(())
+    }
+
     /// What the diagnosis needs from a snapshot.
     fn reading(&self, snap: &Snapshot) -> Reading {
         let names = self.ifnames();
-        Reading::from_snapshot(snap, self.drop_reasons.as_ref(), |i| {
+        Reading::from_snapshot(snap, self.drop_reasons.as_ref(), &self.labeler, |i| {
             names.get(&i).cloned().unwrap_or_else(|| format!("ifindex{i}"))
         })
     }
@@ -218,23 +259,37 @@ fn log_changes(changed: &[Finding]) {
 }
 
 async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    // Bind first: a busy port fails before anything is attached.
+    // Read the web config and bind first: a bad file or a busy port fails before anything is
+    // attached.
+    let web = Arc::new(match &args.web_config_file {
+        Some(path) => web::WebConfig::load(path)?,
+        None => web::WebConfig::none(),
+    });
     let listener = serve::bind(args.metrics_addr).await?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut obs = Observer::start(&args.observe)?;
+    if !args.keep_privileges {
+        privileges::drop_after_attach(args.user.as_deref())?;
+        log::info!(
+            "attached; now running with CAP_NET_ADMIN only{}",
+            args.user.as_deref().map(|u| format!(" as {u}")).unwrap_or_default()
+        );
+    }
     let exporter = Exporter::new(
         obs.ifnames(),
         args.max_peer_series,
         obs.attached.attachments.clone(),
         obs.drop_reasons.clone(),
+        obs.labeler.clone(),
     );
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
-    let first = obs.drain()?;
+    let mut first = obs.drain()?;
+    obs.check_ifaces(&mut first)?;
     let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&first));
     let rendered = selfstats::append(exporter.render(&first, &findings), &obs.attached.ebpf);
     let (tx, rx) = watch::channel(rendered);
-    let server = tokio::spawn(serve::serve(listener, rx));
+    let server = tokio::spawn(serve::serve(listener, rx, web));
     log::info!(
         "watching {} on ports {:?}; metrics on http://{}/metrics, drained every {:?}",
         obs.iface_list(),
@@ -253,10 +308,13 @@ async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()>
     let result = loop {
         tokio::select! {
             _ = tick.tick() => {
-                let snap = match obs.drain() {
+                let mut snap = match obs.drain() {
                     Ok(s) => s,
-                    Err(e) => break Err(e),
+                    Err(e) => break Err(e.context("draining the kernel maps failed")),
                 };
+                if let Err(e) = obs.check_ifaces(&mut snap) {
+                    break Err(e);
+                }
                 let now = Instant::now();
                 let (findings, changed) = diagnoser.update(now, obs.reading(&snap));
                 log_changes(&changed);
@@ -284,7 +342,7 @@ async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()>
             log::info!("{signal}: detached from {ifaces}; exiting");
             Ok(())
         }
-        Err(e) => Err(e.context("draining the kernel maps failed; detached")),
+        Err(e) => Err(e.context("detached")),
     }
 }
 

@@ -64,6 +64,82 @@ fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What smtpflow still needs once its programs are attached and its map fds held: ctnetlink's
+/// statistics and removing netlink TC filters at exit both need CAP_NET_ADMIN; reading maps
+/// through held fds needs nothing.
+const KEEP: u32 = CAP_NET_ADMIN;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability but CAP_NET_ADMIN (from the effective, permitted, inheritable,
+/// ambient and, where allowed, bounding sets), optionally switching to `user` first, and sets
+/// no_new_privs.
+pub fn drop_after_attach(user: Option<&str>) -> anyhow::Result<()> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    // SAFETY: prctl calls with plain integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        for cap in (0..=last).filter(|c| *c != KEEP) {
+            // EPERM without CAP_SETPCAP (e.g. under systemd, whose bounding set is already
+            // narrow): the effective and permitted sets below are what matter.
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+    }
+    if let Some(name) = user {
+        switch_user(name)?;
+    }
+    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let keep = 1u32 << KEEP;
+    let data = [CapData { effective: keep, permitted: keep, inheritable: 0 }, CapData::default()];
+    // SAFETY: capset with a valid v3 header and two data structs.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        bail!("dropping capabilities failed: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    Ok(())
+}
+
+/// Becomes `name` (uid, gid, no supplementary groups), keeping the permitted capabilities.
+fn switch_user(name: &str) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: getpwnam with a valid C string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        bail!("--user {name}: no such user");
+    }
+    // SAFETY: pw is non-null and valid until the next getpw* call.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    // SAFETY: plain syscalls; KEEPCAPS keeps the permitted set across the uid change.
+    unsafe {
+        libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+        {
+            bail!("--user {name}: switching user failed: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,29 @@
-//! The HTTP endpoint: `GET /metrics` (the latest rendering) and `GET /healthz`.
-use std::{convert::Infallible, time::Duration};
+//! The HTTP endpoint: `GET /metrics` (the latest rendering) and `GET /healthz`, nothing else.
+//! It faces the network, so it is bounded: concurrent connections, header size, time to send
+//! the headers (slowloris), time per connection; optionally TLS and basic auth (`web.rs`).
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
+
+use crate::web::WebConfig;
 
 const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Connections served at once; more wait in the listen backlog until one finishes.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Request head (request line and headers) size limit; larger requests are refused.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Time a client has to send its request head, and to finish a TLS handshake.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time one connection may stay open, keep-alive included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds the metrics address, with an error an operator can act on.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
@@ -30,10 +46,28 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
     r
 }
 
-fn route(req: &Request<Incoming>, metrics: &watch::Receiver<Bytes>) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    metrics: &watch::Receiver<Bytes>,
+    web: &WebConfig,
+) -> Response<Full<Bytes>> {
+    if let Some(auth) = &web.auth {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !auth.allows(given) {
+            let mut r = respond(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                Bytes::from_static(b"unauthorized\n"),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"smtpflow\""),
+            );
+            return r;
+        }
+    }
     let path = req.uri().path();
-    let known = matches!(path, "/metrics" | "/healthz");
-    if !known {
+    if !matches!(path, "/metrics" | "/healthz") {
         return respond(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -55,9 +89,28 @@ fn route(req: &Request<Incoming>, metrics: &watch::Receiver<Bytes>) -> Response<
     }
 }
 
+async fn serve_connection<S>(io: S, metrics: watch::Receiver<Bytes>, web: Arc<WebConfig>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let resp = route(&req, &metrics, &web);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(io), svc);
+    // A client that stalls, or keeps a connection forever, is cut off.
+    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+}
+
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: watch::Receiver<Bytes>) {
+pub async fn serve(listener: TcpListener, metrics: watch::Receiver<Bytes>, web: Arc<WebConfig>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -67,17 +120,20 @@ pub async fn serve(listener: TcpListener, metrics: watch::Receiver<Bytes>) {
             }
         };
         let metrics = metrics.clone();
+        let web = web.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(&req, &metrics);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            // A client that stalls mid-response is cut off too.
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            let _permit = permit;
+            match &web.tls {
+                None => serve_connection(stream, metrics, web.clone()).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, metrics, web.clone()).await,
+                        // Plain HTTP on a TLS port, a bad client certificate, or too slow: refused.
+                        Ok(Err(e)) => log::debug!("TLS handshake failed: {e}"),
+                        Err(_) => log::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
         });
     }
 }

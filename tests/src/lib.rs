@@ -4,12 +4,15 @@
 //!
 //! Everything created is removed on drop, so a failing (panicking) test cleans up too.
 pub mod capture;
+pub mod fleet;
 pub mod frames;
+pub mod json;
 pub mod lifecycle_support;
 pub mod metrics;
 pub mod netfilter;
 pub mod netns;
 pub mod nfqueue;
+pub mod prometheus;
 pub mod smtp;
 pub mod watch;
 

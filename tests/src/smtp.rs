@@ -23,8 +23,9 @@ pub struct Process {
 impl Process {
     /// Starts `cmd args...` inside `ns` (`ip netns exec` execs it, so the child is the program).
     pub fn spawn(ns: &Netns, cmd: &str, args: &[&str]) -> Self {
+        let base = std::path::Path::new(cmd).file_name().and_then(|n| n.to_str()).unwrap_or("cmd");
         let stderr_path =
-            std::env::temp_dir().join(format!("{}-{cmd}-{}.stderr", ns.name, unique()));
+            std::env::temp_dir().join(format!("{}-{base}-{}.stderr", ns.name, unique()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, cmd])

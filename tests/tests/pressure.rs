@@ -189,8 +189,11 @@ impl Smtpflow {
     }
 }
 
-/// Every value compared: (smtpflow name, its labels, node_exporter name).
-fn pairs(conntrack: bool) -> Vec<(&'static str, Vec<(&'static str, &'static str)>, String)> {
+/// One compared value: smtpflow's name, its labels, node_exporter's name.
+type Pairing = (&'static str, Vec<(&'static str, &'static str)>, String);
+
+/// Every value compared.
+fn pairs(conntrack: bool) -> Vec<Pairing> {
     let mut v = Vec::new();
     if conntrack {
         v.push(("smtpflow_conntrack_entries", vec![], "node_nf_conntrack_entries".to_owned()));
@@ -576,4 +579,25 @@ fn listen_overflows_match_node_exporter() {
         "every overflow is also a listen drop:\n{}",
         m.text
     );
+}
+
+/// An unknown source in the environment is refused at start, before anything is attached.
+#[test]
+fn unknown_source_is_refused() {
+    require_root!();
+    let pair = Pair::new();
+    let mut guard = ChildGuard::spawn(
+        &pair.local,
+        "smtpflow-bad-source",
+        &binary(),
+        &["watch", "--metrics-addr", METRICS_ADDR, "--iface", Pair::LOCAL_IF],
+        &[(SOURCE_ENV, "proc")],
+    );
+    let child = guard.child.as_mut().unwrap();
+    let status = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten())
+        .expect("smtpflow did not exit within 20s");
+    assert!(!status.success(), "started with {SOURCE_ENV}=proc");
+    let stderr = guard.stderr();
+    assert!(stderr.contains("SMTPFLOW_CONNTRACK_SOURCE=\"proc\""), "{stderr}");
+    guard.child = None;
 }

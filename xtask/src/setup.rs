@@ -19,6 +19,11 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",  // benchmarks: the alternative observer, side by side
     "binutils", // objcopy: `cargo xtask deb` strips the packaged binary
     "systemd",  // systemd-analyze: the tests verify the unit
+    // node_exporter: the reference the pressure tests compare smtpflow's values with.
+    "prometheus-node-exporter",
+    // prometheus and promtool: the rules' checks and unit tests, `promtool check metrics`, and
+    // the fleet tests' real Prometheus servers.
+    "prometheus",
 ];
 
 /// The bpf-linker series that matches the nightly's LLVM (its default `rust-llvm-22` feature).

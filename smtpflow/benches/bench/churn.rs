@@ -109,12 +109,8 @@ fn setup() -> anyhow::Result<Setup> {
     pair.peer.ip(&["route", "add", "local", PEER_NET, "dev", "lo"]);
     let listener = in_netns(&pair.local, || std::net::TcpListener::bind(("0.0.0.0", 25)))
         .context("listening on the gateway's port 25")?;
-    let mut t = Tcp::syn(
-        "10.78.0.1".parse().expect("v4"),
-        1024,
-        Pair::LOCAL_V4.parse().expect("v4"),
-        25,
-    );
+    let mut t =
+        Tcp::syn("10.78.0.1".parse().expect("v4"), 1024, Pair::LOCAL_V4.parse().expect("v4"), 25);
     t.src_mac = Pair::mac(&pair.peer, Pair::PEER_IF);
     t.dst_mac = Pair::mac(&pair.local, Pair::LOCAL_IF);
     let template = t.frame();

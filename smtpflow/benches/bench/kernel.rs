@@ -65,7 +65,13 @@ struct Timed {
     kernel_ns: f64,
 }
 
-fn test_run(ebpf: &Ebpf, prog: &str, hook: Hook, frame: &[u8], repeat: u32) -> anyhow::Result<Timed> {
+fn test_run(
+    ebpf: &Ebpf,
+    prog: &str,
+    hook: Hook,
+    frame: &[u8],
+    repeat: u32,
+) -> anyhow::Result<Timed> {
     let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
     let p = ebpf.program(prog).with_context(|| format!("no program {prog}"))?;
     let (result, want) = match hook {
@@ -109,12 +115,8 @@ fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
 fn cases() -> Vec<Case> {
     let client = v4(198, 51, 100, 7);
     let gw = v4(192, 0, 2, 1);
-    let data_payload: Vec<u8> = b"Subject: benchmark\r\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(1448)
-        .collect();
+    let data_payload: Vec<u8> =
+        b"Subject: benchmark\r\n".iter().copied().cycle().take(1448).collect();
     let established = |flags, seq, payload: &[u8]| {
         let mut t = Tcp::syn(client, 40000, gw, 25);
         t.flags = flags;
@@ -132,14 +134,15 @@ fn cases() -> Vec<Case> {
     let non_smtp = non_smtp.frame();
     let mut qinq = Tcp::syn(client, 40002, gw, 25);
     qinq.vlans = &[ETH_P_8021AD, ETH_P_8021Q];
-    let v6 = Tcp::syn(
-        "2001:db8::7".parse().expect("v6"),
-        40003,
-        "2001:db8::1".parse().expect("v6"),
-        25,
-    );
+    let v6 =
+        Tcp::syn("2001:db8::7".parse().expect("v6"), 40003, "2001:db8::1".parse().expect("v6"), 25);
     vec![
-        Case { name: "ARP", method: Method::Repeat(frames::arp()), target: Some(1.25), setup: vec![] },
+        Case {
+            name: "ARP",
+            method: Method::Repeat(frames::arp()),
+            target: Some(1.25),
+            setup: vec![],
+        },
         Case {
             name: "UDP (DNS-sized)",
             method: Method::Repeat(frames::udp(client, gw, 5353, 53)),
@@ -185,7 +188,12 @@ fn cases() -> Vec<Case> {
             target: None,
             setup: vec![],
         },
-        Case { name: "IPv6 SMTP SYN, known peer", method: Method::Repeat(v6.frame()), target: None, setup: vec![] },
+        Case {
+            name: "IPv6 SMTP SYN, known peer",
+            method: Method::Repeat(v6.frame()),
+            target: None,
+            setup: vec![],
+        },
         Case {
             name: "QinQ-tagged SMTP SYN, known peer",
             method: Method::Repeat(qinq.frame()),

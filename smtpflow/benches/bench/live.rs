@@ -229,8 +229,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         "2b. Kernel per-program accounting under iperf3 load (run_time_ns / run_cnt)",
         &["mode", "program", "runs/s", "ns/run", "CPU (% of one core)"],
     );
-    let stats_fd =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     for (mode, o) in [("tc", Observer::Tc), ("xdp", Observer::Xdp)] {
         // A short drain interval so that the scrapes around the run are fresh.
         let Running::Smtpflow(sf) = start(p, gw, o, &["--interval", "100ms"])? else {

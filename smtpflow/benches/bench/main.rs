@@ -137,8 +137,13 @@ impl Report {
         }
         s.push_str("### Targets\n\n| target | measured | |\n|---|---|---|\n");
         for c in &self.checks {
-            let _ =
-                writeln!(s, "| {} | {} | {} |", c.what, c.value, if c.pass { "pass" } else { "MISS" });
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                c.what,
+                c.value,
+                if c.pass { "pass" } else { "MISS" }
+            );
         }
         s
     }
@@ -164,7 +169,9 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|s| {
+            s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024 / 1024);
     format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
@@ -209,7 +216,9 @@ fn run() -> anyhow::Result<()> {
     }
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmarks need root (BPF, network namespaces): run `sudo -E cargo xtask bench`");
+        bail!(
+            "the benchmarks need root (BPF, network namespaces): run `sudo -E cargo xtask bench`"
+        );
     }
     let bin = bin.unwrap_or_else(|| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/smtpflow").to_owned()

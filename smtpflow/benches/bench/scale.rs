@@ -68,22 +68,27 @@ fn fill(gw: &Netns, prog: aya::programs::ProgramFd, ifindex: u32, n: u32) -> any
     })
 }
 
-/// Polls /metrics until `smtpflow_peers_tracked` stops growing (or reaches `n`).
+/// Polls /metrics until `smtpflow_peers_tracked` reaches `n`, or stops growing for longer than
+/// a couple of drains (the LRU map may keep fewer than `n`).
 fn wait_tracked(sf: &Smtpflow, gw: &Netns, n: u32) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut last = -1.0;
-    let mut same = 0;
+    let mut stable_since = Instant::now();
     loop {
         let (body, _) = sf.scrape(gw)?;
         let tracked = sys::metric(&body, "smtpflow_peers_tracked", "").unwrap_or(0.0);
+        let drain = sys::metric(&body, "smtpflow_drain_duration_seconds", "").unwrap_or(0.0);
         if tracked >= f64::from(n) {
             return Ok(tracked);
         }
-        same = if tracked == last && tracked > 0.0 { same + 1 } else { 0 };
-        if same >= 3 {
+        if tracked != last {
+            last = tracked;
+            stable_since = Instant::now();
+        }
+        let settle = Duration::from_secs_f64((2.5 * (drain + 1.0)).max(3.0));
+        if tracked > 0.0 && stable_since.elapsed() >= settle {
             return Ok(tracked);
         }
-        last = tracked;
         if Instant::now() >= deadline {
             bail!("smtpflow tracked only {tracked} of {n} peers after 180s");
         }
@@ -158,16 +163,20 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         for &cap in caps {
             let max_peers = n.next_power_of_two().max(65_536).to_string();
             let cap_s = cap.to_string();
-            let sf = Smtpflow::start(&p.bin, gw, &[
-                "--iface",
-                Pair::LOCAL_IF,
-                "--max-peers",
-                &max_peers,
-                "--max-peer-series",
-                &cap_s,
-                "--status-every",
-                "0s",
-            ])?;
+            let sf = Smtpflow::start(
+                &p.bin,
+                gw,
+                &[
+                    "--iface",
+                    Pair::LOCAL_IF,
+                    "--max-peers",
+                    &max_peers,
+                    "--max-peer-series",
+                    &cap_s,
+                    "--status-every",
+                    "0s",
+                ],
+            )?;
             let (prog, peers_id, ifindex) = find_program(gw)?;
             let t = Instant::now();
             fill(gw, prog, ifindex, n)?;
@@ -187,7 +196,8 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 drains.push(sys::metric(&b, "smtpflow_drain_duration_seconds", "").unwrap_or(0.0));
                 body = b;
             }
-            let exported = body.lines().filter(|l| l.starts_with("smtpflow_peer_tcp_events_total{")).count();
+            let exported =
+                body.lines().filter(|l| l.starts_with("smtpflow_peer_tcp_events_total{")).count();
             let drain = drains.iter().copied().fold(0.0, f64::max);
             let scrape = median(&mut scrapes);
             let (hwm, _) = sys::rss(sf.pid());

@@ -298,10 +298,13 @@ pub fn rss(pid: u32) -> (u64, u64) {
 
 /// A network interface's packet counters inside a namespace: (rx, tx).
 pub fn link_packets(ns: &Netns, ifname: &str) -> anyhow::Result<(u64, u64)> {
-    let out = ns.exec_ok("cat", &[
-        &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
-        &format!("/sys/class/net/{ifname}/statistics/tx_packets"),
-    ]);
+    let out = ns.exec_ok(
+        "cat",
+        &[
+            &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
+            &format!("/sys/class/net/{ifname}/statistics/tx_packets"),
+        ],
+    );
     let mut it = out.split_whitespace().map(str::parse::<u64>);
     match (it.next(), it.next()) {
         (Some(Ok(rx)), Some(Ok(tx))) => Ok((rx, tx)),

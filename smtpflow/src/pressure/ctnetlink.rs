@@ -252,8 +252,9 @@ pub fn parse_global_reply(buf: &[u8], seq: u32) -> Result<Global, NlError> {
     })
 }
 
-/// How long one request may take in all.
+/// How long one request may take in all, and the longest wait for one datagram.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+const RECV_TIMEOUT: Duration = Duration::from_millis(500);
 /// The most reply bytes accepted for one request (a few hundred bytes per CPU are expected).
 const MAX_REPLY: usize = 4 << 20;
 
@@ -297,7 +298,8 @@ impl Socket {
         if rc < 0 {
             return Err(last_err());
         }
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 500_000 };
+        let tv =
+            libc::timeval { tv_sec: 0, tv_usec: RECV_TIMEOUT.as_micros() as libc::suseconds_t };
         // SAFETY: valid option value and length.
         let rc = unsafe {
             libc::setsockopt(
@@ -363,7 +365,7 @@ impl Socket {
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                        return Err(NlError::Timeout(REPLY_TIMEOUT));
+                        return Err(NlError::Timeout(RECV_TIMEOUT));
                     }
                     _ => return Err(e.into()),
                 }
@@ -574,13 +576,17 @@ mod tests {
         let entries = attr(CTA_STATS_GLOBAL_ENTRIES, &1u32.to_be_bytes());
         for (what, buf) in [
             ("ack only", ack.clone()),
-            ("two messages", [g(&[entries.clone()]), g(&[entries.clone()]), ack.clone()].concat()),
+            (
+                "two messages",
+                [g(std::slice::from_ref(&entries)), g(std::slice::from_ref(&entries)), ack.clone()]
+                    .concat(),
+            ),
             (
                 "no entries",
                 [g(&[attr(CTA_STATS_GLOBAL_MAX_ENTRIES, &[0, 0, 0, 1])]), ack.clone()].concat(),
             ),
             ("2-byte value", [g(&[attr(CTA_STATS_GLOBAL_ENTRIES, &[0, 1])]), ack.clone()].concat()),
-            ("no ack", g(&[entries.clone()])),
+            ("no ack", g(std::slice::from_ref(&entries))),
         ] {
             assert!(parse_global_reply(&buf, 1).is_err(), "{what}");
         }

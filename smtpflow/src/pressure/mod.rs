@@ -305,6 +305,46 @@ mod tests {
         std::fs::remove_dir_all(root).unwrap();
     }
 
+    /// The real socket against this kernel, in the test's own namespace: the same numbers as
+    /// procfs (root only; compared when procfs reads the same before and after).
+    #[test]
+    fn live_netlink_agrees_with_procfs() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/proc/net/stat/nf_conntrack").exists() {
+            eprintln!("SKIPPED: needs root and conntrack");
+            return;
+        }
+        let procfs = || {
+            let stats = procfs::parse_conntrack_stat(
+                &std::fs::read_to_string("/proc/net/stat/nf_conntrack").unwrap(),
+            )
+            .unwrap();
+            let count = procfs::parse_sysctl_u64(
+                &std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count").unwrap(),
+            )
+            .unwrap();
+            (stats, count)
+        };
+        let mut socket = ctnetlink::Socket::open().unwrap();
+        for _ in 0..50 {
+            let before = procfs();
+            let global = socket.global().unwrap();
+            let stats = socket.cpu_stats().unwrap();
+            if procfs() != before {
+                continue;
+            }
+            assert_eq!(stats, before.0);
+            assert_eq!(global.entries, before.1);
+            let max = procfs::parse_sysctl_u64(
+                &std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap(),
+            )
+            .unwrap();
+            assert_eq!(global.max_entries, Some(max));
+            return;
+        }
+        panic!("conntrack never stood still for a comparison");
+    }
+
     #[test]
     fn source_mode_parsing() {
         assert_eq!("auto".parse::<SourceMode>(), Ok(SourceMode::Auto));
@@ -315,8 +355,7 @@ mod tests {
 
     #[test]
     fn renders_the_four_families() {
-        let mut snap = crate::drain::Snapshot::default();
-        snap.pressure = Pressure {
+        let pressure = Pressure {
             conntrack: Some(Conntrack {
                 entries: 5,
                 limit: 262_144,
@@ -325,8 +364,16 @@ mod tests {
             }),
             tcp: BTreeMap::from([("ListenOverflows", 18), ("EstabResets", 6)]),
         };
-        let ex = crate::export::Exporter::new(HashMap::new(), 10, Vec::new(), None);
-        let text = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        let mut snap = crate::drain::Snapshot { pressure, ..Default::default() };
+        let render = |snap: &crate::drain::Snapshot| {
+            use prometheus::Encoder as _;
+            let mut families = Vec::new();
+            crate::export::render_pressure(snap, &mut families);
+            let mut buf = Vec::new();
+            prometheus::TextEncoder::new().encode(&families, &mut buf).unwrap();
+            String::from_utf8(buf).unwrap()
+        };
+        let text = render(&snap);
         for want in [
             "# TYPE smtpflow_conntrack_entries gauge",
             "smtpflow_conntrack_entries 5",
@@ -343,7 +390,7 @@ mod tests {
         }
         // No conntrack: no conntrack families at all; TCP stays.
         snap.pressure.conntrack = None;
-        let text = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        let text = render(&snap);
         assert!(!text.contains("smtpflow_conntrack_"), "{text}");
         assert!(text.contains(r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#));
     }

@@ -1,0 +1,339 @@
+//! A real Prometheus server (Debian's `prometheus`) run as a child process inside a network
+//! namespace, with its own temporary configuration and data directory, and a client for its
+//! HTTP API; and `promtool`. The server is stopped and its directory deleted on drop.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{Netns, in_netns, json::Json, wait_for};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The `prometheus` binary: `$PROMETHEUS_BIN`, else the one on `PATH` (Debian's package).
+pub fn prometheus_bin() -> PathBuf {
+    std::env::var_os("PROMETHEUS_BIN").map_or_else(|| "prometheus".into(), PathBuf::from)
+}
+
+/// The `promtool` binary: `$PROMTOOL_BIN`, else the one on `PATH`.
+pub fn promtool_bin() -> PathBuf {
+    std::env::var_os("PROMTOOL_BIN").map_or_else(|| "promtool".into(), PathBuf::from)
+}
+
+/// The workspace's `deploy/` directory.
+pub fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Runs `promtool <args>` in `dir`, with `stdin` fed to it; returns its output (not checked).
+pub fn promtool(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(promtool_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (install Debian's prometheus package: `cargo xtask setup`)",
+                promtool_bin().display()
+            )
+        });
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let text = text.to_owned();
+        // A thread, so a promtool that answers before reading everything cannot deadlock us.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(text.as_bytes());
+        });
+    }
+    child.wait_with_output().expect("wait for promtool")
+}
+
+/// A directory under the system's temporary directory, removed with its contents on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "smtpflow-{what}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `%`-encoding for a URL query value (everything but the unreserved characters).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One sample of an instant vector: its labels (with `__name__` when it has one) and value.
+pub type Sample = (BTreeMap<String, String>, f64);
+
+/// A running Prometheus server in a namespace.
+pub struct Prometheus {
+    child: Option<Child>,
+    /// Keeps the namespace alive while the server runs.
+    ns: Arc<Netns>,
+    /// Where the API answers, inside the namespace.
+    pub api_addr: String,
+    pub name: String,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Starts `prometheus` in `ns` with `config` (the YAML of prometheus.yml), listening on
+    /// `listen` (e.g. `0.0.0.0:9090`), with `extra` flags; waits (bounded) until it is ready.
+    pub fn start(ns: Arc<Netns>, name: &str, listen: &str, config: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new(&format!("prometheus-{name}"));
+        let config_path = dir.path.join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let log = std::fs::File::create(dir.path.join("prometheus.log")).expect("log file");
+        let port = listen.rsplit_once(':').map_or("9090", |(_, p)| p);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(prometheus_bin())
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path.join("data").display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .args(extra)
+            .current_dir(&dir.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", prometheus_bin().display()));
+        let mut p = Self {
+            child: Some(child),
+            ns,
+            api_addr: format!("127.0.0.1:{port}"),
+            name: name.to_owned(),
+            dir,
+        };
+        let ready = wait_for(Duration::from_secs(30), || {
+            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("prometheus {name} exited early ({status}):\n{}", p.log());
+            }
+            p.get("/-/ready").ok().filter(|(s, _)| *s == 200)
+        });
+        assert!(ready.is_some(), "prometheus {name} was not ready within 30s:\n{}", p.log());
+        p
+    }
+
+    /// The server's log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// HTTP/1.0 GET of `path_and_query` on the API address (HTTP/1.0: never chunked).
+    pub fn get(&self, path_and_query: &str) -> std::io::Result<(u16, String)> {
+        let addr = self.api_addr.clone();
+        let target = path_and_query.to_owned();
+        let ns = self.ns.clone();
+        in_netns(&ns, move || {
+            let mut s =
+                TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            write!(s, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            Ok((status, body.to_owned()))
+        })
+    }
+
+    /// GET an API path and parse the JSON answer; `Err` with Prometheus's error text when its
+    /// status is not `success`.
+    pub fn api(&self, path_and_query: &str) -> Result<Json, String> {
+        let (code, body) = self
+            .get(path_and_query)
+            .map_err(|e| format!("GET {path_and_query} on {}: {e}", self.name))?;
+        let v = Json::parse(&body).map_err(|e| format!("{e} in the answer ({code}): {body}"))?;
+        if v.get("status").and_then(Json::as_str) != Some("success") {
+            return Err(format!(
+                "{} ({code}): {}",
+                v.get("errorType").and_then(Json::as_str).unwrap_or("?"),
+                v.get("error").and_then(Json::as_str).unwrap_or(&body)
+            ));
+        }
+        Ok(v.get("data").cloned().unwrap_or(Json::Null))
+    }
+
+    /// An instant query; `Err` with Prometheus's error when it is not valid PromQL or fails.
+    /// Returns the `data` object (`resultType`, `result`).
+    pub fn query(&self, expr: &str) -> Result<Json, String> {
+        self.api(&format!("/api/v1/query?query={}", url_encode(expr)))
+    }
+
+    /// An instant query evaluated at `time` (Unix seconds).
+    pub fn query_at(&self, expr: &str, time: f64) -> Result<Json, String> {
+        self.api(&format!("/api/v1/query?query={}&time={time:.3}", url_encode(expr)))
+    }
+
+    /// The samples of an instant-vector query (a scalar becomes one sample without labels).
+    pub fn samples(data: &Json) -> Vec<Sample> {
+        let value = |v: &Json| -> f64 {
+            v.items().get(1).and_then(Json::as_str).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)
+        };
+        match data.get("resultType").and_then(Json::as_str) {
+            Some("vector") => data
+                .get("result")
+                .map(|r| r.items())
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    let labels = s.get("metric").map(Json::string_map).unwrap_or_default();
+                    (labels, s.get("value").map_or(f64::NAN, value))
+                })
+                .collect(),
+            Some("scalar") => vec![(BTreeMap::new(), data.get("result").map_or(f64::NAN, value))],
+            _ => Vec::new(),
+        }
+    }
+
+    /// An instant query that must succeed, as samples.
+    pub fn vector(&self, expr: &str) -> Vec<Sample> {
+        let data = self.query(expr).unwrap_or_else(|e| panic!("{}: {expr}: {e}", self.name));
+        Self::samples(&data)
+    }
+
+    /// The values of `expr` by the value of `label` (e.g. per `instance`).
+    pub fn by_label(&self, expr: &str, label: &str) -> BTreeMap<String, f64> {
+        self.vector(expr)
+            .into_iter()
+            .map(|(l, v)| (l.get(label).cloned().unwrap_or_default(), v))
+            .collect()
+    }
+
+    /// The single value of `expr`, `None` when the result is empty.
+    pub fn value(&self, expr: &str) -> Option<f64> {
+        let s = self.vector(expr);
+        assert!(s.len() <= 1, "{}: {expr} has {} samples: {s:?}", self.name, s.len());
+        s.first().map(|(_, v)| *v)
+    }
+
+    /// Polls `expr` until `check` accepts its samples, for at most `timeout`; returns the last
+    /// samples and whether they were accepted.
+    pub fn wait_until(
+        &self,
+        expr: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[Sample]) -> bool,
+    ) -> (Vec<Sample>, bool) {
+        let mut last = Vec::new();
+        let ok = wait_for(timeout, || {
+            last = self.query(expr).map(|d| Self::samples(&d)).unwrap_or_default();
+            check(&last).then_some(())
+        });
+        (last, ok.is_some())
+    }
+
+    /// Every metric name Prometheus has (raw and recorded).
+    pub fn metric_names(&self) -> BTreeSet<String> {
+        let data = self
+            .api("/api/v1/label/__name__/values")
+            .unwrap_or_else(|e| panic!("{}: metric names: {e}", self.name));
+        data.items().iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+    }
+
+    /// The label names the series of `metric` carry.
+    pub fn label_names(&self, metric: &str) -> BTreeSet<String> {
+        let m = url_encode(&format!("{{__name__=\"{metric}\"}}"));
+        let data = self
+            .api(&format!("/api/v1/labels?match[]={m}"))
+            .unwrap_or_else(|e| panic!("{}: labels of {metric}: {e}", self.name));
+        data.items().iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+    }
+
+    /// The values of `label` on the series of `metric`.
+    pub fn label_values(&self, label: &str, metric: &str) -> BTreeSet<String> {
+        let m = url_encode(&format!("{{__name__=\"{metric}\"}}"));
+        let data = self
+            .api(&format!("/api/v1/label/{label}/values?match[]={m}"))
+            .unwrap_or_else(|e| panic!("{}: values of {label}: {e}", self.name));
+        data.items().iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+    }
+
+    /// Every loaded rule as (group, name, health, last error).
+    pub fn rules(&self) -> Vec<(String, String, String, String)> {
+        let data =
+            self.api("/api/v1/rules").unwrap_or_else(|e| panic!("{}: rules: {e}", self.name));
+        let mut out = Vec::new();
+        for g in data.get("groups").map(Json::items).unwrap_or_default() {
+            let group = g.get("name").and_then(Json::as_str).unwrap_or_default();
+            for r in g.get("rules").map(Json::items).unwrap_or_default() {
+                let s = |k: &str| r.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
+                out.push((group.to_owned(), s("name"), s("health"), s("lastError")));
+            }
+        }
+        out
+    }
+
+    /// Scrape targets as (labels, health, last error), for failure messages.
+    pub fn targets(&self) -> Vec<String> {
+        let Ok(data) = self.api("/api/v1/targets") else { return Vec::new() };
+        data.get("activeTargets")
+            .map(Json::items)
+            .unwrap_or_default()
+            .iter()
+            .map(|t| {
+                format!(
+                    "{:?} {} {}",
+                    t.get("labels").map(Json::string_map).unwrap_or_default(),
+                    t.get("health").and_then(Json::as_str).unwrap_or_default(),
+                    t.get("lastError").and_then(Json::as_str).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// The server's clock, in Unix seconds (the time its instant queries default to).
+    pub fn now(&self) -> f64 {
+        let data = self.query("time()").unwrap_or_else(|e| panic!("{}: time(): {e}", self.name));
+        Self::samples(&data).first().map_or(f64::NAN, |(_, v)| *v)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // `ip netns exec` execs prometheus, so the child pid is prometheus's own.
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten()).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

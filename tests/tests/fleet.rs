@@ -1,0 +1,925 @@
+//! smtpflow in a Prometheus world: the shipped rules pass `promtool check rules` and their unit
+//! tests; a real `/metrics` passes `promtool check metrics`; three gateways scraped by a real
+//! Prometheus, then the same fleet two-tier (a Prometheus per site remote-writing to a central
+//! receiver), give the fleet-wide numbers the traffic implies through PromQL; and every query of
+//! the Grafana dashboard is valid PromQL over metrics that exist.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use smtpflow_tests::{
+    Netns, Pair, Watch,
+    fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
+    in_netns,
+    json::Json,
+    prometheus::{Prometheus, deploy_dir, promtool},
+    require_root, wait_for,
+};
+
+/// The gateways and how many SMTP sessions each receives: distinct counts, so the fleet sum
+/// (15) and every per-instance value are recognisable.
+const GATEWAYS: [(&str, u64); 3] = [("mx1", 3), ("mx2", 5), ("mx3", 7)];
+/// The gateway that also makes one outbound connection a remote server refuses.
+const REFUSED_BY_REMOTE: &str = "mx1";
+
+// ------------------------------------------------------------------------------------------
+// Traffic: real TCP (and a little SMTP) between a gateway and its peer namespace.
+
+/// Accepts `n` connections on `addr` in `ns`, greets each with a 220 banner and waits for the
+/// client to close. Every wait is bounded.
+fn serve_smtp(ns: &Netns, addr: &str, n: u64) -> thread::JoinHandle<()> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind SMTP server"));
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut served = 0;
+        while served < n {
+            assert!(Instant::now() < deadline, "only {served} of {n} SMTP clients came");
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    s.write_all(b"220 mx.test ESMTP smtpflow fleet test\r\n").unwrap();
+                    // Until the client closes (EOF), so the server never resets.
+                    let _ = s.read_to_end(&mut Vec::new());
+                    served += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    })
+}
+
+/// `n` SMTP clients from `ns`: connect, read the 220 banner, close.
+fn smtp_clients(ns: &Netns, addr: &str, n: u64) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    in_netns(ns, move || {
+        for _ in 0..n {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut banner = Vec::new();
+            let mut byte = [0u8; 1];
+            while !banner.ends_with(b"\r\n") {
+                assert_eq!(s.read(&mut byte).expect("read banner"), 1, "banner cut short");
+                banner.push(byte[0]);
+            }
+            assert!(banner.starts_with(b"220 "), "{}", String::from_utf8_lossy(&banner));
+        }
+    });
+}
+
+/// One connection from `ns` to a closed port: refused by a RST.
+fn connect_refused(ns: &Netns, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    in_netns(ns, move || {
+        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect_err("the port must be closed");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    });
+}
+
+fn smtp_addr(port: u16) -> String {
+    format!("{}:{port}", Pair::LOCAL_V4)
+}
+
+/// Each gateway: `n` inbound SMTP sessions on port 25 and one inbound connection refused on
+/// 587; `REFUSED_BY_REMOTE` also connects out to its peer's closed port 25.
+fn make_traffic(fleet: &Fleet) {
+    for g in fleet.gateways() {
+        let n = count_of(&g.name);
+        let server = serve_smtp(&g.pair.local, &smtp_addr(25), n);
+        smtp_clients(&g.pair.peer, &smtp_addr(25), n);
+        server.join().expect("SMTP server");
+        connect_refused(&g.pair.peer, &smtp_addr(587));
+        if g.name == REFUSED_BY_REMOTE {
+            connect_refused(&g.pair.local, &format!("{}:25", Pair::PEER_V4));
+        }
+    }
+}
+
+fn count_of(gateway: &str) -> u64 {
+    GATEWAYS.iter().find(|(n, _)| *n == gateway).map(|(_, c)| *c).expect("known gateway")
+}
+
+// ------------------------------------------------------------------------------------------
+// Assertions through PromQL.
+
+/// `expr` must give these values by `label` (missing keys count as absent series).
+struct Expect {
+    expr: String,
+    label: &'static str,
+    want: BTreeMap<String, f64>,
+}
+
+fn expect(expr: &str, label: &'static str, want: &[(&str, f64)]) -> Expect {
+    Expect {
+        expr: expr.to_owned(),
+        label,
+        want: want.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+    }
+}
+
+/// Per gateway, from `GATEWAYS`, with `f` applied to each count.
+fn per_gateway(f: impl Fn(&str, u64) -> f64) -> Vec<(&'static str, f64)> {
+    GATEWAYS.iter().map(|(n, c)| (*n, f(n, *c))).collect()
+}
+
+fn mismatches(prom: &Prometheus, expects: &[Expect]) -> Vec<String> {
+    expects
+        .iter()
+        .filter_map(|e| {
+            let got = match prom.query(&e.expr) {
+                Ok(data) => Prometheus::samples(&data)
+                    .into_iter()
+                    .map(|(l, v)| (l.get(e.label).cloned().unwrap_or_default(), v))
+                    .collect::<BTreeMap<_, _>>(),
+                Err(err) => return Some(format!("{}: {err}", e.expr)),
+            };
+            (got != e.want)
+                .then(|| format!("{}\n      got  {got:?}\n      want {:?}", e.expr, e.want))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until every expectation holds, then a few scrape intervals more, and checks
+/// they still hold (nothing extra was counted).
+fn expect_settled(prom: &Prometheus, fleet: &Fleet, expects: &[Expect]) {
+    let mut wrong = Vec::new();
+    let ok = wait_for(Duration::from_secs(45), || {
+        wrong = mismatches(prom, expects);
+        wrong.is_empty().then_some(())
+    });
+    if ok.is_some() {
+        thread::sleep(Duration::from_secs(3));
+        wrong = mismatches(prom, expects);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{}: PromQL did not give the numbers the traffic implies:\n  {}\ntargets:\n  {}\n{}",
+        prom.name,
+        wrong.join("\n  "),
+        prom.targets().join("\n  "),
+        fleet.stderr()
+    );
+}
+
+/// The fleet-wide and per-gateway numbers the traffic implies, as raw PromQL over smtpflow's
+/// metrics.
+fn raw_expectations() -> Vec<Expect> {
+    let total: u64 = GATEWAYS.iter().map(|(_, c)| c).sum();
+    let refused_out = |n: &str, _| if n == REFUSED_BY_REMOTE { 1.0 } else { 0.0 };
+    vec![
+        // The headline: inbound SYNs to port 25 over the whole fleet.
+        expect(
+            r#"sum(smtpflow_tcp_events_total{event="syn",direction="inbound",side="peer",port="25"})"#,
+            "",
+            &[("", total as f64)],
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_tcp_events_total{event="syn",direction="inbound",side="peer",port="25"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64),
+        ),
+        // Our SYN-ACKs: one per session; the refused SYN on 587 got a RST instead.
+        expect(
+            r#"sum by (instance) (smtpflow_tcp_events_total{event="syn_ack",direction="inbound",side="local"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_tcp_events_total{event="rst",direction="inbound",side="local",port="587"})"#,
+            "instance",
+            &per_gateway(|_, _| 1.0),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_handshakes_total{direction="inbound",outcome="established"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_handshakes_total{direction="inbound",outcome="refused"})"#,
+            "instance",
+            &per_gateway(|_, _| 1.0),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_handshakes_total{direction="outbound",outcome="refused"})"#,
+            "instance",
+            &per_gateway(refused_out),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_handshakes_total{outcome="timeout"})"#,
+            "instance",
+            &per_gateway(|_, _| 0.0),
+        ),
+        expect(
+            r#"sum(smtpflow_smtp_greetings_total{direction="inbound",code="220"})"#,
+            "",
+            &[("", total as f64)],
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_handshake_duration_seconds_count{direction="inbound",port="25"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_greeting_duration_seconds_count{direction="inbound",port="25"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64),
+        ),
+        // Per peer: every gateway's only peer is 10.77.0.2.
+        expect(
+            r#"sum by (instance) (smtpflow_peer_tcp_events_total{peer="10.77.0.2",event="syn",direction="inbound",side="peer"})"#,
+            "instance",
+            &per_gateway(|_, c| c as f64 + 1.0),
+        ),
+        // The diagnosis names the remote refusal on mx1 only.
+        expect(
+            r#"smtpflow_diagnosis{cause="remote_refusing"}"#,
+            "instance",
+            &per_gateway(refused_out),
+        ),
+        expect(
+            r#"sum by (instance) (smtpflow_diagnosis_top_peer{cause="remote_refusing",peer="10.77.0.2"})"#,
+            "instance",
+            &[(REFUSED_BY_REMOTE, 1.0)],
+        ),
+        expect(r#"sum(smtpflow_diagnosis)"#, "", &[("", 1.0)]),
+        expect(r#"count(up{job="smtpflow"} == 1)"#, "", &[("", 3.0)]),
+    ]
+}
+
+/// The rules, evaluated on real data: every rule healthy, the recorded ratios equal to what the
+/// counts imply, and the alerts pending or silent as they should be.
+fn check_rules(prom: &Prometheus, fleet: &Fleet) {
+    let mut bad = Vec::new();
+    let ok = wait_for(Duration::from_secs(20), || {
+        let rules = prom.rules();
+        bad = rules
+            .iter()
+            .filter(|(_, _, health, err)| health != "ok" || !err.is_empty())
+            .map(|r| format!("{r:?}"))
+            .collect();
+        (rules.len() >= 20 && bad.is_empty()).then_some(())
+    });
+    assert!(ok.is_some(), "{}: rules not all healthy: {bad:#?}\n{}", prom.name, prom.log());
+
+    // Failed share of inbound handshakes: 1 refused of n + 1. Every counter started at 0 in the
+    // window (scraped before the traffic), so the ratio of the two 5m rates is exact.
+    let want: BTreeMap<String, f64> =
+        GATEWAYS.iter().map(|(n, c)| ((*n).to_owned(), 1.0 / (*c as f64 + 1.0))).collect();
+    let expr = r#"instance:smtpflow_handshake_failures:ratio_rate5m{direction="inbound"}"#;
+    let mut got = BTreeMap::new();
+    let close = |got: &BTreeMap<String, f64>| {
+        got.len() == want.len()
+            && want.iter().all(|(k, w)| got.get(k).is_some_and(|g| (g - w).abs() < 1e-9))
+    };
+    let ok = wait_for(Duration::from_secs(30), || {
+        got = prom.by_label(expr, "instance");
+        close(&got).then_some(())
+    });
+    assert!(ok.is_some(), "{}: {expr}: got {got:?}, want {want:?}", prom.name);
+
+    // Fleet-wide: a weighted mean of the gateways' ratios, near 3 of 18.
+    let fleet_ratio = prom
+        .value(r#"job:smtpflow_handshake_failures:ratio_rate5m{direction="inbound"}"#)
+        .expect("the fleet's failure ratio");
+    assert!(
+        (0.125..=0.25).contains(&fleet_ratio) && (fleet_ratio - 3.0 / 18.0).abs() < 0.02,
+        "fleet failure ratio {fleet_ratio}"
+    );
+    let rates = prom.by_label(
+        r#"instance:smtpflow_tcp_events:rate5m{direction="inbound",event="syn",side="peer"}"#,
+        "instance",
+    );
+    assert!(rates.len() == 3 && rates.values().all(|r| *r > 0.0), "instance SYN rates {rates:?}");
+    assert_eq!(prom.value("job:smtpflow_up:sum"), Some(3.0));
+    assert_eq!(
+        prom.by_label(r#"job:smtpflow_diagnosis:sum{cause="remote_refusing"}"#, "cause"),
+        BTreeMap::from([("remote_refusing".to_owned(), 1.0)])
+    );
+
+    // The remote refusal on mx1 makes its alert pending (for: 15m) there and nowhere else.
+    let (alerts, ok) = prom.wait_until(
+        r#"ALERTS{alertname="SmtpflowRemoteRefusing"}"#,
+        Duration::from_secs(20),
+        |s| s.len() == 1,
+    );
+    assert!(ok, "{}: SmtpflowRemoteRefusing alerts: {alerts:?}\n{}", prom.name, fleet.stderr());
+    let labels = &alerts[0].0;
+    assert_eq!(labels.get("instance").map(String::as_str), Some(REFUSED_BY_REMOTE));
+    assert_eq!(labels.get("alertstate").map(String::as_str), Some("pending"));
+    // 25 % of mx1's inbound handshakes failed, but 4 handshakes in 5 minutes are under the
+    // volume guard: no failure-ratio alert anywhere.
+    assert_eq!(prom.vector(r#"ALERTS{alertname="SmtpflowHandshakeFailureRatioHigh"}"#), Vec::new());
+}
+
+/// Waits until Prometheus has scraped every gateway at least once (the counters' zero baseline,
+/// before any traffic).
+fn wait_scraped(prom: &Prometheus, fleet: &Fleet) {
+    let (got, ok) = prom.wait_until(r#"up{job="smtpflow"} == 1"#, Duration::from_secs(30), |s| {
+        s.len() == GATEWAYS.len()
+    });
+    assert!(
+        ok,
+        "{}: not every gateway was scraped: {got:?}\ntargets:\n  {}\n{}",
+        prom.name,
+        prom.targets().join("\n  "),
+        fleet.stderr()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// The Grafana dashboard.
+
+fn dashboard() -> Json {
+    let path = deploy_dir().join("grafana/smtpflow.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Json::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every (panel title, row title, expression) of the dashboard, rows included in order.
+fn panel_queries(d: &Json) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut row = String::new();
+    let mut visit = |p: &Json, row: &mut String| {
+        let title = p.get("title").and_then(Json::as_str).unwrap_or_default().to_owned();
+        if p.get("type").and_then(Json::as_str) == Some("row") {
+            *row = title;
+            return;
+        }
+        for t in p.get("targets").map(Json::items).unwrap_or_default() {
+            let expr = t.get("expr").and_then(Json::as_str).unwrap_or_default();
+            out.push((title.clone(), row.clone(), expr.to_owned()));
+        }
+    };
+    for p in d.get("panels").map(Json::items).unwrap_or_default() {
+        visit(p, &mut row);
+        // Panels of a collapsed row are nested in it.
+        for inner in p.get("panels").map(Json::items).unwrap_or_default() {
+            visit(inner, &mut row);
+        }
+    }
+    out
+}
+
+/// Grafana's variables replaced by concrete values, as Grafana would for `instances` selected.
+fn concrete(expr: &str, instances: &[&str]) -> String {
+    let selected = format!("({})", instances.join("|"));
+    let e = expr
+        .replace("${instance}", &selected)
+        .replace("$instance", &selected)
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m");
+    assert!(!e.contains('$'), "a Grafana variable is left in {e}");
+    e
+}
+
+/// The metric names and label names a PromQL expression refers to.
+#[derive(Debug, Default, PartialEq)]
+struct Refs {
+    metrics: BTreeSet<String>,
+    labels: BTreeSet<String>,
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c == b':'
+}
+
+fn is_ident(c: u8) -> bool {
+    is_ident_start(c) || c.is_ascii_digit()
+}
+
+/// A small PromQL scanner: identifiers followed by `(` are functions or aggregations, the ones
+/// after `by`/`without`/`on`/`ignoring`/`group_*` and inside `{...}` are labels, keywords are
+/// skipped, and every other identifier is a metric name.
+fn promql_refs(expr: &str) -> Refs {
+    const GROUPING: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
+    const KEYWORDS: [&str; 7] = ["and", "or", "unless", "bool", "offset", "inf", "nan"];
+    // Aggregations may be followed by `by (...)` before their parenthesis.
+    const AGGREGATIONS: [&str; 12] = [
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    let b = expr.as_bytes();
+    let mut refs = Refs::default();
+    let mut i = 0;
+    let skip_string = |mut i: usize| -> usize {
+        let q = b[i];
+        i += 1;
+        while i < b.len() && b[i] != q {
+            i += if b[i] == b'\\' { 2 } else { 1 };
+        }
+        i + 1
+    };
+    let ident = |mut i: usize| -> (String, usize) {
+        let start = i;
+        while i < b.len() && is_ident(b[i]) {
+            i += 1;
+        }
+        (expr[start..i].to_owned(), i)
+    };
+    let skip_ws = |mut i: usize| -> usize {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    while i < b.len() {
+        let c = b[i];
+        if matches!(c, b'"' | b'\'' | b'`') {
+            i = skip_string(i);
+        } else if c == b'{' {
+            // Label matchers: name op "value", ...
+            i += 1;
+            while i < b.len() && b[i] != b'}' {
+                if matches!(b[i], b'"' | b'\'' | b'`') {
+                    i = skip_string(i);
+                } else if is_ident_start(b[i]) {
+                    let (name, j) = ident(i);
+                    let k = skip_ws(j);
+                    let value_start = skip_ws(
+                        k + if b.get(k + 1) == Some(&b'=') || b.get(k + 1) == Some(&b'~') {
+                            2
+                        } else {
+                            1
+                        },
+                    );
+                    if name == "__name__" && b.get(value_start) == Some(&b'"') {
+                        let end = skip_string(value_start);
+                        refs.metrics.insert(expr[value_start + 1..end - 1].to_owned());
+                    } else {
+                        refs.labels.insert(name);
+                    }
+                    i = j;
+                } else {
+                    i += 1;
+                }
+            }
+            i += 1;
+        } else if c == b'[' {
+            while i < b.len() && b[i] != b']' {
+                i += 1;
+            }
+            i += 1;
+        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
+        {
+            // Numbers and durations (1e3, 0.99, 5m).
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                i += 1;
+            }
+        } else if is_ident_start(c) {
+            let (name, j) = ident(i);
+            let k = skip_ws(j);
+            if GROUPING.contains(&name.as_str()) {
+                if b.get(k) == Some(&b'(') {
+                    let end = expr[k..].find(')').map_or(b.len(), |e| k + e);
+                    for l in expr[k + 1..end].split(',') {
+                        let l = l.trim();
+                        if !l.is_empty() {
+                            refs.labels.insert(l.to_owned());
+                        }
+                    }
+                    i = end + 1;
+                    continue;
+                }
+            } else if b.get(k) != Some(&b'(')
+                && !KEYWORDS.contains(&name.as_str())
+                && !AGGREGATIONS.contains(&name.as_str())
+            {
+                refs.metrics.insert(name);
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    refs
+}
+
+/// Runs every dashboard query against `prom`: each must be valid PromQL that evaluates, and
+/// refer only to metrics Prometheus has (raw or recorded) and to labels those metrics carry.
+fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
+    let d = dashboard();
+    let queries = panel_queries(&d);
+    assert!(queries.len() >= 20, "only {} queries in the dashboard", queries.len());
+    let wanted: BTreeSet<String> =
+        queries.iter().flat_map(|(_, _, e)| promql_refs(&concrete(e, instances)).metrics).collect();
+    // Recorded series appear with the rules' first evaluations: wait (bounded) for them all.
+    let mut missing = BTreeSet::new();
+    let names_ok = wait_for(Duration::from_secs(30), || {
+        let names = prom.metric_names();
+        missing = wanted.difference(&names).cloned().collect();
+        missing.is_empty().then_some(names)
+    });
+    let names = names_ok.unwrap_or_else(|| {
+        panic!("{}: the dashboard uses metrics that do not exist: {missing:?}", prom.name)
+    });
+
+    let mut failures = Vec::new();
+    let mut empty = Vec::new();
+    for (title, _, expr) in &queries {
+        let q = concrete(expr, instances);
+        match prom.query(&q) {
+            Err(e) => failures.push(format!("{title:?}: {q}: {e}")),
+            Ok(data) => {
+                if data.get("result").map(Json::items).unwrap_or_default().is_empty() {
+                    empty.push(title.clone());
+                }
+            }
+        }
+        let refs = promql_refs(&q);
+        if refs.metrics.is_empty() {
+            failures.push(format!("{title:?}: {q}: refers to no metric"));
+        }
+        let mut known_labels: BTreeSet<String> = BTreeSet::new();
+        for m in &refs.metrics {
+            if names.contains(m) {
+                known_labels.extend(prom.label_names(m));
+            } else {
+                failures.push(format!("{title:?}: {q}: no metric named {m}"));
+            }
+        }
+        for l in refs.labels.difference(&known_labels) {
+            failures.push(format!("{title:?}: {q}: label {l:?} is on none of {:?}", refs.metrics));
+        }
+    }
+    // The gateway picker: label_values(smtpflow_build_info, instance).
+    for v in d.at(&["templating", "list"]).map(Json::items).unwrap_or_default() {
+        if v.get("type").and_then(Json::as_str) != Some("query") {
+            continue;
+        }
+        let def = v.get("definition").and_then(Json::as_str).unwrap_or_default();
+        let inner = def
+            .strip_prefix("label_values(")
+            .and_then(|s| s.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable query {def:?} is not label_values(metric, label)"));
+        let (metric, label) = inner.split_once(',').expect("label_values(metric, label)");
+        let values = prom.label_values(label.trim(), metric.trim());
+        let want: BTreeSet<String> = instances.iter().map(|s| (*s).to_owned()).collect();
+        if values != want {
+            failures.push(format!("variable {def}: values {values:?}, want {want:?}"));
+        }
+    }
+    eprintln!(
+        "{}: {} dashboard queries ran; empty results (no such events in this traffic): {empty:?}",
+        prom.name,
+        queries.len()
+    );
+    assert!(failures.is_empty(), "{}: dashboard queries:\n  {}", prom.name, failures.join("\n  "));
+    // The panels this traffic must fill, and two of them to the exact numbers.
+    for must in [
+        "Diagnosis per gateway",
+        "Peers most involved in the active causes",
+        "Handshake failure ratio per gateway",
+        "Top peers by inbound connection attempts",
+        "Top peers by failed handshakes",
+    ] {
+        assert!(!empty.contains(&must.to_owned()), "{}: panel {must:?} has no data", prom.name);
+    }
+    let panel = |title: &str| {
+        let (_, _, e) = queries.iter().find(|(t, _, _)| t == title).expect("panel");
+        concrete(e, instances)
+    };
+    // Each gateway's one peer: its sessions and the refused SYN on 587.
+    let top = prom.by_label(&panel("Top peers by inbound connection attempts"), "instance");
+    let want: BTreeMap<String, f64> =
+        per_gateway(|_, c| c as f64 + 1.0).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    assert_eq!(top, want, "{}: top inbound peers", prom.name);
+    // One refused inbound handshake per gateway, and mx1's refused outbound one.
+    let mut failed: Vec<(String, String, f64)> = prom
+        .vector(&panel("Top peers by failed handshakes"))
+        .into_iter()
+        .map(|(l, v)| (l["instance"].clone(), l["direction"].clone(), v))
+        .collect();
+    failed.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut want_failed: Vec<(String, String, f64)> =
+        GATEWAYS.iter().map(|(n, _)| ((*n).to_owned(), "inbound".to_owned(), 1.0)).collect();
+    want_failed.push((REFUSED_BY_REMOTE.to_owned(), "outbound".to_owned(), 1.0));
+    want_failed.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(failed, want_failed, "{}: top peers by failed handshakes", prom.name);
+}
+
+// ------------------------------------------------------------------------------------------
+// Tests.
+
+/// `promtool check rules`, the rules' unit tests and `promtool check config` on the example,
+/// all in `cargo xtask test`.
+#[test]
+fn prometheus_rules_pass_promtool() {
+    let dir = deploy_dir().join("prometheus");
+    for args in [
+        ["check", "rules", "smtpflow-rules.yml"],
+        ["test", "rules", "smtpflow-rules.test.yml"],
+        ["check", "config", "prometheus.example.yml"],
+    ] {
+        let out = promtool(&dir, &args, None);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+        assert!(
+            !text.contains("WARNING") && !text.contains("FAILED"),
+            "promtool {}:\n{text}",
+            args.join(" ")
+        );
+    }
+}
+
+/// Every cause the diagnosis decides (smtpflow/src/diagnose.rs) has an alert, tested firing.
+#[test]
+fn every_diagnosis_cause_has_an_alert() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let src = std::fs::read_to_string(root.join("smtpflow/src/diagnose.rs")).unwrap();
+    let label_fn = src
+        .split("pub const fn label(self)")
+        .nth(1)
+        .and_then(|s| s.split("\n    }").next())
+        .expect("Cause::label in diagnose.rs");
+    let causes: Vec<&str> =
+        label_fn.lines().filter_map(|l| l.split("=> \"").nth(1)?.split('"').next()).collect();
+    assert_eq!(causes.len(), 7, "causes found in diagnose.rs: {causes:?}");
+    let rules = std::fs::read_to_string(rules_file()).unwrap();
+    let tests =
+        std::fs::read_to_string(deploy_dir().join("prometheus/smtpflow-rules.test.yml")).unwrap();
+    for c in causes {
+        assert!(
+            rules.contains(&format!("expr: smtpflow_diagnosis{{cause=\"{c}\"}} == 1")),
+            "no alert on smtpflow_diagnosis{{cause=\"{c}\"}} in smtpflow-rules.yml"
+        );
+        assert!(
+            tests.contains(&format!("cause: {c}}}")),
+            "no firing test for the {c} alert in smtpflow-rules.test.yml"
+        );
+    }
+}
+
+/// The dashboard's shape: variables, rows in order (diagnosis first), every panel on the
+/// datasource variable and following the gateway picker, top-peer panels on per-peer series.
+#[test]
+fn grafana_dashboard_is_well_formed() {
+    let d = dashboard();
+    let schema = d.get("schemaVersion").and_then(Json::as_f64).unwrap_or(0.0);
+    assert!((36.0..=41.0).contains(&schema), "schemaVersion {schema}");
+    let vars = d.at(&["templating", "list"]).map(Json::items).unwrap_or_default();
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v.get("name").and_then(Json::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    let ds = var("datasource");
+    assert_eq!(ds.get("type").and_then(Json::as_str), Some("datasource"));
+    assert_eq!(ds.get("query").and_then(Json::as_str), Some("prometheus"));
+    let inst = var("instance");
+    assert_eq!(
+        inst.get("definition").and_then(Json::as_str),
+        Some("label_values(smtpflow_build_info, instance)")
+    );
+    assert_eq!(inst.get("multi").and_then(Json::as_bool), Some(true));
+    assert_eq!(inst.get("includeAll").and_then(Json::as_bool), Some(true));
+
+    let panels = d.get("panels").map(Json::items).unwrap_or_default();
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p.get("type").and_then(Json::as_str) == Some("row"))
+        .filter_map(|p| p.get("title").and_then(Json::as_str))
+        .collect();
+    assert_eq!(rows, ["Diagnosis", "Fleet overview", "Gateway", "Top peers"]);
+    assert_eq!(panels[0].get("title").and_then(Json::as_str), Some("Diagnosis"));
+    let mut ids = BTreeSet::new();
+    let mut kinds = BTreeSet::new();
+    for p in panels {
+        let title = p.get("title").and_then(Json::as_str).unwrap_or_default();
+        let id = p.get("id").and_then(Json::as_f64).expect("panel id") as i64;
+        assert!(ids.insert(id), "panel id {id} twice");
+        let pos = |k: &str| p.at(&["gridPos", k]).and_then(Json::as_f64).unwrap_or(-1.0);
+        assert!(
+            pos("w") > 0.0 && pos("x") >= 0.0 && pos("x") + pos("w") <= 24.0,
+            "{title}: gridPos"
+        );
+        let kind = p.get("type").and_then(Json::as_str).unwrap_or_default();
+        kinds.insert(kind.to_owned());
+        if kind == "row" {
+            continue;
+        }
+        assert_eq!(
+            p.at(&["datasource", "uid"]).and_then(Json::as_str),
+            Some("${datasource}"),
+            "{title}"
+        );
+        let targets = p.get("targets").map(Json::items).unwrap_or_default();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            assert_eq!(
+                t.at(&["datasource", "uid"]).and_then(Json::as_str),
+                Some("${datasource}"),
+                "{title}"
+            );
+        }
+    }
+    assert!(kinds.contains("heatmap") && kinds.contains("state-timeline"), "{kinds:?}");
+    let queries = panel_queries(&d);
+    for (title, row, expr) in &queries {
+        assert!(!expr.trim().is_empty(), "{title}: empty expr");
+        assert!(
+            expr.contains(r#"instance=~"$instance""#),
+            "{title}: ignores the gateway picker: {expr}"
+        );
+        let metrics = promql_refs(&concrete(expr, &["mx1"])).metrics;
+        let on = |prefix: &str| metrics.iter().any(|m| m.starts_with(prefix));
+        match row.as_str() {
+            "Diagnosis" => {
+                assert!(on("smtpflow_diagnosis") || metrics.contains("up"), "{title}: {expr}")
+            }
+            "Top peers" => assert!(on("smtpflow_peer_"), "{title}: {expr}"),
+            _ => {}
+        }
+    }
+    assert!(queries.iter().any(|(_, _, e)| e.contains("histogram_quantile(")));
+}
+
+/// The scanner behind the dashboard check.
+#[test]
+fn promql_refs_finds_metrics_and_labels() {
+    let r = promql_refs(
+        r#"topk(10, sum by (instance, peer) (increase(smtpflow_peer_tcp_events_total{instance=~"(a|b)", event="syn"}[5m])) > 0) / on (instance) group_left smtpflow_build_info and {__name__="up", job!="x"} offset 1m"#,
+    );
+    assert_eq!(
+        r.metrics,
+        BTreeSet::from(
+            ["smtpflow_peer_tcp_events_total", "smtpflow_build_info", "up"].map(String::from)
+        )
+    );
+    assert_eq!(r.labels, BTreeSet::from(["instance", "peer", "event", "job"].map(String::from)));
+    let r = promql_refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
+    assert_eq!(r.metrics, BTreeSet::from(["instance:x:rate5m".to_owned()]));
+}
+
+/// `promtool check metrics` on the real `/metrics` of a running smtpflow, after traffic that
+/// makes every family appear (per peer, histograms, greetings, replies, drops, diagnosis peers).
+#[test]
+fn promtool_check_metrics_accepts_real_output() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, Pair::LOCAL_IF, &[]);
+    let server = serve_smtp(&pair.local, &smtp_addr(25), 3);
+    smtp_clients(&pair.peer, &smtp_addr(25), 3);
+    server.join().unwrap();
+    connect_refused(&pair.peer, &smtp_addr(587));
+    connect_refused(&pair.local, &format!("{}:25", Pair::PEER_V4));
+
+    let families = [
+        "smtpflow_tcp_events_total",
+        "smtpflow_handshakes_total",
+        "smtpflow_smtp_greetings_total",
+        "smtpflow_smtp_replies_total",
+        "smtpflow_syn_drops_total",
+        "smtpflow_handshake_duration_seconds_bucket",
+        "smtpflow_greeting_duration_seconds_bucket",
+        "smtpflow_peer_tcp_events_total",
+        "smtpflow_peer_handshakes_total",
+        "smtpflow_peer_smtp_greetings_total",
+        "smtpflow_diagnosis_top_peer",
+        "smtpflow_diagnosis_evidence",
+        "smtpflow_tcp_stat_total",
+    ];
+    let mut body = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        body = w.scrape(&pair.local).text;
+        families.iter().all(|f| body.contains(&format!("\n{f}{{"))).then_some(())
+    });
+    let absent: Vec<_> = families.iter().filter(|f| !body.contains(&format!("\n{f}{{"))).collect();
+    assert!(ok.is_some(), "families missing from /metrics: {absent:?}\n{body}");
+
+    let out = promtool(&std::env::temp_dir(), &["check", "metrics"], Some(&body));
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics complained about smtpflow's /metrics ({}):\n{said}",
+        out.status
+    );
+}
+
+/// Three gateways, one Prometheus scraping them all (with the shipped rules loaded): the
+/// fleet-wide and per-gateway numbers, the rules on real data, and every dashboard query.
+#[test]
+fn fleet_of_three_gateways_in_one_prometheus() {
+    require_root!();
+    let names: Vec<&str> = GATEWAYS.iter().map(|(n, _)| *n).collect();
+    let fleet = Fleet::new(&[("dc", &names)], false);
+    let site = &fleet.sites[0];
+    let config = PromConfig { rule_files: vec![rules_file()], ..PromConfig::scraping(site) };
+    let prom = Prometheus::start(
+        site.ns.clone(),
+        "prometheus",
+        &format!("0.0.0.0:{PROMETHEUS_PORT}"),
+        &config.yaml(),
+        &[],
+    );
+    wait_scraped(&prom, &fleet);
+    make_traffic(&fleet);
+
+    expect_settled(&prom, &fleet, &raw_expectations());
+    check_rules(&prom, &fleet);
+    check_dashboard_queries(&prom, &names);
+
+    // What one gateway costs with the default caps and this traffic (one peer): smtpflow's
+    // series, and Prometheus's own per-target ones (up, scrape_*).
+    let exported = prom.by_label(r#"count by (instance) ({__name__=~"smtpflow_.+"})"#, "instance");
+    let per_target = prom.by_label(
+        r#"count by (instance) ({job="smtpflow", __name__=~"up|scrape_.+"})"#,
+        "instance",
+    );
+    let recorded = prom.by_label(r#"count by (instance) ({__name__=~"instance:.+"})"#, "instance");
+    let fleet_wide = prom.value(r#"count({__name__=~"job:.+"})"#);
+    eprintln!(
+        "series per gateway: smtpflow {exported:?}, scrape {per_target:?}, recorded {recorded:?}; fleet-wide recorded {fleet_wide:?}"
+    );
+}
+
+/// The same fleet two-tier: site A (mx1, mx2) and site B (mx3) each have a Prometheus that
+/// scrapes its gateways and remote-writes everything to a central Prometheus started with
+/// --web.enable-remote-write-receiver (the protocol Thanos Receive and Mimir accept). The central
+/// one, which evaluates the rules, answers the fleet-wide PromQL; each site sees only its own.
+#[test]
+fn two_tier_fleet_remote_writes_to_a_central_receiver() {
+    require_root!();
+    let sites: [(&str, &[&str]); 2] = [("a", &["mx1", "mx2"]), ("b", &["mx3"])];
+    let fleet = Fleet::new(&sites, true);
+    let central = fleet.central.as_ref().expect("central namespace");
+    let central_prom = Prometheus::start(
+        central.ns.clone(),
+        "central",
+        &format!("0.0.0.0:{PROMETHEUS_PORT}"),
+        &PromConfig { rule_files: vec![rules_file()], ..PromConfig::default() }.yaml(),
+        &["--web.enable-remote-write-receiver"],
+    );
+    let site_proms: Vec<Prometheus> = fleet
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, site)| {
+            let config = PromConfig {
+                external_labels: vec![("site".into(), site.name.clone())],
+                remote_write: Some(format!(
+                    "http://{}:{PROMETHEUS_PORT}/api/v1/write",
+                    central.addrs[i]
+                )),
+                ..PromConfig::scraping(site)
+            };
+            Prometheus::start(
+                Arc::clone(&site.ns),
+                &format!("site-{}", site.name),
+                &format!("0.0.0.0:{PROMETHEUS_PORT}"),
+                &config.yaml(),
+                &[],
+            )
+        })
+        .collect();
+    // The central receiver has every gateway's zero baseline before any traffic.
+    wait_scraped(&central_prom, &fleet);
+    make_traffic(&fleet);
+
+    let mut expects = raw_expectations();
+    let syn = r#"smtpflow_tcp_events_total{event="syn",direction="inbound",side="peer",port="25"}"#;
+    expects.push(expect(
+        &format!("sum by (site) ({syn})"),
+        "site",
+        &[("a", (count_of("mx1") + count_of("mx2")) as f64), ("b", count_of("mx3") as f64)],
+    ));
+    expect_settled(&central_prom, &fleet, &expects);
+    check_rules(&central_prom, &fleet);
+    check_dashboard_queries(&central_prom, &["mx1", "mx2", "mx3"]);
+
+    // Each site knows only its own gateways.
+    for (prom, (site, gws)) in site_proms.iter().zip(sites) {
+        let want: f64 = gws.iter().map(|g| count_of(g) as f64).sum();
+        assert_eq!(prom.value(&format!("sum({syn})")), Some(want), "site {site}");
+        let instances: BTreeSet<String> =
+            prom.by_label(r#"up{job="smtpflow"}"#, "instance").into_keys().collect();
+        assert_eq!(instances, gws.iter().map(|g| (*g).to_owned()).collect(), "site {site}");
+    }
+}
