@@ -26,6 +26,7 @@ pub mod names {
     pub const PROG_TC_EGRESS: &str = "smtpflow_tc_out";
     pub const PROG_XDP: &str = "smtpflow_xdp";
     pub const PROG_SKB_DROP: &str = "smtpflow_drop";
+    pub const PROG_LISTEN_OVERFLOW: &str = "smtpflow_lovf";
     pub const GLOBAL_CONFIG: &str = "CONFIG";
     pub const GLOBAL_DROP_CONFIG: &str = "DROP_CONFIG";
     pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -218,7 +219,16 @@ pub struct DropConfig {
     pub dev_nd_net: u32,
     pub sk_net: u32,
     pub net_ns_inum: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    /// The code counted for SYNs and handshake ACKs dropped on a full accept queue: the
+    /// kernel's `TCP_LISTEN_OVERFLOW` reason where it has one, else [`LISTEN_OVERFLOW_CODE`].
+    pub listen_overflow_reason: u32,
 }
+
+/// The drop-reason code used for listen-queue overflow on kernels whose `enum skb_drop_reason`
+/// has no `TCP_LISTEN_OVERFLOW`; userspace names it so.
+pub const LISTEN_OVERFLOW_CODE: u16 = 0xffff;
 
 impl DropConfig {
     pub const DISABLED: Self = Self {
@@ -232,6 +242,9 @@ impl DropConfig {
         dev_nd_net: 0,
         sk_net: 0,
         net_ns_inum: 0,
+        sk_ack_backlog: 0,
+        sk_max_ack_backlog: 0,
+        listen_overflow_reason: 0,
     };
 }
 
@@ -267,5 +280,5 @@ const _: () = {
     assert!(size_of::<PeerKey>() == 24);
     assert!(size_of::<PeerCounters>() == 80);
     assert!(size_of::<PeerGreetingKey>() == 28);
-    assert!(size_of::<DropConfig>() == 40);
+    assert!(size_of::<DropConfig>() == 52);
 };

@@ -2,7 +2,9 @@
 //! CO-RE, so the loader reads the field offsets it needs from the running kernel's BTF and passes
 //! them in `DROP_CONFIG`; the reason's name is resolved in userspace, from BTF too.
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::bpf_probe_read_kernel,
+    macros::{btf_tracepoint, fexit},
+    programs::{BtfTracePointContext, FExitContext},
 };
 use smtpflow_common::{
     CounterKey, Direction, DropConfig, Metric,
@@ -49,20 +51,15 @@ fn netns_inum(skb: u64, c: &DropConfig) -> Result<u32, ()> {
     read(net + u64::from(c.net_ns_inum))
 }
 
+/// Where a dropped packet was going: an SMTP port, sent by the client.
+struct ClientSegment {
+    port: u16,
+    flags: u8,
+}
+
+/// Reads the IP and TCP headers of an skb; `None` when it is not TCP to an SMTP port.
 #[inline(always)]
-fn try_drop(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    // SAFETY: the loader writes DROP_CONFIG before load; volatile keeps the placeholder from
-    // being folded.
-    let c = unsafe { core::ptr::read_volatile(&DROP_CONFIG) };
-    if c.enabled == 0 {
-        return Ok(());
-    }
-    let skb: u64 = ctx.arg(0);
-    // kfree_skb(skb, location, reason, ...): the same position on every kernel that has reasons.
-    let reason = ctx.arg::<u64>(2) as u32;
-    if c.netns_inum != 0 && netns_inum(skb, &c)? != c.netns_inum {
-        return Ok(());
-    }
+fn client_segment(skb: u64, c: &DropConfig) -> Result<Option<ClientSegment>, ()> {
     let head: u64 = read(skb + u64::from(c.skb_head))?;
     let nh: u16 = read(skb + u64::from(c.skb_network_header))?;
     if head == 0 || nh == NO_HEADER {
@@ -74,35 +71,104 @@ fn try_drop(ctx: &BtfTracePointContext) -> Result<(), ()> {
         4 => {
             let [proto, frag_hi, frag_lo]: [u8; 3] = [read(ip + 9)?, read(ip + 6)?, read(ip + 7)?];
             if proto != IPPROTO_TCP || u16::from_be_bytes([frag_hi, frag_lo]) & 0x1fff != 0 {
-                return Ok(());
+                return Ok(None);
             }
             ip + u64::from(ver_ihl & 0x0f) * 4
         }
         6 => {
             if read::<u8>(ip + 6)? != IPPROTO_TCP {
-                return Ok(());
+                return Ok(None);
             }
             ip + 40
         }
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
     let th: [u8; 14] = read(tcp)?;
-    if th[13] & (SYN | ACK | RST) != SYN {
-        return Ok(());
-    }
     let src_port = u16::from_be_bytes([th[0], th[1]]);
     let dst_port = u16::from_be_bytes([th[2], th[3]]);
-    let Some(m) = smtp_port(src_port, dst_port, config().ports()) else {
+    match smtp_port(src_port, dst_port, config().ports()) {
+        Some(m) if m.sender_is_client => Ok(Some(ClientSegment { port: m.port, flags: th[13] })),
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn drop_config() -> DropConfig {
+    // SAFETY: the loader writes DROP_CONFIG before load; volatile keeps the placeholder from
+    // being folded.
+    unsafe { core::ptr::read_volatile(&DROP_CONFIG) }
+}
+
+#[inline(always)]
+fn count_drop(port: u16, direction: Direction, reason: u32) {
+    let mut key = CounterKey::new(0, port, Metric::SynDrop, direction);
+    key.code = reason as u16;
+    count(&key);
+}
+
+#[inline(always)]
+fn try_drop(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let c = drop_config();
+    if c.enabled == 0 {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    // kfree_skb(skb, location, reason, ...): the same position on every kernel that has reasons.
+    let reason = ctx.arg::<u64>(2) as u32;
+    if c.netns_inum != 0 && netns_inum(skb, &c)? != c.netns_inum {
+        return Ok(());
+    }
+    let Some(seg) = client_segment(skb, &c)? else {
         return Ok(());
     };
-    if !m.sender_is_client {
+    // SYNs, and the ACK completing a handshake dropped because the accept queue is full: that
+    // handshake is lost as surely as a dropped SYN, and the kernel counts it in ListenOverflows.
+    let syn = seg.flags & (SYN | ACK | RST) == SYN;
+    if !syn && reason != c.listen_overflow_reason {
         return Ok(());
     }
     // A received SYN remembers its input interface; one we sent has none.
     let iif: u32 = read(skb + u64::from(c.skb_iif))?;
     let direction = if iif != 0 { Direction::Inbound } else { Direction::Outbound };
-    let mut key = CounterKey::new(0, m.port, Metric::SynDrop, direction);
-    key.code = reason as u16;
-    count(&key);
+    count_drop(seg.port, direction, reason);
+    Ok(())
+}
+
+/// A SYN refused because the listener's accept queue is full is consumed, not dropped with a
+/// reason (`tcp_conn_request` counts it in ListenOverflows and frees it quietly), so the
+/// tracepoint above never sees it. At the function's exit the queue is still full for such a
+/// SYN: the kernel's own test (`sk_acceptq_is_full`) tells it apart.
+#[fexit(function = "tcp_conn_request")]
+pub fn smtpflow_lovf(ctx: FExitContext) -> i32 {
+    let _ = try_listen_overflow(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_listen_overflow(ctx: &FExitContext) -> Result<(), ()> {
+    let c = drop_config();
+    if c.enabled == 0 || c.listen_overflow_reason == 0 {
+        return Ok(());
+    }
+    // tcp_conn_request(rsk_ops, af_ops, sk, skb)
+    let sk: u64 = ctx.arg(2);
+    let skb: u64 = ctx.arg(3);
+    let backlog: u32 = read(sk + u64::from(c.sk_ack_backlog))?;
+    let max_backlog: u32 = read(sk + u64::from(c.sk_max_ack_backlog))?;
+    if backlog <= max_backlog {
+        return Ok(());
+    }
+    if c.netns_inum != 0 {
+        let net: u64 = read(sk + u64::from(c.sk_net))?;
+        if read::<u32>(net + u64::from(c.net_ns_inum))? != c.netns_inum {
+            return Ok(());
+        }
+    }
+    match client_segment(skb, &c)? {
+        Some(seg) if seg.flags & (SYN | ACK | RST) == SYN => {
+            count_drop(seg.port, Direction::Inbound, c.listen_overflow_reason)
+        }
+        _ => {}
+    }
     Ok(())
 }

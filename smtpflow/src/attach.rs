@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Btf as AyaBtf, Ebpf, EbpfLoader,
     programs::{
-        BtfTracePoint, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        BtfTracePoint, FExit, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttachOptions, TcError},
     },
     util::KernelVersion,
@@ -219,8 +219,9 @@ pub fn verify_drop_reasons(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches the `kfree_skb` drop-reason program. Best effort: on failure the caller says once
-/// that drop reasons are unavailable and carries on.
+/// Attaches the `kfree_skb` drop-reason program, and the `tcp_conn_request` exit program that
+/// sees the SYNs refused on a full accept queue (which never reach `kfree_skb`). Best effort:
+/// on failure the caller says once what is unavailable and carries on.
 pub fn attach_drop_reasons(attached: &mut Attached) -> anyhow::Result<()> {
     let btf = AyaBtf::from_sys_fs().context("reading the kernel's BTF")?;
     let prog: &mut BtfTracePoint = program(&mut attached.ebpf, names::PROG_SKB_DROP)?.try_into()?;
@@ -232,6 +233,29 @@ pub fn attach_drop_reasons(attached: &mut Attached) -> anyhow::Result<()> {
         how: "tp_btf",
     });
     info!("attached kfree_skb (tp_btf): SYN drop reasons are counted");
+    let overflow = (|| -> anyhow::Result<()> {
+        let prog: &mut FExit =
+            program(&mut attached.ebpf, names::PROG_LISTEN_OVERFLOW)?.try_into()?;
+        prog.load("tcp_conn_request", &btf).context("loading the tcp_conn_request exit program")?;
+        prog.attach().context("attaching to tcp_conn_request")?;
+        Ok(())
+    })();
+    match overflow {
+        Ok(()) => {
+            attached.attachments.push(Attachment {
+                iface: String::new(),
+                hook: "tcp_conn_request",
+                how: "fexit",
+            });
+            info!(
+                "attached tcp_conn_request (fexit): SYNs refused on full accept queues are counted"
+            );
+        }
+        Err(e) => warn!(
+            "SYNs refused on full accept queues are not counted as TCP_LISTEN_OVERFLOW drops: {e:#} \
+             (ListenOverflows in smtpflow_tcp_stat_total still counts them)"
+        ),
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 
 use anyhow::Context as _;
-use smtpflow_common::DropConfig;
+use smtpflow_common::{DropConfig, LISTEN_OVERFLOW_CODE};
 
 use crate::btf::Btf;
 
@@ -14,7 +14,16 @@ pub struct DropReasons(HashMap<u16, String>);
 
 impl DropReasons {
     pub fn name(&self, value: u16) -> String {
-        self.0.get(&value).cloned().unwrap_or_else(|| format!("reason_{value}"))
+        match self.0.get(&value) {
+            Some(name) => name.clone(),
+            None if value == LISTEN_OVERFLOW_CODE => "TCP_LISTEN_OVERFLOW".to_owned(),
+            None => format!("reason_{value}"),
+        }
+    }
+
+    /// The value of a reason, by name.
+    pub fn value(&self, name: &str) -> Option<u16> {
+        self.0.iter().find(|(_, n)| *n == name).map(|(v, _)| *v)
     }
 }
 
@@ -54,6 +63,11 @@ pub fn prepare() -> anyhow::Result<(DropConfig, DropReasons)> {
             + offset(&btf, "sock_common", "skc_net")?
             + offset(&btf, "possible_net_t", "net")?,
         net_ns_inum: offset(&btf, "net", "ns")? + offset(&btf, "ns_common", "inum")?,
+        sk_ack_backlog: offset(&btf, "sock", "sk_ack_backlog")?,
+        sk_max_ack_backlog: offset(&btf, "sock", "sk_max_ack_backlog")?,
+        listen_overflow_reason: u32::from(
+            reasons.value("TCP_LISTEN_OVERFLOW").unwrap_or(LISTEN_OVERFLOW_CODE),
+        ),
     };
     Ok((config, reasons))
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use crate::{
-    Metrics, Netns, Pair,
+    Netns, Pair,
     prometheus::TempDir,
     wait_for,
     watch::{INTERVAL, binary, http_get},
@@ -92,16 +92,6 @@ pub struct Gateway {
     pub name: String,
     /// `10.88.G.2:9925`, reachable from the site's namespace.
     pub scrape_addr: String,
-}
-
-impl Gateway {
-    /// The gateway's `/metrics`, scraped from inside its namespace.
-    pub fn scrape(&self) -> Metrics {
-        let (status, body) =
-            http_get(&self.pair.local, "127.0.0.1:9925", "/metrics").expect("scrape /metrics");
-        assert_eq!(status, 200, "GET /metrics on {}: {body}", self.name);
-        Metrics::parse(&body)
-    }
 }
 
 /// A site: a monitoring namespace with a veth link to each of its gateways.

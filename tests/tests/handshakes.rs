@@ -435,8 +435,24 @@ fn listen_overflow(check_reason: bool) {
         total(RESETS, &[], 0),
     ];
     if check_reason {
-        expected.push(drops(i, "25", "TCP_LISTEN_OVERFLOW", overflows));
-        expected.push(total(DROPS, &[], overflows));
+        // SYNs refused on a full accept queue never reach kfree_skb; smtpflow sees them with an
+        // fexit on tcp_conn_request. Where the kernel refuses fexit programs (ftrace restricted,
+        // as on some VMs), smtpflow must say so and the ListenOverflows counter must carry it.
+        if w.stderr().contains("SYNs refused on full accept queues are not counted") {
+            eprintln!(
+                "SKIPPED the TCP_LISTEN_OVERFLOW equality: this kernel refuses fexit programs; \
+                 checking the warning and the ListenOverflows fallback instead"
+            );
+            expected.push(total(DROPS, &[], 0));
+            expected.push((
+                "smtpflow_diagnosis_evidence",
+                vec![("cause", "listen_overflow"), ("evidence", "listen_overflows")],
+                overflows,
+            ));
+        } else {
+            expected.push(drops(i, "25", "TCP_LISTEN_OVERFLOW", overflows));
+            expected.push(total(DROPS, &[], overflows));
+        }
     }
     expected.extend(healthy());
     w.expect_settled(&pair.local, &expected);
@@ -452,13 +468,11 @@ fn tc_listen_overflow_outcomes() {
 
 /// The contract's drop-reason half of the listen overflow case. On Linux 6.18 a SYN dropped
 /// because the accept queue is full is not freed through `kfree_skb` at all: tcp_conn_request
-/// counts ListenOverflows and returns 0, and tcp_rcv_state_process then `consume_skb`s it. The
-/// TCP_LISTEN_OVERFLOW reason is only given to the third ACK dropped in tcp_check_req, which
-/// the drop program ignores (SYNs only). So smtpflow reports 0 here.
+/// counts ListenOverflows and returns 0, and tcp_rcv_state_process then `consume_skb`s it.
+/// smtpflow counts those SYNs with an fexit on tcp_conn_request (and third ACKs dropped with
+/// the TCP_LISTEN_OVERFLOW reason through kfree_skb), so the drops equal the ListenOverflows
+/// rise; where fexit is refused the test checks the stated fallback instead.
 #[test]
-#[ignore = "smtpflow bug: SYNs dropped on accept-queue overflow never reach tp_btf/kfree_skb on \
-            Linux 6.18 (consume_skb), so syn_drops_total{reason=\"TCP_LISTEN_OVERFLOW\"} stays 0 \
-            while ListenOverflows grows"]
 fn tc_listen_overflow_drop_reason() {
     require_root!();
     listen_overflow(true);
