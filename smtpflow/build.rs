@@ -4,15 +4,9 @@ use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../smtpflow-ebpf");
-    let root = root
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
+    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "smtpflow-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "smtpflow-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
     .map_err(|e| {

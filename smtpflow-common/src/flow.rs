@@ -378,18 +378,19 @@ pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actio
             a.greeting_ns = Some(now.saturating_sub(st.established_ns));
         }
     }
-    if reading && st.flags & flag::MID_LINE == 0 {
-        if let Some(code) = reply_code(&p.head, p.head_len) {
-            a.reply = Some(code);
-            if st.flags & flag::REPLIED == 0 {
-                a.greeting = true;
-                st.flags |= flag::REPLIED;
-            }
-            if st.flags & flag::STARTTLS_PENDING != 0 {
-                st.flags &= !flag::STARTTLS_PENDING;
-                if code == 220 {
-                    st.flags |= flag::TLS;
-                }
+    if reading
+        && st.flags & flag::MID_LINE == 0
+        && let Some(code) = reply_code(&p.head, p.head_len)
+    {
+        a.reply = Some(code);
+        if st.flags & flag::REPLIED == 0 {
+            a.greeting = true;
+            st.flags |= flag::REPLIED;
+        }
+        if st.flags & flag::STARTTLS_PENDING != 0 {
+            st.flags &= !flag::STARTTLS_PENDING;
+            if code == 220 {
+                st.flags |= flag::TLS;
             }
         }
     }

@@ -688,10 +688,12 @@ mod tests {
 
     #[test]
     fn prefix_labels_sum_the_peers_of_a_network() {
-        let mut snap = Snapshot::default();
-        snap.peers = (1..=3)
-            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
-            .collect();
+        let snap = Snapshot {
+            peers: (1..=3)
+                .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
+                .collect(),
+            ..Default::default()
+        };
         let text = render_with(&snap, 10, PeerLabel::Prefix { v4: 24, v6: 64 });
         assert!(
             text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="198.51.100.0/24",direction="inbound",port="25",event="syn",side="peer"} 6"#),

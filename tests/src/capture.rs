@@ -26,11 +26,7 @@ impl Capture {
             // SAFETY: plain socket syscalls with valid arguments.
             unsafe {
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-                assert!(
-                    fd >= 0,
-                    "AF_PACKET socket: {}",
-                    std::io::Error::last_os_error()
-                );
+                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
                 let fd = OwnedFd::from_raw_fd(fd);
                 let name = std::ffi::CString::new(ifname).unwrap();
                 let index = libc::if_nametoindex(name.as_ptr());
@@ -45,10 +41,7 @@ impl Capture {
                     size_of::<libc::sockaddr_ll>() as u32,
                 );
                 assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-                let tv = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 50_000,
-                };
+                let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
                 libc::setsockopt(
                     fd.as_raw_fd(),
                     libc::SOL_SOCKET,
@@ -86,25 +79,19 @@ impl Capture {
                         &mut len,
                     )
                 };
-                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
                     frames.push(buf[..n as usize].to_vec());
                 }
             }
             frames
         });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        Self { stop, thread: Some(thread) }
     }
 
     /// Stops capturing and returns the frames received.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .map(|t| t.join().expect("capture thread"))
-            .unwrap_or_default()
+        self.thread.take().map(|t| t.join().expect("capture thread")).unwrap_or_default()
     }
 }
 

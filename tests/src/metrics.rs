@@ -49,22 +49,16 @@ impl Metrics {
             if line.starts_with('#') || line.trim().is_empty() {
                 continue;
             }
-            let (series, value) = line
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
-            let value: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let (series, value) =
+                line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
             let (name, labels) = match series.find('{') {
                 Some(i) => (&series[..i], parse_labels(&series[i + 1..series.len() - 1])),
                 None => (series, Vec::new()),
             };
             samples.insert((name.to_owned(), labels), value);
         }
-        Self {
-            samples,
-            text: text.to_owned(),
-        }
+        Self { samples, text: text.to_owned() }
     }
 
     /// Samples of `name` whose labels include all of `filter`.
@@ -89,10 +83,8 @@ impl Metrics {
 
     /// The one sample of `name` with exactly these labels, if present.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut key: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let mut key: Vec<(String, String)> =
+            labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         key.sort();
         self.samples.get(&(name.to_owned(), key)).copied()
     }

@@ -11,10 +11,8 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out =
+        Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {} failed: {}{}",
@@ -32,11 +30,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(role: &str) -> Self {
-        let name = format!(
-            "sft{}-{}-{role}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name =
+            format!("sft{}-{}-{role}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -80,9 +75,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 

@@ -29,6 +29,9 @@ pub fn binary() -> PathBuf {
     p
 }
 
+/// An expected counter: metric name, labels it must carry, exact sum over the matching series.
+pub type Expected<'a> = (&'a str, Vec<(&'a str, &'a str)>, u64);
+
 pub struct Watch {
     child: Option<Child>,
     pub addr: String,
@@ -42,19 +45,12 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> std::io::Result<(u16, Str
     in_netns(ns, move || {
         let mut s = TcpStream::connect(&addr)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         Ok((status, body.to_owned()))
     })
 }
@@ -68,13 +64,8 @@ impl Watch {
     /// Starts `smtpflow watch <args>` (with test defaults for address and interval).
     pub fn start_args(ns: &Netns, args: &[&str]) -> Self {
         let interval = format!("{}ms", INTERVAL.as_millis());
-        let mut full: Vec<&str> = vec![
-            "watch",
-            "--metrics-addr",
-            METRICS_ADDR,
-            "--interval",
-            &interval,
-        ];
+        let mut full: Vec<&str> =
+            vec!["watch", "--metrics-addr", METRICS_ADDR, "--interval", &interval];
         full.extend_from_slice(args);
         let stderr_path = std::env::temp_dir().join(format!("{}-smtpflow.stderr", ns.name));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
@@ -87,24 +78,14 @@ impl Watch {
             .stderr(stderr)
             .spawn()
             .expect("spawn smtpflow");
-        let mut w = Self {
-            child: Some(child),
-            addr: METRICS_ADDR.into(),
-            stderr_path,
-        };
+        let mut w = Self { child: Some(child), addr: METRICS_ADDR.into(), stderr_path };
         let ready = wait_for(Duration::from_secs(20), || {
             if let Some(status) = w.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("smtpflow exited early ({status}):\n{}", w.stderr());
             }
-            http_get(ns, METRICS_ADDR, "/healthz")
-                .ok()
-                .filter(|(s, _)| *s == 200)
+            http_get(ns, METRICS_ADDR, "/healthz").ok().filter(|(s, _)| *s == 200)
         });
-        assert!(
-            ready.is_some(),
-            "smtpflow did not serve /healthz within 20s:\n{}",
-            w.stderr()
-        );
+        assert!(ready.is_some(), "smtpflow did not serve /healthz within 20s:\n{}", w.stderr());
         w
     }
 
@@ -124,11 +105,7 @@ impl Watch {
 
     /// Waits until every `(name, labels, value)` holds exactly, then waits several drain
     /// intervals more and checks that they still hold (nothing extra was counted).
-    pub fn expect_settled(
-        &self,
-        ns: &Netns,
-        expected: &[(&str, Vec<(&str, &str)>, u64)],
-    ) -> Metrics {
+    pub fn expect_settled(&self, ns: &Netns, expected: &[Expected<'_>]) -> Metrics {
         let check = |m: &Metrics| -> Vec<String> {
             expected
                 .iter()

@@ -13,9 +13,7 @@ const PEER_EVENTS: &str = "smtpflow_peer_tcp_events_total";
 /// Listens on `addr` inside `ns` and accepts (then closes) `n` connections on a thread.
 fn serve(ns: &Netns, addr: &str, n: usize) -> thread::JoinHandle<()> {
     let addr: SocketAddr = addr.parse().unwrap();
-    let listener = in_netns(ns, move || {
-        TcpListener::bind(addr).expect("bind test server")
-    });
+    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind test server"));
     thread::spawn(move || {
         for _ in 0..n {
             let (s, _) = listener.accept().expect("accept");
@@ -52,13 +50,7 @@ fn labels<'a>(
     event: &'a str,
     side: &'a str,
 ) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("iface", iface),
-        ("direction", dir),
-        ("port", port),
-        ("event", event),
-        ("side", side),
-    ]
+    vec![("iface", iface), ("direction", dir), ("port", port), ("event", event), ("side", side)]
 }
 
 fn peer_labels<'a>(
@@ -82,17 +74,10 @@ fn peer_labels<'a>(
 /// to a server in the peer namespace: every event with exact totals and per-peer counts.
 fn connections(mode: &str, v6: bool) {
     let pair = Pair::new();
-    let (local_ip, peer_ip) = if v6 {
-        (Pair::LOCAL_V6, Pair::PEER_V6)
-    } else {
-        (Pair::LOCAL_V4, Pair::PEER_V4)
-    };
+    let (local_ip, peer_ip) =
+        if v6 { (Pair::LOCAL_V6, Pair::PEER_V6) } else { (Pair::LOCAL_V4, Pair::PEER_V4) };
     let sock = |ip: &str, port: u16| {
-        if v6 {
-            format!("[{ip}]:{port}")
-        } else {
-            format!("{ip}:{port}")
-        }
+        if v6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
     };
     let w = Watch::start(&pair.local, Pair::LOCAL_IF, &["--mode", mode]);
 
@@ -115,75 +100,23 @@ fn connections(mode: &str, v6: bool) {
     let n_out = N_OUT as u64;
     let expected = vec![
         (EVENTS, labels(i, "inbound", "25", "syn", "peer"), n_in),
-        (
-            EVENTS,
-            labels(i, "inbound", "25", "syn_ack", "local"),
-            local(n_in),
-        ),
+        (EVENTS, labels(i, "inbound", "25", "syn_ack", "local"), local(n_in)),
         (EVENTS, labels(i, "inbound", "587", "syn", "peer"), 1),
-        (
-            EVENTS,
-            labels(i, "inbound", "587", "rst", "local"),
-            local(1),
-        ),
-        (
-            EVENTS,
-            labels(i, "outbound", "25", "syn", "local"),
-            local(n_out),
-        ),
-        (
-            EVENTS,
-            labels(i, "outbound", "25", "syn_ack", "peer"),
-            n_out,
-        ),
-        (
-            EVENTS,
-            labels(i, "outbound", "465", "syn", "local"),
-            local(1),
-        ),
+        (EVENTS, labels(i, "inbound", "587", "rst", "local"), local(1)),
+        (EVENTS, labels(i, "outbound", "25", "syn", "local"), local(n_out)),
+        (EVENTS, labels(i, "outbound", "25", "syn_ack", "peer"), n_out),
+        (EVENTS, labels(i, "outbound", "465", "syn", "local"), local(1)),
         (EVENTS, labels(i, "outbound", "465", "rst", "peer"), 1),
         // Nothing else at all: every other series stays 0.
-        (
-            EVENTS,
-            vec![],
-            2 * n_in + 2 * n_out + 4 - if tc { 0 } else { n_in + n_out + 2 },
-        ),
+        (EVENTS, vec![], 2 * n_in + 2 * n_out + 4 - if tc { 0 } else { n_in + n_out + 2 }),
         (EVENTS, vec![("event", "zero_window")], 0),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "inbound", "25", "syn", "peer"),
-            n_in,
-        ),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "inbound", "25", "syn_ack", "local"),
-            local(n_in),
-        ),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "inbound", "587", "rst", "local"),
-            local(1),
-        ),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "outbound", "25", "syn", "local"),
-            local(n_out),
-        ),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "outbound", "25", "syn_ack", "peer"),
-            n_out,
-        ),
-        (
-            PEER_EVENTS,
-            peer_labels(peer_ip, "outbound", "465", "rst", "peer"),
-            1,
-        ),
-        (
-            PEER_EVENTS,
-            vec![],
-            2 * n_in + 2 * n_out + 4 - if tc { 0 } else { n_in + n_out + 2 },
-        ),
+        (PEER_EVENTS, peer_labels(peer_ip, "inbound", "25", "syn", "peer"), n_in),
+        (PEER_EVENTS, peer_labels(peer_ip, "inbound", "25", "syn_ack", "local"), local(n_in)),
+        (PEER_EVENTS, peer_labels(peer_ip, "inbound", "587", "rst", "local"), local(1)),
+        (PEER_EVENTS, peer_labels(peer_ip, "outbound", "25", "syn", "local"), local(n_out)),
+        (PEER_EVENTS, peer_labels(peer_ip, "outbound", "25", "syn_ack", "peer"), n_out),
+        (PEER_EVENTS, peer_labels(peer_ip, "outbound", "465", "rst", "peer"), 1),
+        (PEER_EVENTS, vec![], 2 * n_in + 2 * n_out + 4 - if tc { 0 } else { n_in + n_out + 2 }),
         ("smtpflow_peers_tracked", vec![], 1),
         ("smtpflow_malformed_packets_total", vec![], 0),
         ("smtpflow_lost_events_total", vec![], 0),
@@ -268,22 +201,16 @@ fn receive_stall(mode: &str, local_stalls: bool) {
     let pair = Pair::new();
     let w = Watch::start(&pair.local, Pair::LOCAL_IF, &["--mode", mode]);
     // Capture what the staller sends, on the interface that receives it.
-    let (cap_ns, cap_if) = if local_stalls {
-        (&pair.peer, Pair::PEER_IF)
-    } else {
-        (&pair.local, Pair::LOCAL_IF)
-    };
+    let (cap_ns, cap_if) =
+        if local_stalls { (&pair.peer, Pair::PEER_IF) } else { (&pair.local, Pair::LOCAL_IF) };
     let cap = smtpflow_tests::capture::Capture::start(cap_ns, cap_if);
 
     let addr: SocketAddr = format!("{}:25", Pair::LOCAL_V4).parse().unwrap();
     let listener = in_netns(&pair.local, move || TcpListener::bind(addr).unwrap());
     let mut client = in_netns(&pair.peer, move || TcpStream::connect(addr).unwrap());
     let (mut server, _) = listener.accept().unwrap();
-    let (writer, staller) = if local_stalls {
-        (&mut client, &mut server)
-    } else {
-        (&mut server, &mut client)
-    };
+    let (writer, staller) =
+        if local_stalls { (&mut client, &mut server) } else { (&mut server, &mut client) };
     set_rcvbuf(staller, 4096);
     fill_until_stalled(writer);
     // Let a few zero-window probes happen; then the staller closes with unread data, which the
@@ -305,24 +232,14 @@ fn receive_stall(mode: &str, local_stalls: bool) {
     let from_staller: Vec<_> = frames
         .iter()
         .filter_map(|f| smtpflow_tests::capture::ipv4_tcp(f))
-        .filter(|s| {
-            if staller_port_is_src {
-                s.src_port == 25
-            } else {
-                s.dst_port == 25
-            }
-        })
+        .filter(|s| if staller_port_is_src { s.src_port == 25 } else { s.dst_port == 25 })
         .collect();
-    let zero_windows = from_staller
-        .iter()
-        .filter(|s| s.window == 0 && s.flags & (SYN | FIN | RST) == 0)
-        .count() as u64;
+    let zero_windows =
+        from_staller.iter().filter(|s| s.window == 0 && s.flags & (SYN | FIN | RST) == 0).count()
+            as u64;
     let resets = from_staller.iter().filter(|s| s.flags & RST != 0).count() as u64;
     eprintln!("capture: {zero_windows} zero-window segments and {resets} resets from the staller");
-    assert!(
-        zero_windows > 0,
-        "the staller never advertised a zero window"
-    );
+    assert!(zero_windows > 0, "the staller never advertised a zero window");
     assert!(resets >= 1, "the staller did not reset the connection");
 
     let i = Pair::LOCAL_IF;
@@ -330,23 +247,11 @@ fn receive_stall(mode: &str, local_stalls: bool) {
     let other = if local_stalls { "peer" } else { "local" };
     let seen = |n: u64, s: &str| if mode == "xdp" && s == "local" { 0 } else { n };
     let expected = vec![
-        (
-            EVENTS,
-            labels(i, "inbound", "25", "zero_window", side),
-            seen(zero_windows, side),
-        ),
+        (EVENTS, labels(i, "inbound", "25", "zero_window", side), seen(zero_windows, side)),
         (EVENTS, labels(i, "inbound", "25", "zero_window", other), 0),
-        (
-            EVENTS,
-            labels(i, "inbound", "25", "rst", side),
-            seen(resets, side),
-        ),
+        (EVENTS, labels(i, "inbound", "25", "rst", side), seen(resets, side)),
         (EVENTS, labels(i, "inbound", "25", "syn", "peer"), 1),
-        (
-            EVENTS,
-            labels(i, "inbound", "25", "syn_ack", "local"),
-            seen(1, "local"),
-        ),
+        (EVENTS, labels(i, "inbound", "25", "syn_ack", "local"), seen(1, "local")),
         (
             PEER_EVENTS,
             peer_labels(Pair::PEER_V4, "inbound", "25", "zero_window", side),
