@@ -71,14 +71,7 @@ impl GatewayWatch {
 
 impl Drop for GatewayWatch {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain syscall on our own child (`ip netns exec` execs smtpflow).
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        crate::stop_child(&mut self.child, Duration::from_secs(5));
     }
 }
 

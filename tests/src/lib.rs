@@ -4,6 +4,8 @@
 //!
 //! Everything created is removed on drop, so a failing (panicking) test cleans up too.
 pub mod capture;
+pub mod conn;
+pub mod diagnosis;
 pub mod fleet;
 pub mod frames;
 pub mod json;
@@ -51,5 +53,18 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops a child process: SIGTERM, up to `grace` to exit, then SIGKILL. For guards' `Drop`.
+pub fn stop_child(child: &mut Option<std::process::Child>, grace: Duration) {
+    if let Some(mut child) = child.take() {
+        // `ip netns exec` execs its program, so the child's pid is the program's own.
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if wait_for(grace, || child.try_wait().ok().flatten()).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -326,14 +326,6 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // `ip netns exec` execs prometheus, so the child pid is prometheus's own.
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten()).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        crate::stop_child(&mut self.child, Duration::from_secs(10));
     }
 }

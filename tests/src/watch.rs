@@ -153,14 +153,7 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        crate::stop_child(&mut self.child, Duration::from_secs(5));
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }

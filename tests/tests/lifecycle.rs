@@ -6,14 +6,16 @@
 //! Programs are identified by the ids seen attached, not by name: other tests running at the
 //! same time load programs with the same names.
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     process::Command,
     thread,
     time::Duration,
 };
 
 use smtpflow_tests::{
-    Netns, Pair, Watch, in_netns,
+    Netns, Pair, Watch,
+    conn::{connect_n, serve},
+    in_netns,
     lifecycle_support::{
         Finished, Hook, KillOnDrop, hooks, http_request, kinds, progs_named, run_bounded,
         wait_freed, wait_unhooked,
@@ -31,29 +33,6 @@ const ERROR_TIMEOUT: Duration = Duration::from_secs(15);
 const TC_IN: &str = "smtpflow_tc_in";
 const TC_OUT: &str = "smtpflow_tc_out";
 const XDP: &str = "smtpflow_xdp";
-
-/// Listens on `addr` inside `ns` and accepts (then closes) `n` connections on a thread.
-fn serve(ns: &Netns, addr: &str, n: usize) -> thread::JoinHandle<()> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind test server"));
-    thread::spawn(move || {
-        for _ in 0..n {
-            let (s, _) = listener.accept().expect("accept");
-            drop(s);
-        }
-    })
-}
-
-/// Connects `n` times from `ns` and closes each connection at once.
-fn connect_n(ns: &Netns, addr: &str, n: usize) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    in_netns(ns, move || {
-        for _ in 0..n {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-            drop(s);
-        }
-    });
-}
 
 /// One inbound connection (peer to the gateway's port 25) and one outbound one (gateway to the
 /// peer's port 25).

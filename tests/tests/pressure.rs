@@ -20,7 +20,9 @@ use std::{
 };
 
 use smtpflow_tests::{
-    Metrics, Netns, Pair, in_netns, require_root, wait_for,
+    Metrics, Netns, Pair,
+    conn::connect_refused,
+    in_netns, require_root, wait_for,
     watch::{INTERVAL, METRICS_ADDR, binary, http_get},
 };
 
@@ -78,15 +80,7 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // `ip netns exec` execs the program, so this is the program's pid.
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_for(Duration::from_secs(5), || child.try_wait().ok().flatten()).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        smtpflow_tests::stop_child(&mut self.child, Duration::from_secs(5));
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }
@@ -339,18 +333,6 @@ fn connect_n(ns: &Netns, addr: &str, n: usize, abort: bool) {
                 assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
             }
             drop(s);
-        }
-    });
-}
-
-/// `n` connection attempts from `ns` to a closed port (each refused: the kernel counts
-/// `AttemptFails` in `ns`).
-fn connect_refused(ns: &Netns, addr: &str, n: usize) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    in_netns(ns, move || {
-        for _ in 0..n {
-            let e = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect_err("closed");
-            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         }
     });
 }

@@ -5,43 +5,14 @@ use std::{
     time::Duration,
 };
 
-use smtpflow_tests::{Netns, Pair, Watch, in_netns, require_root};
+use smtpflow_tests::{
+    Pair, Watch,
+    conn::{connect_n, connect_refused, serve},
+    in_netns, require_root,
+};
 
 const EVENTS: &str = "smtpflow_tcp_events_total";
 const PEER_EVENTS: &str = "smtpflow_peer_tcp_events_total";
-
-/// Listens on `addr` inside `ns` and accepts (then closes) `n` connections on a thread.
-fn serve(ns: &Netns, addr: &str, n: usize) -> thread::JoinHandle<()> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind test server"));
-    thread::spawn(move || {
-        for _ in 0..n {
-            let (s, _) = listener.accept().expect("accept");
-            drop(s);
-        }
-    })
-}
-
-/// Connects `n` times from `ns` and closes each connection at once.
-fn connect_n(ns: &Netns, addr: &str, n: usize) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    in_netns(ns, move || {
-        for _ in 0..n {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-            drop(s);
-        }
-    });
-}
-
-/// Connects once from `ns` to a closed port; must be refused.
-fn connect_refused(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    in_netns(ns, move || {
-        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .expect_err("port must be closed");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    });
-}
 
 fn labels<'a>(
     iface: &'a str,
@@ -86,11 +57,11 @@ fn connections(mode: &str, v6: bool) {
     let server = serve(&pair.local, &sock(local_ip, 25), N_IN);
     connect_n(&pair.peer, &sock(local_ip, 25), N_IN);
     server.join().unwrap();
-    connect_refused(&pair.peer, &sock(local_ip, 587));
+    connect_refused(&pair.peer, &sock(local_ip, 587), 1);
     let remote = serve(&pair.peer, &sock(peer_ip, 25), N_OUT);
     connect_n(&pair.local, &sock(peer_ip, 25), N_OUT);
     remote.join().unwrap();
-    connect_refused(&pair.local, &sock(peer_ip, 465));
+    connect_refused(&pair.local, &sock(peer_ip, 465), 1);
 
     let i = Pair::LOCAL_IF;
     let tc = mode == "tc";
