@@ -6,6 +6,7 @@
 //! is the client) live here too: the kernel calls them per packet and the unit tests pin them.
 #![no_std]
 
+pub mod reference;
 pub mod rules;
 #[cfg(feature = "user")]
 pub mod user;

@@ -17,7 +17,7 @@ use smtpflow_common::{
 use crate::{
     flow,
     packet::{Packet, opaque},
-    parse::{Segment, Skip, parse},
+    parse::{Segment, Skip, may_carry_tcp, parse},
 };
 
 pub const EEXIST: i32 = 17;
@@ -185,6 +185,9 @@ struct Seen {
 /// to a whole call chain), and they share one [`Seen`] instead of copying it.
 #[inline(always)]
 pub fn observe<P: Packet>(p: &P, ifindex: u32, side: Side) {
+    if !may_carry_tcp(p) {
+        return;
+    }
     let mut seen = Seen {
         seg: Segment::new(0),
         peer: PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 },

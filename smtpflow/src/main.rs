@@ -11,6 +11,8 @@ mod export;
 mod peer_label;
 mod pressure;
 mod privileges;
+#[cfg(test)]
+mod proptests;
 mod report;
 mod selfstats;
 mod serve;

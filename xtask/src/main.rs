@@ -4,6 +4,8 @@
 //! commands; both start with an idempotent `setup`.
 mod bench;
 mod deb;
+mod kernel;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -40,6 +42,17 @@ enum Cmd {
         /// Skip the lints (fmt, clippy on userspace and on the kernel crate).
         #[arg(long)]
         no_lint: bool,
+        /// Instead: boot this Debian kernel (6.1, 6.12) in a QEMU VM and run the kernel suite
+        /// there (or the tests matching the filter). No lints, no unit tests.
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
+    },
+    /// The kernel suite on the host kernel and on each Debian kernel of the matrix (6.1, 6.12),
+    /// each in a QEMU VM, then one table.
+    Matrix {
+        /// Only the Debian kernels, not the host's.
+        #[arg(long)]
+        no_host: bool,
     },
     /// Format check and clippy for userspace and the kernel crate.
     Lint,
@@ -53,6 +66,15 @@ enum Cmd {
         /// Only these benchmarks (comma separated): kernel, live, churn, scale.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+    },
+    /// The long run of the kernel parser's differential fuzz test (root).
+    Fuzz {
+        /// Mutated frames, each through TC ingress and XDP [default: 20000000].
+        #[arg(long)]
+        frames: Option<u64>,
+        /// Seed (decimal or 0x hex) [default: a fresh one, printed].
+        #[arg(long, value_parser = fuzz::parse_seed)]
+        seed: Option<u64>,
     },
 }
 
@@ -155,12 +177,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bench::check_tools()?;
             bench::bench(&build()?, smoke, &only)
         }
+        Cmd::Fuzz { frames, seed } => fuzz::fuzz(frames, seed),
         Cmd::Lint => {
             setup::setup()?;
             lint()
         }
         Cmd::Deb => deb::build(&build()?).map(|p| println!("built {}", p.display())),
-        Cmd::Test { filter, no_lint } => {
+        Cmd::Test { filter, kernel: Some(version), .. } => {
+            if !is_root() {
+                bail!("the kernel suite needs root (apt, network namespaces, BPF in the VM)");
+            }
+            let run = kernel::test_kernel(&version, filter.as_deref())?;
+            if !run.passed() {
+                bail!("the kernel suite failed on {version}: see target/kernels/{version}/");
+            }
+            Ok(())
+        }
+        Cmd::Matrix { no_host } => {
+            if !is_root() {
+                bail!("the kernel matrix needs root (apt, network namespaces, BPF)");
+            }
+            if !kernel::matrix(!no_host)? {
+                bail!("the kernel matrix has failures (table above; logs in target/kernels/)");
+            }
+            Ok(())
+        }
+        Cmd::Test { filter, no_lint, kernel: None } => {
             let bin = build()?;
             if !no_lint {
                 lint()?;

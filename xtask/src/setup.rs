@@ -24,6 +24,9 @@ const APT_PACKAGES: &[&str] = &[
     // prometheus and promtool: the rules' checks and unit tests, `promtool check metrics`, and
     // the fleet tests' real Prometheus servers.
     "prometheus",
+    "curl",    // the hardening tests' client of the TLS and basic-auth metrics endpoint
+    "openssl", // the hardening tests' CA, server and client certificates
+    "hping3",  // the hardening tests' spoofed-source SYN flood
 ];
 
 /// The bpf-linker series that matches the nightly's LLVM (its default `rust-llvm-22` feature).
@@ -42,7 +45,12 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES, "the Debian packages smtpflow needs")
+}
+
+/// Installs those of `packages` that are missing (`what` names them in an error).
+pub(crate) fn apt_install(packages: &[&str], what: &str) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -57,7 +65,7 @@ fn apt_packages() -> anyhow::Result<()> {
     run_cmd(&mut apt_get(&["update", "-q"]))?;
     let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
     install.extend(&missing);
-    run_cmd(&mut apt_get(&install)).context("installing the Debian packages smtpflow needs")
+    run_cmd(&mut apt_get(&install)).with_context(|| format!("installing {what}"))
 }
 
 /// `apt-get <args>`, through sudo when not root.

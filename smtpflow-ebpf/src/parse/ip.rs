@@ -100,9 +100,12 @@ pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
                 let [nh, len]: [u8; 2] = p.read_at(off)?;
                 next = nh;
                 off += (usize::from(len) + 1) * 8;
+                // The whole header must be inside the frame, as IPv4 and TCP options must.
+                p.read_at::<u8>(off - 1)?;
             }
             NEXTHDR_FRAGMENT => {
-                let [nh, _reserved, frag_hi, frag_lo]: [u8; 4] = p.read_at(off)?;
+                // The fragment header is 8 bytes, all inside the frame.
+                let [nh, _reserved, frag_hi, frag_lo, ..]: [u8; 8] = p.read_at(off)?;
                 if u16::from_be_bytes([frag_hi, frag_lo]) >> 3 != 0 {
                     return Err(Skip::NotTcp);
                 }

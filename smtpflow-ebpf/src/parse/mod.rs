@@ -66,6 +66,15 @@ impl Segment {
     }
 }
 
+/// Whether the frame's ethertype can lead to TCP at all: the cheap first test of every packet,
+/// made before any per-packet state is built (ARP and the like cost one read).
+#[inline(always)]
+pub fn may_carry_tcp<P: Packet>(p: &P) -> bool {
+    p.read_at::<u16>(ETH_HLEN - 2).is_ok_and(|et| {
+        matches!(u16::from_be(et), ETH_P_IP | ETH_P_IPV6 | ETH_P_8021Q | ETH_P_8021AD)
+    })
+}
+
 /// Parses a frame from its Ethernet header down to the TCP header. Not inlined: its header copies
 /// live in their own BPF stack frame, beside (not on top of) the flow tracker's.
 #[inline(never)]

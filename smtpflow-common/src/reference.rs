@@ -1,0 +1,574 @@
+//! A reference frame classifier: the README's event contract ("The event contract" and its
+//! parsing rules) in plain Rust, over a byte slice.
+//!
+//! It is written apart from the kernel parser (`smtpflow-ebpf/src/parse`) on purpose: the
+//! differential fuzz test (`smtpflow/tests/fuzz_kernel.rs`) runs the real programs on millions of
+//! hostile frames and checks that every frame changes the kernel's counters exactly as this
+//! module says. It favours plainness over speed and is never used on the hot path.
+//!
+//! How the contract reads here, layer by layer (every "past the end" means past the end of the
+//! frame: lengths inside the headers, such as the IPv4 total length, never bound a header):
+//!
+//! - Ethernet: 14 bytes, or the frame is malformed. Then at most two VLAN tags (TPID 0x8100 or
+//!   0x88a8, four bytes each, the encapsulated ethertype in the last two); a tag running past the
+//!   end is malformed. A tag the kernel already moved into metadata (`stripped_tags`: at TC
+//!   ingress the outer tag is taken out of the frame) counts against the two. A frame still
+//!   tagged after that is ignored, as is any ethertype other than IPv4 and IPv6.
+//! - IPv4: the 20-byte header past the end, a version nibble other than 4, IHL < 5, or options
+//!   past the end: malformed (whatever the protocol). A non-first fragment (offset ≠ 0) or a
+//!   protocol other than TCP: ignored.
+//! - IPv6: the 40-byte header past the end or a version nibble other than 6: malformed. The
+//!   chain of hop-by-hop (0), routing (43), destination-options (60) and fragment (44) headers is
+//!   walked, at most 8 of them; each must lie wholly inside the frame, or the frame is malformed.
+//!   A non-first fragment, a ninth extension header, or any other next header (59 "no next
+//!   header" included): ignored.
+//! - Depth: nothing that starts more than [`MAX_L4_OFFSET`] bytes into the frame is inspected:
+//!   such a TCP header (or an extension header leading to one) is ignored. A header that starts
+//!   at or before that offset is read whole, even when it ends past it.
+//! - TCP: the 20-byte header past the end, data offset < 5, or options past the end: malformed.
+//!
+//! A TCP header then yields at most one event by [`classify`], on the SMTP port [`smtp_port`]
+//! picks, in the direction [`direction_of`] gives; the peer is the source address when the
+//! packet was sent by the peer (ingress), the destination when sent by the local host (egress).
+use crate::{
+    CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Side, classify, direction_of,
+    rules::Event, smtp_port,
+};
+
+/// VLAN tags walked (802.1Q, or 802.1ad then 802.1Q), stripped ones included.
+pub const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked.
+pub const MAX_EXT_HEADERS: usize = 8;
+/// The deepest offset in the frame at which a TCP header is inspected.
+pub const MAX_L4_OFFSET: usize = 1024;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const PROTO_TCP: u8 = 6;
+pub const EXT_HOP_BY_HOP: u8 = 0;
+pub const EXT_ROUTING: u8 = 43;
+pub const EXT_FRAGMENT: u8 = 44;
+pub const EXT_DEST_OPTS: u8 = 60;
+
+/// Why a frame is malformed: which header is short or invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Malformed {
+    /// Shorter than an Ethernet header.
+    Ethernet,
+    /// A VLAN tag runs past the end.
+    VlanTag { offset: usize },
+    /// Fewer than 20 bytes left for the IPv4 header.
+    Ipv4Header,
+    /// An IPv4 ethertype whose header does not say version 4.
+    Ipv4Version(u8),
+    /// IHL below 5.
+    Ipv4Ihl(u8),
+    /// The IPv4 options run past the end.
+    Ipv4Options { header_len: usize },
+    /// Fewer than 40 bytes left for the IPv6 header.
+    Ipv6Header,
+    /// An IPv6 ethertype whose header does not say version 6.
+    Ipv6Version(u8),
+    /// An IPv6 extension header of type `kind`, starting at `offset`, runs past the end; `index`
+    /// headers of the chain came before it.
+    Ipv6Extension { offset: usize, kind: u8, index: usize },
+    /// Fewer than 20 bytes left for the TCP header.
+    TcpHeader { offset: usize },
+    /// Data offset below 5.
+    TcpDataOffset { offset: usize, words: u8 },
+    /// The TCP options run past the end.
+    TcpOptions { offset: usize, header_len: usize },
+}
+
+/// Why a well-formed frame carries no TCP header to look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, an 802.3 length field, ...).
+    Ethertype(u16),
+    /// Still VLAN-tagged after the tags walked.
+    TooManyVlanTags,
+    /// An IPv4 fragment other than the first.
+    Ipv4Fragment,
+    /// IPv4 carrying another protocol.
+    Ipv4Protocol(u8),
+    /// An IPv6 fragment other than the first.
+    Ipv6Fragment,
+    /// The IPv6 chain ends in something other than TCP.
+    Ipv6NextHeader(u8),
+    /// More extension headers than walked.
+    Ipv6ChainTooLong,
+    /// The next header would start past [`MAX_L4_OFFSET`].
+    TooDeep { offset: usize },
+}
+
+/// A TCP header found in a frame. Addresses in network order; IPv4 uses the first 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpHeader {
+    pub family: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub flags: u8,
+    pub window: u16,
+    /// Where the TCP header starts in the frame.
+    pub offset: usize,
+}
+
+/// What parsing a frame gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Malformed(Malformed),
+    Ignored(Ignored),
+    Tcp(TcpHeader),
+}
+
+/// The bytes `[at, at + n)` of the frame, or `None` when any of them is past the end.
+fn take(frame: &[u8], at: usize, n: usize) -> Option<&[u8]> {
+    frame.get(at..at.checked_add(n)?)
+}
+
+fn be16(frame: &[u8], at: usize) -> Option<u16> {
+    take(frame, at, 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// Parses `frame` (starting at its Ethernet header) as the contract says. `stripped_tags`: VLAN
+/// tags the kernel took out of the frame before the program saw it (0 for XDP and for
+/// `BPF_PROG_TEST_RUN`; 1 at TC ingress for a tagged frame).
+pub fn parse(frame: &[u8], stripped_tags: usize) -> Parsed {
+    match parse_inner(frame, stripped_tags) {
+        Ok(tcp) => Parsed::Tcp(tcp),
+        Err(p) => p,
+    }
+}
+
+fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> {
+    let bad = |m| Parsed::Malformed(m);
+    let skip = |i| Parsed::Ignored(i);
+
+    // Ethernet: two addresses, then the ethertype (or a TPID).
+    let mut ethertype = be16(frame, 12).ok_or(bad(Malformed::Ethernet))?;
+    let mut at = 14;
+    let mut tags_left = MAX_VLAN_TAGS.saturating_sub(stripped_tags);
+    while ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        if tags_left == 0 {
+            return Err(skip(Ignored::TooManyVlanTags));
+        }
+        // The tag as seen from `at`: TCI, then the ethertype it encapsulates.
+        let tag = take(frame, at, 4).ok_or(bad(Malformed::VlanTag { offset: at }))?;
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        at += 4;
+        tags_left -= 1;
+    }
+
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (family, tcp_at) = match ethertype {
+        ETH_P_IP => {
+            let ip = take(frame, at, 20).ok_or(bad(Malformed::Ipv4Header))?;
+            let version = ip[0] >> 4;
+            if version != 4 {
+                return Err(bad(Malformed::Ipv4Version(version)));
+            }
+            let ihl = ip[0] & 0xf;
+            if ihl < 5 {
+                return Err(bad(Malformed::Ipv4Ihl(ihl)));
+            }
+            let header_len = usize::from(ihl) * 4;
+            if take(frame, at, header_len).is_none() {
+                return Err(bad(Malformed::Ipv4Options { header_len }));
+            }
+            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+            if fragment_offset != 0 {
+                return Err(skip(Ignored::Ipv4Fragment));
+            }
+            if ip[9] != PROTO_TCP {
+                return Err(skip(Ignored::Ipv4Protocol(ip[9])));
+            }
+            src[..4].copy_from_slice(&ip[12..16]);
+            dst[..4].copy_from_slice(&ip[16..20]);
+            (FAMILY_V4, at + header_len)
+        }
+        ETH_P_IPV6 => {
+            let ip = take(frame, at, 40).ok_or(bad(Malformed::Ipv6Header))?;
+            let version = ip[0] >> 4;
+            if version != 6 {
+                return Err(bad(Malformed::Ipv6Version(version)));
+            }
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            let mut next = ip[6];
+            let mut here = at + 40;
+            let mut walked = 0;
+            loop {
+                if here > MAX_L4_OFFSET {
+                    return Err(skip(Ignored::TooDeep { offset: here }));
+                }
+                let len = match next {
+                    PROTO_TCP => break,
+                    EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_FRAGMENT => {
+                        if walked == MAX_EXT_HEADERS {
+                            return Err(skip(Ignored::Ipv6ChainTooLong));
+                        }
+                        let short = bad(Malformed::Ipv6Extension {
+                            offset: here,
+                            kind: next,
+                            index: walked,
+                        });
+                        // The fragment header is 8 bytes; the others say their length in
+                        // 8-byte units, not counting the first 8.
+                        let len = if next == EXT_FRAGMENT {
+                            8
+                        } else {
+                            (usize::from(*frame.get(here + 1).ok_or(short)?) + 1) * 8
+                        };
+                        let ext = take(frame, here, len).ok_or(short)?;
+                        if next == EXT_FRAGMENT && u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                            return Err(skip(Ignored::Ipv6Fragment));
+                        }
+                        next = ext[0];
+                        len
+                    }
+                    other => return Err(skip(Ignored::Ipv6NextHeader(other))),
+                };
+                here += len;
+                walked += 1;
+            }
+            (FAMILY_V6, here)
+        }
+        other => return Err(skip(Ignored::Ethertype(other))),
+    };
+
+    if tcp_at > MAX_L4_OFFSET {
+        return Err(skip(Ignored::TooDeep { offset: tcp_at }));
+    }
+    let tcp = take(frame, tcp_at, 20).ok_or(bad(Malformed::TcpHeader { offset: tcp_at }))?;
+    let words = tcp[12] >> 4;
+    if words < 5 {
+        return Err(bad(Malformed::TcpDataOffset { offset: tcp_at, words }));
+    }
+    let header_len = usize::from(words) * 4;
+    if take(frame, tcp_at, header_len).is_none() {
+        return Err(bad(Malformed::TcpOptions { offset: tcp_at, header_len }));
+    }
+    Ok(TcpHeader {
+        family,
+        src,
+        dst,
+        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
+        flags: tcp[13],
+        window: u16::from_be_bytes([tcp[14], tcp[15]]),
+        offset: tcp_at,
+    })
+}
+
+/// One counted event: the exact counter it adds one to, and the per-peer counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    pub event: Event,
+    pub counter: CounterKey,
+    pub peer: PeerKey,
+    /// Index into [`PeerCounters::counts`].
+    pub peer_slot: usize,
+}
+
+/// What one frame does to the event counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing but the malformed-frames counter goes up by one.
+    Malformed(Malformed),
+    /// No counter changes: not TCP, not an SMTP port, or a TCP packet that is no event.
+    Nothing,
+    /// Exactly one event.
+    Counted(Counted),
+}
+
+/// The effect of `frame` seen by a program on interface `ifindex`, sent by `side` (`Peer` at
+/// ingress, `Local` at egress), with SMTP `ports` configured.
+pub fn effect(
+    frame: &[u8],
+    stripped_tags: usize,
+    side: Side,
+    ifindex: u32,
+    ports: &[u16],
+) -> Effect {
+    let tcp = match parse(frame, stripped_tags) {
+        Parsed::Malformed(m) => return Effect::Malformed(m),
+        Parsed::Ignored(_) => return Effect::Nothing,
+        Parsed::Tcp(tcp) => tcp,
+    };
+    let Some(m) = smtp_port(tcp.src_port, tcp.dst_port, ports) else {
+        return Effect::Nothing;
+    };
+    let Some(event) = classify(tcp.flags, tcp.window) else {
+        return Effect::Nothing;
+    };
+    let direction = direction_of(side, m.sender_is_client);
+    let addr = match side {
+        Side::Peer => tcp.src,
+        Side::Local => tcp.dst,
+    };
+    Effect::Counted(Counted {
+        event,
+        counter: CounterKey::event(ifindex, m.port, event, direction, side),
+        peer: PeerKey {
+            ifindex,
+            addr,
+            port: m.port,
+            family: tcp.family,
+            direction: direction as u8,
+        },
+        peer_slot: PeerCounters::index(event, side),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+    use crate::{
+        Direction,
+        rules::tcp_flags::{ACK, FIN, RST, SYN},
+    };
+
+    const PORTS: &[u16] = &[25, 465, 587];
+
+    /// A 20-byte TCP header: ports, flags, window.
+    fn tcp(src: u16, dst: u16, flags: u8, window: u16) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&src.to_be_bytes());
+        t[2..4].copy_from_slice(&dst.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&window.to_be_bytes());
+        t
+    }
+
+    fn eth(tpids: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        for &t in tpids {
+            f.extend_from_slice(&t.to_be_bytes());
+            f.extend_from_slice(&[0, 100]);
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn v4(options: &[u8], protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+        let hlen = 20 + options.len();
+        let mut p = vec![0x40 | (hlen / 4) as u8, 0];
+        p.extend_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0x12, 0x34]);
+        p.extend_from_slice(&frag.to_be_bytes());
+        p.extend_from_slice(&[64, protocol, 0, 0, 198, 51, 100, 7, 192, 0, 2, 1]);
+        p.extend_from_slice(options);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// IPv6 with extension headers `(kind, length in bytes)` before `next`.
+    fn v6(ext: &[(u8, usize)], next: u8, payload: &[u8]) -> Vec<u8> {
+        let mut kinds: Vec<u8> = ext.iter().map(|e| e.0).collect();
+        kinds.push(next);
+        let ext_len: usize = ext.iter().map(|e| e.1).sum();
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((ext_len + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[kinds[0], 64]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        for (&(kind, len), &next) in ext.iter().zip(&kinds[1..]) {
+            let mut h = vec![0u8; len];
+            h[0] = next;
+            if kind != EXT_FRAGMENT {
+                h[1] = (len / 8 - 1) as u8;
+            }
+            p.extend_from_slice(&h);
+        }
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn syn25() -> Vec<u8> {
+        tcp(40000, 25, SYN, 64240)
+    }
+
+    fn peer_effect(frame: &[u8]) -> Effect {
+        effect(frame, 0, Side::Peer, 1, PORTS)
+    }
+
+    fn counted(e: Effect) -> Option<(Event, Direction, u16)> {
+        match e {
+            Effect::Counted(c) => Some((
+                c.event,
+                Direction::from_u8(c.counter.direction).expect("direction"),
+                c.counter.port,
+            )),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn counts_plain_and_tagged_syns() {
+        let want = Some((Event::Syn, Direction::Inbound, 25));
+        let ip = v4(&[], PROTO_TCP, 0, &syn25());
+        assert_eq!(counted(peer_effect(&eth(&[], ETH_P_IP, &ip))), want);
+        assert_eq!(counted(peer_effect(&eth(&[ETH_P_8021Q], ETH_P_IP, &ip))), want);
+        let qinq = eth(&[ETH_P_8021AD, ETH_P_8021Q], ETH_P_IP, &ip);
+        assert_eq!(counted(peer_effect(&qinq)), want);
+        let three = eth(&[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP, &ip);
+        assert_eq!(parse(&three, 0), Parsed::Ignored(Ignored::TooManyVlanTags));
+        // At TC ingress the outer tag is already in metadata: QinQ shows one tag in the frame,
+        // and one more is still walked; three tags show two, one too many.
+        let inner = eth(&[ETH_P_8021Q], ETH_P_IP, &ip);
+        assert_eq!(counted(effect(&inner, 1, Side::Peer, 1, PORTS)), want);
+        let two_left = eth(&[ETH_P_8021Q, ETH_P_8021Q], ETH_P_IP, &ip);
+        assert_eq!(parse(&two_left, 1), Parsed::Ignored(Ignored::TooManyVlanTags));
+        // A tag cut short.
+        let cut = &eth(&[ETH_P_8021Q], ETH_P_IP, &ip)[..16];
+        assert_eq!(parse(cut, 0), Parsed::Malformed(Malformed::VlanTag { offset: 14 }));
+    }
+
+    #[test]
+    fn event_key_and_peer() {
+        let ip = v4(&[], PROTO_TCP, 0, &tcp(25, 40000, SYN | ACK, 100));
+        let Effect::Counted(c) = effect(&eth(&[], ETH_P_IP, &ip), 0, Side::Peer, 7, PORTS) else {
+            panic!("not counted");
+        };
+        assert_eq!(
+            c.counter,
+            CounterKey::event(7, 25, Event::SynAck, Direction::Outbound, Side::Peer)
+        );
+        assert_eq!(&c.peer.addr[..4], &[198, 51, 100, 7], "ingress: the source");
+        assert_eq!(c.peer.family, FAMILY_V4);
+        assert_eq!(c.peer_slot, PeerCounters::index(Event::SynAck, Side::Peer));
+        // Egress: the destination is the peer, and our SYN-ACK answers an inbound client.
+        let Effect::Counted(c) = effect(&eth(&[], ETH_P_IP, &ip), 0, Side::Local, 7, PORTS) else {
+            panic!("not counted");
+        };
+        assert_eq!(
+            c.counter,
+            CounterKey::event(7, 25, Event::SynAck, Direction::Inbound, Side::Local)
+        );
+        assert_eq!(&c.peer.addr[..4], &[192, 0, 2, 1]);
+    }
+
+    #[test]
+    fn ipv4_rules() {
+        let frame = |ip: Vec<u8>| eth(&[], ETH_P_IP, &ip);
+        let mut bad_ihl = v4(&[], PROTO_TCP, 0, &syn25());
+        bad_ihl[0] = 0x44;
+        assert_eq!(parse(&frame(bad_ihl), 0), Parsed::Malformed(Malformed::Ipv4Ihl(4)));
+        let mut long_ihl = v4(&[], PROTO_TCP, 0, &syn25());
+        long_ihl[0] = 0x4f;
+        assert!(matches!(
+            parse(&frame(long_ihl), 0),
+            Parsed::Malformed(Malformed::Ipv4Options { .. })
+        ));
+        let mut v6_nibble = v4(&[], PROTO_TCP, 0, &syn25());
+        v6_nibble[0] = 0x65;
+        assert_eq!(parse(&frame(v6_nibble), 0), Parsed::Malformed(Malformed::Ipv4Version(6)));
+        let options =
+            v4(&[7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0], PROTO_TCP, 0, &tcp(1, 465, SYN, 9));
+        assert_eq!(
+            counted(peer_effect(&frame(options))),
+            Some((Event::Syn, Direction::Inbound, 465))
+        );
+        // First fragment (MF, offset 0) counts; a later one is ignored even if it looks like TCP.
+        let first = v4(&[], PROTO_TCP, 0x2000, &syn25());
+        assert!(counted(peer_effect(&frame(first))).is_some());
+        let later = v4(&[], PROTO_TCP, 185, &syn25());
+        assert_eq!(parse(&frame(later), 0), Parsed::Ignored(Ignored::Ipv4Fragment));
+        let udp = v4(&[], 17, 0, &syn25());
+        assert_eq!(parse(&frame(udp), 0), Parsed::Ignored(Ignored::Ipv4Protocol(17)));
+        // Truncations: every cut inside the IP or TCP header is malformed.
+        let whole = frame(v4(&[1, 1, 1, 1], PROTO_TCP, 0, &syn25()));
+        for len in 0..whole.len() {
+            assert!(
+                matches!(parse(&whole[..len], 0), Parsed::Malformed(_)),
+                "cut at {len}: {:?}",
+                parse(&whole[..len], 0)
+            );
+        }
+        assert!(matches!(parse(&whole, 0), Parsed::Tcp(_)));
+    }
+
+    #[test]
+    fn tcp_rules() {
+        let frame = |t: Vec<u8>| eth(&[], ETH_P_IP, &v4(&[], PROTO_TCP, 0, &t));
+        let mut short = syn25();
+        short[12] = 4 << 4;
+        assert!(matches!(
+            parse(&frame(short), 0),
+            Parsed::Malformed(Malformed::TcpDataOffset { words: 4, .. })
+        ));
+        let mut long = syn25();
+        long[12] = 15 << 4;
+        assert!(matches!(parse(&frame(long), 0), Parsed::Malformed(Malformed::TcpOptions { .. })));
+        // The contract's events, and what is not one.
+        let e = |flags, window| counted(peer_effect(&frame(tcp(40000, 25, flags, window))));
+        assert_eq!(e(RST | ACK, 5), Some((Event::Rst, Direction::Inbound, 25)));
+        assert_eq!(e(ACK, 0), Some((Event::ZeroWindow, Direction::Inbound, 25)));
+        assert_eq!(e(FIN | ACK, 0), None);
+        assert_eq!(e(ACK, 5), None);
+        assert_eq!(counted(peer_effect(&frame(tcp(80, 443, SYN, 5)))), None);
+    }
+
+    #[test]
+    fn ipv6_chains() {
+        let frame = |ip: Vec<u8>| eth(&[], ETH_P_IPV6, &ip);
+        let chain = [(EXT_HOP_BY_HOP, 8), (EXT_DEST_OPTS, 16), (EXT_ROUTING, 8), (EXT_FRAGMENT, 8)];
+        let f = frame(v6(&chain, PROTO_TCP, &tcp(40000, 587, SYN, 1)));
+        assert_eq!(counted(peer_effect(&f)), Some((Event::Syn, Direction::Inbound, 587)));
+        let Parsed::Tcp(t) = parse(&f, 0) else { panic!() };
+        assert_eq!(t.offset, 14 + 40 + 40);
+        assert_eq!(t.family, FAMILY_V6);
+        assert_eq!(t.src[15], 7);
+        // Eight walked, nine not.
+        let eight = frame(v6(&[(EXT_DEST_OPTS, 8); 8], PROTO_TCP, &syn25()));
+        assert!(matches!(parse(&eight, 0), Parsed::Tcp(_)));
+        let nine = frame(v6(&[(EXT_DEST_OPTS, 8); 9], PROTO_TCP, &syn25()));
+        assert_eq!(parse(&nine, 0), Parsed::Ignored(Ignored::Ipv6ChainTooLong));
+        // Depth: a TCP header at 1022 is read (it ends past 1024); one at 1030 is not.
+        let at_1022 = frame(v6(&[(EXT_HOP_BY_HOP, 968)], PROTO_TCP, &syn25()));
+        assert!(matches!(parse(&at_1022, 0), Parsed::Tcp(TcpHeader { offset: 1022, .. })));
+        let at_1030 = frame(v6(&[(EXT_HOP_BY_HOP, 976)], PROTO_TCP, &syn25()));
+        assert_eq!(parse(&at_1030, 0), Parsed::Ignored(Ignored::TooDeep { offset: 1030 }));
+        // Fragments: the first counts, a later one is ignored.
+        let mut later = frame(v6(&[(EXT_FRAGMENT, 8)], PROTO_TCP, &syn25()));
+        later[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&((185u16 << 3) | 1).to_be_bytes());
+        assert_eq!(parse(&later, 0), Parsed::Ignored(Ignored::Ipv6Fragment));
+        // No next header, and UDP.
+        let none = frame(v6(&[], 59, &syn25()));
+        assert_eq!(parse(&none, 0), Parsed::Ignored(Ignored::Ipv6NextHeader(59)));
+        // An extension header running past the end, whatever follows it.
+        let cut = &frame(v6(&[(EXT_HOP_BY_HOP, 88)], 17, &syn25()))[..14 + 40 + 16];
+        assert_eq!(
+            parse(cut, 0),
+            Parsed::Malformed(Malformed::Ipv6Extension {
+                offset: 54,
+                kind: EXT_HOP_BY_HOP,
+                index: 0
+            })
+        );
+        let mut v4_nibble = frame(v6(&[], PROTO_TCP, &syn25()));
+        v4_nibble[14] = 0x40;
+        assert_eq!(parse(&v4_nibble, 0), Parsed::Malformed(Malformed::Ipv6Version(4)));
+    }
+
+    #[test]
+    fn short_and_foreign_frames() {
+        assert_eq!(parse(&[0; 13], 0), Parsed::Malformed(Malformed::Ethernet));
+        assert_eq!(
+            parse(&eth(&[], 0x0806, &[0; 28]), 0),
+            Parsed::Ignored(Ignored::Ethertype(0x0806))
+        );
+        assert_eq!(parse(&eth(&[], ETH_P_IP, &[]), 0), Parsed::Malformed(Malformed::Ipv4Header));
+    }
+}
