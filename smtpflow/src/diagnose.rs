@@ -300,7 +300,10 @@ impl Diagnoser {
         let active;
         match cause {
             Cause::ConntrackExhaustion => {
-                let unanswered = d(|r| r.inbound_timeouts) + d(|r| r.inbound_netfilter_drops);
+                // TC sees every SYN before netfilter drops it, so a dropped attempt is both a
+                // timeout (one per attempt) and NETFILTER drops (one per SYN, retransmissions
+                // included): the larger is how many SYNs went unanswered, counted once.
+                let unanswered = d(|r| r.inbound_timeouts).max(d(|r| r.inbound_netfilter_drops));
                 let drops = d(|r| r.conntrack_drops);
                 let (entries, limit) = last.conntrack.unwrap_or((0, 0));
                 let fill = if limit > 0 { entries as f64 / limit as f64 } else { 0.0 };
@@ -352,7 +355,7 @@ impl Diagnoser {
                 evidence.insert("outbound_timeouts", n as f64);
                 let _ = write!(
                     summary,
-                    "{} outbound SYNs unanswered in {secs} s with normal local pressure",
+                    "{} outbound handshakes unanswered in {secs} s with normal local pressure",
                     thousands(n)
                 );
             }
@@ -507,10 +510,13 @@ mod tests {
         assert_eq!(changed.len(), 1);
         let s = &changed[0].summary;
         assert!(
-            s.starts_with("conntrack 98% full (255,872/262,144), 4,102 inbound SYNs unanswered in 60 s, +812 drops: raise net.netfilter.nf_conntrack_max"),
+            s.starts_with("conntrack 98% full (255,872/262,144), 4,097 inbound SYNs unanswered in 60 s, +812 drops: raise net.netfilter.nf_conntrack_max"),
             "{s}"
         );
-        assert_eq!(changed[0].evidence["unanswered_inbound_syns"], 4102.0);
+        assert_eq!(
+            changed[0].evidence["unanswered_inbound_syns"], 4097.0,
+            "counted once: the larger of timeouts and drops"
+        );
         // Recovery: no new failures for a whole window turns it off.
         let mut last = Vec::new();
         for s in 3..=63 {

@@ -351,7 +351,10 @@ async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()>
 /// Observes for `--for`, then prints the verdict. `Ok(true)`: healthy.
 async fn run_diagnose(args: DiagnoseArgs) -> anyhow::Result<bool> {
     let mut obs = Observer::start(&args.observe)?;
-    let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.duration));
+    // The window spans the whole observation: a little longer than --for, so that the baseline
+    // taken before the first tick stays the baseline to the end.
+    let window = args.duration + 2 * args.observe.interval;
+    let mut diagnoser = Diagnoser::new(thresholds(&args.observe, window));
     let started = Instant::now();
     let first = obs.drain()?;
     diagnoser.update(started, obs.reading(&first));

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Metrics, Netns, smtp, wait_for, watch::binary};
+use crate::{Metrics, Netns, smtp, stop_child, wait_for, watch::binary};
 
 /// Every cause smtpflow decides, in its report order.
 pub const CAUSES: [&str; 7] = [
@@ -171,15 +171,8 @@ while kill -0 {pid} 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.05; 
         if let Err(e) = std::fs::write(CONNTRACK_MAX, self.original.to_string()) {
             eprintln!("restoring {CONNTRACK_MAX} to {} failed: {e}", self.original);
         }
-        if let Some(mut w) = self.watchdog.take() {
-            // SIGTERM: its trap finds the value restored and leaves it.
-            // SAFETY: plain syscall on our own child.
-            unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
-            if wait_for(Duration::from_secs(5), || w.try_wait().ok().flatten()).is_none() {
-                let _ = w.kill();
-                let _ = w.wait();
-            }
-        }
+        // SIGTERM: its trap finds the value restored and leaves it.
+        stop_child(&mut self.watchdog, Duration::from_secs(5));
     }
 }
 
@@ -346,10 +339,7 @@ impl Diagnose {
 
 impl Drop for Diagnose {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        stop_child(&mut self.child, Duration::from_secs(5));
         let _ = std::fs::remove_file(&self.stdout_path);
         let _ = std::fs::remove_file(&self.stderr_path);
     }

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod diagnosis;
 pub mod fleet;
 pub mod frames;
+pub mod hardening_support;
 pub mod json;
 pub mod lifecycle_support;
 pub mod metrics;
