@@ -176,26 +176,36 @@ impl Btf {
             Type::Typedef { name, target } if name == struct_name => Some(*target),
             _ => None,
         })?;
-        self.find_member(id, member, 0, 0).map(|bits| bits / 8)
+        self.find_member(id, member, 0, &mut Vec::new()).map(|bits| bits / 8)
     }
 
-    fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<u32> {
-        if depth > 8 {
+    /// Bit offset of `member` within type `id`, from `base_bits`. `path` holds the types being
+    /// searched: a type met again on its own path is a cycle (impossible in C, possible in
+    /// hostile BTF) and is not searched again, so a lookup stays linear; offsets that would
+    /// overflow are no answer.
+    fn find_member(
+        &self,
+        id: u32,
+        member: &str,
+        base_bits: u32,
+        path: &mut Vec<u32>,
+    ) -> Option<u32> {
+        if path.len() > 8 || path.contains(&id) {
             return None;
         }
         let Type::Composite { members, .. } = self.types.get(id as usize)? else {
             return None;
         };
-        for m in members {
-            if m.name == member {
-                return Some(base_bits + m.bit_offset);
-            }
+        if let Some(m) = members.iter().find(|m| m.name == member) {
+            return base_bits.checked_add(m.bit_offset);
         }
-        // Anonymous members: search inside them.
-        members.iter().filter(|m| m.name.is_empty()).find_map(|m| {
-            // An anonymous member's type is the struct or union itself.
-            self.find_member(m.type_id, member, base_bits + m.bit_offset, depth + 1)
-        })
+        path.push(id);
+        // Anonymous members: search inside them (their type is the struct or union itself).
+        let found = members.iter().filter(|m| m.name.is_empty()).find_map(|m| {
+            self.find_member(m.type_id, member, base_bits.checked_add(m.bit_offset)?, path)
+        });
+        path.pop();
+        found
     }
 }
 

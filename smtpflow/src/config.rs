@@ -80,6 +80,16 @@ fn scalar(key: &str, v: &toml::Value) -> anyhow::Result<String> {
     })
 }
 
+/// Adds a table's keys to `out`, nested tables as dotted names under `prefix`.
+fn flatten(prefix: &str, table: toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(nested) => flatten(&format!("{prefix}{key}."), nested, out),
+            value => out.push((format!("{prefix}{key}"), value)),
+        }
+    }
+}
+
 /// The flags a config file's text stands for, for `command`, leaving out those `cli_args` give.
 pub fn to_flags(text: &str, command: &str, cli_args: &[OsString]) -> anyhow::Result<Vec<OsString>> {
     let table: toml::Table = text.parse().context("not valid TOML")?;
@@ -87,14 +97,14 @@ pub fn to_flags(text: &str, command: &str, cli_args: &[OsString]) -> anyhow::Res
     let mut entries: Vec<(String, toml::Value)> = Vec::new();
     for (key, value) in table {
         match value {
-            toml::Value::Table(section) => {
-                if !COMMANDS.contains(&key.as_str()) {
-                    bail!("unknown section [{key}] (sections are [watch] and [diagnose])");
-                }
+            toml::Value::Table(section) if COMMANDS.contains(&key.as_str()) => {
                 if key == command {
-                    entries.extend(section);
+                    flatten("", section, &mut entries);
                 }
             }
+            // A dotted key such as `web.config.file = "..."` is a nested table in TOML: it
+            // names the flag `--web.config.file`.
+            toml::Value::Table(nested) => flatten(&format!("{key}."), nested, &mut entries),
             value => entries.push((key, value)),
         }
     }
@@ -186,12 +196,26 @@ json = true
     }
 
     #[test]
+    fn dotted_keys_name_dotted_flags() {
+        for text in [
+            "web.config.file = \"/etc/w.yml\"",
+            "[watch]\nweb.config.file = \"/etc/w.yml\"",
+            "\"web.config.file\" = \"/etc/w.yml\"",
+        ] {
+            assert_eq!(
+                strs(&to_flags(text, "watch", &[]).unwrap()),
+                ["--web.config.file=/etc/w.yml"],
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let e = to_flags("ifcae = \"eth0\"", "watch", &[]).unwrap_err().to_string();
         assert!(e.contains("unknown setting `ifcae`") && e.contains("iface"), "{e}");
-        assert!(
-            to_flags("[watsh]\nx = 1", "watch", &[]).unwrap_err().to_string().contains("[watsh]")
-        );
+        let e = to_flags("[watsh]\nx = 1", "watch", &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown setting `watsh.x`"), "{e}");
         assert!(to_flags("iface = [", "watch", &[]).unwrap_err().to_string().contains("TOML"));
         assert!(to_flags("ports = { a = 1 }", "watch", &[]).is_err());
         assert!(to_flags("config = \"x\"", "watch", &[]).is_err());
