@@ -10,8 +10,13 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
 };
+use std::os::fd::AsFd as _;
+
+use crate::batch;
 use lru::LruCache;
 use smtpflow_common::{
     CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey, HistKind,
@@ -33,6 +38,8 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     pub peers_capacity: u32,
     pub flows_capacity: u32,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    nr_cpus: usize,
     handshake_timeout: Duration,
     /// Timed-out handshakes by (ifindex, port, direction).
     timeouts: BTreeMap<(u32, u16, u8), u64>,
@@ -99,17 +106,40 @@ fn is_exists(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
-/// Sums each key's per-CPU values, skipping keys deleted while we iterate.
+/// Whether a batch lookup failed because the kernel or map type has none (then the maps are
+/// read key by key, as before Linux 5.6).
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    /// The kernel's internal ENOTSUPP, which BPF syscalls can return.
+    const ENOTSUPP: i32 = 524;
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP))
+}
+
+/// Sums each key's per-CPU values: batched (a few syscalls for the whole map), else key by
+/// key, skipping keys deleted while we iterate.
 fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
     map: &PerCpuHashMap<MapData, K, V>,
     what: &str,
-    mut fold: impl FnMut(&PerCpuValues<V>) -> V,
+    nr_cpus: usize,
+    mut fold: impl FnMut(&mut dyn Iterator<Item = V>) -> V,
 ) -> anyhow::Result<BTreeMap<K, V>> {
     let mut out = BTreeMap::new();
+    let batched = batch::for_each_per_cpu::<K, V>(
+        map.map().fd().as_fd(),
+        nr_cpus,
+        batch::DEFAULT_CHUNK,
+        |k, values| {
+            out.insert(*k, fold(values));
+        },
+    );
+    match batched {
+        Ok(_) => return Ok(out),
+        Err(e) if batch_unsupported(&e) => out.clear(),
+        Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+    }
     for item in map.iter() {
         match item {
             Ok((key, values)) => {
-                out.insert(key, fold(&values));
+                out.insert(key, fold(&mut values.iter().copied()));
             }
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
@@ -118,11 +148,19 @@ fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
+/// Every entry: batched, else key by key, skipping keys evicted while we iterate.
 fn read_all<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     what: &str,
 ) -> anyhow::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    match batch::for_each::<K, V>(map.map().fd().as_fd(), batch::DEFAULT_CHUNK, |k, v| {
+        out.push((*k, *v));
+    }) {
+        Ok(_) => return Ok(out),
+        Err(e) if batch_unsupported(&e) => out.clear(),
+        Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+    }
     for item in map.iter() {
         match item {
             Ok(entry) => out.push(entry),
@@ -150,6 +188,7 @@ impl Maps {
             stats: take(ebpf, names::MAP_STATS)?,
             peers_capacity,
             flows_capacity,
+            nr_cpus: aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?,
             handshake_timeout,
             timeouts: BTreeMap::new(),
             peer_timeouts: LruCache::new(
@@ -201,10 +240,12 @@ impl Maps {
 
     /// Marks pending handshakes older than the timeout as timed out and counts them. The flows
     /// stay, so that a late retransmission or answer is recognised and adds no second outcome.
-    fn sweep_timeouts(&mut self) -> anyhow::Result<()> {
+    fn sweep_timeouts(&mut self) -> anyhow::Result<usize> {
         let now = monotonic_ns();
         let limit = self.handshake_timeout.as_nanos() as u64;
-        let expired: Vec<FlowKey> = read_all(&self.flows, "flows")?
+        let flows = read_all(&self.flows, "flows")?;
+        let live = flows.len();
+        let expired: Vec<FlowKey> = flows
             .into_iter()
             .filter(|(_, st)| st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit)
             .map(|(k, _)| k)
@@ -237,7 +278,7 @@ impl Maps {
             };
             *self.peer_timeouts.get_or_insert_mut(peer, || 0) += 1;
         }
-        Ok(())
+        Ok(live)
     }
 
     /// The [`Stat`] counters, summed over CPUs.
@@ -252,11 +293,17 @@ impl Maps {
 
     pub fn drain(&mut self) -> anyhow::Result<Snapshot> {
         let started = Instant::now();
-        self.sweep_timeouts()?;
-        let counters = read_per_cpu(&self.counters, "counters", |v| v.iter().sum())?;
-        let hists = read_per_cpu(&self.hists, "histograms", |v| {
+        // Evictions are estimated as inserts - live entries - deletions. Inserts are read before
+        // the maps are listed and deletions after, so the estimate can only be too low at one
+        // moment (never too high), and keeping the largest one seen is exact over time.
+        let inserted = self.read_stats()?;
+        // The sweep lists the flows once; that listing is also their count.
+        let flows = self.sweep_timeouts()?;
+        let nr_cpus = self.nr_cpus;
+        let counters = read_per_cpu(&self.counters, "counters", nr_cpus, |v| v.sum())?;
+        let hists = read_per_cpu(&self.hists, "histograms", nr_cpus, |v| {
             let mut h = Histogram::ZERO;
-            for cpu in v.iter() {
+            for cpu in v {
                 for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
                     *sum += b;
                 }
@@ -264,13 +311,8 @@ impl Maps {
             }
             h
         })?;
-        // Evictions are estimated as inserts - live entries - deletions. Inserts are read before
-        // the maps are listed and deletions after, so the estimate can only be too low at one
-        // moment (never too high), and keeping the largest one seen is exact over time.
-        let inserted = self.read_stats()?;
         let peers = read_all(&self.peers, "per-peer")?;
         let peer_greetings = read_all(&self.peer_greetings, "per-peer greetings")?;
-        let flows = self.flows.keys().count();
         let stats = self.read_stats()?;
         self.peer_evictions = self
             .peer_evictions

@@ -1,5 +1,6 @@
 //! smtpflow: SMTP handshake and TCP pressure observer for mail gateways.
 mod attach;
+mod batch;
 mod btf;
 mod check;
 mod cli;
