@@ -66,7 +66,7 @@ impl Tcp<'_> {
         tcp.extend_from_slice(&self.dport.to_be_bytes());
         tcp.extend_from_slice(&self.seq.to_be_bytes());
         tcp.extend_from_slice(&self.ack.to_be_bytes());
-        assert!(self.options.len() % 4 == 0, "TCP options must be 32-bit aligned");
+        assert!(self.options.len().is_multiple_of(4), "TCP options must be 32-bit aligned");
         tcp.push((((20 + self.options.len()) / 4) as u8) << 4);
         tcp.push(self.flags);
         tcp.extend_from_slice(&self.window.to_be_bytes());

@@ -218,7 +218,8 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         ]);
     }
     s.note = format!(
-        "{rounds} round(s) of {secs}s each (after {omit}s omitted), the four cases interleaved. \
+        "{rounds} round(s) of {secs}s each (after {omit}s omitted), the cases interleaved; the \
+         ratio is the median over rounds of each run / that round's no-observer run. \
          tcpdump writes to /dev/null (no disk cost; with a file it can only be slower); its last \
          run: {tcpdump_drops}."
     );
