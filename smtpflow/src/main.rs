@@ -91,7 +91,9 @@ fn main() -> ExitCode {
             .expect("starting the async runtime")
     };
     match cli.command {
-        Command::Watch(args) => match runtime().block_on(run_watch(args, cli.log_format)) {
+        Command::Watch(args) => match prepare_watch(&args)
+            .and_then(|prepared| runtime().block_on(run_watch(args, prepared, cli.log_format)))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 report_error(cli.log_format, &e);
@@ -261,17 +263,23 @@ fn log_changes(changed: &[Finding]) {
     }
 }
 
-async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    // Read the web config and bind first: a bad file or a busy port fails before anything is
-    // attached.
+/// What `watch` sets up before its async runtime exists.
+struct Prepared {
+    web: Arc<web::WebConfig>,
+    listener: std::net::TcpListener,
+    obs: Observer,
+}
+
+/// Reads the web config and binds first (a bad file or a busy port fails before anything is
+/// attached), attaches, then drops privileges: all while the process has one thread, since
+/// capabilities belong to threads and the runtime's workers inherit what is left.
+fn prepare_watch(args: &WatchArgs) -> anyhow::Result<Prepared> {
     let web = Arc::new(match &args.web_config_file {
         Some(path) => web::WebConfig::load(path)?,
         None => web::WebConfig::none(),
     });
-    let listener = serve::bind(args.metrics_addr).await?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut obs = Observer::start(&args.observe)?;
+    let listener = serve::bind(args.metrics_addr)?;
+    let obs = Observer::start(&args.observe)?;
     if !args.keep_privileges {
         privileges::drop_after_attach(args.user.as_deref())?;
         log::info!(
@@ -279,6 +287,19 @@ async fn run_watch(args: WatchArgs, log_format: LogFormat) -> anyhow::Result<()>
             args.user.as_deref().map(|u| format!(" as {u}")).unwrap_or_default()
         );
     }
+    Ok(Prepared { web, listener, obs })
+}
+
+async fn run_watch(
+    args: WatchArgs,
+    prepared: Prepared,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let Prepared { web, listener, mut obs } = prepared;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("registering the metrics socket")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let exporter = Exporter::new(
         obs.ifnames(),
         args.max_peer_series,

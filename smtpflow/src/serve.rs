@@ -25,9 +25,15 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time one connection may stay open, keep-alive included.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Binds the metrics address, with an error an operator can act on.
-pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+/// Connections waiting to be accepted (the kernel's listen backlog; Linux caps it at
+/// net.core.somaxconn).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds the metrics address, with an error an operator can act on. A plain (std) socket, so
+/// that it can be bound before the async runtime exists: smtpflow binds, attaches and drops its
+/// privileges while it still has one thread.
+pub fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
                 " (already in use: another smtpflow or exporter? choose another with --metrics-addr)"
@@ -36,7 +42,14 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
             _ => "",
         };
         anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
-    })
+    })?;
+    // std listens with a backlog of 128; a second listen() raises it, so that a burst of
+    // scrapes waits instead of having its SYNs dropped.
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: listen on a socket we own.
+    unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {

@@ -66,9 +66,10 @@ impl WebConfig {
                 Some("http_server_config") => {
                     log::warn!("web config: http_server_config is ignored")
                 }
-                other => bail!(
-                    "unknown key {other:?} (smtpflow reads tls_server_config and basic_auth_users)"
+                Some(other) => bail!(
+                    "unknown key {other} (smtpflow reads tls_server_config and basic_auth_users)"
                 ),
+                None => bail!("keys must be strings"),
             }
         }
         Ok(Self { tls, auth })
@@ -82,7 +83,8 @@ fn string_map(v: &Yaml, what: &str) -> anyhow::Result<BTreeMap<String, String>> 
     h.iter()
         .map(|(k, v)| match (k.as_str(), v.as_str()) {
             (Some(k), Some(v)) => Ok((k.to_owned(), v.to_owned())),
-            _ => bail!("{what}: keys and values must be strings"),
+            (Some(k), None) => bail!("{what}.{k}: smtpflow reads only string values here"),
+            (None, _) => bail!("{what}: keys must be strings"),
         })
         .collect()
 }
