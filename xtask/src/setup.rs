@@ -7,9 +7,11 @@ use crate::run_cmd;
 
 /// Debian packages the build, `smtpflow watch` and the tests use.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2",   // ip netns, veth, tc
-    "bpftool",    // the tests inspect what is attached
-    "util-linux", // setpriv (tests run smtpflow without privileges)
+    "iproute2",    // ip netns, veth, tc
+    "bpftool",     // the tests inspect what is attached
+    "util-linux",  // setpriv (tests run smtpflow without privileges)
+    "libcap2-bin", // capsh (tests drop single capabilities)
+    "procps",      // sysctl
     "ca-certificates",
     "postfix",  // smtp-sink: the real SMTP server of the handshake tests
     "swaks",    // a real SMTP client for the handshake tests
