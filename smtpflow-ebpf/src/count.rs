@@ -122,6 +122,10 @@ enum PeerSlot {
     Outcome(usize),
 }
 
+const COUNTS: usize = smtpflow_common::Event::COUNT * smtpflow_common::Side::COUNT;
+const OUTCOMES: usize = 2;
+const _: () = assert!(COUNTS.is_power_of_two() && OUTCOMES.is_power_of_two());
+
 // Not inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]
 fn count_peer(key: &PeerKey, slot: PeerSlot) {
@@ -130,8 +134,10 @@ fn count_peer(key: &PeerKey, slot: PeerSlot) {
         // so that LLVM keeps the bounds check the verifier needs.
         unsafe {
             match slot {
-                PeerSlot::Event(i) => (*c).counts.get_mut(opaque(i)).map(|s| s as *mut u64),
-                PeerSlot::Outcome(i) => (*c).outcomes.get_mut(opaque(i)).map(|s| s as *mut u64),
+                // Masked, not bounds-checked: no branch whose dead side an old verifier
+                // (6.1) would walk with contradictory bounds.
+                PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
+                PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
             }
         }
     };
