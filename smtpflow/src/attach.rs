@@ -177,7 +177,7 @@ pub fn attach(
                 (names::PROG_TC_EGRESS, "tc_egress", TcAttachType::Egress),
             ] {
                 let prog: &mut SchedClassifier = program(&mut ebpf, prog_name)?.try_into()?;
-                prog.load().with_context(|| verifier_hint(prog_name))?;
+                prog.load().map_err(|e| rejected(prog_name, e))?;
                 for iface in ifaces {
                     let how = attach_tc(prog, prog_name, iface, attach_type, use_tcx)?;
                     attachments.push(Attachment { iface: iface.name.clone(), hook, how });
@@ -186,7 +186,7 @@ pub fn attach(
         }
         Mode::Xdp => {
             let prog: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
-            prog.load().with_context(|| verifier_hint(names::PROG_XDP))?;
+            prog.load().map_err(|e| rejected(names::PROG_XDP, e))?;
             for iface in ifaces {
                 let how = attach_xdp(prog, iface)?;
                 attachments.push(Attachment { iface: iface.name.clone(), hook: "xdp", how });
@@ -204,8 +204,8 @@ pub fn attach(
 pub fn verify(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
     let prog = program(ebpf, name)?;
     match prog {
-        aya::programs::Program::SchedClassifier(p) => p.load()?,
-        aya::programs::Program::Xdp(p) => p.load()?,
+        aya::programs::Program::SchedClassifier(p) => p.load().map_err(|e| rejected(name, e))?,
+        aya::programs::Program::Xdp(p) => p.load().map_err(|e| rejected(name, e))?,
         _ => bail!("{name} is not a TC or XDP program"),
     }
     Ok(())
@@ -265,10 +265,30 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
     })
 }
 
-fn verifier_hint(name: &str) -> String {
-    format!(
-        "the kernel rejected program {name}; this kernel may be too old for smtpflow \
-         (Linux 5.15+ is supported) — `smtpflow check` and `dmesg` say more"
+/// A program the kernel refused, said in a few lines: the syscall's error and the verifier's
+/// last words (its full log runs to thousands of lines; RUST_LOG=debug prints it).
+fn rejected(name: &str, e: ProgramError) -> anyhow::Error {
+    let ProgramError::LoadError { io_error, verifier_log } = &e else {
+        return anyhow::Error::new(e).context(format!("loading program {name} failed"));
+    };
+    let log = verifier_log.to_string();
+    log::debug!("verifier log of {name}:\n{log}");
+    let verdict: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(';') && !l.starts_with("verification time"))
+        .filter(|l| !l.starts_with("stack depth") && !l.starts_with("processed "))
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    anyhow::anyhow!(
+        "the kernel rejected program {name} ({io_error}): {}. This kernel may be too old for \
+         smtpflow (Linux 5.15+ is supported; tested on 6.1, 6.12 and 6.18); `smtpflow check` \
+         tells what works here, and RUST_LOG=debug prints the verifier's whole log",
+        verdict.join(" / ")
     )
 }
 

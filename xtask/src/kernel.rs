@@ -156,9 +156,31 @@ impl Run {
         s
     }
 
+    /// What smtpflow said at start on this kernel: attach methods, degradations, errors (each
+    /// line cut short: a verifier log is not a message).
+    fn startup_lines(&self) -> String {
+        let mut s = String::new();
+        for l in self.startup.lines() {
+            if l.starts_with("==")
+                || l.contains(" INFO ")
+                || l.contains(" WARN ")
+                || l.contains("error")
+            {
+                let l = l.split_once("Z ").map_or(l, |(_, rest)| rest);
+                let cut: String = l.chars().take(160).collect();
+                let more = if cut.len() < l.len() { " [...]" } else { "" };
+                let _ = writeln!(s, "  {cut}{more}");
+            }
+        }
+        s
+    }
+
     fn report(&self) -> String {
         let width = self.results.iter().map(|r| r.name.len()).max().unwrap_or(10);
         let mut s = String::new();
+        if !self.startup.is_empty() {
+            let _ = writeln!(s, "smtpflow at start on {}:\n{}", self.uname, self.startup_lines());
+        }
         for r in &self.results {
             let secs = if r.secs > 0.0 { format!("{:7.1} s", r.secs) } else { String::new() };
             let _ = writeln!(s, "  {:<8} {:<width$} {secs}", r.status_word(), r.name);
@@ -253,11 +275,7 @@ fn matrix_table(runs: &[Run]) -> String {
     for name in &names {
         let _ = write!(s, "{name:<width$}");
         for r in runs {
-            let cell = r
-                .results
-                .iter()
-                .find(|t| t.name == *name)
-                .map_or("-", |t| t.status_word());
+            let cell = r.results.iter().find(|t| t.name == *name).map_or("-", |t| t.status_word());
             let _ = write!(s, "  {cell:<10}");
         }
         s.push('\n');
@@ -267,10 +285,54 @@ fn matrix_table(runs: &[Run]) -> String {
     }
     for r in runs {
         if !r.check.is_empty() {
-            let _ = writeln!(s, "\nsmtpflow check on {} ({}):\n{}", r.label, r.uname, r.check.trim_end());
+            let _ = writeln!(
+                s,
+                "\nsmtpflow check on {} ({}):\n{}",
+                r.label,
+                r.uname,
+                condense_check(&r.check).trim_end()
+            );
         }
     }
     s
+}
+
+/// `smtpflow check`'s table without the verifier logs it may carry: each row cut short, and
+/// for a rejected program the verifier's own reason (its line before "verification time").
+fn condense_check(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_row = |l: &str| {
+        l.split_once("  ").is_some_and(|(name, rest)| {
+            !name.trim().is_empty()
+                && ["ok ", "warn ", "FAIL ", "STATUS "]
+                    .iter()
+                    .any(|s| rest.trim_start().starts_with(s))
+        })
+    };
+    let mut out = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        let keep = is_row(l)
+            || l.trim_start().starts_with("fix: ")
+            || l.starts_with("smtpflow can run")
+            || l.contains("check(s) failed")
+            || l.starts_with("(exit");
+        if !keep {
+            continue;
+        }
+        let row = l.split(" Verifier output:").next().unwrap_or(l);
+        let cut: String = row.chars().take(150).collect();
+        let _ = writeln!(out, "{cut}{}", if cut.len() < row.len() { " [...]" } else { "" });
+        if l.contains("Verifier output:") {
+            let reason = lines[i..]
+                .iter()
+                .position(|x| x.starts_with("verification time"))
+                .and_then(|p| lines.get(i + p - 1));
+            if let Some(reason) = reason {
+                let _ = writeln!(out, "{:>22}verifier: {}", "", reason.trim());
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,9 +472,7 @@ fn apt_lists(apt: &Path) -> anyhow::Result<()> {
 /// Does the kernel release `uname` belong to `version` ("6.1" is 6.1.x, not 6.12.x)?
 fn matches_version(uname: &str, version: &str) -> bool {
     uname == version
-        || uname
-            .strip_prefix(version)
-            .is_some_and(|rest| rest.starts_with(['.', '-', '+']))
+        || uname.strip_prefix(version).is_some_and(|rest| rest.starts_with(['.', '-', '+']))
 }
 
 /// (major, minor) of a kernel release.
@@ -506,7 +566,9 @@ pub fn debian_kernel(version: &str) -> anyhow::Result<Kernel> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download left no .deb for {package} in {}", debs.display()))?;
+        .with_context(|| {
+            format!("apt-get download left no .deb for {package} in {}", debs.display())
+        })?;
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root)?;
     run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
@@ -629,7 +691,12 @@ fn plan(
         for (binary, path) in binaries {
             for test in list_tests(path)? {
                 if test.contains(filter) || format!("{binary}::{test}").contains(filter) {
-                    plan.push(Planned { binary: binary.clone(), path: path.clone(), test, skip: None });
+                    plan.push(Planned {
+                        binary: binary.clone(),
+                        path: path.clone(),
+                        test,
+                        skip: None,
+                    });
                 }
             }
         }
@@ -644,13 +711,17 @@ fn plan(
             .iter()
             .find(|(b, _)| b == binary)
             .map(|(_, p)| p.clone())
-            .with_context(|| format!("the kernel suite names test binary {binary}, which cargo did not build"))?;
+            .with_context(|| {
+                format!("the kernel suite names test binary {binary}, which cargo did not build")
+            })?;
         if !listed.iter().any(|(b, _)| b == binary) {
             listed.push((binary.to_owned(), list_tests(&path)?));
         }
         let tests = &listed.iter().find(|(b, _)| b == binary).expect("listed above").1;
         if !tests.iter().any(|t| t == test) {
-            bail!("the kernel suite names {binary}::{test}, which does not exist any more: update SUITE in xtask/src/kernel.rs");
+            bail!(
+                "the kernel suite names {binary}::{test}, which does not exist any more: update SUITE in xtask/src/kernel.rs"
+            );
         }
         let skip = (needs == Needs::Tcx && !has_tcx)
             .then(|| "TCX needs Linux 6.6; the netlink tests cover this kernel".to_owned());
@@ -822,7 +893,8 @@ fn run_suite(
             let _ = p.join();
         }
         if hung_at_boot {
-            let msg = format!("the guest did not start the suite within {BOOT_TIMEOUT:?} (boot {boots})");
+            let msg =
+                format!("the guest did not start the suite within {BOOT_TIMEOUT:?} (boot {boots})");
             eprintln!("kernel: {msg}");
             if boots < 2 {
                 eprintln!("kernel: retrying once (6.1 occasionally hangs in early boot)");
@@ -831,10 +903,8 @@ fn run_suite(
             errors.push(format!("{msg}; see {}", log_path.display()));
         }
         if timed_out {
-            errors.push(format!(
-                "the run was stopped after {overall:?}; see {}",
-                log_path.display()
-            ));
+            errors
+                .push(format!("the run was stopped after {overall:?}; see {}", log_path.display()));
         }
         break;
     }
@@ -946,5 +1016,25 @@ mod tests {
         v.sort_by(|a, b| natural_cmp(a, b));
         assert_eq!(v[2], "6.1.0-56-cloud-amd64");
         assert_eq!(natural_cmp("6.12.95+deb12", "6.12.117+deb12"), Ordering::Less);
+    }
+
+    #[test]
+    fn check_without_verifier_log() {
+        let text = "CHECK         STATUS  DETAIL\n\
+                    kernel        ok      6.1.192 (5.15 or later is supported)\n\
+                    tc programs   FAIL    the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx\n\
+                    ; #[classifier]\n\
+                    0: (bf) r6 = r1\n\
+                    misaligned access off (0x0; 0xffffffffffffffff)+0+0 size 8\n\
+                    verification time 67269 usec\n\
+                    : Permission denied (os error 13)\n\
+                    \x20                     fix: a kernel too old for smtpflow; run 5.15+\n\
+                    1 check(s) failed\n";
+        let c = condense_check(text);
+        assert!(c.contains("tc programs   FAIL    the BPF_PROG_LOAD syscall returned Permission denied (os error 13).\n"), "{c}");
+        assert!(c.contains("verifier: misaligned access off"), "{c}");
+        assert!(c.contains("fix: a kernel too old"), "{c}");
+        assert!(!c.contains("r6 = r1"), "{c}");
+        assert_eq!(c.lines().count(), 6, "{c}");
     }
 }

@@ -4,8 +4,8 @@
 //! commands; both start with an idempotent `setup`.
 mod bench;
 mod deb;
-mod kernel;
 mod fuzz;
+mod kernel;
 mod setup;
 
 use std::{
