@@ -166,9 +166,15 @@ impl Run {
                 || l.contains(" WARN ")
                 || l.contains("error")
             {
-                let l = l.split_once("Z ").map_or(l, |(_, rest)| rest);
-                let cut: String = l.chars().take(160).collect();
-                let more = if cut.len() < l.len() { " [...]" } else { "" };
+                // `[2026-11-23T11:38:38Z INFO ] attached ...` becomes `INFO attached ...`.
+                let line = match l.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+                    Some((head, msg)) => {
+                        format!("{} {msg}", head.split_whitespace().nth(1).unwrap_or_default())
+                    }
+                    None => l.to_owned(),
+                };
+                let cut: String = line.chars().take(160).collect();
+                let more = if cut.len() < line.len() { " [...]" } else { "" };
                 let _ = writeln!(s, "  {cut}{more}");
             }
         }
@@ -198,6 +204,13 @@ impl TestResult {
 /// `cargo xtask test --kernel <version>`: the kernel suite (or the tests matching `filter`) in
 /// a VM booted on the newest Debian cloud kernel of that version.
 pub fn test_kernel(version: &str, filter: Option<&str>) -> anyhow::Result<Run> {
+    let run = run_kernel(version, filter)?;
+    println!("{}", closing_line(std::slice::from_ref(&run)));
+    Ok(run)
+}
+
+/// One kernel's run, with its report printed.
+fn run_kernel(version: &str, filter: Option<&str>) -> anyhow::Result<Run> {
     let started = Instant::now();
     let tools = vm_tools()?;
     let kernel = debian_kernel(version)?;
@@ -233,7 +246,7 @@ pub fn matrix(host: bool) -> anyhow::Result<bool> {
         runs.push(run);
     }
     for version in MATRIX {
-        match test_kernel(version, None) {
+        match run_kernel(version, None) {
             Ok(run) => runs.push(run),
             Err(e) => {
                 eprintln!("xtask: kernel {version}: {e:#}");
@@ -254,7 +267,25 @@ pub fn matrix(host: bool) -> anyhow::Result<bool> {
     let table = matrix_table(&runs);
     println!("{table}");
     let _ = fs::write(kernels_dir().join("matrix.txt"), &table);
+    println!("{}", closing_line(&runs));
     Ok(runs.iter().all(Run::passed))
+}
+
+/// The plain last line CI reads: tests passed, failed and skipped over every kernel run (a run
+/// that ended without its tests, a VM that never booted, counts as one failure).
+fn closing_line(runs: &[Run]) -> String {
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for r in runs {
+        let ok = r.results.iter().filter(|t| t.status == "ok").count();
+        let skip = r.results.iter().filter(|t| t.status.starts_with("skipped")).count();
+        passed += ok;
+        skipped += skip;
+        failed += r.results.len() - ok - skip;
+        if !r.errors.is_empty() && r.results.len() == ok + skip {
+            failed += 1;
+        }
+    }
+    format!("kernels: {passed} passed, {failed} failed, {skipped} skipped")
 }
 
 fn matrix_table(runs: &[Run]) -> String {
