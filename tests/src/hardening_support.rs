@@ -484,13 +484,7 @@ pub fn nft_ingress_counter(ns: &Netns, ifname: &str, rule: &str, counter: &str) 
 
 /// Packets counted by the named counter of [`INGRESS_TABLE`].
 pub fn nft_ingress_packets(ns: &Netns, counter: &str) -> u64 {
-    let out = ns.exec_ok("nft", &["list", "counter", "netdev", INGRESS_TABLE, counter]);
-    let words: Vec<&str> = out.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == "packets")
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in nft output: {out}"))
+    crate::netfilter::counter_packets(ns, "netdev", INGRESS_TABLE, counter)
 }
 
 /// A statistics counter of an interface (`rx_packets`, `rx_dropped`, ...) as its namespace sees it.

@@ -44,7 +44,12 @@ pub fn nft_drop_syns(ns: &Netns, chain: &str, dport: u16, counter: &str) {
 
 /// The packets counted by a named counter of the test table.
 pub fn nft_counter(ns: &Netns, counter: &str) -> u64 {
-    let out = ns.exec_ok("nft", &["list", "counter", "inet", TABLE, counter]);
+    counter_packets(ns, "inet", TABLE, counter)
+}
+
+/// The packets counted by the named counter `counter` of table `family table`.
+pub fn counter_packets(ns: &Netns, family: &str, table: &str, counter: &str) -> u64 {
+    let out = ns.exec_ok("nft", &["list", "counter", family, table, counter]);
     // "... counter NAME { packets N bytes M }"
     let words: Vec<&str> = out.split_whitespace().collect();
     words
