@@ -31,8 +31,9 @@ impl Config {
         let mut cfg = Config::EMPTY;
         cfg.ports[..ports.len()].copy_from_slice(ports);
         cfg.port_count = ports.len() as u32;
-        for (i, p) in ports.iter().enumerate() {
-            if plaintext.contains(p) {
+        for (i, &p) in ports.iter().enumerate() {
+            cfg.port_set[usize::from(p >> 6)] |= 1 << (p & 63);
+            if plaintext.contains(&p) {
                 cfg.plaintext_mask |= 1 << i;
             }
         }
@@ -77,6 +78,11 @@ mod tests {
         let c = Config::from_ports(&[25, 465, 587], &[25, 587]).unwrap();
         assert_eq!(c.ports(), &[25, 465, 587]);
         assert!(c.is_plaintext(0) && !c.is_plaintext(1) && c.is_plaintext(2) && !c.is_plaintext(3));
+        let set: std::vec::Vec<u16> = (0..=u16::MAX).filter(|&p| c.is_smtp_port(p)).collect();
+        assert_eq!(set, [25, 465, 587]);
+        let edges = Config::from_ports(&[0, 63, 64, 65535], &[]).unwrap();
+        assert!([0, 63, 64, 65535].iter().all(|&p| edges.is_smtp_port(p)));
+        assert_eq!((0..=u16::MAX).filter(|&p| edges.is_smtp_port(p)).count(), 4);
         assert!(Config::from_ports(&[1; 17], &[]).is_none());
         assert_eq!(Config::from_ports(&[7; 16], &[]).unwrap().ports().len(), 16);
     }

@@ -16,8 +16,8 @@ use smtpflow_common::{
 
 use crate::{
     flow,
-    packet::{Packet, opaque},
-    parse::{Segment, Skip, may_carry_tcp, parse},
+    packet::{Frame as _, Packet, opaque},
+    parse::{Located, Segment, Skip, locate, segment},
 };
 
 pub const EEXIST: i32 = 17;
@@ -186,16 +186,44 @@ struct Seen {
     event: Option<Event>,
 }
 
-/// The per-packet path of the TC and XDP programs. Each step is its own BPF subprogram, called
-/// one after the other, so their stack frames sit side by side (the 512-byte stack limit applies
-/// to a whole call chain), and they share one [`Seen`] instead of copying it.
+/// The per-packet path of the TC and XDP programs. Most packets are not SMTP: they cost the
+/// header reads of [`locate`] in place and two loads of the port set, in the program itself
+/// (no call, no per-packet state). Only a segment of an SMTP port goes on to [`observe_smtp`].
 #[inline(always)]
-pub fn observe<P: Packet>(p: &P, ifindex: u32, side: Side) {
-    if !may_carry_tcp(p) {
-        return;
+pub fn observe<P: Packet>(p: &P, side: Side) {
+    let linear = p.linear();
+    let loc = match locate(&linear) {
+        Ok(loc) => loc,
+        Err(Skip::NotTcp) => return,
+        // Headers past the linear data of an skb may still be in its fragments.
+        Err(Skip::Malformed) if linear.len() < p.len() => match locate_whole(p) {
+            Ok(loc) => loc,
+            Err(Skip::NotTcp) => return,
+            Err(Skip::Malformed) => return bump(Stat::Malformed),
+        },
+        Err(Skip::Malformed) => return bump(Stat::Malformed),
+    };
+    let config = config();
+    if config.is_smtp_port(loc.ports.dst) || config.is_smtp_port(loc.ports.src) {
+        observe_smtp(p, &loc, side);
     }
+}
+
+/// [`locate`] through the helper that reads an skb's fragments too. Not inlined: rarely needed,
+/// and its buffers stay out of the program's own frame.
+#[inline(never)]
+fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
+    locate(p)
+}
+
+/// Counts a segment of an SMTP port. Each step is its own BPF subprogram, called one after the
+/// other, so their stack frames sit side by side (the 512-byte stack limit applies to a whole
+/// call chain), and they share one [`Seen`] instead of copying it.
+#[inline(never)]
+fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
+    let ifindex = p.ifindex();
     let mut seen = Seen {
-        seg: Segment::new(0),
+        seg: Segment::EMPTY,
         peer: PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 },
         at: flow::Where {
             ifindex,
@@ -206,7 +234,7 @@ pub fn observe<P: Packet>(p: &P, ifindex: u32, side: Side) {
         },
         event: None,
     };
-    if !inspect(p, side, &mut seen) {
+    if !inspect(p, loc, side, &mut seen) {
         return;
     }
     if let Some(event) = seen.event {
@@ -216,16 +244,11 @@ pub fn observe<P: Packet>(p: &P, ifindex: u32, side: Side) {
     record(&actions, &seen.peer, side);
 }
 
-/// Parses the frame and matches its SMTP port; `false` for anything we do not count.
+/// Reads the segment and matches its SMTP port; `false` if the frame changed under us.
 #[inline(never)]
-fn inspect<P: Packet>(p: &P, side: Side, seen: &mut Seen) -> bool {
-    match parse(p, &mut seen.seg) {
-        Ok(()) => {}
-        Err(Skip::Malformed) => {
-            bump(Stat::Malformed);
-            return false;
-        }
-        Err(Skip::NotTcp) => return false,
+fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool {
+    if segment(p, loc, &mut seen.seg).is_err() {
+        return false;
     }
     let seg = &seen.seg;
     let config = config();

@@ -6,7 +6,7 @@ use smtpflow_common::{
     flow::{Actions, FlowPacket, step},
 };
 
-use crate::{count::bump, packet::Packet, parse::Segment};
+use crate::{count::bump, packet::Frame, parse::Segment};
 
 /// Resized by the loader (`--max-flows`).
 #[map(name = "FLOWS")]
@@ -27,7 +27,7 @@ pub struct Where {
 /// Reads what the state machine needs from the payload: its first bytes (a reply code or
 /// STARTTLS) and whether it ends a line.
 #[inline(always)]
-fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
+fn read_payload<P: Frame>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
     let len = seg.payload_len as usize;
     if len >= 8 {
         if let Ok(head) = p.read_at::<[u8; 8]>(seg.payload_off) {
@@ -57,7 +57,7 @@ fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_serve
     clippy::needless_borrows_for_generic_args,
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
-pub fn track<P: Packet>(p: &P, seg: &Segment, at: &Where) -> Actions {
+pub fn track<P: Frame>(p: &P, seg: &Segment, at: &Where) -> Actions {
     let Where { ifindex, direction, sender_is_client, plaintext, now } = *at;
     let (client, server, client_port, server_port) = if sender_is_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)

@@ -27,19 +27,19 @@ use smtpflow_common::Side;
 
 #[classifier]
 pub fn smtpflow_tc_in(ctx: TcContext) -> i32 {
-    count::observe(&ctx, packet::tc_ifindex(&ctx), Side::Peer);
+    count::observe(&ctx, Side::Peer);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn smtpflow_tc_out(ctx: TcContext) -> i32 {
-    count::observe(&ctx, packet::tc_ifindex(&ctx), Side::Local);
+    count::observe(&ctx, Side::Local);
     TC_ACT_UNSPEC
 }
 
 #[xdp]
 pub fn smtpflow_xdp(ctx: XdpContext) -> u32 {
-    count::observe(&ctx, ctx.ingress_ifindex() as u32, Side::Peer);
+    count::observe(&ctx, Side::Peer);
     XDP_PASS
 }
 

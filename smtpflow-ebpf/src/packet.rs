@@ -1,4 +1,4 @@
-//! The one bounds-checked way to read packet bytes. Everything else reads through [`Packet`].
+//! The one bounds-checked way to read packet bytes. Everything else reads through [`Frame`].
 use core::mem::size_of;
 
 use core::ffi::c_void;
@@ -13,9 +13,13 @@ use aya_ebpf::{
 pub const MAX_OFFSET: usize = 0x7fff;
 
 /// A frame the parser can read from.
-pub trait Packet {
-    /// Reads a `T` at `off` bytes from the start of the frame, or `Err` when any byte of it is
-    /// past the end of the frame.
+pub trait Frame {
+    /// Reads the integer at `off` bytes from the start of the frame with one load, in wire
+    /// order (convert with `from_be`), or `Err` when any byte of it is past the end of the frame.
+    fn load<T: Int>(&self, off: usize) -> Result<T, ()>;
+
+    /// Reads a `T` (bytes: addresses, payload) at `off` bytes from the start of the frame, or
+    /// `Err` when any byte of it is past the end of the frame.
     fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()>;
 
     /// Length of the whole frame.
@@ -26,14 +30,83 @@ pub trait Packet {
     fn stripped_vlan_tags(&self) -> usize;
 }
 
+/// A packet as a program receives it.
+pub trait Packet: Frame {
+    /// The interface the packet was seen on.
+    fn ifindex(&self) -> u32;
+
+    /// The bytes readable in place: all of an XDP frame; an skb's linear data, which holds the
+    /// headers of nearly every packet (the rest may sit in its fragments).
+    fn linear(&self) -> Linear;
+}
+
+/// The bytes of a packet readable in place, read only in place: no helper call, so no stack
+/// buffer and no registers saved around a call, which keeps the per-packet filter short.
+#[derive(Clone, Copy)]
+pub struct Linear {
+    start: usize,
+    end: usize,
+    stripped_vlan_tags: usize,
+}
+
 /// Returns `v` unchanged, hiding from LLVM what it knows about it, so that a bounds check the
 /// verifier needs is neither dropped as redundant nor done on a re-derived register.
 #[inline(always)]
 pub fn opaque(mut v: usize) -> usize {
     // SAFETY: a register move to itself (an empty asm would leave BTF line info the kernel
-    // rejects).
-    unsafe { core::arch::asm!("{0} = {0}", inout(reg) v) };
+    // rejects). Pure and memory-free, so that it does not make LLVM reload what it already
+    // read (the context's packet pointers) after it.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
     v
+}
+
+/// An integer the parser reads from a frame.
+pub trait Int: Copy {
+    /// One load of `Self` at `p`, whatever its alignment.
+    ///
+    /// # Safety
+    /// `p` must be a readable packet address, checked by [`ptr_at`] for `size_of::<Self>()`.
+    unsafe fn load(p: usize) -> Self;
+}
+
+/// A packet field is rarely aligned, so LLVM would read it byte by byte (and juggle the bytes
+/// in registers and on the stack); the kernel allows unaligned packet loads, so one load does.
+/// (LLVM's `allows-misaligned-mem-access` would say the same for every access, stack included,
+/// where the verifier rejects it.) BPF loads zero-extend into the 64-bit register.
+macro_rules! int_load {
+    ($($t:ty => $width:literal),*) => {$(
+        impl Int for $t {
+            #[inline(always)]
+            unsafe fn load(p: usize) -> Self {
+                let v: u64;
+                // SAFETY: the caller checked that the bytes are inside the packet.
+                unsafe {
+                    core::arch::asm!(
+                        concat!("{v} = *(", $width, " *)({p} + 0)"),
+                        v = lateout(reg) v,
+                        p = in(reg) p,
+                        options(pure, readonly, nostack, preserves_flags),
+                    )
+                };
+                v as $t
+            }
+        }
+    )*};
+}
+int_load!(u8 => "u8", u16 => "u16", u32 => "u32", u64 => "u64");
+
+/// A packet pointer of the context, read with a volatile load. The verifier turns the context
+/// read into a pointer; a plain read LLVM may move into a caller and pass down as an integer
+/// argument it re-truncates to 32 bits, an operation the verifier forbids on packet pointers.
+///
+/// # Safety
+/// `field` must be a field of the program's context.
+#[inline(always)]
+unsafe fn volatile(field: &u32) -> usize {
+    // SAFETY: per the contract, a valid reference into the context.
+    unsafe { core::ptr::read_volatile(field) as usize }
 }
 
 /// Bounds-checked pointer to a `T` at `off` in `[start, end)`.
@@ -48,23 +121,53 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
         return Err(());
     }
     let p = opaque(start + off);
-    if p + size_of::<T>() > end {
+    // Opaque too, or LLVM turns `p + 1 > end` into `p >= end`, which gives the verifier no range.
+    if opaque(p + size_of::<T>()) > end {
         return Err(());
     }
     Ok(p as *const T)
 }
 
-impl Packet for XdpContext {
+impl Frame for Linear {
+    #[inline(always)]
+    fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
+        let p = ptr_at::<T>(self.start, self.end, off)?;
+        // SAFETY: `ptr_at` checked that the bytes lie inside the packet.
+        Ok(unsafe { T::load(p as usize) })
+    }
+
     #[inline(always)]
     fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
-        let p = ptr_at::<T>(self.data(), self.data_end(), off)?;
+        let p = ptr_at::<T>(self.start, self.end, off)?;
         // SAFETY: `ptr_at` checked that the bytes lie inside the packet.
         Ok(unsafe { core::ptr::read_unaligned(p) })
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
-        self.data_end() - self.data()
+        self.end - self.start
+    }
+
+    #[inline(always)]
+    fn stripped_vlan_tags(&self) -> usize {
+        self.stripped_vlan_tags
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
+        self.linear().load(off)
+    }
+
+    #[inline(always)]
+    fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        self.linear().read_at(off)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.linear().len()
     }
 
     #[inline(always)]
@@ -73,37 +176,58 @@ impl Packet for XdpContext {
     }
 }
 
-impl Packet for TcContext {
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn linear(&self) -> Linear {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let (start, end) = unsafe { (volatile(&(*self.ctx).data), volatile(&(*self.ctx).data_end)) };
+        Linear { start, end, stripped_vlan_tags: 0 }
+    }
+}
+
+/// A read past the linear data of an skb, whose fragments may still hold the bytes.
+#[inline(always)]
+fn skb_load_bytes<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    if off > MAX_OFFSET {
+        return Err(());
+    }
+    // Zeroed, not uninitialised: on the error path LLVM may still compute with the value, and
+    // the verifier rejects reading an uninitialised register.
+    // SAFETY: every `T` read here is plain bytes (integers, byte arrays), for which all-zero is
+    // valid; the helper writes at most `size_of::<T>()` bytes into `v`.
+    let mut v: T = unsafe { core::mem::zeroed() };
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            off as u32,
+            (&raw mut v).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    if ret == 0 { Ok(v) } else { Err(()) }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
+        self.linear().load(off).or_else(|()| skb_load_bytes(self, off))
+    }
+
     #[inline(always)]
     fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
-        match ptr_at::<T>(self.data(), self.data_end(), off) {
-            // SAFETY: `ptr_at` checked that the bytes lie inside the linear packet data.
-            Ok(p) => Ok(unsafe { core::ptr::read_unaligned(p) }),
-            // Past the linear data: the skb may still hold the bytes in its fragments.
-            Err(()) if off <= MAX_OFFSET => {
-                // Zeroed, not uninitialised: on the error path LLVM may still compute with the
-                // value, and the verifier rejects reading an uninitialised register.
-                // SAFETY: every `T` read here is plain bytes (headers, byte arrays), for which
-                // all-zero is valid; the helper writes at most `size_of::<T>()` bytes into `v`.
-                let mut v: T = unsafe { core::mem::zeroed() };
-                let ret = unsafe {
-                    bpf_skb_load_bytes(
-                        self.skb.skb as *const c_void,
-                        off as u32,
-                        (&raw mut v).cast(),
-                        size_of::<T>() as u32,
-                    )
-                };
-                if ret == 0 { Ok(v) } else { Err(()) }
-            }
-            Err(()) => Err(()),
-        }
+        self.linear().read_at(off).or_else(|()| skb_load_bytes(self, off))
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
         TcContext::len(self) as usize
     }
+
 
     #[inline(always)]
     fn stripped_vlan_tags(&self) -> usize {
@@ -112,8 +236,18 @@ impl Packet for TcContext {
     }
 }
 
-#[inline(always)]
-pub fn tc_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is valid for the duration of the program.
-    unsafe { (*ctx.skb.skb).ifindex }
+impl Packet for TcContext {
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn linear(&self) -> Linear {
+        let skb = self.skb.skb;
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let (start, end) = unsafe { (volatile(&(*skb).data), volatile(&(*skb).data_end)) };
+        Linear { start, end, stripped_vlan_tags: self.stripped_vlan_tags() }
+    }
 }

@@ -1,14 +1,13 @@
-//! IPv4 and IPv6 headers. Both return the offset of the TCP header.
-use super::{Segment, Skip};
-use crate::packet::Packet;
+//! IPv4 and IPv6 headers: [`v4`] and [`v6`] validate a header and return the offset of the TCP
+//! header; the `*_addresses` and `*_end` functions read the rest once the port matched. Fields
+//! are read one by one, at their offsets in the header structs.
+use core::mem::offset_of;
 
-/// Where the IP layer says the TCP header starts and where the IP packet ends.
-pub struct L4 {
-    pub off: usize,
-    /// End of the IP packet in the frame; 0 when the IP header gives no length (a TSO/BIG TCP
-    /// super-packet, or an IPv6 jumbogram): the frame's end counts then.
-    pub end: usize,
-}
+use super::Skip;
+use crate::packet::Frame;
+
+/// Where the IP layer says the TCP header starts.
+pub type L4 = usize;
 
 /// How deep a TCP header may start; deeper extension-header chains are not inspected.
 const MAX_L4_OFFSET: usize = 1024;
@@ -27,9 +26,7 @@ const NEXTHDR_DEST: u8 = 60;
 /// fragment can each appear; 8 leaves room for repeats).
 const MAX_EXT_HEADERS: usize = 8;
 
-/// The fixed IPv4 header. Read whole before anything else, so that the verifier knows all of it
-/// is inside the packet (a check on the options' end alone would let LLVM drop the checks it
-/// implies, which the verifier cannot follow).
+/// The fixed IPv4 header.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Ipv4Hdr {
@@ -59,53 +56,52 @@ struct Ipv6Hdr {
 
 const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr>() == IPV6_HLEN);
 
-/// IPv4: IHL < 5 or a header past the end of the frame is malformed; non-first fragments and
-/// other protocols are not TCP.
+/// IPv4: IHL < 5 or a header (options included) past the end of the frame is malformed;
+/// non-first fragments and other protocols are not TCP.
 #[inline(always)]
-pub fn v4<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
-    let h: Ipv4Hdr = p.read_at(off)?;
-    let hlen = usize::from(h.ver_ihl & 0x0f) * 4;
-    if h.ver_ihl >> 4 != 4 || hlen < IPV4_MIN_HLEN {
+pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
+    let ver_ihl: u8 = p.load(off + offset_of!(Ipv4Hdr, ver_ihl))?;
+    let hlen = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || hlen < IPV4_MIN_HLEN {
         return Err(Skip::Malformed);
     }
     // The whole header, options included, must be inside the frame.
-    p.read_at::<u8>(off + hlen - 1)?;
-    if u16::from_be(h.frag_off) & IPV4_FRAG_OFFSET_MASK != 0 || h.protocol != IPPROTO_TCP {
+    p.load::<u8>(off + hlen - 1)?;
+    let frag_off = u16::from_be(p.load(off + offset_of!(Ipv4Hdr, frag_off))?);
+    let protocol: u8 = p.load(off + offset_of!(Ipv4Hdr, protocol))?;
+    if frag_off & IPV4_FRAG_OFFSET_MASK != 0 || protocol != IPPROTO_TCP {
         return Err(Skip::NotTcp);
     }
-    seg.src[..4].copy_from_slice(&h.src);
-    seg.dst[..4].copy_from_slice(&h.dst);
-    let total = usize::from(u16::from_be(h.tot_len));
-    Ok(L4 { off: off + hlen, end: if total > hlen { off + total } else { 0 } })
+    Ok(off + hlen)
 }
 
 /// IPv6: walks hop-by-hop, routing, destination-options and fragment headers; only a first
 /// fragment carries the TCP header.
 #[inline(always)]
-pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
-    let h: Ipv6Hdr = p.read_at(off)?;
-    if h.ver_tc_flow[0] >> 4 != 6 {
+pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
+    let version: u8 = p.load(off)?;
+    // The whole fixed header must be inside the frame.
+    p.load::<u8>(off + IPV6_HLEN - 1)?;
+    if version >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let mut next = h.next_header;
-    seg.src = h.src;
-    seg.dst = h.dst;
-    let payload = usize::from(u16::from_be(h.payload_len));
-    let end = if payload > 0 { off + IPV6_HLEN + payload } else { 0 };
+    let mut next: u8 = p.load(off + offset_of!(Ipv6Hdr, next_header))?;
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok(L4 { off, end }),
+            IPPROTO_TCP => return Ok(off),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let [nh, len]: [u8; 2] = p.read_at(off)?;
+                // Next header, then the length in 8-byte units after the first 8.
+                let [nh, len] = p.load::<u16>(off)?.to_le_bytes();
                 next = nh;
                 off += (usize::from(len) + 1) * 8;
                 // The whole header must be inside the frame, as IPv4 and TCP options must.
-                p.read_at::<u8>(off - 1)?;
+                p.load::<u8>(off - 1)?;
             }
             NEXTHDR_FRAGMENT => {
-                // The fragment header is 8 bytes, all inside the frame.
-                let [nh, _reserved, frag_hi, frag_lo, ..]: [u8; 8] = p.read_at(off)?;
+                // Next header, reserved, then the offset in its top 13 bits; all 8 bytes of the
+                // header inside the frame.
+                let [nh, _reserved, frag_hi, frag_lo, ..] = p.load::<u64>(off)?.to_le_bytes();
                 if u16::from_be_bytes([frag_hi, frag_lo]) >> 3 != 0 {
                     return Err(Skip::NotTcp);
                 }
@@ -119,5 +115,32 @@ pub fn v6<P: Packet>(p: &P, off: usize, seg: &mut Segment) -> Result<L4, Skip> {
             return Err(Skip::NotTcp);
         }
     }
-    if next == IPPROTO_TCP { Ok(L4 { off, end }) } else { Err(Skip::NotTcp) }
+    if next == IPPROTO_TCP { Ok(off) } else { Err(Skip::NotTcp) }
+}
+
+/// Source and destination of the IPv4 header at `off` (which [`v4`] validated).
+#[inline(always)]
+pub fn v4_addresses<P: Frame>(p: &P, off: usize) -> Result<[[u8; 4]; 2], ()> {
+    p.read_at(off + offset_of!(Ipv4Hdr, src))
+}
+
+/// Source and destination of the IPv6 header at `off` (which [`v6`] validated).
+#[inline(always)]
+pub fn v6_addresses<P: Frame>(p: &P, off: usize) -> Result<[[u8; 16]; 2], ()> {
+    p.read_at(off + offset_of!(Ipv6Hdr, src))
+}
+
+/// End of the IPv4 packet whose header is at `off` and `hlen` long; 0 when the header gives no
+/// length (a TSO/BIG TCP super-packet): the frame's end counts then.
+#[inline(always)]
+pub fn v4_end<P: Frame>(p: &P, off: usize, hlen: usize) -> Result<usize, ()> {
+    let total = usize::from(u16::from_be(p.load(off + offset_of!(Ipv4Hdr, tot_len))?));
+    Ok(if total > hlen { off + total } else { 0 })
+}
+
+/// End of the IPv6 packet whose header is at `off`; 0 for an IPv6 jumbogram (no length).
+#[inline(always)]
+pub fn v6_end<P: Frame>(p: &P, off: usize) -> Result<usize, ()> {
+    let payload = usize::from(u16::from_be(p.load(off + offset_of!(Ipv6Hdr, payload_len))?));
+    Ok(if payload > 0 { off + IPV6_HLEN + payload } else { 0 })
 }

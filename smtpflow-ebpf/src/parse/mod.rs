@@ -1,11 +1,15 @@
 //! Frame parser: Ethernet (up to two VLAN tags) → IPv4/IPv6 (options, extension headers,
-//! fragments) → TCP. Each layer is a small function reading through [`Packet`] only.
+//! fragments) → TCP. Each layer is a small function reading through [`Frame`] only.
+//!
+//! Two steps, so that a packet of another port costs only header reads: [`locate`] validates
+//! the headers and finds the TCP ports without copying anything, and [`segment`] reads the
+//! rest (the addresses) once a port matched.
 mod ip;
 mod tcp;
 
-use smtpflow_common::FAMILY_V4;
+use smtpflow_common::{FAMILY_V4, FAMILY_V6};
 
-use crate::packet::Packet;
+use crate::packet::Frame;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -32,6 +36,17 @@ impl From<()> for Skip {
     }
 }
 
+/// A valid TCP segment's place in the frame, as [`locate`] found it.
+#[derive(Clone, Copy)]
+pub struct Located {
+    pub family: u8,
+    /// Offset of the IP header, where [`segment`] reads the addresses and the length.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
+    pub ports: tcp::Ports,
+}
+
 /// What the counters need from a TCP segment. Addresses are in network order; IPv4 addresses use
 /// the first four bytes.
 pub struct Segment {
@@ -50,36 +65,26 @@ pub struct Segment {
 }
 
 impl Segment {
-    pub const fn new(family: u8) -> Self {
-        Self {
-            family,
-            src: [0; 16],
-            dst: [0; 16],
-            src_port: 0,
-            dst_port: 0,
-            flags: 0,
-            window: 0,
-            seq: 0,
-            payload_off: 0,
-            payload_len: 0,
-        }
-    }
+    pub const EMPTY: Self = Self {
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        flags: 0,
+        window: 0,
+        seq: 0,
+        payload_off: 0,
+        payload_len: 0,
+    };
 }
 
-/// Whether the frame's ethertype can lead to TCP at all: the cheap first test of every packet,
-/// made before any per-packet state is built (ARP and the like cost one read).
+/// Validates a frame from its Ethernet header down to the TCP header and says where the TCP
+/// segment is. A frame too short for an Ethernet header, or of an ethertype that cannot lead to
+/// TCP, is not TCP (ARP and the like cost one read).
 #[inline(always)]
-pub fn may_carry_tcp<P: Packet>(p: &P) -> bool {
-    p.read_at::<u16>(ETH_HLEN - 2).is_ok_and(|et| {
-        matches!(u16::from_be(et), ETH_P_IP | ETH_P_IPV6 | ETH_P_8021Q | ETH_P_8021AD)
-    })
-}
-
-/// Parses a frame from its Ethernet header down to the TCP header. Not inlined: its header copies
-/// live in their own BPF stack frame, beside (not on top of) the flow tracker's.
-#[inline(never)]
-pub fn parse<P: Packet>(p: &P, seg: &mut Segment) -> Result<(), Skip> {
-    let mut ethertype = u16::from_be(p.read_at::<u16>(ETH_HLEN - 2)?);
+pub fn locate<P: Frame>(p: &P) -> Result<Located, Skip> {
+    let mut ethertype = u16::from_be(p.load::<u16>(ETH_HLEN - 2).map_err(|()| Skip::NotTcp)?);
     let mut off = ETH_HLEN;
     // A tag already stripped into metadata counts against the two.
     let in_frame = MAX_VLAN_TAGS - p.stripped_vlan_tags().min(MAX_VLAN_TAGS);
@@ -88,19 +93,41 @@ pub fn parse<P: Packet>(p: &P, seg: &mut Segment) -> Result<(), Skip> {
             break;
         }
         // The tag is TCI (2 bytes) then the encapsulated ethertype (2 bytes).
-        ethertype = u16::from_be(p.read_at::<u16>(off + 2)?);
+        ethertype = u16::from_be(p.load::<u16>(off + 2)?);
         off += VLAN_HLEN;
     }
-    let l4 = match ethertype {
-        ETH_P_IP => {
-            seg.family = FAMILY_V4;
-            ip::v4(p, off, seg)?
-        }
-        ETH_P_IPV6 => {
-            seg.family = smtpflow_common::FAMILY_V6;
-            ip::v6(p, off, seg)?
-        }
+    let (family, l4) = match ethertype {
+        ETH_P_IP => (FAMILY_V4, ip::v4(p, off)?),
+        ETH_P_IPV6 => (FAMILY_V6, ip::v6(p, off)?),
         _ => return Err(Skip::NotTcp),
     };
-    tcp::header(p, l4, seg)
+    Ok(Located { family, l3: off, l4, ports: tcp::header(p, l4)? })
+}
+
+/// The whole segment of a located frame: its TCP fields and the IP addresses. Not inlined: the
+/// addresses are copied in its own BPF stack frame.
+#[inline(never)]
+pub fn segment<P: Frame>(p: &P, loc: &Located, seg: &mut Segment) -> Result<(), ()> {
+    let Located { family, l3, l4, ports } = *loc;
+    let ip_end = if family == FAMILY_V4 {
+        let [src, dst] = ip::v4_addresses(p, l3)?;
+        seg.src[..4].copy_from_slice(&src);
+        seg.dst[..4].copy_from_slice(&dst);
+        ip::v4_end(p, l3, l4 - l3)?
+    } else {
+        [seg.src, seg.dst] = ip::v6_addresses(p, l3)?;
+        ip::v6_end(p, l3)?
+    };
+    let rest = tcp::rest(p, l4)?;
+    seg.family = family;
+    seg.src_port = ports.src;
+    seg.dst_port = ports.dst;
+    seg.flags = rest.flags;
+    seg.window = rest.window;
+    seg.seq = rest.seq;
+    seg.payload_off = l4 + ports.hlen;
+    let frame_end = p.len();
+    let end = if ip_end != 0 && ip_end < frame_end { ip_end } else { frame_end };
+    seg.payload_len = end.saturating_sub(seg.payload_off) as u32;
+    Ok(())
 }

@@ -1,6 +1,9 @@
-//! TCP header: ports, flags and window. Data offset < 5 or a header past the end is malformed.
-use super::{Segment, Skip, ip::L4};
-use crate::packet::Packet;
+//! TCP header: [`header`] validates it and reads the ports (data offset < 5 or a header past
+//! the end is malformed); [`rest`] reads the flags, window and sequence number.
+use core::mem::offset_of;
+
+use super::Skip;
+use crate::packet::Frame;
 
 const TCP_MIN_HLEN: usize = 20;
 
@@ -22,24 +25,42 @@ struct TcpHdr {
 
 const _: () = assert!(size_of::<TcpHdr>() == TCP_MIN_HLEN);
 
+/// A valid TCP header: its ports (host order) and length.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+    pub hlen: usize,
+}
+
+/// The fields read once the port matched, in host order.
+pub struct Rest {
+    pub flags: u8,
+    pub window: u16,
+    pub seq: u32,
+}
+
 #[inline(always)]
-pub fn header<P: Packet>(p: &P, l4: L4, seg: &mut Segment) -> Result<(), Skip> {
-    let off = l4.off;
-    let h: TcpHdr = p.read_at(off)?;
-    let hlen = usize::from(h.doff >> 4) * 4;
+pub fn header<P: Frame>(p: &P, off: usize) -> Result<Ports, Skip> {
+    // Both ports in one load: the source port is the first two bytes.
+    let ports: u32 = p.load(off + offset_of!(TcpHdr, src_port))?;
+    let [s0, s1, d0, d1] = ports.to_le_bytes();
+    let doff: u8 = p.load(off + offset_of!(TcpHdr, doff))?;
+    let hlen = usize::from(doff >> 4) * 4;
     if hlen < TCP_MIN_HLEN {
         return Err(Skip::Malformed);
     }
     // Options included, the whole header must be inside the frame.
-    p.read_at::<u8>(off + hlen - 1)?;
-    seg.src_port = u16::from_be(h.src_port);
-    seg.dst_port = u16::from_be(h.dst_port);
-    seg.flags = h.flags;
-    seg.window = u16::from_be(h.window);
-    seg.seq = u32::from_be(h.seq);
-    seg.payload_off = off + hlen;
-    let frame_end = p.len();
-    let end = if l4.end != 0 && l4.end < frame_end { l4.end } else { frame_end };
-    seg.payload_len = end.saturating_sub(seg.payload_off) as u32;
-    Ok(())
+    p.load::<u8>(off + hlen - 1)?;
+    Ok(Ports { src: u16::from_be_bytes([s0, s1]), dst: u16::from_be_bytes([d0, d1]), hlen })
+}
+
+/// The flags, window and sequence number of the header at `off` (which [`header`] validated).
+#[inline(always)]
+pub fn rest<P: Frame>(p: &P, off: usize) -> Result<Rest, ()> {
+    Ok(Rest {
+        flags: p.load(off + offset_of!(TcpHdr, flags))?,
+        window: u16::from_be(p.load(off + offset_of!(TcpHdr, window))?),
+        seq: u32::from_be(p.load(off + offset_of!(TcpHdr, seq))?),
+    })
 }
