@@ -185,7 +185,8 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn linear(&self) -> Linear {
         // SAFETY: the context pointer is valid for the duration of the program.
-        let (start, end) = unsafe { (volatile(&(*self.ctx).data), volatile(&(*self.ctx).data_end)) };
+        let (start, end) =
+            unsafe { (volatile(&(*self.ctx).data), volatile(&(*self.ctx).data_end)) };
         Linear { start, end, stripped_vlan_tags: 0 }
     }
 }
@@ -227,7 +228,6 @@ impl Frame for TcContext {
     fn len(&self) -> usize {
         TcContext::len(self) as usize
     }
-
 
     #[inline(always)]
     fn stripped_vlan_tags(&self) -> usize {
