@@ -17,7 +17,7 @@ use smtpflow_common::{
 use crate::{
     flow,
     packet::{Frame as _, Packet, opaque},
-    parse::{Located, Segment, Skip, locate, segment},
+    parse::{Located, Ports, Segment, Skip, locate, segment},
 };
 
 pub const EEXIST: i32 = 17;
@@ -192,28 +192,32 @@ struct Seen {
 #[inline(always)]
 pub fn observe<P: Packet>(p: &P, side: Side) {
     let linear = p.linear();
-    let loc = match locate(&linear) {
+    let loc = match locate(&linear, is_smtp) {
         Ok(loc) => loc,
-        Err(Skip::NotTcp) => return,
+        Err(Skip::NotTcp | Skip::OtherPorts) => return,
         // Headers past the linear data of an skb may still be in its fragments.
         Err(Skip::Malformed) if linear.len() < p.len() => match locate_whole(p) {
             Ok(loc) => loc,
-            Err(Skip::NotTcp) => return,
+            Err(Skip::NotTcp | Skip::OtherPorts) => return,
             Err(Skip::Malformed) => return bump(Stat::Malformed),
         },
         Err(Skip::Malformed) => return bump(Stat::Malformed),
     };
+    observe_smtp(p, &loc, side);
+}
+
+/// Whether either port is an SMTP port: two loads of the port set.
+#[inline(always)]
+fn is_smtp(ports: &Ports) -> bool {
     let config = config();
-    if config.is_smtp_port(loc.ports.dst) || config.is_smtp_port(loc.ports.src) {
-        observe_smtp(p, &loc, side);
-    }
+    config.is_smtp_port(ports.dst) || config.is_smtp_port(ports.src)
 }
 
 /// [`locate`] through the helper that reads an skb's fragments too. Not inlined: rarely needed,
 /// and its buffers stay out of the program's own frame.
 #[inline(never)]
 fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
-    locate(p)
+    locate(p, is_smtp)
 }
 
 /// Counts a segment of an SMTP port. Each step is its own BPF subprogram, called one after the

@@ -22,12 +22,56 @@ pub trait Frame {
     /// `Err` when any byte of it is past the end of the frame.
     fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()>;
 
+    /// A header of `N` bytes as this frame holds it.
+    type Header<const N: usize>: Fields;
+
+    /// The `N`-byte header at `off`, checked once, or `Err` when any byte of it is past the end
+    /// of the frame.
+    fn header<const N: usize>(&self, off: usize) -> Result<Self::Header<N>, ()>;
+
     /// Length of the whole frame.
     fn len(&self) -> usize;
 
     /// VLAN tags the kernel already took out of the frame into metadata (TC sees frames after
     /// the outer tag is stripped; XDP sees them as they arrived).
     fn stripped_vlan_tags(&self) -> usize;
+}
+
+/// A fixed-size header whose bytes were bounds-checked once: its fields are then read with no
+/// further check (the verifier follows constant offsets from the checked pointer).
+pub trait Fields {
+    /// The field of type `T` at `field` bytes into the header, in wire order. Fields lie within
+    /// the header (the parser reads them at their `offset_of!` in a header struct).
+    fn get<T: Int>(&self, field: usize) -> T;
+}
+
+/// A header of `N` bytes in place in the packet.
+pub struct InPlace<const N: usize>(usize);
+
+impl<const N: usize> Fields for InPlace<N> {
+    #[inline(always)]
+    fn get<T: Int>(&self, field: usize) -> T {
+        // SAFETY: the header's N bytes are inside the packet ([`ptr_at`] checked them).
+        unsafe { T::load(self.0 + field) }
+    }
+}
+
+/// A header of `N` bytes of an skb: in place, or copied out of its fragments. A struct, not an
+/// enum: LLVM would pack an enum's pointer and bytes into one register with shifts, and the
+/// verifier forbids shifting a packet pointer.
+pub struct SkbHeader<const N: usize> {
+    in_place: Option<InPlace<N>>,
+    copy: [u8; N],
+}
+
+impl<const N: usize> Fields for SkbHeader<N> {
+    #[inline(always)]
+    fn get<T: Int>(&self, field: usize) -> T {
+        match &self.in_place {
+            Some(h) => h.get(field),
+            None => T::from_bytes(self.copy.get(field..).unwrap_or(&[])),
+        }
+    }
 }
 
 /// A packet as a program receives it.
@@ -37,16 +81,18 @@ pub trait Packet: Frame {
 
     /// The bytes readable in place: all of an XDP frame; an skb's linear data, which holds the
     /// headers of nearly every packet (the rest may sit in its fragments).
-    fn linear(&self) -> Linear;
+    fn linear(&self) -> Linear<'_, Self>
+    where
+        Self: Sized;
 }
 
 /// The bytes of a packet readable in place, read only in place: no helper call, so no stack
 /// buffer and no registers saved around a call, which keeps the per-packet filter short.
-#[derive(Clone, Copy)]
-pub struct Linear {
+pub struct Linear<'a, P> {
     start: usize,
     end: usize,
-    stripped_vlan_tags: usize,
+    /// Asked for its VLAN metadata only when the frame has a tag (a context read saved).
+    packet: &'a P,
 }
 
 /// Returns `v` unchanged, hiding from LLVM what it knows about it, so that a bounds check the
@@ -69,6 +115,9 @@ pub trait Int: Copy {
     /// # Safety
     /// `p` must be a readable packet address, checked by [`ptr_at`] for `size_of::<Self>()`.
     unsafe fn load(p: usize) -> Self;
+
+    /// The integer in the first bytes of `b`, in memory order (as [`Int::load`] reads it).
+    fn from_bytes(b: &[u8]) -> Self;
 }
 
 /// A packet field is rarely aligned, so LLVM would read it byte by byte (and juggle the bytes
@@ -91,6 +140,15 @@ macro_rules! int_load {
                     )
                 };
                 v as $t
+            }
+
+            #[inline(always)]
+            fn from_bytes(b: &[u8]) -> Self {
+                let mut v = [0; size_of::<$t>()];
+                if let Some(src) = b.get(..v.len()) {
+                    v.copy_from_slice(src);
+                }
+                <$t>::from_ne_bytes(v)
             }
         }
     )*};
@@ -128,7 +186,14 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
     Ok(p as *const T)
 }
 
-impl Frame for Linear {
+impl<P: Frame> Frame for Linear<'_, P> {
+    type Header<const N: usize> = InPlace<N>;
+
+    #[inline(always)]
+    fn header<const N: usize>(&self, off: usize) -> Result<InPlace<N>, ()> {
+        Ok(InPlace(ptr_at::<[u8; N]>(self.start, self.end, off)? as usize))
+    }
+
     #[inline(always)]
     fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
         let p = ptr_at::<T>(self.start, self.end, off)?;
@@ -150,11 +215,18 @@ impl Frame for Linear {
 
     #[inline(always)]
     fn stripped_vlan_tags(&self) -> usize {
-        self.stripped_vlan_tags
+        self.packet.stripped_vlan_tags()
     }
 }
 
 impl Frame for XdpContext {
+    type Header<const N: usize> = InPlace<N>;
+
+    #[inline(always)]
+    fn header<const N: usize>(&self, off: usize) -> Result<InPlace<N>, ()> {
+        self.linear().header(off)
+    }
+
     #[inline(always)]
     fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
         self.linear().load(off)
@@ -183,11 +255,11 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn linear(&self) -> Linear {
+    fn linear(&self) -> Linear<'_, Self> {
         // SAFETY: the context pointer is valid for the duration of the program.
         let (start, end) =
             unsafe { (volatile(&(*self.ctx).data), volatile(&(*self.ctx).data_end)) };
-        Linear { start, end, stripped_vlan_tags: 0 }
+        Linear { start, end, packet: self }
     }
 }
 
@@ -214,6 +286,16 @@ fn skb_load_bytes<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
 }
 
 impl Frame for TcContext {
+    type Header<const N: usize> = SkbHeader<N>;
+
+    #[inline(always)]
+    fn header<const N: usize>(&self, off: usize) -> Result<SkbHeader<N>, ()> {
+        match self.linear().header(off) {
+            Ok(h) => Ok(SkbHeader { in_place: Some(h), copy: [0; N] }),
+            Err(()) => Ok(SkbHeader { in_place: None, copy: skb_load_bytes(self, off)? }),
+        }
+    }
+
     #[inline(always)]
     fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
         self.linear().load(off).or_else(|()| skb_load_bytes(self, off))
@@ -244,10 +326,10 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn linear(&self) -> Linear {
+    fn linear(&self) -> Linear<'_, Self> {
         let skb = self.skb.skb;
         // SAFETY: the context pointer is valid for the duration of the program.
         let (start, end) = unsafe { (volatile(&(*skb).data), volatile(&(*skb).data_end)) };
-        Linear { start, end, stripped_vlan_tags: self.stripped_vlan_tags() }
+        Linear { start, end, packet: self }
     }
 }

@@ -1,10 +1,10 @@
 //! IPv4 and IPv6 headers: [`v4`] and [`v6`] validate a header and return the offset of the TCP
-//! header; the `*_addresses` and `*_end` functions read the rest once the port matched. Fields
-//! are read one by one, at their offsets in the header structs.
+//! header; the `*_addresses` and `*_end` functions read the rest once the port matched. A fixed
+//! header is bounds-checked once, then its fields read at their offsets in the header structs.
 use core::mem::offset_of;
 
 use super::Skip;
-use crate::packet::Frame;
+use crate::packet::{Fields as _, Frame};
 
 /// Where the IP layer says the TCP header starts.
 pub type L4 = usize;
@@ -60,15 +60,18 @@ const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr
 /// non-first fragments and other protocols are not TCP.
 #[inline(always)]
 pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    let ver_ihl: u8 = p.load(off + offset_of!(Ipv4Hdr, ver_ihl))?;
+    let h = p.header::<IPV4_MIN_HLEN>(off)?;
+    let ver_ihl: u8 = h.get(offset_of!(Ipv4Hdr, ver_ihl));
     let hlen = usize::from(ver_ihl & 0x0f) * 4;
     if ver_ihl >> 4 != 4 || hlen < IPV4_MIN_HLEN {
         return Err(Skip::Malformed);
     }
-    // The whole header, options included, must be inside the frame.
-    p.load::<u8>(off + hlen - 1)?;
-    let frag_off = u16::from_be(p.load(off + offset_of!(Ipv4Hdr, frag_off))?);
-    let protocol: u8 = p.load(off + offset_of!(Ipv4Hdr, protocol))?;
+    if hlen > IPV4_MIN_HLEN {
+        // The options must be inside the frame too.
+        p.load::<u8>(off + hlen - 1)?;
+    }
+    let frag_off = u16::from_be(h.get(offset_of!(Ipv4Hdr, frag_off)));
+    let protocol: u8 = h.get(offset_of!(Ipv4Hdr, protocol));
     if frag_off & IPV4_FRAG_OFFSET_MASK != 0 || protocol != IPPROTO_TCP {
         return Err(Skip::NotTcp);
     }
@@ -79,13 +82,12 @@ pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
 /// fragment carries the TCP header.
 #[inline(always)]
 pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    let version: u8 = p.load(off)?;
-    // The whole fixed header must be inside the frame.
-    p.load::<u8>(off + IPV6_HLEN - 1)?;
+    let h = p.header::<IPV6_HLEN>(off)?;
+    let version: u8 = h.get(offset_of!(Ipv6Hdr, ver_tc_flow));
     if version >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let mut next: u8 = p.load(off + offset_of!(Ipv6Hdr, next_header))?;
+    let mut next: u8 = h.get(offset_of!(Ipv6Hdr, next_header));
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {

@@ -7,6 +7,8 @@
 mod ip;
 mod tcp;
 
+pub use tcp::Ports;
+
 use smtpflow_common::{FAMILY_V4, FAMILY_V6};
 
 use crate::packet::Frame;
@@ -27,6 +29,8 @@ pub enum Skip {
     Malformed,
     /// Not TCP, or a fragment without the TCP header: ignored.
     NotTcp,
+    /// A valid TCP segment of ports nobody asked for: ignored.
+    OtherPorts,
 }
 
 impl From<()> for Skip {
@@ -79,29 +83,37 @@ impl Segment {
     };
 }
 
-/// Validates a frame from its Ethernet header down to the TCP header and says where the TCP
-/// segment is. A frame too short for an Ethernet header, or of an ethertype that cannot lead to
-/// TCP, is not TCP (ARP and the like cost one read).
+/// Validates a frame from its Ethernet header down to the TCP header and, if `wanted` takes its
+/// ports, says where the TCP segment is. A frame too short for an Ethernet header, or of an
+/// ethertype that cannot lead to TCP, is not TCP (ARP and the like cost one read). The ports
+/// are tested before anything is kept, so that a segment of another port costs only reads.
 #[inline(always)]
-pub fn locate<P: Frame>(p: &P) -> Result<Located, Skip> {
+pub fn locate<P: Frame>(p: &P, wanted: impl Fn(&tcp::Ports) -> bool) -> Result<Located, Skip> {
     let mut ethertype = u16::from_be(p.load::<u16>(ETH_HLEN - 2).map_err(|()| Skip::NotTcp)?);
     let mut off = ETH_HLEN;
-    // A tag already stripped into metadata counts against the two.
-    let in_frame = MAX_VLAN_TAGS - p.stripped_vlan_tags().min(MAX_VLAN_TAGS);
-    for i in 0..MAX_VLAN_TAGS {
-        if i >= in_frame || (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD) {
-            break;
+    let is_tag = |ethertype| ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
+    if is_tag(ethertype) {
+        // A tag already stripped into metadata counts against the two.
+        let in_frame = MAX_VLAN_TAGS - p.stripped_vlan_tags().min(MAX_VLAN_TAGS);
+        for i in 0..MAX_VLAN_TAGS {
+            if i >= in_frame || !is_tag(ethertype) {
+                break;
+            }
+            // The tag is TCI (2 bytes) then the encapsulated ethertype (2 bytes).
+            ethertype = u16::from_be(p.load::<u16>(off + 2)?);
+            off += VLAN_HLEN;
         }
-        // The tag is TCI (2 bytes) then the encapsulated ethertype (2 bytes).
-        ethertype = u16::from_be(p.load::<u16>(off + 2)?);
-        off += VLAN_HLEN;
     }
     let (family, l4) = match ethertype {
         ETH_P_IP => (FAMILY_V4, ip::v4(p, off)?),
         ETH_P_IPV6 => (FAMILY_V6, ip::v6(p, off)?),
         _ => return Err(Skip::NotTcp),
     };
-    Ok(Located { family, l3: off, l4, ports: tcp::header(p, l4)? })
+    let ports = tcp::header(p, l4)?;
+    if !wanted(&ports) {
+        return Err(Skip::OtherPorts);
+    }
+    Ok(Located { family, l3: off, l4, ports })
 }
 
 /// The whole segment of a located frame: its TCP fields and the IP addresses. Not inlined: the

@@ -3,7 +3,7 @@
 use core::mem::offset_of;
 
 use super::Skip;
-use crate::packet::Frame;
+use crate::packet::{Fields as _, Frame};
 
 const TCP_MIN_HLEN: usize = 20;
 
@@ -42,16 +42,18 @@ pub struct Rest {
 
 #[inline(always)]
 pub fn header<P: Frame>(p: &P, off: usize) -> Result<Ports, Skip> {
+    let h = p.header::<TCP_MIN_HLEN>(off)?;
     // Both ports in one load: the source port is the first two bytes.
-    let ports: u32 = p.load(off + offset_of!(TcpHdr, src_port))?;
-    let [s0, s1, d0, d1] = ports.to_le_bytes();
-    let doff: u8 = p.load(off + offset_of!(TcpHdr, doff))?;
+    let [s0, s1, d0, d1] = h.get::<u32>(offset_of!(TcpHdr, src_port)).to_le_bytes();
+    let doff: u8 = h.get(offset_of!(TcpHdr, doff));
     let hlen = usize::from(doff >> 4) * 4;
     if hlen < TCP_MIN_HLEN {
         return Err(Skip::Malformed);
     }
-    // Options included, the whole header must be inside the frame.
-    p.load::<u8>(off + hlen - 1)?;
+    if hlen > TCP_MIN_HLEN {
+        // The options must be inside the frame too.
+        p.load::<u8>(off + hlen - 1)?;
+    }
     Ok(Ports { src: u16::from_be_bytes([s0, s1]), dst: u16::from_be_bytes([d0, d1]), hlen })
 }
 
