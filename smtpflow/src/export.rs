@@ -138,9 +138,11 @@ impl PeerLabels {
 struct Summed(std::collections::BTreeMap<Vec<(&'static str, String)>, u64>);
 
 impl Summed {
-    fn add(&mut self, labels: Vec<(&'static str, String)>, n: u64) {
+    /// Adds `n` to the series `labels` makes; the labels are only made for a nonzero `n`
+    /// (most combinations of a peer are zero).
+    fn add(&mut self, n: u64, labels: impl FnOnce() -> Vec<(&'static str, String)>) {
         if n != 0 {
-            *self.0.entry(labels).or_default() += n;
+            *self.0.entry(labels()).or_default() += n;
         }
     }
 
@@ -380,20 +382,20 @@ impl Exporter {
             for e in Event::ALL {
                 for s in Side::ALL {
                     let n = v.counts[PeerCounters::index(e, s)];
-                    events.add(l.with(&[("event", e.label()), ("side", s.label())]), n);
+                    events.add(n, || l.with(&[("event", e.label()), ("side", s.label())]));
                 }
             }
             for (o, n) in [Outcome::Established, Outcome::Refused].into_iter().zip(v.outcomes) {
-                handshakes.add(l.with(&[("outcome", o.label())]), n);
+                handshakes.add(n, || l.with(&[("outcome", o.label())]));
             }
         }
         for (k, n) in &view.exported_timeouts {
             let Some(l) = self.peer_labels(k) else { continue };
-            handshakes.add(l.with(&[("outcome", Outcome::Timeout.label())]), *n);
+            handshakes.add(*n, || l.with(&[("outcome", Outcome::Timeout.label())]));
         }
         for (k, n) in &view.exported_greetings {
             let Some(l) = self.peer_labels(&k.peer) else { continue };
-            greetings.add(l.with(&[("code", &k.code.to_string())]), *n);
+            greetings.add(*n, || l.with(&[("code", &k.code.to_string())]));
         }
         events.finish(
             Family::new(
