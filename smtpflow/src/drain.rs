@@ -41,32 +41,49 @@ const BPF_EXIST: u64 = 2;
 
 /// Owned handles on the kernel maps, and what userspace itself counts.
 pub struct Maps {
-    counters: PerCpuHashMap<MapData, CounterKey, u64>,
-    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
-    peers: HashMap<MapData, PeerKey, PeerCounters>,
-    peer_greetings: HashMap<MapData, PeerGreetingKey, u64>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
-    /// A second handle on the flow map, to mark timed-out flows while `flows` lists it.
-    flow_marker: HashMap<MapData, FlowKey, FlowState>,
+    totals: Totals,
+    sweep: FlowSweep,
+    peers: PeerMaps,
     stats: PerCpuArray<MapData, u64>,
     pub peers_capacity: u32,
     pub flows_capacity: u32,
+    /// Highest eviction counts reported so far (the estimates only ever grow).
+    peer_evictions: u64,
+    flow_evictions: u64,
+    /// How long the last drain that read the per-peer maps took.
+    full_drain_seconds: f64,
+}
+
+/// The exact counters and the histograms, summed over CPUs.
+struct Totals {
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
     /// Possible CPUs: the number of values of a per-CPU map entry.
     nr_cpus: usize,
+}
+
+/// The flow map, swept for handshakes that timed out, and the timeouts counted.
+struct FlowSweep {
+    flows: HashMap<MapData, FlowKey, FlowState>,
+    /// A second handle on the flow map, to mark timed-out flows while `flows` lists it.
+    marker: HashMap<MapData, FlowKey, FlowState>,
     handshake_timeout: Duration,
     /// Timed-out handshakes by (ifindex, port, direction).
     timeouts: BTreeMap<(u32, u16, u8), u64>,
     /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
     peer_timeouts: LruCache<PeerKey, u64>,
-    /// Highest eviction counts reported so far (the estimates only ever grow).
-    peer_evictions: u64,
-    flow_evictions: u64,
-    /// The per-peer maps: how they are read, when, and the last reading.
-    peer_reader: PeerReader,
-    peer_schedule: ReadSchedule,
-    peer_view: Arc<PeerView>,
-    /// How long the last drain that read the per-peer maps took.
-    full_drain_seconds: f64,
+}
+
+/// The per-peer maps: how they are read, when, and the last reading.
+struct PeerMaps {
+    peers: HashMap<MapData, PeerKey, PeerCounters>,
+    greetings: HashMap<MapData, PeerGreetingKey, u64>,
+    reader: PeerReader,
+    schedule: ReadSchedule,
+    view: Arc<PeerView>,
+    /// When the current read started, and how long its first step took.
+    read_started: Instant,
+    entries_took: Duration,
 }
 
 /// Whether a drain reads the per-peer maps.
@@ -191,29 +208,39 @@ impl Maps {
         max_peer_series: usize,
     ) -> anyhow::Result<Self> {
         let flows = take(ebpf, names::MAP_FLOWS)?;
-        let flow_marker = second_handle(&flows, names::MAP_FLOWS)?;
+        let marker = second_handle(&flows, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
-            counters: take(ebpf, names::MAP_COUNTERS)?,
-            hists: take(ebpf, names::MAP_HISTS)?,
-            peers: take(ebpf, names::MAP_PEERS)?,
-            peer_greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
-            flows,
-            flow_marker,
+            totals: Totals {
+                counters: take(ebpf, names::MAP_COUNTERS)?,
+                hists: take(ebpf, names::MAP_HISTS)?,
+                nr_cpus: aya::util::nr_cpus()
+                    .map_err(|(_, e)| e)
+                    .context("reading the CPU count")?,
+            },
+            sweep: FlowSweep {
+                flows,
+                marker,
+                handshake_timeout,
+                timeouts: BTreeMap::new(),
+                peer_timeouts: LruCache::new(
+                    NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
+                ),
+            },
+            peers: PeerMaps {
+                peers: take(ebpf, names::MAP_PEERS)?,
+                greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
+                reader: PeerReader::new(max_peer_series),
+                schedule: ReadSchedule::new(),
+                view: Arc::default(),
+                read_started: Instant::now(),
+                entries_took: Duration::ZERO,
+            },
             stats: take(ebpf, names::MAP_STATS)?,
             peers_capacity,
             flows_capacity,
-            nr_cpus: aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?,
-            handshake_timeout,
-            timeouts: BTreeMap::new(),
-            peer_timeouts: LruCache::new(
-                NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
-            ),
             peer_evictions: 0,
             flow_evictions: 0,
-            peer_reader: PeerReader::new(max_peer_series),
-            peer_schedule: ReadSchedule::new(),
-            peer_view: Arc::default(),
             full_drain_seconds: 0.0,
         })
     }
@@ -224,7 +251,7 @@ impl Maps {
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
         for key in fixed_counter_keys(ifindexes, ports) {
             let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
-            match self.counters.insert(key, zeros, BPF_NOEXIST) {
+            match self.totals.counters.insert(key, zeros, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(e) if is_exists(&e) => {}
                 Err(e) => return Err(e).context("seeding the counters map"),
@@ -238,7 +265,7 @@ impl Maps {
                             HistKey { ifindex, port, direction: direction as u8, kind: kind as u8 };
                         let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
                             .context("per-CPU zeros")?;
-                        match self.hists.insert(key, zeros, BPF_NOEXIST) {
+                        match self.totals.hists.insert(key, zeros, BPF_NOEXIST) {
                             Ok(()) => {}
                             Err(e) if is_exists(&e) => {}
                             Err(e) => return Err(e).context("seeding the histograms map"),
@@ -250,41 +277,11 @@ impl Maps {
         for &ifindex in ifindexes {
             for &port in ports {
                 for direction in Direction::ALL {
-                    self.timeouts.entry((ifindex, port, direction as u8)).or_default();
+                    self.sweep.timeouts.entry((ifindex, port, direction as u8)).or_default();
                 }
             }
         }
         Ok(())
-    }
-
-    /// Marks pending handshakes older than the timeout as timed out and counts them, while
-    /// listing the flow map once (that listing is also the number of live flows, returned). The
-    /// flows stay, so that a late retransmission or answer is recognised and adds no second
-    /// outcome.
-    fn sweep_timeouts(&mut self) -> anyhow::Result<usize> {
-        let now = monotonic_ns();
-        let limit = self.handshake_timeout.as_nanos() as u64;
-        let mut failed = None;
-        let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
-            let expired = st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit;
-            if !expired || failed.is_some() {
-                return;
-            }
-            match mark_timed_out(&mut self.flow_marker, key) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    failed = Some(e);
-                    return;
-                }
-            }
-            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
-            *self.peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(live),
-        }
     }
 
     /// The [`Stat`] counters, summed over CPUs.
@@ -305,22 +302,26 @@ impl Maps {
         // the maps are listed and deletions after, so the estimate can only be too low at one
         // moment (never too high), and keeping the largest one seen is exact over time.
         let inserted = self.read_stats()?;
-        let flows = self.sweep_timeouts()?;
-        let nr_cpus = self.nr_cpus;
-        let counters = read_per_cpu(&self.counters, "counters", nr_cpus, |v| v.sum())?;
-        let hists = read_per_cpu(&self.hists, "histograms", nr_cpus, |v| {
-            let mut h = Histogram::ZERO;
-            for cpu in v {
-                for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
-                    *sum += b;
-                }
-                h.sum_ns += cpu.sum_ns;
-            }
-            h
-        })?;
-        let read_peers = peers == PeerRead::Now || self.peer_schedule.due(started);
+        let read_peers = peers == PeerRead::Now || self.peers.schedule.due(started);
+        let (flows, (counters, hists)) = if read_peers {
+            let (peer_maps, sweep, totals) = (&mut self.peers, &mut self.sweep, &self.totals);
+            // Listing a big per-peer map is most of a full drain (about 0.5 s for a million
+            // entries, mostly in the kernel): it runs on a second thread meanwhile the flow map
+            // and the totals are read.
+            std::thread::scope(|s| {
+                let entries = s.spawn(|| peer_maps.read_entries());
+                let rest = sweep.sweep().and_then(|flows| Ok((flows, totals.read()?)));
+                let entries = entries.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                entries.and(rest)
+            })?
+        } else {
+            (self.sweep.sweep()?, self.totals.read()?)
+        };
         if read_peers {
-            self.read_peers(inserted[Stat::PeerInserts as usize])?;
+            let entries = self.peers.read_rest(self.sweep.peer_timeouts.iter())?;
+            self.peer_evictions = self
+                .peer_evictions
+                .max(inserted[Stat::PeerInserts as usize].saturating_sub(entries as u64));
         }
         let stats = self.read_stats()?;
         // Between readings of the per-peer map: live entries never exceed its capacity, and
@@ -338,8 +339,8 @@ impl Maps {
         Ok(Snapshot {
             counters,
             hists,
-            peers: self.peer_view.clone(),
-            timeouts: self.timeouts.clone(),
+            peers: self.peers.view.clone(),
+            timeouts: self.sweep.timeouts.clone(),
             stats,
             peer_evictions: self.peer_evictions,
             peers_capacity: self.peers_capacity,
@@ -352,17 +353,79 @@ impl Maps {
             ifaces_up: Vec::new(),
         })
     }
+}
 
-    /// Reads the per-peer maps into a new view and schedules the next reading. `inserted`: the
-    /// per-peer inserts counted before the map was listed.
-    fn read_peers(&mut self, inserted: u64) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let view =
-            self.peer_reader.read(&self.peers, &self.peer_greetings, self.peer_timeouts.iter())?;
-        self.peer_schedule.done(started, started.elapsed());
-        self.peer_evictions = self.peer_evictions.max(inserted.saturating_sub(view.entries as u64));
-        self.peer_view = Arc::new(view);
+impl Totals {
+    /// The exact counters and the histograms, summed over CPUs.
+    fn read(&self) -> anyhow::Result<(BTreeMap<CounterKey, u64>, BTreeMap<HistKey, Histogram>)> {
+        let counters = read_per_cpu(&self.counters, "counters", self.nr_cpus, |v| v.sum())?;
+        let hists = read_per_cpu(&self.hists, "histograms", self.nr_cpus, |v| {
+            let mut h = Histogram::ZERO;
+            for cpu in v {
+                for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
+                    *sum += b;
+                }
+                h.sum_ns += cpu.sum_ns;
+            }
+            h
+        })?;
+        Ok((counters, hists))
+    }
+}
+
+impl FlowSweep {
+    /// Marks pending handshakes older than the timeout as timed out and counts them, while
+    /// listing the flow map once (that listing is also the number of live flows, returned). The
+    /// flows stay, so that a late retransmission or answer is recognised and adds no second
+    /// outcome.
+    fn sweep(&mut self) -> anyhow::Result<usize> {
+        let now = monotonic_ns();
+        let limit = self.handshake_timeout.as_nanos() as u64;
+        let mut failed = None;
+        let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
+            let expired = st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit;
+            if !expired || failed.is_some() {
+                return;
+            }
+            match mark_timed_out(&mut self.marker, key) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    failed = Some(e);
+                    return;
+                }
+            }
+            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
+            *self.peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(live),
+        }
+    }
+}
+
+impl PeerMaps {
+    /// A full read, first step: every entry of the per-peer map.
+    fn read_entries(&mut self) -> anyhow::Result<()> {
+        self.read_started = Instant::now();
+        self.reader.read_entries(&self.peers)?;
+        self.entries_took = self.read_started.elapsed();
         Ok(())
+    }
+
+    /// A full read, second step: the exported peers' timeouts and greetings. Replaces the
+    /// view, schedules the next read, and returns the number of per-peer entries.
+    fn read_rest<'a>(
+        &mut self,
+        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+    ) -> anyhow::Result<usize> {
+        let started = Instant::now();
+        let view = self.reader.read_rest(&self.greetings, timeouts)?;
+        self.schedule.done(self.read_started, self.entries_took + started.elapsed());
+        let entries = view.entries;
+        self.view = Arc::new(view);
+        Ok(entries)
     }
 }
 

@@ -164,14 +164,17 @@ fn is_4xx(code: u16) -> bool {
 
 /// Reads the per-peer maps into [`PeerView`]s, keeping its buffers from one read to the next.
 ///
-/// A read has three steps, in this order: every entry of the per-peer map
-/// ([`add_entry`](Self::add_entry)), the choice of exported peers ([`select`](Self::select)),
-/// then the timed-out handshakes and greetings ([`add_timeouts`](Self::add_timeouts),
-/// [`add_greeting`](Self::add_greeting)), which are kept for the chosen peers.
+/// A read has these steps, in this order: every entry of the per-peer map
+/// ([`add_entry`](Self::add_entry), then [`count_tracked`](Self::count_tracked); together
+/// [`read_entries`](Self::read_entries)), the choice of exported peers
+/// ([`select`](Self::select)), then the timed-out handshakes and greetings
+/// ([`add_timeouts`](Self::add_timeouts), [`add_greeting`](Self::add_greeting)), which are kept
+/// for the chosen peers, and [`finish`](Self::finish) (together [`read_rest`](Self::read_rest)).
 #[derive(Debug)]
 pub struct PeerReader {
     max_series: usize,
-    hasher: RandomState,
+    /// Random keys of [`Self::peer_hash`].
+    hash_keys: [u64; 4],
     /// One hash per entry's peer: sorted and deduplicated, their number is the peers tracked.
     peer_hashes: Vec<u64>,
     candidates: TopN<Candidate>,
@@ -185,7 +188,10 @@ impl PeerReader {
     pub fn new(max_series: usize) -> Self {
         Self {
             max_series,
-            hasher: RandomState::new(),
+            hash_keys: {
+                let random = RandomState::new();
+                std::array::from_fn(|i| random.hash_one(i) | 1)
+            },
             peer_hashes: Vec::new(),
             candidates: TopN::new(max_series.saturating_mul(ENTRY_SLACK)),
             figures: std::array::from_fn(|_| TopN::new(FIGURE_KEEP)),
@@ -194,16 +200,25 @@ impl PeerReader {
         }
     }
 
-    /// One full read: the per-peer map, then the timed-out handshakes userspace counts per peer,
-    /// then the per-peer greetings map.
-    pub fn read<'a>(
+    /// A full read, first step: starts it and streams every entry of the per-peer map (the
+    /// long part with a big map: it can run on another thread meanwhile the drain goes on).
+    pub fn read_entries(
         &mut self,
         peers: &BpfHashMap<MapData, PeerKey, PeerCounters>,
+    ) -> anyhow::Result<()> {
+        self.start();
+        batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
+        self.count_tracked();
+        Ok(())
+    }
+
+    /// A full read, second step: chooses the exported peers, then takes the timed-out
+    /// handshakes userspace counts per peer and the per-peer greetings map.
+    pub fn read_rest<'a>(
+        &mut self,
         greetings: &BpfHashMap<MapData, PeerGreetingKey, u64>,
         timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
     ) -> anyhow::Result<PeerView> {
-        self.start();
-        batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
         self.select();
         for (k, n) in timeouts {
             self.add_timeouts(k, *n);
@@ -219,10 +234,27 @@ impl PeerReader {
         self.selected.clear();
     }
 
+    /// A keyed 64-bit hash of the entry's peer: two multiplications, where SipHash took a
+    /// tenth of the whole read of a million entries. Keys are random per process, so crafted
+    /// addresses cannot be made to collide (which would lower `smtpflow_peers_tracked`).
+    fn peer_hash(&self, k: &PeerKey) -> u64 {
+        /// The 128-bit product, folded: the mixing step of foldhash and ahash.
+        fn fold(x: u64, y: u64) -> u64 {
+            let p = u128::from(x) * u128::from(y);
+            (p as u64) ^ ((p >> 64) as u64)
+        }
+        let [k0, k1, k2, k3] = self.hash_keys;
+        let (lo, hi) = k.addr.split_at(8);
+        let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
+        let hi = u64::from_le_bytes(hi.try_into().expect("8 bytes"));
+        let rest = (u64::from(k.ifindex) << 8) | u64::from(k.family);
+        fold(fold(lo ^ k0, hi ^ k1) ^ rest ^ k2, k3)
+    }
+
     /// One entry of the per-peer map.
     pub fn add_entry(&mut self, k: &PeerKey, v: &PeerCounters) {
         self.view.entries += 1;
-        self.peer_hashes.push(self.hasher.hash_one(peer_id(k)));
+        self.peer_hashes.push(self.peer_hash(k));
         if self.candidates.cap > 0 {
             self.candidates.offer(Candidate { activity: v.total(), key: *k, counters: *v });
         }
@@ -294,11 +326,15 @@ impl PeerReader {
         }
     }
 
-    /// Ends the read.
-    pub fn finish(&mut self) -> PeerView {
+    /// Counts the distinct peers among the entries added (sorting their hashes).
+    pub fn count_tracked(&mut self) {
         self.peer_hashes.sort_unstable();
         self.peer_hashes.dedup();
         self.view.tracked = self.peer_hashes.len();
+    }
+
+    /// Ends the read.
+    pub fn finish(&mut self) -> PeerView {
         for (out, top) in self.view.figures.iter_mut().zip(&mut self.figures) {
             *out = top.take_sorted().into_iter().map(|(n, Reverse(k))| (k, n)).collect();
         }
@@ -323,6 +359,7 @@ impl PeerReader {
         for (k, v) in entries {
             self.add_entry(k, v);
         }
+        self.count_tracked();
         self.select();
         for (k, n) in timeouts {
             self.add_timeouts(k, *n);
