@@ -2,7 +2,7 @@
 //! scrape in between is served the same bytes. The per-peer series change only when the per-peer
 //! maps are read again ([`crate::peers::ReadSchedule`]), so their text is kept and reused until
 //! then.
-use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
+use std::{collections::HashMap, io::Write as _, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus::{
@@ -146,13 +146,49 @@ impl Summed {
         }
     }
 
-    fn finish(self, mut family: Family, out: &mut Vec<MetricFamily>) {
-        for (labels, n) in self.0 {
-            let refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            family.add(&refs, n as f64);
+    /// Appends the series as a counter family in the Prometheus text format, byte for byte
+    /// what `TextEncoder` writes (header, label escaping, value), without building protobuf
+    /// messages first: the per-peer families are most of the series (4 or more a peer).
+    fn write_counters(self, name: &str, help: &str, out: &mut Vec<u8>) {
+        if self.0.is_empty() {
+            return;
         }
-        family.finish(out);
+        let _ = writeln!(out, "# HELP {name} {}", escape(help, false));
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (labels, n) in self.0 {
+            out.extend_from_slice(name.as_bytes());
+            for (i, (label, value)) in labels.iter().enumerate() {
+                let _ = write!(
+                    out,
+                    "{}{label}=\"{}\"",
+                    if i == 0 { '{' } else { ',' },
+                    escape(value, true)
+                );
+            }
+            if !labels.is_empty() {
+                out.push(b'}');
+            }
+            let _ = writeln!(out, " {}", n as f64);
+        }
     }
+}
+
+/// The text format's escaping: `\` and newlines, and `"` in label values.
+fn escape(v: &str, quotes: bool) -> std::borrow::Cow<'_, str> {
+    let special = v.contains(['\\', '\n']) || (quotes && v.contains('"'));
+    if !special {
+        return v.into();
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 impl Exporter {
@@ -207,11 +243,7 @@ impl Exporter {
     fn peer_text(&mut self, view: &Arc<PeerView>) -> &[u8] {
         let fresh = self.peer_text.as_ref().is_some_and(|(seen, _)| Arc::ptr_eq(seen, view));
         if !fresh {
-            let mut families = Vec::new();
-            self.render_peers(view, &mut families);
-            let mut text = Vec::new();
-            encode(&families, &mut text);
-            self.peer_text = Some((view.clone(), text));
+            self.peer_text = Some((view.clone(), self.render_peers(view)));
         }
         self.peer_text.as_ref().map_or(&[], |(_, text)| text)
     }
@@ -371,8 +403,9 @@ impl Exporter {
         greeting.finish(out);
     }
 
-    /// The exported peers' series (chosen when the per-peer maps were read), and the counts.
-    fn render_peers(&self, view: &PeerView, out: &mut Vec<MetricFamily>) {
+    /// The exported peers' series (chosen when the per-peer maps were read), and the counts, as
+    /// text.
+    fn render_peers(&self, view: &PeerView) -> Vec<u8> {
         // Series by their labels, summed: with --peer-label prefix several peers share one.
         let mut events = Summed::default();
         let mut handshakes = Summed::default();
@@ -397,45 +430,38 @@ impl Exporter {
             let Some(l) = self.peer_labels(&k.peer) else { continue };
             greetings.add(*n, || l.with(&[("code", &k.code.to_string())]));
         }
-        events.finish(
-            Family::new(
-                "smtpflow_peer_tcp_events_total",
-                MetricType::COUNTER,
-                "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
-            ),
-            out,
+        let mut text = Vec::new();
+        events.write_counters(
+            "smtpflow_peer_tcp_events_total",
+            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
+            &mut text,
         );
-        handshakes.finish(
-            Family::new(
-                "smtpflow_peer_handshakes_total",
-                MetricType::COUNTER,
-                "Handshake outcomes per peer, for the exported peers.",
-            ),
-            out,
+        handshakes.write_counters(
+            "smtpflow_peer_handshakes_total",
+            "Handshake outcomes per peer, for the exported peers.",
+            &mut text,
         );
-        greetings.finish(
-            Family::new(
-                "smtpflow_peer_smtp_greetings_total",
-                MetricType::COUNTER,
-                "Greeting codes per peer, for the exported peers.",
-            ),
-            out,
+        greetings.write_counters(
+            "smtpflow_peer_smtp_greetings_total",
+            "Greeting codes per peer, for the exported peers.",
+            &mut text,
         );
 
+        let mut out = Vec::new();
         let mut g = Family::new(
             "smtpflow_peers_tracked",
             MetricType::GAUGE,
             "Distinct peers (address and interface) in the kernel's per-peer map.",
         );
         g.add(&[], view.tracked as f64);
-        g.finish(out);
+        g.finish(&mut out);
         let mut g = Family::new(
             "smtpflow_peers_exported",
             MetricType::GAUGE,
             "Peers exported as per-peer series (at most --max-peer-series).",
         );
         g.add(&[], view.exported_peers as f64);
-        g.finish(out);
+        g.finish(&mut out);
         if let Some(at) = view.read_at {
             let mut g = Family::new(
                 "smtpflow_peers_read_timestamp_seconds",
@@ -443,8 +469,10 @@ impl Exporter {
                 "When the per-peer maps were last read (Unix time): the per-peer series, smtpflow_peers_tracked and smtpflow_map_entries{map=\"peers\"} are as of then. Read every drain while that costs under 1% of a core, else less often, at least every 60 s.",
             );
             g.add(&[], at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-            g.finish(out);
+            g.finish(&mut out);
         }
+        encode(&out, &mut text);
+        text
     }
 }
 
@@ -730,6 +758,30 @@ mod tests {
         let hashed = render_with(&snap, PeerLabel::Hash { key: b"k".to_vec() });
         assert!(!hashed.contains("198.51.100"), "{hashed}");
         assert_eq!(hashed.matches("smtpflow_peer_tcp_events_total{").count(), 3);
+    }
+
+    #[test]
+    fn per_peer_text_is_what_the_encoder_writes() {
+        let series = |iface: &str, n: u64| {
+            (vec![("iface", iface.to_owned()), ("peer", "192.0.2.1".to_owned())], n)
+        };
+        let all = [series("eth0", 3), series(r#"we"ird\if"#, 12_345_678_901), series("n\nl", 1)];
+        let mut summed = Summed::default();
+        let mut family = Family::new("x_total", MetricType::COUNTER, "Help with \\ and\nlines.");
+        for (labels, n) in all.clone() {
+            summed.add(n, || labels);
+        }
+        for (labels, n) in Summed(all.into_iter().collect()).0 {
+            let refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            family.add(&refs, n as f64);
+        }
+        let mut families = Vec::new();
+        family.finish(&mut families);
+        let mut want = Vec::new();
+        encode(&families, &mut want);
+        let mut got = Vec::new();
+        summed.write_counters("x_total", "Help with \\ and\nlines.", &mut got);
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
     }
 
     #[test]
