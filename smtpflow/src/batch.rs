@@ -144,3 +144,53 @@ pub fn for_each_raw(
         first = false;
     }
 }
+
+/// Whether a batch lookup failed because the kernel or map type has none (then the maps are
+/// read key by key, as before Linux 5.6).
+pub fn batch_unsupported(e: &io::Error) -> bool {
+    /// The kernel's internal ENOTSUPP, which BPF syscalls can return.
+    const ENOTSUPP: i32 = 524;
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP))
+}
+
+/// Calls `f` with every entry of a (non-per-CPU) hash or LRU hash map: batched, else key by key
+/// through aya's iterator (two syscalls an entry), skipping keys evicted between listing and
+/// reading them. Returns how many entries `f` saw. `what` names the map in errors.
+pub fn for_each_entry<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    what: &str,
+    mut f: impl FnMut(&K, &V),
+) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    use aya::maps::{IterableMap as _, MapError};
+    use std::os::fd::AsFd as _;
+    let mut seen = 0;
+    let batched = for_each::<K, V>(map.map().fd().as_fd(), DEFAULT_CHUNK, |k, v| {
+        seen += 1;
+        f(k, v);
+    });
+    match batched {
+        Ok(_) => return Ok(seen),
+        // Unsupported shows on the first call, before any entry; starting over key by key after
+        // some entries were seen would count those twice.
+        Err(e) if batch_unsupported(&e) && seen == 0 => {}
+        Err(e) if seen > 0 => {
+            return Err(e).with_context(|| {
+                format!("reading the {what} map: the batched read failed after {seen} entries")
+            });
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+    }
+    for item in map.iter() {
+        match item {
+            Ok((k, v)) => {
+                seen += 1;
+                f(&k, &v);
+            }
+            // Evicted between listing its key and reading it.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
+        }
+    }
+    Ok(seen)
+}

@@ -9,7 +9,16 @@ use std::{
 
 use smtpflow_common::{Direction, Event, Metric, Outcome, Side};
 
-use crate::{drain::Snapshot, drops::DropReasons, pressure::Pressure};
+use crate::{drain::Snapshot, drops::DropReasons, peers::Figure, pressure::Pressure};
+
+/// The per-peer causes, and the per-peer figure each names its peers by.
+const PER_PEER_FIGURES: [(Cause, Figure); 5] = [
+    (Cause::LocalReceiveStall, Figure::ZeroWindowsSent),
+    (Cause::PeerReceiveStall, Figure::ZeroWindowsReceived),
+    (Cause::RemoteRefusing, Figure::OutboundRefused),
+    (Cause::RemoteUnreachable, Figure::OutboundTimeouts),
+    (Cause::RemoteThrottling, Figure::Outbound4xxGreetings),
+];
 
 /// The causes, in the order they are reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -182,34 +191,12 @@ impl Reading {
             iface: ifname(k.ifindex),
             peer: k.ip().map(|ip| labeler.label(ip)).unwrap_or_default(),
         };
-        for (k, c) in &snap.peers {
-            let zw_local =
-                c.counts[smtpflow_common::PeerCounters::index(Event::ZeroWindow, Side::Local)];
-            let zw_peer =
-                c.counts[smtpflow_common::PeerCounters::index(Event::ZeroWindow, Side::Peer)];
-            let refused = if k.direction == Direction::Outbound as u8 {
-                c.outcomes[Outcome::Refused as usize]
-            } else {
-                0
-            };
-            for (cause, n) in [
-                (Cause::LocalReceiveStall, zw_local),
-                (Cause::PeerReceiveStall, zw_peer),
-                (Cause::RemoteRefusing, refused),
-            ] {
-                if n > 0 {
-                    *r.peers.entry((cause, peer_name(k))).or_default() += n;
-                }
-            }
-        }
-        for (k, n) in &snap.peer_timeouts {
-            if k.direction == Direction::Outbound as u8 {
-                *r.peers.entry((Cause::RemoteUnreachable, peer_name(k))).or_default() += n;
-            }
-        }
-        for (k, n) in &snap.peer_greetings {
-            if k.peer.direction == Direction::Outbound as u8 && is_4xx(k.code) {
-                *r.peers.entry((Cause::RemoteThrottling, peer_name(&k.peer))).or_default() += n;
+        // The per-peer figures of the last reading of the per-peer maps: the largest nonzero
+        // ones only (`peers::FIGURE_KEEP` per cause). Past that many peers with a nonzero
+        // figure, a peer whose count starts rising late in the window may go unnamed.
+        for (cause, figure) in PER_PEER_FIGURES {
+            for (k, n) in snap.peers.figure(figure) {
+                *r.peers.entry((cause, peer_name(k))).or_default() += n;
             }
         }
         r.add_pressure(&snap.pressure);
@@ -545,6 +532,39 @@ mod tests {
         let throttling = f.iter().find(|f| f.cause == Cause::RemoteThrottling).unwrap();
         assert_eq!(throttling.top_peers, [(name("192.0.2.9"), 3)]);
         assert!(throttling.summary.contains("top peers: 192.0.2.9 on eth0 (3)"));
+    }
+
+    #[test]
+    fn readings_name_peers_from_the_per_peer_figures() {
+        use smtpflow_common::{PeerCounters, PeerGreetingKey, PeerKey};
+        let key = |last: u8, direction: Direction| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&[192, 0, 2, last]);
+            PeerKey { ifindex: 2, addr, port: 25, family: 4, direction: direction as u8 }
+        };
+        let (out, inb) = (key(7, Direction::Outbound), key(8, Direction::Inbound));
+        let mut refused = PeerCounters::default();
+        refused.outcomes[Outcome::Refused as usize] = 2;
+        refused.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
+        let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
+        let view = crate::peers::PeerReader::new(0).view_of(
+            &[(out, refused), (inb, refused)],
+            &[(out, 3), (inb, 5)],
+            &[(greeting, 4)],
+        );
+        let snap = Snapshot { peers: std::sync::Arc::new(view), ..Default::default() };
+        let r = Reading::from_snapshot(&snap, None, &crate::peer_label::PeerLabel::Ip, |_| {
+            "eth0".to_owned()
+        });
+        let name = |p: &str| PeerName { iface: "eth0".into(), peer: p.into() };
+        let want = BTreeMap::from([
+            ((Cause::RemoteThrottling, name("192.0.2.7")), 4),
+            ((Cause::RemoteUnreachable, name("192.0.2.7")), 3),
+            ((Cause::RemoteRefusing, name("192.0.2.7")), 2),
+            ((Cause::PeerReceiveStall, name("192.0.2.7")), 11),
+            ((Cause::PeerReceiveStall, name("192.0.2.8")), 11),
+        ]);
+        assert_eq!(r.peers, want, "outbound causes name outbound peers only");
     }
 
     #[test]

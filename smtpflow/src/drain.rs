@@ -1,9 +1,11 @@
 //! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
-//! the per-peer LRU entries, and the programs' own bookkeeping; and sweeping the flow map for
-//! handshakes that timed out (the one outcome decided here, since it is the absence of a packet).
+//! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
+//! and sweeping the flow map for handshakes that timed out (the one outcome decided here, since
+//! it is the absence of a packet).
 use std::{
     collections::BTreeMap,
     num::NonZeroUsize,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -11,12 +13,15 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{
-        HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
 };
 use std::os::fd::AsFd as _;
 
-use crate::batch;
+use crate::{
+    batch,
+    peers::{PeerReader, PeerView, ReadSchedule},
+};
 use lru::LruCache;
 use smtpflow_common::{
     CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey, HistKind,
@@ -24,30 +29,70 @@ use smtpflow_common::{
     flow::state, names,
 };
 
+/// Most peers whose timed-out handshakes are counted one by one (the least recently timed out
+/// are forgotten first; the totals stay exact). Only the exported peers' counts are exported
+/// and the diagnosis names five peers, so this need not follow `--max-peers`: at a million peers
+/// that would be some 90 MiB for counts nobody reads.
+const PEER_TIMEOUTS_KEPT: usize = 65_536;
+
 /// `bpf_map_update_elem` flags: create only; update only.
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
 /// Owned handles on the kernel maps, and what userspace itself counts.
 pub struct Maps {
-    counters: PerCpuHashMap<MapData, CounterKey, u64>,
-    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
-    peers: HashMap<MapData, PeerKey, PeerCounters>,
-    peer_greetings: HashMap<MapData, PeerGreetingKey, u64>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
+    totals: Totals,
+    sweep: FlowSweep,
+    peers: PeerMaps,
     stats: PerCpuArray<MapData, u64>,
     pub peers_capacity: u32,
     pub flows_capacity: u32,
-    /// Possible CPUs: the number of values of a per-CPU map entry.
-    nr_cpus: usize,
-    handshake_timeout: Duration,
-    /// Timed-out handshakes by (ifindex, port, direction).
-    timeouts: BTreeMap<(u32, u16, u8), u64>,
-    /// Timed-out handshakes per peer, bounded like the kernel's per-peer map.
-    peer_timeouts: LruCache<PeerKey, u64>,
     /// Highest eviction counts reported so far (the estimates only ever grow).
     peer_evictions: u64,
     flow_evictions: u64,
+    /// How long the last drain that read the per-peer maps took.
+    full_drain_seconds: f64,
+}
+
+/// The exact counters and the histograms, summed over CPUs.
+struct Totals {
+    counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    nr_cpus: usize,
+}
+
+/// The flow map, swept for handshakes that timed out, and the timeouts counted.
+struct FlowSweep {
+    flows: HashMap<MapData, FlowKey, FlowState>,
+    /// A second handle on the flow map, to mark timed-out flows while `flows` lists it.
+    marker: HashMap<MapData, FlowKey, FlowState>,
+    handshake_timeout: Duration,
+    /// Timed-out handshakes by (ifindex, port, direction).
+    timeouts: BTreeMap<(u32, u16, u8), u64>,
+    /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
+    peer_timeouts: LruCache<PeerKey, u64>,
+}
+
+/// The per-peer maps: how they are read, when, and the last reading.
+struct PeerMaps {
+    peers: HashMap<MapData, PeerKey, PeerCounters>,
+    greetings: HashMap<MapData, PeerGreetingKey, u64>,
+    reader: PeerReader,
+    schedule: ReadSchedule,
+    view: Arc<PeerView>,
+    /// When the current read started, and how long its first step took.
+    read_started: Instant,
+    entries_took: Duration,
+}
+
+/// Whether a drain reads the per-peer maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRead {
+    /// When [`ReadSchedule`] says so (every drain while they are small).
+    WhenDue,
+    /// Now: for a verdict that must reflect the last moment.
+    Now,
 }
 
 /// One reading of the kernel maps.
@@ -57,12 +102,10 @@ pub struct Snapshot {
     pub counters: BTreeMap<CounterKey, u64>,
     /// Duration histograms, summed over CPUs.
     pub hists: BTreeMap<HistKey, Histogram>,
-    /// Every per-peer entry alive in the LRU map.
-    pub peers: Vec<(PeerKey, PeerCounters)>,
-    pub peer_greetings: Vec<(PeerGreetingKey, u64)>,
-    /// Timed-out handshakes by (ifindex, port, direction), and per peer.
+    /// The last full reading of the per-peer maps (shared by the snapshots until the next).
+    pub peers: Arc<PeerView>,
+    /// Timed-out handshakes by (ifindex, port, direction).
     pub timeouts: BTreeMap<(u32, u16, u8), u64>,
-    pub peer_timeouts: Vec<(PeerKey, u64)>,
     /// [`Stat`] counters summed over CPUs.
     pub stats: [u64; Stat::COUNT],
     pub peer_evictions: u64,
@@ -71,6 +114,8 @@ pub struct Snapshot {
     pub flow_evictions: u64,
     pub flows_capacity: u32,
     pub drain_seconds: f64,
+    /// How long the last drain that read the per-peer maps took (itself included).
+    pub full_drain_seconds: f64,
     /// The kernel's pressure signals, read beside the maps.
     pub pressure: crate::pressure::Pressure,
     /// Whether each watched interface is still there.
@@ -106,14 +151,6 @@ fn is_exists(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
-/// Whether a batch lookup failed because the kernel or map type has none (then the maps are
-/// read key by key, as before Linux 5.6).
-fn batch_unsupported(e: &std::io::Error) -> bool {
-    /// The kernel's internal ENOTSUPP, which BPF syscalls can return.
-    const ENOTSUPP: i32 = 524;
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP))
-}
-
 /// Sums each key's per-CPU values: batched (a few syscalls for the whole map), else key by
 /// key, skipping keys deleted while we iterate.
 fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
@@ -133,7 +170,7 @@ fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
     );
     match batched {
         Ok(_) => return Ok(out),
-        Err(e) if batch_unsupported(&e) => out.clear(),
+        Err(e) if batch::batch_unsupported(&e) => out.clear(),
         Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
     }
     for item in map.iter() {
@@ -148,54 +185,63 @@ fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
-/// Every entry: batched, else key by key, skipping keys evicted while we iterate.
-fn read_all<K: aya::Pod, V: aya::Pod>(
+/// A second handle on an LRU hash map (a duplicate of its descriptor).
+fn second_handle<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
-    what: &str,
-) -> anyhow::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
-    match batch::for_each::<K, V>(map.map().fd().as_fd(), batch::DEFAULT_CHUNK, |k, v| {
-        out.push((*k, *v));
-    }) {
-        Ok(_) => return Ok(out),
-        Err(e) if batch_unsupported(&e) => out.clear(),
-        Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
-    }
-    for item in map.iter() {
-        match item {
-            Ok(entry) => out.push(entry),
-            // Evicted between listing its key and reading it.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
-        }
-    }
-    Ok(out)
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let fd = map.map().fd().as_fd().try_clone_to_owned().with_context(|| {
+        format!("duplicating the {name} map's descriptor (out of descriptors?)")
+    })?;
+    let data = MapData::from_fd(fd).with_context(|| format!("reopening the {name} map"))?;
+    HashMap::try_from(Map::LruHashMap(data))
+        .with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl Maps {
+    /// `max_peer_series`: how many peers the per-peer readings keep for export (0: none).
     pub fn take(
         ebpf: &mut Ebpf,
         peers_capacity: u32,
         flows_capacity: u32,
         handshake_timeout: Duration,
+        max_peer_series: usize,
     ) -> anyhow::Result<Self> {
+        let flows = take(ebpf, names::MAP_FLOWS)?;
+        let marker = second_handle(&flows, names::MAP_FLOWS)?;
+        let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
-            counters: take(ebpf, names::MAP_COUNTERS)?,
-            hists: take(ebpf, names::MAP_HISTS)?,
-            peers: take(ebpf, names::MAP_PEERS)?,
-            peer_greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
-            flows: take(ebpf, names::MAP_FLOWS)?,
+            totals: Totals {
+                counters: take(ebpf, names::MAP_COUNTERS)?,
+                hists: take(ebpf, names::MAP_HISTS)?,
+                nr_cpus: aya::util::nr_cpus()
+                    .map_err(|(_, e)| e)
+                    .context("reading the CPU count")?,
+            },
+            sweep: FlowSweep {
+                flows,
+                marker,
+                handshake_timeout,
+                timeouts: BTreeMap::new(),
+                peer_timeouts: LruCache::new(
+                    NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
+                ),
+            },
+            peers: PeerMaps {
+                peers: take(ebpf, names::MAP_PEERS)?,
+                greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
+                reader: PeerReader::new(max_peer_series),
+                schedule: ReadSchedule::new(),
+                view: Arc::default(),
+                read_started: Instant::now(),
+                entries_took: Duration::ZERO,
+            },
             stats: take(ebpf, names::MAP_STATS)?,
             peers_capacity,
             flows_capacity,
-            nr_cpus: aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?,
-            handshake_timeout,
-            timeouts: BTreeMap::new(),
-            peer_timeouts: LruCache::new(
-                NonZeroUsize::new(peers_capacity as usize).unwrap_or(NonZeroUsize::MIN),
-            ),
             peer_evictions: 0,
             flow_evictions: 0,
+            full_drain_seconds: 0.0,
         })
     }
 
@@ -205,7 +251,7 @@ impl Maps {
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
         for key in fixed_counter_keys(ifindexes, ports) {
             let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
-            match self.counters.insert(key, zeros, BPF_NOEXIST) {
+            match self.totals.counters.insert(key, zeros, BPF_NOEXIST) {
                 Ok(()) => {}
                 Err(e) if is_exists(&e) => {}
                 Err(e) => return Err(e).context("seeding the counters map"),
@@ -219,7 +265,7 @@ impl Maps {
                             HistKey { ifindex, port, direction: direction as u8, kind: kind as u8 };
                         let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
                             .context("per-CPU zeros")?;
-                        match self.hists.insert(key, zeros, BPF_NOEXIST) {
+                        match self.totals.hists.insert(key, zeros, BPF_NOEXIST) {
                             Ok(()) => {}
                             Err(e) if is_exists(&e) => {}
                             Err(e) => return Err(e).context("seeding the histograms map"),
@@ -231,54 +277,11 @@ impl Maps {
         for &ifindex in ifindexes {
             for &port in ports {
                 for direction in Direction::ALL {
-                    self.timeouts.entry((ifindex, port, direction as u8)).or_default();
+                    self.sweep.timeouts.entry((ifindex, port, direction as u8)).or_default();
                 }
             }
         }
         Ok(())
-    }
-
-    /// Marks pending handshakes older than the timeout as timed out and counts them. The flows
-    /// stay, so that a late retransmission or answer is recognised and adds no second outcome.
-    fn sweep_timeouts(&mut self) -> anyhow::Result<usize> {
-        let now = monotonic_ns();
-        let limit = self.handshake_timeout.as_nanos() as u64;
-        let flows = read_all(&self.flows, "flows")?;
-        let live = flows.len();
-        let expired: Vec<FlowKey> = flows
-            .into_iter()
-            .filter(|(_, st)| st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit)
-            .map(|(k, _)| k)
-            .collect();
-        for key in expired {
-            // Look again right before marking: an answer may have arrived meanwhile.
-            let mut st = match self.flows.get(&key, 0) {
-                Ok(st) if st.state == state::SYN_SENT => st,
-                _ => continue,
-            };
-            st.state = state::TIMED_OUT;
-            match self.flows.insert(key, st, BPF_EXIST) {
-                Ok(()) => {}
-                // Evicted or reset meanwhile: nothing to decide any more.
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(e).context("marking a timed-out flow"),
-            }
-            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
-            let inbound = key.direction == Direction::Inbound as u8;
-            let peer = PeerKey {
-                ifindex: key.ifindex,
-                addr: if inbound { key.client } else { key.server },
-                port: key.server_port,
-                family: key.family,
-                direction: key.direction,
-            };
-            *self.peer_timeouts.get_or_insert_mut(peer, || 0) += 1;
-        }
-        Ok(live)
     }
 
     /// The [`Stat`] counters, summed over CPUs.
@@ -291,17 +294,72 @@ impl Maps {
         Ok(stats)
     }
 
-    pub fn drain(&mut self) -> anyhow::Result<Snapshot> {
+    /// Reads the maps. The per-peer maps are read when `peers` says so; otherwise the snapshot
+    /// carries their last reading.
+    pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         let started = Instant::now();
         // Evictions are estimated as inserts - live entries - deletions. Inserts are read before
         // the maps are listed and deletions after, so the estimate can only be too low at one
         // moment (never too high), and keeping the largest one seen is exact over time.
         let inserted = self.read_stats()?;
-        // The sweep lists the flows once; that listing is also their count.
-        let flows = self.sweep_timeouts()?;
-        let nr_cpus = self.nr_cpus;
-        let counters = read_per_cpu(&self.counters, "counters", nr_cpus, |v| v.sum())?;
-        let hists = read_per_cpu(&self.hists, "histograms", nr_cpus, |v| {
+        let read_peers = peers == PeerRead::Now || self.peers.schedule.due(started);
+        let (flows, (counters, hists)) = if read_peers {
+            let (peer_maps, sweep, totals) = (&mut self.peers, &mut self.sweep, &self.totals);
+            // Listing a big per-peer map is most of a full drain (about 0.5 s for a million
+            // entries, mostly in the kernel): it runs on a second thread meanwhile the flow map
+            // and the totals are read.
+            std::thread::scope(|s| {
+                let entries = s.spawn(|| peer_maps.read_entries());
+                let rest = sweep.sweep().and_then(|flows| Ok((flows, totals.read()?)));
+                let entries = entries.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                entries.and(rest)
+            })?
+        } else {
+            (self.sweep.sweep()?, self.totals.read()?)
+        };
+        if read_peers {
+            let entries = self.peers.read_rest(self.sweep.peer_timeouts.iter())?;
+            self.peer_evictions = self
+                .peer_evictions
+                .max(inserted[Stat::PeerInserts as usize].saturating_sub(entries as u64));
+        }
+        let stats = self.read_stats()?;
+        // Between readings of the per-peer map: live entries never exceed its capacity, and
+        // the kernel never deletes any, so at least inserts - capacity were evicted.
+        self.peer_evictions = self
+            .peer_evictions
+            .max(stats[Stat::PeerInserts as usize].saturating_sub(u64::from(self.peers_capacity)));
+        let flow_gone = stats[Stat::FlowDeletes as usize] + flows as u64;
+        self.flow_evictions =
+            self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
+        let drain_seconds = started.elapsed().as_secs_f64();
+        if read_peers {
+            self.full_drain_seconds = drain_seconds;
+        }
+        Ok(Snapshot {
+            counters,
+            hists,
+            peers: self.peers.view.clone(),
+            timeouts: self.sweep.timeouts.clone(),
+            stats,
+            peer_evictions: self.peer_evictions,
+            peers_capacity: self.peers_capacity,
+            flows,
+            flow_evictions: self.flow_evictions,
+            flows_capacity: self.flows_capacity,
+            drain_seconds,
+            full_drain_seconds: self.full_drain_seconds,
+            pressure: Default::default(),
+            ifaces_up: Vec::new(),
+        })
+    }
+}
+
+impl Totals {
+    /// The exact counters and the histograms, summed over CPUs.
+    fn read(&self) -> anyhow::Result<(BTreeMap<CounterKey, u64>, BTreeMap<HistKey, Histogram>)> {
+        let counters = read_per_cpu(&self.counters, "counters", self.nr_cpus, |v| v.sum())?;
+        let hists = read_per_cpu(&self.hists, "histograms", self.nr_cpus, |v| {
             let mut h = Histogram::ZERO;
             for cpu in v {
                 for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
@@ -311,32 +369,97 @@ impl Maps {
             }
             h
         })?;
-        let peers = read_all(&self.peers, "per-peer")?;
-        let peer_greetings = read_all(&self.peer_greetings, "per-peer greetings")?;
-        let stats = self.read_stats()?;
-        self.peer_evictions = self
-            .peer_evictions
-            .max(inserted[Stat::PeerInserts as usize].saturating_sub(peers.len() as u64));
-        let flow_gone = stats[Stat::FlowDeletes as usize] + flows as u64;
-        self.flow_evictions =
-            self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
-        Ok(Snapshot {
-            counters,
-            hists,
-            peers,
-            peer_greetings,
-            timeouts: self.timeouts.clone(),
-            peer_timeouts: self.peer_timeouts.iter().map(|(k, v)| (*k, *v)).collect(),
-            stats,
-            peer_evictions: self.peer_evictions,
-            peers_capacity: self.peers_capacity,
-            flows,
-            flow_evictions: self.flow_evictions,
-            flows_capacity: self.flows_capacity,
-            drain_seconds: started.elapsed().as_secs_f64(),
-            pressure: Default::default(),
-            ifaces_up: Vec::new(),
-        })
+        Ok((counters, hists))
+    }
+}
+
+impl FlowSweep {
+    /// Marks pending handshakes older than the timeout as timed out and counts them, while
+    /// listing the flow map once (that listing is also the number of live flows, returned). The
+    /// flows stay, so that a late retransmission or answer is recognised and adds no second
+    /// outcome.
+    fn sweep(&mut self) -> anyhow::Result<usize> {
+        let now = monotonic_ns();
+        let limit = self.handshake_timeout.as_nanos() as u64;
+        let mut failed = None;
+        let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
+            let expired = st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit;
+            if !expired || failed.is_some() {
+                return;
+            }
+            match mark_timed_out(&mut self.marker, key) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    failed = Some(e);
+                    return;
+                }
+            }
+            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
+            *self.peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(live),
+        }
+    }
+}
+
+impl PeerMaps {
+    /// A full read, first step: every entry of the per-peer map.
+    fn read_entries(&mut self) -> anyhow::Result<()> {
+        self.read_started = Instant::now();
+        self.reader.read_entries(&self.peers)?;
+        self.entries_took = self.read_started.elapsed();
+        Ok(())
+    }
+
+    /// A full read, second step: the exported peers' timeouts and greetings. Replaces the
+    /// view, schedules the next read, and returns the number of per-peer entries.
+    fn read_rest<'a>(
+        &mut self,
+        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+    ) -> anyhow::Result<usize> {
+        let started = Instant::now();
+        let view = self.reader.read_rest(&self.greetings, timeouts)?;
+        self.schedule.done(self.read_started, self.entries_took + started.elapsed());
+        let entries = view.entries;
+        self.view = Arc::new(view);
+        Ok(entries)
+    }
+}
+
+/// Marks a flow timed out if it still waits for an answer (one may have arrived since it was
+/// listed). `Ok(false)`: nothing to decide any more.
+fn mark_timed_out(
+    flows: &mut HashMap<MapData, FlowKey, FlowState>,
+    key: &FlowKey,
+) -> anyhow::Result<bool> {
+    let mut st = match flows.get(key, 0) {
+        Ok(st) if st.state == state::SYN_SENT => st,
+        _ => return Ok(false),
+    };
+    st.state = state::TIMED_OUT;
+    match flows.insert(key, st, BPF_EXIST) {
+        Ok(()) => Ok(true),
+        // Evicted or reset meanwhile.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e).context("marking a timed-out flow"),
+    }
+}
+
+/// The per-peer entry a timed-out handshake belongs to: the peer is the client of inbound
+/// connections and the server of outbound ones.
+fn timed_out_peer(key: &FlowKey) -> PeerKey {
+    let inbound = key.direction == Direction::Inbound as u8;
+    PeerKey {
+        ifindex: key.ifindex,
+        addr: if inbound { key.client } else { key.server },
+        port: key.server_port,
+        family: key.family,
+        direction: key.direction,
     }
 }
 

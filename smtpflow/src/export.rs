@@ -1,6 +1,8 @@
 //! Rendering a [`Snapshot`] as Prometheus text. The drain loop renders once per interval; every
-//! scrape in between is served the same bytes.
-use std::collections::{HashMap, HashSet};
+//! scrape in between is served the same bytes. The per-peer series change only when the per-peer
+//! maps are read again ([`crate::peers::ReadSchedule`]), so their text is kept and reused until
+//! then.
+use std::{collections::HashMap, io::Write as _, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus::{
@@ -17,16 +19,17 @@ use smtpflow_common::{
 
 use crate::{
     attach::Attachment, diagnose::Finding, drain::Snapshot, drops::DropReasons,
-    peer_label::PeerLabel,
+    peer_label::PeerLabel, peers::PeerView,
 };
 
 /// What the exporter knows besides the snapshot.
 pub struct Exporter {
     ifnames: HashMap<u32, String>,
-    max_peer_series: usize,
     attachments: Vec<Attachment>,
     drop_reasons: Option<DropReasons>,
     labeler: PeerLabel,
+    /// The per-peer families as text, and the reading they were rendered from.
+    peer_text: Option<(Arc<PeerView>, Vec<u8>)>,
 }
 
 /// A metric family under construction.
@@ -100,25 +103,12 @@ impl Family {
     }
 }
 
-/// A peer as the series cap counts them: one address on one interface.
-type PeerId = (u32, u8, [u8; 16]);
-
-fn peer_id(k: &PeerKey) -> PeerId {
-    (k.ifindex, k.family, k.addr)
-}
-
-/// The `limit` most active peers (by all their events), ties broken by address for stability.
-pub fn top_peers(peers: &[(PeerKey, PeerCounters)], limit: usize) -> HashSet<PeerId> {
-    let mut activity: HashMap<PeerId, u64> = HashMap::new();
-    for (k, v) in peers {
-        *activity.entry(peer_id(k)).or_default() += v.total();
+/// Families as Prometheus text, appended to `buf`.
+fn encode(families: &[MetricFamily], buf: &mut Vec<u8>) {
+    // Encoding only fails for empty families, which `finish` never emits.
+    if let Err(e) = TextEncoder::new().encode(families, buf) {
+        log::error!("encoding metrics failed: {e}");
     }
-    let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
-    if ranked.len() > limit {
-        ranked.select_nth_unstable_by(limit, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        ranked.truncate(limit);
-    }
-    ranked.into_iter().map(|(id, _)| id).collect()
 }
 
 /// Labels of a per-peer series, as owned strings.
@@ -148,30 +138,67 @@ impl PeerLabels {
 struct Summed(std::collections::BTreeMap<Vec<(&'static str, String)>, u64>);
 
 impl Summed {
-    fn add(&mut self, labels: Vec<(&'static str, String)>, n: u64) {
+    /// Adds `n` to the series `labels` makes; the labels are only made for a nonzero `n`
+    /// (most combinations of a peer are zero).
+    fn add(&mut self, n: u64, labels: impl FnOnce() -> Vec<(&'static str, String)>) {
         if n != 0 {
-            *self.0.entry(labels).or_default() += n;
+            *self.0.entry(labels()).or_default() += n;
         }
     }
 
-    fn finish(self, mut family: Family, out: &mut Vec<MetricFamily>) {
-        for (labels, n) in self.0 {
-            let refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            family.add(&refs, n as f64);
+    /// Appends the series as a counter family in the Prometheus text format, byte for byte
+    /// what `TextEncoder` writes (header, label escaping, value), without building protobuf
+    /// messages first: the per-peer families are most of the series (4 or more a peer).
+    fn write_counters(self, name: &str, help: &str, out: &mut Vec<u8>) {
+        if self.0.is_empty() {
+            return;
         }
-        family.finish(out);
+        let _ = writeln!(out, "# HELP {name} {}", escape(help, false));
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (labels, n) in self.0 {
+            out.extend_from_slice(name.as_bytes());
+            for (i, (label, value)) in labels.iter().enumerate() {
+                let _ = write!(
+                    out,
+                    "{}{label}=\"{}\"",
+                    if i == 0 { '{' } else { ',' },
+                    escape(value, true)
+                );
+            }
+            if !labels.is_empty() {
+                out.push(b'}');
+            }
+            let _ = writeln!(out, " {}", n as f64);
+        }
     }
+}
+
+/// The text format's escaping: `\` and newlines, and `"` in label values.
+fn escape(v: &str, quotes: bool) -> std::borrow::Cow<'_, str> {
+    let special = v.contains(['\\', '\n']) || (quotes && v.contains('"'));
+    if !special {
+        return v.into();
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 impl Exporter {
     pub fn new(
         ifnames: HashMap<u32, String>,
-        max_peer_series: usize,
         attachments: Vec<Attachment>,
         drop_reasons: Option<DropReasons>,
         labeler: PeerLabel,
     ) -> Self {
-        Self { ifnames, max_peer_series, attachments, drop_reasons, labeler }
+        Self { ifnames, attachments, drop_reasons, labeler, peer_text: None }
     }
 
     fn ifname(&self, ifindex: u32) -> String {
@@ -187,13 +214,16 @@ impl Exporter {
         })
     }
 
-    pub fn render(&self, snap: &Snapshot, findings: &[Finding]) -> Bytes {
+    pub fn render(&mut self, snap: &Snapshot, findings: &[Finding]) -> Bytes {
         let mut families = Vec::new();
         self.render_info(&mut families);
         render_diagnosis(findings, &mut families);
         self.render_counters(snap, &mut families);
         self.render_histograms(snap, &mut families);
-        self.render_peers(snap, &mut families);
+        let mut buf = Vec::with_capacity(64 * 1024);
+        encode(&families, &mut buf);
+        buf.extend_from_slice(self.peer_text(&snap.peers));
+        families.clear();
         render_pressure(snap, &mut families);
         let mut up = Family::new(
             "smtpflow_interface_up",
@@ -205,13 +235,17 @@ impl Exporter {
         }
         up.finish(&mut families);
         render_self(snap, &mut families);
-
-        let mut buf = Vec::with_capacity(64 * 1024);
-        // Encoding only fails for empty families, which `finish` never emits.
-        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
-            log::error!("encoding metrics failed: {e}");
-        }
+        encode(&families, &mut buf);
         Bytes::from(buf)
+    }
+
+    /// The per-peer families of this reading of the per-peer maps, rendered once per reading.
+    fn peer_text(&mut self, view: &Arc<PeerView>) -> &[u8] {
+        let fresh = self.peer_text.as_ref().is_some_and(|(seen, _)| Arc::ptr_eq(seen, view));
+        if !fresh {
+            self.peer_text = Some((view.clone(), self.render_peers(view)));
+        }
+        self.peer_text.as_ref().map_or(&[], |(_, text)| text)
     }
 
     fn render_info(&self, out: &mut Vec<MetricFamily>) {
@@ -369,73 +403,76 @@ impl Exporter {
         greeting.finish(out);
     }
 
-    fn render_peers(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
-        let selected = top_peers(&snap.peers, self.max_peer_series);
-        let picked = |k: &PeerKey| selected.contains(&peer_id(k));
+    /// The exported peers' series (chosen when the per-peer maps were read), and the counts, as
+    /// text.
+    fn render_peers(&self, view: &PeerView) -> Vec<u8> {
         // Series by their labels, summed: with --peer-label prefix several peers share one.
         let mut events = Summed::default();
         let mut handshakes = Summed::default();
         let mut greetings = Summed::default();
-        for (k, v) in snap.peers.iter().filter(|(k, _)| picked(k)) {
+        for (k, v) in &view.exported {
             let Some(l) = self.peer_labels(k) else { continue };
             for e in Event::ALL {
                 for s in Side::ALL {
                     let n = v.counts[PeerCounters::index(e, s)];
-                    events.add(l.with(&[("event", e.label()), ("side", s.label())]), n);
+                    events.add(n, || l.with(&[("event", e.label()), ("side", s.label())]));
                 }
             }
             for (o, n) in [Outcome::Established, Outcome::Refused].into_iter().zip(v.outcomes) {
-                handshakes.add(l.with(&[("outcome", o.label())]), n);
+                handshakes.add(n, || l.with(&[("outcome", o.label())]));
             }
         }
-        for (k, n) in snap.peer_timeouts.iter().filter(|(k, _)| picked(k)) {
+        for (k, n) in &view.exported_timeouts {
             let Some(l) = self.peer_labels(k) else { continue };
-            handshakes.add(l.with(&[("outcome", Outcome::Timeout.label())]), *n);
+            handshakes.add(*n, || l.with(&[("outcome", Outcome::Timeout.label())]));
         }
-        for (k, n) in snap.peer_greetings.iter().filter(|(k, _)| picked(&k.peer)) {
+        for (k, n) in &view.exported_greetings {
             let Some(l) = self.peer_labels(&k.peer) else { continue };
-            greetings.add(l.with(&[("code", &k.code.to_string())]), *n);
+            greetings.add(*n, || l.with(&[("code", &k.code.to_string())]));
         }
-        events.finish(
-            Family::new(
-                "smtpflow_peer_tcp_events_total",
-                MetricType::COUNTER,
-                "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
-            ),
-            out,
+        let mut text = Vec::new();
+        events.write_counters(
+            "smtpflow_peer_tcp_events_total",
+            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
+            &mut text,
         );
-        handshakes.finish(
-            Family::new(
-                "smtpflow_peer_handshakes_total",
-                MetricType::COUNTER,
-                "Handshake outcomes per peer, for the exported peers.",
-            ),
-            out,
+        handshakes.write_counters(
+            "smtpflow_peer_handshakes_total",
+            "Handshake outcomes per peer, for the exported peers.",
+            &mut text,
         );
-        greetings.finish(
-            Family::new(
-                "smtpflow_peer_smtp_greetings_total",
-                MetricType::COUNTER,
-                "Greeting codes per peer, for the exported peers.",
-            ),
-            out,
+        greetings.write_counters(
+            "smtpflow_peer_smtp_greetings_total",
+            "Greeting codes per peer, for the exported peers.",
+            &mut text,
         );
 
-        let tracked = snap.peers.iter().map(|(k, _)| peer_id(k)).collect::<HashSet<_>>().len();
+        let mut out = Vec::new();
         let mut g = Family::new(
             "smtpflow_peers_tracked",
             MetricType::GAUGE,
             "Distinct peers (address and interface) in the kernel's per-peer map.",
         );
-        g.add(&[], tracked as f64);
-        g.finish(out);
+        g.add(&[], view.tracked as f64);
+        g.finish(&mut out);
         let mut g = Family::new(
             "smtpflow_peers_exported",
             MetricType::GAUGE,
             "Peers exported as per-peer series (at most --max-peer-series).",
         );
-        g.add(&[], selected.len() as f64);
-        g.finish(out);
+        g.add(&[], view.exported_peers as f64);
+        g.finish(&mut out);
+        if let Some(at) = view.read_at {
+            let mut g = Family::new(
+                "smtpflow_peers_read_timestamp_seconds",
+                MetricType::GAUGE,
+                "When the per-peer maps were last read (Unix time): the per-peer series, smtpflow_peers_tracked and smtpflow_map_entries{map=\"peers\"} are as of then. Read every drain while that costs under 1% of a core, else less often, at least every 60 s.",
+            );
+            g.add(&[], at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+            g.finish(&mut out);
+        }
+        encode(&out, &mut text);
+        text
     }
 }
 
@@ -522,7 +559,7 @@ pub(crate) fn render_pressure(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
 fn render_self(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     let mut entries =
         Family::new("smtpflow_map_entries", MetricType::GAUGE, "Entries in a kernel map.");
-    entries.add(&[("map", "peers")], snap.peers.len() as f64);
+    entries.add(&[("map", "peers")], snap.peers.entries as f64);
     entries.add(&[("map", "flows")], snap.flows as f64);
     entries.add(&[("map", "counters")], snap.counters.len() as f64);
     entries.finish(out);
@@ -578,11 +615,19 @@ fn render_self(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     );
     d.add(&[], snap.drain_seconds);
     d.finish(out);
+    let mut d = Family::new(
+        "smtpflow_full_drain_duration_seconds",
+        MetricType::GAUGE,
+        "Time the last drain that also read the per-peer maps took.",
+    );
+    d.add(&[], snap.full_drain_seconds);
+    d.finish(out);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::PeerReader;
     use smtpflow_common::{CounterKey, FAMILY_V4, FAMILY_V6, HistKey, PeerGreetingKey};
 
     fn event_key(ifindex: u32, port: u16, e: Event, d: Direction, s: Side) -> CounterKey {
@@ -607,14 +652,24 @@ mod tests {
         c
     }
 
-    fn render(snap: &Snapshot, cap: usize) -> String {
-        render_with(snap, cap, PeerLabel::Ip)
+    fn render(snap: &Snapshot) -> String {
+        render_with(snap, PeerLabel::Ip)
     }
 
-    fn render_with(snap: &Snapshot, cap: usize, labeler: PeerLabel) -> String {
-        let ex =
-            Exporter::new(HashMap::from([(2, "eth0".to_owned())]), cap, Vec::new(), None, labeler);
+    fn render_with(snap: &Snapshot, labeler: PeerLabel) -> String {
+        let mut ex =
+            Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, labeler);
         String::from_utf8(ex.render(snap, &[]).to_vec()).unwrap()
+    }
+
+    /// The reading of per-peer maps holding these entries, with `cap` peer series.
+    fn view(
+        cap: usize,
+        entries: &[(PeerKey, PeerCounters)],
+        timeouts: &[(PeerKey, u64)],
+        greetings: &[(PeerGreetingKey, u64)],
+    ) -> Arc<PeerView> {
+        Arc::new(PeerReader::new(cap).view_of(entries, timeouts, greetings))
     }
 
     #[test]
@@ -622,12 +677,13 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.counters.insert(event_key(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 7);
         snap.counters.insert(event_key(2, 25, Event::SynAck, Direction::Inbound, Side::Local), 5);
-        snap.peers = (1..=5)
+        let mut entries: Vec<_> = (1..=5)
             .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
             .collect();
-        snap.peers.push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
+        entries.push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
+        snap.peers = view(3, &entries, &[], &[]);
         snap.peers_capacity = 65536;
-        let text = render(&snap, 3);
+        let text = render(&snap);
         assert!(text.contains(r#"smtpflow_tcp_events_total{iface="eth0",direction="inbound",port="25",event="syn",side="peer"} 7"#), "{text}");
         assert!(text.contains(r#"event="syn_ack",side="local"} 5"#));
         // The three most active peers: 2001::9 (100), .5 and .4.
@@ -637,6 +693,8 @@ mod tests {
         assert!(!text.contains(r#"peer="198.51.100.3""#));
         assert!(text.contains("smtpflow_peers_tracked 6"));
         assert!(text.contains("smtpflow_peers_exported 3"));
+        assert!(text.contains(r#"smtpflow_map_entries{map="peers"} 6"#), "{text}");
+        assert!(text.contains("smtpflow_peers_read_timestamp_seconds 1"), "{text}");
         assert!(text.contains(r#"smtpflow_build_info{version="#));
     }
 
@@ -664,10 +722,9 @@ mod tests {
         let p = peer(1, FAMILY_V4, Direction::Outbound);
         let mut c = PeerCounters::default();
         c.outcomes[Outcome::Refused as usize] = 1;
-        snap.peers.push((p, c));
-        snap.peer_timeouts.push((p, 2));
-        snap.peer_greetings.push((PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] }, 5));
-        let text = render(&snap, 10);
+        let greeting = PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] };
+        snap.peers = view(10, &[(p, c)], &[(p, 2)], &[(greeting, 5)]);
+        let text = render(&snap);
         for want in [
             r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="refused"} 3"#,
             r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="timeout"} 6"#,
@@ -688,30 +745,69 @@ mod tests {
 
     #[test]
     fn prefix_labels_sum_the_peers_of_a_network() {
-        let snap = Snapshot {
-            peers: (1..=3)
-                .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
-                .collect(),
-            ..Default::default()
-        };
-        let text = render_with(&snap, 10, PeerLabel::Prefix { v4: 24, v6: 64 });
+        let entries: Vec<_> = (1..=3)
+            .map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i))))
+            .collect();
+        let snap = Snapshot { peers: view(10, &entries, &[], &[]), ..Default::default() };
+        let text = render_with(&snap, PeerLabel::Prefix { v4: 24, v6: 64 });
         assert!(
             text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="198.51.100.0/24",direction="inbound",port="25",event="syn",side="peer"} 6"#),
             "{text}"
         );
         assert!(!text.contains("198.51.100.1\""), "no full address: {text}");
-        let hashed = render_with(&snap, 10, PeerLabel::Hash { key: b"k".to_vec() });
+        let hashed = render_with(&snap, PeerLabel::Hash { key: b"k".to_vec() });
         assert!(!hashed.contains("198.51.100"), "{hashed}");
         assert_eq!(hashed.matches("smtpflow_peer_tcp_events_total{").count(), 3);
     }
 
     #[test]
-    fn top_peers_is_deterministic_under_ties() {
-        let peers: Vec<_> =
-            (1..=10).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(1))).collect();
-        let a = top_peers(&peers, 4);
-        assert_eq!(a, top_peers(&peers, 4));
-        assert_eq!(a.len(), 4);
-        assert!(top_peers(&peers, 0).is_empty());
+    fn per_peer_text_is_what_the_encoder_writes() {
+        let series = |iface: &str, n: u64| {
+            (vec![("iface", iface.to_owned()), ("peer", "192.0.2.1".to_owned())], n)
+        };
+        let all = [series("eth0", 3), series(r#"we"ird\if"#, 12_345_678_901), series("n\nl", 1)];
+        let mut summed = Summed::default();
+        let mut family = Family::new("x_total", MetricType::COUNTER, "Help with \\ and\nlines.");
+        for (labels, n) in all.clone() {
+            summed.add(n, || labels);
+        }
+        for (labels, n) in Summed(all.into_iter().collect()).0 {
+            let refs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            family.add(&refs, n as f64);
+        }
+        let mut families = Vec::new();
+        family.finish(&mut families);
+        let mut want = Vec::new();
+        encode(&families, &mut want);
+        let mut got = Vec::new();
+        summed.write_counters("x_total", "Help with \\ and\nlines.", &mut got);
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+    }
+
+    #[test]
+    fn peer_series_are_rendered_once_per_reading() {
+        let mut ex =
+            Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, PeerLabel::Ip);
+        let p = peer(1, FAMILY_V4, Direction::Inbound);
+        let mut snap =
+            Snapshot { peers: view(10, &[(p, counters(1))], &[], &[]), ..Default::default() };
+        let first = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        // A later drain without a new reading: the same per-peer text, new totals.
+        snap.counters.insert(event_key(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 9);
+        let second = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        let peer_lines = |t: &str| -> Vec<String> {
+            t.lines().filter(|l| l.starts_with("smtpflow_peer")).map(str::to_owned).collect()
+        };
+        assert_eq!(peer_lines(&first), peer_lines(&second));
+        assert!(second.contains(r#"event="syn",side="peer"} 9"#), "{second}");
+        // A new reading is rendered anew.
+        snap.peers = view(10, &[(p, counters(5))], &[], &[]);
+        let third = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+        assert!(
+            third.contains(
+                r#"peer="198.51.100.1",direction="inbound",port="25",event="syn",side="peer"} 5"#
+            ),
+            "{third}"
+        );
     }
 }

@@ -10,6 +10,7 @@ mod drain;
 mod drops;
 mod export;
 mod peer_label;
+mod peers;
 mod pressure;
 mod privileges;
 #[cfg(test)]
@@ -39,7 +40,7 @@ use crate::{
     attach::{Attached, Iface},
     cli::{Cli, Command, DiagnoseArgs, LogFormat, ObserveArgs, WatchArgs},
     diagnose::{Diagnoser, Finding, Reading, Thresholds},
-    drain::{Maps, Snapshot},
+    drain::{Maps, PeerRead, Snapshot},
     drops::DropReasons,
     export::Exporter,
     report::Reporter,
@@ -142,8 +143,9 @@ struct Observer {
 }
 
 impl Observer {
-    /// Checks privileges and flags, loads, attaches and seeds the maps.
-    fn start(args: &ObserveArgs) -> anyhow::Result<Self> {
+    /// Checks privileges and flags, loads, attaches and seeds the maps. `max_peer_series`: how
+    /// many peers the per-peer readings keep for export (`diagnose` exports none).
+    fn start(args: &ObserveArgs, max_peer_series: usize) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
         let labeler = args.peer_labeler()?;
         privileges::require()?;
@@ -176,8 +178,13 @@ impl Observer {
                     None
                 }
             });
-        let mut maps =
-            Maps::take(&mut attached.ebpf, args.max_peers, args.max_flows, args.handshake_timeout)?;
+        let mut maps = Maps::take(
+            &mut attached.ebpf,
+            args.max_peers,
+            args.max_flows,
+            args.handshake_timeout,
+            max_peer_series,
+        )?;
         let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
         maps.seed(&ifindexes, config.ports())?;
         let present = vec![true; ifaces.len()];
@@ -193,9 +200,9 @@ impl Observer {
     }
 
     /// Drains the maps and reads the pressure signals (blocking syscalls, off the async workers).
-    fn drain(&mut self) -> anyhow::Result<Snapshot> {
+    fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         tokio::task::block_in_place(|| {
-            let mut snap = self.maps.drain()?;
+            let mut snap = self.maps.drain(peers)?;
             snap.pressure = self.pressure.read();
             Ok(snap)
         })
@@ -279,7 +286,7 @@ fn prepare_watch(args: &WatchArgs) -> anyhow::Result<Prepared> {
         None => web::WebConfig::none(),
     });
     let listener = serve::bind(args.metrics_addr)?;
-    let obs = Observer::start(&args.observe)?;
+    let obs = Observer::start(&args.observe, args.max_peer_series)?;
     if !args.keep_privileges {
         privileges::drop_after_attach(args.user.as_deref())?;
         log::info!(
@@ -300,15 +307,14 @@ async fn run_watch(
         tokio::net::TcpListener::from_std(listener).context("registering the metrics socket")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let exporter = Exporter::new(
+    let mut exporter = Exporter::new(
         obs.ifnames(),
-        args.max_peer_series,
         obs.attached.attachments.clone(),
         obs.drop_reasons.clone(),
         obs.labeler.clone(),
     );
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
-    let mut first = obs.drain()?;
+    let mut first = obs.drain(PeerRead::Now)?;
     obs.check_ifaces(&mut first)?;
     let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&first));
     let rendered = selfstats::append(exporter.render(&first, &findings), &obs.attached.ebpf);
@@ -332,7 +338,7 @@ async fn run_watch(
     let result = loop {
         tokio::select! {
             _ = tick.tick() => {
-                let mut snap = match obs.drain() {
+                let mut snap = match obs.drain(PeerRead::WhenDue) {
                     Ok(s) => s,
                     Err(e) => break Err(e.context("draining the kernel maps failed")),
                 };
@@ -372,13 +378,13 @@ async fn run_watch(
 
 /// Observes for `--for`, then prints the verdict. `Ok(true)`: healthy.
 async fn run_diagnose(args: DiagnoseArgs) -> anyhow::Result<bool> {
-    let mut obs = Observer::start(&args.observe)?;
+    let mut obs = Observer::start(&args.observe, 0)?;
     // The window spans the whole observation: a little longer than --for, so that the baseline
     // taken before the first tick stays the baseline to the end.
     let window = args.duration + 2 * args.observe.interval;
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, window));
     let started = Instant::now();
-    let first = obs.drain()?;
+    let first = obs.drain(PeerRead::Now)?;
     diagnoser.update(started, obs.reading(&first));
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tick = tokio::time::interval(args.observe.interval);
@@ -388,14 +394,15 @@ async fn run_diagnose(args: DiagnoseArgs) -> anyhow::Result<bool> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let snap = obs.drain()?;
+                let snap = obs.drain(PeerRead::WhenDue)?;
                 diagnoser.update(Instant::now(), obs.reading(&snap));
             }
             _ = &mut deadline => break,
             _ = sigint.recv() => break,
         }
     }
-    let snap = obs.drain()?;
+    // The verdict names the peers of the last moment, however large the maps.
+    let snap = obs.drain(PeerRead::Now)?;
     let (findings, _) = diagnoser.update(Instant::now(), obs.reading(&snap));
     let observed = started.elapsed();
     let healthy = findings.iter().all(|f| !f.active);

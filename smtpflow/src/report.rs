@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
 use smtpflow_common::{Direction, Metric, Outcome, Stat};
 
-use crate::{diagnose::Finding, drain::Snapshot};
+use crate::{diagnose::Finding, drain::Snapshot, peers::Figure};
 
 /// Events summed by (direction, port).
 type ByDirectionPort = BTreeMap<(Direction, u16), u64>;
@@ -60,7 +60,7 @@ impl Reporter {
             if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
         Some(format!(
             "smtpflow: {sum:.1} events/s{detail}; {} peer entries of {}, {} evicted, {} malformed",
-            snap.peers.len(),
+            snap.peers.entries,
             snap.peers_capacity,
             snap.peer_evictions,
             snap.stats[Stat::Malformed as usize],
@@ -94,15 +94,12 @@ impl Reporter {
             let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11}");
         }
         out.push_str("\nTOP PEERS BY FAILED HANDSHAKES\n");
+        // From the largest refused and timed-out counts of the last per-peer reading.
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-        for (k, c) in &snap.peers {
-            if c.outcomes[Outcome::Refused as usize] > 0 {
-                *failures.entry(peer_label(k)).or_default() +=
-                    c.outcomes[Outcome::Refused as usize];
+        for figure in [Figure::Refused, Figure::Timeouts] {
+            for (k, n) in snap.peers.figure(figure) {
+                *failures.entry(peer_label(k)).or_default() += n;
             }
-        }
-        for (k, n) in &snap.peer_timeouts {
-            *failures.entry(peer_label(k)).or_default() += n;
         }
         let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -157,7 +154,8 @@ mod tests {
         };
         let mut c = PeerCounters::default();
         c.outcomes[Outcome::Refused as usize] = 4;
-        snap.peers.push((peer, c));
+        snap.peers =
+            std::sync::Arc::new(crate::peers::PeerReader::new(10).view_of(&[(peer, c)], &[], &[]));
         let line = r.line(&snap, t0 + std::time::Duration::from_secs(2)).unwrap();
         assert!(line.starts_with("smtpflow: 5.0 events/s (inbound 25: 5.0/s)"), "{line}");
         let table = r.table(&snap, &[], "eth0", t0 + std::time::Duration::from_secs(4));

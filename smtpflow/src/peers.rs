@@ -1,0 +1,548 @@
+//! The per-peer maps, read into a bounded [`PeerView`].
+//!
+//! The kernel's per-peer LRU map holds up to `--max-peers` entries (a million is a supported
+//! size). Copying every entry into userspace, ranking them in a hash map and walking them once
+//! per consumer cost 280 MiB and seconds per drain at that size (docs/benchmarks.md). Instead
+//! the entries are streamed once ([`crate::batch`], thousands per syscall, from one reused
+//! buffer) into structures whose size does not depend on the map's:
+//! - the most active entries, from which the exported peers are chosen (`--max-peer-series`);
+//! - the number of entries, and of distinct peers (one 64-bit hash per entry, reused);
+//! - for each [`Figure`] the diagnosis and the live view name peers by, its largest values.
+//!
+//! Reading even a bounded summary of a big map costs the kernel about 0.3 µs an entry, so
+//! [`ReadSchedule`] spaces the reads of a big map out; see there.
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet},
+    hash::{BuildHasher as _, RandomState},
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use smtpflow_common::{Direction, Event, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Side};
+
+use crate::batch;
+
+/// A peer as the series cap counts them: one address on one interface.
+pub type PeerId = (u32, u8, [u8; 16]);
+
+pub fn peer_id(k: &PeerKey) -> PeerId {
+    (k.ifindex, k.family, k.addr)
+}
+
+/// Most active entries kept per exported peer while the map is read: room for peers whose
+/// activity is spread over several entries (ports, directions). See [`PeerReader::select`].
+pub const ENTRY_SLACK: usize = 8;
+
+/// Largest values kept per [`Figure`]: the diagnosis names 5 peers per cause and the live view
+/// 5; the rest is room for peers whose count rises later in the window.
+pub const FIGURE_KEEP: usize = 256;
+
+/// Per-peer figures the diagnosis and the live view name peers by. A reading keeps, for each,
+/// the [`FIGURE_KEEP`] largest nonzero values (by entry: peer, port and direction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Figure {
+    /// Zero windows we advertised (the diagnosis' local_receive_stall).
+    ZeroWindowsSent,
+    /// Zero windows the peer advertised (peer_receive_stall).
+    ZeroWindowsReceived,
+    /// Our handshakes the peer refused with a RST (remote_refusing).
+    OutboundRefused,
+    /// Our handshakes the peer never answered (remote_unreachable).
+    OutboundTimeouts,
+    /// 4xx greetings from the peer, one value per code (remote_throttling).
+    Outbound4xxGreetings,
+    /// Refused handshakes in either direction (the live view's failed handshakes).
+    Refused,
+    /// Timed-out handshakes in either direction (the live view's failed handshakes).
+    Timeouts,
+}
+
+impl Figure {
+    pub const COUNT: usize = 7;
+}
+
+/// What one full read of the per-peer maps keeps. Its size is bounded by `--max-peer-series`
+/// and [`FIGURE_KEEP`], however many entries the maps hold.
+#[derive(Debug, Default)]
+pub struct PeerView {
+    /// Entries alive in the per-peer map.
+    pub entries: usize,
+    /// Distinct peers (address and interface) among them.
+    pub tracked: usize,
+    /// Peers chosen for per-peer series (at most `--max-peer-series`).
+    pub exported_peers: usize,
+    /// The chosen peers' entries, their timed-out handshakes and greetings.
+    pub exported: Vec<(PeerKey, PeerCounters)>,
+    pub exported_timeouts: Vec<(PeerKey, u64)>,
+    pub exported_greetings: Vec<(PeerGreetingKey, u64)>,
+    /// By [`Figure`]: the largest nonzero values, largest first.
+    figures: [Vec<(PeerKey, u64)>; Figure::COUNT],
+    /// When the read started (`None`: never read).
+    pub read_at: Option<SystemTime>,
+}
+
+impl PeerView {
+    /// The largest nonzero values of a figure, largest first.
+    pub fn figure(&self, f: Figure) -> &[(PeerKey, u64)] {
+        &self.figures[f as usize]
+    }
+}
+
+/// Keeps the `cap` largest items offered, in memory for `cap` items.
+#[derive(Debug)]
+struct TopN<T> {
+    cap: usize,
+    /// A min-heap: its root is the smallest item kept, the one a larger offer replaces.
+    heap: BinaryHeap<Reverse<T>>,
+}
+
+impl<T: Ord> TopN<T> {
+    fn new(cap: usize) -> Self {
+        Self { cap, heap: BinaryHeap::new() }
+    }
+
+    fn offer(&mut self, item: T) {
+        if self.heap.len() < self.cap {
+            self.heap.push(Reverse(item));
+        } else if let Some(mut smallest) = self.heap.peek_mut()
+            && item > smallest.0
+        {
+            *smallest = Reverse(item);
+        }
+    }
+
+    /// The items kept, largest first; empties the heap and keeps its allocation.
+    fn take_sorted(&mut self) -> Vec<T> {
+        let mut items: Vec<T> = self.heap.drain().map(|Reverse(t)| t).collect();
+        items.sort_unstable_by(|a, b| b.cmp(a));
+        items
+    }
+}
+
+/// An entry competing for export, ranked by its activity ([`PeerCounters::total`]); between
+/// equals, the smaller peer (then port, direction) ranks higher, so the choice is stable.
+#[derive(Debug)]
+struct Candidate {
+    activity: u64,
+    key: PeerKey,
+    counters: PeerCounters,
+}
+
+impl Candidate {
+    fn order_key(&self) -> (PeerId, u16, u8) {
+        (peer_id(&self.key), self.key.port, self.key.direction)
+    }
+}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.activity.cmp(&other.activity).then_with(|| other.order_key().cmp(&self.order_key()))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Candidate {}
+
+/// A figure's value for one entry; between equals the smaller key ranks higher.
+type Valued = (u64, Reverse<PeerKey>);
+
+fn is_4xx(code: u16) -> bool {
+    (400..500).contains(&code)
+}
+
+/// Reads the per-peer maps into [`PeerView`]s, keeping its buffers from one read to the next.
+///
+/// A read has these steps, in this order: every entry of the per-peer map
+/// ([`add_entry`](Self::add_entry), then [`count_tracked`](Self::count_tracked); together
+/// [`read_entries`](Self::read_entries)), the choice of exported peers
+/// ([`select`](Self::select)), then the timed-out handshakes and greetings
+/// ([`add_timeouts`](Self::add_timeouts), [`add_greeting`](Self::add_greeting)), which are kept
+/// for the chosen peers, and [`finish`](Self::finish) (together [`read_rest`](Self::read_rest)).
+#[derive(Debug)]
+pub struct PeerReader {
+    max_series: usize,
+    /// Random keys of [`Self::peer_hash`].
+    hash_keys: [u64; 4],
+    /// One hash per entry's peer: sorted and deduplicated, their number is the peers tracked.
+    peer_hashes: Vec<u64>,
+    candidates: TopN<Candidate>,
+    figures: [TopN<Valued>; Figure::COUNT],
+    selected: HashSet<PeerId>,
+    view: PeerView,
+}
+
+impl PeerReader {
+    /// `max_series`: `--max-peer-series` (0: no per-peer series, only the counts and figures).
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            max_series,
+            hash_keys: {
+                let random = RandomState::new();
+                std::array::from_fn(|i| random.hash_one(i) | 1)
+            },
+            peer_hashes: Vec::new(),
+            candidates: TopN::new(max_series.saturating_mul(ENTRY_SLACK)),
+            figures: std::array::from_fn(|_| TopN::new(FIGURE_KEEP)),
+            selected: HashSet::new(),
+            view: PeerView::default(),
+        }
+    }
+
+    /// A full read, first step: starts it and streams every entry of the per-peer map (the
+    /// long part with a big map: it can run on another thread meanwhile the drain goes on).
+    pub fn read_entries(
+        &mut self,
+        peers: &BpfHashMap<MapData, PeerKey, PeerCounters>,
+    ) -> anyhow::Result<()> {
+        self.start();
+        batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
+        self.count_tracked();
+        Ok(())
+    }
+
+    /// A full read, second step: chooses the exported peers, then takes the timed-out
+    /// handshakes userspace counts per peer and the per-peer greetings map.
+    pub fn read_rest<'a>(
+        &mut self,
+        greetings: &BpfHashMap<MapData, PeerGreetingKey, u64>,
+        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+    ) -> anyhow::Result<PeerView> {
+        self.select();
+        for (k, n) in timeouts {
+            self.add_timeouts(k, *n);
+        }
+        batch::for_each_entry(greetings, "per-peer greetings", |k, n| self.add_greeting(k, *n))?;
+        Ok(self.finish())
+    }
+
+    /// Starts a read.
+    pub fn start(&mut self) {
+        self.view = PeerView { read_at: Some(SystemTime::now()), ..PeerView::default() };
+        self.peer_hashes.clear();
+        self.selected.clear();
+    }
+
+    /// A keyed 64-bit hash of the entry's peer: two multiplications, where SipHash took a
+    /// tenth of the whole read of a million entries. Keys are random per process, so crafted
+    /// addresses cannot be made to collide (which would lower `smtpflow_peers_tracked`).
+    fn peer_hash(&self, k: &PeerKey) -> u64 {
+        /// The 128-bit product, folded: the mixing step of foldhash and ahash.
+        fn fold(x: u64, y: u64) -> u64 {
+            let p = u128::from(x) * u128::from(y);
+            (p as u64) ^ ((p >> 64) as u64)
+        }
+        let [k0, k1, k2, k3] = self.hash_keys;
+        let (lo, hi) = k.addr.split_at(8);
+        let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
+        let hi = u64::from_le_bytes(hi.try_into().expect("8 bytes"));
+        let rest = (u64::from(k.ifindex) << 8) | u64::from(k.family);
+        fold(fold(lo ^ k0, hi ^ k1) ^ rest ^ k2, k3)
+    }
+
+    /// One entry of the per-peer map.
+    pub fn add_entry(&mut self, k: &PeerKey, v: &PeerCounters) {
+        self.view.entries += 1;
+        self.peer_hashes.push(self.peer_hash(k));
+        if self.candidates.cap > 0 {
+            self.candidates.offer(Candidate { activity: v.total(), key: *k, counters: *v });
+        }
+        let outbound = k.direction == Direction::Outbound as u8;
+        let refused = v.outcomes[Outcome::Refused as usize];
+        self.offer(
+            Figure::ZeroWindowsSent,
+            k,
+            v.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)],
+        );
+        self.offer(
+            Figure::ZeroWindowsReceived,
+            k,
+            v.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)],
+        );
+        self.offer(Figure::Refused, k, refused);
+        if outbound {
+            self.offer(Figure::OutboundRefused, k, refused);
+        }
+    }
+
+    /// Chooses the exported peers among the entries kept: the `--max-peer-series` peers with
+    /// the most events and outcomes over their entries, ties broken by address.
+    ///
+    /// Exact while the map holds at most [`ENTRY_SLACK`] × `--max-peer-series` entries (all are
+    /// kept). Beyond that only that many most active entries are ranked, so a peer whose
+    /// activity is spread thinly over several entries (ports, directions) can rank lower than
+    /// its sum, and an exported peer's entries outside that set (its least active) are not
+    /// exported. Ranking exactly by peer would need a sum per peer: memory for every peer.
+    pub fn select(&mut self) {
+        let kept = self.candidates.take_sorted();
+        let mut activity: HashMap<PeerId, u64> = HashMap::with_capacity(kept.len());
+        for c in &kept {
+            *activity.entry(peer_id(&c.key)).or_default() += c.activity;
+        }
+        let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
+        if ranked.len() > self.max_series {
+            ranked
+                .select_nth_unstable_by(self.max_series, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            ranked.truncate(self.max_series);
+        }
+        self.selected.extend(ranked.into_iter().map(|(id, _)| id));
+        self.view.exported_peers = self.selected.len();
+        self.view.exported = kept
+            .into_iter()
+            .filter(|c| self.selected.contains(&peer_id(&c.key)))
+            .map(|c| (c.key, c.counters))
+            .collect();
+    }
+
+    /// The handshakes of one entry that timed out (counted by userspace's sweep).
+    pub fn add_timeouts(&mut self, k: &PeerKey, n: u64) {
+        if self.selected.contains(&peer_id(k)) {
+            self.view.exported_timeouts.push((*k, n));
+        }
+        self.offer(Figure::Timeouts, k, n);
+        if k.direction == Direction::Outbound as u8 {
+            self.offer(Figure::OutboundTimeouts, k, n);
+        }
+    }
+
+    /// One entry of the per-peer greetings map.
+    pub fn add_greeting(&mut self, k: &PeerGreetingKey, n: u64) {
+        if self.selected.contains(&peer_id(&k.peer)) {
+            self.view.exported_greetings.push((*k, n));
+        }
+        if k.peer.direction == Direction::Outbound as u8 && is_4xx(k.code) {
+            self.offer(Figure::Outbound4xxGreetings, &k.peer, n);
+        }
+    }
+
+    /// Counts the distinct peers among the entries added (sorting their hashes).
+    pub fn count_tracked(&mut self) {
+        self.peer_hashes.sort_unstable();
+        self.peer_hashes.dedup();
+        self.view.tracked = self.peer_hashes.len();
+    }
+
+    /// Ends the read.
+    pub fn finish(&mut self) -> PeerView {
+        for (out, top) in self.view.figures.iter_mut().zip(&mut self.figures) {
+            *out = top.take_sorted().into_iter().map(|(n, Reverse(k))| (k, n)).collect();
+        }
+        std::mem::take(&mut self.view)
+    }
+
+    fn offer(&mut self, f: Figure, k: &PeerKey, n: u64) {
+        if n > 0 {
+            self.figures[f as usize].offer((n, Reverse(*k)));
+        }
+    }
+
+    /// A view of these entries, timeouts and greetings, as a read of maps holding them makes.
+    #[cfg(test)]
+    pub fn view_of(
+        &mut self,
+        entries: &[(PeerKey, PeerCounters)],
+        timeouts: &[(PeerKey, u64)],
+        greetings: &[(PeerGreetingKey, u64)],
+    ) -> PeerView {
+        self.start();
+        for (k, v) in entries {
+            self.add_entry(k, v);
+        }
+        self.count_tracked();
+        self.select();
+        for (k, n) in timeouts {
+            self.add_timeouts(k, *n);
+        }
+        for (k, n) in greetings {
+            self.add_greeting(k, *n);
+        }
+        self.finish()
+    }
+}
+
+/// When the per-peer maps are read in full. Reading costs the kernel about 0.3 µs an entry
+/// (bucket locks and copies; 20–25 ms for 65,536 entries, 0.5 s or more for a million), which
+/// on every 1 s drain would be 2–50 % of a core for numbers that change slowly. So a read that
+/// took `t` is followed by the next no sooner than `t` / [`ReadSchedule::SHARE`] later (at most
+/// 1 % of one core on average), and no later than [`ReadSchedule::MAX_PAUSE`]. Small maps (up
+/// to about 30,000 entries) are still read on every 1 s drain. The exact totals do not depend
+/// on this: they come from the counters map, read on every drain.
+#[derive(Debug)]
+pub struct ReadSchedule {
+    next: Instant,
+}
+
+impl ReadSchedule {
+    /// Fraction of one core the reads of the per-peer maps may use on average.
+    pub const SHARE: f64 = 0.01;
+    /// Longest pause between two reads: per-peer series are never older than this.
+    pub const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+    /// A schedule whose first read is due now.
+    pub fn new() -> Self {
+        Self { next: Instant::now() }
+    }
+
+    pub fn due(&self, now: Instant) -> bool {
+        now >= self.next
+    }
+
+    /// Records a read that started at `started` and took `took`.
+    pub fn done(&mut self, started: Instant, took: Duration) {
+        self.next = started + took.div_f64(Self::SHARE).min(Self::MAX_PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smtpflow_common::FAMILY_V4;
+
+    fn key(last: u8, port: u16, direction: Direction) -> PeerKey {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[198, 51, 100, last]);
+        PeerKey { ifindex: 2, addr, port, family: FAMILY_V4, direction: direction as u8 }
+    }
+
+    fn syns(n: u64) -> PeerCounters {
+        let mut c = PeerCounters::default();
+        c.counts[PeerCounters::index(Event::Syn, Side::Peer)] = n;
+        c
+    }
+
+    fn exported_addrs(v: &PeerView) -> Vec<u8> {
+        let mut a: Vec<u8> = v.exported.iter().map(|(k, _)| k.addr[3]).collect();
+        a.sort_unstable();
+        a.dedup();
+        a
+    }
+
+    #[test]
+    fn counts_entries_and_distinct_peers() {
+        let mut r = PeerReader::new(10);
+        let entries = [
+            (key(1, 25, Direction::Inbound), syns(1)),
+            (key(1, 587, Direction::Inbound), syns(1)),
+            (key(1, 25, Direction::Outbound), syns(1)),
+            (key(2, 25, Direction::Inbound), syns(1)),
+        ];
+        let v = r.view_of(&entries, &[], &[]);
+        assert_eq!((v.entries, v.tracked, v.exported_peers, v.exported.len()), (4, 2, 2, 4));
+        assert!(v.read_at.is_some());
+        // The same peer on another interface, or as IPv6, is another peer.
+        let mut other = key(1, 25, Direction::Inbound);
+        other.ifindex = 3;
+        let mut v6 = key(1, 25, Direction::Inbound);
+        v6.family = smtpflow_common::FAMILY_V6;
+        let v = r.view_of(&[entries[0], (other, syns(1)), (v6, syns(1))], &[], &[]);
+        assert_eq!((v.entries, v.tracked), (3, 3), "buffers are reused, not accumulated");
+    }
+
+    #[test]
+    fn ranks_peers_by_their_summed_entries() {
+        // Peer 1 has the busiest single entry (5); peer 2 more in total (3 + 3 + 3).
+        let entries = [
+            (key(1, 25, Direction::Inbound), syns(5)),
+            (key(2, 25, Direction::Inbound), syns(3)),
+            (key(2, 465, Direction::Inbound), syns(3)),
+            (key(2, 587, Direction::Inbound), syns(3)),
+            (key(3, 25, Direction::Inbound), syns(4)),
+        ];
+        let v = PeerReader::new(1).view_of(&entries, &[], &[]);
+        assert_eq!(exported_addrs(&v), [2]);
+        assert_eq!(v.exported.len(), 3, "all of the chosen peer's entries");
+        let v = PeerReader::new(2).view_of(&entries, &[], &[]);
+        assert_eq!(exported_addrs(&v), [1, 2]);
+    }
+
+    #[test]
+    fn ties_are_broken_by_address_whatever_the_order() {
+        let mut entries: Vec<_> =
+            (1..=10).map(|i| (key(i, 25, Direction::Inbound), syns(1))).collect();
+        let a = PeerReader::new(4).view_of(&entries, &[], &[]);
+        entries.reverse();
+        let b = PeerReader::new(4).view_of(&entries, &[], &[]);
+        assert_eq!(exported_addrs(&a), [1, 2, 3, 4]);
+        assert_eq!(exported_addrs(&b), [1, 2, 3, 4]);
+        assert!(PeerReader::new(0).view_of(&entries, &[], &[]).exported.is_empty());
+    }
+
+    #[test]
+    fn keeps_a_bounded_number_of_candidates() {
+        // Many more entries than ENTRY_SLACK × 2 candidates: the two busiest peers still win.
+        let mut entries: Vec<_> =
+            (0..=200u8).map(|i| (key(i, 25, Direction::Inbound), syns(u64::from(i)))).collect();
+        entries.rotate_left(77);
+        let mut r = PeerReader::new(2);
+        let v = r.view_of(&entries, &[], &[]);
+        assert_eq!(exported_addrs(&v), [199, 200]);
+        assert_eq!((v.entries, v.tracked), (201, 201));
+        assert!(r.candidates.heap.capacity() <= 4 * 2 * ENTRY_SLACK, "bounded by the cap");
+    }
+
+    #[test]
+    fn timeouts_and_greetings_follow_the_chosen_peers() {
+        let (busy, quiet) = (key(1, 25, Direction::Outbound), key(2, 25, Direction::Outbound));
+        let entries = [(busy, syns(9)), (quiet, syns(1))];
+        let greeting = |peer, code| PeerGreetingKey { peer, code, _pad: [0; 2] };
+        let v = PeerReader::new(1).view_of(
+            &entries,
+            &[(busy, 2), (quiet, 7)],
+            &[(greeting(busy, 220), 4), (greeting(quiet, 421), 3)],
+        );
+        assert_eq!(v.exported_timeouts, [(busy, 2)]);
+        assert_eq!(v.exported_greetings, [(greeting(busy, 220), 4)]);
+        // The figures cover every peer, chosen or not.
+        assert_eq!(v.figure(Figure::OutboundTimeouts), [(quiet, 7), (busy, 2)]);
+        assert_eq!(v.figure(Figure::Timeouts), [(quiet, 7), (busy, 2)]);
+        assert_eq!(v.figure(Figure::Outbound4xxGreetings), [(quiet, 3)]);
+    }
+
+    #[test]
+    fn figures_keep_the_largest_nonzero_values_by_direction() {
+        let mut stalled = PeerCounters::default();
+        stalled.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)] = 3;
+        stalled.outcomes[Outcome::Refused as usize] = 2;
+        let (inbound, outbound) = (key(1, 25, Direction::Inbound), key(2, 25, Direction::Outbound));
+        let v = PeerReader::new(0).view_of(&[(inbound, stalled), (outbound, stalled)], &[], &[]);
+        assert_eq!(v.figure(Figure::ZeroWindowsSent), [(inbound, 3), (outbound, 3)]);
+        assert!(v.figure(Figure::ZeroWindowsReceived).is_empty(), "zeros are not kept");
+        assert_eq!(v.figure(Figure::Refused), [(inbound, 2), (outbound, 2)]);
+        assert_eq!(v.figure(Figure::OutboundRefused), [(outbound, 2)]);
+        let many: Vec<_> = (0..=255u8)
+            .flat_map(|i| {
+                [
+                    (key(i, 25, Direction::Outbound), stalled),
+                    (key(i, 587, Direction::Outbound), stalled),
+                ]
+            })
+            .collect();
+        let v = PeerReader::new(0).view_of(&many, &[], &[]);
+        assert_eq!(v.figure(Figure::OutboundRefused).len(), FIGURE_KEEP);
+    }
+
+    #[test]
+    fn big_reads_are_spaced_out() {
+        let mut s = ReadSchedule::new();
+        let t0 = Instant::now();
+        assert!(s.due(t0));
+        s.done(t0, Duration::from_millis(2));
+        assert!(s.due(t0 + Duration::from_millis(200)), "a cheap read is due on the next drain");
+        s.done(t0, Duration::from_millis(25));
+        assert!(!s.due(t0 + Duration::from_secs(2)));
+        assert!(s.due(t0 + Duration::from_millis(2500)));
+        s.done(t0, Duration::from_secs(5));
+        assert!(s.due(t0 + ReadSchedule::MAX_PAUSE), "never older than MAX_PAUSE");
+    }
+}
