@@ -104,12 +104,25 @@ impl<T: Ord> TopN<T> {
 
     fn offer(&mut self, item: T) {
         if self.heap.len() < self.cap {
+            if self.heap.capacity() == 0 {
+                // Room for `cap` items at once, not the next power of two.
+                self.heap.reserve_exact(self.cap);
+            }
             self.heap.push(Reverse(item));
         } else if let Some(mut smallest) = self.heap.peek_mut()
             && item > smallest.0
         {
             *smallest = Reverse(item);
         }
+    }
+
+    /// The items kept, in no order, for `f`; then empties the heap, keeping its allocation.
+    fn drain_with<R>(&mut self, f: impl FnOnce(&[Reverse<T>]) -> R) -> R {
+        let mut items = std::mem::take(&mut self.heap).into_vec();
+        let r = f(&items);
+        items.clear();
+        self.heap = BinaryHeap::from(items);
+        r
     }
 
     /// The items kept, largest first; empties the heap and keeps its allocation.
@@ -285,24 +298,24 @@ impl PeerReader {
     /// its sum, and an exported peer's entries outside that set (its least active) are not
     /// exported. Ranking exactly by peer would need a sum per peer: memory for every peer.
     pub fn select(&mut self) {
-        let kept = self.candidates.take_sorted();
-        let mut activity: HashMap<PeerId, u64> = HashMap::with_capacity(kept.len());
-        for c in &kept {
-            *activity.entry(peer_id(&c.key)).or_default() += c.activity;
-        }
-        let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
-        if ranked.len() > self.max_series {
-            ranked
-                .select_nth_unstable_by(self.max_series, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            ranked.truncate(self.max_series);
-        }
-        self.selected.extend(ranked.into_iter().map(|(id, _)| id));
+        let (max_series, selected) = (self.max_series, &mut self.selected);
+        self.view.exported = self.candidates.drain_with(|kept| {
+            let mut activity: HashMap<PeerId, u64> = HashMap::with_capacity(kept.len());
+            for Reverse(c) in kept {
+                *activity.entry(peer_id(&c.key)).or_default() += c.activity;
+            }
+            let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
+            if ranked.len() > max_series {
+                ranked.select_nth_unstable_by(max_series, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                ranked.truncate(max_series);
+            }
+            selected.extend(ranked.into_iter().map(|(id, _)| id));
+            kept.iter()
+                .filter(|Reverse(c)| selected.contains(&peer_id(&c.key)))
+                .map(|Reverse(c)| (c.key, c.counters))
+                .collect()
+        });
         self.view.exported_peers = self.selected.len();
-        self.view.exported = kept
-            .into_iter()
-            .filter(|c| self.selected.contains(&peer_id(&c.key)))
-            .map(|c| (c.key, c.counters))
-            .collect();
     }
 
     /// The handshakes of one entry that timed out (counted by userspace's sweep).
