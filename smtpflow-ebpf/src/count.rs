@@ -192,18 +192,16 @@ struct Seen {
 #[inline(always)]
 pub fn observe<P: Packet>(p: &P, side: Side) {
     let linear = p.linear();
-    let loc = match locate(&linear, is_smtp) {
-        Ok(loc) => loc,
-        Err(Skip::NotTcp | Skip::OtherPorts) => return,
+    let found = match locate(&linear, is_smtp) {
         // Headers past the linear data of an skb may still be in its fragments.
-        Err(Skip::Malformed) if linear.len() < p.len() => match locate_whole(p) {
-            Ok(loc) => loc,
-            Err(Skip::NotTcp | Skip::OtherPorts) => return,
-            Err(Skip::Malformed) => return bump(Stat::Malformed),
-        },
-        Err(Skip::Malformed) => return bump(Stat::Malformed),
+        Err(Skip::Malformed) if linear.len() < p.len() => locate_whole(p),
+        found => found,
     };
-    observe_smtp(p, &loc, side);
+    match found {
+        Ok(loc) => observe_smtp(p, &loc, side),
+        Err(Skip::Malformed) => bump(Stat::Malformed),
+        Err(Skip::NotTcp | Skip::OtherPorts) => {}
+    }
 }
 
 /// Whether either port is an SMTP port: two loads of the port set.
