@@ -64,80 +64,38 @@ pub struct FlowState {
     pub _pad: [u8; 6],
 }
 
-/// Handshake outcome.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Outcome {
-    /// The SYN was answered by a SYN-ACK.
-    Established = 0,
-    /// The SYN was answered by a RST.
-    Refused = 1,
-    /// No answer within `--handshake-timeout` (decided by userspace's sweep).
-    Timeout = 2,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Established, Outcome::Refused, Outcome::Timeout];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Outcome::Established => "established",
-            Outcome::Refused => "refused",
-            Outcome::Timeout => "timeout",
-        }
-    }
-
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Outcome::Established),
-            1 => Some(Outcome::Refused),
-            2 => Some(Outcome::Timeout),
-            _ => None,
-        }
+labelled_enum! {
+    /// Handshake outcome.
+    pub enum Outcome: u8 {
+        /// The SYN was answered by a SYN-ACK.
+        Established = 0 => "established",
+        /// The SYN was answered by a RST.
+        Refused = 1 => "refused",
+        /// No answer within `--handshake-timeout` (decided by userspace's sweep).
+        Timeout = 2 => "timeout",
     }
 }
 
-/// The phase of its connection a RST ends.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Phase {
-    /// Before the handshake completed: a refusal.
-    Handshake = 0,
-    /// After the handshake, before the server's first payload.
-    PreGreeting = 1,
-    /// After the server's first payload, or a connection we did not see start.
-    Session = 2,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 3] = [Phase::Handshake, Phase::PreGreeting, Phase::Session];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Phase::Handshake => "handshake",
-            Phase::PreGreeting => "pre_greeting",
-            Phase::Session => "session",
-        }
-    }
-
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Phase::Handshake),
-            1 => Some(Phase::PreGreeting),
-            2 => Some(Phase::Session),
-            _ => None,
-        }
+labelled_enum! {
+    /// The phase of its connection a RST ends.
+    pub enum Phase: u8 {
+        /// Before the handshake completed: a refusal.
+        Handshake = 0 => "handshake",
+        /// After the handshake, before the server's first payload.
+        PreGreeting = 1 => "pre_greeting",
+        /// After the server's first payload, or a connection we did not see start.
+        Session = 2 => "session",
     }
 }
 
-/// Which duration a histogram holds.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum HistKind {
-    /// First SYN to SYN-ACK.
-    Handshake = 0,
-    /// Handshake completion to the server's first payload.
-    Greeting = 1,
+labelled_enum! {
+    /// Which duration a histogram holds.
+    pub enum HistKind: u8 {
+        /// First SYN to SYN-ACK.
+        Handshake = 0 => "handshake",
+        /// Handshake completion to the server's first payload.
+        Greeting = 1 => "greeting",
+    }
 }
 
 /// Key of the per-CPU duration histograms map.
@@ -150,6 +108,28 @@ pub struct HistKey {
     pub direction: u8,
     /// [`HistKind`] as u8.
     pub kind: u8,
+}
+
+impl HistKey {
+    #[inline(always)]
+    pub const fn new(scope: crate::Scope, kind: HistKind) -> Self {
+        Self {
+            ifindex: scope.ifindex,
+            port: scope.port,
+            direction: scope.direction as u8,
+            kind: kind as u8,
+        }
+    }
+
+    /// Where the histogram belongs and which duration it holds; `None` for unknown bytes.
+    pub const fn decode(&self) -> Option<(crate::Scope, HistKind)> {
+        match (crate::Direction::from_repr(self.direction), HistKind::from_repr(self.kind)) {
+            (Some(direction), Some(kind)) => {
+                Some((crate::Scope { ifindex: self.ifindex, port: self.port, direction }, kind))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Upper bounds of the histogram buckets in nanoseconds: 50 µs to 10 s.

@@ -6,16 +6,22 @@
 //! is the client) live here too: the kernel calls them per packet and the unit tests pin them.
 #![no_std]
 
+#[macro_use]
+mod labels;
+
+pub mod counter;
+pub mod flow;
+pub mod peer;
 pub mod reference;
 pub mod rules;
 #[cfg(feature = "user")]
 pub mod user;
 
-pub mod flow;
-
+pub use counter::{Counter, CounterKey, Scope, Stat};
 pub use flow::{
     FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
 };
+pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};
 
 /// Most SMTP ports the kernel program matches (`--ports`).
@@ -44,12 +50,17 @@ pub const DEFAULT_MAX_PEERS: u32 = 65_536;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Most interfaces one smtpflow watches.
 pub const MAX_IFACES: usize = 32;
-/// Capacity of the exact counters map. The event, outcome and reset keys of every watched
-/// interface and port are created up front (at most `MAX_IFACES * MAX_PORTS * 62`, about 32k);
-/// the rest holds reply codes and drop reasons as they appear.
+/// Capacity of the exact counters map. The seeded keys of every watched interface, port and
+/// direction are created up front ([`Counter::seeded`]); the rest holds reply codes and drop
+/// reasons as they appear.
 pub const COUNTERS_CAPACITY: u32 = 65_536;
+const _: () = assert!(
+    MAX_IFACES * MAX_PORTS * 2 * Counter::SEEDED_PER_SCOPE < COUNTERS_CAPACITY as usize / 2,
+    "at least half of the counters map stays free for reply codes and drop reasons"
+);
 /// Capacity of the duration histograms map: interfaces x ports x directions x kinds.
-pub const HISTS_CAPACITY: u32 = (MAX_IFACES * MAX_PORTS * 2 * 2) as u32;
+pub const HISTS_CAPACITY: u32 =
+    (MAX_IFACES * MAX_PORTS * Direction::COUNT * HistKind::COUNT) as u32;
 
 /// Runtime configuration, a read-only global of the kernel object set by the loader.
 #[repr(C)]
@@ -94,132 +105,6 @@ impl Config {
     pub const fn is_plaintext(&self, index: usize) -> bool {
         index < MAX_PORTS && self.plaintext_mask & (1 << index) != 0
     }
-}
-
-/// Address family tag stored in keys (values of `AF_INET`/`AF_INET6` are not used on purpose:
-/// these are stable across platforms).
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
-
-/// What a [`CounterKey`] counts, and what its `a`, `b` and `code` fields mean.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Metric {
-    /// `a`: [`Event`], `b`: [`Side`].
-    Event = 0,
-    /// `a`: [`Outcome`] (established, refused; timeouts are decided in userspace).
-    Handshake = 1,
-    /// The same SYN seen again while its handshake is pending.
-    SynRetransmit = 2,
-    /// `a`: [`Phase`], `b`: [`Side`] that sent the RST.
-    Reset = 3,
-    /// `code`: SMTP reply code.
-    Reply = 4,
-    /// `code`: SMTP reply code of the first reply of a connection.
-    Greeting = 5,
-    /// `ifindex` 0, `code`: the kernel's `enum skb_drop_reason` value.
-    SynDrop = 6,
-}
-
-impl Metric {
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Metric::Event),
-            1 => Some(Metric::Handshake),
-            2 => Some(Metric::SynRetransmit),
-            3 => Some(Metric::Reset),
-            4 => Some(Metric::Reply),
-            5 => Some(Metric::Greeting),
-            6 => Some(Metric::SynDrop),
-            _ => None,
-        }
-    }
-}
-
-/// Key of the exact per-CPU counters map: every lossless counter the kernel keeps.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CounterKey {
-    pub ifindex: u32,
-    pub port: u16,
-    /// [`Metric`] as u8.
-    pub metric: u8,
-    /// [`Direction`] as u8.
-    pub direction: u8,
-    pub a: u8,
-    pub b: u8,
-    pub code: u16,
-}
-
-impl CounterKey {
-    #[inline(always)]
-    pub const fn new(ifindex: u32, port: u16, metric: Metric, direction: Direction) -> Self {
-        Self {
-            ifindex,
-            port,
-            metric: metric as u8,
-            direction: direction as u8,
-            a: 0,
-            b: 0,
-            code: 0,
-        }
-    }
-
-    #[inline(always)]
-    pub const fn event(
-        ifindex: u32,
-        port: u16,
-        event: Event,
-        direction: Direction,
-        side: Side,
-    ) -> Self {
-        let mut k = Self::new(ifindex, port, Metric::Event, direction);
-        k.a = event as u8;
-        k.b = side as u8;
-        k
-    }
-}
-
-/// Key of the per-peer LRU map. IPv4 addresses use the first four bytes of `addr`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PeerKey {
-    pub ifindex: u32,
-    pub addr: [u8; 16],
-    pub port: u16,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    pub family: u8,
-    /// [`Direction`] as u8.
-    pub direction: u8,
-}
-
-/// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], and
-/// the handshake outcomes the kernel decides (established, refused).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PeerCounters {
-    pub counts: [u64; Event::COUNT * Side::COUNT],
-    pub outcomes: [u64; 2],
-}
-
-impl PeerCounters {
-    pub const fn index(event: Event, side: Side) -> usize {
-        event as usize * Side::COUNT + side as usize
-    }
-
-    /// All events and outcomes: how active the peer is.
-    pub fn total(&self) -> u64 {
-        self.counts.iter().sum::<u64>() + self.outcomes.iter().sum::<u64>()
-    }
-}
-
-/// Key of the per-peer greeting map: a peer and the code of its connections' first reply.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PeerGreetingKey {
-    pub peer: PeerKey,
-    pub code: u16,
-    pub _pad: [u8; 2],
 }
 
 /// Offsets into kernel structures, read from the running kernel's BTF by the loader (Rust eBPF
@@ -267,37 +152,7 @@ impl DropConfig {
     };
 }
 
-/// Indices of the per-CPU `STATS` array: the kernel program's own bookkeeping.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Frames whose headers were malformed (IPv4 IHL < 5, TCP data offset < 5, truncated).
-    Malformed = 0,
-    /// New per-peer entries created (LRU evictions = inserts - live entries).
-    PeerInserts = 1,
-    /// A per-peer entry could not be created (the event still counted in the totals).
-    PeerInsertFailed = 2,
-    /// A counters entry could not be created: a count was lost. Must stay 0.
-    CounterInsertFailed = 3,
-    /// New flow entries created (LRU evictions = inserts - live entries - deletions).
-    FlowInserts = 4,
-    /// Flow entries the kernel deleted (connection reset or closed by the server).
-    FlowDeletes = 5,
-    /// A flow entry could not be created.
-    FlowInsertFailed = 6,
-    /// A histogram entry could not be created: a duration was lost. Must stay 0.
-    HistInsertFailed = 7,
-}
-
-impl Stat {
-    pub const COUNT: usize = 8;
-}
-
 const _: () = {
     assert!(size_of::<Config>() == 40 + 8 * PORT_SET_WORDS);
-    assert!(size_of::<CounterKey>() == 12);
-    assert!(size_of::<PeerKey>() == 24);
-    assert!(size_of::<PeerCounters>() == 80);
-    assert!(size_of::<PeerGreetingKey>() == 28);
     assert!(size_of::<DropConfig>() == 52);
 };

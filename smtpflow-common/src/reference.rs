@@ -31,8 +31,8 @@
 //! picks, in the direction [`direction_of`] gives; the peer is the source address when the
 //! packet was sent by the peer (ingress), the destination when sent by the local host (egress).
 use crate::{
-    CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Side, classify, direction_of,
-    rules::Event, smtp_port,
+    Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side, classify,
+    direction_of, rules::Event, smtp_port,
 };
 
 /// VLAN tags walked (802.1Q, or 802.1ad then 802.1Q), stripped ones included.
@@ -314,7 +314,10 @@ pub fn effect(
     };
     Effect::Counted(Counted {
         event,
-        counter: CounterKey::event(ifindex, m.port, event, direction, side),
+        counter: CounterKey::new(
+            Scope { ifindex, port: m.port, direction },
+            Counter::Event(event, side),
+        ),
         peer: PeerKey {
             ifindex,
             addr,
@@ -405,11 +408,10 @@ mod tests {
 
     fn counted(e: Effect) -> Option<(Event, Direction, u16)> {
         match e {
-            Effect::Counted(c) => Some((
-                c.event,
-                Direction::from_u8(c.counter.direction).expect("direction"),
-                c.counter.port,
-            )),
+            Effect::Counted(c) => {
+                let (scope, _) = c.counter.decode().expect("a key that decodes");
+                Some((c.event, scope.direction, scope.port))
+            }
             _ => None,
         }
     }
@@ -443,7 +445,10 @@ mod tests {
         };
         assert_eq!(
             c.counter,
-            CounterKey::event(7, 25, Event::SynAck, Direction::Outbound, Side::Peer)
+            CounterKey::new(
+                Scope { ifindex: 7, port: 25, direction: Direction::Outbound },
+                Counter::Event(Event::SynAck, Side::Peer)
+            )
         );
         assert_eq!(&c.peer.addr[..4], &[198, 51, 100, 7], "ingress: the source");
         assert_eq!(c.peer.family, FAMILY_V4);
@@ -454,7 +459,10 @@ mod tests {
         };
         assert_eq!(
             c.counter,
-            CounterKey::event(7, 25, Event::SynAck, Direction::Inbound, Side::Local)
+            CounterKey::new(
+                Scope { ifindex: 7, port: 25, direction: Direction::Inbound },
+                Counter::Event(Event::SynAck, Side::Local)
+            )
         );
         assert_eq!(&c.peer.addr[..4], &[192, 0, 2, 1]);
     }

@@ -15,99 +15,33 @@ pub mod tcp_flags {
 
 use tcp_flags::{ACK, FIN, RST, SYN};
 
-/// A counted TCP event. At most one per packet: the rules are mutually exclusive.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Event {
-    /// SYN set, ACK and RST clear.
-    Syn = 0,
-    /// SYN and ACK set, RST clear.
-    SynAck = 1,
-    /// RST set, whatever else is set.
-    Rst = 2,
-    /// Window field 0 with SYN, FIN and RST clear.
-    ZeroWindow = 3,
-}
-
-impl Event {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Event; Self::COUNT] =
-        [Event::Syn, Event::SynAck, Event::Rst, Event::ZeroWindow];
-
-    /// The `event` label value.
-    pub const fn label(self) -> &'static str {
-        match self {
-            Event::Syn => "syn",
-            Event::SynAck => "syn_ack",
-            Event::Rst => "rst",
-            Event::ZeroWindow => "zero_window",
-        }
-    }
-
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Event::Syn),
-            1 => Some(Event::SynAck),
-            2 => Some(Event::Rst),
-            3 => Some(Event::ZeroWindow),
-            _ => None,
-        }
+labelled_enum! {
+    /// A counted TCP event. At most one per packet: the rules are mutually exclusive.
+    pub enum Event: u8 {
+        /// SYN set, ACK and RST clear.
+        Syn = 0 => "syn",
+        /// SYN and ACK set, RST clear.
+        SynAck = 1 => "syn_ack",
+        /// RST set, whatever else is set.
+        Rst = 2 => "rst",
+        /// Window field 0 with SYN, FIN and RST clear.
+        ZeroWindow = 3 => "zero_window",
     }
 }
 
-/// Who sent the packet: seen on ingress, the peer; on egress, the local host.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Side {
-    Peer = 0,
-    Local = 1,
-}
-
-impl Side {
-    pub const COUNT: usize = 2;
-    pub const ALL: [Side; Self::COUNT] = [Side::Peer, Side::Local];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Side::Peer => "peer",
-            Side::Local => "local",
-        }
-    }
-
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Side::Peer),
-            1 => Some(Side::Local),
-            _ => None,
-        }
+labelled_enum! {
+    /// Who sent the packet: seen on ingress, the peer; on egress, the local host.
+    pub enum Side: u8 {
+        Peer = 0 => "peer",
+        Local = 1 => "local",
     }
 }
 
-/// `Inbound` when the SMTP client is the peer, `Outbound` when it is the local host.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    Inbound = 0,
-    Outbound = 1,
-}
-
-impl Direction {
-    pub const COUNT: usize = 2;
-    pub const ALL: [Direction; Self::COUNT] = [Direction::Inbound, Direction::Outbound];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-
-    pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Direction::Inbound),
-            1 => Some(Direction::Outbound),
-            _ => None,
-        }
+labelled_enum! {
+    /// `Inbound` when the SMTP client is the peer, `Outbound` when it is the local host.
+    pub enum Direction: u8 {
+        Inbound = 0 => "inbound",
+        Outbound = 1 => "outbound",
     }
 }
 
@@ -257,15 +191,15 @@ mod tests {
     #[test]
     fn labels_round_trip() {
         for e in Event::ALL {
-            assert_eq!(Event::from_u8(e as u8), Some(e));
+            assert_eq!(Event::from_repr(e as u8), Some(e));
         }
         for s in Side::ALL {
-            assert_eq!(Side::from_u8(s as u8), Some(s));
+            assert_eq!(Side::from_repr(s as u8), Some(s));
         }
         for d in Direction::ALL {
-            assert_eq!(Direction::from_u8(d as u8), Some(d));
+            assert_eq!(Direction::from_repr(d as u8), Some(d));
         }
-        assert_eq!(Event::from_u8(4), None);
+        assert_eq!(Event::from_repr(4), None);
         let labels: [&str; 4] = Event::ALL.map(Event::label);
         assert_eq!(labels, ["syn", "syn_ack", "rst", "zero_window"]);
     }

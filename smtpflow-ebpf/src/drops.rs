@@ -3,30 +3,19 @@
 //! them in `DROP_CONFIG`; the reason's name is resolved in userspace, from BTF too.
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, fexit},
     programs::{BtfTracePointContext, FExitContext},
 };
 use smtpflow_common::{
-    CounterKey, Direction, DropConfig, Metric,
+    Counter, CounterKey, Direction, DropConfig, Scope,
     rules::tcp_flags::{ACK, RST, SYN},
     smtp_port,
 };
 
-use crate::count::{config, count};
-
-/// Set by the loader before load; `enabled` stays 0 when BTF lacks what the program needs.
-#[unsafe(no_mangle)]
-static DROP_CONFIG: DropConfig = DropConfig::DISABLED;
+use crate::maps::{config, count, drop_config};
 
 /// `sk_buff::network_header` when unset.
 const NO_HEADER: u16 = 0xffff;
 const IPPROTO_TCP: u8 = 6;
-
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn smtpflow_drop(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_drop(&ctx);
-    0
-}
 
 #[inline(always)]
 fn read<T>(addr: u64) -> Result<T, ()> {
@@ -93,21 +82,14 @@ fn client_segment(skb: u64, c: &DropConfig) -> Result<Option<ClientSegment>, ()>
 }
 
 #[inline(always)]
-fn drop_config() -> DropConfig {
-    // SAFETY: the loader writes DROP_CONFIG before load; volatile keeps the placeholder from
-    // being folded.
-    unsafe { core::ptr::read_volatile(&DROP_CONFIG) }
-}
-
-#[inline(always)]
 fn count_drop(port: u16, direction: Direction, reason: u32) {
-    let mut key = CounterKey::new(0, port, Metric::SynDrop, direction);
-    key.code = reason as u16;
-    count(&key);
+    // A drop has no watched interface: its scope's ifindex is 0.
+    count(&CounterKey::new(Scope { ifindex: 0, port, direction }, Counter::SynDrop(reason as u16)));
 }
 
+/// `tp_btf/kfree_skb`: counts an SMTP-port SYN the kernel dropped, by its drop reason.
 #[inline(always)]
-fn try_drop(ctx: &BtfTracePointContext) -> Result<(), ()> {
+pub fn on_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let c = drop_config();
     if c.enabled == 0 {
         return Ok(());
@@ -134,18 +116,12 @@ fn try_drop(ctx: &BtfTracePointContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// A SYN refused because the listener's accept queue is full is consumed, not dropped with a
-/// reason (`tcp_conn_request` counts it in ListenOverflows and frees it quietly), so the
-/// tracepoint above never sees it. At the function's exit the queue is still full for such a
-/// SYN: the kernel's own test (`sk_acceptq_is_full`) tells it apart.
-#[fexit(function = "tcp_conn_request")]
-pub fn smtpflow_lovf(ctx: FExitContext) -> i32 {
-    let _ = try_listen_overflow(&ctx);
-    0
-}
-
+/// `fexit/tcp_conn_request`: a SYN refused because the listener's accept queue is full is
+/// consumed, not dropped with a reason (`tcp_conn_request` counts it in ListenOverflows and frees
+/// it quietly), so [`on_kfree_skb`] never sees it. At the function's exit the queue is still full
+/// for such a SYN: the kernel's own test (`sk_acceptq_is_full`) tells it apart.
 #[inline(always)]
-fn try_listen_overflow(ctx: &FExitContext) -> Result<(), ()> {
+pub fn on_conn_request_exit(ctx: &FExitContext) -> Result<(), ()> {
     let c = drop_config();
     if c.enabled == 0 || c.listen_overflow_reason == 0 {
         return Ok(());

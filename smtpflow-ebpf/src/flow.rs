@@ -1,16 +1,16 @@
-//! The flow map: one entry per SMTP connection attempt, advanced by the state machine in
+//! One SMTP connection attempt's entry in the flow map, advanced by the state machine in
 //! `smtpflow_common::flow::step`. Userspace sweeps entries whose handshake timed out.
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::LruHashMap};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
-    DEFAULT_MAX_FLOWS, Direction, FlowKey, FlowState, Stat,
+    Direction, FlowKey, Stat,
     flow::{Actions, FlowPacket, step},
 };
 
-use crate::{count::bump, packet::Frame, parse::Segment};
-
-/// Resized by the loader (`--max-flows`).
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+use crate::{
+    maps::{FLOWS, bump},
+    packet::Frame,
+    parse::Segment,
+};
 
 /// Where a packet belongs: what `track` needs besides the segment (one argument, as BPF calls
 /// take at most five).

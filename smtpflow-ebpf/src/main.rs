@@ -1,5 +1,9 @@
 //! smtpflow's kernel programs: TC ingress/egress classifiers and an XDP ingress program that
-//! count SYN, SYN-ACK, RST and zero-window events on the SMTP ports.
+//! count SYN, SYN-ACK, RST and zero-window events on the SMTP ports, and two drop counters.
+//!
+//! This file holds the entry points only. A packet goes [`observe`] -> [`parse`] (locate the
+//! TCP segment) -> [`flow`] (advance its connection) -> [`maps`] (count); the drop programs go
+//! [`drops`] -> [`maps`]. Imports run that way only.
 //!
 //! Every program only observes: TC returns `TC_ACT_UNSPEC` (programs after ours still run) and
 //! XDP returns `XDP_PASS`, on every path.
@@ -12,35 +16,48 @@
     reason = "atomic_xadd: the bpf target has no CAS, so AtomicU64 has no fetch_add"
 )]
 
-mod count;
 mod drops;
 mod flow;
+mod maps;
+mod observe;
 mod packet;
 mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{btf_tracepoint, classifier, fexit, xdp},
+    programs::{BtfTracePointContext, FExitContext, TcContext, XdpContext},
 };
 use smtpflow_common::Side;
 
 #[classifier]
 pub fn smtpflow_tc_in(ctx: TcContext) -> i32 {
-    count::observe(&ctx, Side::Peer);
+    observe::observe(&ctx, Side::Peer);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn smtpflow_tc_out(ctx: TcContext) -> i32 {
-    count::observe(&ctx, Side::Local);
+    observe::observe(&ctx, Side::Local);
     TC_ACT_UNSPEC
 }
 
 #[xdp]
 pub fn smtpflow_xdp(ctx: XdpContext) -> u32 {
-    count::observe(&ctx, Side::Peer);
+    observe::observe(&ctx, Side::Peer);
     XDP_PASS
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn smtpflow_drop(ctx: BtfTracePointContext) -> i32 {
+    let _ = drops::on_kfree_skb(&ctx);
+    0
+}
+
+#[fexit(function = "tcp_conn_request")]
+pub fn smtpflow_lovf(ctx: FExitContext) -> i32 {
+    let _ = drops::on_conn_request_exit(&ctx);
+    0
 }
 
 #[cfg(not(test))]

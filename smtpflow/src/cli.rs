@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use smtpflow_common::{DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
 
+use crate::kernel::{Mode, TcLink};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "smtpflow",
@@ -53,26 +55,6 @@ pub struct CheckArgs {
     /// Interface to check as well; repeat for several.
     #[arg(long = "iface", short = 'i', value_name = "IFACE")]
     pub ifaces: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// clsact/TCX classifiers on ingress and egress: both directions, every event.
-    Tc,
-    /// XDP on ingress only (driver mode where the device supports it, else generic): sees what
-    /// peers send, nothing the local host sends.
-    Xdp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TcLink {
-    /// TCX links on Linux 6.6 and later, netlink filters on older kernels.
-    Auto,
-    /// TCX links only (Linux 6.6+).
-    Tcx,
-    /// netlink clsact filters, as on kernels before 6.6 (stale filters of ours are removed at
-    /// start; the clsact qdisc is never deleted).
-    Netlink,
 }
 
 /// What to watch and how: shared by `watch` and `diagnose`.
@@ -267,8 +249,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 
 impl ObserveArgs {
     /// How peers are labelled, reading the hash key when needed.
-    pub fn peer_labeler(&self) -> anyhow::Result<crate::peer_label::PeerLabel> {
-        use crate::peer_label::PeerLabel;
+    pub fn peer_labeler(&self) -> anyhow::Result<crate::output::peer_label::PeerLabel> {
+        use crate::output::peer_label::PeerLabel;
         Ok(match self.peer_label {
             PeerLabelMode::Ip => PeerLabel::Ip,
             PeerLabelMode::Prefix => {

@@ -7,19 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use smtpflow_common::{Direction, Event, Metric, Outcome, Side};
-
-use crate::{drain::Snapshot, drops::DropReasons, peers::Figure, pressure::Pressure};
-
-/// The per-peer causes, and the per-peer figure each names its peers by.
-const PER_PEER_FIGURES: [(Cause, Figure); 5] = [
-    (Cause::LocalReceiveStall, Figure::ZeroWindowsSent),
-    (Cause::PeerReceiveStall, Figure::ZeroWindowsReceived),
-    (Cause::RemoteRefusing, Figure::OutboundRefused),
-    (Cause::RemoteUnreachable, Figure::OutboundTimeouts),
-    (Cause::RemoteThrottling, Figure::Outbound4xxGreetings),
-];
-
 /// The causes, in the order they are reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Cause {
@@ -137,81 +124,6 @@ pub struct PeerName {
 impl std::fmt::Display for PeerName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} on {}", self.peer, self.iface)
-    }
-}
-
-fn is_4xx(code: u16) -> bool {
-    (400..500).contains(&code)
-}
-
-impl Reading {
-    /// Takes what the causes need from a drained snapshot and the pressure signals.
-    pub fn from_snapshot(
-        snap: &Snapshot,
-        reasons: Option<&DropReasons>,
-        labeler: &crate::peer_label::PeerLabel,
-        ifname: impl Fn(u32) -> String,
-    ) -> Self {
-        let mut r = Reading::default();
-        let reason = |code: u16| reasons.map(|n| n.name(code)).unwrap_or_default();
-        for (k, v) in &snap.counters {
-            let inbound = k.direction == Direction::Inbound as u8;
-            match Metric::from_u8(k.metric) {
-                Some(Metric::Event) if k.a == Event::ZeroWindow as u8 => {
-                    if k.b == Side::Local as u8 {
-                        r.zero_windows_local += v;
-                    } else {
-                        r.zero_windows_peer += v;
-                    }
-                }
-                Some(Metric::Handshake) if !inbound && k.a == Outcome::Refused as u8 => {
-                    r.outbound_refused += v
-                }
-                Some(Metric::Reply) if !inbound && is_4xx(k.code) => r.outbound_4xx_replies += v,
-                Some(Metric::SynDrop) => {
-                    let name = reason(k.code);
-                    if inbound && name == "NETFILTER_DROP" {
-                        r.inbound_netfilter_drops += v;
-                    }
-                    if name.contains("LISTEN_OVERFLOW") {
-                        r.listen_overflow_drops += v;
-                    }
-                }
-                _ => {}
-            }
-        }
-        for ((_, _, direction), n) in &snap.timeouts {
-            if *direction == Direction::Inbound as u8 {
-                r.inbound_timeouts += n;
-            } else {
-                r.outbound_timeouts += n;
-            }
-        }
-        let peer_name = |k: &smtpflow_common::PeerKey| PeerName {
-            iface: ifname(k.ifindex),
-            peer: k.ip().map(|ip| labeler.label(ip)).unwrap_or_default(),
-        };
-        // The per-peer figures of the last reading of the per-peer maps: the largest nonzero
-        // ones only (`peers::FIGURE_KEEP` per cause). Past that many peers with a nonzero
-        // figure, a peer whose count starts rising late in the window may go unnamed.
-        for (cause, figure) in PER_PEER_FIGURES {
-            for (k, n) in snap.peers.figure(figure) {
-                *r.peers.entry((cause, peer_name(k))).or_default() += n;
-            }
-        }
-        r.add_pressure(&snap.pressure);
-        r
-    }
-
-    fn add_pressure(&mut self, p: &Pressure) {
-        if let Some(ct) = &p.conntrack {
-            self.conntrack = Some((ct.entries, ct.limit));
-            self.conntrack_drops = ["drop", "early_drop", "insert_failed"]
-                .iter()
-                .map(|s| ct.stats.get(s).copied().unwrap_or(0))
-                .sum();
-        }
-        self.listen_overflows = p.tcp.get("ListenOverflows").copied().unwrap_or(0);
     }
 }
 
@@ -532,39 +444,6 @@ mod tests {
         let throttling = f.iter().find(|f| f.cause == Cause::RemoteThrottling).unwrap();
         assert_eq!(throttling.top_peers, [(name("192.0.2.9"), 3)]);
         assert!(throttling.summary.contains("top peers: 192.0.2.9 on eth0 (3)"));
-    }
-
-    #[test]
-    fn readings_name_peers_from_the_per_peer_figures() {
-        use smtpflow_common::{PeerCounters, PeerGreetingKey, PeerKey};
-        let key = |last: u8, direction: Direction| {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&[192, 0, 2, last]);
-            PeerKey { ifindex: 2, addr, port: 25, family: 4, direction: direction as u8 }
-        };
-        let (out, inb) = (key(7, Direction::Outbound), key(8, Direction::Inbound));
-        let mut refused = PeerCounters::default();
-        refused.outcomes[Outcome::Refused as usize] = 2;
-        refused.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
-        let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
-        let view = crate::peers::PeerReader::new(0).view_of(
-            &[(out, refused), (inb, refused)],
-            &[(out, 3), (inb, 5)],
-            &[(greeting, 4)],
-        );
-        let snap = Snapshot { peers: std::sync::Arc::new(view), ..Default::default() };
-        let r = Reading::from_snapshot(&snap, None, &crate::peer_label::PeerLabel::Ip, |_| {
-            "eth0".to_owned()
-        });
-        let name = |p: &str| PeerName { iface: "eth0".into(), peer: p.into() };
-        let want = BTreeMap::from([
-            ((Cause::RemoteThrottling, name("192.0.2.7")), 4),
-            ((Cause::RemoteUnreachable, name("192.0.2.7")), 3),
-            ((Cause::RemoteRefusing, name("192.0.2.7")), 2),
-            ((Cause::PeerReceiveStall, name("192.0.2.7")), 11),
-            ((Cause::PeerReceiveStall, name("192.0.2.8")), 11),
-        ]);
-        assert_eq!(r.peers, want, "outbound causes name outbound peers only");
     }
 
     #[test]

@@ -35,13 +35,15 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
+use smtpflow::kernel::{self, Sizes};
 use smtpflow_common::{
-    Config, CounterKey, Direction, DropConfig, Event, Metric, PeerCounters, PeerKey, Side, Stat,
-    names,
+    Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, Event, PeerCounters,
+    PeerKey, Side, Stat, names,
+    peer::PEER_EVENT_SLOTS,
     reference::{self, Effect, Malformed},
     rules::tcp_flags::{ACK, FIN, PSH, RST, SYN},
 };
@@ -53,9 +55,6 @@ use smtpflow_tests::{
     },
     require_root,
 };
-
-/// The kernel object `smtpflow` embeds (built by its build script into this package's OUT_DIR).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpflow"));
 
 /// The loader's defaults: `--ports 25,465,587`, replies read on 25 and 587.
 const PORTS: &[u16] = &[25, 465, 587];
@@ -116,12 +115,12 @@ impl Hook {
 /// What the counters the contract covers say, in one copy of the object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Counts {
-    /// `COUNTERS` keys with `Metric::Event`, summed over CPUs (zeros left out).
+    /// `COUNTERS` keys of [`Counter::Event`], summed over CPUs (zeros left out).
     events: BTreeMap<CounterKey, u64>,
     /// `STATS[Malformed]`, summed over CPUs.
     malformed: u64,
     /// `PEERS` event counts (outcomes are the flow tracker's, not compared); all-zero left out.
-    peers: BTreeMap<PeerKey, [u64; 8]>,
+    peers: BTreeMap<PeerKey, [u64; PEER_EVENT_SLOTS]>,
 }
 
 impl Counts {
@@ -150,15 +149,22 @@ impl Counts {
 }
 
 fn event_key(k: &CounterKey) -> String {
-    let event = Event::from_u8(k.a).map_or("?", Event::label);
-    let direction = Direction::from_u8(k.direction).map_or("?", Direction::label);
-    let side = Side::from_u8(k.b).map_or("?", Side::label);
-    format!("if{} {direction} {} {event} side={side}", k.ifindex, k.port)
+    match k.decode() {
+        Some((scope, Counter::Event(event, side))) => format!(
+            "if{} {} {} {} side={}",
+            scope.ifindex,
+            scope.direction.label(),
+            scope.port,
+            event.label(),
+            side.label()
+        ),
+        other => format!("{other:?}"),
+    }
 }
 
 fn peer_key(k: &PeerKey) -> String {
     let ip = k.ip().map_or_else(|| format!("family {}", k.family), |ip| ip.to_string());
-    let direction = Direction::from_u8(k.direction).map_or("?", Direction::label);
+    let direction = Direction::from_repr(k.direction).map_or("?", Direction::label);
     format!("if{} {ip} {direction} {}", k.ifindex, k.port)
 }
 
@@ -178,13 +184,9 @@ impl Kernel {
     /// `hook`'s program, not attached.
     fn load(hook: Hook) -> anyhow::Result<Self> {
         let config = Config::from_ports(PORTS, PLAINTEXT).context("ports")?;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::GLOBAL_CONFIG, &config, true)
-            .override_global(names::GLOBAL_DROP_CONFIG, &DropConfig::DISABLED, true)
-            // Flows are not compared; a smaller map than the default keeps three copies light.
-            .map_max_entries(names::MAP_FLOWS, 65_536)
-            .load(OBJECT)
-            .context("loading the smtpflow object")?;
+        // Flows are not compared; a smaller map than the default keeps three copies light.
+        let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 65_536 };
+        let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
         let name = hook.program();
         let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
         match hook {
@@ -239,7 +241,7 @@ impl Kernel {
         let mut c = Counts::default();
         for kv in self.counters.iter() {
             let (k, v) = kv?;
-            if k.metric != Metric::Event as u8 {
+            if !matches!(k.decode(), Some((_, Counter::Event(..)))) {
                 continue;
             }
             let sum: u64 = v.iter().sum();
@@ -319,7 +321,7 @@ fn counts_of(e: &Effect) -> Counts {
 }
 
 fn kernel_available() -> bool {
-    if OBJECT.is_empty() {
+    if kernel::object().is_err() {
         eprintln!("SKIPPED: built with AYA_BUILD_SKIP=1, no kernel object to test");
         return false;
     }
@@ -1328,11 +1330,10 @@ fn want_of(e: &Effect) -> Want {
     match e {
         Effect::Malformed(_) => Want::Malformed,
         Effect::Nothing => Want::Ignored,
-        Effect::Counted(c) => Want::Counted(
-            c.event,
-            Direction::from_u8(c.counter.direction).expect("direction"),
-            c.counter.port,
-        ),
+        Effect::Counted(c) => {
+            let (scope, _) = c.counter.decode().expect("a key that decodes");
+            Want::Counted(c.event, scope.direction, scope.port)
+        }
     }
 }
 

@@ -5,10 +5,11 @@ use std::{net::IpAddr, time::Instant};
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use smtpflow_common::{Config, DropConfig, names};
+use smtpflow::kernel::{self, Sizes};
+use smtpflow_common::{Config, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig, names};
 
 use crate::{
     Check, Report, Section, empty,
@@ -16,24 +17,15 @@ use crate::{
     sys::median,
 };
 
-/// The kernel object `smtpflow` embeds (built by its build script into this package's OUT_DIR).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpflow"));
-
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
 const XDP_PASS: u32 = 2;
 
 /// Loads the real object as `smtpflow watch` does (default ports and map sizes) with its TC
 /// ingress and XDP programs, not attached.
 pub fn load_real() -> anyhow::Result<Ebpf> {
-    if OBJECT.is_empty() {
-        bail!("the kernel object is empty (built with AYA_BUILD_SKIP=1?); run `cargo xtask bench`");
-    }
     let config = Config::from_ports(&[25, 465, 587], &[25, 587]).context("ports")?;
-    let mut ebpf = EbpfLoader::new()
-        .override_global(names::GLOBAL_CONFIG, &config, true)
-        .override_global(names::GLOBAL_DROP_CONFIG, &DropConfig::DISABLED, true)
-        .load(OBJECT)
-        .context("loading the smtpflow object")?;
+    let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: DEFAULT_MAX_FLOWS };
+    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
     let tc: &mut SchedClassifier =
         ebpf.program_mut(names::PROG_TC_INGRESS).context("no tc program")?.try_into()?;
     tc.load().context("loading smtpflow_tc_in")?;

@@ -11,17 +11,11 @@
 //!
 //! Results are printed as Markdown tables with a pass/miss line per target; no target failure
 //! makes the run fail (only errors do), so the smoke run in CI asserts no timing.
-#[allow(dead_code, reason = "the loader uses all of batch.rs; the bench only part")]
-#[path = "../../src/batch.rs"]
-mod batch;
 mod churn;
 mod empty;
 mod frames;
 mod kernel;
 mod live;
-#[allow(dead_code, reason = "the loader uses all of peers.rs; the bench only the reader")]
-#[path = "../../src/peers.rs"]
-mod peers;
 mod scale;
 mod sys;
 

@@ -22,10 +22,13 @@ use smtpflow_common::{PeerCounters, PeerGreetingKey, PeerKey};
 use smtpflow_tests::{Netns, Pair, in_netns};
 
 use crate::{
-    Check, Params, Report, Section, alloc_count, batch,
+    Check, Params, Report, Section, alloc_count,
     frames::Tcp,
-    peers::{self, PeerReader},
     sys::{self, Smtpflow, median},
+};
+use smtpflow::drain::{
+    batch,
+    peers::{self, PeerReader},
 };
 
 /// A SYN from the `i`-th spoofed peer (100.64.0.0/10) to the gateway's port 25.

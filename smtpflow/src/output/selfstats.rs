@@ -1,6 +1,7 @@
-//! The kernel programs' own cost, from the kernel's per-program accounting (`run_cnt` and
-//! `run_time_ns` of `bpf_prog_info`): `smtpflow_ebpf_program_runs_total{program}` and
-//! `smtpflow_ebpf_program_run_seconds_total{program}`.
+//! smtpflow's own figures: its maps' fill, evictions and the kernel programs' bookkeeping
+//! ([`render_health`]), and the kernel programs' cost, from the kernel's per-program accounting
+//! (`run_cnt` and `run_time_ns` of `bpf_prog_info`): `smtpflow_ebpf_program_runs_total{program}`
+//! and `smtpflow_ebpf_program_run_seconds_total{program}`.
 //!
 //! The kernel keeps these only while accounting is on: `sysctl kernel.bpf_stats_enabled=1`, or
 //! while some process holds a `BPF_ENABLE_STATS` file descriptor (which the sysctl does not show).
@@ -11,8 +12,12 @@ use aya::Ebpf;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use prometheus::{
     Encoder as _, TextEncoder,
-    proto::{Counter, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{MetricFamily, MetricType},
 };
+use smtpflow_common::Stat;
+
+use super::families::Family;
+use crate::drain::Snapshot;
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -48,31 +53,18 @@ pub fn read(ebpf: &Ebpf) -> Vec<ProgramCost> {
 }
 
 fn counter_family(
-    name: &str,
-    help: &str,
+    name: &'static str,
+    help: &'static str,
     costs: &[ProgramCost],
     value: impl Fn(&ProgramCost) -> f64,
-) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(name.to_owned());
-    family.set_help(help.to_owned());
-    family.set_field_type(MetricType::COUNTER);
-    family.set_metric(
-        costs
-            .iter()
-            .map(|c| {
-                let mut label = LabelPair::default();
-                label.set_name("program".to_owned());
-                label.set_value(c.program.clone());
-                let mut counter = Counter::default();
-                counter.set_value(value(c));
-                let mut m = Metric::from_label(vec![label]);
-                m.set_counter(counter);
-                m
-            })
-            .collect(),
-    );
-    family
+) -> Option<MetricFamily> {
+    let mut family = Family::new(name, MetricType::COUNTER, help);
+    for c in costs {
+        family.add(&[("program", &c.program)], value(c));
+    }
+    let mut out = Vec::new();
+    family.finish(&mut out);
+    out.pop()
 }
 
 /// The two families, or none while accounting is off and has never counted our programs.
@@ -80,7 +72,7 @@ pub fn families(costs: &[ProgramCost], sysctl_on: bool) -> Vec<MetricFamily> {
     if costs.is_empty() || !(sysctl_on || costs.iter().any(|c| c.runs > 0)) {
         return Vec::new();
     }
-    vec![
+    [
         counter_family(
             "smtpflow_ebpf_program_runs_total",
             "Runs of each smtpflow kernel program, counted by the kernel while kernel.bpf_stats_enabled=1.",
@@ -94,6 +86,9 @@ pub fn families(costs: &[ProgramCost], sysctl_on: bool) -> Vec<MetricFamily> {
             |c| c.run_ns as f64 / 1e9,
         ),
     ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Appends the kernel programs' cost to a rendering of the other metrics (Prometheus text
@@ -112,6 +107,75 @@ pub fn append(rendered: Bytes, ebpf: &Ebpf) -> Bytes {
     out.put(rendered);
     out.put_slice(&text);
     out.freeze()
+}
+
+/// smtpflow's own health: map fill, evictions, and the kernel programs' bookkeeping.
+pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+    let mut entries =
+        Family::new("smtpflow_map_entries", MetricType::GAUGE, "Entries in a kernel map.");
+    entries.add(&[("map", "peers")], snap.peers.entries as f64);
+    entries.add(&[("map", "flows")], snap.flows as f64);
+    entries.add(&[("map", "counters")], snap.counters.len() as f64);
+    entries.finish(out);
+    let mut cap = Family::new(
+        "smtpflow_map_capacity",
+        MetricType::GAUGE,
+        "Capacity (max entries) of a kernel map.",
+    );
+    cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
+    cap.add(&[("map", "flows")], f64::from(snap.flows_capacity));
+    cap.add(&[("map", "counters")], f64::from(smtpflow_common::COUNTERS_CAPACITY));
+    cap.finish(out);
+    let mut ev = Family::new(
+        "smtpflow_map_evictions_total",
+        MetricType::COUNTER,
+        "Entries evicted from a kernel LRU map (peers: their events stay in the totals; flows: their handshake, greeting and replies are no longer followed).",
+    );
+    ev.add(&[("map", "peers")], snap.peer_evictions as f64);
+    ev.add(&[("map", "flows")], snap.flow_evictions as f64);
+    ev.finish(out);
+    let lost = snap.stats[Stat::CounterInsertFailed as usize]
+        + snap.stats[Stat::HistInsertFailed as usize];
+    for (value, name, help) in [
+        (
+            snap.stats[Stat::Malformed as usize],
+            "smtpflow_malformed_packets_total",
+            "Frames with malformed IPv4, IPv6 or TCP headers; never counted as events.",
+        ),
+        (
+            snap.stats[Stat::PeerInsertFailed as usize],
+            "smtpflow_peer_insert_failures_total",
+            "Per-peer entries that could not be created (the events are still in the totals).",
+        ),
+        (
+            snap.stats[Stat::FlowInsertFailed as usize],
+            "smtpflow_flow_insert_failures_total",
+            "Connections whose flow entry could not be created (not followed).",
+        ),
+        (
+            lost,
+            "smtpflow_lost_events_total",
+            "Counts or durations the kernel could not record at all; non-zero is a bug, please report it.",
+        ),
+    ] {
+        let mut f = Family::new(name, MetricType::COUNTER, help);
+        f.add(&[], value as f64);
+        f.finish(out);
+    }
+    let mut d = Family::new(
+        "smtpflow_drain_duration_seconds",
+        MetricType::GAUGE,
+        "Time the last drain of the kernel maps took.",
+    );
+    d.add(&[], snap.drain_seconds);
+    d.finish(out);
+    let mut d = Family::new(
+        "smtpflow_full_drain_duration_seconds",
+        MetricType::GAUGE,
+        "Time the last drain that also read the per-peer maps took.",
+    );
+    d.add(&[], snap.full_drain_seconds);
+    d.finish(out);
 }
 
 #[cfg(test)]

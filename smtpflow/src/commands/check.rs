@@ -6,7 +6,11 @@ use std::fmt::Write as _;
 use aya::util::KernelVersion;
 use smtpflow_common::{Config, DropConfig, names};
 
-use crate::{attach, cli::CheckArgs, drops, privileges};
+use crate::{
+    cli::CheckArgs,
+    host::privileges,
+    kernel::{self, attach, drop_reasons},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -27,21 +31,30 @@ fn check(name: &str, status: Status, detail: impl Into<String>, fix: impl Into<S
     Check { name: name.to_owned(), status, detail: detail.into(), fix: fix.into() }
 }
 
-/// The oldest kernel smtpflow supports.
-const MIN_KERNEL: (u8, u8) = (5, 15);
+/// The oldest kernel smtpflow supports and tests (the kernel matrix's oldest).
+const MIN_KERNEL: (u8, u8) = (6, 1);
+/// The oldest kernel whose verifier and BPF features the programs are written for: between it
+/// and [`MIN_KERNEL`] smtpflow may run, untested.
+const MIN_UNTESTED: (u8, u8) = (5, 15);
 
 pub fn run(args: &CheckArgs) -> Vec<Check> {
     let mut out = Vec::new();
     let version = KernelVersion::current().ok();
     out.push(match version {
         Some(v) if v >= KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) => {
-            check("kernel", Status::Ok, format!("{v} (5.15 or later is supported)"), "")
+            check("kernel", Status::Ok, format!("{v} (6.1 or later is supported and tested)"), "")
         }
+        Some(v) if v >= KernelVersion::new(MIN_UNTESTED.0, MIN_UNTESTED.1, 0) => check(
+            "kernel",
+            Status::Warn,
+            format!("{v} is older than 6.1, the oldest kernel smtpflow is tested on"),
+            "it may work (drop reasons need 5.17); run 6.1 or later for a tested setup",
+        ),
         Some(v) => check(
             "kernel",
             Status::Fail,
             format!("{v} is older than 5.15"),
-            "run a 5.15 or later kernel",
+            "run a 6.1 or later kernel",
         ),
         None => check("kernel", Status::Warn, "version unknown", "check `uname -r`"),
     });
@@ -128,10 +141,10 @@ pub fn run(args: &CheckArgs) -> Vec<Check> {
 fn check_programs() -> Vec<Check> {
     let mut out = Vec::new();
     let config = Config::from_ports(&[25, 465, 587], &[25, 587]).expect("three ports");
-    let drop = drops::prepare();
+    let drop = drop_reasons::prepare();
     let drop_config = drop.as_ref().map(|(c, _)| *c).unwrap_or(DropConfig::DISABLED);
-    let sizes = attach::Sizes { max_peers: 1024, max_flows: 1024 };
-    let mut ebpf = match attach::load(&config, &drop_config, &sizes) {
+    let sizes = kernel::Sizes { max_peers: 1024, max_flows: 1024 };
+    let mut ebpf = match kernel::load(&config, &drop_config, &sizes) {
         Ok(e) => e,
         Err(e) => {
             return vec![check(
@@ -150,7 +163,7 @@ fn check_programs() -> Vec<Check> {
                 what,
                 Status::Fail,
                 format!("{e:#}"),
-                "a kernel too old for smtpflow; run 5.15+",
+                "a kernel too old for smtpflow; run 6.1+",
             ),
         });
     }

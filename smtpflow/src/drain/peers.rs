@@ -21,7 +21,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use smtpflow_common::{Direction, Event, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Side};
 
-use crate::batch;
+use super::batch;
 
 /// A peer as the series cap counts them: one address on one interface.
 pub type PeerId = (u32, u8, [u8; 16]);
@@ -360,8 +360,8 @@ impl PeerReader {
         }
     }
 
-    /// A view of these entries, timeouts and greetings, as a read of maps holding them makes.
-    #[cfg(test)]
+    /// A view of these entries, timeouts and greetings, as a read of maps holding them makes
+    /// (for tests and benchmarks).
     pub fn view_of(
         &mut self,
         entries: &[(PeerKey, PeerCounters)],
@@ -394,6 +394,12 @@ impl PeerReader {
 #[derive(Debug)]
 pub struct ReadSchedule {
     next: Instant,
+}
+
+impl Default for ReadSchedule {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ReadSchedule {

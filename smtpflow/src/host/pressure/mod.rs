@@ -256,7 +256,7 @@ mod tests {
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/pressure/testdata");
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/host/pressure/testdata");
         let put = |rel: &str, file: &str| {
             let p = root.join(rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -368,7 +368,7 @@ mod tests {
         let render = |snap: &crate::drain::Snapshot| {
             use prometheus::Encoder as _;
             let mut families = Vec::new();
-            crate::export::render_pressure(snap, &mut families);
+            crate::output::metrics::render_pressure(snap, &mut families);
             let mut buf = Vec::new();
             prometheus::TextEncoder::new().encode(&families, &mut buf).unwrap();
             String::from_utf8(buf).unwrap()

@@ -6,7 +6,7 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 use anyhow::Context as _;
 use smtpflow_common::{DropConfig, LISTEN_OVERFLOW_CODE};
 
-use crate::btf::Btf;
+use super::btf::Btf;
 
 /// Drop reason names by value, without the `SKB_DROP_REASON_` prefix.
 #[derive(Debug, Clone, Default)]

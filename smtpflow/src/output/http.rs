@@ -13,7 +13,7 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-use crate::web::WebConfig;
+use super::web_config::WebConfig;
 
 const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Connections served at once; more wait in the listen backlog until one finishes.

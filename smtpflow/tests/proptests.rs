@@ -6,8 +6,7 @@
 //! (`peers::PeerReader`) against the exact one it replaces.
 //!
 //! Seeded by proptest (`PROPTEST_CASES` raises the case count; a failure prints its minimal
-//! input). These live in one file inside the binary crate because the parsers are not reachable
-//! from an integration test.
+//! input).
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
@@ -16,12 +15,12 @@ use std::{
 use clap::CommandFactory as _;
 use proptest::{collection::vec, prelude::*, sample::subsequence};
 
-use crate::{
-    btf::Btf,
+use smtpflow::{
     cli::{Cli, PortList, parse_ports},
     config::to_flags,
-    peers::{ENTRY_SLACK, FIGURE_KEEP, Figure, PeerId, PeerReader, peer_id},
-    pressure::{CONNTRACK_STATS, TCP_STATS, ctnetlink, procfs},
+    drain::peers::{ENTRY_SLACK, FIGURE_KEEP, Figure, PeerId, PeerReader, peer_id},
+    host::pressure::{CONNTRACK_STATS, TCP_STATS, ctnetlink, procfs},
+    kernel::btf::Btf,
 };
 use smtpflow_common::{Direction, Event, FAMILY_V4, Outcome, PeerCounters, PeerKey, Side};
 
@@ -57,9 +56,9 @@ fn mangled_text(text: &'static str) -> impl Strategy<Value = String> {
 // ---------------------------------------------------------------------------------------------
 // /proc and sysctl files.
 
-const NETSTAT: &str = include_str!("pressure/testdata/netstat");
-const SNMP: &str = include_str!("pressure/testdata/snmp");
-const CT_STAT: &str = include_str!("pressure/testdata/nf_conntrack.stat");
+const NETSTAT: &str = include_str!("../src/host/pressure/testdata/netstat");
+const SNMP: &str = include_str!("../src/host/pressure/testdata/snmp");
+const CT_STAT: &str = include_str!("../src/host/pressure/testdata/nf_conntrack.stat");
 /// The header of `/proc/net/stat/nf_conntrack` on Linux 6.x.
 const CT_STAT_HEADER: &str = "entries  clashres found new invalid ignore delete chainlength \
      insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete \
@@ -154,8 +153,8 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // ctnetlink replies.
 
-const CPU_REPLY: &[u8] = include_bytes!("pressure/testdata/ct_stats_cpu.bin");
-const GLOBAL_REPLY: &[u8] = include_bytes!("pressure/testdata/ct_stats.bin");
+const CPU_REPLY: &[u8] = include_bytes!("../src/host/pressure/testdata/ct_stats_cpu.bin");
+const GLOBAL_REPLY: &[u8] = include_bytes!("../src/host/pressure/testdata/ct_stats.bin");
 
 fn nlmsg(ty: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();

@@ -2,23 +2,25 @@
 //! or logs are JSON), or a live table refreshed in place on a terminal.
 use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
-use smtpflow_common::{Direction, Metric, Outcome, Stat};
+use smtpflow_common::{Counter, Direction, Outcome, Stat};
 
-use crate::{diagnose::Finding, drain::Snapshot, peers::Figure};
+use crate::{
+    diagnose::Finding,
+    drain::{Snapshot, peers::Figure},
+};
 
 /// Events summed by (direction, port).
 type ByDirectionPort = BTreeMap<(Direction, u16), u64>;
 
+#[derive(Default)]
 pub struct Reporter {
     last: Option<(Instant, ByDirectionPort)>,
 }
 
 fn by_direction_port(snap: &Snapshot) -> ByDirectionPort {
     let mut out = BTreeMap::new();
-    for (k, v) in snap.events() {
-        if let Some(d) = Direction::from_u8(k.direction) {
-            *out.entry((d, k.port)).or_default() += v;
-        }
+    for (scope, _, _, v) in snap.events() {
+        *out.entry((scope.direction, scope.port)).or_default() += v;
     }
     out
 }
@@ -28,7 +30,7 @@ const TOP_PEERS: usize = 5;
 
 impl Reporter {
     pub fn new() -> Self {
-        Self { last: None }
+        Self::default()
     }
 
     /// Events per second by direction and port since the previous call (`None` the first time).
@@ -80,17 +82,18 @@ impl Reporter {
             let _ = writeln!(out, "  {:<9} {port:<6} {r:>10.1}", d.label());
         }
         out.push_str("\nHANDSHAKES SINCE START   established     refused     timeout\n");
-        let mut outcomes: BTreeMap<(u8, u16), [u64; 3]> = BTreeMap::new();
-        for (k, v) in &snap.counters {
-            if k.metric == Metric::Handshake as u8 && (k.a as usize) < 3 {
-                outcomes.entry((k.direction, k.port)).or_default()[k.a as usize] += v;
+        let mut outcomes: BTreeMap<(Direction, u16), [u64; Outcome::COUNT]> = BTreeMap::new();
+        for ((scope, counter), v) in &snap.counters {
+            if let Counter::Handshake(o) = counter {
+                outcomes.entry((scope.direction, scope.port)).or_default()[*o as usize] += v;
             }
         }
-        for ((_, port, d), n) in &snap.timeouts {
-            outcomes.entry((*d, *port)).or_default()[Outcome::Timeout as usize] += n;
+        for (scope, n) in &snap.timeouts {
+            outcomes.entry((scope.direction, scope.port)).or_default()
+                [Outcome::Timeout as usize] += n;
         }
         for ((d, port), [e, r, t]) in &outcomes {
-            let label = Direction::from_u8(*d).map_or("?", Direction::label);
+            let label = d.label();
             let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11}");
         }
         out.push_str("\nTOP PEERS BY FAILED HANDSHAKES\n");
@@ -123,28 +126,26 @@ impl Reporter {
 
 fn peer_label(k: &smtpflow_common::PeerKey) -> String {
     let ip = k.ip().map(|ip| ip.to_string()).unwrap_or_default();
-    let d = Direction::from_u8(k.direction).map_or("?", Direction::label);
+    let d = Direction::from_repr(k.direction).map_or("?", Direction::label);
     format!("{ip} {d} {}", k.port)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smtpflow_common::{CounterKey, Event, PeerCounters, PeerKey, Side};
+    use smtpflow_common::{Event, PeerCounters, PeerKey, Scope, Side};
 
     #[test]
     fn line_and_table_show_rates_outcomes_and_peers() {
         let mut snap = Snapshot::default();
-        snap.counters
-            .insert(CounterKey::event(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 0);
+        let inbound = Scope { ifindex: 2, port: 25, direction: Direction::Inbound };
+        let outbound = Scope { direction: Direction::Outbound, ..inbound };
+        snap.counters.insert((inbound, Counter::Event(Event::Syn, Side::Peer)), 0);
         let mut r = Reporter::new();
         let t0 = Instant::now();
         assert!(r.line(&snap, t0).is_none(), "no rate before a second reading");
-        snap.counters
-            .insert(CounterKey::event(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 10);
-        let mut k = CounterKey::new(2, 25, Metric::Handshake, Direction::Outbound);
-        k.a = Outcome::Refused as u8;
-        snap.counters.insert(k, 4);
+        snap.counters.insert((inbound, Counter::Event(Event::Syn, Side::Peer)), 10);
+        snap.counters.insert((outbound, Counter::Handshake(Outcome::Refused)), 4);
         let peer = PeerKey {
             ifindex: 2,
             addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -154,8 +155,11 @@ mod tests {
         };
         let mut c = PeerCounters::default();
         c.outcomes[Outcome::Refused as usize] = 4;
-        snap.peers =
-            std::sync::Arc::new(crate::peers::PeerReader::new(10).view_of(&[(peer, c)], &[], &[]));
+        snap.peers = std::sync::Arc::new(crate::drain::peers::PeerReader::new(10).view_of(
+            &[(peer, c)],
+            &[],
+            &[],
+        ));
         let line = r.line(&snap, t0 + std::time::Duration::from_secs(2)).unwrap();
         assert!(line.starts_with("smtpflow: 5.0 events/s (inbound 25: 5.0/s)"), "{line}");
         let table = r.table(&snap, &[], "eth0", t0 + std::time::Duration::from_secs(4));

@@ -1,4 +1,4 @@
-//! Loading the kernel programs and attaching them to interfaces. Everything attached is owned by
+//! Attaching the loaded kernel programs to interfaces. Everything attached is owned by
 //! [`Attached`]: dropping it detaches (TCX and XDP bpf links also go away with the process, so a
 //! killed smtpflow leaves nothing behind; netlink TC filters are cleaned up at the next start).
 use std::{
@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Btf as AyaBtf, Ebpf, EbpfLoader,
+    Btf as AyaBtf, Ebpf,
     programs::{
         BtfTracePoint, FExit, LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttachOptions, TcError},
@@ -18,12 +18,9 @@ use aya::{
     util::KernelVersion,
 };
 use log::{info, warn};
-use smtpflow_common::{Config, DropConfig, names};
+use smtpflow_common::names;
 
-use crate::cli::{Mode, TcLink};
-
-/// The kernel object built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpflow"));
+use super::{Mode, TcLink};
 
 /// An interface we watch.
 #[derive(Debug, Clone)]
@@ -99,48 +96,6 @@ fn lock_netlink_iface(iface: &Iface) -> anyhow::Result<File> {
     file.rewind()?;
     write!(file, "{}", std::process::id())?;
     Ok(file)
-}
-
-/// Map sizes chosen on the command line.
-pub struct Sizes {
-    pub max_peers: u32,
-    pub max_flows: u32,
-}
-
-/// Loads the kernel object with its configuration.
-pub fn load(config: &Config, drop_config: &DropConfig, sizes: &Sizes) -> anyhow::Result<Ebpf> {
-    if EBPF_OBJECT.is_empty() {
-        bail!(
-            "this binary was built with AYA_BUILD_SKIP=1 and has no kernel programs; rebuild it with `cargo xtask build`"
-        );
-    }
-    raise_memlock_limit();
-    EbpfLoader::new()
-        .override_global(names::GLOBAL_CONFIG, config, true)
-        .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
-        .map_max_entries(names::MAP_PEERS, sizes.max_peers)
-        .map_max_entries(names::MAP_PEER_GREETINGS, sizes.max_peers)
-        .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
-        .load(EBPF_OBJECT)
-        .context(
-            "loading the eBPF object failed: the kernel needs BPF with BTF (Linux 5.8+ with \
-             CONFIG_DEBUG_INFO_BTF); run as root, and see `dmesg` for the kernel's reason",
-        )
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
-fn raise_memlock_limit() {
-    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 11, 0)) {
-        return;
-    }
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        warn!(
-            "could not raise RLIMIT_MEMLOCK ({}); map creation may fail on old kernels",
-            io::Error::last_os_error()
-        );
-    }
 }
 
 /// Attaches the programs of `mode` to every interface.

@@ -2,6 +2,9 @@
 //! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
 //! and sweeping the flow map for handshakes that timed out (the one outcome decided here, since
 //! it is the absence of a packet).
+pub mod batch;
+pub mod peers;
+
 use std::{
     collections::BTreeMap,
     num::NonZeroUsize,
@@ -18,15 +21,12 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use crate::{
-    batch,
-    peers::{PeerReader, PeerView, ReadSchedule},
-};
+use self::peers::{PeerReader, PeerView, ReadSchedule};
 use lru::LruCache;
 use smtpflow_common::{
-    CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey, HistKind,
-    Histogram, Metric, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Phase, Side, Stat,
-    flow::state, names,
+    Counter, CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey,
+    HistKind, Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow::state,
+    names,
 };
 
 /// Most peers whose timed-out handshakes are counted one by one (the least recently timed out
@@ -68,8 +68,8 @@ struct FlowSweep {
     /// A second handle on the flow map, to mark timed-out flows while `flows` lists it.
     marker: HashMap<MapData, FlowKey, FlowState>,
     handshake_timeout: Duration,
-    /// Timed-out handshakes by (ifindex, port, direction).
-    timeouts: BTreeMap<(u32, u16, u8), u64>,
+    /// Timed-out handshakes.
+    timeouts: BTreeMap<Scope, u64>,
     /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
     peer_timeouts: LruCache<PeerKey, u64>,
 }
@@ -98,14 +98,14 @@ pub enum PeerRead {
 /// One reading of the kernel maps.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Exact counters, summed over CPUs.
-    pub counters: BTreeMap<CounterKey, u64>,
+    /// Exact counters, summed over CPUs, by what they count.
+    pub counters: BTreeMap<(Scope, Counter), u64>,
     /// Duration histograms, summed over CPUs.
-    pub hists: BTreeMap<HistKey, Histogram>,
+    pub hists: BTreeMap<(Scope, HistKind), Histogram>,
     /// The last full reading of the per-peer maps (shared by the snapshots until the next).
     pub peers: Arc<PeerView>,
-    /// Timed-out handshakes by (ifindex, port, direction).
-    pub timeouts: BTreeMap<(u32, u16, u8), u64>,
+    /// Timed-out handshakes (decided by the sweep, not counted in the kernel).
+    pub timeouts: BTreeMap<Scope, u64>,
     /// [`Stat`] counters summed over CPUs.
     pub stats: [u64; Stat::COUNT],
     pub peer_evictions: u64,
@@ -117,15 +117,18 @@ pub struct Snapshot {
     /// How long the last drain that read the per-peer maps took (itself included).
     pub full_drain_seconds: f64,
     /// The kernel's pressure signals, read beside the maps.
-    pub pressure: crate::pressure::Pressure,
+    pub pressure: crate::host::pressure::Pressure,
     /// Whether each watched interface is still there.
     pub ifaces_up: Vec<(String, bool)>,
 }
 
 impl Snapshot {
-    /// Event totals by key (the `Metric::Event` counters).
-    pub fn events(&self) -> impl Iterator<Item = (&CounterKey, u64)> {
-        self.counters.iter().filter(|(k, _)| k.metric == Metric::Event as u8).map(|(k, v)| (k, *v))
+    /// Event totals: the [`Counter::Event`] counters.
+    pub fn events(&self) -> impl Iterator<Item = (&Scope, Event, Side, u64)> {
+        self.counters.iter().filter_map(|((scope, counter), v)| match *counter {
+            Counter::Event(e, s) => Some((scope, e, s, *v)),
+            _ => None,
+        })
     }
 }
 
@@ -249,37 +252,29 @@ impl Maps {
     /// the kernel only ever looks them up and every series exists from the first scrape.
     pub fn seed(&mut self, ifindexes: &[u32], ports: &[u16]) -> anyhow::Result<()> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
-        for key in fixed_counter_keys(ifindexes, ports) {
-            let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
-            match self.totals.counters.insert(key, zeros, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(e) if is_exists(&e) => {}
-                Err(e) => return Err(e).context("seeding the counters map"),
-            }
-        }
-        for &ifindex in ifindexes {
-            for &port in ports {
-                for direction in Direction::ALL {
-                    for kind in [HistKind::Handshake, HistKind::Greeting] {
-                        let key =
-                            HistKey { ifindex, port, direction: direction as u8, kind: kind as u8 };
-                        let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
-                            .context("per-CPU zeros")?;
-                        match self.totals.hists.insert(key, zeros, BPF_NOEXIST) {
-                            Ok(()) => {}
-                            Err(e) if is_exists(&e) => {}
-                            Err(e) => return Err(e).context("seeding the histograms map"),
-                        }
-                    }
+        for scope in scopes(ifindexes, ports) {
+            for counter in Counter::seeded() {
+                let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
+                match self.totals.counters.insert(
+                    CounterKey::new(scope, counter),
+                    zeros,
+                    BPF_NOEXIST,
+                ) {
+                    Ok(()) => {}
+                    Err(e) if is_exists(&e) => {}
+                    Err(e) => return Err(e).context("seeding the counters map"),
                 }
             }
-        }
-        for &ifindex in ifindexes {
-            for &port in ports {
-                for direction in Direction::ALL {
-                    self.sweep.timeouts.entry((ifindex, port, direction as u8)).or_default();
+            for kind in HistKind::ALL {
+                let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
+                    .context("per-CPU zeros")?;
+                match self.totals.hists.insert(HistKey::new(scope, kind), zeros, BPF_NOEXIST) {
+                    Ok(()) => {}
+                    Err(e) if is_exists(&e) => {}
+                    Err(e) => return Err(e).context("seeding the histograms map"),
                 }
             }
+            self.sweep.timeouts.entry(scope).or_default();
         }
         Ok(())
     }
@@ -356,9 +351,15 @@ impl Maps {
 }
 
 impl Totals {
-    /// The exact counters and the histograms, summed over CPUs.
-    fn read(&self) -> anyhow::Result<(BTreeMap<CounterKey, u64>, BTreeMap<HistKey, Histogram>)> {
+    /// The exact counters and the histograms, summed over CPUs and decoded. A key that does not
+    /// decode (a kernel object of another version) is left out.
+    #[expect(clippy::type_complexity, reason = "two maps keyed by what they count")]
+    fn read(
+        &self,
+    ) -> anyhow::Result<(BTreeMap<(Scope, Counter), u64>, BTreeMap<(Scope, HistKind), Histogram>)>
+    {
         let counters = read_per_cpu(&self.counters, "counters", self.nr_cpus, |v| v.sum())?;
+        let counters = counters.into_iter().filter_map(|(k, v)| Some((k.decode()?, v))).collect();
         let hists = read_per_cpu(&self.hists, "histograms", self.nr_cpus, |v| {
             let mut h = Histogram::ZERO;
             for cpu in v {
@@ -369,6 +370,7 @@ impl Totals {
             }
             h
         })?;
+        let hists = hists.into_iter().filter_map(|(k, h)| Some((k.decode()?, h))).collect();
         Ok((counters, hists))
     }
 }
@@ -395,7 +397,10 @@ impl FlowSweep {
                     return;
                 }
             }
-            *self.timeouts.entry((key.ifindex, key.server_port, key.direction)).or_default() += 1;
+            if let Some(direction) = Direction::from_repr(key.direction) {
+                let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
+                *self.timeouts.entry(scope).or_default() += 1;
+            }
             *self.peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
         })?;
         match failed {
@@ -463,35 +468,13 @@ fn timed_out_peer(key: &FlowKey) -> PeerKey {
     }
 }
 
-/// Every counter of a watched interface and port that should exist (as zero) from the start.
-pub fn fixed_counter_keys(ifindexes: &[u32], ports: &[u16]) -> Vec<CounterKey> {
-    let mut keys = Vec::new();
-    for &ifindex in ifindexes {
-        for &port in ports {
-            for direction in Direction::ALL {
-                for event in Event::ALL {
-                    for side in Side::ALL {
-                        keys.push(CounterKey::event(ifindex, port, event, direction, side));
-                    }
-                }
-                for outcome in [Outcome::Established, Outcome::Refused] {
-                    let mut k = CounterKey::new(ifindex, port, Metric::Handshake, direction);
-                    k.a = outcome as u8;
-                    keys.push(k);
-                }
-                keys.push(CounterKey::new(ifindex, port, Metric::SynRetransmit, direction));
-                for phase in Phase::ALL {
-                    for side in Side::ALL {
-                        let mut k = CounterKey::new(ifindex, port, Metric::Reset, direction);
-                        k.a = phase as u8;
-                        k.b = side as u8;
-                        keys.push(k);
-                    }
-                }
-            }
-        }
-    }
-    keys
+/// Every watched [`Scope`]: each interface, port and direction.
+fn scopes<'a>(ifindexes: &'a [u32], ports: &'a [u16]) -> impl Iterator<Item = Scope> + 'a {
+    ifindexes.iter().flat_map(move |&ifindex| {
+        ports.iter().flat_map(move |&port| {
+            Direction::ALL.into_iter().map(move |direction| Scope { ifindex, port, direction })
+        })
+    })
 }
 
 const _: () = assert!(HIST_BUCKETS == 18 && FAMILY_V4 == 4);

@@ -1,0 +1,193 @@
+//! Every map and global the programs share with the loader, and the small typed updates the
+//! programs make to them: exact per-CPU counters and duration histograms, bounded LRU maps of
+//! per-peer counters and of flows, and the programs' own bookkeeping.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use smtpflow_common::{
+    COUNTERS_CAPACITY, Config, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig,
+    FlowKey, FlowState, HISTS_CAPACITY, HistKey, Histogram, PeerCounters, PeerGreetingKey, PeerKey,
+    Stat, counter::KERNEL_OUTCOMES, peer::PEER_EVENT_SLOTS,
+};
+
+use crate::packet::opaque;
+
+pub const EEXIST: i32 = 17;
+
+/// Set by the loader before load (`--ports`); read-only for the program.
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::EMPTY;
+
+/// Set by the loader before load; `enabled` stays 0 when BTF lacks what the drop programs need.
+#[unsafe(no_mangle)]
+static DROP_CONFIG: DropConfig = DropConfig::DISABLED;
+
+/// Exact counters ([`smtpflow_common::Counter`]); the loader pre-creates the keys of every watched interface and
+/// port, so the hot path is a lookup.
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuHashMap<CounterKey, u64> =
+    PerCpuHashMap::with_max_entries(COUNTERS_CAPACITY, 0);
+
+/// Handshake and greeting durations.
+#[map(name = "HISTS")]
+static HISTS: PerCpuHashMap<HistKey, Histogram> =
+    PerCpuHashMap::with_max_entries(HISTS_CAPACITY, 0);
+
+/// Per-peer counters; resized by the loader (`--max-peers`). Evicted entries lose only their
+/// per-peer view: the counters above are kept separately.
+#[map(name = "PEERS")]
+static PEERS: LruHashMap<PeerKey, PeerCounters> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
+
+/// Per-peer greeting codes; sized like `PEERS`.
+#[map(name = "PEER_GREETINGS")]
+static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
+
+/// One entry per SMTP connection attempt, advanced by [`crate::flow::track`]; resized by the
+/// loader (`--max-flows`). Userspace sweeps the entries whose handshake timed out.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The programs' own bookkeeping, indexed by [`Stat`].
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT as u32, 0);
+
+/// The loader's configuration, read in place.
+#[inline(always)]
+pub fn config() -> &'static Config {
+    // SAFETY: CONFIG lives for the program's lifetime. The loader writes it before load; the
+    // opaque pointer keeps the compiler from folding the placeholder value (and from copying
+    // it onto the small BPF stack, as a volatile read would).
+    unsafe { &*(opaque(&raw const CONFIG as usize) as *const Config) }
+}
+
+/// The drop programs' configuration, read whole.
+#[inline(always)]
+pub fn drop_config() -> DropConfig {
+    // SAFETY: the loader writes DROP_CONFIG before load; volatile keeps the placeholder from
+    // being folded.
+    unsafe { core::ptr::read_volatile(&DROP_CONFIG) }
+}
+
+#[inline(always)]
+pub fn bump(stat: Stat) {
+    if let Some(v) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot; these programs are not re-entered on the same CPU.
+        unsafe { *v += 1 };
+    }
+}
+
+/// Adds one to an exact counter, creating it when needed. Not inlined: one copy serves every
+/// caller, and its key slot is not repeated in theirs.
+#[inline(never)]
+pub fn count(key: &CounterKey) {
+    for _ in 0..2 {
+        if let Some(v) = COUNTERS.get_ptr_mut(key) {
+            // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
+            unsafe { *v += 1 };
+            return;
+        }
+        match COUNTERS.insert(key, 1u64, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return,
+            // Another CPU created it first: count into it on the next pass.
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => break,
+        }
+    }
+    bump(Stat::CounterInsertFailed);
+}
+
+/// Adds a duration to its histogram. The loader creates every histogram up front (a zeroed value
+/// is too big for the BPF stack), so a missing one is only counted.
+#[inline(always)]
+pub fn observe_duration(key: &HistKey, ns: u64) {
+    let Some(h) = HISTS.get_ptr_mut(key) else {
+        return bump(Stat::HistInsertFailed);
+    };
+    let bucket = Histogram::bucket(ns);
+    // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
+    unsafe {
+        if let Some(b) = (*h).buckets.get_mut(opaque(bucket)) {
+            *b += 1;
+        }
+        (*h).sum_ns += ns;
+    }
+}
+
+/// Adds one to a shared (not per-CPU) LRU counter.
+#[inline(always)]
+fn add_one(slot: *mut u64) {
+    // SAFETY: `slot` points into a live map value. The map is shared by all CPUs, so the add is
+    // atomic (a BPF `lock xadd`; core's AtomicU64::fetch_add needs CAS, which the bpf target
+    // does not advertise).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+}
+
+/// Which per-peer counter a packet adds to.
+#[derive(Clone, Copy)]
+pub enum PeerSlot {
+    Event(usize),
+    Outcome(usize),
+}
+
+// Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
+const COUNTS: usize = PEER_EVENT_SLOTS;
+const OUTCOMES: usize = KERNEL_OUTCOMES.len();
+
+// Not inlined: a BPF subprogram has its own 512-byte stack frame.
+#[inline(never)]
+pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
+    let pick = |c: *mut PeerCounters| -> Option<*mut u64> {
+        // SAFETY: `c` points into a live map value or our stack copy. The index is made opaque
+        // so that LLVM keeps the bounds check the verifier needs.
+        unsafe {
+            match slot {
+                // Masked, not bounds-checked: no branch whose dead side an old verifier
+                // (6.1) would walk with contradictory bounds.
+                PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
+                PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
+            }
+        }
+    };
+    if let Some(v) = PEERS.get_ptr_mut(key) {
+        if let Some(s) = pick(v) {
+            add_one(s);
+        }
+        return;
+    }
+    let mut init = PeerCounters::default();
+    if let Some(s) = pick(&mut init) {
+        // SAFETY: points into `init`.
+        unsafe { *s = 1 };
+    }
+    match PEERS.insert(key, init, u64::from(BPF_NOEXIST)) {
+        Ok(()) => bump(Stat::PeerInserts),
+        Err(e) if e == -EEXIST => match PEERS.get_ptr_mut(key).and_then(pick) {
+            Some(s) => add_one(s),
+            None => bump(Stat::PeerInsertFailed),
+        },
+        Err(_) => bump(Stat::PeerInsertFailed),
+    }
+}
+
+#[inline(never)]
+pub fn count_peer_greeting(key: &PeerGreetingKey) {
+    if let Some(v) = PEER_GREETINGS.get_ptr_mut(key) {
+        return add_one(v);
+    }
+    match PEER_GREETINGS.insert(key, 1u64, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            if let Some(v) = PEER_GREETINGS.get_ptr_mut(key) {
+                add_one(v);
+            }
+        }
+        Err(_) => bump(Stat::PeerInsertFailed),
+    }
+}

@@ -1,0 +1,156 @@
+//! The per-packet pipeline of the TC and XDP programs: locate the TCP segment, keep only the
+//! SMTP ports, classify the event, advance the connection's flow, and count what it decided.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use smtpflow_common::{
+    Counter, CounterKey, Direction, Event, HistKey, HistKind, Outcome, PeerCounters,
+    PeerGreetingKey, PeerKey, Scope, Side, Stat, classify, direction_of, flow::Actions, smtp_port,
+};
+
+use crate::{
+    flow,
+    maps::{PeerSlot, bump, config, count, count_peer, count_peer_greeting, observe_duration},
+    packet::{Frame as _, Packet},
+    parse::{Located, Ports, Segment, Skip, locate, segment},
+};
+
+/// What the per-packet steps need, built once by [`inspect`].
+struct Seen {
+    seg: Segment,
+    peer: PeerKey,
+    at: flow::Where,
+    event: Option<Event>,
+}
+
+/// The per-packet path of the TC and XDP programs. Most packets are not SMTP: they cost the
+/// header reads of [`locate`] in place and two loads of the port set, in the program itself
+/// (no call, no per-packet state). Only a segment of an SMTP port goes on to [`observe_smtp`].
+#[inline(always)]
+pub fn observe<P: Packet>(p: &P, side: Side) {
+    let linear = p.linear();
+    let found = match locate(&linear, is_smtp) {
+        // Headers past the linear data of an skb may still be in its fragments.
+        Err(Skip::Malformed) if linear.len() < p.len() => locate_whole(p),
+        found => found,
+    };
+    match found {
+        Ok(loc) => observe_smtp(p, &loc, side),
+        Err(Skip::Malformed) => bump(Stat::Malformed),
+        Err(Skip::NotTcp | Skip::OtherPorts) => {}
+    }
+}
+
+/// Whether either port is an SMTP port: two loads of the port set.
+#[inline(always)]
+fn is_smtp(ports: &Ports) -> bool {
+    let config = config();
+    config.is_smtp_port(ports.dst) || config.is_smtp_port(ports.src)
+}
+
+/// [`locate`] through the helper that reads an skb's fragments too. Not inlined: rarely needed,
+/// and its buffers stay out of the program's own frame.
+#[inline(never)]
+fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
+    locate(p, is_smtp)
+}
+
+/// Counts a segment of an SMTP port. Each step is its own BPF subprogram, called one after the
+/// other, so their stack frames sit side by side (the 512-byte stack limit applies to a whole
+/// call chain), and they share one [`Seen`] instead of copying it.
+#[inline(never)]
+fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
+    let ifindex = p.ifindex();
+    let mut seen = Seen {
+        seg: Segment::EMPTY,
+        peer: PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 },
+        at: flow::Where {
+            ifindex,
+            direction: Direction::Inbound,
+            sender_is_client: false,
+            plaintext: false,
+            now: 0,
+        },
+        event: None,
+    };
+    if !inspect(p, loc, side, &mut seen) {
+        return;
+    }
+    if let Some(event) = seen.event {
+        count_event(&seen.peer, event, side);
+    }
+    let actions = flow::track(p, &seen.seg, &seen.at);
+    record(&actions, &seen.peer, side);
+}
+
+/// Reads the segment and matches its SMTP port; `false` if the frame changed under us.
+#[inline(never)]
+fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool {
+    if segment(p, loc, &mut seen.seg).is_err() {
+        return false;
+    }
+    let seg = &seen.seg;
+    let config = config();
+    let Some(m) = smtp_port(seg.src_port, seg.dst_port, config.ports()) else {
+        return false;
+    };
+    let direction = direction_of(side, m.sender_is_client);
+    seen.peer.addr = match side {
+        Side::Peer => seg.src,
+        Side::Local => seg.dst,
+    };
+    seen.peer.port = m.port;
+    seen.peer.family = seg.family;
+    seen.peer.direction = direction as u8;
+    seen.event = classify(seg.flags, seg.window);
+    seen.at.direction = direction;
+    seen.at.sender_is_client = m.sender_is_client;
+    seen.at.plaintext = config.is_plaintext(m.index);
+    // SAFETY: plain helper call.
+    seen.at.now = unsafe { bpf_ktime_get_ns() };
+    true
+}
+
+#[inline(never)]
+fn count_event(peer: &PeerKey, event: Event, side: Side) {
+    let Some(direction) = Direction::from_repr(peer.direction) else {
+        return;
+    };
+    let scope = Scope { ifindex: peer.ifindex, port: peer.port, direction };
+    count(&CounterKey::new(scope, Counter::Event(event, side)));
+    count_peer(peer, PeerSlot::Event(PeerCounters::index(event, side)));
+}
+
+/// Counts what the flow tracker decided. Not inlined, to keep the entry frame small (the BPF
+/// stack limit of 512 bytes is for a whole call chain).
+#[inline(never)]
+fn record(a: &Actions, peer: &PeerKey, side: Side) {
+    let Some(direction) = Direction::from_repr(peer.direction) else {
+        return;
+    };
+    let scope = Scope { ifindex: peer.ifindex, port: peer.port, direction };
+    let count_in_scope = |counter| count(&CounterKey::new(scope, counter));
+    if let Some(outcome) = a.outcome {
+        count_in_scope(Counter::Handshake(outcome));
+        if outcome != Outcome::Timeout {
+            count_peer(peer, PeerSlot::Outcome(outcome as usize));
+        }
+    }
+    if a.syn_retransmit {
+        count_in_scope(Counter::SynRetransmit);
+    }
+    if let Some(phase) = a.reset {
+        count_in_scope(Counter::Reset(phase, side));
+    }
+    if let Some(ns) = a.handshake_ns {
+        observe_duration(&HistKey::new(scope, HistKind::Handshake), ns);
+    }
+    if let Some(ns) = a.greeting_ns {
+        observe_duration(&HistKey::new(scope, HistKind::Greeting), ns);
+    }
+    if let Some(code) = a.reply {
+        count_in_scope(Counter::Reply(code));
+        if a.greeting {
+            count_in_scope(Counter::Greeting(code));
+            count_peer_greeting(&PeerGreetingKey { peer: *peer, code, _pad: [0; 2] });
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! What `watch` and `diagnose` share: the programs loaded, attached and their maps seeded
+//! ([`Observer::start`]), each drain with the pressure signals beside it, the watched interfaces
+//! checked, and the diagnosis's reading of a snapshot.
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::Context as _;
+use smtpflow_common::Config;
+
+use super::reading;
+use crate::{
+    cli::ObserveArgs,
+    diagnose::{Finding, Reading, Thresholds},
+    drain::{Maps, PeerRead, Snapshot},
+    host::{pressure, privileges},
+    kernel::{
+        self,
+        attach::{self, Attached, Iface},
+        drop_reasons::{self, DropReasons},
+    },
+    output::peer_label::PeerLabel,
+};
+
+/// The kernel programs attached and their maps: what `watch` and `diagnose` share.
+pub struct Observer {
+    pub attached: Attached,
+    pub maps: Maps,
+    pub ifaces: Vec<Iface>,
+    pub config: Config,
+    pub drop_reasons: Option<DropReasons>,
+    pub labeler: PeerLabel,
+    /// Whether each watched interface still exists (same order as `ifaces`).
+    pub present: Vec<bool>,
+    pub pressure: pressure::Reader,
+}
+
+impl Observer {
+    /// Checks privileges and flags, loads, attaches and seeds the maps. `max_peer_series`: how
+    /// many peers the per-peer readings keep for export (`diagnose` exports none).
+    pub fn start(args: &ObserveArgs, max_peer_series: usize) -> anyhow::Result<Self> {
+        args.validate().map_err(anyhow::Error::msg)?;
+        let labeler = args.peer_labeler()?;
+        privileges::require()?;
+        let pressure = pressure::Reader::from_env()?;
+        let ifaces =
+            args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let config =
+            Config::from_ports(&args.ports.0, &args.plaintext_ports()).context("too many ports")?;
+        let (drop_config, drop_reasons) = match drop_reasons::prepare() {
+            Ok((c, r)) => (c, Some(r)),
+            Err(e) => {
+                log::warn!(
+                    "SYN drop reasons are not available on this kernel: {e:#}; carrying on \
+                     without smtpflow_syn_drops_total"
+                );
+                (smtpflow_common::DropConfig::DISABLED, None)
+            }
+        };
+        let sizes = kernel::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
+        let ebpf = kernel::load(&config, &drop_config, &sizes)?;
+        let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
+        let drop_reasons =
+            drop_reasons.and_then(|r| match attach::attach_drop_reasons(&mut attached) {
+                Ok(()) => Some(r),
+                Err(e) => {
+                    log::warn!(
+                        "SYN drop reasons are not available: {e:#}; carrying on without \
+                     smtpflow_syn_drops_total"
+                    );
+                    None
+                }
+            });
+        let mut maps = Maps::take(
+            &mut attached.ebpf,
+            args.max_peers,
+            args.max_flows,
+            args.handshake_timeout,
+            max_peer_series,
+        )?;
+        let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
+        maps.seed(&ifindexes, config.ports())?;
+        let present = vec![true; ifaces.len()];
+        Ok(Self { attached, maps, ifaces, config, drop_reasons, labeler, pressure, present })
+    }
+
+    pub fn ifnames(&self) -> HashMap<u32, String> {
+        self.ifaces.iter().map(|i| (i.index, i.name.clone())).collect()
+    }
+
+    pub fn iface_list(&self) -> String {
+        self.ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Drains the maps and reads the pressure signals (blocking syscalls, off the async workers).
+    pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
+        tokio::task::block_in_place(|| {
+            let mut snap = self.maps.drain(peers)?;
+            snap.pressure = self.pressure.read();
+            Ok(snap)
+        })
+    }
+
+    /// Notices watched interfaces that disappear (their programs go with them: smtpflow keeps
+    /// serving, says so once, and exports `smtpflow_interface_up 0`) and come back: then it
+    /// stops with an error, so that the service manager restarts it and it attaches again (it
+    /// has dropped the privileges to attach by itself). No crash loop while an interface is gone.
+    pub fn check_ifaces(&mut self, snap: &mut Snapshot) -> anyhow::Result<()> {
+        for (iface, present) in self.ifaces.iter().zip(self.present.iter_mut()) {
+            let now = Iface::lookup(&iface.name).ok().map(|i| i.index);
+            match (now, *present) {
+                (None, true) => {
+                    log::warn!(
+                        "interface {} disappeared; smtpflow keeps serving and restarts when it comes back",
+                        iface.name
+                    );
+                    *present = false;
+                }
+                (Some(index), false) => anyhow::bail!(
+                    "interface {} is back (ifindex {index}); exiting so that the service manager \
+                     restarts smtpflow and it attaches again",
+                    iface.name
+                ),
+                (Some(index), true) if index != iface.index => anyhow::bail!(
+                    "interface {} was replaced (ifindex {} is now {index}); exiting so that the \
+                     service manager restarts smtpflow and it attaches again",
+                    iface.name,
+                    iface.index
+                ),
+                _ => {}
+            }
+            snap.ifaces_up.push((iface.name.clone(), *present));
+        }
+        Ok(())
+    }
+
+    /// What the diagnosis needs from a snapshot.
+    pub fn reading(&self, snap: &Snapshot) -> Reading {
+        let names = self.ifnames();
+        reading::of_snapshot(snap, self.drop_reasons.as_ref(), &self.labeler, |i| {
+            names.get(&i).cloned().unwrap_or_else(|| format!("ifindex{i}"))
+        })
+    }
+}
+
+pub fn thresholds(args: &ObserveArgs, window: Duration) -> Thresholds {
+    Thresholds {
+        window,
+        conntrack_fill: args.conntrack_fill,
+        min_failures: args.min_failures,
+        min_zero_windows: args.min_zero_windows,
+    }
+}
+
+/// Logs the causes that turned on or off.
+pub fn log_changes(changed: &[Finding]) {
+    for f in changed {
+        if f.active {
+            log::warn!("diagnosis: {} is active: {}", f.cause.label(), f.summary);
+        } else {
+            log::info!("diagnosis: {} is over", f.cause.label());
+        }
+    }
+}
