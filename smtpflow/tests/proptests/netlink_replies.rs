@@ -1,0 +1,126 @@
+//! ctnetlink replies: the per-CPU and global conntrack statistics.
+use std::collections::BTreeMap;
+
+use proptest::{collection::vec, prelude::*, sample::subsequence};
+
+use smtpflow::host::pressure::ctnetlink;
+
+use super::mangled;
+
+const CPU_REPLY: &[u8] = include_bytes!("../../src/host/pressure/testdata/ct_stats_cpu.bin");
+const GLOBAL_REPLY: &[u8] = include_bytes!("../../src/host/pressure/testdata/ct_stats.bin");
+
+fn nlmsg(ty: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&0u16.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(body);
+    m.resize(m.len().next_multiple_of(4), 0);
+    m
+}
+
+fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
+    let mut a = Vec::new();
+    a.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
+    a.extend_from_slice(&ty.to_ne_bytes());
+    a.extend_from_slice(v);
+    a.resize(a.len().next_multiple_of(4), 0);
+    a
+}
+
+/// A ctnetlink data message: `nfgenmsg` then the attributes.
+fn ct_msg(msg: u8, seq: u32, attrs: &[(u16, u32)]) -> Vec<u8> {
+    let mut body = vec![0u8; 4];
+    for &(ty, v) in attrs {
+        body.extend(attr(ty, &v.to_be_bytes()));
+    }
+    nlmsg((ctnetlink::NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg), seq, &body)
+}
+
+/// `NLMSG_DONE` (type 3) or an acknowledgement (`NLMSG_ERROR`, type 2, code 0).
+fn terminator(ty: u16, seq: u32) -> Vec<u8> {
+    nlmsg(ty, seq, &0i32.to_ne_bytes())
+}
+
+fn seq_of(capture: &[u8]) -> u32 {
+    u32::from_ne_bytes(capture[8..12].try_into().unwrap())
+}
+
+const CPU_ATTRS: [(u16, &str); 5] = [
+    (ctnetlink::CTA_STATS_DROP, "drop"),
+    (ctnetlink::CTA_STATS_EARLY_DROP, "early_drop"),
+    (ctnetlink::CTA_STATS_INSERT_FAILED, "insert_failed"),
+    (ctnetlink::CTA_STATS_INVALID, "invalid"),
+    (ctnetlink::CTA_STATS_SEARCH_RESTART, "search_restart"),
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn netlink_never_panics(
+        buf in prop_oneof![vec(any::<u8>(), 0..300), mangled(CPU_REPLY), mangled(GLOBAL_REPLY)],
+        seq in prop_oneof![Just(seq_of(CPU_REPLY)), Just(seq_of(GLOBAL_REPLY)), any::<u32>()],
+    ) {
+        let _ = ctnetlink::parse_attrs(&buf);
+        let _ = ctnetlink::parse_cpu_stats_reply(&buf, seq);
+        let _ = ctnetlink::parse_global_reply(&buf, seq);
+    }
+
+    #[test]
+    fn attrs_round_trip(attrs in vec((0u16..0x4000, vec(any::<u8>(), 0..24)), 0..8)) {
+        let bytes: Vec<u8> = attrs.iter().flat_map(|(ty, v)| attr(*ty, v)).collect();
+        let got = ctnetlink::parse_attrs(&bytes).expect("well-formed attributes");
+        let got: Vec<(u16, Vec<u8>)> = got.into_iter().map(|(t, v)| (t, v.to_vec())).collect();
+        prop_assert_eq!(got, attrs);
+    }
+
+    /// A dump of any number of CPUs, each with any of the counters: the sums come back, and a
+    /// counter no CPU sends is absent.
+    #[test]
+    fn cpu_stats_round_trip(
+        seq in any::<u32>(),
+        cpus in vec(subsequence(CPU_ATTRS.to_vec(), 0..=5).prop_flat_map(|attrs| {
+            let n = attrs.len();
+            (Just(attrs), vec(any::<u32>(), n))
+        }), 1..6),
+    ) {
+        let mut buf = Vec::new();
+        let mut want: BTreeMap<&str, u64> = BTreeMap::new();
+        for (attrs, values) in &cpus {
+            let pairs: Vec<(u16, u32)> =
+                attrs.iter().map(|a| a.0).zip(values.iter().copied()).collect();
+            buf.extend(ct_msg(ctnetlink::IPCTNL_MSG_CT_GET_STATS_CPU, seq, &pairs));
+            for ((_, name), v) in attrs.iter().zip(values) {
+                *want.entry(name).or_default() += u64::from(*v);
+            }
+        }
+        buf.extend(terminator(3, seq));
+        prop_assert_eq!(ctnetlink::parse_cpu_stats_reply(&buf, seq).expect("well-formed"), want);
+        // Cut anywhere before the end: an error (or, at a message boundary, an incomplete dump).
+        let cut = seq as usize % buf.len();
+        prop_assert!(ctnetlink::parse_cpu_stats_reply(&buf[..cut], seq).is_err());
+        // Another request's reply is refused.
+        prop_assert!(ctnetlink::parse_cpu_stats_reply(&buf, seq.wrapping_add(1)).is_err());
+    }
+
+    #[test]
+    fn global_round_trip(
+        seq in any::<u32>(),
+        entries in any::<u32>(),
+        max in any::<Option<u32>>(),
+    ) {
+        let mut attrs = vec![(ctnetlink::CTA_STATS_GLOBAL_ENTRIES, entries)];
+        attrs.extend(max.map(|m| (ctnetlink::CTA_STATS_GLOBAL_MAX_ENTRIES, m)));
+        let mut buf = ct_msg(ctnetlink::IPCTNL_MSG_CT_GET_STATS, seq, &attrs);
+        buf.extend(terminator(2, seq));
+        let got = ctnetlink::parse_global_reply(&buf, seq).expect("well-formed");
+        prop_assert_eq!(got, ctnetlink::Global {
+            entries: u64::from(entries),
+            max_entries: max.map(u64::from),
+        });
+    }
+}
