@@ -18,17 +18,17 @@ use std::{
 
 use smtpflow_tests::{
     Metrics, Netns, Pair, Watch,
-    diagnosis::{
-        self, CAUSES, CONNTRACK_COUNT, ConntrackMax, Diagnose, Traffic, active, burst,
-        diagnosis_lines, evidence, evidence_of, ns_sysctl, top_peers,
-    },
+    diagnosis::{CAUSES, active, diagnosis_lines, evidence, evidence_of, top_peers},
     in_netns,
     json::Json,
-    netfilter::{TABLE, netstat, nft_counter, nft_drop_syns, nft_table},
+    names::{CT_ENTRIES, CT_STAT, DROPS, HANDSHAKES, REPLIES, TCP_STAT, TOP_PEER},
+    netfilter::{TABLE, nft_counter, nft_drop_syns, nft_script, nft_table},
+    procfs::{CONNTRACK_COUNT, ConntrackMax, conntrack_max, netstat, ns_sysctl},
     require_root,
     smtp::{self, SmtpSink},
+    smtpflow::{self, INTERVAL, wait_observing},
+    traffic::{Outcome, Traffic, burst},
     wait_for,
-    watch::INTERVAL,
 };
 
 const IF: &str = Pair::LOCAL_IF;
@@ -39,12 +39,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long clients wait for an unanswered handshake: one SYN retransmission (Linux retransmits
 /// after 1 s), then they give up, well before the next one.
 const GIVE_UP: Duration = Duration::from_millis(1500);
-
-const HANDSHAKES: &str = "smtpflow_handshakes_total";
-const DROPS: &str = "smtpflow_syn_drops_total";
-const CT_STAT: &str = "smtpflow_conntrack_stat_total";
-const TCP_STAT: &str = "smtpflow_tcp_stat_total";
-const REPLIES: &str = "smtpflow_smtp_replies_total";
 
 /// One test at a time in this process (the test command also runs `--test-threads=1`).
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -74,7 +68,7 @@ fn start_watch(ns: &Netns, window: Duration) -> Watch {
 fn quiet_baseline(w: &Watch, ns: &Netns) -> Metrics {
     let m = w.scrape(ns);
     assert_eq!(active(&m), Vec::<&str>::new(), "active before any fault:\n{}", m.text);
-    assert!(m.nonzero(diagnosis::TOP_PEER).is_empty(), "{}", m.text);
+    assert!(m.nonzero(TOP_PEER).is_empty(), "{}", m.text);
     m
 }
 
@@ -199,7 +193,7 @@ fn expect_log(w: &Watch, cause: &str, details: &[&str]) {
 }
 
 /// Every outcome of background traffic succeeded; returns how many there were.
-fn all_ok(what: &str, outcomes: &[(Instant, diagnosis::Outcome)]) -> usize {
+fn all_ok(what: &str, outcomes: &[(Instant, Outcome)]) -> usize {
     let failed: Vec<&String> = outcomes.iter().filter_map(|(_, o)| o.as_ref().err()).collect();
     assert!(failed.is_empty(), "{what}: {} of {} failed: {failed:?}", failed.len(), outcomes.len());
     outcomes.len()
@@ -236,11 +230,7 @@ fn conntrack_ruleset(ns: &Netns) {
 }}
 "
     );
-    let path = std::env::temp_dir().join(format!("{}-diagnosis.nft", ns.name));
-    std::fs::write(&path, rules).expect("write the ruleset");
-    let out = ns.exec("nft", &["-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "nft -f: {}", String::from_utf8_lossy(&out.stderr));
+    nft_script(ns, &rules);
 }
 
 /// A full conntrack table: `smtp-sink` on the gateway, conntrack in use there, and the global
@@ -312,7 +302,7 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
     let w = start_watch(&pair.local, WINDOW_CT);
     thread::sleep(INTERVAL * 3);
     let base = quiet_baseline(&w, &pair.local);
-    assert!(base.get("smtpflow_conntrack_entries", &[]).is_some(), "no conntrack:\n{}", base.text);
+    assert!(base.get(CT_ENTRIES, &[]).is_some(), "no conntrack:\n{}", base.text);
     let stat = |m: &Metrics, s: &str| m.sum(CT_STAT, &[("stat", s)]);
 
     // The limit: what the gateway's table holds now plus HELD, and never below what the host's
@@ -375,7 +365,7 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
         );
         let nft_dropped = kernel.0 - kernel.1;
         let ev = |n| evidence(m, "conntrack_exhaustion", n);
-        let entries = m.get("smtpflow_conntrack_entries", &[]).unwrap_or(-1.0);
+        let entries = m.get(CT_ENTRIES, &[]).unwrap_or(-1.0);
         [
             differs("inbound timeouts (one per failed attempt)", timeouts as f64, FAILING as f64),
             differs("inbound established", established as f64, held_expected as f64),
@@ -385,7 +375,7 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
             differs("nft syn_in - syn_passed vs NETFILTER_DROP", nft_dropped as f64, nf as f64),
             differs("early_drop rise", early as f64, 0.0),
             differs("insert_failed rise", insert as f64, 0.0),
-            differs("smtpflow_conntrack_entries", entries, limit as f64),
+            differs(CT_ENTRIES, entries, limit as f64),
             differs("conntrack_limit", ev("conntrack_limit"), limit as f64),
             differs("conntrack_entries", ev("conntrack_entries"), limit as f64),
             differs("conntrack_fill_ratio", ev("conntrack_fill_ratio"), 1.0),
@@ -423,7 +413,7 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
     ct.restore();
     let removed = Instant::now();
     drop(ct);
-    assert_eq!(diagnosis::conntrack_max(), original, "nf_conntrack_max restored");
+    assert_eq!(conntrack_max(), original, "nf_conntrack_max restored");
     drop(held);
     let traffic = Traffic::sessions(&pair.peer, &addr(LOCAL, 25), Duration::from_millis(200));
     let nf = rise(&base, &m, DROPS, &[("reason", "NETFILTER_DROP")]);
@@ -835,7 +825,7 @@ fn healthy_traffic_raises_no_alarm() {
         )
     });
     assert_eq!(active(&m), Vec::<&str>::new());
-    assert!(m.get("smtpflow_conntrack_entries", &[]).unwrap_or(0.0) > 0.0, "conntrack in use");
+    assert!(m.get(CT_ENTRIES, &[]).unwrap_or(0.0) > 0.0, "conntrack in use");
     let lines = diagnosis_lines(&w.stderr()).into_iter().map(str::to_owned).collect::<Vec<_>>();
     assert!(lines.is_empty(), "the log speaks of the diagnosis: {lines:?}");
     eprintln!("{scrapes} scrapes, {n_in} inbound and {n_out} outbound sessions: no cause active");
@@ -883,8 +873,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     let pair = Pair::new();
     let target: SocketAddr = addr(PEER, 25).parse().unwrap();
     let refuse_while_observed = |json: bool| {
-        let mut d = Diagnose::start(&pair.local, &diagnose_args(json));
-        d.wait_observing();
+        let mut d = smtpflow::diagnose(&pair.local, &diagnose_args(json));
+        wait_observing(&mut d);
         // Past the first drain interval too, so the attempts are inside the observed period.
         thread::sleep(Duration::from_millis(300));
         let results = in_netns(&pair.local, move || burst(target, N, GIVE_UP));
@@ -948,8 +938,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     // Healthy traffic both ways while it observes.
     let _inbound_server = SmtpSink::start(&pair.local, &addr(LOCAL, 25), &[]);
     let _outbound_server = SmtpSink::start(&pair.peer, &addr(PEER, 25), &[]);
-    let mut d = Diagnose::start(&pair.local, &diagnose_args(true));
-    d.wait_observing();
+    let mut d = smtpflow::diagnose(&pair.local, &diagnose_args(true));
+    wait_observing(&mut d);
     let every = Duration::from_millis(100);
     let inbound = Traffic::sessions(&pair.peer, &addr(LOCAL, 25), every);
     let outbound = Traffic::sessions(&pair.local, &addr(PEER, 25), every);
@@ -965,7 +955,7 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     }
 
     // An error: no such interface.
-    let d = Diagnose::start(&pair.local, &["--iface", "nosuch0", "--for", "3s", "--json"]);
+    let d = smtpflow::diagnose(&pair.local, &["--iface", "nosuch0", "--for", "3s", "--json"]);
     let v = d.finish(Duration::from_secs(20));
     assert_eq!(v.code, Some(2), "{v:?}");
     assert_eq!(v.stdout, "", "no verdict on an error");

@@ -18,6 +18,10 @@ use smtpflow_tests::{
     fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
     in_netns,
     json::Json,
+    names::{
+        BUILD_INFO, DIAGNOSIS, DROPS, EVENTS, EVIDENCE, GREET_BUCKET, GREETINGS, HANDSHAKES,
+        HS_BUCKET, PEER_EVENTS, PEER_GREETINGS, PEER_HANDSHAKES, REPLIES, TCP_STAT, TOP_PEER,
+    },
     prometheus::{Prometheus, deploy_dir, promtool},
     require_root, wait_for,
 };
@@ -751,7 +755,7 @@ fn grafana_dashboard_is_well_formed() {
         let on = |prefix: &str| metrics.iter().any(|m| m.starts_with(prefix));
         match row.as_str() {
             "Diagnosis" => {
-                assert!(on("smtpflow_diagnosis") || metrics.contains("up"), "{title}: {expr}")
+                assert!(on(DIAGNOSIS) || metrics.contains("up"), "{title}: {expr}")
             }
             "Top peers" => assert!(on("smtpflow_peer_"), "{title}: {expr}"),
             _ => {}
@@ -766,12 +770,7 @@ fn promql_refs_finds_metrics_and_labels() {
     let r = promql_refs(
         r#"topk(10, sum by (instance, peer) (increase(smtpflow_peer_tcp_events_total{instance=~"(a|b)", event="syn"}[5m])) > 0) / on (instance) group_left smtpflow_build_info and {__name__="up", job!="x"} offset 1m"#,
     );
-    assert_eq!(
-        r.metrics,
-        BTreeSet::from(
-            ["smtpflow_peer_tcp_events_total", "smtpflow_build_info", "up"].map(String::from)
-        )
-    );
+    assert_eq!(r.metrics, BTreeSet::from([PEER_EVENTS, BUILD_INFO, "up"].map(String::from)));
     assert_eq!(r.labels, BTreeSet::from(["instance", "peer", "event", "job"].map(String::from)));
     let r = promql_refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
     assert_eq!(r.metrics, BTreeSet::from(["instance:x:rate5m".to_owned()]));
@@ -791,19 +790,19 @@ fn promtool_check_metrics_accepts_real_output() {
     connect_refused(&pair.local, &format!("{}:25", Pair::PEER_V4));
 
     let families = [
-        "smtpflow_tcp_events_total",
-        "smtpflow_handshakes_total",
-        "smtpflow_smtp_greetings_total",
-        "smtpflow_smtp_replies_total",
-        "smtpflow_syn_drops_total",
-        "smtpflow_handshake_duration_seconds_bucket",
-        "smtpflow_greeting_duration_seconds_bucket",
-        "smtpflow_peer_tcp_events_total",
-        "smtpflow_peer_handshakes_total",
-        "smtpflow_peer_smtp_greetings_total",
-        "smtpflow_diagnosis_top_peer",
-        "smtpflow_diagnosis_evidence",
-        "smtpflow_tcp_stat_total",
+        EVENTS,
+        HANDSHAKES,
+        GREETINGS,
+        REPLIES,
+        DROPS,
+        HS_BUCKET,
+        GREET_BUCKET,
+        PEER_EVENTS,
+        PEER_HANDSHAKES,
+        PEER_GREETINGS,
+        TOP_PEER,
+        EVIDENCE,
+        TCP_STAT,
     ];
     let mut body = String::new();
     let ok = wait_for(Duration::from_secs(10), || {

@@ -11,28 +11,22 @@ use std::{net::SocketAddr, thread, time::Duration};
 use smtpflow_tests::{
     Pair, Watch,
     capture::{self, Capture},
-    netfilter::{netstat, nft_counter, nft_drop_syns, nft_table, queue_syns},
+    http,
+    names::{
+        DROPS, EVENTS, EVIDENCE, FLOW_INSERT_FAILURES, GREET_BUCKET, GREET_COUNT, GREETINGS,
+        HANDSHAKES, HS_BUCKET, HS_COUNT, HS_SUM, LOST, MALFORMED, MAP_CAPACITY, MAP_ENTRIES,
+        MAP_EVICTIONS, PEER_GREETINGS, PEER_HANDSHAKES, REPLIES, RESETS, RETRANSMITS,
+    },
+    netfilter::{nft_counter, nft_drop_syns, nft_table, queue_syns},
     nfqueue::{Held, Holder},
-    require_root,
+    procfs::netstat,
+    report, require_root,
     smtp::{self, Session, SmtpSink},
+    smtpflow::METRICS_ADDR,
 };
 
 const IF: &str = Pair::LOCAL_IF;
 const PEER: &str = Pair::PEER_V4;
-
-const HANDSHAKES: &str = "smtpflow_handshakes_total";
-const PEER_HANDSHAKES: &str = "smtpflow_peer_handshakes_total";
-const RETRANSMITS: &str = "smtpflow_syn_retransmits_total";
-const RESETS: &str = "smtpflow_resets_total";
-const REPLIES: &str = "smtpflow_smtp_replies_total";
-const GREETINGS: &str = "smtpflow_smtp_greetings_total";
-const PEER_GREETINGS: &str = "smtpflow_peer_smtp_greetings_total";
-const DROPS: &str = "smtpflow_syn_drops_total";
-const HS_BUCKET: &str = "smtpflow_handshake_duration_seconds_bucket";
-const HS_COUNT: &str = "smtpflow_handshake_duration_seconds_count";
-const HS_SUM: &str = "smtpflow_handshake_duration_seconds_sum";
-const GREET_BUCKET: &str = "smtpflow_greeting_duration_seconds_bucket";
-const GREET_COUNT: &str = "smtpflow_greeting_duration_seconds_count";
 
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
@@ -114,11 +108,7 @@ fn total(name: &'static str, filter: &[(&'static str, &'static str)], n: u64) ->
 /// evictions are not asserted here: their estimate can count one that never happened, see
 /// `tc_flow_evictions_not_overcounted`.)
 fn healthy() -> Vec<E> {
-    vec![
-        total("smtpflow_lost_events_total", &[], 0),
-        total("smtpflow_malformed_packets_total", &[], 0),
-        total("smtpflow_flow_insert_failures_total", &[], 0),
-    ]
+    vec![total(LOST, &[], 0), total(MALFORMED, &[], 0), total(FLOW_INSERT_FAILURES, &[], 0)]
 }
 
 /// How many sessions got each reply code (the client's own view).
@@ -439,13 +429,14 @@ fn listen_overflow(check_reason: bool) {
         // fexit on tcp_conn_request. Where the kernel refuses fexit programs (ftrace restricted,
         // as on some VMs), smtpflow must say so and the ListenOverflows counter must carry it.
         if w.stderr().contains("SYNs refused on full accept queues are not counted") {
-            eprintln!(
-                "SKIPPED the TCP_LISTEN_OVERFLOW equality: this kernel refuses fexit programs; \
-                 checking the warning and the ListenOverflows fallback instead"
+            report::weakened(
+                "handshakes::tc_listen_overflow_drop_reason",
+                "this kernel refuses fexit programs: the TCP_LISTEN_OVERFLOW equality is not \
+                 checked, the warning and the ListenOverflows fallback are instead",
             );
             expected.push(total(DROPS, &[], 0));
             expected.push((
-                "smtpflow_diagnosis_evidence",
+                EVIDENCE,
                 vec![("cause", "listen_overflow"), ("evidence", "listen_overflows")],
                 overflows,
             ));
@@ -738,11 +729,11 @@ fn tc_flow_map_evictions() {
     let syns = nft_counter(&pair.local, "in25");
     assert_eq!(syns, K as u64, "a SYN was retransmitted within 400 ms");
     // Settle first on what does not depend on the entries left, then read them.
-    w.expect_settled(&pair.local, &[total("smtpflow_map_capacity", &[("map", "flows")], 8)]);
+    w.expect_settled(&pair.local, &[total(MAP_CAPACITY, &[("map", "flows")], 8)]);
     let left = smtpflow_tests::wait_for(Duration::from_secs(10), || {
         let m = w.scrape(&pair.local);
         let timeouts = m.sum(HANDSHAKES, &[("outcome", "timeout")]);
-        let entries = m.sum("smtpflow_map_entries", &[("map", "flows")]);
+        let entries = m.sum(MAP_ENTRIES, &[("map", "flows")]);
         (timeouts > 0 && timeouts == entries).then_some(entries)
     })
     .expect("the flows left in the map time out");
@@ -753,8 +744,8 @@ fn tc_flow_map_evictions() {
 
     let i = "inbound";
     let mut expected = vec![
-        total("smtpflow_map_evictions_total", &[("map", "flows")], syns - left),
-        total("smtpflow_map_entries", &[("map", "flows")], left),
+        total(MAP_EVICTIONS, &[("map", "flows")], syns - left),
+        total(MAP_ENTRIES, &[("map", "flows")], left),
         outcome(i, "25", "timeout", left),
         total(HANDSHAKES, &[], left),
         // Every SYN was a new attempt: none is a retransmission.
@@ -811,23 +802,16 @@ fn tc_flow_evictions_not_overcounted() {
     require_root!();
     let pair = Pair::new();
     // The harness drains every 100 ms; this needs 10 ms, so it starts smtpflow itself.
-    let bin = smtpflow_tests::watch::binary();
-    let metrics = smtpflow_tests::watch::METRICS_ADDR;
-    let args = ["watch", "--iface", IF, "--metrics-addr", metrics, "--interval", "10ms"];
-    let mut sf = smtp::Process::spawn(&pair.local, bin.to_str().unwrap(), &args);
+    let metrics = METRICS_ADDR;
+    let args = ["--iface", IF, "--metrics-addr", metrics, "--interval", "10ms"];
+    let _smtpflow = Watch::launch(&pair.local, &args, metrics);
     let scrape = || {
-        let (status, body) = smtpflow_tests::watch::http_get(&pair.local, metrics, "/metrics")
-            .map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("status {status}"));
+        let r = http::get(&pair.local, metrics, "/metrics").map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!("status {}", r.status));
         }
-        Ok(smtpflow_tests::Metrics::parse(&body))
+        Ok(smtpflow_tests::Metrics::parse(&r.body))
     };
-    let up = smtpflow_tests::wait_for(Duration::from_secs(20), || {
-        sf.assert_running();
-        scrape().ok()
-    });
-    assert!(up.is_some(), "smtpflow did not serve within 20s:\n{}", sf.stderr());
 
     const N: usize = 2500;
     const CLIENTS: usize = 2;
@@ -871,9 +855,9 @@ fn tc_flow_evictions_not_overcounted() {
     let n = (N * CLIENTS) as u64;
     let expected = [
         outcome("inbound", "25", "established", n),
-        total("smtpflow_map_entries", &[("map", "flows")], 0),
-        total("smtpflow_flow_insert_failures_total", &[], 0),
-        total("smtpflow_map_evictions_total", &[("map", "flows")], 0),
+        total(MAP_ENTRIES, &[("map", "flows")], 0),
+        total(FLOW_INSERT_FAILURES, &[], 0),
+        total(MAP_EVICTIONS, &[("map", "flows")], 0),
     ];
     let wrong = |m: &smtpflow_tests::Metrics| -> Vec<String> {
         expected
@@ -892,8 +876,7 @@ fn tc_flow_evictions_not_overcounted() {
     let m = scrape().expect("scrape");
     let mut wrong = wrong(&m);
     // Every RST seen is a reset of some phase (their number depends on close races).
-    let (rsts, resets) =
-        (m.sum("smtpflow_tcp_events_total", &[("event", "rst")]), m.sum(RESETS, &[]));
+    let (rsts, resets) = (m.sum(EVENTS, &[("event", "rst")]), m.sum(RESETS, &[]));
     if rsts < n || rsts != resets {
         wrong.push(format!("{rsts} RST events, {resets} resets, {n} connections"));
     }
