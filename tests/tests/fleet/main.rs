@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod promql;
+
 use smtpflow_tests::{
     Netns, Pair, Watch,
     fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
@@ -389,146 +391,16 @@ fn concrete(expr: &str, instances: &[&str]) -> String {
     e
 }
 
-/// The metric names and label names a PromQL expression refers to.
-#[derive(Debug, Default, PartialEq)]
-struct Refs {
-    metrics: BTreeSet<String>,
-    labels: BTreeSet<String>,
-}
-
-fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c == b':'
-}
-
-fn is_ident(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit()
-}
-
-/// A small PromQL scanner: identifiers followed by `(` are functions or aggregations, the ones
-/// after `by`/`without`/`on`/`ignoring`/`group_*` and inside `{...}` are labels, keywords are
-/// skipped, and every other identifier is a metric name.
-fn promql_refs(expr: &str) -> Refs {
-    const GROUPING: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
-    const KEYWORDS: [&str; 7] = ["and", "or", "unless", "bool", "offset", "inf", "nan"];
-    // Aggregations may be followed by `by (...)` before their parenthesis.
-    const AGGREGATIONS: [&str; 12] = [
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "group",
-        "stddev",
-        "stdvar",
-        "count",
-        "count_values",
-        "bottomk",
-        "topk",
-        "quantile",
-    ];
-    let b = expr.as_bytes();
-    let mut refs = Refs::default();
-    let mut i = 0;
-    let skip_string = |mut i: usize| -> usize {
-        let q = b[i];
-        i += 1;
-        while i < b.len() && b[i] != q {
-            i += if b[i] == b'\\' { 2 } else { 1 };
-        }
-        i + 1
-    };
-    let ident = |mut i: usize| -> (String, usize) {
-        let start = i;
-        while i < b.len() && is_ident(b[i]) {
-            i += 1;
-        }
-        (expr[start..i].to_owned(), i)
-    };
-    let skip_ws = |mut i: usize| -> usize {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    while i < b.len() {
-        let c = b[i];
-        if matches!(c, b'"' | b'\'' | b'`') {
-            i = skip_string(i);
-        } else if c == b'{' {
-            // Label matchers: name op "value", ...
-            i += 1;
-            while i < b.len() && b[i] != b'}' {
-                if matches!(b[i], b'"' | b'\'' | b'`') {
-                    i = skip_string(i);
-                } else if is_ident_start(b[i]) {
-                    let (name, j) = ident(i);
-                    let k = skip_ws(j);
-                    let value_start = skip_ws(
-                        k + if b.get(k + 1) == Some(&b'=') || b.get(k + 1) == Some(&b'~') {
-                            2
-                        } else {
-                            1
-                        },
-                    );
-                    if name == "__name__" && b.get(value_start) == Some(&b'"') {
-                        let end = skip_string(value_start);
-                        refs.metrics.insert(expr[value_start + 1..end - 1].to_owned());
-                    } else {
-                        refs.labels.insert(name);
-                    }
-                    i = j;
-                } else {
-                    i += 1;
-                }
-            }
-            i += 1;
-        } else if c == b'[' {
-            while i < b.len() && b[i] != b']' {
-                i += 1;
-            }
-            i += 1;
-        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
-        {
-            // Numbers and durations (1e3, 0.99, 5m).
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
-                i += 1;
-            }
-        } else if is_ident_start(c) {
-            let (name, j) = ident(i);
-            let k = skip_ws(j);
-            if GROUPING.contains(&name.as_str()) {
-                if b.get(k) == Some(&b'(') {
-                    let end = expr[k..].find(')').map_or(b.len(), |e| k + e);
-                    for l in expr[k + 1..end].split(',') {
-                        let l = l.trim();
-                        if !l.is_empty() {
-                            refs.labels.insert(l.to_owned());
-                        }
-                    }
-                    i = end + 1;
-                    continue;
-                }
-            } else if b.get(k) != Some(&b'(')
-                && !KEYWORDS.contains(&name.as_str())
-                && !AGGREGATIONS.contains(&name.as_str())
-            {
-                refs.metrics.insert(name);
-            }
-            i = j;
-        } else {
-            i += 1;
-        }
-    }
-    refs
-}
-
 /// Runs every dashboard query against `prom`: each must be valid PromQL that evaluates, and
 /// refer only to metrics Prometheus has (raw or recorded) and to labels those metrics carry.
 fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
     let d = dashboard();
     let queries = panel_queries(&d);
     assert!(queries.len() >= 20, "only {} queries in the dashboard", queries.len());
-    let wanted: BTreeSet<String> =
-        queries.iter().flat_map(|(_, _, e)| promql_refs(&concrete(e, instances)).metrics).collect();
+    let wanted: BTreeSet<String> = queries
+        .iter()
+        .flat_map(|(_, _, e)| promql::refs(&concrete(e, instances)).metrics)
+        .collect();
     // Recorded series appear with the rules' first evaluations: wait (bounded) for them all.
     let mut missing = BTreeSet::new();
     let names_ok = wait_for(Duration::from_secs(30), || {
@@ -552,7 +424,7 @@ fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
                 }
             }
         }
-        let refs = promql_refs(&q);
+        let refs = promql::refs(&q);
         if refs.metrics.is_empty() {
             failures.push(format!("{title:?}: {q}: refers to no metric"));
         }
@@ -751,7 +623,7 @@ fn grafana_dashboard_is_well_formed() {
             expr.contains(r#"instance=~"$instance""#),
             "{title}: ignores the gateway picker: {expr}"
         );
-        let metrics = promql_refs(&concrete(expr, &["mx1"])).metrics;
+        let metrics = promql::refs(&concrete(expr, &["mx1"])).metrics;
         let on = |prefix: &str| metrics.iter().any(|m| m.starts_with(prefix));
         match row.as_str() {
             "Diagnosis" => {
@@ -767,12 +639,12 @@ fn grafana_dashboard_is_well_formed() {
 /// The scanner behind the dashboard check.
 #[test]
 fn promql_refs_finds_metrics_and_labels() {
-    let r = promql_refs(
+    let r = promql::refs(
         r#"topk(10, sum by (instance, peer) (increase(smtpflow_peer_tcp_events_total{instance=~"(a|b)", event="syn"}[5m])) > 0) / on (instance) group_left smtpflow_build_info and {__name__="up", job!="x"} offset 1m"#,
     );
     assert_eq!(r.metrics, BTreeSet::from([PEER_EVENTS, BUILD_INFO, "up"].map(String::from)));
     assert_eq!(r.labels, BTreeSet::from(["instance", "peer", "event", "job"].map(String::from)));
-    let r = promql_refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
+    let r = promql::refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
     assert_eq!(r.metrics, BTreeSet::from(["instance:x:rate5m".to_owned()]));
 }
 
