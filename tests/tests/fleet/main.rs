@@ -16,7 +16,7 @@ use std::{
 mod promql;
 
 use smtpflow_tests::{
-    Netns, Pair, Watch,
+    Netns, Pair, Watch, expect,
     fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
     in_netns,
     json::Json,
@@ -160,15 +160,9 @@ fn mismatches(prom: &Prometheus, expects: &[Expect]) -> Vec<String> {
 /// Waits (bounded) until every expectation holds, then a few scrape intervals more, and checks
 /// they still hold (nothing extra was counted).
 fn expect_settled(prom: &Prometheus, fleet: &Fleet, expects: &[Expect]) {
-    let mut wrong = Vec::new();
-    let ok = wait_for(Duration::from_secs(45), || {
-        wrong = mismatches(prom, expects);
-        wrong.is_empty().then_some(())
+    let ((), wrong) = expect::settle(Duration::from_secs(45), Duration::from_secs(3), || {
+        ((), mismatches(prom, expects))
     });
-    if ok.is_some() {
-        thread::sleep(Duration::from_secs(3));
-        wrong = mismatches(prom, expects);
-    }
     assert!(
         wrong.is_empty(),
         "{}: PromQL did not give the numbers the traffic implies:\n  {}\ntargets:\n  {}\n{}",
