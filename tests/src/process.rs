@@ -282,6 +282,25 @@ pub struct Finished {
     pub elapsed: Duration,
 }
 
+impl Finished {
+    /// Asserts that it failed (a non-zero exit, not a signal) and that its stderr mentions
+    /// every one of `words`; returns stderr.
+    pub fn assert_failed(&self, what: &str, words: &[&str]) -> &str {
+        let err = &self.stderr;
+        assert!(
+            matches!(self.code, Some(c) if c != 0),
+            "{what}: expected a non-zero exit, got {:?} after {:?}\nstderr:\n{err}\nstdout:\n{}",
+            self.code,
+            self.elapsed,
+            self.stdout
+        );
+        for w in words {
+            assert!(err.contains(w), "{what}: stderr does not mention {w:?}:\n{err}");
+        }
+        err
+    }
+}
+
 /// Runs `cmd` (stdin closed, output captured) and waits at most `timeout` for it to exit;
 /// panics, after killing it, if it is still running then.
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Finished {

@@ -21,7 +21,7 @@ use smtpflow_tests::{
     },
     http, in_netns,
     names::{BUILD_INFO, EVENTS, LOST, MALFORMED, PEER_EVENTS, PREFIX, TC_IN, TC_OUT, XDP},
-    process::{Finished, Process, installed, run_bounded},
+    process::{Process, installed, run_bounded},
     report, require_root,
     smtpflow::{self, METRICS_ADDR, binary, run_watch},
     traffic::{connect_n, one_each_way, serve},
@@ -370,29 +370,12 @@ fn two_interfaces_counted_separately() {
 // 6: operator errors: non-zero exit, quickly, with a message naming the problem; nothing left
 // attached.
 
-/// Asserts that `run` failed (a non-zero exit, not a signal) and that its stderr contains every
-/// one of `words`; returns stderr.
-fn assert_failed(run: &Finished, what: &str, words: &[&str]) -> String {
-    let err = &run.stderr;
-    assert!(
-        matches!(run.code, Some(c) if c != 0),
-        "{what}: expected a non-zero exit, got {:?} after {:?}\nstderr:\n{err}\nstdout:\n{}",
-        run.code,
-        run.elapsed,
-        run.stdout
-    );
-    for w in words {
-        assert!(err.contains(w), "{what}: stderr does not mention {w:?}:\n{err}");
-    }
-    err.clone()
-}
-
 #[test]
 fn error_unknown_interface() {
     require_root!();
     let pair = Pair::new();
     let r = run_watch(&pair.local, &[], &["--iface", "nosuch0"]);
-    assert_failed(&r, "--iface nosuch0", &["nosuch0", "does not exist"]);
+    r.assert_failed("--iface nosuch0", &["nosuch0", "does not exist"]);
     // A known interface next to an unknown one: nothing is attached to the known one.
     for netlink in [false, true] {
         let mut args = vec!["--iface", Pair::LOCAL_IF, "--iface", "nosuch0"];
@@ -400,7 +383,7 @@ fn error_unknown_interface() {
             args.extend(["--tc-link", "netlink"]);
         }
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(&r, &args.join(" "), &["nosuch0", "does not exist"]);
+        r.assert_failed(&args.join(" "), &["nosuch0", "does not exist"]);
         assert_unhooked(&pair.local, Pair::LOCAL_IF, &args.join(" "));
     }
 }
@@ -426,7 +409,7 @@ fn error_bad_arguments() {
         let mut args = vec!["--iface", Pair::LOCAL_IF];
         args.extend_from_slice(extra);
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(&r, &format!("watch {}", args.join(" ")), words);
+        r.assert_failed(&format!("watch {}", args.join(" ")), words);
         assert_unhooked(&pair.local, Pair::LOCAL_IF, &args.join(" "));
     }
 }
@@ -442,8 +425,7 @@ fn error_metrics_addr_in_use() {
     for link in ["tcx", "netlink"] {
         let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_ADDR, "--tc-link", link];
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(
-            &r,
+        r.assert_failed(
             &format!("--metrics-addr {METRICS_ADDR} in use ({link})"),
             &[METRICS_ADDR, "in use", "--metrics-addr"],
         );
@@ -472,7 +454,7 @@ fn error_not_root_or_missing_capabilities() {
     assert!(installed("setpriv"), "setpriv (util-linux) is needed for this test");
     let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
     let r = run_watch(&pair.local, &nobody, &["--iface", Pair::LOCAL_IF]);
-    let err = assert_failed(&r, "as nobody", &["root", "CAP_BPF"]);
+    let err = r.assert_failed("as nobody", &["root", "CAP_BPF"]).to_owned();
     assert_eq!(missing_caps(&err), ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"], "{err}");
     assert_unhooked(&pair.local, Pair::LOCAL_IF, "as nobody");
 
@@ -499,7 +481,7 @@ fn error_not_root_or_missing_capabilities() {
             Pair::LOCAL_IF,
         ]);
         let r = run_bounded(cmd, ERROR_TIMEOUT);
-        let err = assert_failed(&r, &format!("without {drop}"), missing);
+        let err = r.assert_failed(&format!("without {drop}"), missing).to_owned();
         assert_eq!(&missing_caps(&err), missing, "without {drop}: {err}");
         assert_unhooked(&pair.local, Pair::LOCAL_IF, &format!("without {drop}"));
     }
@@ -558,7 +540,7 @@ fn error_xdp_busy_on_second_interface_rolls_back() {
             "127.0.0.1:9926",
         ],
     );
-    assert_failed(&r, "XDP busy on sf2", &["sf2", "--mode tc"]);
+    r.assert_failed("XDP busy on sf2", &["sf2", "--mode tc"]);
     assert_unhooked(&pair.local, Pair::LOCAL_IF, "failed XDP start");
     let still = hooks(&pair.local, "sf2");
     assert_eq!(still, owner, "the running smtpflow's XDP program on sf2 changed");
