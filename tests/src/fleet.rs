@@ -12,19 +12,11 @@
 //! G numbers gateways across the fleet, S sites. smtpflow watches only `sf0`, so scrapes and
 //! remote writes (on the monitoring links) are never counted. Everything is removed on drop:
 //! smtpflow processes first, then namespaces (with their interfaces).
-use std::{
-    fmt::Write as _,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{fmt::Write as _, path::PathBuf, sync::Arc};
 
 use crate::{
-    Netns, Pair,
-    prometheus::TempDir,
-    wait_for,
-    watch::{INTERVAL, binary, http_get},
+    Netns, Pair, Watch,
+    smtpflow::{INTERVAL, METRICS_ADDR},
 };
 
 /// Where smtpflow listens in a gateway namespace (every address, so the site can scrape it).
@@ -33,53 +25,18 @@ pub const METRICS_LISTEN: &str = "0.0.0.0:9925";
 pub const PROMETHEUS_PORT: u16 = 9090;
 
 /// `smtpflow watch --iface sf0` in a gateway namespace, serving on [`METRICS_LISTEN`].
-pub struct GatewayWatch {
-    child: Option<Child>,
-    log: TempDir,
-}
-
-impl GatewayWatch {
-    fn start(ns: &Netns) -> Self {
-        let log = TempDir::new("smtpflow-gateway");
-        let stderr = std::fs::File::create(log.path.join("stderr")).expect("stderr file");
-        let interval = format!("{}ms", INTERVAL.as_millis());
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(binary())
-            .args(["watch", "--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_LISTEN])
-            .args(["--interval", &interval, "--status-every", "0s"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn smtpflow");
-        let mut w = Self { child: Some(child), log };
-        let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = w.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("smtpflow exited early ({status}):\n{}", w.stderr());
-            }
-            http_get(ns, "127.0.0.1:9925", "/healthz").ok().filter(|(s, _)| *s == 200)
-        });
-        assert!(ready.is_some(), "smtpflow did not serve /healthz within 20s:\n{}", w.stderr());
-        w
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.log.path.join("stderr")).unwrap_or_default()
-    }
-}
-
-impl Drop for GatewayWatch {
-    fn drop(&mut self) {
-        crate::stop_child(&mut self.child, Duration::from_secs(5));
-    }
+fn gateway_watch(ns: &Netns) -> Watch {
+    let interval = format!("{}ms", INTERVAL.as_millis());
+    let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_LISTEN];
+    let args = [&args[..], &["--interval", &interval, "--status-every", "0s"]].concat();
+    Watch::launch(ns, &args, METRICS_ADDR)
 }
 
 /// One mail gateway: its [`Pair`] of namespaces, smtpflow watching `sf0`, and the address its
 /// site scrapes.
 pub struct Gateway {
     // Field order matters for drop: smtpflow stops before its namespaces go.
-    pub watch: GatewayWatch,
+    pub watch: Watch,
     pub pair: Pair,
     /// The `instance` label Prometheus gives it (e.g. `mx1`).
     pub name: String,
@@ -136,7 +93,7 @@ impl Fleet {
                 pair.local.ip(&["link", "set", "mon0", "up"]);
                 ns.ip(&["addr", "add", &format!("10.88.{g}.1/24"), "dev", &format!("gw{g}")]);
                 ns.ip(&["link", "set", &format!("gw{g}"), "up"]);
-                let watch = GatewayWatch::start(&pair.local);
+                let watch = gateway_watch(&pair.local);
                 gws.push(Gateway {
                     watch,
                     pair,

@@ -17,7 +17,7 @@
 //! a truncated frame, build it whole and cut it with [`Vec::truncate`].
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -89,6 +89,24 @@ impl Eth {
     pub fn ipv6(&self, ip: &Ipv6, next_header: u8, payload: &[u8]) -> Vec<u8> {
         self.frame(ETH_P_IPV6, &ip.packet(next_header, payload))
     }
+}
+
+/// The Internet checksum over the concatenation of `parts` (each of even length but the last).
+pub fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        let mut chunks = part.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u32::from(*last) << 8;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// IPv4 header. The header length follows the options unless [`Ipv4::ihl`] overrides it.
@@ -183,6 +201,17 @@ impl Ipv4 {
         p.extend_from_slice(&self.dst.octets());
         p.extend_from_slice(&self.options);
         p.extend_from_slice(payload);
+        p
+    }
+}
+
+impl Ipv4 {
+    /// [`Ipv4::packet`] with the header checksum filled in (frames a real stack accepts).
+    pub fn packet_checksummed(&self, payload: &[u8]) -> Vec<u8> {
+        let mut p = self.packet(payload);
+        let hlen = 20 + self.options.len();
+        let sum = checksum(&[&p[..hlen]]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
         p
     }
 }
@@ -370,6 +399,35 @@ impl Tcp {
         s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
         s.extend_from_slice(&self.options);
         s.extend_from_slice(&self.payload);
+        s
+    }
+}
+
+impl Tcp {
+    /// [`Tcp::bytes`] with the checksum over the pseudo-header of `src` and `dst` filled in.
+    pub fn bytes_checksummed(&self, src: IpAddr, dst: IpAddr) -> Vec<u8> {
+        let mut s = self.bytes();
+        let len = s.len();
+        let sum = match (src, dst) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mut pseudo = [0u8; 12];
+                pseudo[..4].copy_from_slice(&a.octets());
+                pseudo[4..8].copy_from_slice(&b.octets());
+                pseudo[9] = IPPROTO_TCP;
+                pseudo[10..].copy_from_slice(&(len as u16).to_be_bytes());
+                checksum(&[&pseudo, &s])
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mut pseudo = [0u8; 40];
+                pseudo[..16].copy_from_slice(&a.octets());
+                pseudo[16..32].copy_from_slice(&b.octets());
+                pseudo[32..36].copy_from_slice(&(len as u32).to_be_bytes());
+                pseudo[39] = IPPROTO_TCP;
+                checksum(&[&pseudo, &s])
+            }
+            _ => panic!("mixed address families"),
+        };
+        s[16..18].copy_from_slice(&sum.to_be_bytes());
         s
     }
 }

@@ -2,36 +2,59 @@
 //! network namespaces joined by a veth pair, runs the real `smtpflow watch` binary in one of
 //! them, makes real traffic, and asserts exact counters scraped from its `/metrics`.
 //!
-//! Everything created is removed on drop, so a failing (panicking) test cleans up too.
+//! Everything created is removed on drop, so a failing (panicking) test cleans up too. Each
+//! module is named for what it provides:
+//!
+//! - the set-up: [`netns`] (namespaces, the veth [`Pair`]), [`process`] (child processes),
+//!   [`smtpflow`] (the binary under test: [`Watch`], `diagnose`), [`tempdir`], [`pki`];
+//! - traffic: [`traffic`] (plain TCP, in the foreground or background), [`smtp`] (servers and
+//!   clients), [`frames`] (crafted Ethernet frames), [`nfqueue`] (held packets);
+//! - what is observed: [`http`] (the one HTTP client), [`metrics`] (the exposition format),
+//!   [`names`] (every metric and program name), [`expect`] (expected values and the one loop
+//!   waiting for them), [`diagnosis`], [`hooks`] (what is attached to an interface),
+//!   [`procfs`] (what `/proc` and `/sys` say), [`netfilter`] (nftables counters, the RST
+//!   oracle), [`capture`] (an independent packet capture);
+//! - Prometheus: [`prometheus`] (the server and promtool), [`fleet`] (gateways and sites),
+//!   [`json`];
+//! - [`rng`] (seeded randomness) and [`report`] (skipped and weakened checks).
 pub mod capture;
-pub mod conn;
 pub mod diagnosis;
+pub mod expect;
 pub mod fleet;
 pub mod frames;
-pub mod hardening_support;
+pub mod hooks;
+pub mod http;
 pub mod json;
-pub mod lifecycle_support;
 pub mod metrics;
+pub mod names;
 pub mod netfilter;
 pub mod netns;
 pub mod nfqueue;
+pub mod pki;
+pub mod process;
+pub mod procfs;
 pub mod prometheus;
+pub mod report;
+pub mod rng;
 pub mod smtp;
-pub mod watch;
+pub mod smtpflow;
+pub mod tempdir;
+pub mod traffic;
 
 pub use metrics::Metrics;
-pub use netns::{Netns, Pair, in_netns};
-pub use watch::Watch;
+pub use netns::{Netns, Pair, in_netns, spawn_in_netns};
+pub use smtpflow::Watch;
 
 use std::time::{Duration, Instant};
 
-/// Skips the calling test (returns) with a printed reason when not root.
+/// Skips the calling test (returns) with a reported reason when not root.
 #[macro_export]
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            eprintln!(
-                "SKIPPED: this test needs root (network namespaces, BPF); run `cargo xtask test`"
+            $crate::report::skipped(
+                &$crate::report::current_test(),
+                "this test needs root (network namespaces, BPF); run `cargo xtask test`",
             );
             return;
         }
@@ -54,18 +77,5 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Stops a child process: SIGTERM, up to `grace` to exit, then SIGKILL. For guards' `Drop`.
-pub fn stop_child(child: &mut Option<std::process::Child>, grace: Duration) {
-    if let Some(mut child) = child.take() {
-        // `ip netns exec` execs its program, so the child's pid is the program's own.
-        // SAFETY: plain syscall on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        if wait_for(grace, || child.try_wait().ok().flatten()).is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

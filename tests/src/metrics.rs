@@ -89,6 +89,16 @@ impl Metrics {
         self.samples.get(&(name.to_owned(), key)).copied()
     }
 
+    /// Every value of `label` in the scrape, over all families.
+    pub fn label_values(&self, label: &str) -> std::collections::BTreeSet<String> {
+        self.samples
+            .keys()
+            .flat_map(|(_, labels)| {
+                labels.iter().filter(|(k, _)| k == label).map(|(_, v)| v.clone())
+            })
+            .collect()
+    }
+
     /// All non-zero samples of `name`, as `label=value,...` strings, for readable failures.
     pub fn nonzero(&self, name: &str) -> Vec<String> {
         self.matching(name, &[])

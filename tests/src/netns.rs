@@ -75,23 +75,54 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        match Command::new("ip").args(["netns", "del", &self.name]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
+        }
     }
+}
+
+/// Moves the calling thread into `ns` (sockets it creates then belong to that namespace).
+pub fn enter(ns_name: &str) {
+    let path = format!("/run/netns/{ns_name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd; it affects only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 /// Runs `f` on a thread that has entered `ns`. Sockets it creates belong to that namespace and
 /// may be used from any thread afterwards.
 pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns on a valid namespace fd; it affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
+    thread_in(ns, thread::Builder::new(), f).join().expect("thread in namespace panicked")
+}
+
+/// Runs `f` on a new thread (a small stack: many may run at once) that has entered `ns`,
+/// without waiting for it (unlike [`in_netns`]).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    thread_in(ns, thread::Builder::new().stack_size(256 * 1024), f)
+}
+
+fn thread_in<T: Send + 'static>(
+    ns: &Netns,
+    builder: thread::Builder,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let name = ns.name.clone();
+    builder
+        .spawn(move || {
+            enter(&name);
+            f()
+        })
+        .expect("spawn a thread")
 }
 
 /// The usual test topology: the gateway (`local`, where smtpflow watches `LOCAL_IF`) and a peer
@@ -111,10 +142,15 @@ impl Pair {
     pub const PEER_V6: &'static str = "fd00:77::2";
 
     pub fn new() -> Self {
-        let local = Netns::new("gw");
-        let peer = Netns::new("peer");
+        let pair = Self { local: Netns::new("gw"), peer: Netns::new("peer") };
+        pair.link();
+        pair
+    }
+
+    /// Creates the veth pair with its addresses, up (again, after `ip link del sf0`).
+    pub fn link(&self) {
         // Create inside the gateway namespace so nothing ever touches the host's interfaces.
-        local.ip(&[
+        self.local.ip(&[
             "link",
             "add",
             Self::LOCAL_IF,
@@ -124,17 +160,16 @@ impl Pair {
             "name",
             Self::PEER_IF,
             "netns",
-            &peer.name,
+            &self.peer.name,
         ]);
         for (ns, ifname, v4, v6) in [
-            (&local, Self::LOCAL_IF, Self::LOCAL_V4, Self::LOCAL_V6),
-            (&peer, Self::PEER_IF, Self::PEER_V4, Self::PEER_V6),
+            (&self.local, Self::LOCAL_IF, Self::LOCAL_V4, Self::LOCAL_V6),
+            (&self.peer, Self::PEER_IF, Self::PEER_V4, Self::PEER_V6),
         ] {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", ifname]);
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", ifname, "nodad"]);
             ns.ip(&["link", "set", ifname, "up"]);
         }
-        Self { local, peer }
     }
 
     /// The MAC address of an interface in a namespace.

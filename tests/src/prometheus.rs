@@ -3,20 +3,14 @@
 //! HTTP API; and `promtool`. The server is stopped and its directory deleted on drop.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
+    process::{Command, Output, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
-use crate::{Netns, in_netns, json::Json, wait_for};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
+use crate::{Netns, http, json::Json, process::Process, tempdir::TempDir, wait_for};
 
 /// The `prometheus` binary: `$PROMETHEUS_BIN`, else the one on `PATH` (Debian's package).
 pub fn prometheus_bin() -> PathBuf {
@@ -53,33 +47,14 @@ pub fn promtool(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
         let text = text.to_owned();
         // A thread, so a promtool that answers before reading everything cannot deadlock us.
         std::thread::spawn(move || {
-            let _ = pipe.write_all(text.as_bytes());
+            if let Err(e) = pipe.write_all(text.as_bytes())
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                eprintln!("feeding promtool: {e}");
+            }
         });
     }
     child.wait_with_output().expect("wait for promtool")
-}
-
-/// A directory under the system's temporary directory, removed with its contents on drop.
-pub struct TempDir {
-    pub path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(what: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "smtpflow-{what}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// `%`-encoding for a URL query value (everything but the unreserved characters).
@@ -100,13 +75,14 @@ pub type Sample = (BTreeMap<String, String>, f64);
 
 /// A running Prometheus server in a namespace.
 pub struct Prometheus {
-    child: Option<Child>,
+    process: Process,
     /// Keeps the namespace alive while the server runs.
     ns: Arc<Netns>,
     /// Where the API answers, inside the namespace.
     pub api_addr: String,
     pub name: String,
-    dir: TempDir,
+    /// Its configuration and data; removed after the server stopped (fields drop in order).
+    _dir: TempDir,
 }
 
 impl Prometheus {
@@ -114,62 +90,39 @@ impl Prometheus {
     /// `listen` (e.g. `0.0.0.0:9090`), with `extra` flags; waits (bounded) until it is ready.
     pub fn start(ns: Arc<Netns>, name: &str, listen: &str, config: &str, extra: &[&str]) -> Self {
         let dir = TempDir::new(&format!("prometheus-{name}"));
-        let config_path = dir.path.join("prometheus.yml");
+        let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write prometheus.yml");
-        let log = std::fs::File::create(dir.path.join("prometheus.log")).expect("log file");
         let port = listen.rsplit_once(':').map_or("9090", |(_, p)| p);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(prometheus_bin())
+        let process = Process::build(&ns, prometheus_bin())
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path.join("data").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address={listen}"))
             .args(extra)
             .current_dir(&dir.path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", prometheus_bin().display()));
+            .grace(Duration::from_secs(10))
+            .spawn();
         let mut p = Self {
-            child: Some(child),
+            process,
             ns,
             api_addr: format!("127.0.0.1:{port}"),
             name: name.to_owned(),
-            dir,
+            _dir: dir,
         };
-        let ready = wait_for(Duration::from_secs(30), || {
-            if let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("prometheus {name} exited early ({status}):\n{}", p.log());
-            }
-            p.get("/-/ready").ok().filter(|(s, _)| *s == 200)
+        let (ns, addr) = (p.ns.clone(), p.api_addr.clone());
+        p.process.wait_ready(Duration::from_secs(30), || {
+            http::get(&ns, &addr, "/-/ready").is_ok_and(|r| r.status == 200)
         });
-        assert!(ready.is_some(), "prometheus {name} was not ready within 30s:\n{}", p.log());
         p
     }
 
     /// The server's log (stderr).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path.join("prometheus.log")).unwrap_or_default()
+        self.process.stderr()
     }
 
-    /// HTTP/1.0 GET of `path_and_query` on the API address (HTTP/1.0: never chunked).
+    /// GET of `path_and_query` on the API address: (status, body).
     pub fn get(&self, path_and_query: &str) -> std::io::Result<(u16, String)> {
-        let addr = self.api_addr.clone();
-        let target = path_and_query.to_owned();
-        let ns = self.ns.clone();
-        in_netns(&ns, move || {
-            let mut s =
-                TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            write!(s, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            Ok((status, body.to_owned()))
-        })
+        http::get(&self.ns, &self.api_addr, path_and_query).map(|r| (r.status, r.body))
     }
 
     /// GET an API path and parse the JSON answer; `Err` with Prometheus's error text when its
@@ -321,11 +274,5 @@ impl Prometheus {
     pub fn now(&self) -> f64 {
         let data = self.query("time()").unwrap_or_else(|e| panic!("{}: time(): {e}", self.name));
         Self::samples(&data).first().map_or(f64::NAN, |(_, v)| *v)
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        crate::stop_child(&mut self.child, Duration::from_secs(10));
     }
 }

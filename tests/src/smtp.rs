@@ -1,71 +1,19 @@
-//! SMTP servers and clients for the handshake tests: Postfix's `smtp-sink` run in a namespace, a
-//! minimal SMTP client over `TcpStream`, `swaks`, and small servers that reset connections at a
-//! chosen point. Every process is killed on drop and every wait is bounded.
+//! SMTP servers and clients: Postfix's `smtp-sink` run in a namespace, a minimal SMTP client
+//! over `TcpStream`, `swaks`, and small servers that reset connections at a chosen point. Every
+//! process is stopped on drop and every wait is bounded.
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use crate::{Netns, in_netns, wait_for};
-
-/// A child process killed (SIGKILL) and reaped on drop; its stderr goes to a temporary file.
-pub struct Process {
-    child: Option<Child>,
-    what: String,
-    stderr_path: PathBuf,
-}
-
-impl Process {
-    /// Starts `cmd args...` inside `ns` (`ip netns exec` execs it, so the child is the program).
-    pub fn spawn(ns: &Netns, cmd: &str, args: &[&str]) -> Self {
-        let base = std::path::Path::new(cmd).file_name().and_then(|n| n.to_str()).unwrap_or("cmd");
-        let stderr_path =
-            std::env::temp_dir().join(format!("{}-{base}-{}.stderr", ns.name, unique()));
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, cmd])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd} in {}: {e}", ns.name));
-        Self { child: Some(child), what: format!("{cmd} {}", args.join(" ")), stderr_path }
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Panics (with its stderr) if the process has exited.
-    pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            panic!("{} exited ({status}):\n{}", self.what, self.stderr());
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.stderr_path);
-    }
-}
-
-/// A number unique within this test process, for temporary file names.
-fn unique() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    SEQ.fetch_add(1, Ordering::Relaxed)
-}
+use crate::{
+    Netns, in_netns,
+    process::{Finished, Process, run_in},
+    wait_for,
+};
 
 /// Waits (at most 10 s) until something listens on TCP `addr` in `ns`.
 pub fn wait_listening(ns: &Netns, addr: SocketAddr, mut alive: impl FnMut()) {
@@ -322,48 +270,9 @@ pub fn greeting_then_abort(ns: &Netns, addr: &str, n: usize) -> Vec<u16> {
     })
 }
 
-/// What a finished command printed.
-#[derive(Debug)]
-pub struct Output {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Runs `cmd args...` inside `ns`, waiting at most `timeout` (killed and a panic after that).
-/// Output is captured through files, so a chatty program cannot block on a full pipe.
-pub fn run_in(ns: &Netns, cmd: &str, args: &[&str], timeout: Duration) -> Output {
-    let tag = format!("{}-{cmd}-{}", ns.name, unique());
-    let out_path = std::env::temp_dir().join(format!("{tag}.stdout"));
-    let err_path = std::env::temp_dir().join(format!("{tag}.stderr"));
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, cmd])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let mut guard = Process { child: Some(child), what: cmd.into(), stderr_path: err_path.clone() };
-    let status =
-        wait_for(timeout, || guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()));
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = guard.stderr();
-    let _ = std::fs::remove_file(&out_path);
-    let Some(status) = status else {
-        drop(guard);
-        panic!(
-            "{cmd} {} still ran after {timeout:?}; killed it.\n{stdout}{stderr}",
-            args.join(" ")
-        );
-    };
-    guard.child = None; // reaped by try_wait
-    Output { code: status.code(), stdout, stderr }
-}
-
 /// One `swaks` session from `ns` to `server:port` that quits after the banner (sending `QUIT`
 /// whatever the banner said, as swaks does).
-pub fn swaks_banner(ns: &Netns, server: &str, port: u16) -> Output {
+pub fn swaks_banner(ns: &Netns, server: &str, port: u16) -> Finished {
     let port = port.to_string();
     run_in(
         ns,

@@ -17,13 +17,11 @@ use smtpflow_tests::{
         ETH_P_ARP, Eth, Ext, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, NEXTHDR_NONE, RawSocket, Tcp,
         arp_request, hex, send_frames, udp,
     },
-    require_root, wait_for,
-    watch::INTERVAL,
+    names::{ATTACHMENT_INFO, EVENTS, LOST, MALFORMED, PEER_EVENTS, PEERS_TRACKED},
+    require_root,
+    smtpflow::INTERVAL,
+    wait_for,
 };
-
-const EVENTS: &str = "smtpflow_tcp_events_total";
-const PEER_EVENTS: &str = "smtpflow_peer_tcp_events_total";
-const MALFORMED: &str = "smtpflow_malformed_packets_total";
 
 const IN: Direction = Direction::Inbound;
 const OUT: Direction = Direction::Outbound;
@@ -438,9 +436,9 @@ fn expectations(cases: &[Case]) -> Vec<(&'static str, Labels, u64)> {
     let counted = count(cases, is_counted);
     exp.push((EVENTS, vec![], counted));
     exp.push((PEER_EVENTS, vec![], counted));
-    exp.push(("smtpflow_peers_tracked", vec![], counted));
+    exp.push((PEERS_TRACKED, vec![], counted));
     exp.push((MALFORMED, vec![], count(cases, |e| e == Malformed)));
-    exp.push(("smtpflow_lost_events_total", vec![], 0));
+    exp.push((LOST, vec![], 0));
     exp
 }
 
@@ -546,7 +544,7 @@ fn run(setup: Setup, make: fn(&str, &Eth, [u8; 6]) -> Vec<Case>) {
     if let Some(method) = setup.xdp_method() {
         let attached = [("iface", Pair::LOCAL_IF), ("hook", "xdp"), ("method", method)];
         assert_eq!(
-            m.get("smtpflow_attachment_info", &attached),
+            m.get(ATTACHMENT_INFO, &attached),
             Some(1.0),
             "XDP is not attached in {method}:\n{}",
             w.stderr()

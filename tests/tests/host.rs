@@ -3,11 +3,14 @@
 //! (built, installed with dpkg, checked, removed cleanly).
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use smtpflow_tests::{Pair, in_netns, require_root, wait_for, watch::binary};
+use smtpflow_tests::{
+    Pair, http, in_netns, names::EVENTS, process::Process, report, require_root, smtpflow::binary,
+    tempdir::TempDir, wait_for,
+};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -31,7 +34,7 @@ fn unit_caps() -> Vec<String> {
 #[test]
 fn systemd_unit_verifies() {
     require_root!();
-    let dir = tempdir("unit");
+    let dir = TempDir::new("unit");
     let unit = dir.join("smtpflow.service");
     // systemd-analyze checks that ExecStart's binary exists: point it at the one under test.
     let text = unit_text().replace("/usr/bin/smtpflow", binary().to_str().unwrap());
@@ -44,36 +47,25 @@ fn systemd_unit_verifies() {
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("smtpflow")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
     assert_eq!(unit_caps(), ["bpf", "net_admin", "perfmon"]);
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-fn tempdir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("smtpflow-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Runs `smtpflow watch` in `ns` as user nobody with only `caps`, the privilege preflight
-/// skipped so that the kernel decides. Returns the child and its stderr path.
-fn watch_as_nobody(pair: &Pair, caps: &[String], stderr: &Path) -> std::process::Child {
+/// skipped so that the kernel decides.
+fn watch_as_nobody(pair: &Pair, caps: &[String]) -> Process {
     let list = caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",");
     let bounding = if caps.is_empty() { "-all".to_owned() } else { format!("-all,{list}") };
-    let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        &pair.local.name,
-        "setpriv",
+    let mut spawn = Process::build(&pair.local, "setpriv").args([
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
     ]);
-    if !caps.is_empty() {
-        cmd.arg(format!("--inh-caps=-all,{list}")).arg(format!("--ambient-caps=-all,{list}"));
+    spawn = if caps.is_empty() {
+        spawn.arg("--inh-caps=-all")
     } else {
-        cmd.arg("--inh-caps=-all");
-    }
-    cmd.arg(format!("--bounding-set={bounding}"))
+        spawn.arg(format!("--inh-caps=-all,{list}")).arg(format!("--ambient-caps=-all,{list}"))
+    };
+    spawn
+        .arg(format!("--bounding-set={bounding}"))
         .arg(binary())
         .args([
             "watch",
@@ -85,56 +77,32 @@ fn watch_as_nobody(pair: &Pair, caps: &[String], stderr: &Path) -> std::process:
             "100ms",
         ])
         .env("SMTPFLOW_SKIP_PRIVILEGE_CHECK", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(stderr).unwrap());
-    cmd.spawn().expect("spawn smtpflow through setpriv")
-}
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+        .spawn()
 }
 
 #[test]
 fn unit_capabilities_are_enough_and_needed() {
     require_root!();
     let caps = unit_caps();
-    let dir = tempdir("caps");
 
     // Enough: with exactly the unit's capabilities, as nobody, smtpflow attaches, counts a real
     // connection exactly, and counts drop reasons (nothing degraded).
     {
         let pair = Pair::new();
-        let log = dir.join("all.stderr");
-        let mut child = Killed(watch_as_nobody(&pair, &caps, &log));
-        let ready = wait_for(Duration::from_secs(20), || {
-            assert!(
-                child.0.try_wait().unwrap().is_none(),
-                "smtpflow exited: {}",
-                std::fs::read_to_string(&log).unwrap()
-            );
-            smtpflow_tests::watch::http_get(&pair.local, "127.0.0.1:9925", "/healthz")
-                .ok()
-                .filter(|(s, _)| *s == 200)
-        });
-        assert!(ready.is_some(), "not serving: {}", std::fs::read_to_string(&log).unwrap());
+        let mut child = watch_as_nobody(&pair, &caps);
+        child.wait_ready(Duration::from_secs(20), || http::healthy(&pair.local, "127.0.0.1:9925"));
         let addr: std::net::SocketAddr = format!("{}:587", Pair::LOCAL_V4).parse().unwrap();
         in_netns(&pair.peer, move || {
             assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_err())
         });
         let counted = wait_for(Duration::from_secs(10), || {
-            let (_, body) =
-                smtpflow_tests::watch::http_get(&pair.local, "127.0.0.1:9925", "/metrics").ok()?;
-            let m = smtpflow_tests::Metrics::parse(&body);
-            (m.sum("smtpflow_tcp_events_total", &[("event", "syn"), ("port", "587")]) == 1
-                && m.sum("smtpflow_tcp_events_total", &[("event", "rst"), ("port", "587")]) == 1)
+            let r = http::get(&pair.local, "127.0.0.1:9925", "/metrics").ok()?;
+            let m = smtpflow_tests::Metrics::parse(&r.body);
+            (m.sum(EVENTS, &[("event", "syn"), ("port", "587")]) == 1
+                && m.sum(EVENTS, &[("event", "rst"), ("port", "587")]) == 1)
                 .then_some(m)
         });
-        let stderr = std::fs::read_to_string(&log).unwrap();
+        let stderr = child.stderr();
         assert!(counted.is_some(), "the refused connection was not counted exactly: {stderr}");
         assert!(
             stderr.contains("attached kfree_skb"),
@@ -158,28 +126,23 @@ fn unit_capabilities_are_enough_and_needed() {
     for missing in &caps {
         let rest: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let pair = Pair::new();
-        let log = dir.join(format!("no-{missing}.stderr"));
-        let mut child = Killed(watch_as_nobody(&pair, &rest, &log));
+        let mut child = watch_as_nobody(&pair, &rest);
         let outcome = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                return Some(Err(status));
+            if let Some(code) = child.try_wait() {
+                return Some(Err(code));
             }
-            let serving =
-                smtpflow_tests::watch::http_get(&pair.local, "127.0.0.1:9925", "/healthz")
-                    .is_ok_and(|(s, _)| s == 200);
-            serving.then_some(Ok(()))
+            http::healthy(&pair.local, "127.0.0.1:9925").then_some(Ok(()))
         })
         .expect("smtpflow neither failed nor served within 20s");
-        let stderr = std::fs::read_to_string(&log).unwrap();
-        let status = outcome
+        let stderr = child.stderr();
+        let code = outcome
             .expect_err(&format!("smtpflow ran without CAP_{}: {stderr}", missing.to_uppercase()));
-        assert!(!status.success());
+        assert!(code != Some(0));
         assert!(
             stderr.contains("Operation not permitted") || stderr.contains("Permission denied"),
             "{stderr}"
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Purges the package on drop, so a failing test leaves nothing installed.
@@ -187,7 +150,11 @@ struct Installed;
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let _ = Command::new("dpkg").args(["--purge", "smtpflow"]).output();
+        match Command::new("dpkg").args(["--purge", "smtpflow"]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!("dpkg --purge smtpflow: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => eprintln!("dpkg --purge smtpflow: {e}"),
+        }
     }
 }
 
@@ -200,7 +167,10 @@ fn dpkg_query_files() -> Vec<String> {
 fn debian_package_installs_and_removes_cleanly() {
     require_root!();
     if Command::new("dpkg").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: not a Debian system (no dpkg)");
+        report::skipped(
+            "host::debian_package_installs_and_removes_cleanly",
+            "not a Debian system (no dpkg)",
+        );
         return;
     }
     let status = Command::new("dpkg-query").args(["-W", "smtpflow"]).output().unwrap();

@@ -14,90 +14,51 @@ use std::{
 
 use smtpflow_tests::{
     Netns, Pair, Watch,
-    conn::{connect_n, serve},
-    in_netns,
-    lifecycle_support::{
-        Finished, Hook, KillOnDrop, hooks, http_request, kinds, progs_named, run_bounded,
-        wait_freed, wait_unhooked,
+    expect::{Expected, ev},
+    hooks::{
+        Hook, assert_unhooked, assert_unhooked_within, expected, hooks, kinds, progs_named, show,
+        wait_freed,
     },
-    require_root, wait_for,
-    watch::{METRICS_ADDR, binary, http_get},
+    http, in_netns,
+    names::{BUILD_INFO, EVENTS, LOST, MALFORMED, PEER_EVENTS, PREFIX, TC_IN, TC_OUT, XDP},
+    process::{Process, installed, run_bounded},
+    report, require_root,
+    smtpflow::{self, METRICS_ADDR, binary, run_watch},
+    traffic::{connect_n, one_each_way, serve},
+    wait_for,
 };
 
-const EVENTS: &str = "smtpflow_tcp_events_total";
 /// How long a program may take to be freed after its last holder went away.
 const FREE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an operator error may take to be reported.
 const ERROR_TIMEOUT: Duration = Duration::from_secs(15);
 
-const TC_IN: &str = "smtpflow_tc_in";
-const TC_OUT: &str = "smtpflow_tc_out";
-const XDP: &str = "smtpflow_xdp";
-
-/// One inbound connection (peer to the gateway's port 25) and one outbound one (gateway to the
-/// peer's port 25).
-fn one_each_way(pair: &Pair) {
-    let inbound = format!("{}:25", Pair::LOCAL_V4);
-    let server = serve(&pair.local, &inbound, 1);
-    connect_n(&pair.peer, &inbound, 1);
-    server.join().unwrap();
-    let outbound = format!("{}:25", Pair::PEER_V4);
-    let remote = serve(&pair.peer, &outbound, 1);
-    connect_n(&pair.local, &outbound, 1);
-    remote.join().unwrap();
-}
-
-fn labels<'a>(
-    iface: &'a str,
-    dir: &'a str,
-    event: &'a str,
-    side: &'a str,
-) -> Vec<(&'a str, &'a str)> {
-    vec![("iface", iface), ("direction", dir), ("port", "25"), ("event", event), ("side", side)]
-}
-
 /// The exact counts after [`one_each_way`]: TC sees both directions, XDP only what the peer
 /// sends.
-/// `(metric, labels, exact value)` as [`Watch::expect_settled`] takes them.
-type Expected = Vec<(&'static str, Vec<(&'static str, &'static str)>, u64)>;
-
-fn one_each_way_expected(tc: bool) -> Expected {
+fn one_each_way_expected(tc: bool) -> Vec<Expected<'static>> {
     let i = Pair::LOCAL_IF;
     let local = u64::from(tc);
     vec![
-        (EVENTS, labels(i, "inbound", "syn", "peer"), 1),
-        (EVENTS, labels(i, "inbound", "syn_ack", "local"), local),
-        (EVENTS, labels(i, "outbound", "syn", "local"), local),
-        (EVENTS, labels(i, "outbound", "syn_ack", "peer"), 1),
+        (EVENTS, ev(i, "inbound", "syn", "peer"), 1),
+        (EVENTS, ev(i, "inbound", "syn_ack", "local"), local),
+        (EVENTS, ev(i, "outbound", "syn", "local"), local),
+        (EVENTS, ev(i, "outbound", "syn_ack", "peer"), 1),
         (EVENTS, vec![], 2 + 2 * local),
-        ("smtpflow_malformed_packets_total", vec![], 0),
-        ("smtpflow_lost_events_total", vec![], 0),
+        (MALFORMED, vec![], 0),
+        (LOST, vec![], 0),
     ]
-}
-
-fn want(hooks: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v: Vec<_> = hooks.iter().map(|(k, n)| ((*k).to_owned(), (*n).to_owned())).collect();
-    v.sort();
-    v
 }
 
 fn ids(hooks: &[Hook]) -> Vec<u32> {
     hooks.iter().map(|h| h.prog_id).collect()
 }
 
-fn show(hooks: &[Hook]) -> String {
-    if hooks.is_empty() {
-        return "nothing".into();
-    }
-    hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-}
-
 /// Asserts that exactly `expected` (kind, program name) is hooked to `ifname`; returns the hooks.
-fn assert_hooked(ns: &Netns, ifname: &str, expected: &[(&str, &str)], w: &Watch) -> Vec<Hook> {
+fn assert_hooked(ns: &Netns, ifname: &str, want: &[(&str, &str)], w: &Watch) -> Vec<Hook> {
     let got = hooks(ns, ifname);
     assert_eq!(
         kinds(&got),
-        want(expected),
+        expected(want),
         "programs hooked to {ifname}: {}\nsmtpflow stderr:\n{}",
         show(&got),
         w.stderr()
@@ -108,18 +69,13 @@ fn assert_hooked(ns: &Netns, ifname: &str, expected: &[(&str, &str)], w: &Watch)
 /// Asserts (bounded wait) that nothing is hooked to `ifname` and that the programs `ids` are
 /// freed (a freed program is attached nowhere).
 fn assert_nothing_left(ns: &Netns, ifname: &str, ids: &[u32], after: &str) {
-    let left = wait_unhooked(ns, ifname, "", FREE_TIMEOUT);
-    assert!(
-        left.is_empty(),
-        "{after}: still hooked to {ifname} after {FREE_TIMEOUT:?}: {}",
-        show(&left)
-    );
+    assert_unhooked_within(ns, ifname, FREE_TIMEOUT, after);
     let alive = wait_freed(ids, FREE_TIMEOUT);
     assert!(
         alive.is_empty(),
         "{after}: programs {alive:?} were still loaded after {FREE_TIMEOUT:?} (smtpflow \
          programs on this machine now: {:?})",
-        progs_named("smtpflow_")
+        progs_named(PREFIX)
     );
 }
 
@@ -248,8 +204,7 @@ fn netlink_filters_survive_sigkill_and_are_cleaned_at_next_start() {
 
     let mut w = w;
     assert_eq!(w.stop_with(libc::SIGTERM), Some(0), "SIGTERM must exit 0; stderr:\n{}", w.stderr());
-    let left = hooks(ns, i);
-    assert!(left.is_empty(), "after SIGTERM smtpflow left filters behind: {}", show(&left));
+    assert_unhooked(ns, i, "after SIGTERM smtpflow left filters behind");
     assert_nothing_left(ns, i, &ids(&second), "after SIGTERM");
     assert_eq!(
         tc_show(ns, &["filter", "show", "dev", i, "ingress"]),
@@ -284,8 +239,7 @@ fn graceful_stop(extra: &[&str], expected: &[(&str, &str)], signal: i32, name: &
         "no '{name}: detached from {i}' in the log:\n{log}"
     );
     // Detaching happens before the exit: nothing may be hooked any more, right away.
-    let left = hooks(&pair.local, i);
-    assert!(left.is_empty(), "after {name} and exit, still hooked: {}", show(&left));
+    assert_unhooked(&pair.local, i, &format!("after {name} and exit"));
     assert_nothing_left(&pair.local, i, &ids(&before), &format!("after {name}"));
 }
 
@@ -388,17 +342,17 @@ fn two_interfaces_counted_separately() {
         ]
     };
     let expected = vec![
-        (EVENTS, labels(Pair::LOCAL_IF, "inbound", "syn", "peer"), n1),
-        (EVENTS, labels(Pair::LOCAL_IF, "inbound", "syn_ack", "local"), n1),
+        (EVENTS, ev(Pair::LOCAL_IF, "inbound", "syn", "peer"), n1),
+        (EVENTS, ev(Pair::LOCAL_IF, "inbound", "syn_ack", "local"), n1),
         (EVENTS, vec![("iface", Pair::LOCAL_IF)], 2 * n1),
-        (EVENTS, labels(IF2, "inbound", "syn", "peer"), n2),
-        (EVENTS, labels(IF2, "inbound", "syn_ack", "local"), n2),
+        (EVENTS, ev(IF2, "inbound", "syn", "peer"), n2),
+        (EVENTS, ev(IF2, "inbound", "syn_ack", "local"), n2),
         (EVENTS, vec![("iface", IF2)], 2 * n2),
         (EVENTS, vec![], 2 * n1 + 2 * n2),
-        ("smtpflow_peer_tcp_events_total", peer_syn(Pair::LOCAL_IF, Pair::PEER_V4), n1),
-        ("smtpflow_peer_tcp_events_total", peer_syn(IF2, PEER2), n2),
-        ("smtpflow_peer_tcp_events_total", vec![("iface", Pair::LOCAL_IF), ("peer", PEER2)], 0),
-        ("smtpflow_peer_tcp_events_total", vec![("iface", IF2), ("peer", Pair::PEER_V4)], 0),
+        (PEER_EVENTS, peer_syn(Pair::LOCAL_IF, Pair::PEER_V4), n1),
+        (PEER_EVENTS, peer_syn(IF2, PEER2), n2),
+        (PEER_EVENTS, vec![("iface", Pair::LOCAL_IF), ("peer", PEER2)], 0),
+        (PEER_EVENTS, vec![("iface", IF2), ("peer", Pair::PEER_V4)], 0),
     ];
     let m = w.expect_settled(&pair.local, &expected);
     // Every combination is exported per interface: 3 ports x 2 directions x 4 events x 2 sides.
@@ -416,41 +370,12 @@ fn two_interfaces_counted_separately() {
 // 6: operator errors: non-zero exit, quickly, with a message naming the problem; nothing left
 // attached.
 
-/// Runs `ip netns exec <ns> [wrapper...] smtpflow watch <args>` with a time limit.
-fn run_watch(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Finished {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name]).args(wrapper).arg(binary()).arg("watch").args(args);
-    run_bounded(cmd, ERROR_TIMEOUT)
-}
-
-/// Asserts that `run` failed (a non-zero exit, not a signal) and that its stderr contains every
-/// one of `words`; returns stderr.
-fn assert_failed(run: &Finished, what: &str, words: &[&str]) -> String {
-    let err = &run.stderr;
-    assert!(
-        matches!(run.code, Some(c) if c != 0),
-        "{what}: expected a non-zero exit, got {:?} after {:?}\nstderr:\n{err}\nstdout:\n{}",
-        run.code,
-        run.elapsed,
-        run.stdout
-    );
-    for w in words {
-        assert!(err.contains(w), "{what}: stderr does not mention {w:?}:\n{err}");
-    }
-    err.clone()
-}
-
-fn assert_nothing_hooked(ns: &Netns, what: &str) {
-    let left = hooks(ns, Pair::LOCAL_IF);
-    assert!(left.is_empty(), "{what}: left hooked to {}: {}", Pair::LOCAL_IF, show(&left));
-}
-
 #[test]
 fn error_unknown_interface() {
     require_root!();
     let pair = Pair::new();
     let r = run_watch(&pair.local, &[], &["--iface", "nosuch0"]);
-    assert_failed(&r, "--iface nosuch0", &["nosuch0", "does not exist"]);
+    r.assert_failed("--iface nosuch0", &["nosuch0", "does not exist"]);
     // A known interface next to an unknown one: nothing is attached to the known one.
     for netlink in [false, true] {
         let mut args = vec!["--iface", Pair::LOCAL_IF, "--iface", "nosuch0"];
@@ -458,8 +383,8 @@ fn error_unknown_interface() {
             args.extend(["--tc-link", "netlink"]);
         }
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(&r, &args.join(" "), &["nosuch0", "does not exist"]);
-        assert_nothing_hooked(&pair.local, &args.join(" "));
+        r.assert_failed(&args.join(" "), &["nosuch0", "does not exist"]);
+        assert_unhooked(&pair.local, Pair::LOCAL_IF, &args.join(" "));
     }
 }
 
@@ -484,8 +409,8 @@ fn error_bad_arguments() {
         let mut args = vec!["--iface", Pair::LOCAL_IF];
         args.extend_from_slice(extra);
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(&r, &format!("watch {}", args.join(" ")), words);
-        assert_nothing_hooked(&pair.local, &args.join(" "));
+        r.assert_failed(&format!("watch {}", args.join(" ")), words);
+        assert_unhooked(&pair.local, Pair::LOCAL_IF, &args.join(" "));
     }
 }
 
@@ -500,21 +425,13 @@ fn error_metrics_addr_in_use() {
     for link in ["tcx", "netlink"] {
         let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_ADDR, "--tc-link", link];
         let r = run_watch(&pair.local, &[], &args);
-        assert_failed(
-            &r,
+        r.assert_failed(
             &format!("--metrics-addr {METRICS_ADDR} in use ({link})"),
             &[METRICS_ADDR, "in use", "--metrics-addr"],
         );
-        assert_nothing_hooked(&pair.local, &format!("failed start ({link})"));
+        assert_unhooked(&pair.local, Pair::LOCAL_IF, &format!("failed start ({link})"));
         assert!(!r.stderr.contains("attached"), "attached before failing: {}", r.stderr);
     }
-}
-
-fn installed(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| o.status.success() || !o.stdout.is_empty() || !o.stderr.is_empty())
 }
 
 /// The capability names listed after `missing:` in an error message.
@@ -537,12 +454,15 @@ fn error_not_root_or_missing_capabilities() {
     assert!(installed("setpriv"), "setpriv (util-linux) is needed for this test");
     let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"];
     let r = run_watch(&pair.local, &nobody, &["--iface", Pair::LOCAL_IF]);
-    let err = assert_failed(&r, "as nobody", &["root", "CAP_BPF"]);
+    let err = r.assert_failed("as nobody", &["root", "CAP_BPF"]).to_owned();
     assert_eq!(missing_caps(&err), ["CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON"], "{err}");
-    assert_nothing_hooked(&pair.local, "as nobody");
+    assert_unhooked(&pair.local, Pair::LOCAL_IF, "as nobody");
 
     if !installed("capsh") {
-        eprintln!("capsh is not installed: skipping the partial-capability cases");
+        report::skipped(
+            "lifecycle::error_not_root_or_missing_capabilities",
+            "capsh is not installed: the partial-capability cases did not run",
+        );
         return;
     }
     // Root with some capabilities dropped from the bounding set.
@@ -561,40 +481,26 @@ fn error_not_root_or_missing_capabilities() {
             Pair::LOCAL_IF,
         ]);
         let r = run_bounded(cmd, ERROR_TIMEOUT);
-        let err = assert_failed(&r, &format!("without {drop}"), missing);
+        let err = r.assert_failed(&format!("without {drop}"), missing).to_owned();
         assert_eq!(&missing_caps(&err), missing, "without {drop}: {err}");
-        assert_nothing_hooked(&pair.local, &format!("without {drop}"));
+        assert_unhooked(&pair.local, Pair::LOCAL_IF, &format!("without {drop}"));
     }
 
     // The documented minimum (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON without CAP_SYS_ADMIN) is
     // enough to run.
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &pair.local.name, "capsh", "--drop=cap_sys_admin", &shell])
-        .args(["--", "watch", "--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_ADDR])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = KillOnDrop(Some(cmd.spawn().expect("spawn capsh")));
-    let served = wait_for(Duration::from_secs(20), || {
-        if let Some(st) = child.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            panic!("smtpflow without CAP_SYS_ADMIN exited early: {st}");
-        }
-        http_get(&pair.local, METRICS_ADDR, "/healthz").ok().filter(|(s, _)| *s == 200)
-    });
-    assert!(served.is_some(), "smtpflow without CAP_SYS_ADMIN did not serve /healthz within 20s");
+    // capsh execs smtpflow (--shell), so the child's pid is smtpflow's.
+    let mut minimal = Process::build(&pair.local, "capsh")
+        .args(["--drop=cap_sys_admin", &shell, "--", "watch", "--iface", Pair::LOCAL_IF])
+        .args(["--metrics-addr", METRICS_ADDR])
+        .spawn();
+    minimal.wait_ready(Duration::from_secs(20), || http::healthy(&pair.local, METRICS_ADDR));
     assert_eq!(
         kinds(&hooks(&pair.local, Pair::LOCAL_IF)).len(),
         2,
         "without CAP_SYS_ADMIN: not attached on ingress and egress"
     );
-    // capsh execs smtpflow (--shell), so the child's pid is smtpflow's.
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(child.pid(), libc::SIGTERM) };
-    let status = wait_for(Duration::from_secs(10), || {
-        child.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
-    });
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM without CAP_SYS_ADMIN: {status:?}");
-    child.0 = None;
+    let code = minimal.stop_with(libc::SIGTERM);
+    assert_eq!(code, Some(0), "SIGTERM without CAP_SYS_ADMIN:\n{}", minimal.stderr());
 }
 
 /// XDP already taken on the second interface: the start fails naming it, and what was attached
@@ -634,8 +540,8 @@ fn error_xdp_busy_on_second_interface_rolls_back() {
             "127.0.0.1:9926",
         ],
     );
-    assert_failed(&r, "XDP busy on sf2", &["sf2", "--mode tc"]);
-    assert_nothing_hooked(&pair.local, "failed XDP start");
+    r.assert_failed("XDP busy on sf2", &["sf2", "--mode tc"]);
+    assert_unhooked(&pair.local, Pair::LOCAL_IF, "failed XDP start");
     let still = hooks(&pair.local, "sf2");
     assert_eq!(still, owner, "the running smtpflow's XDP program on sf2 changed");
 }
@@ -652,27 +558,19 @@ fn netlink_second_instance_keeps_first_attached() {
     let first = assert_hooked(&pair.local, i, &[("tc/ingress", TC_IN), ("tc/egress", TC_OUT)], &w1);
     // The second instance, on another metrics address, until it serves (or gives up).
     let second_addr = "127.0.0.1:9926";
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &pair.local.name])
-        .arg(binary())
-        .args(["watch", "--iface", i, "--tc-link", "netlink"])
-        .args(["--metrics-addr", second_addr])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut second = KillOnDrop(Some(cmd.spawn().expect("spawn the second smtpflow")));
-    let status = wait_for(Duration::from_secs(20), || {
-        let exited = second.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
-        let serving = http_get(&pair.local, second_addr, "/healthz").is_ok_and(|(s, _)| s == 200);
+    let mut second = smtpflow::spawn(
+        &pair.local,
+        &["watch", "--iface", i, "--tc-link", "netlink", "--metrics-addr", second_addr],
+    );
+    let code = wait_for(Duration::from_secs(20), || {
+        let exited = second.try_wait();
+        let serving = http::healthy(&pair.local, second_addr);
         assert!(!serving, "the second netlink instance started beside the first");
         exited
     })
     .expect("the second smtpflow neither refused nor started within 20s");
-    let mut stderr = String::new();
-    if let Some(mut e) = second.0.as_mut().and_then(|c| c.stderr.take()) {
-        std::io::Read::read_to_string(&mut e, &mut stderr).expect("read stderr");
-    }
-    assert!(!status.success(), "the second instance must refuse: {stderr}");
+    let stderr = second.stderr();
+    assert!(code != Some(0), "the second instance must refuse: {stderr}");
     assert!(
         stderr.contains("another smtpflow") && stderr.contains(i) && stderr.contains("TCX"),
         "the refusal must say why and what to do: {stderr}"
@@ -686,11 +584,6 @@ fn netlink_second_instance_keeps_first_attached() {
             w1.stderr()
         );
     }
-    // SAFETY: plain syscall on our own child (`ip netns exec` execs smtpflow).
-    unsafe { libc::kill(second.pid(), libc::SIGTERM) };
-    let _ = wait_for(Duration::from_secs(10), || {
-        second.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
-    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -702,7 +595,7 @@ fn http_endpoints() {
     let pair = Pair::new();
     let w = Watch::start(&pair.local, Pair::LOCAL_IF, &[]);
     let req = |method: &str, path: &str| {
-        http_request(&pair.local, &w.addr, method, path)
+        http::request(&pair.local, &w.addr, method, path)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     };
 
@@ -710,31 +603,27 @@ fn http_endpoints() {
     assert_eq!((r.status, r.body.trim()), (200, "ok"), "GET /healthz: {r:?}");
 
     let r = req("GET", "/metrics");
-    assert_eq!(r.status, 200, "GET /metrics: {}", r.head);
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.head());
     assert!(
         r.header("content-type")
             .is_some_and(|t| t.starts_with("text/plain") && t.contains("version=0.0.4")),
         "GET /metrics content type: {}",
-        r.head
+        r.head()
     );
-    assert!(
-        r.body.contains("smtpflow_build_info"),
-        "no smtpflow_build_info in /metrics:\n{}",
-        r.body
-    );
+    assert!(r.body.contains(BUILD_INFO), "no smtpflow_build_info in /metrics:\n{}", r.body);
 
     for path in ["/", "/nope", "/metrics/x", "/healthzz"] {
         let r = req("GET", path);
-        assert_eq!(r.status, 404, "GET {path}: {}\n{}", r.head, r.body);
+        assert_eq!(r.status, 404, "GET {path}: {}\n{}", r.head(), r.body);
     }
 
     for (method, path) in [("POST", "/metrics"), ("PUT", "/metrics"), ("POST", "/healthz")] {
         let r = req(method, path);
-        assert_eq!(r.status, 405, "{method} {path}: {}\n{}", r.head, r.body);
-        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {path}: {}", r.head);
+        assert_eq!(r.status, 405, "{method} {path}: {}\n{}", r.head(), r.body);
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {path}: {}", r.head());
     }
 
     let r = req("HEAD", "/metrics");
-    assert_eq!(r.status, 200, "HEAD /metrics: {}", r.head);
+    assert_eq!(r.status, 200, "HEAD /metrics: {}", r.head());
     assert!(r.body.is_empty(), "HEAD /metrics has a body: {:?}", r.body);
 }

@@ -9,21 +9,23 @@
 //! Loopback traffic (the scrapes themselves) is exempt from conntrack (`notrack`), so scraping
 //! does not change the conntrack table it reads.
 use std::{
-    fs::File,
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     thread,
     time::Duration,
 };
 
 use smtpflow_tests::{
-    Metrics, Netns, Pair,
-    conn::connect_refused,
-    in_netns, require_root, wait_for,
-    watch::{INTERVAL, METRICS_ADDR, binary, http_get},
+    Metrics, Netns, Pair, http, in_netns,
+    names::{CT_ENTRIES, CT_LIMIT, CT_STAT, TCP_STAT},
+    netfilter::nft_script,
+    process::Process,
+    require_root,
+    smtp::linger_zero,
+    smtpflow::{INTERVAL, METRICS_ADDR, binary},
+    traffic::{connect_refused, serve},
+    wait_for,
 };
 
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
@@ -37,75 +39,10 @@ const TCP_EXT_STATS: [&str; 4] =
     ["ListenOverflows", "ListenDrops", "SyncookiesSent", "TCPReqQFullDrop"];
 const TCP_STATS: [&str; 2] = ["AttemptFails", "EstabResets"];
 
-/// A child process killed (SIGTERM, then SIGKILL) and reaped on drop.
-struct ChildGuard {
-    child: Option<Child>,
-    stderr_path: PathBuf,
-}
-
-impl ChildGuard {
-    /// Runs `program args` inside `ns` with extra environment, stderr to a file.
-    fn spawn(ns: &Netns, what: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let stderr_path = std::env::temp_dir().join(format!("{}-{what}.stderr", ns.name));
-        let stderr = File::create(&stderr_path).expect("stderr file");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        Self { child: Some(child), stderr_path }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Waits (bounded) until `ready` holds, panicking if the process exits first.
-    fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> bool) {
-        let ok = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("{what} exited early ({status}):\n{}", self.stderr());
-            }
-            ready().then_some(())
-        });
-        assert!(ok.is_some(), "{what} was not ready within 20s:\n{}", self.stderr());
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        smtpflow_tests::stop_child(&mut self.child, Duration::from_secs(5));
-        let _ = std::fs::remove_file(&self.stderr_path);
-    }
-}
-
-/// HTTP/1.0 GET (so the body is never chunked) inside a namespace; the body on status 200.
-fn get_body(ns: &Netns, addr: &str, path: &str) -> Option<String> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let path = path.to_owned();
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).ok()?;
-        let text = String::from_utf8(buf).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        // "HTTP/1.0 200 OK" (Go answers in the request's version).
-        (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
-    })
-}
-
 /// The real node_exporter in `ns`, with only the conntrack and netstat collectors, the netstat
 /// one reporting exactly the counters smtpflow exports.
 struct NodeExporter {
-    guard: ChildGuard,
+    process: Process,
 }
 
 impl NodeExporter {
@@ -121,66 +58,52 @@ impl NodeExporter {
             TCP_STATS.join("|")
         );
         let listen = format!("--web.listen-address={NODE_ADDR}");
-        let mut guard = ChildGuard::spawn(
+        let mut process = Process::spawn(
             ns,
-            "node-exporter",
-            Path::new(NODE_EXPORTER),
-            &[
+            NODE_EXPORTER,
+            [
                 "--collector.disable-defaults",
                 "--collector.conntrack",
                 "--collector.netstat",
                 &fields,
                 &listen,
             ],
-            &[],
         );
-        guard.wait_ready("node_exporter", || get_body(ns, NODE_ADDR, "/metrics").is_some());
-        Self { guard }
+        process.wait_ready(Duration::from_secs(20), || {
+            http::get(ns, NODE_ADDR, "/metrics").is_ok_and(|r| r.status == 200)
+        });
+        Self { process }
     }
 
     fn scrape(&self, ns: &Netns) -> Metrics {
-        let body = get_body(ns, NODE_ADDR, "/metrics")
-            .unwrap_or_else(|| panic!("scraping node_exporter failed:\n{}", self.guard.stderr()));
-        Metrics::parse(&body)
+        match http::get(ns, NODE_ADDR, "/metrics") {
+            Ok(r) if r.status == 200 => Metrics::parse(&r.body),
+            other => {
+                panic!("scraping node_exporter failed ({other:?}):\n{}", self.process.stderr())
+            }
+        }
     }
 }
 
 /// The real `smtpflow watch` on the gateway's interface, with the conntrack source chosen
 /// through the environment (`None`: the default).
-struct Smtpflow {
-    guard: ChildGuard,
-}
-
-impl Smtpflow {
-    fn start(ns: &Netns, source: Option<&str>) -> Self {
-        let interval = format!("{}ms", INTERVAL.as_millis());
-        let env: Vec<(&str, &str)> = source.map(|s| (SOURCE_ENV, s)).into_iter().collect();
-        let mut guard = ChildGuard::spawn(
-            ns,
-            "smtpflow",
-            &binary(),
-            &[
-                "watch",
-                "--metrics-addr",
-                METRICS_ADDR,
-                "--interval",
-                &interval,
-                "--iface",
-                Pair::LOCAL_IF,
-            ],
-            &env,
-        );
-        guard.wait_ready("smtpflow", || {
-            http_get(ns, METRICS_ADDR, "/healthz").is_ok_and(|(s, _)| s == 200)
-        });
-        Self { guard }
+fn start_smtpflow(ns: &Netns, source: Option<&str>) -> Process {
+    let interval = format!("{}ms", INTERVAL.as_millis());
+    let mut spawn = Process::build(ns, binary()).args([
+        "watch",
+        "--metrics-addr",
+        METRICS_ADDR,
+        "--interval",
+        &interval,
+        "--iface",
+        Pair::LOCAL_IF,
+    ]);
+    if let Some(source) = source {
+        spawn = spawn.env(SOURCE_ENV, source);
     }
-
-    fn scrape(&self, ns: &Netns) -> Metrics {
-        let (status, body) = http_get(ns, METRICS_ADDR, "/metrics").expect("scrape smtpflow");
-        assert_eq!(status, 200, "GET /metrics: {body}");
-        Metrics::parse(&body)
-    }
+    let mut process = spawn.spawn();
+    process.wait_ready(Duration::from_secs(20), || http::healthy(ns, METRICS_ADDR));
+    process
 }
 
 /// One compared value: smtpflow's name, its labels, node_exporter's name.
@@ -190,25 +113,17 @@ type Pairing = (&'static str, Vec<(&'static str, &'static str)>, String);
 fn pairs(conntrack: bool) -> Vec<Pairing> {
     let mut v = Vec::new();
     if conntrack {
-        v.push(("smtpflow_conntrack_entries", vec![], "node_nf_conntrack_entries".to_owned()));
-        v.push((
-            "smtpflow_conntrack_entries_limit",
-            vec![],
-            "node_nf_conntrack_entries_limit".to_owned(),
-        ));
+        v.push((CT_ENTRIES, vec![], "node_nf_conntrack_entries".to_owned()));
+        v.push((CT_LIMIT, vec![], "node_nf_conntrack_entries_limit".to_owned()));
         for s in CONNTRACK_STATS {
-            v.push((
-                "smtpflow_conntrack_stat_total",
-                vec![("stat", s)],
-                format!("node_nf_conntrack_stat_{s}"),
-            ));
+            v.push((CT_STAT, vec![("stat", s)], format!("node_nf_conntrack_stat_{s}")));
         }
     }
     for s in TCP_EXT_STATS {
-        v.push(("smtpflow_tcp_stat_total", vec![("stat", s)], format!("node_netstat_TcpExt_{s}")));
+        v.push((TCP_STAT, vec![("stat", s)], format!("node_netstat_TcpExt_{s}")));
     }
     for s in TCP_STATS {
-        v.push(("smtpflow_tcp_stat_total", vec![("stat", s)], format!("node_netstat_Tcp_{s}")));
+        v.push((TCP_STAT, vec![("stat", s)], format!("node_netstat_Tcp_{s}")));
     }
     v
 }
@@ -235,7 +150,7 @@ fn differences(s: &Metrics, n: &Metrics, conntrack: bool) -> Vec<String> {
 /// Returns smtpflow's scrape.
 fn assert_equal_when_quiet(
     ns: &Netns,
-    smtpflow: &Smtpflow,
+    smtpflow: &Process,
     node: &NodeExporter,
     conntrack: bool,
 ) -> Metrics {
@@ -244,7 +159,7 @@ fn assert_equal_when_quiet(
         let before = node.scrape(ns);
         // Long enough for smtpflow to drain (and read the kernel) at least twice.
         thread::sleep(INTERVAL * 3);
-        let ours = smtpflow.scrape(ns);
+        let ours = http::scrape(ns, METRICS_ADDR);
         let after = node.scrape(ns);
         if node_values(&before, conntrack) != node_values(&after, conntrack) {
             last = vec!["the counters moved during the comparison".to_owned()];
@@ -268,8 +183,8 @@ fn assert_equal_when_quiet(
     panic!(
         "smtpflow and node_exporter disagree:\n  {}\nsmtpflow stderr:\n{}\nnode_exporter stderr:\n{}",
         last.join("\n  "),
-        smtpflow.guard.stderr(),
-        node.guard.stderr()
+        smtpflow.stderr(),
+        node.process.stderr()
     );
 }
 
@@ -293,23 +208,7 @@ table inet smtpflow_pressure {
     }
 }
 ";
-    let path = std::env::temp_dir().join(format!("{}-pressure.nft", ns.name));
-    std::fs::write(&path, rules).expect("write the ruleset");
-    let out = ns.exec("nft", &["-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "nft -f failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Accepts (then closes) `n` connections on `addr` in `ns`, on a thread.
-fn serve(ns: &Netns, addr: &str, n: usize) -> thread::JoinHandle<()> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let listener = in_netns(ns, move || TcpListener::bind(addr).expect("bind test server"));
-    thread::spawn(move || {
-        for _ in 0..n {
-            let (s, _) = listener.accept().expect("accept");
-            drop(s);
-        }
-    })
+    nft_script(ns, rules);
 }
 
 /// `n` connections from `ns` to `addr`, each closed normally (`abort`: reset, `SO_LINGER` 0).
@@ -319,18 +218,7 @@ fn connect_n(ns: &Netns, addr: &str, n: usize, abort: bool) {
         for _ in 0..n {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
             if abort {
-                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                // SAFETY: valid socket and option value.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
-                assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+                linger_zero(&s);
             }
             drop(s);
         }
@@ -416,7 +304,7 @@ fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn conntrack_matches_node_exporter(source: Option<&str>, log_says: &str) {
     let pair = Pair::new();
     enable_conntrack(&pair.local);
-    let smtpflow = Smtpflow::start(&pair.local, source);
+    let smtpflow = start_smtpflow(&pair.local, source);
     let node = NodeExporter::start(&pair.local);
 
     const INBOUND: usize = 5;
@@ -433,14 +321,14 @@ fn conntrack_matches_node_exporter(source: Option<&str>, log_says: &str) {
 
     let m = assert_equal_when_quiet(&pair.local, &smtpflow, &node, true);
     // Not a comparison of zeros: what the traffic must have moved did move.
-    let stat = |s| value(&m, "smtpflow_conntrack_stat_total", &[("stat", s)]);
-    let tcp = |s| value(&m, "smtpflow_tcp_stat_total", &[("stat", s)]);
-    assert!(value(&m, "smtpflow_conntrack_entries", &[]) >= INBOUND as f64, "{}", m.text);
-    assert!(value(&m, "smtpflow_conntrack_entries_limit", &[]) > 0.0);
+    let stat = |s| value(&m, CT_STAT, &[("stat", s)]);
+    let tcp = |s| value(&m, TCP_STAT, &[("stat", s)]);
+    assert!(value(&m, CT_ENTRIES, &[]) >= INBOUND as f64, "{}", m.text);
+    assert!(value(&m, CT_LIMIT, &[]) > 0.0);
     assert!(stat("invalid") >= invalid as f64, "{invalid} invalid segments sent:\n{}", m.text);
     assert!(tcp("AttemptFails") >= REFUSED as f64, "{}", m.text);
     assert!(tcp("EstabResets") >= RESETS as f64, "{}", m.text);
-    let stderr = smtpflow.guard.stderr();
+    let stderr = smtpflow.stderr();
     assert!(stderr.contains(log_says), "expected {log_says:?} in smtpflow's log:\n{stderr}");
 }
 
@@ -473,7 +361,7 @@ fn conntrack_unused_namespace_reports_an_empty_table() {
     require_root!();
     for source in ["netlink", "procfs"] {
         let pair = Pair::new();
-        let smtpflow = Smtpflow::start(&pair.local, Some(source));
+        let smtpflow = start_smtpflow(&pair.local, Some(source));
         let node = NodeExporter::start(&pair.local);
         let server = serve(&pair.local, &format!("{}:25", Pair::LOCAL_V4), 4);
         connect_n(&pair.peer, &format!("{}:25", Pair::LOCAL_V4), 4, false);
@@ -481,10 +369,10 @@ fn conntrack_unused_namespace_reports_an_empty_table() {
         send_invalid_segments(&pair.peer, Pair::PEER_V4, Pair::LOCAL_V4, 1);
 
         let m = assert_equal_when_quiet(&pair.local, &smtpflow, &node, true);
-        assert_eq!(value(&m, "smtpflow_conntrack_entries", &[]), 0.0, "{source}: {}", m.text);
-        assert!(value(&m, "smtpflow_conntrack_entries_limit", &[]) > 0.0);
+        assert_eq!(value(&m, CT_ENTRIES, &[]), 0.0, "{source}: {}", m.text);
+        assert!(value(&m, CT_LIMIT, &[]) > 0.0);
         for s in CONNTRACK_STATS {
-            assert_eq!(value(&m, "smtpflow_conntrack_stat_total", &[("stat", s)]), 0.0, "{s}");
+            assert_eq!(value(&m, CT_STAT, &[("stat", s)]), 0.0, "{s}");
         }
     }
 }
@@ -495,11 +383,10 @@ fn conntrack_unused_namespace_reports_an_empty_table() {
 fn listen_overflows_match_node_exporter() {
     require_root!();
     let pair = Pair::new();
-    let smtpflow = Smtpflow::start(&pair.local, None);
+    let smtpflow = start_smtpflow(&pair.local, None);
     let node = NodeExporter::start(&pair.local);
-    let overflows =
-        |m: &Metrics| value(m, "smtpflow_tcp_stat_total", &[("stat", "ListenOverflows")]);
-    let before = overflows(&smtpflow.scrape(&pair.local));
+    let overflows = |m: &Metrics| value(m, TCP_STAT, &[("stat", "ListenOverflows")]);
+    let before = overflows(&http::scrape(&pair.local, METRICS_ADDR));
     assert_eq!(before, 0.0, "a fresh namespace starts with no overflow");
 
     // backlog 1 (std's TcpListener listens with 128, so through libc).
@@ -547,17 +434,17 @@ fn listen_overflows_match_node_exporter() {
             .collect::<Vec<_>>()
     });
     let rose = wait_for(Duration::from_secs(10), || {
-        let n = overflows(&smtpflow.scrape(&pair.local));
+        let n = overflows(&http::scrape(&pair.local, METRICS_ADDR));
         (n > before).then_some(n)
     });
-    assert!(rose.is_some(), "no listen overflow counted:\n{}", smtpflow.guard.stderr());
+    assert!(rose.is_some(), "no listen overflow counted:\n{}", smtpflow.stderr());
     drop(clients);
     drop(listener);
 
     let m = assert_equal_when_quiet(&pair.local, &smtpflow, &node, true);
     assert!(overflows(&m) > before);
     assert!(
-        value(&m, "smtpflow_tcp_stat_total", &[("stat", "ListenDrops")]) >= overflows(&m),
+        value(&m, TCP_STAT, &[("stat", "ListenDrops")]) >= overflows(&m),
         "every overflow is also a listen drop:\n{}",
         m.text
     );
@@ -568,18 +455,12 @@ fn listen_overflows_match_node_exporter() {
 fn unknown_source_is_refused() {
     require_root!();
     let pair = Pair::new();
-    let mut guard = ChildGuard::spawn(
-        &pair.local,
-        "smtpflow-bad-source",
-        &binary(),
-        &["watch", "--metrics-addr", METRICS_ADDR, "--iface", Pair::LOCAL_IF],
-        &[(SOURCE_ENV, "proc")],
-    );
-    let child = guard.child.as_mut().unwrap();
-    let status = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten())
-        .expect("smtpflow did not exit within 20s");
-    assert!(!status.success(), "started with {SOURCE_ENV}=proc");
-    let stderr = guard.stderr();
+    let mut bad = Process::build(&pair.local, binary())
+        .args(["watch", "--metrics-addr", METRICS_ADDR, "--iface", Pair::LOCAL_IF])
+        .env(SOURCE_ENV, "proc")
+        .spawn();
+    let code = bad.wait_exit(Duration::from_secs(20)).expect("smtpflow did not exit within 20s");
+    assert!(code != Some(0), "started with {SOURCE_ENV}=proc");
+    let stderr = bad.stderr();
     assert!(stderr.contains("SMTPFLOW_CONNTRACK_SOURCE=\"proc\""), "{stderr}");
-    guard.child = None;
 }

@@ -6,13 +6,11 @@ use std::{
 };
 
 use smtpflow_tests::{
-    Pair, Watch,
-    conn::{connect_n, connect_refused, serve},
-    in_netns, require_root,
+    Pair, Watch, in_netns,
+    names::{EVENTS, LOST, MALFORMED, PEER_EVENTS, PEERS_TRACKED},
+    require_root,
+    traffic::{connect_n, connect_refused, serve},
 };
-
-const EVENTS: &str = "smtpflow_tcp_events_total";
-const PEER_EVENTS: &str = "smtpflow_peer_tcp_events_total";
 
 fn labels<'a>(
     iface: &'a str,
@@ -88,9 +86,9 @@ fn connections(mode: &str, v6: bool) {
         (PEER_EVENTS, peer_labels(peer_ip, "outbound", "25", "syn_ack", "peer"), n_out),
         (PEER_EVENTS, peer_labels(peer_ip, "outbound", "465", "rst", "peer"), 1),
         (PEER_EVENTS, vec![], 2 * n_in + 2 * n_out + 4 - if tc { 0 } else { n_in + n_out + 2 }),
-        ("smtpflow_peers_tracked", vec![], 1),
-        ("smtpflow_malformed_packets_total", vec![], 0),
-        ("smtpflow_lost_events_total", vec![], 0),
+        (PEERS_TRACKED, vec![], 1),
+        (MALFORMED, vec![], 0),
+        (LOST, vec![], 0),
     ];
     let m = w.expect_settled(&pair.local, &expected);
     // Every combination is exported from the start, zeros included: 3 ports x 2 directions x

@@ -1,16 +1,11 @@
-//! Ethernet frames for the benchmarks, with valid IPv4 and TCP checksums (the live SYN generator
-//! sends them through a real TCP stack).
-use std::net::IpAddr;
+//! Ethernet frames for the benchmarks, built with the tests' frame builders
+//! (`smtpflow_tests::frames`), with valid IPv4 and TCP checksums (the live SYN generator sends
+//! them through a real TCP stack).
+use std::net::{IpAddr, Ipv4Addr};
 
-pub const SYN: u8 = 0x02;
-pub const PSH: u8 = 0x08;
-pub const ACK: u8 = 0x10;
-
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
+pub use smtpflow_common::rules::tcp_flags::{ACK, PSH, SYN};
+use smtpflow_tests::frames::{self as f, ETH_P_ARP, ETH_P_IP, Eth, IPPROTO_TCP, IPPROTO_UDP};
+pub use smtpflow_tests::frames::{ETH_P_8021AD, ETH_P_8021Q, checksum};
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
@@ -61,70 +56,18 @@ impl Tcp<'_> {
     }
 
     pub fn frame(&self) -> Vec<u8> {
-        let mut tcp = Vec::with_capacity(20 + self.options.len() + self.payload.len());
-        tcp.extend_from_slice(&self.sport.to_be_bytes());
-        tcp.extend_from_slice(&self.dport.to_be_bytes());
-        tcp.extend_from_slice(&self.seq.to_be_bytes());
-        tcp.extend_from_slice(&self.ack.to_be_bytes());
         assert!(self.options.len().is_multiple_of(4), "TCP options must be 32-bit aligned");
-        tcp.push((((20 + self.options.len()) / 4) as u8) << 4);
-        tcp.push(self.flags);
-        tcp.extend_from_slice(&self.window.to_be_bytes());
-        tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-        tcp.extend_from_slice(self.options);
-        tcp.extend_from_slice(self.payload);
-        let sum = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut pseudo = Vec::with_capacity(12);
-                pseudo.extend_from_slice(&s.octets());
-                pseudo.extend_from_slice(&d.octets());
-                pseudo.extend_from_slice(&[0, 6]);
-                pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
-                checksum(&[&pseudo, &tcp])
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let mut pseudo = Vec::with_capacity(40);
-                pseudo.extend_from_slice(&s.octets());
-                pseudo.extend_from_slice(&d.octets());
-                pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
-                pseudo.extend_from_slice(&[0, 0, 0, 6]);
-                checksum(&[&pseudo, &tcp])
-            }
-            _ => panic!("mixed address families"),
-        };
-        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-        ip_frame(self.src_mac, self.dst_mac, self.vlans, self.src, self.dst, 6, &tcp)
-    }
-}
-
-/// The Internet checksum over the concatenation of `parts` (each of even length but the last).
-pub fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum = 0u32;
-    for part in parts {
-        let mut chunks = part.chunks_exact(2);
-        for c in &mut chunks {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        let segment = f::Tcp {
+            seq: self.seq,
+            ack: self.ack,
+            window: self.window,
+            ..f::Tcp::new(self.sport, self.dport, self.flags)
         }
-        if let [last] = chunks.remainder() {
-            sum += u32::from(*last) << 8;
-        }
+        .options(self.options)
+        .payload(self.payload)
+        .bytes_checksummed(self.src, self.dst);
+        ip_frame(self.src_mac, self.dst_mac, self.vlans, self.src, self.dst, IPPROTO_TCP, &segment)
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn eth(src: [u8; 6], dst: [u8; 6], vlans: &[u16], ethertype: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(128);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    for tpid in vlans {
-        f.extend_from_slice(&tpid.to_be_bytes());
-        f.extend_from_slice(&100u16.to_be_bytes());
-    }
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
 }
 
 /// An IP packet carrying `proto` with `l4` (whose checksum is already set) in a frame.
@@ -137,56 +80,29 @@ pub fn ip_frame(
     proto: u8,
     l4: &[u8],
 ) -> Vec<u8> {
+    let eth = vlans.iter().fold(Eth::new(dst_mac, src_mac), |eth, tpid| eth.tag(*tpid, 100));
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut f = eth(src_mac, dst_mac, vlans, ETH_P_IP);
-            let start = f.len();
-            f.extend_from_slice(&[0x45, 0]);
-            f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            f.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]); // id, DF, ttl, proto
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-            let sum = checksum(&[&f[start..start + 20]]);
-            f[start + 10..start + 12].copy_from_slice(&sum.to_be_bytes());
-            f.extend_from_slice(l4);
-            f
+            let ip = f::Ipv4 { dont_fragment: true, ..f::Ipv4::new(s, d, proto) };
+            eth.frame(ETH_P_IP, &ip.packet_checksummed(l4))
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut f = eth(src_mac, dst_mac, vlans, ETH_P_IPV6);
-            f.extend_from_slice(&[0x60, 0, 0, 0]);
-            f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-            f.extend_from_slice(&[proto, 64]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-            f.extend_from_slice(l4);
-            f
-        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(&f::Ipv6::new(s, d), proto, l4),
         _ => panic!("mixed address families"),
     }
 }
 
 /// A UDP datagram (a DNS query's size) between two IPv4 addresses.
 pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
-    let payload = [0x5au8; 40];
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]); // checksum optional over IPv4
-    udp.extend_from_slice(&payload);
-    ip_frame(MAC_A, MAC_B, &[], src, dst, 17, &udp)
+    // The checksum is optional over IPv4.
+    ip_frame(MAC_A, MAC_B, &[], src, dst, IPPROTO_UDP, &f::udp(sport, dport, &[0x5a; 40]))
 }
 
-/// An ARP request (who-has).
+/// An ARP request (who-has), padded to the minimum frame size.
 pub fn arp() -> Vec<u8> {
-    let mut f = eth(MAC_A, [0xff; 6], &[], ETH_P_ARP);
-    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&MAC_A);
-    f.extend_from_slice(&[192, 0, 2, 1]);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&[192, 0, 2, 2]);
-    f.resize(60, 0); // minimum frame size
-    f
+    let who_has = f::arp_request(MAC_A, Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+    let mut frame = Eth::new([0xff; 6], MAC_A).frame(ETH_P_ARP, &who_has);
+    frame.resize(60, 0);
+    frame
 }
 
 /// Rewrites an IPv4 TCP frame (no VLAN tags) in place with a new source address and port,
@@ -206,7 +122,7 @@ pub fn set_v4_source(frame: &mut [u8], src: [u8; 4], sport: u16) {
     let mut pseudo = [0u8; 12];
     pseudo[..4].copy_from_slice(&frame[IP + 12..IP + 16]);
     pseudo[4..8].copy_from_slice(&frame[IP + 16..IP + 20]);
-    pseudo[9] = 6;
+    pseudo[9] = IPPROTO_TCP;
     pseudo[10..12].copy_from_slice(&(tcp_len as u16).to_be_bytes());
     let sum = checksum(&[&pseudo, &frame[tcp..tcp + tcp_len]]);
     frame[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());

@@ -7,9 +7,7 @@
 //! never with the `kernel.bpf_stats_enabled` sysctl, so there is no system setting to restore:
 //! the kernel drops the accounting when the descriptor closes, even if this process is killed.
 use std::{
-    io::{Read as _, Write as _},
     mem::size_of,
-    net::TcpStream,
     os::fd::{AsRawFd as _, BorrowedFd},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -22,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use smtpflow_tests::{Netns, in_netns};
+use smtpflow_tests::Netns;
 
 /// What to remove if the run is interrupted.
 struct Registry {
@@ -242,22 +240,13 @@ impl Smtpflow {
     }
 }
 
-/// HTTP GET of `path` on [`METRICS_ADDR`] inside `ns`: status, body, time taken.
+/// HTTP GET of `path` on [`METRICS_ADDR`] inside `ns` (the tests' HTTP client): status, body,
+/// time taken.
 pub fn http_get(ns: &Netns, path: &str) -> anyhow::Result<(u16, String, Duration)> {
-    let path = path.to_owned();
-    in_netns(ns, move || -> anyhow::Result<(u16, String, Duration)> {
-        let started = Instant::now();
-        let mut s = TcpStream::connect(METRICS_ADDR)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {METRICS_ADDR}\r\nConnection: close\r\n\r\n")?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        let took = started.elapsed();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok((status, body.to_owned(), took))
-    })
+    let started = Instant::now();
+    let reply = smtpflow_tests::http::get(ns, METRICS_ADDR, path)
+        .with_context(|| format!("GET {path} on {METRICS_ADDR}"))?;
+    Ok((reply.status, reply.body, started.elapsed()))
 }
 
 /// The value of an unlabelled (or first matching) sample in Prometheus text.

@@ -9,26 +9,30 @@
 //! The diagnosis runs with a short window (4 s, 6 s for conntrack), `--interval 100ms` and
 //! `--handshake-timeout 1s`. The tests of this file run one at a time (a process-wide lock):
 //! the conntrack test lowers the kernel-wide `nf_conntrack_max` for a few seconds.
+mod checks;
+mod conntrack;
+
 use std::{
     net::SocketAddr,
-    sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
 
+use checks::*;
+use conntrack::conntrack_ruleset;
 use smtpflow_tests::{
-    Metrics, Netns, Pair, Watch,
-    diagnosis::{
-        self, CAUSES, CONNTRACK_COUNT, ConntrackMax, Diagnose, Traffic, active, burst,
-        diagnosis_lines, evidence, evidence_of, ns_sysctl, top_peers,
-    },
+    Pair,
+    diagnosis::{CAUSES, active, diagnosis_lines, evidence, top_peers},
     in_netns,
     json::Json,
-    netfilter::{TABLE, netstat, nft_counter, nft_drop_syns, nft_table},
+    names::{CT_ENTRIES, DROPS, HANDSHAKES, REPLIES, TCP_STAT},
+    netfilter::{TABLE, nft_counter, nft_drop_syns, nft_table},
+    procfs::netstat,
     require_root,
     smtp::{self, SmtpSink},
+    smtpflow::{self, INTERVAL, wait_observing},
+    traffic::{Traffic, burst},
     wait_for,
-    watch::INTERVAL,
 };
 
 const IF: &str = Pair::LOCAL_IF;
@@ -39,421 +43,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long clients wait for an unanswered handshake: one SYN retransmission (Linux retransmits
 /// after 1 s), then they give up, well before the next one.
 const GIVE_UP: Duration = Duration::from_millis(1500);
-
-const HANDSHAKES: &str = "smtpflow_handshakes_total";
-const DROPS: &str = "smtpflow_syn_drops_total";
-const CT_STAT: &str = "smtpflow_conntrack_stat_total";
-const TCP_STAT: &str = "smtpflow_tcp_stat_total";
-const REPLIES: &str = "smtpflow_smtp_replies_total";
-
-/// One test at a time in this process (the test command also runs `--test-threads=1`).
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn addr(ip: &str, port: u16) -> String {
-    SocketAddr::new(ip.parse().unwrap(), port).to_string()
-}
-
-fn dur(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
-/// `smtpflow watch` on the gateway's interface with the diagnosis window `window`.
-fn start_watch(ns: &Netns, window: Duration) -> Watch {
-    Watch::start(
-        ns,
-        IF,
-        &["--window", &dur(window), "--handshake-timeout", &dur(HANDSHAKE_TIMEOUT)],
-    )
-}
-
-/// A scrape before any fault: every cause exported, none active, no top peer.
-fn quiet_baseline(w: &Watch, ns: &Netns) -> Metrics {
-    let m = w.scrape(ns);
-    assert_eq!(active(&m), Vec::<&str>::new(), "active before any fault:\n{}", m.text);
-    assert!(m.nonzero(diagnosis::TOP_PEER).is_empty(), "{}", m.text);
-    m
-}
-
-/// A counter's rise between two scrapes, summed over the series matching `filter`.
-fn rise(before: &Metrics, after: &Metrics, name: &str, filter: &[(&str, &str)]) -> u64 {
-    after.sum(name, filter) - before.sum(name, filter)
-}
-
-/// Scrapes (every ~50 ms, at most `timeout`) until exactly `cause` is active and `problems`
-/// finds nothing wrong; at no scrape may another cause be active. Returns that scrape.
-fn expect_only(
-    w: &Watch,
-    ns: &Netns,
-    cause: &str,
-    timeout: Duration,
-    mut problems: impl FnMut(&Metrics) -> Vec<String>,
-) -> Metrics {
-    let mut last = vec!["no scrape".to_owned()];
-    let found = wait_for(timeout, || {
-        let m = w.scrape(ns);
-        let on = active(&m);
-        let others: Vec<&&str> = on.iter().filter(|c| **c != cause).collect();
-        assert!(others.is_empty(), "{others:?} active during a {cause} fault:\n{}", m.text);
-        last = if on == [cause] { problems(&m) } else { vec![format!("{cause} not active")] };
-        last.is_empty().then_some(m)
-    });
-    found.unwrap_or_else(|| {
-        let m = w.scrape(ns);
-        panic!(
-            "after {timeout:?}, not exactly {cause} with the expected evidence:\n  {}\nevidence: \
-             {:?}\ntop peers: {:?}\nsmtpflow stderr:\n{}",
-            last.join("\n  "),
-            evidence_of(&m, cause),
-            top_peers(&m, cause),
-            w.stderr()
-        )
-    })
-}
-
-/// A difference as a readable problem, when there is one.
-fn differs(what: &str, got: f64, want: f64) -> Option<String> {
-    (got != want).then(|| format!("{what}: got {got}, want {want}"))
-}
-
-/// The fault was removed at `removed`: `cause` turns off within one window (plus the drain
-/// interval it is decided at and the scrape), and not before a whole window has passed since
-/// `last_event` (the last evidence cannot have happened earlier than that); no other cause
-/// turns on meanwhile; then its failure evidence is 0, it names no peer, and the log says it is
-/// over. Returns how long after the removal it turned off.
-fn expect_recovery(
-    w: &Watch,
-    ns: &Netns,
-    cause: &str,
-    window: Duration,
-    removed: Instant,
-    last_event: Instant,
-    zero_evidence: &[&str],
-) -> Duration {
-    let bound = window + INTERVAL * 2 + Duration::from_millis(300);
-    let deadline = removed + bound + Duration::from_secs(3);
-    let (off_before, off_after, m) = loop {
-        let before = Instant::now();
-        let m = w.scrape(ns);
-        let after = Instant::now();
-        let on = active(&m);
-        let others: Vec<&&str> = on.iter().filter(|c| **c != cause).collect();
-        assert!(others.is_empty(), "{others:?} turned on while {cause} recovered:\n{}", m.text);
-        if !on.contains(&cause) {
-            break (before, after, m);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{cause} still active {:?} after the fault was removed (window {window:?}):\n{}\n{}",
-            removed.elapsed(),
-            m.text,
-            w.stderr()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let took = off_before.saturating_duration_since(removed);
-    assert!(
-        took <= bound,
-        "{cause} turned off {took:?} after the fault was removed; the window is {window:?}"
-    );
-    // The last evidence is at or after `last_event` (the kernel saw it before the client did,
-    // by well under 100 ms): the cause must have stayed on for a whole window after it.
-    assert!(
-        off_after + Duration::from_millis(100) >= last_event + window,
-        "{cause} turned off {:?} after its last evidence, before a whole window ({window:?})",
-        off_after.saturating_duration_since(last_event)
-    );
-    for name in zero_evidence {
-        assert_eq!(evidence(&m, cause, name), 0.0, "{cause} {name} once off:\n{}", m.text);
-    }
-    assert!(top_peers(&m, cause).is_empty(), "{cause} still names peers:\n{}", m.text);
-    let over = format!("diagnosis: {cause} is over");
-    let logged = wait_for(Duration::from_secs(2), || w.stderr().contains(&over).then_some(()));
-    assert!(logged.is_some(), "no {over:?} in smtpflow's log:\n{}", w.stderr());
-    eprintln!("{cause} turned off {took:?} after the fault was removed (window {window:?})");
-    took
-}
-
-/// The log said `cause` turned on (with `details` in the sentence) and off, and no other cause
-/// changed state.
-fn expect_log(w: &Watch, cause: &str, details: &[&str]) {
-    let stderr = w.stderr();
-    let lines = diagnosis_lines(&stderr);
-    let on = format!("diagnosis: {cause} is active: ");
-    let line = lines
-        .iter()
-        .find(|l| l.contains(&on))
-        .unwrap_or_else(|| panic!("no {on:?} in smtpflow's log:\n{stderr}"));
-    for d in details {
-        assert!(line.contains(d), "{d:?} not in {line:?}");
-    }
-    let over = format!("diagnosis: {cause} is over");
-    for l in &lines {
-        assert!(l.contains(&on) || l.contains(&over), "another cause changed state: {l}");
-    }
-    assert_eq!(lines.len(), 2, "{cause} turned on and off once:\n{}", lines.join("\n"));
-    eprintln!("{}", lines.join("\n"));
-}
-
-/// Every outcome of background traffic succeeded; returns how many there were.
-fn all_ok(what: &str, outcomes: &[(Instant, diagnosis::Outcome)]) -> usize {
-    let failed: Vec<&String> = outcomes.iter().filter_map(|(_, o)| o.as_ref().err()).collect();
-    assert!(failed.is_empty(), "{what}: {} of {} failed: {failed:?}", failed.len(), outcomes.len());
-    outcomes.len()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Conntrack exhaustion
-
-/// Conntrack in use in the gateway namespace (an nftables `ct state` rule), the loopback
-/// (metrics scrapes) exempt, with two counters of pure SYNs to port 25: `syn_in` at the raw
-/// priority (before conntrack) and `syn_passed` in the input chain (after it). Their difference
-/// is the SYNs the conntrack hook dropped.
-fn conntrack_ruleset(ns: &Netns) {
-    let syn = "tcp dport 25 tcp flags & (syn | ack | rst) == syn";
-    let rules = format!(
-        "table inet {TABLE} {{
-    counter syn_in {{ }}
-    counter syn_passed {{ }}
-    chain raw_prerouting {{
-        type filter hook prerouting priority raw; policy accept;
-        iif \"lo\" notrack
-        {syn} counter name \"syn_in\"
-    }}
-    chain raw_output {{
-        type filter hook output priority raw; policy accept;
-        oif \"lo\" notrack
-    }}
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        {syn} counter name \"syn_passed\"
-        ct state established,related accept
-        ct state invalid drop
-    }}
-}}
-"
-    );
-    let path = std::env::temp_dir().join(format!("{}-diagnosis.nft", ns.name));
-    std::fs::write(&path, rules).expect("write the ruleset");
-    let out = ns.exec("nft", &["-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    assert!(out.status.success(), "nft -f: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A full conntrack table: `smtp-sink` on the gateway, conntrack in use there, and the global
-/// `nf_conntrack_max` lowered (for about two seconds) to the gateway's entries + 20. A burst of
-/// 30 connections from the peer: 20 get the last entries and are held open (ESTABLISHED and
-/// ASSURED, so nothing can evict them), the SYNs of the other 10 (and their retransmissions)
-/// find the table full.
-///
-/// What this kernel does then (measured, Linux 6.18): `nf_conntrack_in` cannot allocate an
-/// entry (`early_drop` finds nothing evictable), counts the conntrack `drop` statistic once and
-/// returns `NF_DROP`, which frees the SYN with `SKB_DROP_REASON_NETFILTER_DROP`. So every SYN
-/// the full table dropped is one `NETFILTER_DROP` SYN drop and one `drop`, exactly, and
-/// `early_drop` and `insert_failed` stay 0; the SYNs seen before conntrack minus those after it
-/// (nftables counters) are the same number.
-///
-/// The diagnosis: `conntrack_exhaustion` only, with the lowered limit, the full table (fill 1),
-/// `conntrack_drops` = the rise of drop + early_drop + insert_failed, and
-/// `unanswered_inbound_syns` at least the failed attempts and at most smtpflow's sum of inbound
-/// timeouts and NETFILTER_DROP SYN drops (exactly that sum today, which counts a SYN twice: see
-/// [`conntrack_unanswered_syns_counted_once`]). The limit restored (the fault removed), it turns
-/// off within one window while new inbound sessions succeed.
-#[test]
-fn conntrack_exhaustion_when_the_table_is_full() {
-    require_root!();
-    let u = conntrack_exhaustion_scenario();
-    eprintln!("{u:?}");
-}
-
-/// `unanswered_inbound_syns` counts each unanswered SYN once: in the scenario above, exactly
-/// the SYNs the full table dropped (the nftables counters before and after conntrack; no other
-/// SYN went unanswered there).
-///
-/// The timeouts and the NETFILTER_DROP SYN drops see the same SYNs (TC ingress sees each SYN
-/// before netfilter drops it, so every attempt whose SYNs the full table dropped also times
-/// out): smtpflow takes the larger, not the sum. 10 failed attempts of 2 SYNs each are 20
-/// unanswered SYNs, not 30 (a regression test: the sum was once used).
-#[test]
-fn conntrack_unanswered_syns_counted_once() {
-    require_root!();
-    let u = conntrack_exhaustion_scenario();
-    assert_eq!(u.evidence, u.dropped_syns as f64, "{u:?}");
-}
-
-/// What the conntrack scenario measured about unanswered inbound SYNs (shown with `{:?}`).
-#[derive(Debug)]
-#[allow(dead_code)]
-struct Unanswered {
-    /// `unanswered_inbound_syns` while the whole fault was in the window.
-    evidence: f64,
-    /// SYNs to port 25 that conntrack dropped: nftables' count before it minus after it.
-    dropped_syns: u64,
-    /// smtpflow's inbound handshake timeouts.
-    timeouts: u64,
-    /// smtpflow's inbound NETFILTER_DROP SYN drops.
-    netfilter_drops: u64,
-    /// Connection attempts that failed.
-    failed_attempts: usize,
-}
-
-/// The conntrack exhaustion scenario (see [`conntrack_exhaustion_when_the_table_is_full`]).
-fn conntrack_exhaustion_scenario() -> Unanswered {
-    let _serial = serial();
-    const WINDOW_CT: Duration = Duration::from_secs(6);
-    const HELD: u64 = 20;
-    const FAILING: usize = 10;
-    let pair = Pair::new();
-    conntrack_ruleset(&pair.local);
-    let _sink = SmtpSink::start(&pair.local, &addr(LOCAL, 25), &[]);
-    let w = start_watch(&pair.local, WINDOW_CT);
-    thread::sleep(INTERVAL * 3);
-    let base = quiet_baseline(&w, &pair.local);
-    assert!(base.get("smtpflow_conntrack_entries", &[]).is_some(), "no conntrack:\n{}", base.text);
-    let stat = |m: &Metrics, s: &str| m.sum(CT_STAT, &[("stat", s)]);
-
-    // The limit: what the gateway's table holds now plus HELD, and never below what the host's
-    // own table holds plus HELD (the limit is kernel-wide).
-    let count0 = ns_sysctl(&pair.local, CONNTRACK_COUNT);
-    let host =
-        std::fs::read_to_string(CONNTRACK_COUNT).map_or(0, |s| s.trim().parse().unwrap_or(0));
-    let limit = count0.max(host) + HELD;
-    let held_expected = (limit - count0) as usize;
-    let attempts = held_expected + FAILING;
-    let (in0, passed0) =
-        (nft_counter(&pair.local, "syn_in"), nft_counter(&pair.local, "syn_passed"));
-    let target: SocketAddr = addr(LOCAL, 25).parse().unwrap();
-
-    let mut ct = ConntrackMax::lower(limit, Duration::from_secs(20));
-    let started = Instant::now();
-    let results = in_netns(&pair.peer, move || burst(target, attempts, GIVE_UP));
-    let mut held = Vec::new();
-    let mut failed = Vec::new();
-    for r in results {
-        match r {
-            Ok(s) => held.push(s),
-            Err(e) => failed.push(e.kind()),
-        }
-    }
-    assert_eq!(held.len(), held_expected, "connections that got an entry; failures: {failed:?}");
-    assert_eq!(failed, vec![std::io::ErrorKind::TimedOut; FAILING]);
-
-    // Settled while the table is still full and the limit lowered.
-    let mut kernel = (0, 0);
-    let mut unanswered = Unanswered {
-        evidence: -1.0,
-        dropped_syns: 0,
-        timeouts: 0,
-        netfilter_drops: 0,
-        failed_attempts: FAILING,
-    };
-    let m = expect_only(&w, &pair.local, "conntrack_exhaustion", Duration::from_secs(3), |m| {
-        let nf = rise(&base, m, DROPS, &[("direction", "inbound"), ("reason", "NETFILTER_DROP")]);
-        let nf25 = rise(
-            &base,
-            m,
-            DROPS,
-            &[("direction", "inbound"), ("port", "25"), ("reason", "NETFILTER_DROP")],
-        );
-        let timeouts =
-            rise(&base, m, HANDSHAKES, &[("direction", "inbound"), ("outcome", "timeout")]);
-        let established = rise(
-            &base,
-            m,
-            HANDSHAKES,
-            &[("direction", "inbound"), ("port", "25"), ("outcome", "established")],
-        );
-        let drop = stat(m, "drop") - stat(&base, "drop");
-        let early = stat(m, "early_drop") - stat(&base, "early_drop");
-        let insert = stat(m, "insert_failed") - stat(&base, "insert_failed");
-        kernel = (
-            nft_counter(&pair.local, "syn_in") - in0,
-            nft_counter(&pair.local, "syn_passed") - passed0,
-        );
-        let nft_dropped = kernel.0 - kernel.1;
-        let ev = |n| evidence(m, "conntrack_exhaustion", n);
-        let entries = m.get("smtpflow_conntrack_entries", &[]).unwrap_or(-1.0);
-        [
-            differs("inbound timeouts (one per failed attempt)", timeouts as f64, FAILING as f64),
-            differs("inbound established", established as f64, held_expected as f64),
-            (nf < FAILING as u64).then(|| format!("only {nf} NETFILTER_DROP SYN drops")),
-            differs("NETFILTER_DROP SYN drops on port 25 vs all", nf25 as f64, nf as f64),
-            differs("NETFILTER_DROP SYN drops vs conntrack drop", nf as f64, drop as f64),
-            differs("nft syn_in - syn_passed vs NETFILTER_DROP", nft_dropped as f64, nf as f64),
-            differs("early_drop rise", early as f64, 0.0),
-            differs("insert_failed rise", insert as f64, 0.0),
-            differs("smtpflow_conntrack_entries", entries, limit as f64),
-            differs("conntrack_limit", ev("conntrack_limit"), limit as f64),
-            differs("conntrack_entries", ev("conntrack_entries"), limit as f64),
-            differs("conntrack_fill_ratio", ev("conntrack_fill_ratio"), 1.0),
-            differs("conntrack_drops", ev("conntrack_drops"), (drop + early + insert) as f64),
-            {
-                let u = ev("unanswered_inbound_syns");
-                unanswered = Unanswered {
-                    evidence: u,
-                    dropped_syns: nft_dropped,
-                    timeouts,
-                    netfilter_drops: nf,
-                    failed_attempts: FAILING,
-                };
-                (!(FAILING as f64 <= u && u <= (timeouts + nf) as f64)).then(|| {
-                    format!("unanswered_inbound_syns {u} not in [{FAILING}, {timeouts} + {nf}]")
-                })
-            },
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
-    });
-    // Still so a few drain intervals later: nothing more moved.
-    thread::sleep(INTERVAL * 3);
-    let again = w.scrape(&pair.local);
-    assert_eq!(
-        evidence_of(&again, "conntrack_exhaustion"),
-        evidence_of(&m, "conntrack_exhaustion")
-    );
-    assert_eq!(ns_sysctl(&pair.local, CONNTRACK_COUNT), limit, "the gateway's table is full");
-
-    // The fault removed: the limit restored (the SYNs and timeouts all happened before).
-    let lowered_for = ct.since.elapsed();
-    let original = ct.original;
-    ct.restore();
-    let removed = Instant::now();
-    drop(ct);
-    assert_eq!(diagnosis::conntrack_max(), original, "nf_conntrack_max restored");
-    drop(held);
-    let traffic = Traffic::sessions(&pair.peer, &addr(LOCAL, 25), Duration::from_millis(200));
-    let nf = rise(&base, &m, DROPS, &[("reason", "NETFILTER_DROP")]);
-    eprintln!(
-        "nf_conntrack_max was {limit} for {lowered_for:?}; {FAILING} attempts failed, {nf} SYNs \
-         dropped (NETFILTER_DROP = conntrack drop = nft before - after = {})",
-        kernel.0 - kernel.1
-    );
-    expect_recovery(
-        &w,
-        &pair.local,
-        "conntrack_exhaustion",
-        WINDOW_CT,
-        removed,
-        started + HANDSHAKE_TIMEOUT,
-        &["unanswered_inbound_syns", "conntrack_drops"],
-    );
-    let ok = all_ok("inbound sessions after the limit was restored", &traffic.stop());
-    assert!(ok >= 10, "only {ok} sessions");
-    expect_log(
-        &w,
-        "conntrack_exhaustion",
-        &[
-            &format!("/{limit}), "),
-            "inbound SYNs unanswered in 6 s",
-            ": raise net.netfilter.nf_conntrack_max or shorten nf_conntrack_tcp_timeout_established",
-        ],
-    );
-    unanswered
-}
 
 // ---------------------------------------------------------------------------------------------
 // Listen overflow
@@ -835,7 +424,7 @@ fn healthy_traffic_raises_no_alarm() {
         )
     });
     assert_eq!(active(&m), Vec::<&str>::new());
-    assert!(m.get("smtpflow_conntrack_entries", &[]).unwrap_or(0.0) > 0.0, "conntrack in use");
+    assert!(m.get(CT_ENTRIES, &[]).unwrap_or(0.0) > 0.0, "conntrack in use");
     let lines = diagnosis_lines(&w.stderr()).into_iter().map(str::to_owned).collect::<Vec<_>>();
     assert!(lines.is_empty(), "the log speaks of the diagnosis: {lines:?}");
     eprintln!("{scrapes} scrapes, {n_in} inbound and {n_out} outbound sessions: no cause active");
@@ -883,8 +472,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     let pair = Pair::new();
     let target: SocketAddr = addr(PEER, 25).parse().unwrap();
     let refuse_while_observed = |json: bool| {
-        let mut d = Diagnose::start(&pair.local, &diagnose_args(json));
-        d.wait_observing();
+        let mut d = smtpflow::diagnose(&pair.local, &diagnose_args(json));
+        wait_observing(&mut d);
         // Past the first drain interval too, so the attempts are inside the observed period.
         thread::sleep(Duration::from_millis(300));
         let results = in_netns(&pair.local, move || burst(target, N, GIVE_UP));
@@ -948,8 +537,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     // Healthy traffic both ways while it observes.
     let _inbound_server = SmtpSink::start(&pair.local, &addr(LOCAL, 25), &[]);
     let _outbound_server = SmtpSink::start(&pair.peer, &addr(PEER, 25), &[]);
-    let mut d = Diagnose::start(&pair.local, &diagnose_args(true));
-    d.wait_observing();
+    let mut d = smtpflow::diagnose(&pair.local, &diagnose_args(true));
+    wait_observing(&mut d);
     let every = Duration::from_millis(100);
     let inbound = Traffic::sessions(&pair.peer, &addr(LOCAL, 25), every);
     let outbound = Traffic::sessions(&pair.local, &addr(PEER, 25), every);
@@ -965,7 +554,7 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     }
 
     // An error: no such interface.
-    let d = Diagnose::start(&pair.local, &["--iface", "nosuch0", "--for", "3s", "--json"]);
+    let d = smtpflow::diagnose(&pair.local, &["--iface", "nosuch0", "--for", "3s", "--json"]);
     let v = d.finish(Duration::from_secs(20));
     assert_eq!(v.code, Some(2), "{v:?}");
     assert_eq!(v.stdout, "", "no verdict on an error");

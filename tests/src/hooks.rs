@@ -1,18 +1,10 @@
-//! Helpers for the attach/detach and operator-error tests: which BPF programs are hooked to an
-//! interface inside a namespace (TCX, netlink TC filters and XDP), whether a program still exists,
-//! commands run with a time limit, and raw HTTP requests.
+//! What is hooked to an interface inside a namespace (TCX, netlink TC filters and XDP), whether
+//! a program still exists, and the assertion that nothing is left hooked.
 //!
 //! Why not `bpftool net show` alone: the bpftool that Debian ships (7.1) does not list TCX links
 //! at all (it prints an empty `tc:` section while two TCX programs are attached), so TCX hooks are
 //! read with the `BPF_PROG_QUERY` syscall, made from a thread inside the namespace.
-use std::{
-    collections::BTreeSet,
-    io::{Read, Write},
-    net::TcpStream,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use crate::{Netns, in_netns, wait_for};
 
@@ -35,6 +27,13 @@ impl std::fmt::Display for Hook {
 /// `(kind, name)` of every hook, for comparisons that do not care about ids.
 pub fn kinds(hooks: &[Hook]) -> Vec<(String, String)> {
     let mut v: Vec<_> = hooks.iter().map(|h| (h.kind.clone(), h.name.clone())).collect();
+    v.sort();
+    v
+}
+
+/// `(kind, name)` pairs, sorted as [`kinds`] returns them: what a test expects to be hooked.
+pub fn expected(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<_> = pairs.iter().map(|(k, n)| ((*k).to_owned(), (*n).to_owned())).collect();
     v.sort();
     v
 }
@@ -234,115 +233,24 @@ pub fn wait_freed(ids: &[u32], timeout: Duration) -> Vec<u32> {
     left
 }
 
-/// What a finished command did.
-#[derive(Debug)]
-pub struct Finished {
-    /// Exit code; `None` if a signal ended it.
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-/// A child process killed (SIGKILL) and reaped on drop, so a failing test leaves none behind.
-pub struct KillOnDrop(pub Option<Child>);
-
-impl KillOnDrop {
-    pub fn pid(&self) -> i32 {
-        self.0.as_ref().map_or(0, |c| c.id() as i32)
+/// The hooks, one a line-free list (`nothing` when empty), for failure messages.
+pub fn show(hooks: &[Hook]) -> String {
+    if hooks.is_empty() {
+        return "nothing".into();
     }
+    hooks.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Asserts that nothing at all is hooked to `ifname` in `ns` now; `what` says after what.
+pub fn assert_unhooked(ns: &Netns, ifname: &str, what: &str) {
+    let left = hooks(ns, ifname);
+    assert!(left.is_empty(), "{what}: still hooked to {ifname}: {}", show(&left));
 }
 
-/// Runs `cmd` (stdin closed, output captured) and waits at most `timeout` for it to exit;
-/// panics, after killing it, if it is still running then.
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Finished {
-    let shown = format!("{cmd:?}");
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    let reader = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = reader(Box::new(child.stdout.take().unwrap()));
-    let err = reader(Box::new(child.stderr.take().unwrap()));
-    let mut guard = KillOnDrop(Some(child));
-    let status = wait_for(timeout, || guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten()));
-    let elapsed = start.elapsed();
-    if status.is_none() {
-        drop(guard); // kills it, which closes its pipes
-        let stderr = err.join().unwrap_or_default();
-        panic!("{shown} was still running after {timeout:?}; killed it. Its stderr:\n{stderr}");
-    }
-    guard.0 = None; // reaped by try_wait
-    Finished {
-        code: status.and_then(|s| s.code()),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        elapsed,
-    }
-}
-
-/// An HTTP/1.1 response read to the end.
-#[derive(Debug)]
-pub struct HttpReply {
-    pub status: u16,
-    /// Status line and headers.
-    pub head: String,
-    pub body: String,
-}
-
-impl HttpReply {
-    /// The value of header `name` (case-insensitive), if present.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-/// Sends `method path` (with `Connection: close` and an empty body) to `addr` from inside `ns`
-/// and reads the whole reply (each read bounded by 5 s).
-pub fn http_request(
-    ns: &Netns,
-    addr: &str,
-    method: &str,
-    path: &str,
-) -> std::io::Result<HttpReply> {
-    let addr = addr.to_owned();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    in_netns(ns, move || {
-        let sock: std::net::SocketAddr = addr.parse().expect("socket address");
-        let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(request.as_bytes())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok(HttpReply { status, head: head.to_owned(), body: body.to_owned() })
-    })
+/// Asserts that nothing at all is hooked to `ifname` in `ns` within `timeout`.
+pub fn assert_unhooked_within(ns: &Netns, ifname: &str, timeout: Duration, what: &str) {
+    let left = wait_unhooked(ns, ifname, "", timeout);
+    assert!(left.is_empty(), "{what}: still hooked to {ifname} after {timeout:?}: {}", show(&left));
 }
 
 #[cfg(test)]

@@ -13,13 +13,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod dashboard;
+mod promql;
+
+use dashboard::{check_dashboard_queries, concrete, dashboard, panel_queries};
+
 use smtpflow_tests::{
-    Netns, Pair, Watch,
+    Netns, Pair, Watch, expect,
     fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
     in_netns,
     json::Json,
+    names::{
+        BUILD_INFO, DIAGNOSIS, DROPS, EVENTS, EVIDENCE, GREET_BUCKET, GREETINGS, HANDSHAKES,
+        HS_BUCKET, PEER_EVENTS, PEER_GREETINGS, PEER_HANDSHAKES, REPLIES, TCP_STAT, TOP_PEER,
+    },
     prometheus::{Prometheus, deploy_dir, promtool},
-    require_root, wait_for,
+    require_root,
+    traffic::connect_refused,
+    wait_for,
 };
 
 /// The gateways and how many SMTP sessions each receives: distinct counts, so the fleet sum
@@ -78,16 +89,6 @@ fn smtp_clients(ns: &Netns, addr: &str, n: u64) {
     });
 }
 
-/// One connection from `ns` to a closed port: refused by a RST.
-fn connect_refused(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    in_netns(ns, move || {
-        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .expect_err("the port must be closed");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    });
-}
-
 fn smtp_addr(port: u16) -> String {
     format!("{}:{port}", Pair::LOCAL_V4)
 }
@@ -100,9 +101,9 @@ fn make_traffic(fleet: &Fleet) {
         let server = serve_smtp(&g.pair.local, &smtp_addr(25), n);
         smtp_clients(&g.pair.peer, &smtp_addr(25), n);
         server.join().expect("SMTP server");
-        connect_refused(&g.pair.peer, &smtp_addr(587));
+        connect_refused(&g.pair.peer, &smtp_addr(587), 1);
         if g.name == REFUSED_BY_REMOTE {
-            connect_refused(&g.pair.local, &format!("{}:25", Pair::PEER_V4));
+            connect_refused(&g.pair.local, &format!("{}:25", Pair::PEER_V4), 1);
         }
     }
 }
@@ -154,15 +155,9 @@ fn mismatches(prom: &Prometheus, expects: &[Expect]) -> Vec<String> {
 /// Waits (bounded) until every expectation holds, then a few scrape intervals more, and checks
 /// they still hold (nothing extra was counted).
 fn expect_settled(prom: &Prometheus, fleet: &Fleet, expects: &[Expect]) {
-    let mut wrong = Vec::new();
-    let ok = wait_for(Duration::from_secs(45), || {
-        wrong = mismatches(prom, expects);
-        wrong.is_empty().then_some(())
+    let ((), wrong) = expect::settle(Duration::from_secs(45), Duration::from_secs(3), || {
+        ((), mismatches(prom, expects))
     });
-    if ok.is_some() {
-        thread::sleep(Duration::from_secs(3));
-        wrong = mismatches(prom, expects);
-    }
     assert!(
         wrong.is_empty(),
         "{}: PromQL did not give the numbers the traffic implies:\n  {}\ntargets:\n  {}\n{}",
@@ -339,288 +334,6 @@ fn wait_scraped(prom: &Prometheus, fleet: &Fleet) {
 }
 
 // ------------------------------------------------------------------------------------------
-// The Grafana dashboard.
-
-fn dashboard() -> Json {
-    let path = deploy_dir().join("grafana/smtpflow.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Json::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Every (panel title, row title, expression) of the dashboard, rows included in order.
-fn panel_queries(d: &Json) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let mut row = String::new();
-    let mut visit = |p: &Json, row: &mut String| {
-        let title = p.get("title").and_then(Json::as_str).unwrap_or_default().to_owned();
-        if p.get("type").and_then(Json::as_str) == Some("row") {
-            *row = title;
-            return;
-        }
-        for t in p.get("targets").map(Json::items).unwrap_or_default() {
-            let expr = t.get("expr").and_then(Json::as_str).unwrap_or_default();
-            out.push((title.clone(), row.clone(), expr.to_owned()));
-        }
-    };
-    for p in d.get("panels").map(Json::items).unwrap_or_default() {
-        visit(p, &mut row);
-        // Panels of a collapsed row are nested in it.
-        for inner in p.get("panels").map(Json::items).unwrap_or_default() {
-            visit(inner, &mut row);
-        }
-    }
-    out
-}
-
-/// Grafana's variables replaced by concrete values, as Grafana would for `instances` selected.
-fn concrete(expr: &str, instances: &[&str]) -> String {
-    let selected = format!("({})", instances.join("|"));
-    let e = expr
-        .replace("${instance}", &selected)
-        .replace("$instance", &selected)
-        .replace("$__rate_interval", "1m")
-        .replace("$__interval", "15s")
-        .replace("$__range", "5m");
-    assert!(!e.contains('$'), "a Grafana variable is left in {e}");
-    e
-}
-
-/// The metric names and label names a PromQL expression refers to.
-#[derive(Debug, Default, PartialEq)]
-struct Refs {
-    metrics: BTreeSet<String>,
-    labels: BTreeSet<String>,
-}
-
-fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c == b':'
-}
-
-fn is_ident(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit()
-}
-
-/// A small PromQL scanner: identifiers followed by `(` are functions or aggregations, the ones
-/// after `by`/`without`/`on`/`ignoring`/`group_*` and inside `{...}` are labels, keywords are
-/// skipped, and every other identifier is a metric name.
-fn promql_refs(expr: &str) -> Refs {
-    const GROUPING: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
-    const KEYWORDS: [&str; 7] = ["and", "or", "unless", "bool", "offset", "inf", "nan"];
-    // Aggregations may be followed by `by (...)` before their parenthesis.
-    const AGGREGATIONS: [&str; 12] = [
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "group",
-        "stddev",
-        "stdvar",
-        "count",
-        "count_values",
-        "bottomk",
-        "topk",
-        "quantile",
-    ];
-    let b = expr.as_bytes();
-    let mut refs = Refs::default();
-    let mut i = 0;
-    let skip_string = |mut i: usize| -> usize {
-        let q = b[i];
-        i += 1;
-        while i < b.len() && b[i] != q {
-            i += if b[i] == b'\\' { 2 } else { 1 };
-        }
-        i + 1
-    };
-    let ident = |mut i: usize| -> (String, usize) {
-        let start = i;
-        while i < b.len() && is_ident(b[i]) {
-            i += 1;
-        }
-        (expr[start..i].to_owned(), i)
-    };
-    let skip_ws = |mut i: usize| -> usize {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    while i < b.len() {
-        let c = b[i];
-        if matches!(c, b'"' | b'\'' | b'`') {
-            i = skip_string(i);
-        } else if c == b'{' {
-            // Label matchers: name op "value", ...
-            i += 1;
-            while i < b.len() && b[i] != b'}' {
-                if matches!(b[i], b'"' | b'\'' | b'`') {
-                    i = skip_string(i);
-                } else if is_ident_start(b[i]) {
-                    let (name, j) = ident(i);
-                    let k = skip_ws(j);
-                    let value_start = skip_ws(
-                        k + if b.get(k + 1) == Some(&b'=') || b.get(k + 1) == Some(&b'~') {
-                            2
-                        } else {
-                            1
-                        },
-                    );
-                    if name == "__name__" && b.get(value_start) == Some(&b'"') {
-                        let end = skip_string(value_start);
-                        refs.metrics.insert(expr[value_start + 1..end - 1].to_owned());
-                    } else {
-                        refs.labels.insert(name);
-                    }
-                    i = j;
-                } else {
-                    i += 1;
-                }
-            }
-            i += 1;
-        } else if c == b'[' {
-            while i < b.len() && b[i] != b']' {
-                i += 1;
-            }
-            i += 1;
-        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
-        {
-            // Numbers and durations (1e3, 0.99, 5m).
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
-                i += 1;
-            }
-        } else if is_ident_start(c) {
-            let (name, j) = ident(i);
-            let k = skip_ws(j);
-            if GROUPING.contains(&name.as_str()) {
-                if b.get(k) == Some(&b'(') {
-                    let end = expr[k..].find(')').map_or(b.len(), |e| k + e);
-                    for l in expr[k + 1..end].split(',') {
-                        let l = l.trim();
-                        if !l.is_empty() {
-                            refs.labels.insert(l.to_owned());
-                        }
-                    }
-                    i = end + 1;
-                    continue;
-                }
-            } else if b.get(k) != Some(&b'(')
-                && !KEYWORDS.contains(&name.as_str())
-                && !AGGREGATIONS.contains(&name.as_str())
-            {
-                refs.metrics.insert(name);
-            }
-            i = j;
-        } else {
-            i += 1;
-        }
-    }
-    refs
-}
-
-/// Runs every dashboard query against `prom`: each must be valid PromQL that evaluates, and
-/// refer only to metrics Prometheus has (raw or recorded) and to labels those metrics carry.
-fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
-    let d = dashboard();
-    let queries = panel_queries(&d);
-    assert!(queries.len() >= 20, "only {} queries in the dashboard", queries.len());
-    let wanted: BTreeSet<String> =
-        queries.iter().flat_map(|(_, _, e)| promql_refs(&concrete(e, instances)).metrics).collect();
-    // Recorded series appear with the rules' first evaluations: wait (bounded) for them all.
-    let mut missing = BTreeSet::new();
-    let names_ok = wait_for(Duration::from_secs(30), || {
-        let names = prom.metric_names();
-        missing = wanted.difference(&names).cloned().collect();
-        missing.is_empty().then_some(names)
-    });
-    let names = names_ok.unwrap_or_else(|| {
-        panic!("{}: the dashboard uses metrics that do not exist: {missing:?}", prom.name)
-    });
-
-    let mut failures = Vec::new();
-    let mut empty = Vec::new();
-    for (title, _, expr) in &queries {
-        let q = concrete(expr, instances);
-        match prom.query(&q) {
-            Err(e) => failures.push(format!("{title:?}: {q}: {e}")),
-            Ok(data) => {
-                if data.get("result").map(Json::items).unwrap_or_default().is_empty() {
-                    empty.push(title.clone());
-                }
-            }
-        }
-        let refs = promql_refs(&q);
-        if refs.metrics.is_empty() {
-            failures.push(format!("{title:?}: {q}: refers to no metric"));
-        }
-        let mut known_labels: BTreeSet<String> = BTreeSet::new();
-        for m in &refs.metrics {
-            if names.contains(m) {
-                known_labels.extend(prom.label_names(m));
-            } else {
-                failures.push(format!("{title:?}: {q}: no metric named {m}"));
-            }
-        }
-        for l in refs.labels.difference(&known_labels) {
-            failures.push(format!("{title:?}: {q}: label {l:?} is on none of {:?}", refs.metrics));
-        }
-    }
-    // The gateway picker: label_values(smtpflow_build_info, instance).
-    for v in d.at(&["templating", "list"]).map(Json::items).unwrap_or_default() {
-        if v.get("type").and_then(Json::as_str) != Some("query") {
-            continue;
-        }
-        let def = v.get("definition").and_then(Json::as_str).unwrap_or_default();
-        let inner = def
-            .strip_prefix("label_values(")
-            .and_then(|s| s.strip_suffix(')'))
-            .unwrap_or_else(|| panic!("variable query {def:?} is not label_values(metric, label)"));
-        let (metric, label) = inner.split_once(',').expect("label_values(metric, label)");
-        let values = prom.label_values(label.trim(), metric.trim());
-        let want: BTreeSet<String> = instances.iter().map(|s| (*s).to_owned()).collect();
-        if values != want {
-            failures.push(format!("variable {def}: values {values:?}, want {want:?}"));
-        }
-    }
-    eprintln!(
-        "{}: {} dashboard queries ran; empty results (no such events in this traffic): {empty:?}",
-        prom.name,
-        queries.len()
-    );
-    assert!(failures.is_empty(), "{}: dashboard queries:\n  {}", prom.name, failures.join("\n  "));
-    // The panels this traffic must fill, and two of them to the exact numbers.
-    for must in [
-        "Diagnosis per gateway",
-        "Peers most involved in the active causes",
-        "Handshake failure ratio per gateway",
-        "Top peers by inbound connection attempts",
-        "Top peers by failed handshakes",
-    ] {
-        assert!(!empty.contains(&must.to_owned()), "{}: panel {must:?} has no data", prom.name);
-    }
-    let panel = |title: &str| {
-        let (_, _, e) = queries.iter().find(|(t, _, _)| t == title).expect("panel");
-        concrete(e, instances)
-    };
-    // Each gateway's one peer: its sessions and the refused SYN on 587.
-    let top = prom.by_label(&panel("Top peers by inbound connection attempts"), "instance");
-    let want: BTreeMap<String, f64> =
-        per_gateway(|_, c| c as f64 + 1.0).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    assert_eq!(top, want, "{}: top inbound peers", prom.name);
-    // One refused inbound handshake per gateway, and mx1's refused outbound one.
-    let mut failed: Vec<(String, String, f64)> = prom
-        .vector(&panel("Top peers by failed handshakes"))
-        .into_iter()
-        .map(|(l, v)| (l["instance"].clone(), l["direction"].clone(), v))
-        .collect();
-    failed.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mut want_failed: Vec<(String, String, f64)> =
-        GATEWAYS.iter().map(|(n, _)| ((*n).to_owned(), "inbound".to_owned(), 1.0)).collect();
-    want_failed.push((REFUSED_BY_REMOTE.to_owned(), "outbound".to_owned(), 1.0));
-    want_failed.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    assert_eq!(failed, want_failed, "{}: top peers by failed handshakes", prom.name);
-}
-
-// ------------------------------------------------------------------------------------------
 // Tests.
 
 /// `promtool check rules`, the rules' unit tests and `promtool check config` on the example,
@@ -747,11 +460,11 @@ fn grafana_dashboard_is_well_formed() {
             expr.contains(r#"instance=~"$instance""#),
             "{title}: ignores the gateway picker: {expr}"
         );
-        let metrics = promql_refs(&concrete(expr, &["mx1"])).metrics;
+        let metrics = promql::refs(&concrete(expr, &["mx1"])).metrics;
         let on = |prefix: &str| metrics.iter().any(|m| m.starts_with(prefix));
         match row.as_str() {
             "Diagnosis" => {
-                assert!(on("smtpflow_diagnosis") || metrics.contains("up"), "{title}: {expr}")
+                assert!(on(DIAGNOSIS) || metrics.contains("up"), "{title}: {expr}")
             }
             "Top peers" => assert!(on("smtpflow_peer_"), "{title}: {expr}"),
             _ => {}
@@ -763,17 +476,12 @@ fn grafana_dashboard_is_well_formed() {
 /// The scanner behind the dashboard check.
 #[test]
 fn promql_refs_finds_metrics_and_labels() {
-    let r = promql_refs(
+    let r = promql::refs(
         r#"topk(10, sum by (instance, peer) (increase(smtpflow_peer_tcp_events_total{instance=~"(a|b)", event="syn"}[5m])) > 0) / on (instance) group_left smtpflow_build_info and {__name__="up", job!="x"} offset 1m"#,
     );
-    assert_eq!(
-        r.metrics,
-        BTreeSet::from(
-            ["smtpflow_peer_tcp_events_total", "smtpflow_build_info", "up"].map(String::from)
-        )
-    );
+    assert_eq!(r.metrics, BTreeSet::from([PEER_EVENTS, BUILD_INFO, "up"].map(String::from)));
     assert_eq!(r.labels, BTreeSet::from(["instance", "peer", "event", "job"].map(String::from)));
-    let r = promql_refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
+    let r = promql::refs("histogram_quantile(0.99, sum by (le) (rate(instance:x:rate5m[1m])))");
     assert_eq!(r.metrics, BTreeSet::from(["instance:x:rate5m".to_owned()]));
 }
 
@@ -787,23 +495,23 @@ fn promtool_check_metrics_accepts_real_output() {
     let server = serve_smtp(&pair.local, &smtp_addr(25), 3);
     smtp_clients(&pair.peer, &smtp_addr(25), 3);
     server.join().unwrap();
-    connect_refused(&pair.peer, &smtp_addr(587));
-    connect_refused(&pair.local, &format!("{}:25", Pair::PEER_V4));
+    connect_refused(&pair.peer, &smtp_addr(587), 1);
+    connect_refused(&pair.local, &format!("{}:25", Pair::PEER_V4), 1);
 
     let families = [
-        "smtpflow_tcp_events_total",
-        "smtpflow_handshakes_total",
-        "smtpflow_smtp_greetings_total",
-        "smtpflow_smtp_replies_total",
-        "smtpflow_syn_drops_total",
-        "smtpflow_handshake_duration_seconds_bucket",
-        "smtpflow_greeting_duration_seconds_bucket",
-        "smtpflow_peer_tcp_events_total",
-        "smtpflow_peer_handshakes_total",
-        "smtpflow_peer_smtp_greetings_total",
-        "smtpflow_diagnosis_top_peer",
-        "smtpflow_diagnosis_evidence",
-        "smtpflow_tcp_stat_total",
+        EVENTS,
+        HANDSHAKES,
+        GREETINGS,
+        REPLIES,
+        DROPS,
+        HS_BUCKET,
+        GREET_BUCKET,
+        PEER_EVENTS,
+        PEER_HANDSHAKES,
+        PEER_GREETINGS,
+        TOP_PEER,
+        EVIDENCE,
+        TCP_STAT,
     ];
     let mut body = String::new();
     let ok = wait_for(Duration::from_secs(10), || {
