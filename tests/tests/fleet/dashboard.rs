@@ -11,7 +11,7 @@ use smtpflow_tests::{
     wait_for,
 };
 
-use crate::{GATEWAYS, REFUSED_BY_REMOTE, per_gateway, promql};
+use crate::{GATEWAYS, REFUSED_BY_REMOTE, expectations::per_gateway, promql};
 
 pub fn dashboard() -> Json {
     let path = deploy_dir().join("grafana/smtpflow.json");
