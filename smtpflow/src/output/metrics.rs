@@ -551,4 +551,110 @@ mod tests {
             "{third}"
         );
     }
+
+    /// The whole exposition of a snapshot holding every kind of series, against the golden file
+    /// `testdata/exposition.prom`: any change to a name, label, help text, order or value shows
+    /// here. After an intended change, `SMTPFLOW_BLESS=1 cargo test -p smtpflow --lib golden`
+    /// rewrites the file; review its diff.
+    #[test]
+    fn golden_exposition() {
+        use crate::{
+            diagnose::{Cause, PeerName},
+            host::pressure::{CONNTRACK_STATS, Conntrack, Pressure, StatsSource, TCP_STATS},
+        };
+        use smtpflow_common::{Phase, Stat};
+        use std::collections::BTreeMap;
+
+        let mut snap = Snapshot::default();
+        for (d, s) in [(Direction::Inbound, 25), (Direction::Outbound, 587)] {
+            let at = scope(2, s, d);
+            for (i, e) in Event::ALL.into_iter().enumerate() {
+                snap.counters.insert((at, Counter::Event(e, Side::Peer)), 10 + i as u64);
+                snap.counters.insert((at, Counter::Event(e, Side::Local)), 20 + i as u64);
+            }
+            snap.counters.insert((at, Counter::Handshake(Outcome::Established)), 9);
+            snap.counters.insert((at, Counter::Handshake(Outcome::Refused)), 2);
+            snap.counters.insert((at, Counter::SynRetransmit), 3);
+            snap.counters.insert((at, Counter::Reset(Phase::Session, Side::Peer)), 1);
+            snap.counters.insert((at, Counter::Reply(250)), 40);
+            snap.counters.insert((at, Counter::Greeting(220)), 8);
+            snap.counters.insert((at, Counter::Greeting(421)), 1);
+            snap.timeouts.insert(at, 4);
+            let mut h = Histogram::ZERO;
+            h.buckets[3] = 5;
+            h.buckets[17] = 1;
+            h.sum_ns = 12_500_000_000;
+            snap.hists.insert((at, HistKind::Handshake), h);
+            snap.hists.insert((at, HistKind::Greeting), Histogram::ZERO);
+        }
+        snap.counters.insert((scope(0, 25, Direction::Inbound), Counter::SynDrop(77)), 6);
+        let out = peer(7, FAMILY_V4, Direction::Outbound);
+        let mut c = counters(5);
+        c.outcomes[Outcome::Refused as usize] = 2;
+        let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
+        snap.peers = view(10, &[(out, c)], &[(out, 3)], &[(greeting, 1)]);
+        snap.stats[Stat::Malformed as usize] = 2;
+        snap.stats[Stat::PeerInserts as usize] = 1;
+        (snap.peers_capacity, snap.flows, snap.flows_capacity) = (65_536, 12, 262_144);
+        (snap.drain_seconds, snap.full_drain_seconds) = (0.25, 0.5);
+        snap.pressure = Pressure {
+            conntrack: Some(Conntrack {
+                entries: 100,
+                limit: 262_144,
+                stats: CONNTRACK_STATS.iter().map(|s| (*s, 1)).collect(),
+                source: Some(StatsSource::Netlink),
+            }),
+            tcp: TCP_STATS.iter().map(|s| (*s, 2)).collect(),
+        };
+        snap.ifaces_up = vec![("eth0".to_owned(), true)];
+        let findings = [Finding {
+            cause: Cause::RemoteRefusing,
+            active: true,
+            evidence: BTreeMap::from([("outbound_refused", 2.0)]),
+            top_peers: vec![(PeerName { iface: "eth0".into(), peer: "198.51.100.7".into() }, 2)],
+            summary: "outbound handshakes refused".into(),
+        }];
+        let attachments = vec![Attachment { iface: "eth0".into(), hook: "tc_ingress", how: "tcx" }];
+        let mut ex = Exporter::new(
+            HashMap::from([(2, "eth0".to_owned())]),
+            attachments,
+            None,
+            PeerLabel::Ip,
+        );
+        let text = String::from_utf8(ex.render(&snap, &findings).to_vec()).unwrap();
+        // The one value that is a clock reading.
+        let stamp = "smtpflow_peers_read_timestamp_seconds ";
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(stamp) {
+                    format!("{stamp}<when read>\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/output/testdata/exposition.prom");
+        if std::env::var_os("SMTPFLOW_BLESS").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path).unwrap_or_default();
+        let changed: Vec<String> = text
+            .lines()
+            .zip(golden.lines().chain(std::iter::repeat("<missing>")))
+            .filter(|(got, want)| got != want)
+            .take(10)
+            .map(|(got, want)| format!("  want {want}\n   got {got}"))
+            .collect();
+        assert!(
+            changed.is_empty() && text.lines().count() == golden.lines().count(),
+            "the exposition differs from {} ({} lines, golden {}); first differences:\n{}\n\
+             (after an intended change: SMTPFLOW_BLESS=1 cargo test -p smtpflow --lib golden)",
+            path.display(),
+            text.lines().count(),
+            golden.lines().count(),
+            changed.join("\n")
+        );
+    }
 }
