@@ -1,0 +1,256 @@
+//! The exporter against snapshots made by hand, and the golden whole exposition.
+use super::*;
+use crate::drain::peers::PeerReader;
+use smtpflow_common::{FAMILY_V4, FAMILY_V6, Histogram, PeerGreetingKey, Scope};
+
+fn event_key(ifindex: u32, port: u16, e: Event, d: Direction, s: Side) -> (Scope, Counter) {
+    (Scope { ifindex, port, direction: d }, Counter::Event(e, s))
+}
+
+fn scope(ifindex: u32, port: u16, direction: Direction) -> Scope {
+    Scope { ifindex, port, direction }
+}
+
+fn peer(last: u8, family: u8, direction: Direction) -> PeerKey {
+    let mut addr = [0u8; 16];
+    if family == FAMILY_V4 {
+        addr[..4].copy_from_slice(&[198, 51, 100, last]);
+    } else {
+        addr[0] = 0x20;
+        addr[1] = 0x01;
+        addr[15] = last;
+    }
+    PeerKey { ifindex: 2, addr, port: 25, family, direction: direction as u8 }
+}
+
+fn counters(syn: u64) -> PeerCounters {
+    let mut c = PeerCounters::default();
+    c.counts[PeerCounters::index(Event::Syn, Side::Peer)] = syn;
+    c
+}
+
+fn render(snap: &Snapshot) -> String {
+    render_with(snap, PeerLabel::Ip)
+}
+
+fn render_with(snap: &Snapshot, labeler: PeerLabel) -> String {
+    let mut ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, labeler);
+    String::from_utf8(ex.render(snap, &[]).to_vec()).unwrap()
+}
+
+/// The reading of per-peer maps holding these entries, with `cap` peer series.
+fn view(
+    cap: usize,
+    entries: &[(PeerKey, PeerCounters)],
+    timeouts: &[(PeerKey, u64)],
+    greetings: &[(PeerGreetingKey, u64)],
+) -> Arc<PeerView> {
+    Arc::new(PeerReader::new(cap).view_of(entries, timeouts, greetings))
+}
+
+#[test]
+fn renders_exact_totals_and_capped_peers() {
+    let mut snap = Snapshot::default();
+    snap.counters.insert(event_key(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 7);
+    snap.counters.insert(event_key(2, 25, Event::SynAck, Direction::Inbound, Side::Local), 5);
+    let mut entries: Vec<_> =
+        (1..=5).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i)))).collect();
+    entries.push((peer(9, FAMILY_V6, Direction::Outbound), counters(100)));
+    snap.peers = view(3, &entries, &[], &[]);
+    snap.peers_capacity = 65536;
+    let text = render(&snap);
+    assert!(text.contains(r#"smtpflow_tcp_events_total{iface="eth0",direction="inbound",port="25",event="syn",side="peer"} 7"#), "{text}");
+    assert!(text.contains(r#"event="syn_ack",side="local"} 5"#));
+    // The three most active peers: 2001::9 (100), .5 and .4.
+    assert!(text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="2001::9",direction="outbound",port="25",event="syn",side="peer"} 100"#), "{text}");
+    assert!(text.contains(r#"peer="198.51.100.5""#));
+    assert!(text.contains(r#"peer="198.51.100.4""#));
+    assert!(!text.contains(r#"peer="198.51.100.3""#));
+    assert!(text.contains("smtpflow_peers_tracked 6"));
+    assert!(text.contains("smtpflow_peers_exported 3"));
+    assert!(text.contains(r#"smtpflow_map_entries{map="peers"} 6"#), "{text}");
+    assert!(text.contains("smtpflow_peers_read_timestamp_seconds 1"), "{text}");
+    assert!(text.contains(r#"smtpflow_build_info{version="#));
+}
+
+#[test]
+fn renders_handshakes_histograms_replies_and_drops() {
+    let mut snap = Snapshot::default();
+    snap.counters
+        .insert((scope(2, 25, Direction::Inbound), Counter::Handshake(Outcome::Refused)), 3);
+    snap.counters.insert((scope(2, 587, Direction::Outbound), Counter::Greeting(421)), 2);
+    snap.counters.insert((scope(0, 25, Direction::Inbound), Counter::SynDrop(77)), 4);
+    snap.timeouts.insert(scope(2, 25, Direction::Inbound), 6);
+    let mut h = Histogram::ZERO;
+    h.buckets[0] = 1; // <= 50us
+    h.buckets[13] = 2; // <= 1s
+    h.sum_ns = 2_000_040_000;
+    snap.hists.insert((scope(2, 25, Direction::Inbound), HistKind::Handshake), h);
+    let p = peer(1, FAMILY_V4, Direction::Outbound);
+    let mut c = PeerCounters::default();
+    c.outcomes[Outcome::Refused as usize] = 1;
+    let greeting = PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] };
+    snap.peers = view(10, &[(p, c)], &[(p, 2)], &[(greeting, 5)]);
+    let text = render(&snap);
+    for want in [
+        r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="refused"} 3"#,
+        r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="timeout"} 6"#,
+        r#"smtpflow_smtp_greetings_total{iface="eth0",direction="outbound",port="587",code="421"} 2"#,
+        r#"smtpflow_syn_drops_total{direction="inbound",port="25",reason="reason_77"} 4"#,
+        r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="0.00005"} 1"#,
+        r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="0.5"} 1"#,
+        r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="1"} 3"#,
+        r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="+Inf"} 3"#,
+        r#"smtpflow_handshake_duration_seconds_count{iface="eth0",direction="inbound",port="25"} 3"#,
+        r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="refused"} 1"#,
+        r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="timeout"} 2"#,
+        r#"smtpflow_peer_smtp_greetings_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",code="421"} 5"#,
+    ] {
+        assert!(text.contains(want), "missing {want}\n{text}");
+    }
+}
+
+#[test]
+fn prefix_labels_sum_the_peers_of_a_network() {
+    let entries: Vec<_> =
+        (1..=3).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i)))).collect();
+    let snap = Snapshot { peers: view(10, &entries, &[], &[]), ..Default::default() };
+    let text = render_with(&snap, PeerLabel::Prefix { v4: 24, v6: 64 });
+    assert!(
+        text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="198.51.100.0/24",direction="inbound",port="25",event="syn",side="peer"} 6"#),
+        "{text}"
+    );
+    assert!(!text.contains("198.51.100.1\""), "no full address: {text}");
+    let hashed = render_with(&snap, PeerLabel::Hash { key: b"k".to_vec() });
+    assert!(!hashed.contains("198.51.100"), "{hashed}");
+    assert_eq!(hashed.matches("smtpflow_peer_tcp_events_total{").count(), 3);
+}
+
+#[test]
+fn peer_series_are_rendered_once_per_reading() {
+    let mut ex =
+        Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, PeerLabel::Ip);
+    let p = peer(1, FAMILY_V4, Direction::Inbound);
+    let mut snap =
+        Snapshot { peers: view(10, &[(p, counters(1))], &[], &[]), ..Default::default() };
+    let first = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+    // A later drain without a new reading: the same per-peer text, new totals.
+    snap.counters.insert(event_key(2, 25, Event::Syn, Direction::Inbound, Side::Peer), 9);
+    let second = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+    let peer_lines = |t: &str| -> Vec<String> {
+        t.lines().filter(|l| l.starts_with("smtpflow_peer")).map(str::to_owned).collect()
+    };
+    assert_eq!(peer_lines(&first), peer_lines(&second));
+    assert!(second.contains(r#"event="syn",side="peer"} 9"#), "{second}");
+    // A new reading is rendered anew.
+    snap.peers = view(10, &[(p, counters(5))], &[], &[]);
+    let third = String::from_utf8(ex.render(&snap, &[]).to_vec()).unwrap();
+    assert!(
+        third.contains(
+            r#"peer="198.51.100.1",direction="inbound",port="25",event="syn",side="peer"} 5"#
+        ),
+        "{third}"
+    );
+}
+
+/// The whole exposition of a snapshot holding every kind of series, against the golden file
+/// `testdata/exposition.prom`: any change to a name, label, help text, order or value shows
+/// here. After an intended change, `SMTPFLOW_BLESS=1 cargo test -p smtpflow --lib golden`
+/// rewrites the file; review its diff.
+#[test]
+fn golden_exposition() {
+    use crate::{
+        diagnose::{Cause, PeerName},
+        host::pressure::{CONNTRACK_STATS, Conntrack, Pressure, StatsSource, TCP_STATS},
+    };
+    use smtpflow_common::{Phase, Stat};
+    use std::collections::BTreeMap;
+
+    let mut snap = Snapshot::default();
+    for (d, s) in [(Direction::Inbound, 25), (Direction::Outbound, 587)] {
+        let at = scope(2, s, d);
+        for (i, e) in Event::ALL.into_iter().enumerate() {
+            snap.counters.insert((at, Counter::Event(e, Side::Peer)), 10 + i as u64);
+            snap.counters.insert((at, Counter::Event(e, Side::Local)), 20 + i as u64);
+        }
+        snap.counters.insert((at, Counter::Handshake(Outcome::Established)), 9);
+        snap.counters.insert((at, Counter::Handshake(Outcome::Refused)), 2);
+        snap.counters.insert((at, Counter::SynRetransmit), 3);
+        snap.counters.insert((at, Counter::Reset(Phase::Session, Side::Peer)), 1);
+        snap.counters.insert((at, Counter::Reply(250)), 40);
+        snap.counters.insert((at, Counter::Greeting(220)), 8);
+        snap.counters.insert((at, Counter::Greeting(421)), 1);
+        snap.timeouts.insert(at, 4);
+        let mut h = Histogram::ZERO;
+        h.buckets[3] = 5;
+        h.buckets[17] = 1;
+        h.sum_ns = 12_500_000_000;
+        snap.hists.insert((at, HistKind::Handshake), h);
+        snap.hists.insert((at, HistKind::Greeting), Histogram::ZERO);
+    }
+    snap.counters.insert((scope(0, 25, Direction::Inbound), Counter::SynDrop(77)), 6);
+    let out = peer(7, FAMILY_V4, Direction::Outbound);
+    let mut c = counters(5);
+    c.outcomes[Outcome::Refused as usize] = 2;
+    let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
+    snap.peers = view(10, &[(out, c)], &[(out, 3)], &[(greeting, 1)]);
+    snap.stats[Stat::Malformed as usize] = 2;
+    snap.stats[Stat::PeerInserts as usize] = 1;
+    (snap.peers_capacity, snap.flows, snap.flows_capacity) = (65_536, 12, 262_144);
+    (snap.drain_seconds, snap.full_drain_seconds) = (0.25, 0.5);
+    snap.pressure = Pressure {
+        conntrack: Some(Conntrack {
+            entries: 100,
+            limit: 262_144,
+            stats: CONNTRACK_STATS.iter().map(|s| (*s, 1)).collect(),
+            source: Some(StatsSource::Netlink),
+        }),
+        tcp: TCP_STATS.iter().map(|s| (*s, 2)).collect(),
+    };
+    snap.ifaces_up = vec![("eth0".to_owned(), true)];
+    let findings = [Finding {
+        cause: Cause::RemoteRefusing,
+        active: true,
+        evidence: BTreeMap::from([("outbound_refused", 2.0)]),
+        top_peers: vec![(PeerName { iface: "eth0".into(), peer: "198.51.100.7".into() }, 2)],
+        summary: "outbound handshakes refused".into(),
+    }];
+    let attachments = vec![Attachment { iface: "eth0".into(), hook: "tc_ingress", how: "tcx" }];
+    let mut ex =
+        Exporter::new(HashMap::from([(2, "eth0".to_owned())]), attachments, None, PeerLabel::Ip);
+    let text = String::from_utf8(ex.render(&snap, &findings).to_vec()).unwrap();
+    // The one value that is a clock reading.
+    let stamp = "smtpflow_peers_read_timestamp_seconds ";
+    let text: String =
+        text.lines()
+            .map(|l| {
+                if l.starts_with(stamp) {
+                    format!("{stamp}<when read>\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/output/testdata/exposition.prom");
+    if std::env::var_os("SMTPFLOW_BLESS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    let changed: Vec<String> = text
+        .lines()
+        .zip(golden.lines().chain(std::iter::repeat("<missing>")))
+        .filter(|(got, want)| got != want)
+        .take(10)
+        .map(|(got, want)| format!("  want {want}\n   got {got}"))
+        .collect();
+    assert!(
+        changed.is_empty() && text.lines().count() == golden.lines().count(),
+        "the exposition differs from {} ({} lines, golden {}); first differences:\n{}\n\
+         (after an intended change: SMTPFLOW_BLESS=1 cargo test -p smtpflow --lib golden)",
+        path.display(),
+        text.lines().count(),
+        golden.lines().count(),
+        changed.join("\n")
+    );
+}
