@@ -15,7 +15,7 @@
 //!   9p, and QEMU 7.2's own virtiofsd does not work with virtme-ng);
 //! - `apt/` (the private package lists), `tree/<uname>/` (unpacked kernels, modules indexed);
 //! - `<label>/`: per kernel, `log` (the whole console), `guest.sh`, `out/` (shared read-write
-//!   with the guest: `rc`, `results`, `check.txt`, `startup.txt`, `dmesg`).
+//!   with the guest: `rc`, `results`, `check.txt`, `startup.txt`, `skipped`, `dmesg`).
 //!
 //! Facts of the machines this runs on (see the README's "Kernel matrix"): no usable KVM, so
 //! QEMU emulates the CPU (`--disable-kvm`), 10-13x slower than the host; 6.12 on QEMU 7.2 needs
@@ -88,6 +88,7 @@ pub fn matrix(host: bool) -> anyhow::Result<bool> {
                     results: Vec::new(),
                     check: String::new(),
                     startup: String::new(),
+                    skipped: Vec::new(),
                     errors: vec![format!("{e:#}")],
                     setup_secs: 0.0,
                     run_secs: 0.0,
@@ -103,7 +104,7 @@ pub fn matrix(host: bool) -> anyhow::Result<bool> {
     Ok(runs.iter().all(Run::passed))
 }
 
-fn host_uname() -> String {
+pub fn host_uname() -> String {
     Command::new("uname")
         .arg("-r")
         .output()

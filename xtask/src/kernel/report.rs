@@ -3,6 +3,7 @@
 use std::{fmt::Write as _, fs, path::Path};
 
 use super::plan::Planned;
+use crate::skips;
 
 /// One test's result.
 pub struct TestResult {
@@ -20,6 +21,8 @@ pub struct Run {
     pub results: Vec<TestResult>,
     pub check: String,
     pub startup: String,
+    /// What the tests skipped or weakened on this kernel (their `SKIPPED`/`WEAKENED` lines).
+    pub skipped: Vec<String>,
     /// Problems outside the tests (a VM that never booted, a missing exit status).
     pub errors: Vec<String>,
     pub setup_secs: f64,
@@ -87,7 +90,12 @@ impl Run {
             let secs = if r.secs > 0.0 { format!("{:7.1} s", r.secs) } else { String::new() };
             let _ = writeln!(s, "  {:<8} {:<width$} {secs}", r.status_word(), r.name);
         }
-        s + &self.summary()
+        s + &self.summary() + "\n" + &self.skips()
+    }
+
+    /// The checks the tests skipped or weakened on this kernel.
+    pub fn skips(&self) -> String {
+        skips::section(&format!("{} ({})", self.label, self.uname), &self.skipped)
     }
 }
 
@@ -139,6 +147,9 @@ pub fn matrix_table(runs: &[Run]) -> String {
     }
     for r in runs {
         let _ = writeln!(s, "{}", r.summary());
+    }
+    for r in runs {
+        let _ = writeln!(s, "{}", r.skips());
     }
     for r in runs {
         if !r.check.is_empty() {

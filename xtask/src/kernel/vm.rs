@@ -205,6 +205,7 @@ pub fn run_suite(
         results,
         check: read("check.txt"),
         startup: read("startup.txt"),
+        skipped: crate::skips::read(&out.join("skipped")),
         errors,
         setup_secs: 0.0,
         run_secs,
