@@ -6,7 +6,7 @@
 //! Programs are identified by the ids seen attached, not by name: other tests running at the
 //! same time load programs with the same names.
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
     thread,
     time::Duration,
@@ -36,15 +36,17 @@ const XDP: &str = "smtpflow_xdp";
 
 /// One inbound connection (peer to the gateway's port 25) and one outbound one (gateway to the
 /// peer's port 25).
-fn one_each_way(pair: &Pair) {
+#[must_use = "the connections stay open until the counters are read (see `connect_n`)"]
+fn one_each_way(pair: &Pair) -> Vec<TcpStream> {
     let inbound = format!("{}:25", Pair::LOCAL_V4);
     let server = serve(&pair.local, &inbound, 1);
-    connect_n(&pair.peer, &inbound, 1);
+    let mut open = connect_n(&pair.peer, &inbound, 1);
     server.join().unwrap();
     let outbound = format!("{}:25", Pair::PEER_V4);
     let remote = serve(&pair.peer, &outbound, 1);
-    connect_n(&pair.local, &outbound, 1);
+    open.extend(connect_n(&pair.local, &outbound, 1));
     remote.join().unwrap();
+    open
 }
 
 fn labels<'a>(
@@ -144,7 +146,7 @@ fn sigkill_then_restart(extra: &[&str], expected: &[(&str, &str)], tc: bool) {
             "the restarted smtpflow reuses program {h} of the killed one"
         );
     }
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     w.expect_settled(&pair.local, &one_each_way_expected(tc));
 }
 
@@ -243,7 +245,7 @@ fn netlink_filters_survive_sigkill_and_are_cleaned_at_next_start() {
         "the stale filters' programs {alive:?} are still loaded; hooked now: {}",
         show(&second)
     );
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     w.expect_settled(ns, &one_each_way_expected(true));
 
     let mut w = w;
@@ -371,8 +373,7 @@ fn two_interfaces_counted_separately() {
     let a2 = format!("{LOCAL2}:25");
     let s1 = serve(&pair.local, &a1, N1);
     let s2 = serve(&pair.local, &a2, N2);
-    connect_n(&pair.peer, &a1, N1);
-    connect_n(&pair.peer, &a2, N2);
+    let _open = [connect_n(&pair.peer, &a1, N1), connect_n(&pair.peer, &a2, N2)];
     s1.join().unwrap();
     s2.join().unwrap();
 
