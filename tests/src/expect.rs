@@ -48,15 +48,17 @@ pub fn mismatches(m: &Metrics, expected: &[Expected<'_>]) -> Vec<String> {
         .collect()
 }
 
-/// Scrapes (10 s at most) until every expected value holds exactly, waits five drain intervals,
-/// and checks again; panics with the differences, the non-zero events and `log()` otherwise.
+/// Scrapes (30 s at most: generous, since an emulated VM on a busy host can stall for seconds,
+/// and a passing test waits only until the values hold) until every expected value holds
+/// exactly, waits five drain intervals, and checks again; panics with the differences, the
+/// non-zero events and `log()` otherwise.
 /// The expectations are computed afresh at each check (they may include an oracle's counts).
 pub fn counters<'a>(
     scrape: impl Fn() -> Metrics,
     expected: impl Fn() -> Vec<Expected<'a>>,
     log: impl Fn() -> String,
 ) -> Metrics {
-    let (m, wrong) = settle(Duration::from_secs(10), crate::smtpflow::INTERVAL * 5, || {
+    let (m, wrong) = settle(Duration::from_secs(30), crate::smtpflow::INTERVAL * 5, || {
         let m = scrape();
         let wrong = mismatches(&m, &expected());
         (m, wrong)

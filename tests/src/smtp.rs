@@ -5,6 +5,7 @@ use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd},
+    sync::Arc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -62,6 +63,10 @@ pub struct Session {
     pub connect: Duration,
     /// From the start of `connect` to the whole greeting read.
     pub greeted: Duration,
+    /// The connection, read to its end (the server closed it) and still open: it closes with
+    /// the last clone of the session. Keep the sessions until the counters have been read, as
+    /// for [`crate::conn::connect_n`]: a segment late on its way to a closed socket draws a RST.
+    pub open: Arc<TcpStream>,
 }
 
 /// Reads one complete reply (through a line `NNN <text>\r\n`); `Ok(None)` at end of stream.
@@ -90,8 +95,9 @@ fn read_reply(s: &mut TcpStream) -> io::Result<Option<u16>> {
 }
 
 /// One polite SMTP session: connect, read the greeting; after a 220 send QUIT and read the
-/// answer; then read to the end of the stream (the server closes first) and close. Nothing is
-/// sent after a non-220 greeting, so no RST is provoked.
+/// answer; then read to the end of the stream (the server closes first). Nothing is sent after a
+/// non-220 greeting, and the connection stays open in the returned session, so no RST is
+/// provoked.
 pub fn session(addr: SocketAddr, timeout: Duration) -> io::Result<Session> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
@@ -111,15 +117,16 @@ pub fn session(addr: SocketAddr, timeout: Duration) -> io::Result<Session> {
     while let Some(code) = read_reply(&mut s)? {
         replies.push(code);
     }
-    Ok(Session { greeting, replies, connect, greeted })
+    Ok(Session { greeting, replies, connect, greeted, open: Arc::new(s) })
 }
 
-/// Runs `n` sessions to `addr` from `ns`, all at once (one thread each), and returns them.
+/// Runs `n` sessions to `addr` from `ns`, all at once (one thread each), and returns them (with
+/// their connections still open).
 pub fn sessions(ns: &Netns, addr: &str, n: usize) -> Vec<Session> {
     let addr: SocketAddr = addr.parse().expect("socket address");
     in_netns(ns, move || {
         let threads: Vec<_> =
-            (0..n).map(|_| thread::spawn(move || session(addr, Duration::from_secs(5)))).collect();
+            (0..n).map(|_| thread::spawn(move || session(addr, Duration::from_secs(30)))).collect();
         threads
             .into_iter()
             .map(|t| t.join().expect("session thread").unwrap_or_else(|e| panic!("{addr}: {e}")))

@@ -43,17 +43,29 @@ pub fn close_after_server(mut s: TcpStream) {
     }
 }
 
-/// Connects `n` times from `ns`; each connection is closed once the server has closed it (see
-/// [`close_after_server`]).
-pub fn connect_n(ns: &Netns, addr: &str, n: usize) {
+/// Connects `n` times from `ns`, one after the other, and reads each connection to its end (the
+/// server's FIN). The connections are returned still open: keep them until the counters have
+/// been read. The client closes last, so its socket would be freed as soon as the server
+/// acknowledges its FIN (no TIME-WAIT on that side). A server segment still on its way then (a
+/// FIN retransmitted after a stall, a TIME-WAIT's re-ACK) finds no socket, and the client's
+/// kernel answers it with a RST the client never meant to send. On an emulated VM such late
+/// segments happen: veth queues packets on the sending CPU, and a stalled vCPU holds its queue
+/// while the other one goes on. An open socket answers them with an ACK, which is no event.
+#[must_use = "closing the connections before the counters are read may add a RST"]
+pub fn connect_n(ns: &Netns, addr: &str, n: usize) -> Vec<TcpStream> {
     let addr: SocketAddr = addr.parse().expect("a socket address");
     in_netns(ns, move || {
-        for _ in 0..n {
-            close_after_server(
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
-            );
-        }
-    });
+        (0..n)
+            .map(|_| {
+                let mut s =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(30)).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+                let end = io::Read::read(&mut s, &mut [0u8; 1]);
+                assert!(matches!(end, Ok(0)), "{addr}: the server did not close: {end:?}");
+                s
+            })
+            .collect()
+    })
 }
 
 /// `n` connection attempts from `ns` to a closed port; each must be refused.
@@ -68,22 +80,27 @@ pub fn connect_refused(ns: &Netns, addr: &str, n: usize) {
     });
 }
 
-/// `n` inbound connections from the peer to the gateway's port 25 (IPv4).
-pub fn inbound(pair: &Pair, n: usize) {
+/// `n` inbound connections from the peer to the gateway's port 25 (IPv4), returned still open
+/// (see [`connect_n`]).
+#[must_use = "closing the connections before the counters are read may add a RST"]
+pub fn inbound(pair: &Pair, n: usize) -> Vec<TcpStream> {
     let addr = format!("{}:25", Pair::LOCAL_V4);
     let server = serve(&pair.local, &addr, n);
-    connect_n(&pair.peer, &addr, n);
+    let open = connect_n(&pair.peer, &addr, n);
     server.join().expect("test server");
+    open
 }
 
 /// One inbound connection (peer to the gateway's port 25) and one outbound one (gateway to the
-/// peer's port 25).
-pub fn one_each_way(pair: &Pair) {
-    inbound(pair, 1);
+/// peer's port 25), returned still open (see [`connect_n`]).
+#[must_use = "closing the connections before the counters are read may add a RST"]
+pub fn one_each_way(pair: &Pair) -> Vec<TcpStream> {
+    let mut open = inbound(pair, 1);
     let outbound = format!("{}:25", Pair::PEER_V4);
     let remote = serve(&pair.peer, &outbound, 1);
-    connect_n(&pair.local, &outbound, 1);
+    open.extend(connect_n(&pair.local, &outbound, 1));
     remote.join().expect("test server");
+    open
 }
 
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {

@@ -94,7 +94,7 @@ fn sigkill_at_random_moments_leaves_nothing_attached() {
             "{what}: after the restart"
         );
         let base = rsts.read();
-        inbound(&pair, n as usize);
+        let _open = inbound(&pair, n as usize);
         counters(|| w.scrape(ns), || inbound_only(n, &rsts.read().since(&base)), || w.stderr());
         assert_eq!(
             w.stop_with(libc::SIGTERM),
@@ -143,7 +143,7 @@ fn two_tcx_instances_count_the_same_connections() {
         ("tcx/ingress", TC_IN),
     ]);
     assert_eq!(kinds(&both), want, "two instances: {}", show(&hooks(ns, SF0)));
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     counters(|| w1.scrape(ns), || expect::one_each_way(1, &rsts.read()), || w1.stderr());
     counters(|| w2.scrape(ns), || expect::one_each_way(1, &rsts.read()), || w2.stderr());
     // The second one stops cleanly; the first keeps its programs and keeps counting.
@@ -151,7 +151,7 @@ fn two_tcx_instances_count_the_same_connections() {
     let after = hooks(ns, SF0);
     assert_eq!(after.len(), 2, "after stopping one: {}", show(&hooks(ns, SF0)));
     assert!(after.iter().all(|h| both.contains(h)), "the first instance's programs changed");
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     counters(|| w1.scrape(ns), || expect::one_each_way(2, &rsts.read()), || w1.stderr());
 }
 
@@ -164,7 +164,7 @@ fn interface_disappears_then_returns(link: &str) {
         &["--iface", SF0, "--metrics-addr", METRICS_ADDR, "--interval", "100ms", "--tc-link", link],
         METRICS_ADDR,
     );
-    inbound(&pair, 2);
+    let _open = inbound(&pair, 2);
     let scrape = || http::scrape(ns, METRICS_ADDR);
     let expected = || {
         let mut e = inbound_only(2, &rsts.read());
@@ -218,7 +218,7 @@ fn interface_disappears_then_returns(link: &str) {
     // The restart attaches to the new interface and counts.
     let rsts = RstOracle::install(ns, SF0);
     let w = Watch::start(ns, SF0, &["--tc-link", link]);
-    inbound(&pair, 1);
+    let _open = inbound(&pair, 1);
     counters(|| w.scrape(ns), || inbound_only(1, &rsts.read()), || w.stderr());
 }
 

@@ -325,7 +325,7 @@ fn a_thousand_concurrent_scrapes() {
     let rsts = RstOracle::install(&pair.local, SF0);
     let w = Watch::start(&pair.local, SF0, &[]);
     // Some per-peer series first, so the body is not trivial.
-    inbound(&pair, 3);
+    let _open = inbound(&pair, 3);
     counters(|| w.scrape(&pair.local), || inbound_only(3, &rsts.read()), || w.stderr());
 
     const N: usize = 1000;

@@ -44,11 +44,11 @@ fn privileged_run(extra: &[&str], check: impl Fn(&str)) {
     let rsts = RstOracle::install(&pair.local, SF0);
     let mut w = Watch::start(&pair.local, SF0, extra);
     let ns = &pair.local;
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     counters(|| w.scrape(ns), || expect::one_each_way(1, &rsts.read()), || w.stderr());
     check(&status(w.pid()));
     // Still counting and serving afterwards (drains keep working with the reduced set).
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     counters(|| w.scrape(ns), || expect::one_each_way(2, &rsts.read()), || w.stderr());
     let code = w.stop_with(libc::SIGTERM);
     let log = w.stderr();

@@ -58,7 +58,7 @@ fn tls_and_basic_auth_with_curl() {
         ],
         || curl(ns, &["--cacert", &ca, "-u", "prometheus:s3cret pass", &metrics]).1 == 200,
     );
-    inbound(&pair, 2);
+    let _open = inbound(&pair, 2);
     let scrape = || {
         let (code, status, out, err) =
             curl(ns, &["--cacert", &ca, "-u", "prometheus:s3cret pass", &metrics]);

@@ -100,7 +100,7 @@ fn sigkill_then_restart(extra: &[&str], expected: &[(&str, &str)], tc: bool) {
             "the restarted smtpflow reuses program {h} of the killed one"
         );
     }
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     w.expect_settled(&pair.local, &one_each_way_expected(tc));
 }
 
@@ -199,7 +199,7 @@ fn netlink_filters_survive_sigkill_and_are_cleaned_at_next_start() {
         "the stale filters' programs {alive:?} are still loaded; hooked now: {}",
         show(&second)
     );
-    one_each_way(&pair);
+    let _open = one_each_way(&pair);
     w.expect_settled(ns, &one_each_way_expected(true));
 
     let mut w = w;
@@ -325,8 +325,7 @@ fn two_interfaces_counted_separately() {
     let a2 = format!("{LOCAL2}:25");
     let s1 = serve(&pair.local, &a1, N1);
     let s2 = serve(&pair.local, &a2, N2);
-    connect_n(&pair.peer, &a1, N1);
-    connect_n(&pair.peer, &a2, N2);
+    let _open = [connect_n(&pair.peer, &a1, N1), connect_n(&pair.peer, &a2, N2)];
     s1.join().unwrap();
     s2.join().unwrap();
 

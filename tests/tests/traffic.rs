@@ -53,11 +53,11 @@ fn connections(mode: &str, v6: bool) {
     const N_IN: usize = 7;
     const N_OUT: usize = 4;
     let server = serve(&pair.local, &sock(local_ip, 25), N_IN);
-    connect_n(&pair.peer, &sock(local_ip, 25), N_IN);
+    let _inbound = connect_n(&pair.peer, &sock(local_ip, 25), N_IN);
     server.join().unwrap();
     connect_refused(&pair.peer, &sock(local_ip, 587), 1);
     let remote = serve(&pair.peer, &sock(peer_ip, 25), N_OUT);
-    connect_n(&pair.local, &sock(peer_ip, 25), N_OUT);
+    let _outbound = connect_n(&pair.local, &sock(peer_ip, 25), N_OUT);
     remote.join().unwrap();
     connect_refused(&pair.local, &sock(peer_ip, 465), 1);
 

@@ -14,8 +14,14 @@ use crate::{cargo, is_root, run_cmd, workspace_root};
 pub const ALL: &[&str] = &["kernel", "live", "churn", "scale"];
 
 /// Runs the benchmarks against `bin` (the release smtpflow). `smoke`: tiny counts (seconds),
-/// for CI; the numbers mean nothing then, and no target is asserted either way.
-pub fn bench(bin: &std::path::Path, smoke: bool, only: &[String]) -> anyhow::Result<()> {
+/// for CI; the numbers mean nothing then, and no target is asserted either way. `skip_log`: the
+/// file where a benchmark notes a check it skipped or weakened (see `skips`).
+pub fn bench(
+    bin: &std::path::Path,
+    smoke: bool,
+    only: &[String],
+    skip_log: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the benchmarks need root (BPF, network namespaces): run `sudo -E cargo xtask bench`"
@@ -40,6 +46,9 @@ pub fn bench(bin: &std::path::Path, smoke: bool, only: &[String]) -> anyhow::Res
     }
     if !only.is_empty() {
         cmd.args(["--only", &only.join(",")]);
+    }
+    if let Some(log) = skip_log {
+        cmd.env(crate::skips::VAR, log);
     }
     run_cmd(&mut cmd)?;
     eprintln!("bench: results in {}", results.display());

@@ -7,6 +7,7 @@ mod deb;
 mod fuzz;
 mod kernel;
 mod setup;
+mod skips;
 
 use std::{
     path::{Path, PathBuf},
@@ -175,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench { smoke, only } => {
             bench::check_tools()?;
-            bench::bench(&build()?, smoke, &only)
+            bench::bench(&build()?, smoke, &only, None)
         }
         Cmd::Fuzz { frames, seed } => fuzz::fuzz(frames, seed),
         Cmd::Lint => {
@@ -213,32 +214,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let filter: Vec<String> = filter.into_iter().collect();
-            // Unit tests of every userspace crate.
-            run_cmd(
-                cargo()
-                    .args([
-                        "test",
-                        "--workspace",
-                        "--exclude",
-                        "smtpflow-ebpf",
-                        "--exclude",
-                        "smtpflow-tests",
-                    ])
-                    .args(&filter),
-            )?;
-            // Every benchmark once with tiny counts, so they keep working (no timing asserted).
-            if filter.is_empty() {
-                bench::bench(&bin, true, &[])?;
-            }
-            // Integration tests against the release binary, one at a time: some assert on
-            // system-wide state (programs loaded, links attached).
-            run_cmd(
-                cargo()
-                    .args(["test", "--package", "smtpflow-tests"])
-                    .args(&filter)
-                    .args(["--", "--test-threads=1"])
-                    .env("SMTPFLOW_BIN", &bin),
-            )
+            let skips = skips::SkipLog::fresh(workspace_root().join("target/xtask/skipped.txt"))?;
+            let result = test_all(&bin, &filter, &skips);
+            println!("\n{}", skips.section(&kernel::host_uname()));
+            result
         }
     }
+}
+
+/// Unit tests, the benchmarks once (smoke), then the integration tests; the benchmarks and the
+/// integration tests note what they skip or weaken in `skips`.
+fn test_all(bin: &Path, filter: &[String], skips: &skips::SkipLog) -> anyhow::Result<()> {
+    // Unit tests of every userspace crate.
+    run_cmd(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "smtpflow-ebpf",
+                "--exclude",
+                "smtpflow-tests",
+            ])
+            .args(filter),
+    )?;
+    // Every benchmark once with tiny counts, so they keep working (no timing asserted).
+    if filter.is_empty() {
+        bench::bench(bin, true, &[], Some(skips.path()))?;
+    }
+    // Integration tests against the release binary, one at a time: some assert on
+    // system-wide state (programs loaded, links attached).
+    run_cmd(
+        cargo()
+            .args(["test", "--package", "smtpflow-tests"])
+            .args(filter)
+            .args(["--", "--test-threads=1"])
+            .env("SMTPFLOW_BIN", bin)
+            .env(skips::VAR, skips.path()),
+    )
 }
