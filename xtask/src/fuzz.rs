@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: the long run of the kernel parser's differential fuzz test
-//! (`smtpflow/tests/fuzz_kernel.rs`, whose short run is part of `cargo xtask test`).
+//! (`smtpflow/tests/fuzz_kernel/`, whose short run is part of `cargo xtask test`).
 //!
 //! The same test, built with optimisations, with many more frames and, unless `--seed` is given,
 //! a fresh seed: it is printed first, and a failure names the seed and frame index that
