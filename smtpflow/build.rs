@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`smtpflow-ebpf`) with the nightly toolchain and bpf-linker, into
-//! OUT_DIR, where `src/attach.rs` embeds them. `AYA_BUILD_SKIP=1` skips this for a quick check.
+//! OUT_DIR, where `src/kernel/mod.rs` embeds them. `AYA_BUILD_SKIP=1` skips this for a quick check.
 //!
 //! `aya_build::build_ebpf` runs the inner cargo and re-emits every line it prints as a
 //! `cargo:warning`: some 25 warnings on a build that went well. So it runs in a second copy of
