@@ -254,3 +254,48 @@ fn golden_exposition() {
         changed.join("\n")
     );
 }
+
+#[test]
+fn renders_the_four_families() {
+    use crate::host::pressure::{CONNTRACK_STATS, Conntrack, Pressure, StatsSource};
+    use std::collections::BTreeMap;
+
+    let pressure = Pressure {
+        conntrack: Some(Conntrack {
+            entries: 5,
+            limit: 262_144,
+            stats: CONNTRACK_STATS.iter().map(|&s| (s, 1)).collect(),
+            source: Some(StatsSource::Netlink),
+        }),
+        tcp: BTreeMap::from([("ListenOverflows", 18), ("EstabResets", 6)]),
+    };
+    let mut snap = Snapshot { pressure, ..Default::default() };
+    let render = |snap: &Snapshot| {
+        use prometheus::Encoder as _;
+        let mut families = Vec::new();
+        render_pressure(snap, &mut families);
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new().encode(&families, &mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    let text = render(&snap);
+    for want in [
+        "# TYPE smtpflow_conntrack_entries gauge",
+        "smtpflow_conntrack_entries 5",
+        "# TYPE smtpflow_conntrack_entries_limit gauge",
+        "smtpflow_conntrack_entries_limit 262144",
+        "# TYPE smtpflow_conntrack_stat_total counter",
+        r#"smtpflow_conntrack_stat_total{stat="insert_failed"} 1"#,
+        r#"smtpflow_conntrack_stat_total{stat="search_restart"} 1"#,
+        "# TYPE smtpflow_tcp_stat_total counter",
+        r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#,
+        r#"smtpflow_tcp_stat_total{stat="EstabResets"} 6"#,
+    ] {
+        assert!(text.contains(want), "missing {want}\n{text}");
+    }
+    // No conntrack: no conntrack families at all; TCP stays.
+    snap.pressure.conntrack = None;
+    let text = render(&snap);
+    assert!(!text.contains("smtpflow_conntrack_"), "{text}");
+    assert!(text.contains(r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#));
+}
