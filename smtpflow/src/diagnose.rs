@@ -170,6 +170,22 @@ impl Diagnoser {
     /// Adds a reading and decides every cause over the window ending now. Returns the findings
     /// and the causes that changed state (for the log).
     pub fn update(&mut self, now: Instant, reading: Reading) -> (Vec<Finding>, Vec<Finding>) {
+        let none = || Ok::<_, std::convert::Infallible>(None);
+        match self.update_then(now, reading, none) {
+            Ok(decided) => decided,
+        }
+    }
+
+    /// As [`Diagnoser::update`]; and when a cause turns on, `fresher()` may give the reading
+    /// taken again at this moment (its per-peer figures read now rather than on their schedule),
+    /// which replaces this one before the causes are decided for good: a cause that turns on
+    /// names the peers behind the failures that turned it on.
+    pub fn update_then<E>(
+        &mut self,
+        now: Instant,
+        reading: Reading,
+        fresher: impl FnOnce() -> Result<Option<Reading>, E>,
+    ) -> Result<(Vec<Finding>, Vec<Finding>), E> {
         self.samples.push_back((now, reading));
         // Keep one sample at or before the window's start as the baseline.
         while self.samples.len() > 2
@@ -177,9 +193,17 @@ impl Diagnoser {
         {
             self.samples.pop_front();
         }
-        let (base, last) = (&self.samples[0].1, &self.samples[self.samples.len() - 1].1);
-        let findings: Vec<Finding> =
-            Cause::ALL.iter().map(|&c| self.decide(c, base, last)).collect();
+        let mut findings = self.decide_all();
+        let turns_on =
+            |f: &Finding| f.active && !self.active.get(&f.cause).copied().unwrap_or(false);
+        if findings.iter().any(turns_on)
+            && let Some(reading) = fresher()?
+        {
+            if let Some(last) = self.samples.back_mut() {
+                last.1 = reading;
+            }
+            findings = self.decide_all();
+        }
         let mut changed = Vec::new();
         for f in &findings {
             let was = self.active.insert(f.cause, f.active).unwrap_or(false);
@@ -187,7 +211,13 @@ impl Diagnoser {
                 changed.push(f.clone());
             }
         }
-        (findings, changed)
+        Ok((findings, changed))
+    }
+
+    /// Every cause, decided over the samples held.
+    fn decide_all(&self) -> Vec<Finding> {
+        let (base, last) = (&self.samples[0].1, &self.samples[self.samples.len() - 1].1);
+        Cause::ALL.iter().map(|&c| self.decide(c, base, last)).collect()
     }
 
     fn decide(&self, cause: Cause, base: &Reading, last: &Reading) -> Finding {
@@ -444,6 +474,34 @@ mod tests {
         let throttling = f.iter().find(|f| f.cause == Cause::RemoteThrottling).unwrap();
         assert_eq!(throttling.top_peers, [(name("192.0.2.9"), 3)]);
         assert!(throttling.summary.contains("top peers: 192.0.2.9 on eth0 (3)"));
+    }
+
+    /// A cause turns on from the exact totals while the per-peer figures are an earlier reading:
+    /// the fresher reading replaces it, and the finding (its log line too) names the peer.
+    #[test]
+    fn a_cause_turning_on_names_peers_from_a_fresher_reading() {
+        let t0 = Instant::now();
+        let mut d = Diagnoser::new(Thresholds::default());
+        let asked = std::cell::Cell::new(0);
+        let fresher = |r: Reading| {
+            asked.set(asked.get() + 1);
+            Ok::<_, ()>(Some(r))
+        };
+        d.update_then(t0, Reading::default(), || fresher(Reading::default())).unwrap();
+        assert_eq!(asked.get(), 0, "nothing turned on: no second reading");
+        let stale = Reading { outbound_refused: 2, ..Default::default() };
+        let mut fresh = stale.clone();
+        let name = PeerName { iface: "eth0".into(), peer: "192.0.2.7".into() };
+        fresh.peers.insert((Cause::RemoteRefusing, name.clone()), 2);
+        let (f, changed) = d.update_then(at(t0, 1), stale.clone(), || fresher(fresh)).unwrap();
+        assert_eq!(asked.get(), 1);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].top_peers, [(name, 2)]);
+        assert!(changed[0].summary.contains("top peers: 192.0.2.7 on eth0 (2)"), "{changed:?}");
+        assert_eq!(active(&f), ["remote_refusing"]);
+        // Already on: no second reading.
+        d.update_then(at(t0, 2), stale, || fresher(Reading::default())).unwrap();
+        assert_eq!(asked.get(), 1);
     }
 
     #[test]

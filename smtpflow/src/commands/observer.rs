@@ -1,7 +1,10 @@
 //! What `watch` and `diagnose` share: the programs loaded, attached and their maps seeded
 //! ([`Observer::start`]), each drain with the pressure signals beside it, the watched interfaces
 //! checked, and the diagnosis's reading of a snapshot.
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use smtpflow_common::Config;
@@ -9,7 +12,7 @@ use smtpflow_common::Config;
 use super::reading;
 use crate::{
     cli::ObserveArgs,
-    diagnose::{Finding, Reading, Thresholds},
+    diagnose::{Diagnoser, Finding, Reading, Thresholds},
     drain::{Maps, PeerRead, Snapshot},
     host::{pressure, privileges},
     kernel::{
@@ -130,6 +133,35 @@ impl Observer {
             snap.ifaces_up.push((iface.name.clone(), *present));
         }
         Ok(())
+    }
+
+    /// Adds `snap` to the diagnosis. When a cause turns on and the snapshot's per-peer view is
+    /// an earlier reading (the per-peer maps are read on a CPU budget), the maps are drained
+    /// again at once and `snap` becomes that fresher snapshot, so that the finding, its log line
+    /// and the exported top peers name the peers behind the failures that turned it on.
+    pub fn diagnose(
+        &mut self,
+        diagnoser: &mut Diagnoser,
+        now: Instant,
+        snap: &mut Snapshot,
+    ) -> anyhow::Result<(Vec<Finding>, Vec<Finding>)> {
+        let reading = self.reading(snap);
+        let peers_fresh = snap.peers_fresh;
+        let mut refreshed = None;
+        let decided = diagnoser.update_then(now, reading, || {
+            if peers_fresh {
+                return Ok(None);
+            }
+            let fresh = self.drain(PeerRead::Now)?;
+            let reading = self.reading(&fresh);
+            refreshed = Some(fresh);
+            anyhow::Ok(Some(reading))
+        })?;
+        if let Some(mut fresh) = refreshed {
+            fresh.ifaces_up = std::mem::take(&mut snap.ifaces_up);
+            *snap = fresh;
+        }
+        Ok(decided)
     }
 
     /// What the diagnosis needs from a snapshot.

@@ -102,7 +102,10 @@ async fn serve_and_drain(
                     break Err(e);
                 }
                 let now = Instant::now();
-                let (findings, changed) = diagnoser.update(now, obs.reading(&snap));
+                let (findings, changed) = match obs.diagnose(&mut diagnoser, now, &mut snap) {
+                    Ok(decided) => decided,
+                    Err(e) => break Err(e.context("draining the kernel maps failed")),
+                };
                 log_changes(&changed);
                 let rendered = exporter.render(&snap, &findings);
                 tx.send_replace(selfstats::append(rendered, &obs.attached.ebpf));

@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub hists: BTreeMap<(Scope, HistKind), Histogram>,
     /// The last full reading of the per-peer maps (shared by the snapshots until the next).
     pub peers: Arc<PeerView>,
+    /// Whether [`Snapshot::peers`] was read in this drain (else it is an earlier reading).
+    pub peers_fresh: bool,
     /// Timed-out handshakes (decided by the sweep, not counted in the kernel).
     pub timeouts: BTreeMap<Scope, u64>,
     /// [`Stat`] counters summed over CPUs.
@@ -335,6 +337,7 @@ impl Maps {
             counters,
             hists,
             peers: self.peers.view.clone(),
+            peers_fresh: read_peers,
             timeouts: self.sweep.timeouts.clone(),
             stats,
             peer_evictions: self.peer_evictions,
