@@ -10,7 +10,13 @@ use std::{
     time::Duration,
 };
 
-use crate::{Netns, http, json::Json, process::Process, tempdir::TempDir, wait_for};
+use crate::{
+    Netns, http,
+    json::{Json, JsonExt},
+    process::Process,
+    tempdir::TempDir,
+    wait_for,
+};
 
 /// The `prometheus` binary: `$PROMETHEUS_BIN`, else the one on `PATH` (Debian's package).
 pub fn prometheus_bin() -> PathBuf {
@@ -131,15 +137,16 @@ impl Prometheus {
         let (code, body) = self
             .get(path_and_query)
             .map_err(|e| format!("GET {path_and_query} on {}: {e}", self.name))?;
-        let v = Json::parse(&body).map_err(|e| format!("{e} in the answer ({code}): {body}"))?;
-        if v.get("status").and_then(Json::as_str) != Some("success") {
+        let v: Json =
+            body.parse().map_err(|e| format!("JSON: {e} in the answer ({code}): {body}"))?;
+        if v["status"].as_str() != Some("success") {
             return Err(format!(
                 "{} ({code}): {}",
-                v.get("errorType").and_then(Json::as_str).unwrap_or("?"),
-                v.get("error").and_then(Json::as_str).unwrap_or(&body)
+                v["errorType"].as_str().unwrap_or("?"),
+                v["error"].as_str().unwrap_or(&body)
             ));
         }
-        Ok(v.get("data").cloned().unwrap_or(Json::Null))
+        Ok(v["data"].clone())
     }
 
     /// An instant query; `Err` with Prometheus's error when it is not valid PromQL or fails.
@@ -155,21 +162,15 @@ impl Prometheus {
 
     /// The samples of an instant-vector query (a scalar becomes one sample without labels).
     pub fn samples(data: &Json) -> Vec<Sample> {
-        let value = |v: &Json| -> f64 {
-            v.items().get(1).and_then(Json::as_str).and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)
-        };
-        match data.get("resultType").and_then(Json::as_str) {
-            Some("vector") => data
-                .get("result")
-                .map(|r| r.items())
-                .unwrap_or_default()
+        let value =
+            |v: &Json| -> f64 { v[1].as_str().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN) };
+        match data["resultType"].as_str() {
+            Some("vector") => data["result"]
+                .items()
                 .iter()
-                .map(|s| {
-                    let labels = s.get("metric").map(Json::string_map).unwrap_or_default();
-                    (labels, s.get("value").map_or(f64::NAN, value))
-                })
+                .map(|s| (s["metric"].string_map(), value(&s["value"])))
                 .collect(),
-            Some("scalar") => vec![(BTreeMap::new(), data.get("result").map_or(f64::NAN, value))],
+            Some("scalar") => vec![(BTreeMap::new(), value(&data["result"]))],
             _ => Vec::new(),
         }
     }
@@ -242,10 +243,10 @@ impl Prometheus {
         let data =
             self.api("/api/v1/rules").unwrap_or_else(|e| panic!("{}: rules: {e}", self.name));
         let mut out = Vec::new();
-        for g in data.get("groups").map(Json::items).unwrap_or_default() {
-            let group = g.get("name").and_then(Json::as_str).unwrap_or_default();
-            for r in g.get("rules").map(Json::items).unwrap_or_default() {
-                let s = |k: &str| r.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
+        for g in data["groups"].items() {
+            let group = g["name"].as_str().unwrap_or_default();
+            for r in g["rules"].items() {
+                let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
                 out.push((group.to_owned(), s("name"), s("health"), s("lastError")));
             }
         }
@@ -255,16 +256,15 @@ impl Prometheus {
     /// Scrape targets as (labels, health, last error), for failure messages.
     pub fn targets(&self) -> Vec<String> {
         let Ok(data) = self.api("/api/v1/targets") else { return Vec::new() };
-        data.get("activeTargets")
-            .map(Json::items)
-            .unwrap_or_default()
+        data["activeTargets"]
+            .items()
             .iter()
             .map(|t| {
                 format!(
                     "{:?} {} {}",
-                    t.get("labels").map(Json::string_map).unwrap_or_default(),
-                    t.get("health").and_then(Json::as_str).unwrap_or_default(),
-                    t.get("lastError").and_then(Json::as_str).unwrap_or_default()
+                    t["labels"].string_map(),
+                    t["health"].as_str().unwrap_or_default(),
+                    t["lastError"].as_str().unwrap_or_default()
                 )
             })
             .collect()

@@ -24,7 +24,7 @@ use smtpflow_tests::{
     Pair,
     diagnosis::{CAUSES, active, diagnosis_lines, evidence, top_peers},
     in_netns,
-    json::Json,
+    json::{Json, JsonExt},
     names::{CT_ENTRIES, DROPS, HANDSHAKES, REPLIES, TCP_STAT},
     netfilter::{TABLE, nft_counter, nft_drop_syns, nft_table},
     procfs::netstat,
@@ -449,7 +449,7 @@ fn json_causes(v: &Json) -> Vec<(String, &Json)> {
         .expect("causes")
         .items()
         .iter()
-        .map(|c| (c.get("cause").and_then(Json::as_str).unwrap_or_default().to_owned(), c))
+        .map(|c| (c["cause"].as_str().unwrap_or_default().to_owned(), c))
         .collect();
     let names: Vec<&str> = causes.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, CAUSES, "{v:?}");
@@ -486,31 +486,29 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     // A fault, as JSON.
     let v = refuse_while_observed(true);
     assert_eq!(v.code, Some(1), "{v:?}");
-    let json = Json::parse(v.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", v.stdout));
-    assert_eq!(json.get("healthy").and_then(Json::as_bool), Some(false), "{}", v.stdout);
-    assert_eq!(json.get("interfaces").and_then(Json::as_str), Some(IF));
-    let observed = json.get("observed_seconds").and_then(Json::as_f64).unwrap_or(0.0);
+    let json = v.stdout.trim().parse::<Json>().unwrap_or_else(|e| panic!("{e}: {}", v.stdout));
+    assert_eq!(json["healthy"].as_bool(), Some(false), "{}", v.stdout);
+    assert_eq!(json["interfaces"].as_str(), Some(IF));
+    let observed = json["observed_seconds"].as_f64().unwrap_or(0.0);
     assert!((3.0..6.0).contains(&observed), "observed {observed} s");
     for (name, c) in json_causes(&json) {
-        let on = c.get("active").and_then(Json::as_bool);
+        let on = c["active"].as_bool();
         if name != "remote_refusing" {
             assert_eq!(on, Some(false), "{name}: {}", v.stdout);
             continue;
         }
         assert_eq!(on, Some(true), "{}", v.stdout);
-        assert_eq!(c.at(&["evidence", "outbound_refused"]).and_then(Json::as_f64), Some(N as f64));
-        let peers: Vec<(String, String, f64)> = c
-            .get("top_peers")
-            .map(Json::items)
-            .unwrap_or_default()
+        assert_eq!(c["evidence"]["outbound_refused"].as_f64(), Some(N as f64));
+        let peers: Vec<(String, String, f64)> = c["top_peers"]
+            .items()
             .iter()
             .map(|p| {
-                let s = |k| p.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
-                (s("iface"), s("peer"), p.get("count").and_then(Json::as_f64).unwrap_or(-1.0))
+                let s = |k| p[k].as_str().unwrap_or_default().to_owned();
+                (s("iface"), s("peer"), p["count"].as_f64().unwrap_or(-1.0))
             })
             .collect();
         assert_eq!(peers, the_peer(N as u64), "{}", v.stdout);
-        let summary = c.get("summary").and_then(Json::as_str).unwrap_or_default();
+        let summary = c["summary"].as_str().unwrap_or_default();
         assert!(
             summary.starts_with(&format!(
                 "{N} outbound connections refused (RST) in 3 s; top peers: {PEER} on {IF} ({N})"
@@ -518,7 +516,7 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
             "{summary}"
         );
         assert_eq!(
-            c.get("remedy").and_then(Json::as_str),
+            c["remedy"].as_str(),
             Some("these MXs refuse port 25: check their MX records and policies")
         );
     }
@@ -546,11 +544,11 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     let n = all_ok("inbound", &inbound.stop()) + all_ok("outbound", &outbound.stop());
     assert!(n >= 40, "only {n} sessions");
     assert_eq!(v.code, Some(0), "{v:?}");
-    let json = Json::parse(v.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {}", v.stdout));
-    assert_eq!(json.get("healthy").and_then(Json::as_bool), Some(true), "{}", v.stdout);
+    let json = v.stdout.trim().parse::<Json>().unwrap_or_else(|e| panic!("{e}: {}", v.stdout));
+    assert_eq!(json["healthy"].as_bool(), Some(true), "{}", v.stdout);
     for (name, c) in json_causes(&json) {
-        assert_eq!(c.get("active").and_then(Json::as_bool), Some(false), "{name}: {}", v.stdout);
-        assert!(c.get("top_peers").map(Json::items).unwrap_or_default().is_empty());
+        assert_eq!(c["active"].as_bool(), Some(false), "{name}: {}", v.stdout);
+        assert!(c["top_peers"].items().is_empty());
     }
 
     // An error: no such interface.

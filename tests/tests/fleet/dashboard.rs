@@ -6,7 +6,7 @@ use std::{
 };
 
 use smtpflow_tests::{
-    json::Json,
+    json::{Json, JsonExt},
     prometheus::{Prometheus, deploy_dir},
     wait_for,
 };
@@ -16,7 +16,7 @@ use crate::{GATEWAYS, REFUSED_BY_REMOTE, expectations::per_gateway, promql};
 pub fn dashboard() -> Json {
     let path = deploy_dir().join("grafana/smtpflow.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Json::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Every (panel title, row title, expression) of the dashboard, rows included in order.
@@ -24,20 +24,20 @@ pub fn panel_queries(d: &Json) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     let mut row = String::new();
     let mut visit = |p: &Json, row: &mut String| {
-        let title = p.get("title").and_then(Json::as_str).unwrap_or_default().to_owned();
-        if p.get("type").and_then(Json::as_str) == Some("row") {
+        let title = p["title"].as_str().unwrap_or_default().to_owned();
+        if p["type"].as_str() == Some("row") {
             *row = title;
             return;
         }
-        for t in p.get("targets").map(Json::items).unwrap_or_default() {
-            let expr = t.get("expr").and_then(Json::as_str).unwrap_or_default();
+        for t in p["targets"].items() {
+            let expr = t["expr"].as_str().unwrap_or_default();
             out.push((title.clone(), row.clone(), expr.to_owned()));
         }
     };
-    for p in d.get("panels").map(Json::items).unwrap_or_default() {
+    for p in d["panels"].items() {
         visit(p, &mut row);
         // Panels of a collapsed row are nested in it.
-        for inner in p.get("panels").map(Json::items).unwrap_or_default() {
+        for inner in p["panels"].items() {
             visit(inner, &mut row);
         }
     }
@@ -85,7 +85,7 @@ pub fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
         match prom.query(&q) {
             Err(e) => failures.push(format!("{title:?}: {q}: {e}")),
             Ok(data) => {
-                if data.get("result").map(Json::items).unwrap_or_default().is_empty() {
+                if data["result"].items().is_empty() {
                     empty.push(title.clone());
                 }
             }
@@ -107,11 +107,11 @@ pub fn check_dashboard_queries(prom: &Prometheus, instances: &[&str]) {
         }
     }
     // The gateway picker: label_values(smtpflow_build_info, instance).
-    for v in d.at(&["templating", "list"]).map(Json::items).unwrap_or_default() {
-        if v.get("type").and_then(Json::as_str) != Some("query") {
+    for v in d["templating"]["list"].items() {
+        if v["type"].as_str() != Some("query") {
             continue;
         }
-        let def = v.get("definition").and_then(Json::as_str).unwrap_or_default();
+        let def = v["definition"].as_str().unwrap_or_default();
         let inner = def
             .strip_prefix("label_values(")
             .and_then(|s| s.strip_suffix(')'))

@@ -24,7 +24,7 @@ use smtpflow_tests::{
     Netns, Pair, Watch,
     fleet::{Fleet, PROMETHEUS_PORT, PromConfig, rules_file},
     in_netns,
-    json::Json,
+    json::JsonExt,
     names::{
         BUILD_INFO, DIAGNOSIS, DROPS, EVENTS, EVIDENCE, GREET_BUCKET, GREETINGS, HANDSHAKES,
         HS_BUCKET, PEER_EVENTS, PEER_GREETINGS, PEER_HANDSHAKES, REPLIES, TCP_STAT, TOP_PEER,
@@ -175,62 +175,51 @@ fn every_diagnosis_cause_has_an_alert() {
 #[test]
 fn grafana_dashboard_is_well_formed() {
     let d = dashboard();
-    let schema = d.get("schemaVersion").and_then(Json::as_f64).unwrap_or(0.0);
+    let schema = d["schemaVersion"].as_f64().unwrap_or(0.0);
     assert!((36.0..=41.0).contains(&schema), "schemaVersion {schema}");
-    let vars = d.at(&["templating", "list"]).map(Json::items).unwrap_or_default();
+    let vars = d["templating"]["list"].items();
     let var = |name: &str| {
         vars.iter()
-            .find(|v| v.get("name").and_then(Json::as_str) == Some(name))
+            .find(|v| v["name"].as_str() == Some(name))
             .unwrap_or_else(|| panic!("no ${name} variable"))
     };
     let ds = var("datasource");
-    assert_eq!(ds.get("type").and_then(Json::as_str), Some("datasource"));
-    assert_eq!(ds.get("query").and_then(Json::as_str), Some("prometheus"));
+    assert_eq!(ds["type"].as_str(), Some("datasource"));
+    assert_eq!(ds["query"].as_str(), Some("prometheus"));
     let inst = var("instance");
-    assert_eq!(
-        inst.get("definition").and_then(Json::as_str),
-        Some("label_values(smtpflow_build_info, instance)")
-    );
-    assert_eq!(inst.get("multi").and_then(Json::as_bool), Some(true));
-    assert_eq!(inst.get("includeAll").and_then(Json::as_bool), Some(true));
+    assert_eq!(inst["definition"].as_str(), Some("label_values(smtpflow_build_info, instance)"));
+    assert_eq!(inst["multi"].as_bool(), Some(true));
+    assert_eq!(inst["includeAll"].as_bool(), Some(true));
 
-    let panels = d.get("panels").map(Json::items).unwrap_or_default();
+    let panels = d["panels"].items();
     let rows: Vec<&str> = panels
         .iter()
-        .filter(|p| p.get("type").and_then(Json::as_str) == Some("row"))
-        .filter_map(|p| p.get("title").and_then(Json::as_str))
+        .filter(|p| p["type"].as_str() == Some("row"))
+        .filter_map(|p| p["title"].as_str())
         .collect();
     assert_eq!(rows, ["Diagnosis", "Fleet overview", "Gateway", "Top peers"]);
-    assert_eq!(panels[0].get("title").and_then(Json::as_str), Some("Diagnosis"));
+    assert_eq!(panels[0]["title"].as_str(), Some("Diagnosis"));
     let mut ids = BTreeSet::new();
     let mut kinds = BTreeSet::new();
     for p in panels {
-        let title = p.get("title").and_then(Json::as_str).unwrap_or_default();
-        let id = p.get("id").and_then(Json::as_f64).expect("panel id") as i64;
+        let title = p["title"].as_str().unwrap_or_default();
+        let id = p["id"].as_f64().expect("panel id") as i64;
         assert!(ids.insert(id), "panel id {id} twice");
-        let pos = |k: &str| p.at(&["gridPos", k]).and_then(Json::as_f64).unwrap_or(-1.0);
+        let pos = |k: &str| p["gridPos"][k].as_f64().unwrap_or(-1.0);
         assert!(
             pos("w") > 0.0 && pos("x") >= 0.0 && pos("x") + pos("w") <= 24.0,
             "{title}: gridPos"
         );
-        let kind = p.get("type").and_then(Json::as_str).unwrap_or_default();
+        let kind = p["type"].as_str().unwrap_or_default();
         kinds.insert(kind.to_owned());
         if kind == "row" {
             continue;
         }
-        assert_eq!(
-            p.at(&["datasource", "uid"]).and_then(Json::as_str),
-            Some("${datasource}"),
-            "{title}"
-        );
-        let targets = p.get("targets").map(Json::items).unwrap_or_default();
+        assert_eq!(p["datasource"]["uid"].as_str(), Some("${datasource}"), "{title}");
+        let targets = p["targets"].items();
         assert!(!targets.is_empty(), "{title}: no query");
         for t in targets {
-            assert_eq!(
-                t.at(&["datasource", "uid"]).and_then(Json::as_str),
-                Some("${datasource}"),
-                "{title}"
-            );
+            assert_eq!(t["datasource"]["uid"].as_str(), Some("${datasource}"), "{title}");
         }
     }
     assert!(kinds.contains("heatmap") && kinds.contains("state-timeline"), "{kinds:?}");
