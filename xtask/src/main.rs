@@ -225,7 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Unit tests, the benchmarks once (smoke), then the integration tests; the benchmarks and the
 /// integration tests note what they skip or weaken in `skips`.
 fn test_all(bin: &Path, filter: &[String], skips: &skips::SkipLog) -> anyhow::Result<()> {
-    // Unit tests of every userspace crate.
+    // Unit tests of every userspace crate, and the kernel programs' fuzz test (root).
     run_cmd(
         cargo()
             .args([
@@ -236,7 +236,8 @@ fn test_all(bin: &Path, filter: &[String], skips: &skips::SkipLog) -> anyhow::Re
                 "--exclude",
                 "smtpflow-tests",
             ])
-            .args(filter),
+            .args(filter)
+            .env(skips::VAR, skips.path()),
     )?;
     // Every benchmark once with tiny counts, so they keep working (no timing asserted).
     if filter.is_empty() {

@@ -269,7 +269,10 @@ pub(crate) fn counts_of(e: &Effect) -> Counts {
 
 pub(crate) fn kernel_available() -> bool {
     if kernel::object().is_err() {
-        eprintln!("SKIPPED: built with AYA_BUILD_SKIP=1, no kernel object to test");
+        smtpflow_tests::report::skipped(
+            &smtpflow_tests::report::current_test(),
+            "built with AYA_BUILD_SKIP=1: no kernel object to test",
+        );
         return false;
     }
     true
