@@ -9,7 +9,7 @@
 //! Loopback traffic (the scrapes themselves) is exempt from conntrack (`notrack`), so scraping
 //! does not change the conntrack table it reads.
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     thread,
@@ -17,7 +17,9 @@ use std::{
 };
 
 use smtpflow_tests::{
-    Metrics, Netns, Pair, http, in_netns,
+    Metrics, Netns, Pair,
+    frames::Tcp,
+    http, in_netns,
     names::{CT_ENTRIES, CT_LIMIT, CT_STAT, TCP_STAT},
     netfilter::nft_script,
     process::Process,
@@ -225,15 +227,6 @@ fn connect_n(ns: &Netns, addr: &str, n: usize, abort: bool) {
     });
 }
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 =
-        data.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Sends `per_cpu` TCP segments with no flag set (which conntrack counts as `invalid`) from
 /// `ns` to `dst`, from each of the first two CPUs in turn, so that the per-CPU counters of
 /// more than one CPU move.
@@ -257,19 +250,9 @@ fn send_invalid_segments(ns: &Netns, src: &str, dst: &str, per_cpu: usize) -> us
             assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
             for i in 0..per_cpu {
                 let sport = 40000 + (cpu * 100 + i) as u16;
-                let mut tcp = [0u8; 20];
-                tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-                tcp[2..4].copy_from_slice(&9u16.to_be_bytes()); // discard: not an SMTP port
-                tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-                tcp[12] = 5 << 4; // data offset 5, flags 0
-                tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
-                let mut pseudo = Vec::new();
-                pseudo.extend_from_slice(&src.octets());
-                pseudo.extend_from_slice(&dst.octets());
-                pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
-                pseudo.extend_from_slice(&tcp);
-                let c = checksum(&pseudo);
-                tcp[16..18].copy_from_slice(&c.to_be_bytes());
+                // No flag set; to discard (9): not an SMTP port.
+                let tcp = Tcp { seq: 1, window: 1024, ..Tcp::new(sport, 9, 0) }
+                    .bytes_checksummed(IpAddr::V4(src), IpAddr::V4(dst));
                 let to = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,
