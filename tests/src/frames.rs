@@ -464,15 +464,28 @@ pub struct RawSocket {
 impl RawSocket {
     /// Opens the socket inside `ns`, bound to `ifname`. Protocol 0: it receives nothing.
     pub fn open(ns: &Netns, ifname: &str) -> Self {
+        Self::try_open(ns, ifname).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RawSocket::open`] with the failure returned.
+    pub fn try_open(ns: &Netns, ifname: &str) -> io::Result<Self> {
         let ifname = ifname.to_owned();
-        let fd = in_netns(ns, move || {
-            let name = std::ffi::CString::new(ifname).expect("interface name");
+        let fd = in_netns(ns, move || -> io::Result<OwnedFd> {
+            let name = std::ffi::CString::new(ifname).map_err(io::Error::other)?;
+            let failed = |what: String| {
+                let e = io::Error::last_os_error();
+                io::Error::new(e.kind(), format!("{what}: {e}"))
+            };
             // SAFETY: plain socket syscalls with valid arguments.
             unsafe {
                 let index = libc::if_nametoindex(name.as_ptr());
-                assert!(index != 0, "no interface {name:?}");
+                if index == 0 {
+                    return Err(failed(format!("no interface {name:?}")));
+                }
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-                assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+                if fd < 0 {
+                    return Err(failed("AF_PACKET socket".to_owned()));
+                }
                 let fd = OwnedFd::from_raw_fd(fd);
                 let mut sll: libc::sockaddr_ll = std::mem::zeroed();
                 sll.sll_family = libc::AF_PACKET as u16;
@@ -482,11 +495,13 @@ impl RawSocket {
                     (&raw const sll).cast(),
                     size_of::<libc::sockaddr_ll>() as u32,
                 );
-                assert_eq!(rc, 0, "bind AF_PACKET to {name:?}: {}", io::Error::last_os_error());
-                fd
+                if rc != 0 {
+                    return Err(failed(format!("bind AF_PACKET to {name:?}")));
+                }
+                Ok(fd)
             }
-        });
-        Self { fd }
+        })?;
+        Ok(Self { fd })
     }
 
     /// Sends one frame; the kernel may refuse it (e.g. shorter than an Ethernet header).

@@ -84,9 +84,20 @@ pub fn healthy(ns: &Netns, addr: &str) -> bool {
 
 /// `GET /metrics` on `addr`, which must answer 200, parsed.
 pub fn scrape(ns: &Netns, addr: &str) -> Metrics {
-    let r = get(ns, addr, "/metrics").unwrap_or_else(|e| panic!("scrape {addr}/metrics: {e}"));
-    assert_eq!(r.status, 200, "GET {addr}/metrics: {}", r.body);
-    Metrics::parse(&r.body)
+    try_scrape(ns, addr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`scrape`] with the failure returned.
+pub fn try_scrape(ns: &Netns, addr: &str) -> io::Result<Metrics> {
+    let r = get(ns, addr, "/metrics")
+        .map_err(|e| io::Error::new(e.kind(), format!("scrape {addr}/metrics: {e}")))?;
+    if r.status != 200 {
+        return Err(io::Error::other(format!(
+            "GET {addr}/metrics: status {}: {}",
+            r.status, r.body
+        )));
+    }
+    Ok(Metrics::parse(&r.body))
 }
 
 /// A raw HTTP exchange on the calling thread's namespace: sends `request` as is, reads until

@@ -9,7 +9,7 @@
 use std::{
     ffi::OsStr,
     fs::File,
-    io::Read,
+    io::{self, Read},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -72,20 +72,30 @@ impl Spawn {
         self
     }
 
-    pub fn spawn(mut self) -> Process {
+    pub fn spawn(self) -> Process {
+        self.try_spawn().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Spawn::spawn`], with a failure to start returned (for callers that report errors).
+    pub fn try_spawn(mut self) -> io::Result<Process> {
         let path =
             |stream: &str| std::env::temp_dir().join(format!("{}-{}.{stream}", self.tag, unique()));
         let stderr_path = path("stderr");
         let stdout_path = self.stdout.then(|| path("stdout"));
-        let file =
-            |p: &PathBuf| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        self.cmd.stdin(Stdio::null()).stderr(file(&stderr_path));
+        let file = |p: &PathBuf| {
+            File::create(p)
+                .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", p.display())))
+        };
+        self.cmd.stdin(Stdio::null()).stderr(file(&stderr_path)?);
         match &stdout_path {
-            Some(p) => self.cmd.stdout(file(p)),
+            Some(p) => self.cmd.stdout(file(p)?),
             None => self.cmd.stdout(Stdio::null()),
         };
-        let child = self.cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", self.what));
-        Process {
+        let child = self
+            .cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", self.what)))?;
+        Ok(Process {
             child: Some(child),
             exited: None,
             what: self.what,
@@ -93,7 +103,7 @@ impl Spawn {
             stderr_path: Some(stderr_path),
             grace: self.grace,
             started: Instant::now(),
-        }
+        })
     }
 }
 
@@ -200,18 +210,55 @@ impl Process {
 
     /// Panics (with its stderr) if the program has exited.
     pub fn assert_running(&mut self) {
-        if let Some(code) = self.try_wait() {
-            panic!("{} exited early ({code:?}):\n{}", self.what, self.stderr());
+        if let Err(e) = self.running() {
+            panic!("{e}");
+        }
+    }
+
+    /// An error (with its stderr) if the program has exited.
+    pub fn running(&mut self) -> io::Result<()> {
+        match self.try_wait() {
+            Some(code) => Err(io::Error::other(format!(
+                "{} exited early ({code:?}):\n{}",
+                self.what,
+                self.stderr()
+            ))),
+            None => Ok(()),
         }
     }
 
     /// Waits (at most `timeout`) until `ready()` holds; panics if the program exits first.
     pub fn wait_ready(&mut self, timeout: Duration, mut ready: impl FnMut() -> bool) {
-        let ok = wait_for(timeout, || {
-            self.assert_running();
-            ready().then_some(())
+        if let Err(e) = self.try_wait_ready(timeout, |_| ready()) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Process::wait_ready`] with the failure returned; `ready` may look at the process (e.g.
+    /// its output).
+    pub fn try_wait_ready(
+        &mut self,
+        timeout: Duration,
+        mut ready: impl FnMut(&Self) -> bool,
+    ) -> io::Result<()> {
+        let ok = wait_for(timeout, || match self.running() {
+            Err(e) => Some(Err(e)),
+            Ok(()) => ready(self).then_some(Ok(())),
         });
-        assert!(ok.is_some(), "{} was not ready within {timeout:?}:\n{}", self.what, self.stderr());
+        ok.unwrap_or_else(|| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} was not ready within {timeout:?}:\n{}", self.what, self.stderr()),
+            ))
+        })
+    }
+
+    /// Stops the program now as drop does (SIGTERM, then SIGKILL after the grace period), its
+    /// output kept to be read.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop(child, self.grace, &self.what);
+        }
     }
 
     /// Waits at most `timeout` for the exit and returns what it printed; kills it and panics
@@ -231,9 +278,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop(child, self.grace, &self.what);
-        }
+        self.stop();
         for path in self.stdout_path.iter().chain(&self.stderr_path) {
             if let Err(e) = std::fs::remove_file(path)
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -1,6 +1,7 @@
 //! The smtpflow binary under test: `smtpflow watch` running in a namespace ([`Watch`]: started,
 //! scraped, stopped on drop), a `watch` run to its end, and the one-shot `smtpflow diagnose`.
 use std::{
+    io,
     ops::{Deref, DerefMut},
     path::PathBuf,
     process::Command,
@@ -72,12 +73,29 @@ impl Watch {
     /// Starts `smtpflow watch <args>` exactly as given and waits (20 s at most) until `/healthz`
     /// on `addr` answers.
     pub fn launch(ns: &Netns, args: &[&str], addr: &str) -> Self {
-        let process = start(ns, &[&["watch"], args].concat(), || http::healthy(ns, addr));
-        Self { process, addr: addr.to_owned() }
+        Self::try_launch(ns, args, addr, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Watch::launch`], waiting at most `timeout`, with the failure (it could not start,
+    /// exited, or did not answer in time) returned.
+    pub fn try_launch(
+        ns: &Netns,
+        args: &[&str],
+        addr: &str,
+        timeout: Duration,
+    ) -> io::Result<Self> {
+        let mut process = Process::build(ns, binary()).arg("watch").args(args).try_spawn()?;
+        process.try_wait_ready(timeout, |_| http::healthy(ns, addr))?;
+        Ok(Self { process, addr: addr.to_owned() })
     }
 
     pub fn scrape(&self, ns: &Netns) -> Metrics {
         http::scrape(ns, &self.addr)
+    }
+
+    /// [`Watch::scrape`] with the failure returned.
+    pub fn try_scrape(&self, ns: &Netns) -> io::Result<Metrics> {
+        http::try_scrape(ns, &self.addr)
     }
 
     /// Waits until every `(name, labels, value)` holds exactly, then waits several drain

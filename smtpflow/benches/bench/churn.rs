@@ -5,7 +5,6 @@
 //! sends per second under a flood) with and without smtpflow; then smtpflow's own CPU and peak RSS
 //! at a paced 10,000 SYN/s.
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,50 +13,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
-use smtpflow_tests::{Netns, Pair, in_netns};
+use anyhow::Context as _;
+use smtpflow_tests::{Pair, frames::RawSocket, in_netns, procfs::iface_stat};
 
 use crate::{
     Check, Params, Report, Section,
     frames::{self, Tcp},
-    sys::{self, Smtpflow, median},
+    sys::{self, median},
 };
 
 /// Peers the generator sends from: 10.78.0.0/16, routed to the peer namespace, which owns the
 /// whole range (a `local` route), so it resets the gateway's SYN-ACKs.
 const PEER_NET: &str = "10.78.0.0/16";
 
-fn packet_socket(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
-    let ifname = ifname.to_owned();
-    in_netns(ns, move || -> anyhow::Result<OwnedFd> {
-        // SAFETY: plain socket syscalls with valid arguments.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            if fd < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let name = std::ffi::CString::new(ifname)?;
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if rc != 0 {
-                bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
-            }
-            Ok(fd)
-        }
-    })
-}
-
 /// Sends SYNs from `peers` distinct addresses (and ever-changing source ports) for `duration`,
 /// at `rate` per second or as fast as possible. Returns how many were sent.
 fn generate(
-    fd: &OwnedFd,
+    sock: &RawSocket,
     template: &[u8],
     peers: u32,
     rate: Option<f64>,
@@ -82,9 +54,7 @@ fn generate(
             let sport = 1024 + ((i / peers) % 64000) as u16;
             let src = [10, 78, (peer >> 8) as u8, peer as u8];
             frames::set_v4_source(&mut frame, src, sport);
-            // SAFETY: sending a buffer we own on a bound packet socket.
-            let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-            if n < 0 {
+            if sock.send(&frame).is_err() {
                 // ENOBUFS under a flood: try again.
                 thread::yield_now();
                 continue;
@@ -119,13 +89,20 @@ fn setup() -> anyhow::Result<Setup> {
 
 /// Floods for `secs`; returns the SYN-ACKs per second the gateway sent.
 fn flood(s: &Setup, secs: f64) -> anyhow::Result<f64> {
-    let fd = packet_socket(&s.pair.peer, Pair::PEER_IF)?;
-    let (_, tx0) = sys::link_packets(&s.pair.local, Pair::LOCAL_IF)?;
+    let sock = RawSocket::try_open(&s.pair.peer, Pair::PEER_IF)?;
+    let tx0 = iface_stat(&s.pair.local, Pair::LOCAL_IF, "tx_packets");
     let started = Instant::now();
-    generate(&fd, &s.template, 65536, None, Duration::from_secs_f64(secs), &AtomicBool::new(false));
+    generate(
+        &sock,
+        &s.template,
+        65536,
+        None,
+        Duration::from_secs_f64(secs),
+        &AtomicBool::new(false),
+    );
     // Let the last SYNs be answered.
     thread::sleep(Duration::from_millis(100));
-    let (_, tx1) = sys::link_packets(&s.pair.local, Pair::LOCAL_IF)?;
+    let tx1 = iface_stat(&s.pair.local, Pair::LOCAL_IF, "tx_packets");
     Ok((tx1 - tx0) as f64 / started.elapsed().as_secs_f64())
 }
 
@@ -139,7 +116,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         without.push(flood(&s, flood_secs)?);
-        let sf = Smtpflow::start(&p.bin, gw, &args)?;
+        let sf = sys::watch(gw, &args)?;
         with.push(flood(&s, flood_secs)?);
         drop(sf);
     }
@@ -167,31 +144,31 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         &["peers", "SYNs answered/s", "smtpflow CPU (% of one core)", "peak RSS", "target", ""],
     );
     for peers in [1u32, 65536] {
-        let sf = Smtpflow::start(&p.bin, gw, &args)?;
-        let fd = Arc::new(packet_socket(&s.pair.peer, Pair::PEER_IF)?);
+        let sf = sys::watch(gw, &args)?;
+        let sock = Arc::new(RawSocket::try_open(&s.pair.peer, Pair::PEER_IF)?);
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let total = Duration::from_secs_f64(paced_secs + 1.5);
         let gen_thread = {
-            let (fd, stop, sent, template) =
-                (fd.clone(), stop.clone(), sent.clone(), s.template.clone());
+            let (sock, stop, sent, template) =
+                (sock.clone(), stop.clone(), sent.clone(), s.template.clone());
             thread::spawn(move || {
-                let n = generate(&fd, &template, peers, Some(10_000.0), total, &stop);
+                let n = generate(&sock, &template, peers, Some(10_000.0), total, &stop);
                 sent.store(n, Ordering::Relaxed);
             })
         };
         // Skip the first second (map warm-up), then measure.
         thread::sleep(Duration::from_secs(1));
-        let (_, tx0) = sys::link_packets(gw, Pair::LOCAL_IF)?;
+        let tx0 = iface_stat(gw, Pair::LOCAL_IF, "tx_packets");
         let cpu0 = sys::cpu_ns(sf.pid());
         let t0 = Instant::now();
         thread::sleep(Duration::from_secs_f64(paced_secs));
         let cpu1 = sys::cpu_ns(sf.pid());
-        let (_, tx1) = sys::link_packets(gw, Pair::LOCAL_IF)?;
+        let tx1 = iface_stat(gw, Pair::LOCAL_IF, "tx_packets");
         let wall = t0.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         gen_thread.join().map_err(|_| anyhow::anyhow!("generator panicked"))?;
-        let (hwm, _) = sys::rss(sf.pid());
+        let hwm = sys::peak_rss(sf.pid());
         // Every SYN is answered by one SYN-ACK.
         let syn_rate = (tx1 - tx0) as f64 / wall;
         let cpu = (cpu1 - cpu0) as f64 / 1e9 / wall * 100.0;

@@ -8,11 +8,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use smtpflow_tests::{Netns, Pair};
+use smtpflow_tests::{
+    Metrics, Netns, Pair, Watch,
+    json::Json,
+    names::{PROGRAM_RUN_SECONDS, PROGRAM_RUNS},
+    process::Process,
+};
 
 use crate::{
     Check, Params, Report, Section,
-    sys::{self, Proc, Smtpflow, median},
+    sys::{self, median},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,8 +55,8 @@ impl Observer {
 /// A running observer; stopped (detached) on drop.
 enum Running {
     None,
-    Smtpflow(Smtpflow),
-    Tcpdump(Proc),
+    Smtpflow(Watch),
+    Tcpdump(Process),
     #[allow(dead_code, reason = "held only to keep the empty programs attached")]
     Empty(aya::Ebpf),
 }
@@ -77,11 +82,11 @@ fn attach_empty(gw: &Netns, xdp: bool) -> anyhow::Result<Running> {
     Ok(Running::Empty(ebpf))
 }
 
-fn start(p: &Params, gw: &Netns, o: Observer, extra: &[&str]) -> anyhow::Result<Running> {
+fn start(gw: &Netns, o: Observer, extra: &[&str]) -> anyhow::Result<Running> {
     let smtpflow = |mode| -> anyhow::Result<Running> {
         let mut args = vec!["--iface", Pair::LOCAL_IF, "--mode", mode, "--status-every", "0s"];
         args.extend_from_slice(extra);
-        Ok(Running::Smtpflow(Smtpflow::start(&p.bin, gw, &args)?))
+        Ok(Running::Smtpflow(sys::watch(gw, &args)?))
     };
     match o {
         Observer::None => Ok(Running::None),
@@ -90,19 +95,11 @@ fn start(p: &Params, gw: &Netns, o: Observer, extra: &[&str]) -> anyhow::Result<
         Observer::Tc => smtpflow("tc"),
         Observer::Xdp => smtpflow("xdp"),
         Observer::Tcpdump => {
-            let mut t = Proc::spawn(
-                gw,
-                "tcpdump",
-                &["-i", Pair::LOCAL_IF, "-n", "-w", "/dev/null", "tcp port 25"],
-            )?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !t.stderr().contains("listening on") {
-                t.check_running()?;
-                if Instant::now() >= deadline {
-                    bail!("tcpdump did not start: {}", t.stderr());
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            let mut t = Process::build(gw, "tcpdump")
+                .args(["-i", Pair::LOCAL_IF, "-n", "-w", "/dev/null", "tcp port 25"])
+                .try_spawn()?;
+            t.try_wait_ready(Duration::from_secs(10), |t| t.stderr().contains("listening on"))
+                .context("tcpdump did not start")?;
             Ok(Running::Tcpdump(t))
         }
     }
@@ -112,67 +109,56 @@ fn start(p: &Params, gw: &Netns, o: Observer, extra: &[&str]) -> anyhow::Result<
 fn iperf(peer: &Netns, secs: u32, omit: u32) -> anyhow::Result<f64> {
     let t = secs.to_string();
     let o = omit.to_string();
-    let mut c = Proc::spawn(
-        peer,
-        "iperf3",
-        &["-c", Pair::LOCAL_V4, "-p", "25", "-t", &t, "-O", &o, "-J", "--connect-timeout", "3000"],
-    )?;
-    let status = c.wait(Duration::from_secs(u64::from(secs + omit) + 20))?;
+    let mut c = Process::build(peer, "iperf3")
+        .args(["-c", Pair::LOCAL_V4, "-p", "25", "-t", &t, "-O", &o, "-J"])
+        .args(["--connect-timeout", "3000"])
+        .capture_stdout()
+        .try_spawn()?;
+    let timeout = Duration::from_secs(u64::from(secs + omit) + 20);
+    let code = c
+        .wait_exit(timeout)
+        .with_context(|| format!("iperf3 did not finish within {timeout:?}"))?;
     let out = c.stdout();
-    if !status.success() {
-        bail!("iperf3 failed ({status}): {}{}", out, c.stderr());
+    if code != Some(0) {
+        bail!("iperf3 failed (exit code {code:?}): {}{}", out, c.stderr());
     }
-    json_number_after(&out, "\"sum_received\"", "\"bits_per_second\"")
+    let json =
+        Json::parse(&out).map_err(|e| anyhow::anyhow!("iperf3 output is not JSON ({e}): {out}"))?;
+    json.at(&["end", "sum_received", "bits_per_second"])
+        .and_then(Json::as_f64)
         .with_context(|| format!("no sum_received in iperf3 output: {out}"))
 }
 
-/// The first number following `key` after `section` in a JSON text.
-fn json_number_after(text: &str, section: &str, key: &str) -> Option<f64> {
-    let rest = &text[text.find(section)?..];
-    let rest = &rest[rest.find(key)? + key.len()..];
-    let rest = rest.trim_start_matches([':', ' ']);
-    let end = rest.find([',', '}', '\n']).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
-}
-
-/// Waits until the iperf3 server accepts connections.
-fn wait_for_server(peer: &Netns) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ok = smtpflow_tests::in_netns(peer, || {
-            std::net::TcpStream::connect_timeout(
-                &format!("{}:25", Pair::LOCAL_V4).parse().expect("addr"),
-                Duration::from_millis(200),
-            )
-            .is_ok()
-        });
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("the iperf3 server did not start");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+/// Whether the iperf3 server on the gateway accepts connections from the peer.
+fn accepts(peer: &Netns) -> bool {
+    smtpflow_tests::in_netns(peer, || {
+        std::net::TcpStream::connect_timeout(
+            &format!("{}:25", Pair::LOCAL_V4).parse().expect("addr"),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+    })
 }
 
 pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let (rounds, secs, omit) = if p.smoke { (1, 1, 0) } else { (5, 2, 1) };
     let pair = sys::pair();
     let (gw, peer) = (&pair.local, &pair.peer);
-    let mut server = Proc::spawn(gw, "iperf3", &["-s", "-p", "25"])?;
-    wait_for_server(peer)?;
+    let mut server = Process::build(gw, "iperf3").args(["-s", "-p", "25"]).try_spawn()?;
+    server
+        .try_wait_ready(Duration::from_secs(10), |_| accepts(peer))
+        .context("the iperf3 server did not start")?;
     // Throughput with stats accounting off (the production default).
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); Observer::ALL.len()];
     let mut tcpdump_drops = String::new();
     for _ in 0..rounds {
         for (i, o) in Observer::ALL.into_iter().enumerate() {
-            let running = start(p, gw, o, &[])?;
+            let running = start(gw, o, &[])?;
             let bps = iperf(peer, secs, omit)?;
-            server.check_running()?;
+            server.running()?;
             results[i].push(bps);
             if let Running::Tcpdump(mut t) = running {
-                t.stop(Duration::from_secs(5));
+                t.stop();
                 let err = t.stderr();
                 let pick = |what: &str| {
                     err.lines().find(|l| l.contains(what)).map(|l| l.trim().to_owned())
@@ -233,27 +219,22 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     for (mode, o) in [("tc", Observer::Tc), ("xdp", Observer::Xdp)] {
         // A short drain interval so that the scrapes around the run are fresh.
-        let Running::Smtpflow(sf) = start(p, gw, o, &["--interval", "100ms"])? else {
-            unreachable!()
-        };
+        let Running::Smtpflow(sf) = start(gw, o, &["--interval", "100ms"])? else { unreachable!() };
         thread::sleep(Duration::from_millis(300));
-        let before = sf.scrape(gw)?.0;
+        let before = sf.try_scrape(gw)?;
         let started = Instant::now();
         iperf(peer, secs, omit)?;
         let wall = started.elapsed().as_secs_f64();
         thread::sleep(Duration::from_millis(300));
-        let after = sf.scrape(gw)?.0;
+        let after = sf.try_scrape(gw)?;
         let progs: &[&str] =
             if mode == "tc" { &["smtpflow_tc_in", "smtpflow_tc_out"] } else { &["smtpflow_xdp"] };
         for prog in progs {
-            let label = format!("program=\"{prog}\"");
-            let get = |text: &str, name| sys::metric(text, name, &label).unwrap_or(0.0);
-            let runs = get(&after, "smtpflow_ebpf_program_runs_total")
-                - get(&before, "smtpflow_ebpf_program_runs_total");
-            let secs_in = get(&after, "smtpflow_ebpf_program_run_seconds_total")
-                - get(&before, "smtpflow_ebpf_program_run_seconds_total");
-            if sys::metric(&after, "smtpflow_ebpf_program_runs_total", &label).is_none() {
-                bail!("smtpflow exported no smtpflow_ebpf_program_runs_total for {prog}");
+            let get = |m: &Metrics, name| m.get(name, &[("program", prog)]).unwrap_or(0.0);
+            let runs = get(&after, PROGRAM_RUNS) - get(&before, PROGRAM_RUNS);
+            let secs_in = get(&after, PROGRAM_RUN_SECONDS) - get(&before, PROGRAM_RUN_SECONDS);
+            if after.get(PROGRAM_RUNS, &[("program", prog)]).is_none() {
+                bail!("smtpflow exported no {PROGRAM_RUNS} for {prog}");
             }
             s.rows.push(vec![
                 mode.to_owned(),

@@ -19,12 +19,17 @@ use aya::{
     programs::{SchedClassifier, tc::TcAttachType},
 };
 use smtpflow_common::{PeerCounters, PeerGreetingKey, PeerKey};
-use smtpflow_tests::{Netns, Pair, in_netns};
+use smtpflow_tests::{
+    Metrics, Netns, Pair, Watch, http, in_netns,
+    names::{
+        DRAIN_DURATION, FULL_DRAIN_DURATION, PEER_EVENTS, PEERS_READ_TIMESTAMP, PEERS_TRACKED,
+    },
+};
 
 use crate::{
     Check, Params, Report, Section, alloc_count,
     frames::Tcp,
-    sys::{self, Smtpflow, median},
+    sys::{self, median},
 };
 use smtpflow::drain::{
     batch,
@@ -86,22 +91,30 @@ fn fill(gw: &Netns, prog: aya::programs::ProgramFd, ifindex: u32, n: u32) -> any
 }
 
 /// The per-peer figures of a scrape: peers tracked, and when the per-peer maps were last read.
-fn peer_reading(body: &str) -> (f64, f64) {
-    (
-        sys::metric(body, "smtpflow_peers_tracked", "").unwrap_or(0.0),
-        sys::metric(body, "smtpflow_peers_read_timestamp_seconds", "").unwrap_or(0.0),
-    )
+fn peer_reading(m: &Metrics) -> (f64, f64) {
+    (m.get(PEERS_TRACKED, &[]).unwrap_or(0.0), m.get(PEERS_READ_TIMESTAMP, &[]).unwrap_or(0.0))
+}
+
+/// `GET /metrics`, parsed, and how long the request took (connect to last byte; the parsing
+/// not included).
+fn timed_scrape(sf: &Watch, gw: &Netns) -> anyhow::Result<(Metrics, Duration)> {
+    let started = Instant::now();
+    let reply = http::get(gw, &sf.addr, "/metrics").context("GET /metrics")?;
+    let took = started.elapsed();
+    if reply.status != 200 {
+        bail!("GET /metrics: status {}", reply.status);
+    }
+    Ok((Metrics::parse(&reply.body), took))
 }
 
 /// Polls /metrics until `smtpflow_peers_tracked` reaches `n`, or two successive readings of the
 /// per-peer maps agree (the LRU map may keep fewer than `n`). Readings of a big map are spaced
 /// out (at most every 60 s: `peers::ReadSchedule`).
-fn wait_tracked(sf: &Smtpflow, gw: &Netns, n: u32) -> anyhow::Result<f64> {
+fn wait_tracked(sf: &Watch, gw: &Netns, n: u32) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut last = (-1.0, 0.0);
     loop {
-        let (body, _) = sf.scrape(gw)?;
-        let (tracked, read_at) = peer_reading(&body);
+        let (tracked, read_at) = peer_reading(&sf.try_scrape(gw)?);
         if tracked >= f64::from(n) {
             return Ok(tracked);
         }
@@ -126,9 +139,9 @@ struct Drains {
 }
 
 impl Drains {
-    fn see(&mut self, body: &str) {
-        let last = sys::metric(body, "smtpflow_drain_duration_seconds", "").unwrap_or(0.0);
-        let full = sys::metric(body, "smtpflow_full_drain_duration_seconds", "").unwrap_or(0.0);
+    fn see(&mut self, m: &Metrics) {
+        let last = m.get(DRAIN_DURATION, &[]).unwrap_or(0.0);
+        let full = m.get(FULL_DRAIN_DURATION, &[]).unwrap_or(0.0);
         // The last drain read the per-peer maps if it took as long as the last that did.
         if last == full {
             self.full.push(full);
@@ -141,19 +154,18 @@ impl Drains {
 /// Waits until smtpflow has read the per-peer maps again (a new read timestamp in /metrics),
 /// noting the drains it sees meanwhile.
 fn next_peer_reading(
-    sf: &Smtpflow,
+    sf: &Watch,
     gw: &Netns,
     limit: Duration,
     drains: &mut Drains,
 ) -> anyhow::Result<()> {
-    let (body, _) = sf.scrape(gw)?;
-    let (_, before) = peer_reading(&body);
+    let (_, before) = peer_reading(&sf.try_scrape(gw)?);
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
-        let (body, _) = sf.scrape(gw)?;
-        drains.see(&body);
-        if peer_reading(&body).1 != before {
+        let m = sf.try_scrape(gw)?;
+        drains.see(&m);
+        if peer_reading(&m).1 != before {
             return Ok(());
         }
     }
@@ -255,8 +267,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         for &cap in caps {
             let max_peers = n.next_power_of_two().max(65_536).to_string();
             let cap_s = cap.to_string();
-            let sf = Smtpflow::start(
-                &p.bin,
+            let sf = sys::watch(
                 gw,
                 &[
                     "--iface",
@@ -290,15 +301,14 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             let wall = t0.elapsed().as_secs_f64();
             let cpu = (sys::cpu_ns(sf.pid()) - cpu0) as f64 / 1e9 / wall;
             let mut scrapes = Vec::new();
-            let mut body = String::new();
+            let mut last = Metrics::default();
             for _ in 0..5 {
-                let (b, took) = sf.scrape(gw)?;
+                let (m, took) = timed_scrape(&sf, gw)?;
                 scrapes.push(took.as_secs_f64() * 1000.0);
-                drains.see(&b);
-                body = b;
+                drains.see(&m);
+                last = m;
             }
-            let exported =
-                body.lines().filter(|l| l.starts_with("smtpflow_peer_tcp_events_total{")).count();
+            let exported = last.matching(PEER_EVENTS, &[]).count();
             let drain = drains.full.iter().copied().fold(0.0, f64::max);
             let other = if drains.other.is_empty() {
                 "(all read)".to_owned()
@@ -306,7 +316,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 format!("{:.3}", median(&mut drains.other))
             };
             let scrape = median(&mut scrapes);
-            let (hwm, _) = sys::rss(sf.pid());
+            let hwm = sys::peak_rss(sf.pid());
             let hwm_mib = hwm as f64 / 1048576.0;
             sec.rows.push(vec![
                 format!("{n}"),
@@ -317,7 +327,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 other,
                 format!("{:.1}", wall / f64::from(cycles)),
                 format!("{scrape:.1}"),
-                format!("{:.0} KiB", body.len() as f64 / 1024.0),
+                format!("{:.0} KiB", last.text.len() as f64 / 1024.0),
                 format!("{:.1}%", cpu * 100.0),
                 format!("{hwm_mib:.1} MiB"),
             ]);
