@@ -122,10 +122,10 @@ fn iperf(peer: &Netns, secs: u32, omit: u32) -> anyhow::Result<f64> {
     if code != Some(0) {
         bail!("iperf3 failed (exit code {code:?}): {}{}", out, c.stderr());
     }
-    let json =
-        Json::parse(&out).map_err(|e| anyhow::anyhow!("iperf3 output is not JSON ({e}): {out}"))?;
-    json.at(&["end", "sum_received", "bits_per_second"])
-        .and_then(Json::as_f64)
+    let json: Json =
+        out.parse().map_err(|e| anyhow::anyhow!("iperf3 output is not JSON ({e}): {out}"))?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
         .with_context(|| format!("no sum_received in iperf3 output: {out}"))
 }
 
