@@ -16,7 +16,7 @@ use smtpflow_common::{
 
 use crate::packet::opaque;
 
-pub const EEXIST: i32 = 17;
+const EEXIST: i32 = 17;
 
 /// Set by the loader before load (`--ports`); read-only for the program.
 #[unsafe(no_mangle)]
