@@ -26,14 +26,14 @@ use crate::{
 /// The kernel programs attached and their maps: what `watch` and `diagnose` share.
 pub struct Observer {
     pub attached: Attached,
-    pub maps: Maps,
-    pub ifaces: Vec<Iface>,
+    maps: Maps,
+    ifaces: Vec<Iface>,
     pub config: Config,
     pub drop_reasons: Option<DropReasons>,
     pub labeler: PeerLabel,
     /// Whether each watched interface still exists (same order as `ifaces`).
-    pub present: Vec<bool>,
-    pub pressure: pressure::Reader,
+    present: Vec<bool>,
+    pressure: pressure::Reader,
 }
 
 impl Observer {
