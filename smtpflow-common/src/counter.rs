@@ -5,7 +5,10 @@
 //! read only by [`CounterKey::decode`], so the kernel, the loader and the tests cannot disagree
 //! on what a key means. A new TCP event is one variant of [`Event`] and the rule that classifies
 //! it: the seeded keys, the per-peer slots, the labels and the decoding follow from the enums.
-use crate::{Direction, Event, Outcome, Phase, Side};
+use crate::{
+    Direction, Event, Outcome, Phase, Side,
+    reply::{KERNEL_STARTTLS_STAGES, ReplyStatus, StarttlsStage},
+};
 
 /// Where a count belongs: the interface, the SMTP port and the direction of the connection.
 /// Also the key of the handshake timeouts userspace decides.
@@ -35,6 +38,13 @@ pub enum Counter {
     /// An SMTP-port SYN the kernel dropped, by its `enum skb_drop_reason` value. A drop has no
     /// watched interface: its scope's `ifindex` is 0.
     SynDrop(u16),
+    /// A 4xx or 5xx SMTP reply, by code and enhanced status code.
+    ReplyStatus(u16, ReplyStatus),
+    /// Sessions with at least one throttling reply ([`crate::reply::is_throttling`]), counted
+    /// once per session.
+    Throttled,
+    /// Sessions that reached a STARTTLS stage.
+    Starttls(StarttlsStage),
 }
 
 labelled_enum! {
@@ -47,6 +57,9 @@ labelled_enum! {
         Reply = 4 => "reply",
         Greeting = 5 => "greeting",
         SynDrop = 6 => "syn_drop",
+        ReplyStatus = 7 => "reply_status",
+        Throttled = 8 => "throttled",
+        Starttls = 9 => "starttls",
     }
 }
 
@@ -55,8 +68,10 @@ pub const KERNEL_OUTCOMES: [Outcome; 2] = [Outcome::Established, Outcome::Refuse
 
 impl Counter {
     /// The counters created for every watched [`Scope`] when smtpflow starts, so that the
-    /// kernel's hot path finds them (and every series is exported from the start, at 0). Reply
-    /// codes and drop reasons are created as they appear.
+    /// kernel's hot path finds them (and every series is exported from the start, at 0): the
+    /// events, the kernel's outcomes, retransmissions, resets, throttled sessions and the
+    /// STARTTLS stages the kernel counts. Reply codes, statuses and drop reasons are created as
+    /// they appear.
     pub fn seeded() -> impl Iterator<Item = Counter> {
         let events = Event::ALL
             .into_iter()
@@ -65,12 +80,22 @@ impl Counter {
         let resets = Phase::ALL
             .into_iter()
             .flat_map(|p| Side::ALL.into_iter().map(move |s| Counter::Reset(p, s)));
-        events.chain(outcomes).chain([Counter::SynRetransmit]).chain(resets)
+        let starttls = KERNEL_STARTTLS_STAGES.into_iter().map(Counter::Starttls);
+        events
+            .chain(outcomes)
+            .chain([Counter::SynRetransmit])
+            .chain(resets)
+            .chain([Counter::Throttled])
+            .chain(starttls)
     }
 
     /// How many counters [`Counter::seeded`] yields.
-    pub const SEEDED_PER_SCOPE: usize =
-        Event::COUNT * Side::COUNT + KERNEL_OUTCOMES.len() + 1 + Phase::COUNT * Side::COUNT;
+    pub const SEEDED_PER_SCOPE: usize = Event::COUNT * Side::COUNT
+        + KERNEL_OUTCOMES.len()
+        + 1
+        + Phase::COUNT * Side::COUNT
+        + 1
+        + KERNEL_STARTTLS_STAGES.len();
 
     pub const fn kind(self) -> CounterKind {
         match self {
@@ -81,6 +106,9 @@ impl Counter {
             Counter::Reply(_) => CounterKind::Reply,
             Counter::Greeting(_) => CounterKind::Greeting,
             Counter::SynDrop(_) => CounterKind::SynDrop,
+            Counter::ReplyStatus(..) => CounterKind::ReplyStatus,
+            Counter::Throttled => CounterKind::Throttled,
+            Counter::Starttls(_) => CounterKind::Starttls,
         }
     }
 }
@@ -96,9 +124,10 @@ pub struct CounterKey {
     kind: u8,
     /// [`Direction`].
     direction: u8,
-    /// The first field of the counter: [`Event`], [`Outcome`] or [`Phase`].
+    /// The first field of the counter: [`Event`], [`Outcome`], [`Phase`] or
+    /// [`StarttlsStage`]; the high byte of a [`ReplyStatus`].
     a: u8,
-    /// The second field of the counter: [`Side`].
+    /// The second field of the counter: [`Side`]; the low byte of a [`ReplyStatus`].
     b: u8,
     /// A reply code or a drop reason.
     code: u16,
@@ -113,6 +142,12 @@ impl CounterKey {
             Counter::SynRetransmit => (0, 0, 0),
             Counter::Reset(p, s) => (p as u8, s as u8, 0),
             Counter::Reply(c) | Counter::Greeting(c) | Counter::SynDrop(c) => (0, 0, c),
+            Counter::ReplyStatus(c, status) => {
+                let [hi, lo] = status.to_bits().to_be_bytes();
+                (hi, lo, c)
+            }
+            Counter::Throttled => (0, 0, 0),
+            Counter::Starttls(stage) => (stage as u8, 0, 0),
         };
         Self {
             ifindex: scope.ifindex,
@@ -147,6 +182,15 @@ impl CounterKey {
             CounterKind::Reply => Counter::Reply(code),
             CounterKind::Greeting => Counter::Greeting(code),
             CounterKind::SynDrop => Counter::SynDrop(code),
+            CounterKind::ReplyStatus => match ReplyStatus::from_bits(u16::from_be_bytes([a, b])) {
+                Some(status) => Counter::ReplyStatus(code, status),
+                None => return None,
+            },
+            CounterKind::Throttled => Counter::Throttled,
+            CounterKind::Starttls => match StarttlsStage::from_repr(a) {
+                Some(stage) => Counter::Starttls(stage),
+                None => return None,
+            },
         };
         Some((Scope { ifindex: self.ifindex, port: self.port, direction }, counter))
     }
@@ -187,8 +231,20 @@ mod tests {
     fn every_counter() -> Vec<Counter> {
         let mut all: Vec<Counter> = Counter::seeded().collect();
         all.extend(Outcome::ALL.map(Counter::Handshake));
+        all.extend(StarttlsStage::ALL.map(Counter::Starttls));
         for code in [0, 1, 220, 421, 554, 0xfffe, u16::MAX] {
             all.extend([Counter::Reply(code), Counter::Greeting(code), Counter::SynDrop(code)]);
+        }
+        for (code, status) in [
+            (421, ReplyStatus::NONE),
+            (421, ReplyStatus::new(4, 3, 2)),
+            (451, ReplyStatus::new(4, 7, 1)),
+            (450, ReplyStatus::new(4, 7, 650)),
+            (450, ReplyStatus::new(4, 7, 150)),
+            (554, ReplyStatus::new(5, 9, 999)),
+            (u16::MAX, ReplyStatus::new(2, 0, 0)),
+        ] {
+            all.push(Counter::ReplyStatus(code, status));
         }
         all
     }
@@ -222,12 +278,17 @@ mod tests {
         assert_eq!(seeded.len(), Counter::SEEDED_PER_SCOPE);
         assert_eq!(seeded.iter().collect::<BTreeSet<_>>().len(), seeded.len(), "no repeats");
         assert!(!seeded.contains(&Counter::Handshake(Outcome::Timeout)));
-        assert!(
-            seeded.iter().all(|c| !matches!(
-                c,
-                Counter::Reply(_) | Counter::Greeting(_) | Counter::SynDrop(_)
-            ))
-        );
+        assert!(seeded.iter().all(|c| !matches!(
+            c,
+            Counter::Reply(_)
+                | Counter::Greeting(_)
+                | Counter::SynDrop(_)
+                | Counter::ReplyStatus(..)
+        )));
+        assert!(seeded.contains(&Counter::Throttled));
+        for stage in KERNEL_STARTTLS_STAGES {
+            assert!(seeded.contains(&Counter::Starttls(stage)), "{stage:?}");
+        }
     }
 
     #[test]
@@ -238,6 +299,10 @@ mod tests {
         assert_eq!(CounterKey { direction: Direction::COUNT as u8, ..good }.decode(), None);
         assert_eq!(CounterKey { a: Phase::COUNT as u8, ..good }.decode(), None);
         assert_eq!(CounterKey { b: Side::COUNT as u8, ..good }.decode(), None);
+        let tls = CounterKey::new(scope, Counter::Starttls(StarttlsStage::Accepted));
+        assert_eq!(CounterKey { a: StarttlsStage::COUNT as u8, ..tls }.decode(), None);
+        let status = CounterKey::new(scope, Counter::ReplyStatus(451, ReplyStatus::new(4, 7, 1)));
+        assert_eq!(CounterKey { a: 0x20, ..status }.decode(), None, "class 8");
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! Per-connection tracking: handshake outcomes, reset phases, time to greeting and SMTP reply
 //! codes. [`step`] is the whole state machine, a pure function the kernel calls per packet (with
 //! the flow's stored state) and the unit tests below drive directly.
-use crate::rules::tcp_flags::{ACK, FIN, RST, SYN};
+use crate::{
+    StarttlsStage,
+    reply::{HEAD_LEN, Reply, parse_reply},
+    rules::tcp_flags::{ACK, FIN, RST, SYN},
+};
 
 /// Key of the flow map: one SMTP connection attempt, as seen on one interface.
 #[repr(C)]
@@ -26,9 +30,6 @@ pub mod state {
     pub const ESTABLISHED: u8 = 2;
     /// The server has sent payload (its greeting).
     pub const GREETED: u8 = 3;
-    /// No answer within the handshake timeout: counted as `timeout` by userspace, which marks
-    /// the flow so that late retransmits and answers add no second outcome.
-    pub const TIMED_OUT: u8 = 4;
 }
 
 /// Flow flags.
@@ -43,6 +44,13 @@ pub mod flag {
     pub const REPLIED: u8 = 8;
     /// `server_next_seq` is valid.
     pub const SEQ_KNOWN: u8 = 16;
+    /// The answer to the first SYN (SYN-ACK, RST, or the client's ACK in XDP mode) came later
+    /// than the handshake timeout: the kernel counted no outcome, userspace's sweep counts a
+    /// timeout. The kernel never deletes such a flow (the sweep must see it); its idle cleanup
+    /// or the LRU removes it.
+    pub const LATE: u8 = 32;
+    /// A throttling reply was counted for this session.
+    pub const THROTTLED: u8 = 64;
 }
 
 /// Value of the flow map.
@@ -61,8 +69,14 @@ pub struct FlowState {
     pub state: u8,
     /// Bits of [`flag`].
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// When the entry was last written: `bpf_ktime_get_ns() >> ACTIVE_SHIFT` (units of about
+    /// 1.07 s). Set only when the state is written anyway, so it costs no extra write.
+    pub active: u32,
 }
+
+/// [`FlowState::active`] is the kernel clock shifted right by this.
+pub const ACTIVE_SHIFT: u32 = 30;
 
 labelled_enum! {
     /// Handshake outcome.
@@ -196,13 +210,16 @@ pub struct FlowPacket {
     pub seq: u32,
     pub payload_len: u32,
     /// The first payload bytes (zero-filled past what was read).
-    pub head: [u8; 8],
+    pub head: [u8; HEAD_LEN],
     /// How many bytes of `head` were read.
     pub head_len: u8,
     /// Whether the payload's last byte is `\n` (`true` also when it could not be read).
     pub ends_line: bool,
     /// Replies on this port are read (plaintext SMTP).
     pub plaintext: bool,
+    /// Seen where only ingress is visible (XDP): the local host's packets never show, so the
+    /// client's FIN or RST ends an inbound connection.
+    pub ingress_only: bool,
 }
 
 /// What to count and store after a packet.
@@ -213,35 +230,24 @@ pub struct Actions {
     pub syn_retransmit: bool,
     pub reset: Option<Phase>,
     pub greeting_ns: Option<u64>,
-    /// SMTP reply code at the start of a server segment.
-    pub reply: Option<u16>,
+    /// SMTP reply at the start of a server segment: its code and enhanced status.
+    pub reply: Option<Reply>,
     /// The reply is the connection's first: its greeting.
     pub greeting: bool,
+    /// The session's first throttling reply.
+    pub throttled: bool,
+    /// A STARTTLS stage the session reached.
+    pub starttls: Option<StarttlsStage>,
     /// Write the new state back.
     pub store: bool,
-    /// Remove the flow (reset, or the server closed).
+    /// Remove the flow (reset, or the connection closed).
     pub delete: bool,
 }
 
-/// The code of an SMTP reply line (`NNN ` or `NNN-`, 2xx to 5xx) at the start of `head`.
 #[inline(always)]
-pub fn reply_code(head: &[u8; 8], len: u8) -> Option<u16> {
-    if len < 4 {
-        return None;
-    }
-    let [a, b, c, sep, ..] = *head;
-    if !(b'2'..=b'5').contains(&a) || !b.is_ascii_digit() || !c.is_ascii_digit() {
-        return None;
-    }
-    if sep != b' ' && sep != b'-' {
-        return None;
-    }
-    Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
-}
-
-#[inline(always)]
-fn is_starttls(head: &[u8; 8], len: u8) -> bool {
-    len >= 8 && head.eq_ignore_ascii_case(b"STARTTLS")
+fn is_starttls(head: &[u8; HEAD_LEN], len: u8) -> bool {
+    let [a, b, c, d, e, f, g, h, ..] = *head;
+    len >= 8 && [a, b, c, d, e, f, g, h].eq_ignore_ascii_case(b"STARTTLS")
 }
 
 /// `a` comes before `b` in sequence space.
@@ -250,28 +256,69 @@ const fn seq_before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// Advances a flow by one packet. `exists`: `st` holds the flow's stored state (otherwise it is
-/// zeroed and the flow is not tracked yet). `now` is in the same clock as the stored times.
+/// Whether an answer at `now` to the attempt whose first SYN was at `syn_ns` comes later than
+/// the handshake timeout (`timeout_ns` 0: never).
 #[inline(always)]
-pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actions {
+pub const fn is_late(syn_ns: u64, now: u64, timeout_ns: u64) -> bool {
+    timeout_ns != 0 && syn_ns != 0 && now.saturating_sub(syn_ns) > timeout_ns
+}
+
+/// Advances a flow by one packet. `exists`: `st` holds the flow's stored state (otherwise it is
+/// zeroed and the flow is not tracked yet). `now` is in the same clock as the stored times;
+/// `timeout_ns` is the handshake timeout ([`crate::Config::handshake_timeout_ns`]).
+///
+/// Handshake outcomes are decided here only, once: an answer within the timeout is
+/// `established` or `refused`; a later one decides nothing and marks the flow [`flag::LATE`],
+/// and userspace's [`sweep`] counts the attempt as a timeout (it never writes the flow).
+#[inline(always)]
+pub fn step(
+    st: &mut FlowState,
+    exists: bool,
+    p: &FlowPacket,
+    now: u64,
+    timeout_ns: u64,
+) -> Actions {
+    let a = advance(st, exists, p, now, timeout_ns);
+    if a.store {
+        st.active = (now >> ACTIVE_SHIFT) as u32;
+    }
+    a
+}
+
+#[inline(always)]
+fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_ns: u64) -> Actions {
     let mut a = Actions::default();
     let (syn, ack, rst, fin) =
         (p.flags & SYN != 0, p.flags & ACK != 0, p.flags & RST != 0, p.flags & FIN != 0);
+    // An answer to a pending attempt, too late to decide its outcome.
+    let late = exists && st.state == state::SYN_SENT && is_late(st.syn_ns, now, timeout_ns);
 
     if rst {
         a.reset = Some(if !exists {
             Phase::Session
         } else {
             match st.state {
-                state::SYN_SENT | state::TIMED_OUT => Phase::Handshake,
+                state::SYN_SENT => Phase::Handshake,
                 state::ESTABLISHED => Phase::PreGreeting,
                 _ => Phase::Session,
             }
         });
-        if exists && st.state == state::SYN_SENT && !p.from_client {
+        if !exists {
+            return a;
+        }
+        if late {
+            // Kept: the sweep counts the attempt as a timeout.
+            st.flags |= flag::LATE;
+            a.store = true;
+            return a;
+        }
+        if st.flags & flag::LATE != 0 {
+            return a; // kept until the sweep has seen it
+        }
+        if st.state == state::SYN_SENT && !p.from_client {
             a.outcome = Some(Outcome::Refused);
         }
-        a.delete = exists;
+        a.delete = true;
         return a;
     }
     if syn && !ack {
@@ -294,13 +341,13 @@ pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actio
     }
     if syn {
         // SYN-ACK.
-        let late = exists && st.state == state::TIMED_OUT;
-        if p.from_client || (exists && st.state != state::SYN_SENT && !late) {
+        if p.from_client || (exists && st.state != state::SYN_SENT) {
             return a; // not a server's answer, or a duplicate
         }
-        // An answer after the timeout was decided adds no second outcome; the connection is
-        // still followed.
-        if !late {
+        if late {
+            // No outcome; the connection is still followed.
+            st.flags |= flag::LATE;
+        } else {
             a.outcome = Some(Outcome::Established);
             if exists && st.syn_ns != 0 {
                 a.handshake_ns = Some(now.saturating_sub(st.syn_ns));
@@ -319,28 +366,36 @@ pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actio
     if !exists {
         return a; // a connection we did not see start
     }
-    if st.state == state::TIMED_OUT {
-        return a;
-    }
     if st.state == state::SYN_SENT {
         if !(p.from_client && ack) {
             return a;
         }
         // The client completed the handshake and we never saw the SYN-ACK (XDP sees no egress).
-        a.outcome = Some(Outcome::Established);
+        if late {
+            st.flags |= flag::LATE;
+        } else {
+            a.outcome = Some(Outcome::Established);
+        }
         st.state = state::ESTABLISHED;
         st.established_ns = now;
         a.store = true;
     }
     let reading = p.plaintext && st.flags & flag::TLS == 0;
+    // A flow whose attempt was late is kept for the sweep.
+    let may_end = st.flags & flag::LATE == 0;
     if p.from_client {
-        if reading && is_starttls(&p.head, p.head_len) {
+        if reading && st.flags & flag::STARTTLS_PENDING == 0 && is_starttls(&p.head, p.head_len) {
             st.flags |= flag::STARTTLS_PENDING;
+            a.starttls = Some(StarttlsStage::Requested);
             a.store = true;
+        }
+        // XDP never sees the server's FIN: the client's ends the flow.
+        if fin && p.ingress_only && may_end {
+            a.delete = true;
         }
         return a;
     }
-    if fin {
+    if fin && may_end {
         a.delete = true;
     }
     if p.payload_len == 0 {
@@ -360,18 +415,25 @@ pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actio
     }
     if reading
         && st.flags & flag::MID_LINE == 0
-        && let Some(code) = reply_code(&p.head, p.head_len)
+        && let Some(reply) = parse_reply(&p.head, p.head_len)
     {
-        a.reply = Some(code);
+        a.reply = Some(reply);
         if st.flags & flag::REPLIED == 0 {
             a.greeting = true;
             st.flags |= flag::REPLIED;
         }
+        if reply.is_throttling() && st.flags & flag::THROTTLED == 0 {
+            a.throttled = true;
+            st.flags |= flag::THROTTLED;
+        }
         if st.flags & flag::STARTTLS_PENDING != 0 {
             st.flags &= !flag::STARTTLS_PENDING;
-            if code == 220 {
+            a.starttls = Some(if reply.code == 220 {
                 st.flags |= flag::TLS;
-            }
+                StarttlsStage::Accepted
+            } else {
+                StarttlsStage::Refused
+            });
         }
     }
     if p.ends_line {
@@ -382,22 +444,68 @@ pub fn step(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64) -> Actio
     a
 }
 
+/// Time after the handshake timeout before userspace's sweep decides a timeout: more than the
+/// time between the kernel's clock read for a packet and its write of the flow, so that an
+/// answer the kernel decided in time is always seen written.
+pub const SWEEP_GRACE_NS: u64 = 1_000_000_000;
+
+/// Flows not written for this long are deleted by userspace's sweep: 15 minutes, longer than
+/// any SMTP timeout (RFC 5321 lets a client wait 10 minutes for the reply to the end of DATA).
+/// Only needed where the end of a connection is not seen (XDP sees no server FIN; a FIN lost
+/// or a peer gone silent in either mode); otherwise the kernel deletes flows as they end.
+pub const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
+
+/// What userspace's sweep decides for one flow entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// The attempt timed out: its first SYN is older than the timeout plus [`SWEEP_GRACE_NS`]
+    /// and no answer came in time (still pending, or [`flag::LATE`]). Counted once per attempt
+    /// (the sweep remembers the flows it counted, by key and `syn_ns`).
+    pub timeout: bool,
+    /// Not written for [`IDLE_NS`]: delete it.
+    pub idle: bool,
+}
+
+/// The sweep's decision for a flow entry read at `now` (`CLOCK_MONOTONIC`, the clock of
+/// `bpf_ktime_get_ns`). Pure: the sweep never writes an entry, it only counts and deletes.
+pub const fn sweep(st: &FlowState, now: u64, timeout_ns: u64) -> Swept {
+    let unanswered = st.state == state::SYN_SENT || st.flags & flag::LATE != 0;
+    let timeout = unanswered
+        && st.syn_ns != 0
+        && now.saturating_sub(st.syn_ns) > timeout_ns.saturating_add(SWEEP_GRACE_NS);
+    let idle = (now >> ACTIVE_SHIFT).saturating_sub(st.active as u64) > IDLE_NS >> ACTIVE_SHIFT;
+    Swept { timeout, idle }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::tcp_flags::PSH;
+    use crate::{ReplyStatus, rules::tcp_flags::PSH};
+
+    /// The handshake timeout of these tests.
+    const TIMEOUT: u64 = 1_000_000;
 
     fn pkt(flags: u8, from_client: bool) -> FlowPacket {
         FlowPacket { flags, from_client, plaintext: true, ends_line: true, ..Default::default() }
+    }
+
+    /// What the kernel reads of a payload: nothing under 4 bytes, 4 under 8, else up to
+    /// [`HEAD_LEN`].
+    fn read_head(p: &mut FlowPacket, text: &[u8]) {
+        let n = match text.len() {
+            0..4 => 0,
+            4..8 => 4,
+            n => n.min(HEAD_LEN),
+        };
+        p.head[..n].copy_from_slice(&text[..n]);
+        p.head_len = n as u8;
     }
 
     fn data(from_client: bool, seq: u32, text: &[u8]) -> FlowPacket {
         let mut p = pkt(ACK | PSH, from_client);
         p.seq = seq;
         p.payload_len = text.len() as u32;
-        let n = text.len().min(8);
-        p.head[..n].copy_from_slice(&text[..n]);
-        p.head_len = n as u8;
+        read_head(&mut p, text);
         p.ends_line = text.last() == Some(&b'\n');
         p
     }
@@ -414,7 +522,7 @@ mod tests {
         }
         fn feed(&mut self, p: FlowPacket, now: u64) -> Actions {
             let mut st = if self.exists { self.st } else { FlowState::default() };
-            let a = step(&mut st, self.exists, &p, now);
+            let a = step(&mut st, self.exists, &p, now, TIMEOUT);
             if a.delete {
                 self.exists = false;
             } else if a.store {
@@ -430,6 +538,11 @@ mod tests {
             sa.seq = 99;
             f.feed(sa, now);
             f
+        }
+        /// Server data, the next segment after the last.
+        fn server(&mut self, text: &[u8], now: u64) -> Actions {
+            let seq = self.st.server_next_seq;
+            self.feed(data(false, seq, text), now)
         }
     }
 
@@ -447,28 +560,58 @@ mod tests {
         assert_eq!(f.feed(pkt(ACK, true), 7_000), Actions::default());
     }
 
+    /// Answers after the timeout decide no outcome, the flow is still followed and marked late,
+    /// and the kernel never deletes it (the sweep must see it to count the timeout).
     #[test]
-    fn timed_out_flows_take_no_second_outcome() {
-        let mut f = Flow::new();
+    fn late_answers_take_no_outcome() {
+        let late = 1 + TIMEOUT + 1;
         let mut syn = pkt(SYN, true);
         syn.seq = 1000;
-        f.feed(syn, 1);
-        // Userspace's sweep marks it.
-        f.st.state = state::TIMED_OUT;
-        assert!(f.feed(syn, 2).syn_retransmit, "same ISN after the timeout: a retransmission");
-        let late = f.feed(pkt(SYN | ACK, false), 3);
-        assert_eq!((late.outcome, late.handshake_ns, late.store), (None, None, true));
-        assert_eq!(f.st.state, state::ESTABLISHED, "still followed");
-        // A new attempt on the same ports has a new ISN.
+        // A late SYN-ACK.
         let mut f = Flow::new();
         f.feed(syn, 1);
-        f.st.state = state::TIMED_OUT;
-        assert_eq!(f.feed(pkt(RST, false), 2).reset, Some(Phase::Handshake));
+        assert!(f.feed(syn, late - 1).syn_retransmit, "same ISN: a retransmission");
+        let sa = f.feed(pkt(SYN | ACK, false), late);
+        assert_eq!((sa.outcome, sa.handshake_ns, sa.store), (None, None, true));
+        assert_eq!((f.st.state, f.st.flags & flag::LATE), (state::ESTABLISHED, flag::LATE));
+        assert_eq!(f.st.syn_ns, 1, "the sweep still sees when the attempt started");
+        assert_eq!(f.server(b"220 hi\r\n", late + 1).reply.map(|r| r.code), Some(220));
+        let mut bye = data(false, f.st.server_next_seq, b"221 bye\r\n");
+        bye.flags |= FIN;
+        let a = f.feed(bye, late + 2);
+        assert_eq!((a.reply.map(|r| r.code), a.delete), (Some(221), false), "kept");
+        assert!(!f.feed(pkt(RST, true), late + 3).delete, "kept");
+        // An answer exactly at the timeout is in time.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        assert_eq!(f.feed(pkt(SYN | ACK, false), 1 + TIMEOUT).outcome, Some(Outcome::Established));
+        // A late RST: no refusal, the flow kept for the sweep.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        let r = f.feed(pkt(RST | ACK, false), late);
+        assert_eq!((r.outcome, r.reset, r.delete), (None, Some(Phase::Handshake), false));
+        assert!(f.exists && f.st.state == state::SYN_SENT && f.st.flags & flag::LATE != 0);
+        // The client giving up late: kept too.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        assert!(!f.feed(pkt(RST, true), late).delete && f.exists);
+        // XDP: the client's late ACK.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        let a = f.feed(pkt(ACK, true), late);
+        assert_eq!((a.outcome, f.st.state), (None, state::ESTABLISHED));
+        assert_ne!(f.st.flags & flag::LATE, 0);
+        // A new attempt on the same ports has a new ISN.
         let mut again = syn;
         again.seq = 5000;
-        let a = f.feed(again, 3);
+        let a = f.feed(again, late + 10);
         assert!(!a.syn_retransmit && a.store);
-        assert_eq!(f.st.state, state::SYN_SENT);
+        assert_eq!((f.st.state, f.st.flags, f.st.syn_ns), (state::SYN_SENT, 0, late + 10));
+        // No timeout configured: nothing is late.
+        let mut st = FlowState::default();
+        step(&mut st, false, &syn, 1, 0);
+        let a = step(&mut st, true, &pkt(SYN | ACK, false), u64::MAX, 0);
+        assert_eq!(a.outcome, Some(Outcome::Established));
     }
 
     #[test]
@@ -500,56 +643,81 @@ mod tests {
 
     #[test]
     fn greeting_duration_and_reply_codes() {
+        let code = |a: Actions| a.reply.map(|r| r.code);
         let mut f = Flow::established(1_000);
         let g = f.feed(data(false, 100, b"220 mx.example ESMTP\r\n"), 51_000);
-        assert_eq!((g.greeting_ns, g.reply, g.greeting), (Some(50_000), Some(220), true));
+        assert_eq!((g.greeting_ns, code(g), g.greeting), (Some(50_000), Some(220), true));
         assert_eq!(f.feed(data(true, 1, b"EHLO x\r\n"), 52_000).reply, None);
         let r = f.feed(data(false, 122, b"250-mx\r\n250 OK\r\n"), 53_000);
-        assert_eq!((r.reply, r.greeting, r.greeting_ns), (Some(250), false, None));
+        assert_eq!((code(r), r.greeting, r.greeting_ns), (Some(250), false, None));
         // A retransmission of the same bytes counts nothing.
         assert_eq!(f.feed(data(false, 122, b"250-mx\r\n250 OK\r\n"), 54_000).reply, None);
         // A reply split mid-line: the second segment's digits are not a reply.
         let part = f.feed(data(false, 138, b"451 4.3.0 temporarily"), 55_000);
-        assert_eq!(part.reply, Some(451));
+        assert_eq!(
+            part.reply,
+            Some(Reply { code: 451, status: ReplyStatus::new(4, 3, 0) }),
+            "with its enhanced status"
+        );
         let rest = f.feed(data(false, 159, b"250 looks like a code\r\n"), 56_000);
         assert_eq!(rest.reply, None, "mid-line payload must not count");
-        assert_eq!(f.feed(data(false, 182, b"554 no\r\n"), 57_000).reply, Some(554));
+        assert_eq!(code(f.feed(data(false, 182, b"554 no\r\n"), 57_000)), Some(554));
+        // Short segments: the status is read to the payload's end.
+        let short = f.feed(data(false, 190, b"452 4.5.3\r\n"), 58_000);
+        assert_eq!(short.reply.map(|r| r.status), Some(ReplyStatus::new(4, 5, 3)));
+        let shortest = f.feed(data(false, 201, b"421 4\r\n"), 59_000);
+        assert_eq!(shortest.reply, Some(Reply { code: 421, status: ReplyStatus::NONE }));
     }
 
     #[test]
-    fn invalid_codes_do_not_count() {
-        for bad in [
-            &b"199 x\r\n"[..],
-            b"600 x\r\n",
-            b"25 x\r\n",
-            b"2500 x\r\n",
-            b"22a x\r\n",
-            b"220x\r\n",
-            b"220",
-        ] {
-            let mut head = [0u8; 8];
-            let n = bad.len().min(8);
-            head[..n].copy_from_slice(&bad[..n]);
-            assert_eq!(reply_code(&head, n as u8), None, "{:?}", core::str::from_utf8(bad));
+    fn throttled_once_per_session() {
+        let mut f = Flow::established(1_000);
+        assert!(!f.server(b"220 mx ESMTP\r\n", 2_000).throttled);
+        for r in
+            [&b"451 4.7.1 greylisted\r\n"[..], b"450 4.3.0 try later\r\n", b"452 4.2.2 full\r\n"]
+        {
+            assert!(!f.server(r, 3_000).throttled, "{:?}", core::str::from_utf8(r));
         }
-        assert_eq!(reply_code(b"421-busy", 8), Some(421));
-        assert_eq!(reply_code(b"220 \0\0\0\0", 4), Some(220));
+        let t = f.server(b"452 4.5.3 Too many recipients\r\n", 4_000);
+        assert!(t.throttled && t.reply.unwrap().is_throttling());
+        assert!(!f.server(b"421 4.7.0 closing\r\n", 5_000).throttled, "once per session");
+        // A 421 greeting.
+        let mut f = Flow::established(1_000);
+        assert!(f.server(b"421 mx busy\r\n", 2_000).throttled);
+        // Not on a TLS port.
+        let mut f = Flow::established(1_000);
+        let mut hello = data(false, 100, b"421 busy\r\n");
+        hello.plaintext = false;
+        assert!(!f.feed(hello, 2_000).throttled);
     }
 
     #[test]
     fn starttls_stops_reading() {
         let mut f = Flow::established(0);
         f.feed(data(false, 100, b"220 hi\r\n"), 1);
-        f.feed(data(true, 1, b"STARTTLS\r\n"), 2);
-        assert_eq!(f.feed(data(false, 108, b"220 go ahead\r\n"), 3).reply, Some(220));
+        assert_eq!(
+            f.feed(data(true, 1, b"STARTTLS\r\n"), 2).starttls,
+            Some(StarttlsStage::Requested)
+        );
+        assert_eq!(f.feed(data(true, 1, b"STARTTLS\r\n"), 2).starttls, None, "once until answered");
+        let go = f.feed(data(false, 108, b"220 go ahead\r\n"), 3);
+        assert_eq!(
+            (go.reply.map(|r| r.code), go.starttls),
+            (Some(220), Some(StarttlsStage::Accepted))
+        );
         assert_eq!(f.feed(data(false, 122, b"250 encrypted?\r\n"), 4).reply, None, "TLS now");
+        assert_eq!(f.feed(data(true, 11, b"STARTTLS\r\n"), 5).starttls, None, "encrypted");
 
         // A refused STARTTLS keeps reading.
         let mut f = Flow::established(0);
         f.feed(data(false, 100, b"220 hi\r\n"), 1);
         f.feed(data(true, 1, b"starttls\r\n"), 2);
-        assert_eq!(f.feed(data(false, 108, b"454 no TLS\r\n"), 3).reply, Some(454));
-        assert_eq!(f.feed(data(false, 120, b"250 ok\r\n"), 4).reply, Some(250));
+        let no = f.feed(data(false, 108, b"454 4.7.0 no TLS\r\n"), 3);
+        assert_eq!(
+            (no.reply.map(|r| r.code), no.starttls),
+            (Some(454), Some(StarttlsStage::Refused))
+        );
+        assert_eq!(f.feed(data(false, 126, b"250 ok\r\n"), 4).reply.map(|r| r.code), Some(250));
     }
 
     #[test]
@@ -574,6 +742,25 @@ mod tests {
         assert_eq!((a.outcome, a.handshake_ns), (Some(Outcome::Established), None));
     }
 
+    /// XDP never sees the server's FIN of an inbound connection: the client's ends the flow. With
+    /// both directions in view (TC), the server may still answer after the client's FIN.
+    #[test]
+    fn client_fin_ends_the_flow_where_only_ingress_is_seen() {
+        let mut fin = pkt(FIN | ACK, true);
+        fin.ingress_only = true;
+        let mut f = Flow::new();
+        let mut syn = pkt(SYN, true);
+        syn.ingress_only = true;
+        f.feed(syn, 1);
+        let mut ack = pkt(ACK, true);
+        ack.ingress_only = true;
+        f.feed(ack, 2);
+        assert!(f.feed(fin, 3).delete);
+        let mut f = Flow::established(10);
+        assert!(!f.feed(pkt(FIN | ACK, true), 20).delete, "TC: the server's FIN ends it");
+        assert!(f.feed(pkt(FIN | ACK, false), 21).delete);
+    }
+
     #[test]
     fn server_fin_ends_the_flow_after_its_payload() {
         let mut f = Flow::established(0);
@@ -581,7 +768,38 @@ mod tests {
         let mut bye = data(false, 108, b"221 bye\r\n");
         bye.flags |= FIN;
         let a = f.feed(bye, 2);
-        assert_eq!((a.reply, a.delete), (Some(221), true));
+        assert_eq!((a.reply.map(|r| r.code), a.delete), (Some(221), true));
+    }
+
+    #[test]
+    fn writes_stamp_the_activity() {
+        let mut f = Flow::new();
+        f.feed(pkt(SYN, true), 5 << ACTIVE_SHIFT);
+        assert_eq!(f.st.active, 5);
+        f.feed(pkt(SYN, true), 9 << ACTIVE_SHIFT);
+        assert_eq!(f.st.active, 5, "a retransmission writes nothing");
+        f.feed(pkt(SYN | ACK, false), 6 << ACTIVE_SHIFT);
+        assert_eq!(f.st.active, 6);
+    }
+
+    #[test]
+    fn the_sweep_counts_unanswered_attempts_after_the_grace() {
+        let t = 5_000_000_000;
+        let syn = FlowState { syn_ns: 10, state: state::SYN_SENT, ..FlowState::default() };
+        let edge = 10 + t + SWEEP_GRACE_NS;
+        assert_eq!(sweep(&syn, edge, t), Swept::default());
+        assert!(sweep(&syn, edge + 1, t).timeout);
+        let late = FlowState { state: state::GREETED, flags: flag::LATE, ..syn };
+        assert!(sweep(&late, edge + 1, t).timeout);
+        let answered = FlowState { state: state::ESTABLISHED, ..syn };
+        assert!(!sweep(&answered, u64::MAX, t).timeout);
+        let unseen_syn = FlowState { syn_ns: 0, ..syn };
+        assert!(!sweep(&unseen_syn, u64::MAX, t).timeout);
+        // Idle: not written for IDLE_NS.
+        let at = 100 << ACTIVE_SHIFT;
+        let written = FlowState { active: 100, ..answered };
+        assert!(!sweep(&written, at + IDLE_NS, t).idle);
+        assert!(sweep(&written, at + IDLE_NS + (2 << ACTIVE_SHIFT), t).idle);
     }
 
     #[test]

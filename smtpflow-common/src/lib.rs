@@ -13,6 +13,7 @@ pub mod counter;
 pub mod flow;
 pub mod peer;
 pub mod reference;
+pub mod reply;
 pub mod rules;
 #[cfg(feature = "user")]
 pub mod user;
@@ -22,6 +23,7 @@ pub use flow::{
     FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
 };
 pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey};
+pub use reply::{ReplyClass, ReplyStatus, StarttlsStage};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};
 
 /// Most SMTP ports the kernel program matches (`--ports`).
@@ -46,6 +48,9 @@ pub mod names {
 
 /// Default capacity of the per-peer LRU map (`--max-peers`).
 pub const DEFAULT_MAX_PEERS: u32 = 65_536;
+/// Default `--handshake-timeout`: between Linux's SYN retransmissions at 3 s and 7 s, so that
+/// an attempt answered after one retransmission is not a timeout.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_NS: u64 = 5_000_000_000;
 /// Default capacity of the per-connection LRU map (`--max-flows`).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Most interfaces one smtpflow watches.
@@ -71,6 +76,10 @@ pub struct Config {
     pub port_count: u32,
     /// Bit `i` set: `ports[i]` carries plaintext SMTP, whose server replies are read.
     pub plaintext_mask: u32,
+    /// `--handshake-timeout` in nanoseconds: an answer (SYN-ACK, RST, or the client's ACK in
+    /// XDP mode) later than this after the first SYN is late and decides no outcome (userspace
+    /// counts the attempt as a timeout). 0: no answer is late.
+    pub handshake_timeout_ns: u64,
     /// The same ports as a set: bit `p % 64` of word `p / 64` is set when port `p` is one of
     /// `ports`. The per-packet filter, so that a segment of any other port costs two loads.
     pub port_set: [u64; PORT_SET_WORDS],
@@ -84,6 +93,7 @@ impl Config {
         ports: [0; MAX_PORTS],
         port_count: 0,
         plaintext_mask: 0,
+        handshake_timeout_ns: 0,
         port_set: [0; PORT_SET_WORDS],
     };
 
@@ -153,6 +163,6 @@ impl DropConfig {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 40 + 8 * PORT_SET_WORDS);
+    assert!(size_of::<Config>() == 48 + 8 * PORT_SET_WORDS);
     assert!(size_of::<DropConfig>() == 52);
 };

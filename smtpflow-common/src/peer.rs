@@ -24,18 +24,21 @@ pub struct PeerKey {
 /// branch).
 pub const PEER_EVENT_SLOTS: usize = (Event::COUNT * Side::COUNT).next_power_of_two();
 
-/// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], and
-/// one per handshake outcome the kernel decides ([`KERNEL_OUTCOMES`], indexed by value).
+/// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], one
+/// per handshake outcome the kernel decides ([`KERNEL_OUTCOMES`], indexed by value), and the
+/// sessions with a throttling reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCounters {
     pub counts: [u64; PEER_EVENT_SLOTS],
     pub outcomes: [u64; KERNEL_OUTCOMES.len()],
+    /// Sessions with at least one throttling reply ([`crate::reply::is_throttling`]).
+    pub throttled: u64,
 }
 
 impl Default for PeerCounters {
     fn default() -> Self {
-        Self { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; KERNEL_OUTCOMES.len()] }
+        Self { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; KERNEL_OUTCOMES.len()], throttled: 0 }
     }
 }
 
@@ -57,9 +60,9 @@ impl PeerCounters {
         if i < KERNEL_OUTCOMES.len() { self.outcomes[i] } else { 0 }
     }
 
-    /// All events and outcomes: how active the peer is.
+    /// All events, outcomes and throttled sessions: how active the peer is.
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum::<u64>() + self.outcomes.iter().sum::<u64>()
+        self.counts.iter().sum::<u64>() + self.outcomes.iter().sum::<u64>() + self.throttled
     }
 }
 
@@ -74,7 +77,7 @@ pub struct PeerGreetingKey {
 
 const _: () = {
     assert!(size_of::<PeerKey>() == 24);
-    assert!(size_of::<PeerCounters>() == 8 * (PEER_EVENT_SLOTS + KERNEL_OUTCOMES.len()));
+    assert!(size_of::<PeerCounters>() == 8 * (PEER_EVENT_SLOTS + KERNEL_OUTCOMES.len() + 1));
     assert!(size_of::<PeerGreetingKey>() == 28);
     // The kernel masks outcome indices too, and stores outcome `o` at `outcomes[o as usize]`.
     assert!(KERNEL_OUTCOMES.len().is_power_of_two());

@@ -23,7 +23,7 @@ unsafe impl aya::Pod for Histogram {}
 
 impl Config {
     /// Builds the kernel configuration from the SMTP ports and those of them whose replies are
-    /// read; `None` when there are too many ports.
+    /// read, with the default handshake timeout; `None` when there are too many ports.
     pub fn from_ports(ports: &[u16], plaintext: &[u16]) -> Option<Self> {
         if ports.len() > crate::MAX_PORTS {
             return None;
@@ -31,6 +31,7 @@ impl Config {
         let mut cfg = Config::EMPTY;
         cfg.ports[..ports.len()].copy_from_slice(ports);
         cfg.port_count = ports.len() as u32;
+        cfg.handshake_timeout_ns = crate::DEFAULT_HANDSHAKE_TIMEOUT_NS;
         for (i, &p) in ports.iter().enumerate() {
             cfg.port_set[usize::from(p >> 6)] |= 1 << (p & 63);
             if plaintext.contains(&p) {

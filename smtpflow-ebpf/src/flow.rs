@@ -1,14 +1,16 @@
 //! One SMTP connection attempt's entry in the flow map, advanced by the state machine in
-//! `smtpflow_common::flow::step`. Userspace sweeps entries whose handshake timed out.
+//! `smtpflow_common::flow::step`. Userspace's sweep counts the attempts that got no answer in
+//! time and deletes idle entries; it never writes one.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
     Direction, FlowKey, Stat,
     flow::{Actions, FlowPacket, step},
+    reply::HEAD_LEN,
 };
 
 use crate::{
-    maps::{FLOWS, bump},
-    packet::Frame,
+    maps::{FLOWS, bump, config},
+    packet::Packet,
     parse::Segment,
 };
 
@@ -24,15 +26,32 @@ pub struct Where {
     pub now: u64,
 }
 
-/// Reads what the state machine needs from the payload: its first bytes (a reply code or
-/// STARTTLS) and whether it ends a line.
+/// Reads what the state machine needs from the payload: its first bytes (a reply code with
+/// its enhanced status, or STARTTLS) and whether it ends a line.
+///
+/// Up to [`HEAD_LEN`] bytes: 16 in one read when the payload has them; a shorter payload of 8
+/// or more is read as its first 8 and its last 8 bytes (overlapping), the tail shifted into
+/// place, so that a short `451 4.7.1\r\n` is read whole; under 8, its first 4.
 #[inline(always)]
-fn read_payload<P: Frame>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
+fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
     let len = seg.payload_len as usize;
-    if len >= 8 {
-        if let Ok(head) = p.read_at::<[u8; 8]>(seg.payload_off) {
+    if len >= HEAD_LEN {
+        if let Ok(head) = p.read_at::<[u8; HEAD_LEN]>(seg.payload_off) {
             fp.head = head;
+            fp.head_len = HEAD_LEN as u8;
+        }
+    } else if len >= 8 {
+        if let Ok(first) = p.read_at::<[u8; 8]>(seg.payload_off) {
+            fp.head[..8].copy_from_slice(&first);
             fp.head_len = 8;
+            // Bytes 8..len: the last 8 bytes hold them at their end.
+            if len > 8
+                && let Ok(last) = p.read_at::<[u8; 8]>(seg.payload_off + len - 8)
+            {
+                let tail = u64::from_le_bytes(last) >> (8 * (HEAD_LEN - len));
+                fp.head[8..].copy_from_slice(&tail.to_le_bytes());
+                fp.head_len = len as u8;
+            }
         }
     } else if len >= 4
         && let Ok(head) = p.read_at::<[u8; 4]>(seg.payload_off)
@@ -57,7 +76,7 @@ fn read_payload<P: Frame>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server
     clippy::needless_borrows_for_generic_args,
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
-pub fn track<P: Frame>(p: &P, seg: &Segment, at: &Where) -> Actions {
+pub fn track<P: Packet>(p: &P, seg: &Segment, at: &Where) -> Actions {
     let Where { ifindex, direction, sender_is_client, plaintext, now } = *at;
     let (client, server, client_port, server_port) = if sender_is_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)
@@ -81,6 +100,7 @@ pub fn track<P: Frame>(p: &P, seg: &Segment, at: &Where) -> Actions {
         payload_len: seg.payload_len,
         ends_line: true,
         plaintext,
+        ingress_only: P::INGRESS_ONLY,
         ..FlowPacket::default()
     };
     if plaintext && seg.payload_len > 0 {
@@ -91,7 +111,7 @@ pub fn track<P: Frame>(p: &P, seg: &Segment, at: &Where) -> Actions {
     // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
     // a state change of that flow, never a count in the exact counters.
     let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
-    let actions = step(&mut st, stored.is_some(), &fp, now);
+    let actions = step(&mut st, stored.is_some(), &fp, now, config().handshake_timeout_ns);
     if actions.delete {
         if FLOWS.remove(&key).is_ok() {
             bump(Stat::FlowDeletes);

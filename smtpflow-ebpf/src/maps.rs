@@ -49,7 +49,7 @@ static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
 
 /// One entry per SMTP connection attempt, advanced by [`crate::flow::track`]; resized by the
-/// loader (`--max-flows`). Userspace sweeps the entries whose handshake timed out.
+/// loader (`--max-flows`). Userspace's sweep reads it (timeouts) and deletes idle entries.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
@@ -134,6 +134,7 @@ fn add_one(slot: *mut u64) {
 pub enum PeerSlot {
     Event(usize),
     Outcome(usize),
+    Throttled,
 }
 
 // Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
@@ -152,6 +153,7 @@ pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
                 // (6.1) would walk with contradictory bounds.
                 PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
                 PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
+                PeerSlot::Throttled => Some(&raw mut (*c).throttled),
             }
         }
     };

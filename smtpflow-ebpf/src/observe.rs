@@ -146,11 +146,22 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     if let Some(ns) = a.greeting_ns {
         observe_duration(&HistKey::new(scope, HistKind::Greeting), ns);
     }
-    if let Some(code) = a.reply {
+    if let Some(reply) = a.reply {
+        let code = reply.code;
         count_in_scope(Counter::Reply(code));
+        if code >= 400 {
+            count_in_scope(Counter::ReplyStatus(code, reply.status));
+        }
         if a.greeting {
             count_in_scope(Counter::Greeting(code));
             count_peer_greeting(&PeerGreetingKey { peer: *peer, code, _pad: [0; 2] });
         }
+    }
+    if a.throttled {
+        count_in_scope(Counter::Throttled);
+        count_peer(peer, PeerSlot::Throttled);
+    }
+    if let Some(stage) = a.starttls {
+        count_in_scope(Counter::Starttls(stage));
     }
 }

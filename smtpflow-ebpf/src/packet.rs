@@ -76,6 +76,9 @@ impl<const N: usize> Fields for SkbHeader<N> {
 
 /// A packet as a program receives it.
 pub trait Packet: Frame {
+    /// Seen where only ingress is visible (XDP): the local host's packets never show.
+    const INGRESS_ONLY: bool;
+
     /// The interface the packet was seen on.
     fn ifindex(&self) -> u32;
 
@@ -249,6 +252,8 @@ impl Frame for XdpContext {
 }
 
 impl Packet for XdpContext {
+    const INGRESS_ONLY: bool = true;
+
     #[inline(always)]
     fn ifindex(&self) -> u32 {
         self.ingress_ifindex() as u32
@@ -319,6 +324,8 @@ impl Frame for TcContext {
 }
 
 impl Packet for TcContext {
+    const INGRESS_ONLY: bool = false;
+
     #[inline(always)]
     fn ifindex(&self) -> u32 {
         // SAFETY: the context pointer is valid for the duration of the program.

@@ -93,8 +93,10 @@ pub struct ObserveArgs {
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_flows: u32,
 
-    /// A SYN with no SYN-ACK or RST after this long is a `timeout` handshake.
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    /// A SYN with no SYN-ACK or RST after this long is a `timeout` handshake (an answer later
+    /// than this counts no outcome). The default sits between Linux's SYN retransmissions at 3 s
+    /// and 7 s.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
     /// SMTP ports carrying plaintext SMTP, whose server replies are read (a subset of --ports;
@@ -368,7 +370,7 @@ mod tests {
         assert_eq!(w.max_peers, 65536);
         assert_eq!(w.interval, Duration::from_secs(1));
         assert_eq!(w.max_flows, 262_144);
-        assert_eq!(w.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(w.handshake_timeout, Duration::from_secs(5));
         assert_eq!(w.plaintext_ports(), vec![25, 587]);
         assert!(w.validate().is_ok());
         let odd =

@@ -26,6 +26,9 @@ pub const GREETINGS: &str = "smtpflow_smtp_greetings_total";
 pub const PEER_GREETINGS: &str = "smtpflow_peer_smtp_greetings_total";
 pub const GREET_BUCKET: &str = "smtpflow_greeting_duration_seconds_bucket";
 pub const GREET_COUNT: &str = "smtpflow_greeting_duration_seconds_count";
+pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
+pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
+pub const STARTTLS: &str = "smtpflow_starttls_total";
 
 // Host pressure.
 pub const CT_STAT: &str = "smtpflow_conntrack_stat_total";

@@ -46,8 +46,11 @@ impl Observer {
         let pressure = pressure::Reader::from_env()?;
         let ifaces =
             args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
-        let config =
+        let mut config =
             Config::from_ports(&args.ports.0, &args.plaintext_ports()).context("too many ports")?;
+        // The kernel decides from this whether an answer came in time; the sweep uses the same.
+        config.handshake_timeout_ns =
+            u64::try_from(args.handshake_timeout.as_nanos()).unwrap_or(u64::MAX);
         let (drop_config, drop_reasons) = match drop_reasons::prepare() {
             Ok((c, r)) => (c, Some(r)),
             Err(e) => {

@@ -1,12 +1,17 @@
 //! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
 //! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
-//! and sweeping the flow map for handshakes that timed out (the one outcome decided here, since
-//! it is the absence of a packet).
+//! and sweeping the flow map for handshakes that timed out (the one outcome counted here, since
+//! it is the absence of a packet) and for idle flows.
+//!
+//! The sweep never writes a flow entry: the kernel decides from its own clock whether an answer
+//! came in time ([`smtpflow_common::flow::step`]); the sweep reads `CLOCK_MONOTONIC` (the same
+//! clock) and counts each attempt with no answer in time once, remembering what it counted
+//! ([`Timeouts`]). It deletes only entries not written for [`flow::IDLE_NS`].
 pub mod batch;
 pub mod peers;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,7 +21,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{
-        HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
 };
 use std::os::fd::AsFd as _;
@@ -25,8 +30,7 @@ use self::peers::{PeerReader, PeerView, ReadSchedule};
 use lru::LruCache;
 use smtpflow_common::{
     Counter, CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey,
-    HistKind, Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow::state,
-    names,
+    HistKind, Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
 };
 
 /// Most peers whose timed-out handshakes are counted one by one (the least recently timed out
@@ -35,9 +39,8 @@ use smtpflow_common::{
 /// that would be some 90 MiB for counts nobody reads.
 const PEER_TIMEOUTS_KEPT: usize = 65_536;
 
-/// `bpf_map_update_elem` flags: create only; update only.
+/// `bpf_map_update_elem` flags: create only.
 const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 /// Owned handles on the kernel maps, and what userspace itself counts.
 pub struct Maps {
@@ -62,16 +65,77 @@ struct Totals {
     nr_cpus: usize,
 }
 
-/// The flow map, swept for handshakes that timed out, and the timeouts counted.
+/// The flow map, swept for handshakes that timed out and for idle flows, and the timeouts
+/// counted.
 struct FlowSweep {
     flows: HashMap<MapData, FlowKey, FlowState>,
-    /// A second handle on the flow map, to mark timed-out flows while `flows` lists it.
-    marker: HashMap<MapData, FlowKey, FlowState>,
-    handshake_timeout: Duration,
-    /// Timed-out handshakes.
-    timeouts: BTreeMap<Scope, u64>,
+    timeouts: Timeouts,
     /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
     peer_timeouts: LruCache<PeerKey, u64>,
+    /// Idle flows found by the last listing, deleted after it.
+    idle: Vec<FlowKey>,
+    /// Flows the sweep deleted (idle), for the eviction estimate.
+    deleted: u64,
+}
+
+/// The handshake timeouts the sweep counts: pure bookkeeping over listings of the flow map, so
+/// that the decision can be tested against the kernel's state machine without a kernel.
+///
+/// An attempt is counted once, when a listing shows it [`flow::sweep`]-timed-out: its first SYN
+/// older than the timeout plus a grace, and no answer in time. It is remembered by flow key and
+/// first-SYN time until a listing no longer shows it timed out (the flow left the map, or a new
+/// attempt reused its ports), so at most as many attempts are remembered as the map holds
+/// (`--max-flows`).
+pub struct Timeouts {
+    timeout_ns: u64,
+    /// Attempts counted and still in the map, by flow key and first-SYN time.
+    counted: HashSet<(FlowKey, u64)>,
+    /// The counted attempts the current listing showed.
+    seen: HashSet<(FlowKey, u64)>,
+    /// Timed-out handshakes by scope.
+    by_scope: BTreeMap<Scope, u64>,
+}
+
+impl Timeouts {
+    pub fn new(handshake_timeout: Duration) -> Self {
+        Self {
+            timeout_ns: u64::try_from(handshake_timeout.as_nanos()).unwrap_or(u64::MAX),
+            counted: HashSet::new(),
+            seen: HashSet::new(),
+            by_scope: BTreeMap::new(),
+        }
+    }
+
+    /// One entry of a listing read at or after `now`: whether the attempt timed out and was
+    /// not counted before (now it is), and whether the entry is idle.
+    pub fn entry(&mut self, key: &FlowKey, st: &FlowState, now: u64) -> (bool, bool) {
+        let swept = flow::sweep(st, now, self.timeout_ns);
+        let mut counted = false;
+        if swept.timeout {
+            let attempt = (*key, st.syn_ns);
+            counted = !self.counted.contains(&attempt);
+            if counted {
+                self.counted.insert(attempt);
+                if let Some(direction) = Direction::from_repr(key.direction) {
+                    let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
+                    *self.by_scope.entry(scope).or_default() += 1;
+                }
+            }
+            self.seen.insert(attempt);
+        }
+        (counted, swept.idle)
+    }
+
+    /// Ends a listing: forgets the counted attempts it did not show.
+    pub fn finish(&mut self) {
+        std::mem::swap(&mut self.counted, &mut self.seen);
+        self.seen.clear();
+    }
+
+    /// Attempts remembered (at most the flows in the map).
+    pub fn remembered(&self) -> usize {
+        self.counted.len()
+    }
 }
 
 /// The per-peer maps: how they are read, when, and the last reading.
@@ -190,19 +254,6 @@ fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
-/// A second handle on an LRU hash map (a duplicate of its descriptor).
-fn second_handle<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
-    name: &str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let fd = map.map().fd().as_fd().try_clone_to_owned().with_context(|| {
-        format!("duplicating the {name} map's descriptor (out of descriptors?)")
-    })?;
-    let data = MapData::from_fd(fd).with_context(|| format!("reopening the {name} map"))?;
-    HashMap::try_from(Map::LruHashMap(data))
-        .with_context(|| format!("map {name} has an unexpected type"))
-}
-
 impl Maps {
     /// `max_peer_series`: how many peers the per-peer readings keep for export (0: none).
     pub fn take(
@@ -213,7 +264,6 @@ impl Maps {
         max_peer_series: usize,
     ) -> anyhow::Result<Self> {
         let flows = take(ebpf, names::MAP_FLOWS)?;
-        let marker = second_handle(&flows, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
             totals: Totals {
@@ -225,12 +275,12 @@ impl Maps {
             },
             sweep: FlowSweep {
                 flows,
-                marker,
-                handshake_timeout,
-                timeouts: BTreeMap::new(),
+                timeouts: Timeouts::new(handshake_timeout),
                 peer_timeouts: LruCache::new(
                     NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
                 ),
+                idle: Vec::new(),
+                deleted: 0,
             },
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
@@ -276,7 +326,7 @@ impl Maps {
                     Err(e) => return Err(e).context("seeding the histograms map"),
                 }
             }
-            self.sweep.timeouts.entry(scope).or_default();
+            self.sweep.timeouts.by_scope.entry(scope).or_default();
         }
         Ok(())
     }
@@ -326,7 +376,7 @@ impl Maps {
         self.peer_evictions = self
             .peer_evictions
             .max(stats[Stat::PeerInserts as usize].saturating_sub(u64::from(self.peers_capacity)));
-        let flow_gone = stats[Stat::FlowDeletes as usize] + flows as u64;
+        let flow_gone = stats[Stat::FlowDeletes as usize] + self.sweep.deleted + flows as u64;
         self.flow_evictions =
             self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
         let drain_seconds = started.elapsed().as_secs_f64();
@@ -338,7 +388,7 @@ impl Maps {
             hists,
             peers: self.peers.view.clone(),
             peers_fresh: read_peers,
-            timeouts: self.sweep.timeouts.clone(),
+            timeouts: self.sweep.timeouts.by_scope.clone(),
             stats,
             peer_evictions: self.peer_evictions,
             peers_capacity: self.peers_capacity,
@@ -379,37 +429,56 @@ impl Totals {
 }
 
 impl FlowSweep {
-    /// Marks pending handshakes older than the timeout as timed out and counts them, while
-    /// listing the flow map once (that listing is also the number of live flows, returned). The
-    /// flows stay, so that a late retransmission or answer is recognised and adds no second
-    /// outcome.
+    /// Lists the flow map once: counts the attempts that timed out (each once), then deletes
+    /// the idle flows. Returns the number of live flows the listing saw. Never writes an entry.
     fn sweep(&mut self) -> anyhow::Result<usize> {
+        // Read before the listing: an entry is read at or after `now`, so one shown pending
+        // with its first SYN older than the timeout plus the grace had no answer in time.
         let now = monotonic_ns();
-        let limit = self.handshake_timeout.as_nanos() as u64;
-        let mut failed = None;
+        let (timeouts, peer_timeouts, idle) =
+            (&mut self.timeouts, &mut self.peer_timeouts, &mut self.idle);
+        idle.clear();
         let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
-            let expired = st.state == state::SYN_SENT && now.saturating_sub(st.syn_ns) > limit;
-            if !expired || failed.is_some() {
-                return;
+            let (timed_out, is_idle) = timeouts.entry(key, st, now);
+            if timed_out {
+                *peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
             }
-            match mark_timed_out(&mut self.marker, key) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    failed = Some(e);
-                    return;
-                }
+            if is_idle {
+                idle.push(*key);
             }
-            if let Some(direction) = Direction::from_repr(key.direction) {
-                let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
-                *self.timeouts.entry(scope).or_default() += 1;
-            }
-            *self.peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
         })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(live),
+        timeouts.finish();
+        for key in std::mem::take(&mut self.idle) {
+            if delete_idle(&mut self.flows, &key, now)? {
+                self.deleted += 1;
+            }
         }
+        Ok(live)
+    }
+}
+
+/// Deletes a flow found idle if it still is. A packet of the flow between this look and the
+/// delete (the kernel updates entries in place) loses only that flow's state: the connection
+/// had been silent for [`flow::IDLE_NS`], its outcome was decided long before (and a timeout already
+/// counted: the sweep counts before it deletes, and the idle time is far longer than the
+/// timeout), so its later packets find no flow and count as for a connection not seen starting
+/// (resets as `session`, no reply codes). Nothing is counted twice.
+fn delete_idle(
+    flows: &mut HashMap<MapData, FlowKey, FlowState>,
+    key: &FlowKey,
+    now: u64,
+) -> anyhow::Result<bool> {
+    match flows.get(key, 0) {
+        Ok(st) if flow::sweep(&st, now, u64::MAX).idle => {}
+        _ => return Ok(false),
+    }
+    match flows.remove(key) {
+        Ok(()) => Ok(true),
+        // Evicted or ended meanwhile.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e).context("deleting an idle flow"),
     }
 }
 
@@ -437,27 +506,6 @@ impl PeerMaps {
     }
 }
 
-/// Marks a flow timed out if it still waits for an answer (one may have arrived since it was
-/// listed). `Ok(false)`: nothing to decide any more.
-fn mark_timed_out(
-    flows: &mut HashMap<MapData, FlowKey, FlowState>,
-    key: &FlowKey,
-) -> anyhow::Result<bool> {
-    let mut st = match flows.get(key, 0) {
-        Ok(st) if st.state == state::SYN_SENT => st,
-        _ => return Ok(false),
-    };
-    st.state = state::TIMED_OUT;
-    match flows.insert(key, st, BPF_EXIST) {
-        Ok(()) => Ok(true),
-        // Evicted or reset meanwhile.
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
-        Err(e) => Err(e).context("marking a timed-out flow"),
-    }
-}
-
 /// The per-peer entry a timed-out handshake belongs to: the peer is the client of inbound
 /// connections and the server of outbound ones.
 fn timed_out_peer(key: &FlowKey) -> PeerKey {
@@ -481,3 +529,200 @@ fn scopes<'a>(ifindexes: &'a [u32], ports: &'a [u16]) -> impl Iterator<Item = Sc
 }
 
 const _: () = assert!(HIST_BUCKETS == 18 && FAMILY_V4 == 4);
+
+#[cfg(test)]
+mod tests {
+    use smtpflow_common::{
+        Outcome,
+        flow::{FlowPacket, IDLE_NS, step},
+        rules::tcp_flags::{ACK, RST, SYN},
+    };
+
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000 * MS;
+    const TIMEOUT: u64 = 5 * S;
+    const SYN_AT: u64 = 10 * S;
+
+    fn key() -> FlowKey {
+        FlowKey {
+            ifindex: 2,
+            client: [10; 16],
+            server: [20; 16],
+            client_port: 40000,
+            server_port: 25,
+            family: FAMILY_V4,
+            direction: Direction::Outbound as u8,
+            _pad: [0; 2],
+        }
+    }
+
+    fn pkt(flags: u8, from_client: bool) -> FlowPacket {
+        FlowPacket { flags, from_client, seq: 7, ends_line: true, ..FlowPacket::default() }
+    }
+
+    /// How an attempt is answered, `at` after its first SYN.
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        SynAck,
+        /// A SYN-ACK, then a RST from the server 10 ms later (a late answer quickly closed).
+        SynAckThenRst,
+        Rst,
+        /// The client's ACK (XDP, which sees no SYN-ACK).
+        ClientAck,
+        Never,
+    }
+
+    /// The packets of one attempt, by the time the kernel read its clock for each: the SYN,
+    /// its retransmissions after 1 s and 3 s (as Linux sends them) while it is not answered,
+    /// and the answer.
+    fn attempt(answer: Answer, at: u64) -> Vec<(u64, FlowPacket)> {
+        let t = SYN_AT + at;
+        let mut p: Vec<(u64, FlowPacket)> = [SYN_AT, SYN_AT + S, SYN_AT + 3 * S]
+            .into_iter()
+            .filter(|&syn| syn == SYN_AT || syn < t)
+            .map(|syn| (syn, pkt(SYN, true)))
+            .collect();
+        match answer {
+            Answer::SynAck => p.push((t, pkt(SYN | ACK, false))),
+            Answer::SynAckThenRst => {
+                p.push((t, pkt(SYN | ACK, false)));
+                p.push((t + 10 * MS, pkt(RST | ACK, false)));
+            }
+            Answer::Rst => p.push((t, pkt(RST | ACK, false))),
+            Answer::ClientAck => p.push((t, pkt(ACK, true))),
+            Answer::Never => {}
+        }
+        p.sort_by_key(|(t, _)| *t);
+        p
+    }
+
+    /// The flow entry after the packets written by `at` (each written `write_delay` after its
+    /// clock read), as a map holds it; and the outcomes the kernel counted for them.
+    fn kernel(
+        packets: &[(u64, FlowPacket)],
+        at: u64,
+        write_delay: u64,
+    ) -> (Option<FlowState>, Vec<Outcome>) {
+        let mut entry: Option<FlowState> = None;
+        let mut outcomes = Vec::new();
+        for (t, p) in packets.iter().filter(|(t, _)| t + write_delay <= at) {
+            let mut st = entry.unwrap_or_default();
+            let a = step(&mut st, entry.is_some(), p, *t, TIMEOUT);
+            outcomes.extend(a.outcome);
+            if a.delete {
+                entry = None;
+            } else if a.store {
+                entry = Some(st);
+            }
+        }
+        (entry, outcomes)
+    }
+
+    /// One attempt against sweeps every `interval`, each reading its clock and then the entry
+    /// `lag` later (a sweep in progress while the kernel goes on). Returns the kernel's outcomes
+    /// and the timeouts the sweeps counted.
+    fn race(
+        packets: &[(u64, FlowPacket)],
+        interval: u64,
+        lag: u64,
+        write_delay: u64,
+    ) -> (Vec<Outcome>, u64) {
+        let mut timeouts = Timeouts::new(Duration::from_nanos(TIMEOUT));
+        let mut now = 0;
+        while now < SYN_AT + 60 * S {
+            if let (Some(st), _) = kernel(packets, now + lag, write_delay) {
+                timeouts.entry(&key(), &st, now);
+            }
+            timeouts.finish();
+            assert!(timeouts.remembered() <= 1, "only the flow in the map is remembered");
+            now += interval;
+        }
+        let (_, outcomes) = kernel(packets, u64::MAX, 0);
+        (outcomes, timeouts.by_scope.values().sum())
+    }
+
+    /// A late SYN-ACK (or RST, or client ACK) against a sweep in progress never yields two
+    /// outcomes, nor none: whatever the order of the kernel's write and the sweep's read, an
+    /// attempt is `established`/`refused` if answered within the timeout, else one `timeout`.
+    #[test]
+    fn a_late_answer_against_a_sweep_in_progress_is_one_outcome() {
+        let grace = smtpflow_common::flow::SWEEP_GRACE_NS;
+        let ats = [
+            0,
+            S,
+            TIMEOUT - MS,
+            TIMEOUT - 1,
+            TIMEOUT,
+            TIMEOUT + 1,
+            TIMEOUT + MS,
+            TIMEOUT + grace / 2,
+            TIMEOUT + grace - 1,
+            TIMEOUT + grace,
+            TIMEOUT + grace + 1,
+            TIMEOUT + grace + 300 * MS,
+            2 * TIMEOUT,
+            8 * TIMEOUT,
+        ];
+        let answers =
+            [Answer::SynAck, Answer::SynAckThenRst, Answer::Rst, Answer::ClientAck, Answer::Never];
+        let mut runs = 0;
+        for answer in answers {
+            for at in ats {
+                let packets = attempt(answer, at);
+                for interval in [100 * MS, S, 1_300 * MS, 7 * S] {
+                    for lag in [0, 1, 200 * MS, 3 * S] {
+                        for write_delay in [0, 1_000, 900 * MS] {
+                            let (outcomes, timeouts) = race(&packets, interval, lag, write_delay);
+                            let what = format!(
+                                "{answer:?} after {at} ns; sweeps every {interval} ns reading \
+                                 {lag} ns after their clock; kernel writes {write_delay} ns \
+                                 after its clock: kernel {outcomes:?}, timeouts {timeouts}"
+                            );
+                            let in_time = at <= TIMEOUT;
+                            let want = match answer {
+                                Answer::SynAck | Answer::SynAckThenRst | Answer::ClientAck
+                                    if in_time =>
+                                {
+                                    (vec![Outcome::Established], 0)
+                                }
+                                Answer::Rst if in_time => (vec![Outcome::Refused], 0),
+                                _ => (vec![], 1),
+                            };
+                            assert_eq!((outcomes, timeouts), want, "{what}");
+                            runs += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(runs, answers.len() * ats.len() * 4 * 4 * 3);
+    }
+
+    /// Counted attempts are forgotten once the map no longer shows them; a new attempt on the
+    /// same ports (a new first SYN) is a new one.
+    #[test]
+    fn counted_attempts_are_remembered_while_in_the_map() {
+        let mut t = Timeouts::new(Duration::from_nanos(TIMEOUT));
+        let mut st = FlowState::default();
+        step(&mut st, false, &pkt(SYN, true), SYN_AT, TIMEOUT);
+        let late = SYN_AT + 7 * S;
+        assert_eq!(t.entry(&key(), &st, late), (true, false));
+        t.finish();
+        assert_eq!(t.entry(&key(), &st, late + S), (false, false), "once");
+        t.finish();
+        assert_eq!(t.remembered(), 1);
+        t.finish();
+        assert_eq!(t.remembered(), 0, "gone from the map: forgotten");
+        let mut again = pkt(SYN, true);
+        again.seq = 99;
+        step(&mut st, true, &again, late + 2 * S, TIMEOUT);
+        assert_eq!(t.entry(&key(), &st, late + 9 * S), (true, false), "a new attempt");
+        t.finish();
+        let scope = Scope { ifindex: 2, port: 25, direction: Direction::Outbound };
+        assert_eq!(t.by_scope.get(&scope), Some(&2));
+        // Idle: not written for the idle time.
+        assert!(t.entry(&key(), &st, late + 2 * S + IDLE_NS + 2 * S).1);
+    }
+}

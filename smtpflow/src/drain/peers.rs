@@ -56,10 +56,14 @@ pub enum Figure {
     Refused,
     /// Timed-out handshakes in either direction (the live view's failed handshakes).
     Timeouts,
+    /// Our sessions with a throttling reply from the peer (remote_throttling).
+    OutboundThrottled,
+    /// Our handshakes the peer answered (the base of remote_throttling's share).
+    OutboundEstablished,
 }
 
 impl Figure {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 9;
 }
 
 /// What one full read of the per-peer maps keeps. Its size is bounded by `--max-peer-series`
@@ -286,6 +290,8 @@ impl PeerReader {
         self.offer(Figure::Refused, k, refused);
         if outbound {
             self.offer(Figure::OutboundRefused, k, refused);
+            self.offer(Figure::OutboundThrottled, k, v.throttled);
+            self.offer(Figure::OutboundEstablished, k, v.outcome(Outcome::Established));
         }
     }
 
@@ -533,12 +539,16 @@ mod tests {
         let mut stalled = PeerCounters::default();
         stalled.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)] = 3;
         stalled.outcomes[Outcome::Refused as usize] = 2;
+        stalled.outcomes[Outcome::Established as usize] = 5;
+        stalled.throttled = 4;
         let (inbound, outbound) = (key(1, 25, Direction::Inbound), key(2, 25, Direction::Outbound));
         let v = PeerReader::new(0).view_of(&[(inbound, stalled), (outbound, stalled)], &[], &[]);
         assert_eq!(v.figure(Figure::ZeroWindowsSent), [(inbound, 3), (outbound, 3)]);
         assert!(v.figure(Figure::ZeroWindowsReceived).is_empty(), "zeros are not kept");
         assert_eq!(v.figure(Figure::Refused), [(inbound, 2), (outbound, 2)]);
         assert_eq!(v.figure(Figure::OutboundRefused), [(outbound, 2)]);
+        assert_eq!(v.figure(Figure::OutboundThrottled), [(outbound, 4)]);
+        assert_eq!(v.figure(Figure::OutboundEstablished), [(outbound, 5)]);
         let many: Vec<_> = (0..=255u8)
             .flat_map(|i| {
                 [

@@ -6,7 +6,9 @@ use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus::proto::{MetricFamily, MetricType};
-use smtpflow_common::{Counter, Direction, Event, HistKind, Outcome, PeerCounters, PeerKey, Side};
+use smtpflow_common::{
+    Counter, Direction, Event, HistKind, Outcome, PeerCounters, PeerKey, ReplyClass, Side,
+};
 
 use super::{
     families::{Family, Summed, encode, joined},
@@ -158,6 +160,21 @@ impl Exporter {
             MetricType::COUNTER,
             "First SMTP reply of each connection, by code.",
         );
+        let mut statuses = Family::new(
+            "smtpflow_smtp_reply_statuses_total",
+            MetricType::COUNTER,
+            "4xx and 5xx SMTP replies by code and enhanced status code (X.Y.Z, X.Y.other for a detail of 99 or more, none), and class: throttling (421, or a 4xx rate or policy limit), transient (other 4xx), permanent (5xx).",
+        );
+        let mut throttled = Family::new(
+            "smtpflow_throttled_sessions_total",
+            MetricType::COUNTER,
+            "SMTP sessions with at least one throttling reply (421, or a 4xx whose enhanced status is a rate or policy limit).",
+        );
+        let mut starttls = Family::new(
+            "smtpflow_starttls_total",
+            MetricType::COUNTER,
+            "SMTP sessions by STARTTLS stage: requested (the client sent STARTTLS), accepted (220: replies after it are encrypted and not read), refused.",
+        );
         let mut drops = Family::new(
             "smtpflow_syn_drops_total",
             MetricType::COUNTER,
@@ -186,6 +203,22 @@ impl Exporter {
                 }
                 Counter::Reply(_) => replies.add(&joined(&base, &[("code", &code)]), v),
                 Counter::Greeting(_) => greetings.add(&joined(&base, &[("code", &code)]), v),
+                Counter::ReplyStatus(c, status) => {
+                    let Some(class) = ReplyClass::of(c, status) else { continue };
+                    let label = status.label();
+                    let extra = [
+                        ("code", c.to_string()),
+                        ("status", label.as_str().to_owned()),
+                        ("class", class.label().to_owned()),
+                    ];
+                    let extra: Vec<(&str, &str)> =
+                        extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    statuses.add(&joined(&base, &extra), v);
+                }
+                Counter::Throttled => throttled.add(&joined(&base, &[]), v),
+                Counter::Starttls(stage) => {
+                    starttls.add(&joined(&base, &[("stage", stage.label())]), v)
+                }
                 Counter::SynDrop(reason) => {
                     let reason = match &self.drop_reasons {
                         Some(r) => r.name(reason),
@@ -208,7 +241,18 @@ impl Exporter {
                 *n as f64,
             );
         }
-        for f in [events, handshakes, retransmits, resets, replies, greetings, drops] {
+        for f in [
+            events,
+            handshakes,
+            retransmits,
+            resets,
+            replies,
+            greetings,
+            statuses,
+            throttled,
+            starttls,
+            drops,
+        ] {
             f.finish(out);
         }
     }

@@ -111,6 +111,45 @@ fn renders_handshakes_histograms_replies_and_drops() {
 }
 
 #[test]
+fn renders_reply_statuses_throttling_and_starttls() {
+    use smtpflow_common::{ReplyStatus, StarttlsStage};
+    let mut snap = Snapshot::default();
+    let at = scope(2, 25, Direction::Outbound);
+    for (code, status, n) in [
+        (451, ReplyStatus::new(4, 7, 1), 5),
+        (450, ReplyStatus::new(4, 7, 650), 2),
+        (421, ReplyStatus::NONE, 1),
+        (554, ReplyStatus::new(5, 7, 1), 3),
+        (250, ReplyStatus::new(2, 0, 0), 9),
+    ] {
+        snap.counters.insert((at, Counter::ReplyStatus(code, status)), n);
+    }
+    snap.counters.insert((at, Counter::Throttled), 0);
+    snap.counters.insert((at, Counter::Starttls(StarttlsStage::Accepted)), 4);
+    let text = render(&snap);
+    let base = r#"iface="eth0",direction="outbound",port="25""#;
+    for want in [
+        format!(
+            r#"smtpflow_smtp_reply_statuses_total{{{base},code="451",status="4.7.1",class="transient"}} 5"#
+        ),
+        format!(
+            r#"smtpflow_smtp_reply_statuses_total{{{base},code="450",status="4.7.other",class="throttling"}} 2"#
+        ),
+        format!(
+            r#"smtpflow_smtp_reply_statuses_total{{{base},code="421",status="none",class="throttling"}} 1"#
+        ),
+        format!(
+            r#"smtpflow_smtp_reply_statuses_total{{{base},code="554",status="5.7.1",class="permanent"}} 3"#
+        ),
+        format!("smtpflow_throttled_sessions_total{{{base}}} 0"),
+        format!(r#"smtpflow_starttls_total{{{base},stage="accepted"}} 4"#),
+    ] {
+        assert!(text.contains(&want), "missing {want}\n{text}");
+    }
+    assert!(!text.contains(r#"code="250",status"#), "no 2xx statuses");
+}
+
+#[test]
 fn prefix_labels_sum_the_peers_of_a_network() {
     let entries: Vec<_> =
         (1..=3).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i)))).collect();
@@ -163,7 +202,7 @@ fn golden_exposition() {
         diagnose::{Cause, PeerName},
         host::pressure::{CONNTRACK_STATS, Conntrack, Pressure, StatsSource, TCP_STATS},
     };
-    use smtpflow_common::{Phase, Stat};
+    use smtpflow_common::{Phase, ReplyStatus, Stat, reply::KERNEL_STARTTLS_STAGES};
     use std::collections::BTreeMap;
 
     let mut snap = Snapshot::default();
@@ -180,6 +219,15 @@ fn golden_exposition() {
         snap.counters.insert((at, Counter::Reply(250)), 40);
         snap.counters.insert((at, Counter::Greeting(220)), 8);
         snap.counters.insert((at, Counter::Greeting(421)), 1);
+        snap.counters.insert((at, Counter::ReplyStatus(421, ReplyStatus::NONE)), 1);
+        snap.counters.insert((at, Counter::ReplyStatus(451, ReplyStatus::new(4, 7, 1))), 5);
+        snap.counters.insert((at, Counter::ReplyStatus(450, ReplyStatus::new(4, 7, 650))), 2);
+        snap.counters.insert((at, Counter::ReplyStatus(450, ReplyStatus::new(4, 7, 150))), 1);
+        snap.counters.insert((at, Counter::ReplyStatus(550, ReplyStatus::new(5, 1, 1))), 3);
+        snap.counters.insert((at, Counter::Throttled), 3);
+        for (i, stage) in KERNEL_STARTTLS_STAGES.into_iter().enumerate() {
+            snap.counters.insert((at, Counter::Starttls(stage)), 7 - i as u64);
+        }
         snap.timeouts.insert(at, 4);
         let mut h = Histogram::ZERO;
         h.buckets[3] = 5;
