@@ -3,7 +3,7 @@
 //! the flow's stored state) and the unit tests below drive directly.
 use crate::{
     StarttlsStage,
-    reply::{HEAD_LEN, Reply, parse_reply},
+    reply::{HEAD_LEN, Reply, read_reply},
     rules::tcp_flags::{ACK, FIN, RST, SYN},
 };
 
@@ -209,10 +209,11 @@ pub struct FlowPacket {
     pub from_client: bool,
     pub seq: u32,
     pub payload_len: u32,
-    /// The first payload bytes (zero-filled past what was read).
-    pub head: [u8; HEAD_LEN],
-    /// How many bytes of `head` were read.
-    pub head_len: u8,
+    /// The reply line the payload starts with ([`Reply::NONE`] if none;
+    /// [`FlowPacket::read_head`]).
+    pub reply: Reply,
+    /// The payload starts with `STARTTLS` ([`FlowPacket::read_head`]).
+    pub starttls: bool,
     /// Whether the payload's last byte is `\n` (`true` also when it could not be read).
     pub ends_line: bool,
     /// Replies on this port are read (plaintext SMTP).
@@ -220,6 +221,16 @@ pub struct FlowPacket {
     /// Seen where only ingress is visible (XDP): the local host's packets never show, so the
     /// client's FIN or RST ends an inbound connection.
     pub ingress_only: bool,
+}
+
+impl FlowPacket {
+    /// Reads what the state machine needs from the payload's first bytes (`len` of them were
+    /// read; the rest of `head` is zero): the reply line it starts with, or STARTTLS.
+    #[inline(always)]
+    pub fn read_head(&mut self, head: &[u8; HEAD_LEN], len: u8) {
+        self.reply = read_reply(head, len);
+        self.starttls = is_starttls(head, len);
+    }
 }
 
 /// What to count and store after a packet.
@@ -384,7 +395,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
     // A flow whose attempt was late is kept for the sweep.
     let may_end = st.flags & flag::LATE == 0;
     if p.from_client {
-        if reading && st.flags & flag::STARTTLS_PENDING == 0 && is_starttls(&p.head, p.head_len) {
+        if reading && st.flags & flag::STARTTLS_PENDING == 0 && p.starttls {
             st.flags |= flag::STARTTLS_PENDING;
             a.starttls = Some(StarttlsStage::Requested);
             a.store = true;
@@ -413,10 +424,8 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             a.greeting_ns = Some(now.saturating_sub(st.established_ns));
         }
     }
-    if reading
-        && st.flags & flag::MID_LINE == 0
-        && let Some(reply) = parse_reply(&p.head, p.head_len)
-    {
+    if reading && st.flags & flag::MID_LINE == 0 && p.reply.is_some() {
+        let reply = p.reply;
         a.reply = Some(reply);
         if st.flags & flag::REPLIED == 0 {
             a.greeting = true;
@@ -489,16 +498,18 @@ mod tests {
         FlowPacket { flags, from_client, plaintext: true, ends_line: true, ..Default::default() }
     }
 
-    /// What the kernel reads of a payload: nothing under 4 bytes, 4 under 8, else up to
-    /// [`HEAD_LEN`].
+    /// What the kernel reads of a payload: nothing under 4 bytes, 4 under 8, 8 under
+    /// [`HEAD_LEN`], else [`HEAD_LEN`].
     fn read_head(p: &mut FlowPacket, text: &[u8]) {
         let n = match text.len() {
             0..4 => 0,
             4..8 => 4,
-            n => n.min(HEAD_LEN),
+            8..HEAD_LEN => 8,
+            _ => HEAD_LEN,
         };
-        p.head[..n].copy_from_slice(&text[..n]);
-        p.head_len = n as u8;
+        let mut head = [0; HEAD_LEN];
+        head[..n].copy_from_slice(&text[..n]);
+        p.read_head(&head, n as u8);
     }
 
     fn data(from_client: bool, seq: u32, text: &[u8]) -> FlowPacket {
@@ -662,10 +673,12 @@ mod tests {
         let rest = f.feed(data(false, 159, b"250 looks like a code\r\n"), 56_000);
         assert_eq!(rest.reply, None, "mid-line payload must not count");
         assert_eq!(code(f.feed(data(false, 182, b"554 no\r\n"), 57_000)), Some(554));
-        // Short segments: the status is read to the payload's end.
+        // Segments under 16 bytes are read to their first 8: the code counts, not the status.
         let short = f.feed(data(false, 190, b"452 4.5.3\r\n"), 58_000);
-        assert_eq!(short.reply.map(|r| r.status), Some(ReplyStatus::new(4, 5, 3)));
-        let shortest = f.feed(data(false, 201, b"421 4\r\n"), 59_000);
+        assert_eq!(short.reply, Some(Reply { code: 452, status: ReplyStatus::NONE }));
+        let sixteen = f.feed(data(false, 201, b"452 4.5.3 many\r\n"), 58_500);
+        assert_eq!(sixteen.reply.map(|r| r.status), Some(ReplyStatus::new(4, 5, 3)));
+        let shortest = f.feed(data(false, 217, b"421 4\r\n"), 59_000);
         assert_eq!(shortest.reply, Some(Reply { code: 421, status: ReplyStatus::NONE }));
     }
 

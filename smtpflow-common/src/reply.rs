@@ -201,7 +201,10 @@ crate::labelled_enum! {
 pub const KERNEL_STARTTLS_STAGES: [StarttlsStage; 3] =
     [StarttlsStage::Requested, StarttlsStage::Accepted, StarttlsStage::Refused];
 
-/// A reply line's start: its code and enhanced status.
+/// A reply line's start: its code and enhanced status. Code 0: no reply line
+/// ([`Reply::NONE`]). A plain struct rather than an `Option`: the kernel stores it whole, and
+/// an `Option`'s payload is undefined when empty, which LLVM may then compute with from an
+/// unset register (the verifier refuses that).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Reply {
     pub code: u16,
@@ -209,6 +212,14 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// No reply line.
+    pub const NONE: Self = Self { code: 0, status: ReplyStatus::NONE };
+
+    /// Whether this is a reply line.
+    pub const fn is_some(self) -> bool {
+        self.code != 0
+    }
+
     /// [`is_throttling`] for this reply.
     pub const fn is_throttling(self) -> bool {
         self.code == 421 || (self.code / 100 == 4 && self.status.is_limit())
@@ -218,25 +229,41 @@ impl Reply {
 /// The code of an SMTP reply line (`NNN ` or `NNN-`, 2xx to 5xx) at the start of `head`.
 #[inline(always)]
 pub fn reply_code(head: &[u8; HEAD_LEN], len: u8) -> Option<u16> {
+    let code = code_or_zero(head, len);
+    if code != 0 { Some(code) } else { None }
+}
+
+/// [`reply_code`], 0 for none: defined on every path.
+#[inline(always)]
+fn code_or_zero(head: &[u8; HEAD_LEN], len: u8) -> u16 {
     if len < 4 {
-        return None;
+        return 0;
     }
     let [a, b, c, sep, ..] = *head;
     if !(b'2'..=b'5').contains(&a) || !b.is_ascii_digit() || !c.is_ascii_digit() {
-        return None;
+        return 0;
     }
     if sep != b' ' && sep != b'-' {
-        return None;
+        return 0;
     }
-    Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+    u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')
 }
 
 /// The reply line at the start of `head` (of which `len` bytes were read): its code, and the
-/// enhanced status code right after it, if any.
+/// enhanced status code right after it, if any; [`Reply::NONE`] when `head` starts no reply.
 #[inline(always)]
+pub fn read_reply(head: &[u8; HEAD_LEN], len: u8) -> Reply {
+    let code = code_or_zero(head, len);
+    if code == 0 {
+        return Reply::NONE;
+    }
+    Reply { code, status: parse_status((code / 100) as u8, head, len) }
+}
+
+/// [`read_reply`] as an `Option`.
 pub fn parse_reply(head: &[u8; HEAD_LEN], len: u8) -> Option<Reply> {
-    let code = reply_code(head, len)?;
-    Some(Reply { code, status: parse_status((code / 100) as u8, head, len) })
+    let r = read_reply(head, len);
+    if r.is_some() { Some(r) } else { None }
 }
 
 /// The enhanced status code `X.Y.Z` after the 4 bytes of the reply code and separator: `X` must

@@ -10,63 +10,73 @@ use smtpflow_common::{
 
 use crate::{
     maps::{FLOWS, bump, config},
-    packet::Packet,
+    packet::{Packet, opaque},
     parse::Segment,
 };
 
-/// Where a packet belongs: what `track` needs besides the segment (one argument, as BPF calls
-/// take at most five).
+/// Where a packet belongs: what `track` needs besides the segment and the packet (one argument,
+/// as BPF calls take at most five).
 #[derive(Clone, Copy)]
 pub struct Where {
     pub ifindex: u32,
     pub direction: Direction,
-    pub sender_is_client: bool,
-    /// Replies on this port are read.
-    pub plaintext: bool,
     pub now: u64,
 }
 
-/// Reads what the state machine needs from the payload: its first bytes (a reply code with
-/// its enhanced status, or STARTTLS) and whether it ends a line.
+/// Reads what the state machine needs from the payload into `fp`: the reply line or STARTTLS
+/// its first bytes hold, and whether it ends a line. Its own subprogram, called beside
+/// [`track`] (not from it), so that the head and its parsing take stack in a frame of their
+/// own, not in the chain of calls the verifier adds up.
 ///
-/// Up to [`HEAD_LEN`] bytes: 16 in one read when the payload has them; a shorter payload of 8
-/// or more is read as its first 8 and its last 8 bytes (overlapping), the tail shifted into
-/// place, so that a short `451 4.7.1\r\n` is read whole; under 8, its first 4.
-#[inline(always)]
-fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_server: bool) {
+/// [`HEAD_LEN`] (16) bytes in two loads when the payload has them, else 8, else 4, each at a
+/// constant offset from the payload's start: a read ending at the payload's end (the last 8 of
+/// a shorter payload) is at a variable offset LLVM re-derives below the checked pointer, which
+/// the verifier refuses. A reply segment of 9 to 15 bytes (`452 4.5.3\r\n`, with no text) is
+/// read to its first 8: its code counts, its status reads as none.
+#[inline(never)]
+pub fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket) {
     let len = seg.payload_len as usize;
-    if len >= HEAD_LEN {
-        if let Ok(head) = p.read_at::<[u8; HEAD_LEN]>(seg.payload_off) {
-            fp.head = head;
-            fp.head_len = HEAD_LEN as u8;
-        }
-    } else if len >= 8 {
-        if let Ok(first) = p.read_at::<[u8; 8]>(seg.payload_off) {
-            fp.head[..8].copy_from_slice(&first);
-            fp.head_len = 8;
-            // Bytes 8..len: the last 8 bytes hold them at their end.
-            if len > 8
-                && let Ok(last) = p.read_at::<[u8; 8]>(seg.payload_off + len - 8)
-            {
-                let tail = u64::from_le_bytes(last) >> (8 * (HEAD_LEN - len));
-                fp.head[8..].copy_from_slice(&tail.to_le_bytes());
-                fp.head_len = len as u8;
-            }
+    let off = seg.payload_off;
+    let mut head = [0u8; HEAD_LEN];
+    let mut head_len = 0;
+    // Whole words (one load each, in memory order): read as bytes, LLVM loads and spills them
+    // one by one.
+    if len >= 8
+        && let Ok(first) = p.load::<u64>(off)
+    {
+        head[..8].copy_from_slice(&first.to_ne_bytes());
+        head_len = 8;
+        if len >= HEAD_LEN
+            && let Ok(second) = p.load::<u64>(off + 8)
+        {
+            head[8..].copy_from_slice(&second.to_ne_bytes());
+            head_len = HEAD_LEN as u8;
         }
     } else if len >= 4
-        && let Ok(head) = p.read_at::<[u8; 4]>(seg.payload_off)
+        && let Ok(first) = p.load::<u32>(off)
     {
-        fp.head[..4].copy_from_slice(&head);
-        fp.head_len = 4;
+        head[..4].copy_from_slice(&first.to_ne_bytes());
+        head_len = 4;
     }
-    if from_server && len > 0 {
-        // The last byte, read as the second of two: a used one-byte packet read lets LLVM turn
-        // `p + 1 > end` into `p >= end`, which gives the verifier no range. The byte before the
-        // payload always exists (the TCP header's last). Unreadable (past what we inspect):
-        // assume the segment ended a line, as SMTP replies do.
-        fp.ends_line =
-            p.read_at::<[u8; 2]>(seg.payload_off + len - 2).map_or(true, |[_, last]| last == b'\n');
+    fp.read_head(&head, head_len);
+    if !fp.from_client && len > 0 {
+        fp.ends_line = ends_line(p, off + len - 2);
     }
+}
+
+/// Whether the payload's last byte, the second of the two at `last_two`, is `\n`. Read as the
+/// second of two: a used one-byte packet read lets LLVM turn `p + 1 > end` into `p >= end`,
+/// which gives the verifier no range; the byte before the payload always exists (the TCP
+/// header's last). Unreadable (past what we inspect): assume the segment ended a line, as SMTP
+/// replies do.
+#[inline(always)]
+fn ends_line<P: Packet>(p: &P, last_two: usize) -> bool {
+    // One 16-bit load, its error path given a value, and the value made opaque: otherwise LLVM
+    // tests the loaded bits speculatively, on the error path too, where the register is unset
+    // (it held the context pointer, and the verifier refuses masking a pointer).
+    let v = p.load::<u16>(last_two).unwrap_or(u16::from_ne_bytes([0, b'\n']));
+    let [_, last] = (opaque(usize::from(v)) as u16).to_ne_bytes();
+    last == b'\n'
 }
 
 /// Advances the packet's flow and returns what to count. Not inlined: a BPF subprogram has its
@@ -76,9 +86,9 @@ fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket, from_serve
     clippy::needless_borrows_for_generic_args,
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
-pub fn track<P: Packet>(p: &P, seg: &Segment, at: &Where) -> Actions {
-    let Where { ifindex, direction, sender_is_client, plaintext, now } = *at;
-    let (client, server, client_port, server_port) = if sender_is_client {
+pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
+    let Where { ifindex, direction, now } = *at;
+    let (client, server, client_port, server_port) = if fp.from_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)
     } else {
         (seg.dst, seg.src, seg.dst_port, seg.src_port)
@@ -93,25 +103,12 @@ pub fn track<P: Packet>(p: &P, seg: &Segment, at: &Where) -> Actions {
         direction: direction as u8,
         _pad: [0; 2],
     };
-    let mut fp = FlowPacket {
-        flags: seg.flags,
-        from_client: sender_is_client,
-        seq: seg.seq,
-        payload_len: seg.payload_len,
-        ends_line: true,
-        plaintext,
-        ingress_only: P::INGRESS_ONLY,
-        ..FlowPacket::default()
-    };
-    if plaintext && seg.payload_len > 0 {
-        read_payload(p, seg, &mut fp, !sender_is_client);
-    }
 
     let stored = FLOWS.get_ptr_mut(&key);
     // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
     // a state change of that flow, never a count in the exact counters.
     let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
-    let actions = step(&mut st, stored.is_some(), &fp, now, config().handshake_timeout_ns);
+    let actions = step(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns);
     if actions.delete {
         if FLOWS.remove(&key).is_ok() {
             bump(Stat::FlowDeletes);

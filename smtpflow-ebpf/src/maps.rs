@@ -129,12 +129,16 @@ fn add_one(slot: *mut u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
 }
 
-/// Which per-peer counter a packet adds to.
+/// Which per-peer counter a packet adds to. Every variant carries an index (`Throttled`'s is
+/// always 0 and unused) so that every call passes a set register for it: [`count_peer`] reads
+/// it on entry, and the verifier refuses reading an argument register a caller left unset.
 #[derive(Clone, Copy)]
 pub enum PeerSlot {
     Event(usize),
     Outcome(usize),
-    Throttled,
+    Throttled(
+        #[expect(dead_code, reason = "passed only so that the call sets its register")] usize,
+    ),
 }
 
 // Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
@@ -153,7 +157,7 @@ pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
                 // (6.1) would walk with contradictory bounds.
                 PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
                 PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
-                PeerSlot::Throttled => Some(&raw mut (*c).throttled),
+                PeerSlot::Throttled(_) => Some(&raw mut (*c).throttled),
             }
         }
     };

@@ -3,7 +3,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use smtpflow_common::{
     Counter, CounterKey, Direction, Event, HistKey, HistKind, Outcome, PeerCounters,
-    PeerGreetingKey, PeerKey, Scope, Side, Stat, classify, direction_of, flow::Actions, smtp_port,
+    PeerGreetingKey, PeerKey, Scope, Side, Stat, classify, direction_of,
+    flow::{Actions, FlowPacket},
+    smtp_port,
 };
 
 use crate::{
@@ -18,6 +20,7 @@ struct Seen {
     seg: Segment,
     peer: PeerKey,
     at: flow::Where,
+    packet: FlowPacket,
     event: Option<Event>,
 }
 
@@ -62,13 +65,8 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     let mut seen = Seen {
         seg: Segment::EMPTY,
         peer: PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 },
-        at: flow::Where {
-            ifindex,
-            direction: Direction::Inbound,
-            sender_is_client: false,
-            plaintext: false,
-            now: 0,
-        },
+        at: flow::Where { ifindex, direction: Direction::Inbound, now: 0 },
+        packet: FlowPacket::default(),
         event: None,
     };
     if !inspect(p, loc, side, &mut seen) {
@@ -77,7 +75,10 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     if let Some(event) = seen.event {
         count_event(&seen.peer, event, side);
     }
-    let actions = flow::track(p, &seen.seg, &seen.at);
+    if seen.packet.plaintext && seen.packet.payload_len > 0 {
+        flow::read_payload(p, &seen.seg, &mut seen.packet);
+    }
+    let actions = flow::track(&seen.seg, &seen.at, &seen.packet);
     record(&actions, &seen.peer, side);
 }
 
@@ -102,8 +103,16 @@ fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool
     seen.peer.direction = direction as u8;
     seen.event = classify(seg.flags, seg.window);
     seen.at.direction = direction;
-    seen.at.sender_is_client = m.sender_is_client;
-    seen.at.plaintext = config.is_plaintext(m.index);
+    seen.packet = FlowPacket {
+        flags: seg.flags,
+        from_client: m.sender_is_client,
+        seq: seg.seq,
+        payload_len: seg.payload_len,
+        ends_line: true,
+        plaintext: config.is_plaintext(m.index),
+        ingress_only: P::INGRESS_ONLY,
+        ..FlowPacket::default()
+    };
     // SAFETY: plain helper call.
     seen.at.now = unsafe { bpf_ktime_get_ns() };
     true
@@ -159,7 +168,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     }
     if a.throttled {
         count_in_scope(Counter::Throttled);
-        count_peer(peer, PeerSlot::Throttled);
+        count_peer(peer, PeerSlot::Throttled(0));
     }
     if let Some(stage) = a.starttls {
         count_in_scope(Counter::Starttls(stage));

@@ -36,6 +36,7 @@ mod corpus;
 mod crafted;
 mod mutate;
 mod programs;
+mod replies;
 
 use corpus::*;
 use mutate::*;
