@@ -430,7 +430,7 @@ impl Totals {
 
 impl FlowSweep {
     /// Lists the flow map once: counts the attempts that timed out (each once), then deletes
-    /// the idle flows. Returns the number of live flows the listing saw. Never writes an entry.
+    /// the idle flows. Returns the number of live flows left. Never writes an entry.
     fn sweep(&mut self) -> anyhow::Result<usize> {
         // Read before the listing: an entry is read at or after `now`, so one shown pending
         // with its first SYN older than the timeout plus the grace had no answer in time.
@@ -448,12 +448,14 @@ impl FlowSweep {
             }
         })?;
         timeouts.finish();
+        let mut deleted = 0;
         for key in std::mem::take(&mut self.idle) {
             if delete_idle(&mut self.flows, &key, now)? {
-                self.deleted += 1;
+                deleted += 1;
             }
         }
-        Ok(live)
+        self.deleted += deleted;
+        Ok(live.saturating_sub(deleted as usize))
     }
 }
 
