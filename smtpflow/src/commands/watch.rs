@@ -64,11 +64,8 @@ async fn serve_and_drain(
         tokio::net::TcpListener::from_std(listener).context("registering the metrics socket")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut exporter = Exporter::new(
-        obs.ifnames(),
-        obs.attached.attachments.clone(),
-        obs.drop_reasons.clone(),
-    );
+    let mut exporter =
+        Exporter::new(obs.ifnames(), obs.attached.attachments.clone(), obs.drop_reasons.clone());
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
     let mut first = obs.drain(PeerRead::Now)?;
     obs.check_ifaces(&mut first)?;

@@ -95,7 +95,10 @@ mod tests {
         };
         let p = PeerLabel::Prefix { v4: 22, v6: 64 };
         assert_eq!(p.group(4, &v4([192, 0, 7, 77])), v4([192, 0, 4, 0]));
-        assert_eq!(PeerLabel::Prefix { v4: 40, v6: 0 }.group(4, &v4([1, 2, 3, 4])), v4([1, 2, 3, 4]));
+        assert_eq!(
+            PeerLabel::Prefix { v4: 40, v6: 0 }.group(4, &v4([1, 2, 3, 4])),
+            v4([1, 2, 3, 4])
+        );
         let v6: [u8; 16] = "2001:db8:1:2:3:4:5:6".parse::<std::net::Ipv6Addr>().unwrap().octets();
         let net: [u8; 16] = "2001:db8:1:2::".parse::<std::net::Ipv6Addr>().unwrap().octets();
         assert_eq!(p.group(6, &v6), net);

@@ -249,7 +249,9 @@ impl Exporter {
                 Counted::Event(e, side) => {
                     events.add(s.value, || l.with(&[("event", e.label()), ("side", side.label())]))
                 }
-                Counted::Outcome(o) => handshakes.add(s.value, || l.with(&[("outcome", o.label())])),
+                Counted::Outcome(o) => {
+                    handshakes.add(s.value, || l.with(&[("outcome", o.label())]))
+                }
                 Counted::Greeting(code) => {
                     greetings.add(s.value, || l.with(&[("code", &code.to_string())]))
                 }
