@@ -179,17 +179,18 @@ fn is_4xx(code: u16) -> bool {
 
 /// What the reads of the per-peer map remember of each entry, to tell how much it rose since the
 /// last read (the candidates for export, by recent activity) without a copy of the map: a table
-/// of 32-bit slots (a 16-bit fingerprint of the entry's key and the low 16 bits of its total),
-/// in buckets of [`Self::WAYS`], two possible buckets per entry, with four slots per entry of the
-/// map's capacity (at most [`Self::MAX_SLOTS`], 8 MiB: under half full up to a 1M-entry map).
-/// - An entry found in its slot rose by the difference (modulo 65,536 between two reads).
+/// of 64-bit slots (a 40-bit fingerprint of the entry's key and the low 24 bits of its total), in
+/// buckets of [`Self::WAYS`], two possible buckets per entry, with two slots per entry of the
+/// map's capacity (at most [`Self::MAX_SLOTS`], 16 MiB: half full at a 1M-entry map).
+/// - An entry found in its slot rose by the difference (modulo 2²⁴ between two reads); one whose
+///   total went down was created again: all of it is recent.
 /// - An entry in no slot is new since the last read (slots of entries gone are freed at each
 ///   read): all of it is recent.
-/// - An entry whose two buckets are full of others counts as not active (under 2 % of the
-///   entries of a half-full table; about never below that).
+/// - An entry whose two buckets are full of others counts as not active (a few in a hundred of
+///   a half-full table; about never below that).
 #[derive(Debug)]
 pub struct ActivitySketch {
-    slots: Vec<u32>,
+    slots: Vec<u64>,
     /// One bit per slot: seen in this read (kept until the next read, which frees the others).
     seen: Vec<u64>,
     /// Buckets, less one (a power of two).
@@ -199,10 +200,11 @@ pub struct ActivitySketch {
 impl ActivitySketch {
     pub const MAX_SLOTS: usize = 1 << 21;
     pub const WAYS: usize = 4;
+    const LOW: u64 = (1 << 24) - 1;
 
     /// A sketch for a per-peer map of `capacity` entries.
     pub fn new(capacity: usize) -> Self {
-        let n = capacity.saturating_mul(4).next_power_of_two().clamp(1024, Self::MAX_SLOTS);
+        let n = capacity.saturating_mul(2).next_power_of_two().clamp(1024, Self::MAX_SLOTS);
         Self { slots: vec![0; n], seen: vec![0; n / 64], mask: n / Self::WAYS - 1 }
     }
 
@@ -223,16 +225,17 @@ impl ActivitySketch {
     /// How much the entry whose key hashes to `h` rose by since the last read, its total being
     /// `total`.
     pub fn observe(&mut self, h: u64, total: u64) -> u64 {
-        let fp = ((h >> 48) as u32) | 1;
-        let lo = (total & 0xffff) as u32;
-        let (a, b) = ((h as usize) & self.mask, ((h >> 24) as usize) & self.mask);
+        let fp = (h >> 24) | 1;
+        let lo = total & Self::LOW;
+        let (a, b) = ((h as usize) & self.mask, ((h >> 20) as usize) & self.mask);
         let ways = |bucket: usize| bucket * Self::WAYS..(bucket + 1) * Self::WAYS;
         let mut free = None;
         for i in ways(a).chain(ways(b)) {
             let slot = self.slots[i];
-            if slot >> 16 == fp {
+            if slot >> 24 == fp {
                 self.take(i, fp, lo);
-                return u64::from(lo.wrapping_sub(slot & 0xffff) & 0xffff);
+                let last = slot & Self::LOW;
+                return if lo >= last { lo - last } else { total };
             }
             if slot == 0 && free.is_none() {
                 free = Some(i);
@@ -247,9 +250,71 @@ impl ActivitySketch {
         }
     }
 
-    fn take(&mut self, i: usize, fp: u32, lo: u32) {
-        self.slots[i] = (fp << 16) | lo;
+    fn take(&mut self, i: usize, fp: u64, lo: u64) {
+        self.slots[i] = (fp << 24) | lo;
         self.seen[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// A keyed hasher for the per-peer series' maps, looked up once per entry of every read: the
+/// 128-bit-product folding of [`PeerReader::peer_hash`] (SipHash would cost a tenth of a read of
+/// a million entries). Keys are random per process, so crafted addresses cannot be made to
+/// collide.
+#[derive(Clone, Debug)]
+pub struct FoldState([u64; 2]);
+
+impl Default for FoldState {
+    fn default() -> Self {
+        let random = RandomState::new();
+        Self([random.hash_one(0u8) | 1, random.hash_one(1u8) | 1])
+    }
+}
+
+impl std::hash::BuildHasher for FoldState {
+    type Hasher = FoldHasher;
+
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher { h: self.0[0], k: self.0[1] }
+    }
+}
+
+#[derive(Debug)]
+pub struct FoldHasher {
+    h: u64,
+    k: u64,
+}
+
+impl std::hash::Hasher for FoldHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.h = fold(self.h ^ n, self.k);
+    }
+
+    fn finish(&self) -> u64 {
+        fold(self.h, self.k.rotate_left(32))
     }
 }
 

@@ -42,7 +42,10 @@ use smtpflow_common::{
     counter::KERNEL_OUTCOMES,
 };
 
-use super::ENTRY_SLACK;
+use super::{ENTRY_SLACK, FoldState};
+
+/// A map keyed by what every entry of a read is looked up by.
+type Fast<K, V> = HashMap<K, V, FoldState>;
 use crate::output::peer_label::PeerLabel;
 
 /// How many per-peer series are exported, and for how long an idle one stays.
@@ -133,9 +136,9 @@ struct Tracked {
     /// What the label had when it was last dropped: exported values are never below it (the
     /// series whose totals have caught up are removed).
     floor: Totals,
-    entries: HashMap<PeerKey, Seen<PeerCounters>>,
-    timeouts: HashMap<PeerKey, Seen<u64>>,
-    greetings: HashMap<PeerGreetingKey, Seen<u64>>,
+    entries: Fast<PeerKey, Seen<PeerCounters>>,
+    timeouts: Fast<PeerKey, Seen<u64>>,
+    greetings: Fast<PeerGreetingKey, Seen<u64>>,
     /// What the members rose by in this read.
     activity: u64,
     /// Recent activity: what they rose by, halved at each read.
@@ -177,7 +180,7 @@ fn rise(last: u64, now: u64) -> u64 {
 pub struct Accumulator {
     limits: SeriesLimits,
     labeler: PeerLabel,
-    labels: HashMap<LabelId, Tracked>,
+    labels: Fast<LabelId, Tracked>,
     /// The exported values of labels dropped from `labels`, for when they come back.
     dropped: LruCache<LabelId, Totals>,
     /// Members over all labels.
@@ -192,7 +195,7 @@ impl Accumulator {
         Self {
             limits,
             labeler,
-            labels: HashMap::new(),
+            labels: Fast::default(),
             dropped: LruCache::new(
                 NonZeroUsize::new(limits.tracked()).unwrap_or(NonZeroUsize::MIN),
             ),
@@ -297,9 +300,9 @@ impl Accumulator {
                     peer,
                     totals: Totals::new(),
                     floor,
-                    entries: HashMap::new(),
-                    timeouts: HashMap::new(),
-                    greetings: HashMap::new(),
+                    entries: Fast::default(),
+                    timeouts: Fast::default(),
+                    greetings: Fast::default(),
                     activity: 0,
                     recent: 0,
                     last_active: self.now,
@@ -698,16 +701,22 @@ mod tests {
     #[test]
     fn an_activity_sketch_tells_what_rose() {
         use crate::drain::peers::ActivitySketch;
+        const A: u64 = 0x9e37_79b9_7f4a_7c15;
+        const B: u64 = 0xbf58_476d_1ce4_e5b9;
         let mut s = ActivitySketch::new(1000);
         s.start();
-        assert_eq!((s.observe(7, 5), s.observe(9, 2)), (5, 2), "new: all of it");
+        assert_eq!((s.observe(A, 5), s.observe(B, 2)), (5, 2), "new: all of it");
         s.start();
-        assert_eq!((s.observe(7, 8), s.observe(9, 2)), (3, 0));
+        assert_eq!((s.observe(A, 8), s.observe(B, 2)), (3, 0));
         s.start();
-        assert_eq!(s.observe(9, 2), 0);
+        assert_eq!((s.observe(A, 8), s.observe(B, 1)), (0, 1), "created again: all of it");
         s.start();
-        // 7 was not seen in the last read: its slot was freed, it is new again.
-        assert_eq!(s.observe(7, 8), 8);
-        assert_eq!(s.observe(7, 8), 0, "seen twice in a read");
+        assert_eq!(s.observe(B, 2), 1);
+        s.start();
+        assert_eq!(s.observe(B, 2), 0);
+        s.start();
+        // A was not seen in the last read: its slot was freed, it is new again.
+        assert_eq!(s.observe(A, 8), 8);
+        assert_eq!(s.observe(A, 8), 0, "seen twice in a read");
     }
 }
