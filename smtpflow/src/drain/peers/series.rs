@@ -43,10 +43,10 @@ use smtpflow_common::{
 };
 
 use super::{ENTRY_SLACK, FoldState};
+use crate::output::peer_label::PeerLabel;
 
 /// A map keyed by what every entry of a read is looked up by.
 type Fast<K, V> = HashMap<K, V, FoldState>;
-use crate::output::peer_label::PeerLabel;
 
 /// How many per-peer series are exported, and for how long an idle one stays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
