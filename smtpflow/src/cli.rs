@@ -156,10 +156,17 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9925")]
     pub metrics_addr: SocketAddr,
 
-    /// Most peers exported as per-peer series (the most active ones), so a flood of spoofed
-    /// sources cannot explode the scrape.
+    /// Most peers exported as per-peer series (labels, with --peer-label prefix), so a flood of
+    /// spoofed sources cannot explode the scrape. New peers enter by recent activity when a
+    /// place is free; an exported series keeps its place until --peer-series-idle.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_peer_series: usize,
+
+    /// An exported per-peer series that has not increased for this long leaves the export set,
+    /// freeing its place for a newly active peer. Per-peer series only ever go up while
+    /// exported.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_series_idle)]
+    pub peer_series_idle: Duration,
 
     /// Keep every capability after attaching (by default all but CAP_NET_ADMIN are dropped once
     /// the programs are attached and the maps held).
@@ -239,6 +246,14 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
         _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.9)")),
     }
+}
+
+fn parse_series_idle(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is too short; --peer-series-idle must be at least 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

@@ -81,11 +81,17 @@ impl Observer {
             args.max_flows,
             args.handshake_timeout,
             max_peer_series,
+            labeler.clone(),
         )?;
         let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
         maps.seed(&ifindexes, config.ports())?;
         let present = vec![true; ifaces.len()];
         Ok(Self { attached, maps, ifaces, config, drop_reasons, labeler, pressure, present })
+    }
+
+    /// Sets `--peer-series-idle` (`watch` only).
+    pub fn set_peer_series_idle(&mut self, idle: Duration) {
+        self.maps.set_peer_series_idle(idle);
     }
 
     pub fn ifnames(&self) -> HashMap<u32, String> {

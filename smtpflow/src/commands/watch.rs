@@ -42,7 +42,8 @@ fn prepare(args: &WatchArgs) -> anyhow::Result<Prepared> {
         None => WebConfig::none(),
     });
     let listener = http::bind(args.metrics_addr)?;
-    let obs = Observer::start(&args.observe, args.max_peer_series)?;
+    let mut obs = Observer::start(&args.observe, args.max_peer_series)?;
+    obs.set_peer_series_idle(args.peer_series_idle);
     if !args.keep_privileges {
         privileges::drop_after_attach(args.user.as_deref())?;
         log::info!(
@@ -63,12 +64,8 @@ async fn serve_and_drain(
         tokio::net::TcpListener::from_std(listener).context("registering the metrics socket")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut exporter = Exporter::new(
-        obs.ifnames(),
-        obs.attached.attachments.clone(),
-        obs.drop_reasons.clone(),
-        obs.labeler.clone(),
-    );
+    let mut exporter =
+        Exporter::new(obs.ifnames(), obs.attached.attachments.clone(), obs.drop_reasons.clone());
     let mut diagnoser = Diagnoser::new(thresholds(&args.observe, args.window));
     let mut first = obs.drain(PeerRead::Now)?;
     obs.check_ifaces(&mut first)?;
@@ -86,7 +83,7 @@ async fn serve_and_drain(
 
     // A person at a terminal gets a live table; log shippers and journald get log lines.
     let live_view = std::io::stderr().is_terminal() && log_format == LogFormat::Text;
-    let mut reporter = Reporter::new();
+    let mut reporter = Reporter::new(obs.labeler.clone());
     reporter.line(&first, Instant::now());
     let mut last_status = Instant::now();
     let mut tick = tokio::time::interval(args.observe.interval);

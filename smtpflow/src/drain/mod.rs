@@ -26,7 +26,8 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use self::peers::{PeerReader, PeerView, ReadSchedule};
+use self::peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits};
+use crate::output::peer_label::PeerLabel;
 use lru::LruCache;
 use smtpflow_common::{
     Counter, CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey,
@@ -255,13 +256,15 @@ fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
 }
 
 impl Maps {
-    /// `max_peer_series`: how many peers the per-peer readings keep for export (0: none).
+    /// `max_peer_series`: how many labels the per-peer readings export as series (0: none),
+    /// made by `labeler`.
     pub fn take(
         ebpf: &mut Ebpf,
         peers_capacity: u32,
         flows_capacity: u32,
         handshake_timeout: Duration,
         max_peer_series: usize,
+        labeler: PeerLabel,
     ) -> anyhow::Result<Self> {
         let flows = take(ebpf, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
@@ -285,7 +288,11 @@ impl Maps {
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
-                reader: PeerReader::new(max_peer_series),
+                reader: PeerReader::with_series(
+                    SeriesLimits::new(max_peer_series),
+                    labeler,
+                    peers_capacity as usize,
+                ),
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
                 read_started: Instant::now(),
@@ -298,6 +305,11 @@ impl Maps {
             flow_evictions: 0,
             full_drain_seconds: 0.0,
         })
+    }
+
+    /// Sets `--peer-series-idle`: how long an exported per-peer label stays without increasing.
+    pub fn set_peer_series_idle(&mut self, idle: Duration) {
+        self.peers.reader.set_series_idle(idle);
     }
 
     /// Creates every fixed counter and histogram of the watched interfaces and ports at zero, so

@@ -5,7 +5,10 @@
 //! per consumer cost 280 MiB and seconds per drain at that size (docs/benchmarks.md). Instead
 //! the entries are streamed once ([`crate::batch`], thousands per syscall, from one reused
 //! buffer) into structures whose size does not depend on the map's:
-//! - the most active entries, from which the exported peers are chosen (`--max-peer-series`);
+//! - the exported per-peer series: monotonic totals per label, kept for a bounded set of labels
+//!   and chosen stickily by recent activity ([`series`], `--max-peer-series`,
+//!   `--peer-series-idle`); the entries of untracked labels that were the most active since the
+//!   last read ([`ActivitySketch`]) are the candidates;
 //! - the number of entries, and of distinct peers (one 64-bit hash per entry, reused);
 //! - for each [`Figure`] the diagnosis and the live view name peers by, its largest values.
 //!
@@ -13,15 +16,22 @@
 //! [`ReadSchedule`] spaces the reads of a big map out; see there.
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, HashSet},
+    collections::BinaryHeap,
     hash::{BuildHasher as _, RandomState},
     time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use smtpflow_common::{Direction, Event, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Side};
+use smtpflow_common::{
+    DEFAULT_MAX_PEERS, Direction, Event, Outcome, PeerCounters, PeerGreetingKey, PeerKey, Side,
+};
 
 use super::batch;
+use crate::output::peer_label::PeerLabel;
+
+pub mod series;
+
+use series::{Accumulator, PeerSeries, SeriesLimits};
 
 /// A peer as the series cap counts them: one address on one interface.
 pub type PeerId = (u32, u8, [u8; 16]);
@@ -30,8 +40,9 @@ pub fn peer_id(k: &PeerKey) -> PeerId {
     (k.ifindex, k.family, k.addr)
 }
 
-/// Most active entries kept per exported peer while the map is read: room for peers whose
-/// activity is spread over several entries (ports, directions). See [`PeerReader::select`].
+/// Candidate entries kept per exported label while the map is read, and members followed per
+/// tracked label: room for labels whose activity is spread over several entries (ports,
+/// directions, the addresses of a prefix). See [`PeerReader::select`].
 pub const ENTRY_SLACK: usize = 8;
 
 /// Largest values kept per [`Figure`]: the diagnosis names 5 peers per cause and the live view
@@ -74,12 +85,11 @@ pub struct PeerView {
     pub entries: usize,
     /// Distinct peers (address and interface) among them.
     pub tracked: usize,
-    /// Peers chosen for per-peer series (at most `--max-peer-series`).
+    /// Labels (interface and `--peer-label`) exported as per-peer series (at most
+    /// `--max-peer-series`).
     pub exported_peers: usize,
-    /// The chosen peers' entries, their timed-out handshakes and greetings.
-    pub exported: Vec<(PeerKey, PeerCounters)>,
-    pub exported_timeouts: Vec<(PeerKey, u64)>,
-    pub exported_greetings: Vec<(PeerGreetingKey, u64)>,
+    /// The exported per-peer series: monotonic totals, sorted by label.
+    pub series: Vec<PeerSeries>,
     /// By [`Figure`]: the largest nonzero values, largest first.
     figures: [Vec<(PeerKey, u64)>; Figure::COUNT],
     /// When the read started (`None`: never read).
@@ -120,15 +130,6 @@ impl<T: Ord> TopN<T> {
         }
     }
 
-    /// The items kept, in no order, for `f`; then empties the heap, keeping its allocation.
-    fn drain_with<R>(&mut self, f: impl FnOnce(&[Reverse<T>]) -> R) -> R {
-        let mut items = std::mem::take(&mut self.heap).into_vec();
-        let r = f(&items);
-        items.clear();
-        self.heap = BinaryHeap::from(items);
-        r
-    }
-
     /// The items kept, largest first; empties the heap and keeps its allocation.
     fn take_sorted(&mut self) -> Vec<T> {
         let mut items: Vec<T> = self.heap.drain().map(|Reverse(t)| t).collect();
@@ -137,8 +138,9 @@ impl<T: Ord> TopN<T> {
     }
 }
 
-/// An entry competing for export, ranked by its activity ([`PeerCounters::total`]); between
-/// equals, the smaller peer (then port, direction) ranks higher, so the choice is stable.
+/// An entry of an untracked label competing to be tracked, ranked by its recent activity (what
+/// [`ActivitySketch`] saw it rise by); between equals, the smaller peer (then port, direction)
+/// ranks higher, so the choice is stable.
 #[derive(Debug)]
 struct Candidate {
     activity: u64,
@@ -179,42 +181,208 @@ fn is_4xx(code: u16) -> bool {
     (400..500).contains(&code)
 }
 
-/// Reads the per-peer maps into [`PeerView`]s, keeping its buffers from one read to the next.
+/// What the reads of the per-peer map remember of each entry, to tell how much it rose since the
+/// last read (the candidates for export, by recent activity) without a copy of the map: a table
+/// of 64-bit slots (a 40-bit fingerprint of the entry's key and the low 24 bits of its total), in
+/// buckets of [`Self::WAYS`], two possible buckets per entry, with two slots per entry of the
+/// map's capacity (at most [`Self::MAX_SLOTS`], 16 MiB: half full at a 1M-entry map).
+/// - An entry found in its slot rose by the difference (modulo 2²⁴ between two reads); one whose
+///   total went down was created again: all of it is recent.
+/// - An entry in no slot is new since the last read (slots of entries gone are freed at each
+///   read): all of it is recent.
+/// - An entry whose two buckets are full of others counts as not active (a few in a hundred of
+///   a half-full table; about never below that).
+#[derive(Debug)]
+pub struct ActivitySketch {
+    slots: Vec<u64>,
+    /// One bit per slot: seen in this read (kept until the next read, which frees the others).
+    seen: Vec<u64>,
+    /// Buckets, less one (a power of two).
+    mask: usize,
+}
+
+impl ActivitySketch {
+    pub const MAX_SLOTS: usize = 1 << 21;
+    pub const WAYS: usize = 4;
+    const LOW: u64 = (1 << 24) - 1;
+
+    /// A sketch for a per-peer map of `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        let n = capacity.saturating_mul(2).next_power_of_two().clamp(1024, Self::MAX_SLOTS);
+        Self { slots: vec![0; n], seen: vec![0; n / 64], mask: n / Self::WAYS - 1 }
+    }
+
+    /// Starts a read: frees the slots of entries the last read did not see.
+    pub fn start(&mut self) {
+        for (word, seen) in self.seen.iter_mut().enumerate() {
+            if *seen != u64::MAX {
+                for bit in 0..64 {
+                    if *seen & (1 << bit) == 0 {
+                        self.slots[word * 64 + bit] = 0;
+                    }
+                }
+            }
+            *seen = 0;
+        }
+    }
+
+    /// How much the entry whose key hashes to `h` rose by since the last read, its total being
+    /// `total`.
+    pub fn observe(&mut self, h: u64, total: u64) -> u64 {
+        let fp = (h >> 24) | 1;
+        let lo = total & Self::LOW;
+        let (a, b) = ((h as usize) & self.mask, ((h >> 20) as usize) & self.mask);
+        let ways = |bucket: usize| bucket * Self::WAYS..(bucket + 1) * Self::WAYS;
+        let mut free = None;
+        for i in ways(a).chain(ways(b)) {
+            let slot = self.slots[i];
+            if slot >> 24 == fp {
+                self.take(i, fp, lo);
+                let last = slot & Self::LOW;
+                return if lo >= last { lo - last } else { total };
+            }
+            if slot == 0 && free.is_none() {
+                free = Some(i);
+            }
+        }
+        match free {
+            Some(i) => {
+                self.take(i, fp, lo);
+                total
+            }
+            None => 0,
+        }
+    }
+
+    fn take(&mut self, i: usize, fp: u64, lo: u64) {
+        self.slots[i] = (fp << 24) | lo;
+        self.seen[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// A keyed hasher for the per-peer series' maps, looked up once per entry of every read: the
+/// 128-bit-product folding of [`PeerReader::peer_hash`] (SipHash would cost a tenth of a read of
+/// a million entries). Keys are random per process, so crafted addresses cannot be made to
+/// collide.
+#[derive(Clone, Debug)]
+pub struct FoldState([u64; 2]);
+
+impl Default for FoldState {
+    fn default() -> Self {
+        let random = RandomState::new();
+        Self([random.hash_one(0u8) | 1, random.hash_one(1u8) | 1])
+    }
+}
+
+impl std::hash::BuildHasher for FoldState {
+    type Hasher = FoldHasher;
+
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher { h: self.0[0], k: self.0[1] }
+    }
+}
+
+#[derive(Debug)]
+pub struct FoldHasher {
+    h: u64,
+    k: u64,
+}
+
+impl std::hash::Hasher for FoldHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.h = fold(self.h ^ n, self.k);
+    }
+
+    fn finish(&self) -> u64 {
+        fold(self.h, self.k.rotate_left(32))
+    }
+}
+
+/// Reads the per-peer maps into [`PeerView`]s, keeping its buffers from one read to the next,
+/// and the per-peer series' totals ([`series::Accumulator`]) from one read to the next.
 ///
 /// A read has these steps, in this order: every entry of the per-peer map
 /// ([`add_entry`](Self::add_entry), then [`count_tracked`](Self::count_tracked); together
-/// [`read_entries`](Self::read_entries)), the choice of exported peers
+/// [`read_entries`](Self::read_entries)), the labels newly tracked
 /// ([`select`](Self::select)), then the timed-out handshakes and greetings
-/// ([`add_timeouts`](Self::add_timeouts), [`add_greeting`](Self::add_greeting)), which are kept
-/// for the chosen peers, and [`finish`](Self::finish) (together [`read_rest`](Self::read_rest)).
+/// ([`add_timeouts`](Self::add_timeouts), [`add_greeting`](Self::add_greeting)), and
+/// [`finish`](Self::finish), which chooses the exported series (together
+/// [`read_rest`](Self::read_rest)).
 #[derive(Debug)]
 pub struct PeerReader {
-    max_series: usize,
     /// Random keys of [`Self::peer_hash`].
     hash_keys: [u64; 4],
     /// One hash per entry's peer: sorted and deduplicated, their number is the peers tracked.
     peer_hashes: Vec<u64>,
     candidates: TopN<Candidate>,
     figures: [TopN<Valued>; Figure::COUNT],
-    selected: HashSet<PeerId>,
+    /// The per-peer series and what tells recent activity (`None`: `--max-peer-series 0`).
+    series: Option<(Accumulator, ActivitySketch)>,
+    /// When the current read started.
+    now: Instant,
     view: PeerView,
 }
 
 impl PeerReader {
-    /// `max_series`: `--max-peer-series` (0: no per-peer series, only the counts and figures).
+    /// `max_series`: `--max-peer-series` (0: no per-peer series, only the counts and figures),
+    /// with peers labelled by address, the default idle time and a map of the default size.
     pub fn new(max_series: usize) -> Self {
+        Self::with_series(SeriesLimits::new(max_series), PeerLabel::Ip, DEFAULT_MAX_PEERS as usize)
+    }
+
+    /// A reader exporting `limits.max` labels made by `labeler`, for a per-peer map of
+    /// `capacity` entries.
+    pub fn with_series(limits: SeriesLimits, labeler: PeerLabel, capacity: usize) -> Self {
+        let series = (limits.max > 0)
+            .then(|| (Accumulator::new(limits, labeler), ActivitySketch::new(capacity)));
         Self {
-            max_series,
             hash_keys: {
                 let random = RandomState::new();
                 std::array::from_fn(|i| random.hash_one(i) | 1)
             },
             peer_hashes: Vec::new(),
-            candidates: TopN::new(max_series.saturating_mul(ENTRY_SLACK)),
+            candidates: TopN::new(limits.max.saturating_mul(ENTRY_SLACK)),
             figures: std::array::from_fn(|_| TopN::new(FIGURE_KEEP)),
-            selected: HashSet::new(),
+            series,
+            now: Instant::now(),
             view: PeerView::default(),
         }
+    }
+
+    /// Sets `--peer-series-idle`.
+    pub fn set_series_idle(&mut self, idle: Duration) {
+        if let Some((acc, _)) = &mut self.series {
+            acc.set_idle(idle);
+        }
+    }
+
+    /// Labels tracked and members followed by the series' accumulator (for tests).
+    pub fn series_tracked(&self) -> (usize, usize) {
+        self.series.as_ref().map_or((0, 0), |(acc, _)| acc.tracked())
     }
 
     /// A full read, first step: starts it and streams every entry of the per-peer map (the
@@ -223,14 +391,14 @@ impl PeerReader {
         &mut self,
         peers: &BpfHashMap<MapData, PeerKey, PeerCounters>,
     ) -> anyhow::Result<()> {
-        self.start();
+        self.start(Instant::now());
         batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
         self.count_tracked();
         Ok(())
     }
 
-    /// A full read, second step: chooses the exported peers, then takes the timed-out
-    /// handshakes userspace counts per peer and the per-peer greetings map.
+    /// A full read, second step: tracks new labels, then takes the timed-out handshakes
+    /// userspace counts per peer and the per-peer greetings map, and chooses the exported series.
     pub fn read_rest<'a>(
         &mut self,
         greetings: &BpfHashMap<MapData, PeerGreetingKey, u64>,
@@ -244,22 +412,21 @@ impl PeerReader {
         Ok(self.finish())
     }
 
-    /// Starts a read.
-    pub fn start(&mut self) {
+    /// Starts a read at `now` (the clock of `--peer-series-idle`).
+    pub fn start(&mut self, now: Instant) {
         self.view = PeerView { read_at: Some(SystemTime::now()), ..PeerView::default() };
+        self.now = now;
         self.peer_hashes.clear();
-        self.selected.clear();
+        if let Some((acc, sketch)) = &mut self.series {
+            acc.start(now);
+            sketch.start();
+        }
     }
 
     /// A keyed 64-bit hash of the entry's peer: two multiplications, where SipHash took a
     /// tenth of the whole read of a million entries. Keys are random per process, so crafted
     /// addresses cannot be made to collide (which would lower `smtpflow_peers_tracked`).
     fn peer_hash(&self, k: &PeerKey) -> u64 {
-        /// The 128-bit product, folded: the mixing step of foldhash and ahash.
-        fn fold(x: u64, y: u64) -> u64 {
-            let p = u128::from(x) * u128::from(y);
-            (p as u64) ^ ((p >> 64) as u64)
-        }
         let [k0, k1, k2, k3] = self.hash_keys;
         let (lo, hi) = k.addr.split_at(8);
         let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
@@ -268,12 +435,23 @@ impl PeerReader {
         fold(fold(lo ^ k0, hi ^ k1) ^ rest ^ k2, k3)
     }
 
+    /// The same, of the whole entry key (peer, port and direction).
+    fn entry_hash(&self, peer_hash: u64, k: &PeerKey) -> u64 {
+        let rest = (u64::from(k.port) << 8) | u64::from(k.direction);
+        fold(peer_hash ^ rest, self.hash_keys[0])
+    }
+
     /// One entry of the per-peer map.
     pub fn add_entry(&mut self, k: &PeerKey, v: &PeerCounters) {
         self.view.entries += 1;
-        self.peer_hashes.push(self.peer_hash(k));
-        if self.candidates.cap > 0 {
-            self.candidates.offer(Candidate { activity: v.total(), key: *k, counters: *v });
+        let peer_hash = self.peer_hash(k);
+        self.peer_hashes.push(peer_hash);
+        let entry_hash = self.entry_hash(peer_hash, k);
+        if let Some((acc, sketch)) = &mut self.series {
+            let recent = sketch.observe(entry_hash, v.total());
+            if !acc.entry(k, v, recent) && recent > 0 {
+                self.candidates.offer(Candidate { activity: recent, key: *k, counters: *v });
+            }
         }
         let outbound = k.direction == Direction::Outbound as u8;
         let refused = v.outcomes[Outcome::Refused as usize];
@@ -295,39 +473,22 @@ impl PeerReader {
         }
     }
 
-    /// Chooses the exported peers among the entries kept: the `--max-peer-series` peers with
-    /// the most events and outcomes over their entries, ties broken by address.
+    /// Tracks the labels of the entries that rose the most since the last read among those
+    /// whose label is not tracked yet ([`Accumulator::admit`]).
     ///
-    /// Exact while the map holds at most [`ENTRY_SLACK`] × `--max-peer-series` entries (all are
-    /// kept). Beyond that only that many most active entries are ranked, so a peer whose
-    /// activity is spread thinly over several entries (ports, directions) can rank lower than
-    /// its sum, and an exported peer's entries outside that set (its least active) are not
-    /// exported. Ranking exactly by peer would need a sum per peer: memory for every peer.
+    /// Only the [`ENTRY_SLACK`] × `--max-peer-series` most recently active such entries are
+    /// kept while the map is read, so a label whose activity is spread thinly over many
+    /// entries can rank lower than its sum; its other entries are followed from the next read.
     pub fn select(&mut self) {
-        let (max_series, selected) = (self.max_series, &mut self.selected);
-        self.view.exported = self.candidates.drain_with(|kept| {
-            let mut activity: HashMap<PeerId, u64> = HashMap::with_capacity(kept.len());
-            for Reverse(c) in kept {
-                *activity.entry(peer_id(&c.key)).or_default() += c.activity;
-            }
-            let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
-            if ranked.len() > max_series {
-                ranked.select_nth_unstable_by(max_series, |a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                ranked.truncate(max_series);
-            }
-            selected.extend(ranked.into_iter().map(|(id, _)| id));
-            kept.iter()
-                .filter(|Reverse(c)| selected.contains(&peer_id(&c.key)))
-                .map(|Reverse(c)| (c.key, c.counters))
-                .collect()
-        });
-        self.view.exported_peers = self.selected.len();
+        let Some((acc, _)) = &mut self.series else { return };
+        let kept = self.candidates.take_sorted();
+        acc.admit(kept.into_iter().map(|c| (c.key, c.counters, c.activity)));
     }
 
     /// The handshakes of one entry that timed out (counted by userspace's sweep).
     pub fn add_timeouts(&mut self, k: &PeerKey, n: u64) {
-        if self.selected.contains(&peer_id(k)) {
-            self.view.exported_timeouts.push((*k, n));
+        if let Some((acc, _)) = &mut self.series {
+            acc.timeouts(k, n);
         }
         self.offer(Figure::Timeouts, k, n);
         if k.direction == Direction::Outbound as u8 {
@@ -337,8 +498,8 @@ impl PeerReader {
 
     /// One entry of the per-peer greetings map.
     pub fn add_greeting(&mut self, k: &PeerGreetingKey, n: u64) {
-        if self.selected.contains(&peer_id(&k.peer)) {
-            self.view.exported_greetings.push((*k, n));
+        if let Some((acc, _)) = &mut self.series {
+            acc.greeting(k, n);
         }
         if k.peer.direction == Direction::Outbound as u8 && is_4xx(k.code) {
             self.offer(Figure::Outbound4xxGreetings, &k.peer, n);
@@ -357,6 +518,9 @@ impl PeerReader {
         for (out, top) in self.view.figures.iter_mut().zip(&mut self.figures) {
             *out = top.take_sorted().into_iter().map(|(n, Reverse(k))| (k, n)).collect();
         }
+        if let Some((acc, _)) = &mut self.series {
+            (self.view.series, self.view.exported_peers) = acc.finish();
+        }
         std::mem::take(&mut self.view)
     }
 
@@ -374,7 +538,18 @@ impl PeerReader {
         timeouts: &[(PeerKey, u64)],
         greetings: &[(PeerGreetingKey, u64)],
     ) -> PeerView {
-        self.start();
+        self.view_at(Instant::now(), entries, timeouts, greetings)
+    }
+
+    /// [`Self::view_of`], read at `now`.
+    pub fn view_at(
+        &mut self,
+        now: Instant,
+        entries: &[(PeerKey, PeerCounters)],
+        timeouts: &[(PeerKey, u64)],
+        greetings: &[(PeerGreetingKey, u64)],
+    ) -> PeerView {
+        self.start(now);
         for (k, v) in entries {
             self.add_entry(k, v);
         }
@@ -388,6 +563,12 @@ impl PeerReader {
         }
         self.finish()
     }
+}
+
+/// The 128-bit product, folded: the mixing step of foldhash and ahash.
+fn fold(x: u64, y: u64) -> u64 {
+    let p = u128::from(x) * u128::from(y);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
 /// When the per-peer maps are read in full. Reading costs the kernel about 0.3 µs an entry
@@ -446,8 +627,10 @@ mod tests {
         c
     }
 
+    /// The last byte of each exported peer's address.
     fn exported_addrs(v: &PeerView) -> Vec<u8> {
-        let mut a: Vec<u8> = v.exported.iter().map(|(k, _)| k.addr[3]).collect();
+        let last = |p: &str| p.parse::<std::net::Ipv4Addr>().expect("an address").octets()[3];
+        let mut a: Vec<u8> = v.series.iter().map(|s| last(&s.peer)).collect();
         a.sort_unstable();
         a.dedup();
         a
@@ -463,7 +646,8 @@ mod tests {
             (key(2, 25, Direction::Inbound), syns(1)),
         ];
         let v = r.view_of(&entries, &[], &[]);
-        assert_eq!((v.entries, v.tracked, v.exported_peers, v.exported.len()), (4, 2, 2, 4));
+        // Each entry has one series (its SYNs).
+        assert_eq!((v.entries, v.tracked, v.exported_peers, v.series.len()), (4, 2, 2, 4));
         assert!(v.read_at.is_some());
         // The same peer on another interface, or as IPv6, is another peer.
         let mut other = key(1, 25, Direction::Inbound);
@@ -486,7 +670,7 @@ mod tests {
         ];
         let v = PeerReader::new(1).view_of(&entries, &[], &[]);
         assert_eq!(exported_addrs(&v), [2]);
-        assert_eq!(v.exported.len(), 3, "all of the chosen peer's entries");
+        assert_eq!(v.series.len(), 3, "all of the chosen peer's entries");
         let v = PeerReader::new(2).view_of(&entries, &[], &[]);
         assert_eq!(exported_addrs(&v), [1, 2]);
     }
@@ -500,7 +684,7 @@ mod tests {
         let b = PeerReader::new(4).view_of(&entries, &[], &[]);
         assert_eq!(exported_addrs(&a), [1, 2, 3, 4]);
         assert_eq!(exported_addrs(&b), [1, 2, 3, 4]);
-        assert!(PeerReader::new(0).view_of(&entries, &[], &[]).exported.is_empty());
+        assert!(PeerReader::new(0).view_of(&entries, &[], &[]).series.is_empty());
     }
 
     #[test]
@@ -514,6 +698,8 @@ mod tests {
         assert_eq!(exported_addrs(&v), [199, 200]);
         assert_eq!((v.entries, v.tracked), (201, 201));
         assert!(r.candidates.heap.capacity() <= 4 * 2 * ENTRY_SLACK, "bounded by the cap");
+        let (labels, members) = r.series_tracked();
+        assert!(labels <= SeriesLimits::new(2).tracked() && members <= labels * ENTRY_SLACK);
     }
 
     #[test]
@@ -526,8 +712,17 @@ mod tests {
             &[(busy, 2), (quiet, 7)],
             &[(greeting(busy, 220), 4), (greeting(quiet, 421), 3)],
         );
-        assert_eq!(v.exported_timeouts, [(busy, 2)]);
-        assert_eq!(v.exported_greetings, [(greeting(busy, 220), 4)]);
+        let values: Vec<(series::Counted, u64)> =
+            v.series.iter().map(|s| (s.counted, s.value)).collect();
+        assert_eq!(
+            values,
+            [
+                (series::Counted::Event(Event::Syn, Side::Peer), 9),
+                (series::Counted::Outcome(Outcome::Timeout), 2),
+                (series::Counted::Greeting(220), 4),
+            ]
+        );
+        assert_eq!(exported_addrs(&v), [1]);
         // The figures cover every peer, chosen or not.
         assert_eq!(v.figure(Figure::OutboundTimeouts), [(quiet, 7), (busy, 2)]);
         assert_eq!(v.figure(Figure::Timeouts), [(quiet, 7), (busy, 2)]);

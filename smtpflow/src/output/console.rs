@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
 use smtpflow_common::{Counter, Direction, Outcome, Stat};
 
+use super::peer_label::PeerLabel;
 use crate::{
     diagnose::Finding,
     drain::{Snapshot, peers::Figure},
@@ -12,9 +13,10 @@ use crate::{
 /// Events summed by (direction, port).
 type ByDirectionPort = BTreeMap<(Direction, u16), u64>;
 
-#[derive(Default)]
 pub struct Reporter {
     last: Option<(Instant, ByDirectionPort)>,
+    /// `--peer-label`: peers are shown as the exported series and the logs name them.
+    labeler: PeerLabel,
 }
 
 fn by_direction_port(snap: &Snapshot) -> ByDirectionPort {
@@ -29,8 +31,8 @@ fn by_direction_port(snap: &Snapshot) -> ByDirectionPort {
 const TOP_PEERS: usize = 5;
 
 impl Reporter {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(labeler: PeerLabel) -> Self {
+        Self { last: None, labeler }
     }
 
     /// Events per second by direction and port since the previous call (`None` the first time).
@@ -97,11 +99,12 @@ impl Reporter {
             let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11}");
         }
         out.push_str("\nTOP PEERS BY FAILED HANDSHAKES\n");
-        // From the largest refused and timed-out counts of the last per-peer reading.
+        // From the largest refused and timed-out counts of the last per-peer reading, summed
+        // by label (with --peer-label prefix, the peers of one network are one line).
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
         for figure in [Figure::Refused, Figure::Timeouts] {
             for (k, n) in snap.peers.figure(figure) {
-                *failures.entry(peer_label(k)).or_default() += n;
+                *failures.entry(self.peer_name(k)).or_default() += n;
             }
         }
         let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
@@ -124,10 +127,13 @@ impl Reporter {
     }
 }
 
-fn peer_label(k: &smtpflow_common::PeerKey) -> String {
-    let ip = k.ip().map(|ip| ip.to_string()).unwrap_or_default();
-    let d = Direction::from_repr(k.direction).map_or("?", Direction::label);
-    format!("{ip} {d} {}", k.port)
+impl Reporter {
+    /// A peer entry as the live view lists it: its `--peer-label`, direction and port.
+    fn peer_name(&self, k: &smtpflow_common::PeerKey) -> String {
+        let peer = k.ip().map(|ip| self.labeler.label(ip)).unwrap_or_default();
+        let d = Direction::from_repr(k.direction).map_or("?", Direction::label);
+        format!("{peer} {d} {}", k.port)
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +147,7 @@ mod tests {
         let inbound = Scope { ifindex: 2, port: 25, direction: Direction::Inbound };
         let outbound = Scope { direction: Direction::Outbound, ..inbound };
         snap.counters.insert((inbound, Counter::Event(Event::Syn, Side::Peer)), 0);
-        let mut r = Reporter::new();
+        let mut r = Reporter::new(PeerLabel::Ip);
         let t0 = Instant::now();
         assert!(r.line(&snap, t0).is_none(), "no rate before a second reading");
         snap.counters.insert((inbound, Counter::Event(Event::Syn, Side::Peer)), 10);
@@ -164,6 +170,23 @@ mod tests {
         assert!(line.starts_with("smtpflow: 5.0 events/s (inbound 25: 5.0/s)"), "{line}");
         let table = r.table(&snap, &[], "eth0", t0 + std::time::Duration::from_secs(4));
         assert!(table.contains("192.0.2.1 outbound 25"), "{table}");
+        // With --peer-label, the live view shows no address, and sums a network's peers.
+        let mut other = peer;
+        other.addr[3] = 9;
+        snap.peers = std::sync::Arc::new(crate::drain::peers::PeerReader::new(10).view_of(
+            &[(peer, c), (other, c)],
+            &[],
+            &[],
+        ));
+        let mut r = Reporter::new(PeerLabel::Prefix { v4: 24, v6: 64 });
+        let table = r.table(&snap, &[], "eth0", t0);
+        assert!(table.contains("192.0.2.0/24 outbound 25"), "{table}");
+        assert!(table.contains("       8\n"), "summed: {table}");
+        assert!(!table.contains("192.0.2.1"), "{table}");
+        let mut r = Reporter::new(PeerLabel::Hash { key: b"k".to_vec() });
+        let table = r.table(&snap, &[], "eth0", t0);
+        assert!(!table.contains("192.0.2."), "{table}");
+        assert!(table.contains("h:"), "{table}");
         assert!(table.contains("healthy: no cause active"));
         assert!(
             table.contains("outbound  25                     0           4           0"),

@@ -17,6 +17,24 @@ pub enum PeerLabel {
 }
 
 impl PeerLabel {
+    /// The address bytes every peer sharing `addr`'s label shares (a key's `family` and `addr`):
+    /// its network with `Prefix`, the address itself otherwise. Cheap, for every entry of a
+    /// read; the label string is only made for the labels exported.
+    pub fn group(&self, family: u8, addr: &[u8; 16]) -> [u8; 16] {
+        let bits = match (self, family) {
+            (PeerLabel::Prefix { v4, .. }, smtpflow_common::FAMILY_V4) => (*v4).min(32),
+            (PeerLabel::Prefix { v6, .. }, _) => (*v6).min(128),
+            _ => return *addr,
+        };
+        let mut out = [0u8; 16];
+        let (whole, rest) = (usize::from(bits / 8), bits % 8);
+        out[..whole].copy_from_slice(&addr[..whole]);
+        if rest > 0 {
+            out[whole] = addr[whole] & (0xff << (8 - rest));
+        }
+        out
+    }
+
     pub fn label(&self, ip: IpAddr) -> String {
         match self {
             PeerLabel::Ip => ip.to_string(),
@@ -66,5 +84,25 @@ mod tests {
         assert_eq!(a, h.label(ip("192.0.2.1")), "stable");
         assert_ne!(a, h.label(ip("192.0.2.2")));
         assert_ne!(a, PeerLabel::Hash { key: b"other".to_vec() }.label(ip("192.0.2.1")), "keyed");
+    }
+
+    #[test]
+    fn groups_are_what_a_label_keeps_of_the_address() {
+        let v4 = |a: [u8; 4]| {
+            let mut x = [0u8; 16];
+            x[..4].copy_from_slice(&a);
+            x
+        };
+        let p = PeerLabel::Prefix { v4: 22, v6: 64 };
+        assert_eq!(p.group(4, &v4([192, 0, 7, 77])), v4([192, 0, 4, 0]));
+        assert_eq!(
+            PeerLabel::Prefix { v4: 40, v6: 0 }.group(4, &v4([1, 2, 3, 4])),
+            v4([1, 2, 3, 4])
+        );
+        let v6: [u8; 16] = "2001:db8:1:2:3:4:5:6".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let net: [u8; 16] = "2001:db8:1:2::".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(p.group(6, &v6), net);
+        assert_eq!(PeerLabel::Ip.group(6, &v6), v6);
+        assert_eq!(PeerLabel::Hash { key: vec![1] }.group(6, &v6), v6);
     }
 }

@@ -1,6 +1,8 @@
 //! The bounded reading of the per-peer maps (`peers::PeerReader`) against the exact one.
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::net::Ipv4Addr;
+
 use proptest::{collection::vec, prelude::*};
 
 use smtpflow::drain::peers::{ENTRY_SLACK, FIGURE_KEEP, Figure, PeerId, PeerReader, peer_id};
@@ -28,13 +30,15 @@ fn peer_entries() -> impl Strategy<Value = Vec<(PeerKey, PeerCounters)>> {
 }
 
 /// The exact ranking the bounded reading replaces (what `export::top_peers` was): activity
-/// summed per peer over every entry, the `limit` largest, ties broken by address.
+/// summed per peer over every entry, the `limit` largest, ties broken by address. (On a
+/// reader's first read every entry is new, so recent activity is all of it.)
 fn exact_top_peers(entries: &[(PeerKey, PeerCounters)], limit: usize) -> BTreeSet<PeerId> {
     let mut activity: BTreeMap<PeerId, u64> = BTreeMap::new();
     for (k, v) in entries {
         *activity.entry(peer_id(k)).or_default() += v.total();
     }
-    let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().collect();
+    // A peer with nothing counted has no series.
+    let mut ranked: Vec<(PeerId, u64)> = activity.into_iter().filter(|(_, n)| *n > 0).collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     ranked.into_iter().take(limit).map(|(id, _)| id).collect()
 }
@@ -52,14 +56,35 @@ proptest! {
         prop_assert_eq!(v.entries, entries.len());
         prop_assert_eq!(v.tracked, distinct.len());
         prop_assert!(v.exported_peers <= cap);
-        let chosen: BTreeSet<PeerId> = v.exported.iter().map(|(k, _)| peer_id(k)).collect();
+        // The first read of a reader: every entry is new, all of it recent, so the exported
+        // peers are the most active ones, with their kernel values.
+        let chosen: BTreeSet<PeerId> = v
+            .series
+            .iter()
+            .map(|s| match s.peer.parse::<Ipv4Addr>() {
+                Ok(ip) => {
+                    let mut addr = [0u8; 16];
+                    addr[..4].copy_from_slice(&ip.octets());
+                    (s.ifindex, FAMILY_V4, addr)
+                }
+                Err(e) => panic!("{}: {e}", s.peer),
+            })
+            .collect();
         prop_assert_eq!(chosen.len(), v.exported_peers);
         if entries.len() <= cap * ENTRY_SLACK {
             prop_assert_eq!(&chosen, &exact_top_peers(&entries, cap));
-            let all: BTreeSet<PeerKey> =
-                entries.iter().filter(|(k, _)| chosen.contains(&peer_id(k))).map(|(k, _)| *k).collect();
-            let got: BTreeSet<PeerKey> = v.exported.iter().map(|(k, _)| *k).collect();
-            prop_assert_eq!(got, all);
+            let mut want: BTreeMap<(u32, String, u8, u16), u64> = BTreeMap::new();
+            for (k, c) in entries.iter().filter(|(k, _)| chosen.contains(&peer_id(k))) {
+                let ip = k.ip().unwrap().to_string();
+                *want.entry((k.ifindex, ip, k.direction, k.port)).or_default() += c.total();
+            }
+            want.retain(|_, n| *n > 0);
+            let mut got: BTreeMap<(u32, String, u8, u16), u64> = BTreeMap::new();
+            for s in &v.series {
+                let at = (s.ifindex, s.peer.to_string(), s.direction as u8, s.port);
+                *got.entry(at).or_default() += s.value;
+            }
+            prop_assert_eq!(got, want);
         }
         let zw = v.figure(Figure::ZeroWindowsSent);
         prop_assert!(zw.len() <= FIGURE_KEEP && zw.windows(2).all(|w| w[0].1 >= w[1].1));

@@ -6,18 +6,18 @@ use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus::proto::{MetricFamily, MetricType};
-use smtpflow_common::{
-    Counter, Direction, Event, HistKind, Outcome, PeerCounters, PeerKey, ReplyClass, Side,
-};
+use smtpflow_common::{Counter, HistKind, Outcome, ReplyClass};
 
 use super::{
     families::{Family, Summed, encode, joined},
-    peer_label::PeerLabel,
     selfstats,
 };
 use crate::{
     diagnose::Finding,
-    drain::{Snapshot, peers::PeerView},
+    drain::{
+        Snapshot,
+        peers::{PeerView, series::Counted},
+    },
     kernel::{attach::Attachment, drop_reasons::DropReasons},
 };
 
@@ -26,7 +26,6 @@ pub struct Exporter {
     ifnames: HashMap<u32, String>,
     attachments: Vec<Attachment>,
     drop_reasons: Option<DropReasons>,
-    labeler: PeerLabel,
     /// The per-peer families as text, and the reading they were rendered from.
     peer_text: Option<(Arc<PeerView>, Vec<u8>)>,
 }
@@ -58,22 +57,12 @@ impl Exporter {
         ifnames: HashMap<u32, String>,
         attachments: Vec<Attachment>,
         drop_reasons: Option<DropReasons>,
-        labeler: PeerLabel,
     ) -> Self {
-        Self { ifnames, attachments, drop_reasons, labeler, peer_text: None }
+        Self { ifnames, attachments, drop_reasons, peer_text: None }
     }
 
     fn ifname(&self, ifindex: u32) -> String {
         self.ifnames.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex{ifindex}"))
-    }
-
-    fn peer_labels(&self, k: &PeerKey) -> Option<PeerLabels> {
-        Some(PeerLabels {
-            iface: self.ifname(k.ifindex),
-            peer: self.labeler.label(k.ip()?),
-            direction: Direction::from_repr(k.direction)?.label(),
-            port: k.port.to_string(),
-        })
     }
 
     pub fn render(&mut self, snap: &Snapshot, findings: &[Finding]) -> Bytes {
@@ -285,47 +274,52 @@ impl Exporter {
         greeting.finish(out);
     }
 
-    /// The exported peers' series (chosen when the per-peer maps were read), and the counts, as
-    /// text.
+    /// The exported per-peer series (monotonic totals, chosen when the per-peer maps were
+    /// read), and the counts, as text.
     fn render_peers(&self, view: &PeerView) -> Vec<u8> {
-        // Series by their labels, summed: with --peer-label prefix several peers share one.
         let mut events = Summed::default();
         let mut handshakes = Summed::default();
         let mut greetings = Summed::default();
-        for (k, v) in &view.exported {
-            let Some(l) = self.peer_labels(k) else { continue };
-            for e in Event::ALL {
-                for s in Side::ALL {
-                    let n = v.counts[PeerCounters::index(e, s)];
-                    events.add(n, || l.with(&[("event", e.label()), ("side", s.label())]));
+        let mut throttled = Summed::default();
+        for s in &view.series {
+            let l = PeerLabels {
+                iface: self.ifname(s.ifindex),
+                peer: s.peer.to_string(),
+                direction: s.direction.label(),
+                port: s.port.to_string(),
+            };
+            match s.counted {
+                Counted::Event(e, side) => {
+                    events.add(s.value, || l.with(&[("event", e.label()), ("side", side.label())]))
                 }
+                Counted::Outcome(o) => {
+                    handshakes.add(s.value, || l.with(&[("outcome", o.label())]))
+                }
+                Counted::Greeting(code) => {
+                    greetings.add(s.value, || l.with(&[("code", &code.to_string())]))
+                }
+                Counted::Throttled => throttled.add(s.value, || l.with(&[])),
             }
-            for (o, n) in [Outcome::Established, Outcome::Refused].into_iter().zip(v.outcomes) {
-                handshakes.add(n, || l.with(&[("outcome", o.label())]));
-            }
-        }
-        for (k, n) in &view.exported_timeouts {
-            let Some(l) = self.peer_labels(k) else { continue };
-            handshakes.add(*n, || l.with(&[("outcome", Outcome::Timeout.label())]));
-        }
-        for (k, n) in &view.exported_greetings {
-            let Some(l) = self.peer_labels(&k.peer) else { continue };
-            greetings.add(*n, || l.with(&[("code", &k.code.to_string())]));
         }
         let mut text = Vec::new();
         events.write_counters(
             "smtpflow_peer_tcp_events_total",
-            "SMTP-port TCP events per peer, for the most active peers (--max-peer-series) still in the kernel's per-peer LRU map.",
+            "SMTP-port TCP events per peer (--peer-label), for at most --max-peer-series peers: the recently active ones, each kept until idle for --peer-series-idle. Only ever increases while exported.",
             &mut text,
         );
         handshakes.write_counters(
             "smtpflow_peer_handshakes_total",
-            "Handshake outcomes per peer, for the exported peers.",
+            "Handshake outcomes per peer, for the exported peers. Only ever increases while exported.",
             &mut text,
         );
         greetings.write_counters(
             "smtpflow_peer_smtp_greetings_total",
-            "Greeting codes per peer, for the exported peers.",
+            "Greeting codes per peer, for the exported peers. Only ever increases while exported.",
+            &mut text,
+        );
+        throttled.write_counters(
+            "smtpflow_peer_throttled_sessions_total",
+            "Sessions per peer with at least one throttling reply (421, or a 4xx rate or policy limit), for the exported peers. Only ever increases while exported.",
             &mut text,
         );
 
@@ -340,7 +334,7 @@ impl Exporter {
         let mut g = Family::new(
             "smtpflow_peers_exported",
             MetricType::GAUGE,
-            "Peers exported as per-peer series (at most --max-peer-series).",
+            "Peers (labels, with --peer-label prefix) exported as per-peer series (at most --max-peer-series).",
         );
         g.add(&[], view.exported_peers as f64);
         g.finish(&mut out);

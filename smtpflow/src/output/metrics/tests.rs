@@ -1,6 +1,10 @@
 //! The exporter against snapshots made by hand, and the golden whole exposition.
 use super::*;
-use crate::drain::peers::PeerReader;
+use crate::{
+    drain::peers::{PeerReader, series::SeriesLimits},
+    output::peer_label::PeerLabel,
+};
+use smtpflow_common::{Direction, Event, PeerCounters, PeerKey, Side};
 use smtpflow_common::{FAMILY_V4, FAMILY_V6, Histogram, PeerGreetingKey, Scope};
 
 fn event_key(ifindex: u32, port: u16, e: Event, d: Direction, s: Side) -> (Scope, Counter) {
@@ -30,11 +34,7 @@ fn counters(syn: u64) -> PeerCounters {
 }
 
 fn render(snap: &Snapshot) -> String {
-    render_with(snap, PeerLabel::Ip)
-}
-
-fn render_with(snap: &Snapshot, labeler: PeerLabel) -> String {
-    let mut ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, labeler);
+    let mut ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None);
     String::from_utf8(ex.render(snap, &[]).to_vec()).unwrap()
 }
 
@@ -46,6 +46,16 @@ fn view(
     greetings: &[(PeerGreetingKey, u64)],
 ) -> Arc<PeerView> {
     Arc::new(PeerReader::new(cap).view_of(entries, timeouts, greetings))
+}
+
+/// The same, with peers labelled by `labeler`.
+fn view_labelled(
+    cap: usize,
+    labeler: PeerLabel,
+    entries: &[(PeerKey, PeerCounters)],
+) -> Arc<PeerView> {
+    let mut r = PeerReader::with_series(SeriesLimits::new(cap), labeler, 1024);
+    Arc::new(r.view_of(entries, &[], &[]))
 }
 
 #[test]
@@ -153,22 +163,25 @@ fn renders_reply_statuses_throttling_and_starttls() {
 fn prefix_labels_sum_the_peers_of_a_network() {
     let entries: Vec<_> =
         (1..=3).map(|i| (peer(i, FAMILY_V4, Direction::Inbound), counters(u64::from(i)))).collect();
-    let snap = Snapshot { peers: view(10, &entries, &[], &[]), ..Default::default() };
-    let text = render_with(&snap, PeerLabel::Prefix { v4: 24, v6: 64 });
+    let prefix = PeerLabel::Prefix { v4: 24, v6: 64 };
+    let snap = Snapshot { peers: view_labelled(10, prefix, &entries), ..Default::default() };
+    let text = render(&snap);
     assert!(
         text.contains(r#"smtpflow_peer_tcp_events_total{iface="eth0",peer="198.51.100.0/24",direction="inbound",port="25",event="syn",side="peer"} 6"#),
         "{text}"
     );
     assert!(!text.contains("198.51.100.1\""), "no full address: {text}");
-    let hashed = render_with(&snap, PeerLabel::Hash { key: b"k".to_vec() });
+    assert!(text.contains("smtpflow_peers_exported 1"), "one label: {text}");
+    let hashed = PeerLabel::Hash { key: b"k".to_vec() };
+    let snap = Snapshot { peers: view_labelled(10, hashed, &entries), ..Default::default() };
+    let hashed = render(&snap);
     assert!(!hashed.contains("198.51.100"), "{hashed}");
     assert_eq!(hashed.matches("smtpflow_peer_tcp_events_total{").count(), 3);
 }
 
 #[test]
 fn peer_series_are_rendered_once_per_reading() {
-    let mut ex =
-        Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None, PeerLabel::Ip);
+    let mut ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), Vec::new(), None);
     let p = peer(1, FAMILY_V4, Direction::Inbound);
     let mut snap =
         Snapshot { peers: view(10, &[(p, counters(1))], &[], &[]), ..Default::default() };
@@ -264,8 +277,7 @@ fn golden_exposition() {
         summary: "outbound handshakes refused".into(),
     }];
     let attachments = vec![Attachment { iface: "eth0".into(), hook: "tc_ingress", how: "tcx" }];
-    let mut ex =
-        Exporter::new(HashMap::from([(2, "eth0".to_owned())]), attachments, None, PeerLabel::Ip);
+    let mut ex = Exporter::new(HashMap::from([(2, "eth0".to_owned())]), attachments, None);
     let text = String::from_utf8(ex.render(&snap, &findings).to_vec()).unwrap();
     // The one value that is a clock reading.
     let stamp = "smtpflow_peers_read_timestamp_seconds ";
