@@ -56,10 +56,15 @@ pub enum Figure {
     Refused,
     /// Timed-out handshakes in either direction (the live view's failed handshakes).
     Timeouts,
+    /// Our handshakes the peer answered with a SYN-ACK: the sessions remote_throttling's share
+    /// is of, and part of the attempts of remote_refusing and remote_unreachable.
+    OutboundEstablished,
+    /// Our sessions with a throttling reply from the peer (remote_throttling).
+    OutboundThrottled,
 }
 
 impl Figure {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 9;
 }
 
 /// What one full read of the per-peer maps keeps. Its size is bounded by `--max-peer-series`
@@ -286,6 +291,7 @@ impl PeerReader {
         self.offer(Figure::Refused, k, refused);
         if outbound {
             self.offer(Figure::OutboundRefused, k, refused);
+            self.offer(Figure::OutboundEstablished, k, v.outcomes[Outcome::Established as usize]);
         }
     }
 
@@ -336,6 +342,11 @@ impl PeerReader {
         }
         if k.peer.direction == Direction::Outbound as u8 && is_4xx(k.code) {
             self.offer(Figure::Outbound4xxGreetings, &k.peer, n);
+        }
+        // replaced by PeerCounters.throttled on merge: 421 greetings stand in for the sessions
+        // with a throttling reply.
+        if k.peer.direction == Direction::Outbound as u8 && k.code == 421 {
+            self.offer(Figure::OutboundThrottled, &k.peer, n);
         }
     }
 
