@@ -778,7 +778,7 @@ mod tests {
         for s in 0..240u64 {
             // About 10 outbound and 10 inbound sessions a second (600 a window each way).
             for (i, mx) in mxs.iter().enumerate() {
-                let established = if (s + i as u64) % 2 == 0 { 3 } else { 1 };
+                let established = if (s + i as u64).is_multiple_of(2) { 3 } else { 1 };
                 // One 421 to a big MX now and then (~1 % of its sessions).
                 let throttled = u64::from(i == 0 && s % 30 == 0);
                 g.outbound(mx, PeerCounts { established, throttled, ..Default::default() });

@@ -12,8 +12,11 @@ use crate::{
     output::peer_label::PeerLabel,
 };
 
+/// The count of [`PeerCounts`] a per-peer figure fills.
+type Field = fn(&mut PeerCounts) -> &mut u64;
+
 /// The per-peer figures the causes read, and the count of [`PeerCounts`] each fills.
-const PER_PEER_FIGURES: [(Figure, fn(&mut PeerCounts) -> &mut u64); 6] = [
+const PER_PEER_FIGURES: [(Figure, Field); 6] = [
     (Figure::OutboundEstablished, |p| &mut p.established),
     (Figure::OutboundRefused, |p| &mut p.refused),
     (Figure::OutboundTimeouts, |p| &mut p.timeouts),

@@ -401,7 +401,7 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("empty", vec![]),
             ("no DONE", listener_msg(1, &l("0.0.0.0", 25, 1, 10))),
-            ("another request", good.iter().copied().collect::<Vec<_>>()),
+            ("another request", good.clone()),
             ("data after DONE", [good.clone(), listener_msg(1, &l("::", 25, 0, 1))].concat()),
             (
                 "short message",
