@@ -73,7 +73,10 @@ pub fn of_snapshot(
     // members with --peer-label prefix or hash). Past that many peers with a nonzero figure,
     // a peer outside them reads 0 there: a failing peer is still seen while it is among the
     // FIGURE_KEEP largest of that failure, and its established sessions are 0 if it is not
-    // among the FIGURE_KEEP busiest (its share then reads higher than it is).
+    // among the FIGURE_KEEP busiest by lifetime sessions (its share then reads higher than it
+    // is). Reading them as the least kept value instead would hide an MX that refuses
+    // everything on a relay with more busy peers; a peer outside the busiest with 90 sessions
+    // in the window, which that error needs, is rare.
     for (figure, field) in PER_PEER_FIGURES {
         for (k, n) in snap.peers.figure(figure) {
             *field(r.peers.entry(peer_name(k)).or_default()) += n;
