@@ -108,16 +108,29 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
 
-    /// A cause needs at least this many failures in the window (unanswered or refused
-    /// handshakes, 4xx replies, SYNs dropped on full queues).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// A failure cause needs at least this many failures in the window: per peer, throttled
+    /// sessions (remote_throttling), refused handshakes (remote_refusing) or unanswered
+    /// handshakes (remote_unreachable); for the host, unanswered inbound SMTP SYNs
+    /// (conntrack_exhaustion) and SMTP SYNs dropped on a full listen queue, or ListenOverflows
+    /// while an SMTP listener is full (listen_overflow).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub min_failures: u64,
 
-    /// A stall cause needs at least this many zero-window events in the window.
+    /// ...and those failures must be at least this share of the attempts (0 to 1): of the
+    /// peer's established sessions (remote_throttling), of the peer's handshakes
+    /// (remote_refusing, remote_unreachable), of the inbound SMTP handshakes
+    /// (conntrack_exhaustion). 0 turns the share test off.
+    #[arg(long, value_name = "RATIO", default_value_t = 0.1, value_parser = parse_share)]
+    pub min_share: f64,
+
+    /// A stall cause needs at least this many zero-window events in the window: ours for
+    /// local_receive_stall, one peer's for peer_receive_stall.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub min_zero_windows: u64,
 
-    /// Conntrack counts as near its limit from this fill ratio (entries / nf_conntrack_max).
+    /// Conntrack counts as under pressure from this fill ratio (entries / nf_conntrack_max), or
+    /// when its own table-full `drop` statistic rises: conntrack_exhaustion needs it, and
+    /// remote_unreachable needs it absent.
     #[arg(long, value_name = "RATIO", default_value_t = 0.9, value_parser = parse_ratio)]
     pub conntrack_fill: f64,
 
@@ -256,6 +269,13 @@ fn parse_series_idle(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a share between 0 and 1 (e.g. 0.1 for 10 %)")),
+    }
+}
+
 fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(10) {
@@ -355,8 +375,14 @@ mod tests {
                 .unwrap();
         let Command::Diagnose(d) = cli.command else { panic!("diagnose") };
         assert_eq!((d.duration, d.json), (Duration::from_secs(3), true));
-        assert_eq!((d.observe.min_failures, d.observe.min_zero_windows), (1, 10));
-        assert_eq!(d.observe.conntrack_fill, 0.9);
+        assert_eq!((d.observe.min_failures, d.observe.min_zero_windows), (10, 10));
+        assert_eq!((d.observe.min_share, d.observe.conntrack_fill), (0.1, 0.9));
+        for (share, ok) in
+            [("0", true), ("0.25", true), ("1", true), ("1.5", false), ("-0.1", false)]
+        {
+            let r = Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--min-share", share]);
+            assert_eq!(r.is_ok(), ok, "--min-share {share}");
+        }
         assert!(
             Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--conntrack-fill", "1.5"])
                 .is_err()

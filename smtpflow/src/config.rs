@@ -243,4 +243,28 @@ json = true
         assert_eq!(w.metrics_addr.to_string(), "127.0.0.1:9925");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// The diagnosis thresholds from a file: top level for both commands, a `[diagnose]`
+    /// table for that command only.
+    #[test]
+    fn diagnosis_thresholds_from_a_file() {
+        use clap::Parser as _;
+        let text = "iface = \"eth0\"\nmin-failures = 20\nmin-share = 0.25\nconntrack-fill = 0.8\n\
+                    [diagnose]\nmin-zero-windows = 5\n";
+        for (command, zero_windows) in [("watch", 10), ("diagnose", 5)] {
+            let mut args: Vec<OsString> = vec!["smtpflow".into(), command.into()];
+            args.extend(to_flags(text, command, &[]).unwrap());
+            let cli = Cli::try_parse_from(args).unwrap();
+            let o = match cli.command {
+                crate::cli::Command::Watch(w) => w.observe,
+                crate::cli::Command::Diagnose(d) => d.observe,
+                _ => panic!("{command}"),
+            };
+            assert_eq!(
+                (o.min_failures, o.min_share, o.conntrack_fill, o.min_zero_windows),
+                (20, 0.25, 0.8, zero_windows),
+                "{command}"
+            );
+        }
+    }
 }

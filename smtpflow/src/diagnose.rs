@@ -1,12 +1,20 @@
 //! The diagnosis: every interval, over a sliding window, which of the usual causes of failing
 //! SMTP handshakes is active, with the evidence and the usual remedy. Pure: it sees readings
 //! ([`Reading`]) and decides; the drain loop feeds it and exports/logs what it says.
+//!
+//! Each cause has its own test over the window, a minimum count and (for failures) a minimum
+//! share of attempts, so that everyday noise (a greylisting reply, one backup MX down, a
+//! scanner dropped by the firewall, another service's full accept queue) raises nothing:
+//! - the remote causes are decided per peer, on that peer's own counts and share
+//!   ([`PeerCounts`]), and name the peers that pass;
+//! - the local causes are decided for the host, from local evidence about SMTP only.
+//!
+//! The README's "How each cause is decided" says the same for operators.
 use std::{
     collections::{BTreeMap, VecDeque},
     fmt::Write as _,
     time::{Duration, Instant},
 };
-
 /// The causes, in the order they are reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Cause {
@@ -71,16 +79,22 @@ impl Cause {
     }
 }
 
-/// Thresholds, from the command line.
+/// Thresholds, from the command line (`--window`, `--min-failures`, `--min-share`,
+/// `--min-zero-windows`, `--conntrack-fill`).
 #[derive(Clone, Debug)]
 pub struct Thresholds {
     pub window: Duration,
     /// Conntrack fill (entries / limit) counted as near the limit.
     pub conntrack_fill: f64,
-    /// Failures (unanswered or refused handshakes, 4xx replies, overflow drops) in the window
-    /// that make a cause active.
+    /// Failures in the window a cause needs: a peer's throttled sessions, refused or unanswered
+    /// handshakes; the host's unanswered inbound SYNs; SMTP SYNs dropped on a full listen queue.
     pub min_failures: u64,
-    /// Zero-window events in the window that make a stall cause active.
+    /// The least share of attempts those failures must be (0 to 1): of the peer's established
+    /// sessions (throttling) or handshakes (refusing, unreachable), of the inbound handshakes
+    /// (conntrack).
+    pub min_share: f64,
+    /// Zero-window events in the window that make a stall cause active (per peer for
+    /// peer_receive_stall).
     pub min_zero_windows: u64,
 }
 
@@ -89,29 +103,83 @@ impl Default for Thresholds {
         Self {
             window: Duration::from_secs(60),
             conntrack_fill: 0.9,
-            min_failures: 1,
+            min_failures: 10,
+            min_share: 0.1,
             min_zero_windows: 10,
         }
     }
 }
 
+/// One peer's cumulative counts, as the per-peer causes read them. Handshakes and sessions are
+/// outbound (ours to the peer); zero windows are both directions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounts {
+    /// Handshakes answered by a SYN-ACK (sessions).
+    pub established: u64,
+    /// Handshakes answered by a RST.
+    pub refused: u64,
+    /// Handshakes never answered within `--handshake-timeout`.
+    pub timeouts: u64,
+    /// Sessions with at least one throttling reply (421, or a 4xx rate or policy limit).
+    pub throttled: u64,
+    /// Zero windows we advertised to the peer.
+    pub zero_windows_sent: u64,
+    /// Zero windows the peer advertised.
+    pub zero_windows_received: u64,
+}
+
+/// A counter's rise from `base` to `last`; a smaller `last` is a restart of the count (the
+/// peer's entry left the kernel's LRU map and came back), so all of it is new.
+fn rise(base: u64, last: u64) -> u64 {
+    if last >= base { last - base } else { last }
+}
+
+impl PeerCounts {
+    /// The counts added since `base`, field by field.
+    fn since(&self, base: &PeerCounts) -> PeerCounts {
+        PeerCounts {
+            established: rise(base.established, self.established),
+            refused: rise(base.refused, self.refused),
+            timeouts: rise(base.timeouts, self.timeouts),
+            throttled: rise(base.throttled, self.throttled),
+            zero_windows_sent: rise(base.zero_windows_sent, self.zero_windows_sent),
+            zero_windows_received: rise(base.zero_windows_received, self.zero_windows_received),
+        }
+    }
+
+    /// Outbound handshakes: established, refused or unanswered.
+    pub fn attempts(&self) -> u64 {
+        self.established + self.refused + self.timeouts
+    }
+}
+
 /// The cumulative values the causes are decided from, at one instant.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reading {
+    pub inbound_established: u64,
+    pub inbound_refused: u64,
     pub inbound_timeouts: u64,
+    /// Inbound SMTP SYNs netfilter dropped (a firewall rule or a full conntrack table).
     pub inbound_netfilter_drops: u64,
+    /// SMTP SYNs dropped on a full listen queue (drop reason or the `tcp_conn_request` fexit).
     pub listen_overflow_drops: u64,
-    pub outbound_4xx_replies: u64,
+    pub outbound_established: u64,
     pub outbound_timeouts: u64,
     pub outbound_refused: u64,
+    /// Outbound sessions with a throttling reply.
+    pub outbound_throttled: u64,
     pub zero_windows_local: u64,
     pub zero_windows_peer: u64,
-    /// Conntrack entries and limit (gauges), and drop + early_drop + insert_failed.
+    /// Conntrack entries and limit (gauges).
     pub conntrack: Option<(u64, u64)>,
+    /// Conntrack's own `drop` statistic: new connections dropped on a full table.
     pub conntrack_drops: u64,
+    /// The namespace's `ListenOverflows` (every listener, SMTP or not).
     pub listen_overflows: u64,
-    /// Per-peer cumulative values for the per-peer causes, by (cause, peer).
-    pub peers: BTreeMap<(Cause, PeerName), u64>,
+    /// The SMTP listeners (`addr:port`) whose accept queue was full at this reading.
+    pub full_listeners: Vec<String>,
+    /// Per-peer cumulative counts.
+    pub peers: BTreeMap<PeerName, PeerCounts>,
 }
 
 /// A peer as the diagnosis names it.
@@ -134,7 +202,8 @@ pub struct Finding {
     pub active: bool,
     /// Numbers behind the decision, by name (e.g. `unanswered_inbound_syns`).
     pub evidence: BTreeMap<&'static str, f64>,
-    /// The peers most involved, with their count in the window (per-peer causes only).
+    /// The peers that pass the cause's test, with their count in the window, largest first
+    /// (per-peer causes; local_receive_stall names where its zero windows went).
     pub top_peers: Vec<(PeerName, u64)>,
     /// One sentence with the numbers and the usual remedy.
     pub summary: String,
@@ -159,8 +228,91 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// A share as the summaries write it ("38 %").
+fn percent(share: f64) -> String {
+    format!("{:.0} %", share * 100.0)
+}
+
+/// `part / whole`, where the whole counts the part (a peer's established sessions the kernel
+/// has not been read for yet cannot make a share above 1).
+fn share(part: u64, whole: u64) -> f64 {
+    let whole = whole.max(part);
+    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+}
+
 /// How many peers a finding names.
 const TOP_PEERS: usize = 5;
+
+/// A per-peer failure test: which count, out of which attempts, and how the summary says it.
+struct PeerTest {
+    /// The failures of a peer in the window.
+    count: fn(&PeerCounts) -> u64,
+    /// What they are a share of.
+    of: fn(&PeerCounts) -> u64,
+    /// Evidence names: the host's failures and attempts in the window, the share.
+    count_name: &'static str,
+    of_name: &'static str,
+    share_name: &'static str,
+    /// The host's failures and attempts in the window (exact counters).
+    host_count: fn(&Reading) -> u64,
+    host_of: fn(&Reading) -> u64,
+    /// What the failures are ("refused handshakes").
+    noun: &'static str,
+    /// "<peer>: <says> <share> of <n> <attempts>".
+    says: &'static str,
+    attempts: &'static str,
+}
+
+fn outbound_attempts(r: &Reading) -> u64 {
+    r.outbound_established + r.outbound_refused + r.outbound_timeouts
+}
+
+const THROTTLING: PeerTest = PeerTest {
+    count: |p| p.throttled,
+    of: |p| p.established,
+    count_name: "throttled_sessions",
+    of_name: "established_sessions",
+    share_name: "throttled_share",
+    host_count: |r| r.outbound_throttled,
+    host_of: |r| r.outbound_established,
+    noun: "throttled sessions",
+    says: "421 or rate-limit replies on",
+    attempts: "sessions",
+};
+
+const REFUSING: PeerTest = PeerTest {
+    count: |p| p.refused,
+    of: PeerCounts::attempts,
+    count_name: "outbound_refused",
+    of_name: "outbound_attempts",
+    share_name: "refused_share",
+    host_count: |r| r.outbound_refused,
+    host_of: outbound_attempts,
+    noun: "refused handshakes",
+    says: "RST to",
+    attempts: "handshakes",
+};
+
+const UNREACHABLE: PeerTest = PeerTest {
+    count: |p| p.timeouts,
+    of: PeerCounts::attempts,
+    count_name: "outbound_timeouts",
+    of_name: "outbound_attempts",
+    share_name: "unanswered_share",
+    host_count: |r| r.outbound_timeouts,
+    host_of: outbound_attempts,
+    noun: "unanswered handshakes",
+    says: "no answer to",
+    attempts: "handshakes",
+};
+
+/// One peer's result in a per-peer test.
+struct PeerResult {
+    peer: PeerName,
+    count: u64,
+    of: u64,
+    share: f64,
+}
 
 impl Diagnoser {
     pub fn new(thresholds: Thresholds) -> Self {
@@ -216,90 +368,172 @@ impl Diagnoser {
 
     /// Every cause, decided over the samples held.
     fn decide_all(&self) -> Vec<Finding> {
-        let (base, last) = (&self.samples[0].1, &self.samples[self.samples.len() - 1].1);
-        Cause::ALL.iter().map(|&c| self.decide(c, base, last)).collect()
+        Cause::ALL.iter().map(|&c| self.decide(c)).collect()
     }
 
-    fn decide(&self, cause: Cause, base: &Reading, last: &Reading) -> Finding {
+    /// The oldest sample (the baseline) and the newest.
+    fn ends(&self) -> (&Reading, &Reading) {
+        (&self.samples[0].1, &self.samples[self.samples.len() - 1].1)
+    }
+
+    /// A host total's rise over the window.
+    fn d(&self, f: fn(&Reading) -> u64) -> u64 {
+        let (base, last) = self.ends();
+        f(last).saturating_sub(f(base))
+    }
+
+    /// Local pressure: conntrack at its fill threshold, or its own table-full drops rising.
+    /// Returns (pressure, fill, entries, limit, drops in the window).
+    fn conntrack_pressure(&self) -> (bool, f64, u64, u64, u64) {
+        let (_, last) = self.ends();
+        let (entries, limit) = last.conntrack.unwrap_or((0, 0));
+        let fill = if limit > 0 { entries as f64 / limit as f64 } else { 0.0 };
+        let drops = self.d(|r| r.conntrack_drops);
+        let pressure =
+            last.conntrack.is_some() && (fill >= self.thresholds.conntrack_fill || drops > 0);
+        (pressure, fill, entries, limit, drops)
+    }
+
+    /// Every peer's counts in the window.
+    fn peer_windows(&self) -> Vec<(PeerName, PeerCounts)> {
+        let (base, last) = self.ends();
+        last.peers
+            .iter()
+            .map(|(p, now)| (p.clone(), now.since(&base.peers.get(p).copied().unwrap_or_default())))
+            .collect()
+    }
+
+    /// A per-peer test over the window: the peers that pass (largest count first), and the
+    /// peer the evidence describes when none does (the largest count, then the largest share).
+    fn per_peer(
+        &self,
+        count: fn(&PeerCounts) -> u64,
+        of: Option<fn(&PeerCounts) -> u64>,
+        min: u64,
+    ) -> (Vec<PeerResult>, Option<PeerResult>) {
+        let mut results: Vec<PeerResult> = self
+            .peer_windows()
+            .into_iter()
+            .filter_map(|(peer, w)| {
+                let n = count(&w);
+                let of_n = of.map_or(n, |of| of(&w));
+                (n > 0).then(|| PeerResult { peer, count: n, of: of_n, share: share(n, of_n) })
+            })
+            .collect();
+        results.sort_by(|a, b| {
+            b.count.cmp(&a.count).then(b.share.total_cmp(&a.share)).then(a.peer.cmp(&b.peer))
+        });
+        let min_share = if of.is_some() { self.thresholds.min_share } else { 0.0 };
+        let (pass, rest): (Vec<_>, Vec<_>) =
+            results.into_iter().partition(|r| r.count >= min && r.share >= min_share);
+        let closest = if pass.is_empty() { rest.into_iter().next() } else { None };
+        (pass, closest)
+    }
+
+    fn decide(&self, cause: Cause) -> Finding {
         let t = &self.thresholds;
-        let d = |f: fn(&Reading) -> u64| f(last).saturating_sub(f(base));
         let secs = t.window.as_secs();
         let mut evidence = BTreeMap::new();
         let mut summary = String::new();
+        let mut top_peers = Vec::new();
         let active;
         match cause {
             Cause::ConntrackExhaustion => {
                 // TC sees every SYN before netfilter drops it, so a dropped attempt is both a
                 // timeout (one per attempt) and NETFILTER drops (one per SYN, retransmissions
-                // included): the larger is how many SYNs went unanswered, counted once.
-                let unanswered = d(|r| r.inbound_timeouts).max(d(|r| r.inbound_netfilter_drops));
-                let drops = d(|r| r.conntrack_drops);
-                let (entries, limit) = last.conntrack.unwrap_or((0, 0));
-                let fill = if limit > 0 { entries as f64 / limit as f64 } else { 0.0 };
-                active = last.conntrack.is_some()
-                    && unanswered >= t.min_failures
-                    && (fill >= t.conntrack_fill || drops > 0);
+                // included): the larger is how many SYNs went unanswered, counted once. A
+                // firewall's drops count too, but only with conntrack itself under pressure.
+                let unanswered =
+                    self.d(|r| r.inbound_timeouts).max(self.d(|r| r.inbound_netfilter_drops));
+                let attempts =
+                    self.d(|r| r.inbound_established) + self.d(|r| r.inbound_refused) + unanswered;
+                let unanswered_share = share(unanswered, attempts);
+                let (pressure, fill, entries, limit, drops) = self.conntrack_pressure();
+                active =
+                    pressure && unanswered >= t.min_failures && unanswered_share >= t.min_share;
                 evidence.insert("conntrack_fill_ratio", fill);
                 evidence.insert("conntrack_entries", entries as f64);
                 evidence.insert("conntrack_limit", limit as f64);
-                evidence.insert("unanswered_inbound_syns", unanswered as f64);
                 evidence.insert("conntrack_drops", drops as f64);
+                evidence.insert("unanswered_inbound_syns", unanswered as f64);
+                evidence.insert("inbound_attempts", attempts as f64);
+                evidence.insert("unanswered_share", unanswered_share);
                 let _ = write!(
                     summary,
-                    "conntrack {:.0}% full ({}/{}), {} inbound SYNs unanswered in {secs} s, +{} drops",
+                    "conntrack {:.0}% full ({}/{}), +{} table-full drops; {} inbound SYNs \
+                     unanswered ({} of {} attempts) in {secs} s",
                     fill * 100.0,
                     thousands(entries),
                     thousands(limit),
+                    thousands(drops),
                     thousands(unanswered),
-                    thousands(drops)
+                    percent(unanswered_share),
+                    thousands(attempts),
                 );
             }
             Cause::ListenOverflow => {
-                let drops = d(|r| r.listen_overflow_drops);
-                let overflows = d(|r| r.listen_overflows);
-                active = drops.max(overflows) >= t.min_failures;
+                let drops = self.d(|r| r.listen_overflow_drops);
+                let overflows = self.d(|r| r.listen_overflows);
+                // Samples after the baseline that saw an SMTP listener full, and which.
+                let mut full_samples = 0u64;
+                let mut full: Vec<&str> = Vec::new();
+                for (_, r) in self.samples.iter().skip(1) {
+                    if !r.full_listeners.is_empty() {
+                        full_samples += 1;
+                    }
+                    for l in &r.full_listeners {
+                        if !full.contains(&l.as_str()) {
+                            full.push(l);
+                        }
+                    }
+                }
+                active =
+                    drops >= t.min_failures || (full_samples > 0 && overflows >= t.min_failures);
                 evidence.insert("listen_overflow_drops", drops as f64);
                 evidence.insert("listen_overflows", overflows as f64);
+                evidence.insert("listen_queue_full_samples", full_samples as f64);
                 let _ = write!(
                     summary,
-                    "{} SYNs dropped on full listen queues in {secs} s (ListenOverflows +{})",
+                    "{} SMTP SYNs dropped on full listen queues in {secs} s (ListenOverflows +{}",
                     thousands(drops),
                     thousands(overflows)
                 );
+                if full.is_empty() {
+                    summary.push_str(", no SMTP listener seen full)");
+                } else {
+                    let _ = write!(summary, "; full SMTP listeners: {})", full.join(", "));
+                }
             }
             Cause::RemoteThrottling => {
-                let n = d(|r| r.outbound_4xx_replies);
-                active = n >= t.min_failures;
-                evidence.insert("outbound_4xx_replies", n as f64);
-                let _ =
-                    write!(summary, "{} 4xx replies from remote servers in {secs} s", thousands(n));
-            }
-            Cause::RemoteUnreachable => {
-                let n = d(|r| r.outbound_timeouts);
-                let (entries, limit) = last.conntrack.unwrap_or((0, 0));
-                let local_pressure = (limit > 0
-                    && entries as f64 / limit as f64 >= t.conntrack_fill)
-                    || d(|r| r.conntrack_drops) > 0;
-                active = n >= t.min_failures && !local_pressure;
-                evidence.insert("outbound_timeouts", n as f64);
-                let _ = write!(
-                    summary,
-                    "{} outbound handshakes unanswered in {secs} s with normal local pressure",
-                    thousands(n)
-                );
+                active =
+                    self.per_peer_cause(&THROTTLING, &mut evidence, &mut summary, &mut top_peers);
             }
             Cause::RemoteRefusing => {
-                let n = d(|r| r.outbound_refused);
-                active = n >= t.min_failures;
-                evidence.insert("outbound_refused", n as f64);
-                let _ = write!(
-                    summary,
-                    "{} outbound connections refused (RST) in {secs} s",
-                    thousands(n)
-                );
+                active =
+                    self.per_peer_cause(&REFUSING, &mut evidence, &mut summary, &mut top_peers);
+            }
+            Cause::RemoteUnreachable => {
+                let passes =
+                    self.per_peer_cause(&UNREACHABLE, &mut evidence, &mut summary, &mut top_peers);
+                let (pressure, fill, _, _, drops) = self.conntrack_pressure();
+                evidence.insert("conntrack_fill_ratio", fill);
+                evidence.insert("conntrack_drops", drops as f64);
+                active = passes && !pressure;
+                if pressure {
+                    top_peers.clear();
+                    let _ = write!(
+                        summary,
+                        "; not remote: local conntrack is under pressure ({:.0}% full, +{} \
+                         table-full drops)",
+                        fill * 100.0,
+                        thousands(drops)
+                    );
+                } else {
+                    summary.push_str(" with normal local pressure");
+                }
             }
             Cause::LocalReceiveStall => {
-                let n = d(|r| r.zero_windows_local);
+                let n = self.d(|r| r.zero_windows_local);
                 active = n >= t.min_zero_windows;
                 evidence.insert("zero_windows_sent", n as f64);
                 let _ = write!(
@@ -307,28 +541,108 @@ impl Diagnoser {
                     "we advertised a zero window {} times in {secs} s",
                     thousands(n)
                 );
+                // Where they went, to help find the slow queue (not a per-peer test).
+                let (named, _) = self.per_peer(|p| p.zero_windows_sent, None, 1);
+                top_peers = named.into_iter().take(TOP_PEERS).map(|r| (r.peer, r.count)).collect();
+                if !top_peers.is_empty() {
+                    let names: Vec<String> =
+                        top_peers.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+                    let _ = write!(summary, "; to {}", names.join(", "));
+                }
             }
             Cause::PeerReceiveStall => {
-                let n = d(|r| r.zero_windows_peer);
-                active = n >= t.min_zero_windows;
+                let n = self.d(|r| r.zero_windows_peer);
+                let (pass, closest) =
+                    self.per_peer(|p| p.zero_windows_received, None, t.min_zero_windows);
+                active = !pass.is_empty();
                 evidence.insert("zero_windows_received", n as f64);
-                let _ = write!(
-                    summary,
-                    "peers advertised a zero window {} times in {secs} s",
-                    thousands(n)
-                );
+                evidence.insert("peers", pass.len() as f64);
+                if pass.is_empty() {
+                    let _ = write!(
+                        summary,
+                        "no peer advertised a zero window {} times in {secs} s ({} in all",
+                        t.min_zero_windows,
+                        thousands(n)
+                    );
+                    if let Some(c) = closest {
+                        let _ = write!(summary, "; most: {} ({})", c.peer, c.count);
+                    }
+                    summary.push(')');
+                } else {
+                    let names: Vec<String> = pass
+                        .iter()
+                        .take(TOP_PEERS)
+                        .map(|r| format!("{}: {} zero windows", r.peer, thousands(r.count)))
+                        .collect();
+                    let _ = write!(summary, "{} in {secs} s", names.join("; "));
+                }
+                top_peers = pass.into_iter().take(TOP_PEERS).map(|r| (r.peer, r.count)).collect();
             }
-        }
-        let top_peers = top_peers(cause, base, last);
-        if !top_peers.is_empty() {
-            let names: Vec<String> = top_peers.iter().map(|(p, n)| format!("{p} ({n})")).collect();
-            let _ = write!(summary, "; top peers: {}", names.join(", "));
         }
         let _ = write!(summary, ": {}", cause.remedy());
         Finding { cause, active, evidence, top_peers, summary }
     }
-}
 
+    /// Decides a per-peer failure cause: its evidence (the host's failures and attempts in the
+    /// window, the share of the first peer named or else of the closest peer, how many peers
+    /// pass), the peers that pass, and the sentence naming them. Returns whether any passes.
+    fn per_peer_cause(
+        &self,
+        test: &PeerTest,
+        evidence: &mut BTreeMap<&'static str, f64>,
+        summary: &mut String,
+        top_peers: &mut Vec<(PeerName, u64)>,
+    ) -> bool {
+        let t = &self.thresholds;
+        let secs = t.window.as_secs();
+        evidence.insert(test.count_name, self.d(test.host_count) as f64);
+        evidence.insert(test.of_name, self.d(test.host_of) as f64);
+        let (pass, closest) = self.per_peer(test.count, Some(test.of), t.min_failures);
+        let shown = pass.first().or(closest.as_ref());
+        evidence.insert(test.share_name, shown.map_or(0.0, |r| r.share));
+        evidence.insert("peers", pass.len() as f64);
+        if pass.is_empty() {
+            let _ = write!(
+                summary,
+                "no peer with {} {} making {} of its {} in {secs} s",
+                t.min_failures,
+                test.noun,
+                percent(t.min_share),
+                test.attempts
+            );
+            if let Some(c) = closest {
+                let _ = write!(
+                    summary,
+                    " (most: {}, {} of {})",
+                    c.peer,
+                    thousands(c.count),
+                    thousands(c.of.max(c.count))
+                );
+            }
+        } else {
+            let said: Vec<String> = pass
+                .iter()
+                .take(TOP_PEERS)
+                .map(|r| {
+                    format!(
+                        "{}: {} {} of {} {}",
+                        r.peer,
+                        test.says,
+                        percent(r.share),
+                        thousands(r.of.max(r.count)),
+                        test.attempts
+                    )
+                })
+                .collect();
+            let _ = write!(summary, "{} in {secs} s", said.join("; "));
+            if pass.len() > TOP_PEERS {
+                let _ = write!(summary, " and {} more peers", pass.len() - TOP_PEERS);
+            }
+        }
+        *top_peers = pass.into_iter().take(TOP_PEERS).map(|r| (r.peer, r.count)).collect();
+        !top_peers.is_empty()
+    }
+}
 /// The verdict as text, a line per cause.
 pub fn to_text(findings: &[Finding], ifaces: &str, observed: Duration) -> String {
     let mut out =
@@ -373,211 +687,5 @@ pub fn to_json(findings: &[Finding], ifaces: &str, observed: Duration) -> String
     .to_string()
 }
 
-/// The peers with the largest rise of this cause's per-peer count over the window.
-fn top_peers(cause: Cause, base: &Reading, last: &Reading) -> Vec<(PeerName, u64)> {
-    let mut rises: Vec<(PeerName, u64)> = last
-        .peers
-        .range((cause, PeerName::default())..)
-        .take_while(|((c, _), _)| *c == cause)
-        .filter_map(|((_, peer), n)| {
-            let before = base.peers.get(&(cause, peer.clone())).copied().unwrap_or(0);
-            let rise = n.saturating_sub(before);
-            (rise > 0).then(|| (peer.clone(), rise))
-        })
-        .collect();
-    rises.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    rises.truncate(TOP_PEERS);
-    rises
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(start: Instant, secs: u64) -> Instant {
-        start + Duration::from_secs(secs)
-    }
-
-    fn active(findings: &[Finding]) -> Vec<&'static str> {
-        findings.iter().filter(|f| f.active).map(|f| f.cause.label()).collect()
-    }
-
-    #[test]
-    fn healthy_traffic_shows_no_cause() {
-        let mut d = Diagnoser::new(Thresholds::default());
-        let t0 = Instant::now();
-        for s in 0..120 {
-            let r = Reading {
-                conntrack: Some((1000, 262_144)),
-                zero_windows_peer: s / 30,
-                ..Default::default()
-            };
-            let (f, _) = d.update(at(t0, s), r);
-            assert!(active(&f).is_empty(), "at {s}s: {:?}", active(&f));
-        }
-    }
-
-    #[test]
-    fn conntrack_exhaustion_needs_failures_and_pressure() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        d.update(t0, Reading { conntrack: Some((100, 1000)), ..Default::default() });
-        // Failures without conntrack pressure: not conntrack's fault.
-        let r = Reading { conntrack: Some((100, 1000)), inbound_timeouts: 5, ..Default::default() };
-        let (f, _) = d.update(at(t0, 1), r);
-        assert!(!active(&f).contains(&"conntrack_exhaustion"));
-        // Full, and SYNs dropped by netfilter.
-        let r = Reading {
-            conntrack: Some((255_872, 262_144)),
-            inbound_timeouts: 5,
-            inbound_netfilter_drops: 4_097,
-            conntrack_drops: 812,
-            ..Default::default()
-        };
-        let (f, changed) = d.update(at(t0, 2), r.clone());
-        assert_eq!(active(&f), ["conntrack_exhaustion"]);
-        assert_eq!(changed.len(), 1);
-        let s = &changed[0].summary;
-        assert!(
-            s.starts_with("conntrack 98% full (255,872/262,144), 4,097 inbound SYNs unanswered in 60 s, +812 drops: raise net.netfilter.nf_conntrack_max"),
-            "{s}"
-        );
-        assert_eq!(
-            changed[0].evidence["unanswered_inbound_syns"], 4097.0,
-            "counted once: the larger of timeouts and drops"
-        );
-        // Recovery: no new failures for a whole window turns it off.
-        let mut last = Vec::new();
-        for s in 3..=63 {
-            let mut quiet = r.clone();
-            quiet.conntrack = Some((900, 262_144));
-            let (f, ch) = d.update(at(t0, s), quiet);
-            last = f;
-            if s < 62 {
-                assert!(ch.is_empty() || s >= 62, "turned off too early at {s}s");
-            }
-        }
-        assert!(active(&last).is_empty());
-    }
-
-    #[test]
-    fn per_peer_causes_name_their_peers() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        d.update(t0, Reading::default());
-        let mut r = Reading { outbound_4xx_replies: 3, outbound_refused: 2, ..Default::default() };
-        let name = |p: &str| PeerName { iface: "eth0".into(), peer: p.into() };
-        r.peers.insert((Cause::RemoteThrottling, name("192.0.2.9")), 3);
-        r.peers.insert((Cause::RemoteRefusing, name("192.0.2.7")), 2);
-        let (f, _) = d.update(at(t0, 1), r);
-        assert_eq!(active(&f), ["remote_throttling", "remote_refusing"]);
-        let throttling = f.iter().find(|f| f.cause == Cause::RemoteThrottling).unwrap();
-        assert_eq!(throttling.top_peers, [(name("192.0.2.9"), 3)]);
-        assert!(throttling.summary.contains("top peers: 192.0.2.9 on eth0 (3)"));
-    }
-
-    /// A cause turns on from the exact totals while the per-peer figures are an earlier reading:
-    /// the fresher reading replaces it, and the finding (its log line too) names the peer.
-    #[test]
-    fn a_cause_turning_on_names_peers_from_a_fresher_reading() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        let asked = std::cell::Cell::new(0);
-        let fresher = |r: Reading| {
-            asked.set(asked.get() + 1);
-            Ok::<_, ()>(Some(r))
-        };
-        d.update_then(t0, Reading::default(), || fresher(Reading::default())).unwrap();
-        assert_eq!(asked.get(), 0, "nothing turned on: no second reading");
-        let stale = Reading { outbound_refused: 2, ..Default::default() };
-        let mut fresh = stale.clone();
-        let name = PeerName { iface: "eth0".into(), peer: "192.0.2.7".into() };
-        fresh.peers.insert((Cause::RemoteRefusing, name.clone()), 2);
-        let (f, changed) = d.update_then(at(t0, 1), stale.clone(), || fresher(fresh)).unwrap();
-        assert_eq!(asked.get(), 1);
-        assert_eq!(changed.len(), 1);
-        assert_eq!(changed[0].top_peers, [(name, 2)]);
-        assert!(changed[0].summary.contains("top peers: 192.0.2.7 on eth0 (2)"), "{changed:?}");
-        assert_eq!(active(&f), ["remote_refusing"]);
-        // Already on: no second reading.
-        d.update_then(at(t0, 2), stale, || fresher(Reading::default())).unwrap();
-        assert_eq!(asked.get(), 1);
-    }
-
-    #[test]
-    fn unreachable_only_with_normal_local_pressure() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        d.update(t0, Reading { conntrack: Some((10, 100)), ..Default::default() });
-        let (f, _) = d.update(
-            at(t0, 1),
-            Reading { conntrack: Some((10, 100)), outbound_timeouts: 2, ..Default::default() },
-        );
-        assert_eq!(active(&f), ["remote_unreachable"]);
-        let (f, _) = d.update(
-            at(t0, 2),
-            Reading { conntrack: Some((95, 100)), outbound_timeouts: 4, ..Default::default() },
-        );
-        assert!(!active(&f).contains(&"remote_unreachable"), "local conntrack is nearly full");
-    }
-
-    #[test]
-    fn listen_overflow_counts_drops_or_overflows_once() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        d.update(t0, Reading { listen_overflows: 100, ..Default::default() });
-        let (f, _) = d.update(
-            at(t0, 1),
-            Reading { listen_overflows: 106, listen_overflow_drops: 6, ..Default::default() },
-        );
-        assert_eq!(active(&f), ["listen_overflow"]);
-        let lo = f.iter().find(|f| f.cause == Cause::ListenOverflow).unwrap();
-        assert_eq!(lo.evidence["listen_overflows"], 6.0, "since start, not since boot");
-    }
-
-    #[test]
-    fn stalls_need_the_threshold() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds { min_zero_windows: 10, ..Default::default() });
-        d.update(t0, Reading::default());
-        let (f, _) = d.update(at(t0, 1), Reading { zero_windows_local: 9, ..Default::default() });
-        assert!(active(&f).is_empty());
-        let (f, _) = d.update(
-            at(t0, 2),
-            Reading { zero_windows_local: 10, zero_windows_peer: 12, ..Default::default() },
-        );
-        assert_eq!(active(&f), ["local_receive_stall", "peer_receive_stall"]);
-    }
-
-    #[test]
-    fn verdict_text_and_json() {
-        let t0 = Instant::now();
-        let mut d = Diagnoser::new(Thresholds::default());
-        d.update(t0, Reading::default());
-        let (f, _) = d.update(at(t0, 1), Reading { outbound_refused: 2, ..Default::default() });
-        let text = to_text(&f, "eth0", Duration::from_secs(10));
-        assert!(text.contains("ACTIVE  remote_refusing"), "{text}");
-        assert!(text.contains("ok      listen_overflow"));
-        assert!(text.ends_with("verdict: 1 active (remote_refusing)\n"));
-        let json: serde_json::Value =
-            serde_json::from_str(&to_json(&f, "eth0", Duration::from_secs(10))).unwrap();
-        assert_eq!(json["healthy"], false);
-        assert_eq!(json["causes"].as_array().unwrap().len(), 7);
-        let refusing = json["causes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["cause"] == "remote_refusing")
-            .unwrap();
-        assert_eq!(refusing["active"], true);
-        assert_eq!(refusing["evidence"]["outbound_refused"], 2.0);
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(262_144), "262,144");
-        assert_eq!(thousands(1_000_000), "1,000,000");
-    }
-}
+mod tests;

@@ -6,7 +6,8 @@
 //!   programs, and what the running kernel's BTF tells (drop-reason names, field offsets);
 //! - [`drain`]: reading the kernel maps into a [`drain::Snapshot`] (exact totals, a bounded view
 //!   of the per-peer maps, timeouts swept from the flow map);
-//! - [`host`]: the host's pressure signals (conntrack, TCP counters) and privileges;
+//! - [`host`]: the host's pressure signals (conntrack, TCP counters, SMTP listeners' accept
+//!   queues) and privileges;
 //! - [`diagnose`]: the causes, decided over a sliding window of readings;
 //! - [`output`]: the metrics text, the HTTP endpoint, the console view and logs;
 //! - [`commands`]: `watch`, `diagnose` and `check`, which run the steps above; [`cli`] and

@@ -28,7 +28,10 @@ pub const PROMETHEUS_PORT: u16 = 9090;
 fn gateway_watch(ns: &Netns) -> Watch {
     let interval = format!("{}ms", INTERVAL.as_millis());
     let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_LISTEN];
-    let args = [&args[..], &["--interval", &interval, "--status-every", "0s"]].concat();
+    // One refused connection names its peer (the diagnosis's plumbing, not its thresholds).
+    let args =
+        [&args[..], &["--interval", &interval, "--status-every", "0s", "--min-failures", "1"]]
+            .concat();
     Watch::launch(ns, &args, METRICS_ADDR)
 }
 

@@ -76,7 +76,17 @@ fn peer_label_prefix_sums_networks_and_hides_addresses() {
     let w = Watch::start(
         &pair.local,
         SF0,
-        &["--peer-label", "prefix", "--peer-prefix-v4", "24", "--peer-prefix-v6", "64"],
+        // --min-failures 1: three refused connections name the network.
+        &[
+            "--peer-label",
+            "prefix",
+            "--peer-prefix-v4",
+            "24",
+            "--peer-prefix-v6",
+            "64",
+            "--min-failures",
+            "1",
+        ],
     );
     let v4_dst = format!("{}:25", Pair::LOCAL_V4);
     let v6_dst = format!("[{}]:25", Pair::LOCAL_V6);
@@ -139,15 +149,22 @@ fn peer_label_prefix_sums_networks_and_hides_addresses() {
         log.contains("remote_refusing is active").then_some(log)
     })
     .unwrap_or_else(|| panic!("no diagnosis line in the log:\n{}", w.stderr()));
-    assert!(log.contains(&format!("top peers: {NET4} on {SF0} (3)")), "diagnosis line:\n{log}");
+    assert!(
+        log.contains(&format!(": {NET4} on {SF0}: RST to 100 % of ")),
+        "diagnosis line:\n{log}"
+    );
     assert_no_addresses(&log, &addresses, "the log");
 }
 
 /// One run with `--peer-label hash`: 1 inbound connection from 10.77.0.2, 2 from 10.77.0.3, one
 /// refused outbound connection to 10.77.0.3; returns (label of .2, label of .3).
 fn hashed_labels(pair: &Pair, rsts: &RstOracle, key_file: &str) -> (String, String) {
-    let w =
-        Watch::start(&pair.local, SF0, &["--peer-label", "hash", "--peer-hash-key-file", key_file]);
+    // --min-failures 1: one refused connection names the peer.
+    let w = Watch::start(
+        &pair.local,
+        SF0,
+        &["--peer-label", "hash", "--peer-hash-key-file", key_file, "--min-failures", "1"],
+    );
     let base = rsts.read();
     inbound_from(pair, &format!("{}:25", Pair::LOCAL_V4), &[(Pair::PEER_V4, 1), (PEER_V4_B, 2)]);
     refused_outbound(pair, &[(PEER_V4_B, 1)]);
@@ -193,7 +210,10 @@ fn hashed_labels(pair: &Pair, rsts: &RstOracle, key_file: &str) -> (String, Stri
         log.contains("remote_refusing is active").then_some(log)
     })
     .unwrap_or_else(|| panic!("no diagnosis line in the log:\n{}", w.stderr()));
-    assert!(log.contains(&format!("top peers: {b} on {SF0} (1)")), "diagnosis line:\n{log}");
+    assert!(
+        log.contains(&format!(": {b} on {SF0}: RST to 100 % of 1 handshakes")),
+        "diagnosis line:\n{log}"
+    );
     assert_no_addresses(&log, &addresses, "the log");
     (a, b)
 }

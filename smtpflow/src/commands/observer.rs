@@ -43,7 +43,7 @@ impl Observer {
         args.validate().map_err(anyhow::Error::msg)?;
         let labeler = args.peer_labeler()?;
         privileges::require()?;
-        let pressure = pressure::Reader::from_env()?;
+        let pressure = pressure::Reader::from_env(&args.ports.0)?;
         let ifaces =
             args.ifaces.iter().map(|n| Iface::lookup(n)).collect::<anyhow::Result<Vec<_>>>()?;
         let mut config =
@@ -187,6 +187,7 @@ pub fn thresholds(args: &ObserveArgs, window: Duration) -> Thresholds {
         window,
         conntrack_fill: args.conntrack_fill,
         min_failures: args.min_failures,
+        min_share: args.min_share,
         min_zero_windows: args.min_zero_windows,
     }
 }

@@ -1,28 +1,29 @@
 //! What the diagnosis reads of a drained snapshot: the cumulative totals its causes are decided
-//! from ([`Reading`]), the per-peer figures that name the peers, and the pressure signals. The
-//! diagnosis itself sees only readings.
+//! from ([`Reading`]), each peer's own counts (from the per-peer figures), and the pressure
+//! signals (conntrack, ListenOverflows, the SMTP listeners' accept queues). The diagnosis itself
+//! sees only readings.
 use smtpflow_common::{Counter, Direction, Event, Outcome, PeerKey, Side};
 
 use crate::{
-    diagnose::{Cause, PeerName, Reading},
+    diagnose::{PeerCounts, PeerName, Reading},
     drain::{Snapshot, peers::Figure},
     host::pressure::Pressure,
     kernel::drop_reasons::DropReasons,
     output::peer_label::PeerLabel,
 };
 
-/// The per-peer causes, and the per-peer figure each names its peers by.
-const PER_PEER_FIGURES: [(Cause, Figure); 5] = [
-    (Cause::LocalReceiveStall, Figure::ZeroWindowsSent),
-    (Cause::PeerReceiveStall, Figure::ZeroWindowsReceived),
-    (Cause::RemoteRefusing, Figure::OutboundRefused),
-    (Cause::RemoteUnreachable, Figure::OutboundTimeouts),
-    (Cause::RemoteThrottling, Figure::Outbound4xxGreetings),
-];
+/// The count of [`PeerCounts`] a per-peer figure fills.
+type Field = fn(&mut PeerCounts) -> &mut u64;
 
-fn is_4xx(code: u16) -> bool {
-    (400..500).contains(&code)
-}
+/// The per-peer figures the causes read, and the count of [`PeerCounts`] each fills.
+const PER_PEER_FIGURES: [(Figure, Field); 6] = [
+    (Figure::OutboundEstablished, |p| &mut p.established),
+    (Figure::OutboundRefused, |p| &mut p.refused),
+    (Figure::OutboundTimeouts, |p| &mut p.timeouts),
+    (Figure::OutboundThrottled, |p| &mut p.throttled),
+    (Figure::ZeroWindowsSent, |p| &mut p.zero_windows_sent),
+    (Figure::ZeroWindowsReceived, |p| &mut p.zero_windows_received),
+];
 
 /// Takes what the causes need from a drained snapshot and the pressure signals.
 pub fn of_snapshot(
@@ -38,8 +39,11 @@ pub fn of_snapshot(
         match counter {
             Counter::Event(Event::ZeroWindow, Side::Local) => r.zero_windows_local += v,
             Counter::Event(Event::ZeroWindow, Side::Peer) => r.zero_windows_peer += v,
-            Counter::Handshake(Outcome::Refused) if !inbound => r.outbound_refused += v,
-            Counter::Reply(code) if !inbound && is_4xx(code) => r.outbound_4xx_replies += v,
+            Counter::Handshake(Outcome::Established) if inbound => r.inbound_established += v,
+            Counter::Handshake(Outcome::Established) => r.outbound_established += v,
+            Counter::Handshake(Outcome::Refused) if inbound => r.inbound_refused += v,
+            Counter::Handshake(Outcome::Refused) => r.outbound_refused += v,
+            Counter::Throttled if !inbound => r.outbound_throttled += v,
             Counter::SynDrop(code) => {
                 let name = reason(code);
                 if inbound && name == "NETFILTER_DROP" {
@@ -62,12 +66,18 @@ pub fn of_snapshot(
         iface: ifname(k.ifindex),
         peer: k.ip().map(|ip| labeler.label(ip)).unwrap_or_default(),
     };
-    // The per-peer figures of the last reading of the per-peer maps: the largest nonzero
-    // ones only (`peers::FIGURE_KEEP` per cause). Past that many peers with a nonzero
-    // figure, a peer whose count starts rising late in the window may go unnamed.
-    for (cause, figure) in PER_PEER_FIGURES {
+    // The per-peer figures of the last reading of the per-peer maps: the largest nonzero ones
+    // only (`peers::FIGURE_KEEP` per figure), summed over a peer's entries (ports; a label's
+    // members with --peer-label prefix or hash). Past that many peers with a nonzero figure,
+    // a peer outside them reads 0 there: a failing peer is still seen while it is among the
+    // FIGURE_KEEP largest of that failure, and its established sessions are 0 if it is not
+    // among the FIGURE_KEEP busiest by lifetime sessions (its share then reads higher than it
+    // is). Reading them as the least kept value instead would hide an MX that refuses
+    // everything on a relay with more busy peers; a peer outside the busiest with 90 sessions
+    // in the window, which that error needs, is rare.
+    for (figure, field) in PER_PEER_FIGURES {
         for (k, n) in snap.peers.figure(figure) {
-            *r.peers.entry((cause, peer_name(k))).or_default() += n;
+            *field(r.peers.entry(peer_name(k)).or_default()) += n;
         }
     }
     add_pressure(&mut r, &snap.pressure);
@@ -77,12 +87,13 @@ pub fn of_snapshot(
 fn add_pressure(r: &mut Reading, p: &Pressure) {
     if let Some(ct) = &p.conntrack {
         r.conntrack = Some((ct.entries, ct.limit));
-        r.conntrack_drops = ["drop", "early_drop", "insert_failed"]
-            .iter()
-            .map(|s| ct.stats.get(s).copied().unwrap_or(0))
-            .sum();
+        // Only `drop` is conntrack refusing new entries on a full table; `early_drop` (an old
+        // entry evicted to make room) and `insert_failed` (a race, e.g. parallel UDP DNS
+        // queries) happen on healthy hosts.
+        r.conntrack_drops = ct.stats.get("drop").copied().unwrap_or(0);
     }
     r.listen_overflows = p.tcp.get("ListenOverflows").copied().unwrap_or(0);
+    r.full_listeners = p.listeners.iter().filter(|l| l.is_full()).map(|l| l.endpoint()).collect();
 }
 
 #[cfg(test)]
@@ -92,34 +103,81 @@ mod tests {
     use smtpflow_common::{PeerCounters, PeerGreetingKey};
 
     use super::*;
+    use crate::host::pressure::{Conntrack, sock_diag::Listener};
+
+    fn key(last: u8, direction: Direction) -> PeerKey {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, last]);
+        PeerKey { ifindex: 2, addr, port: 25, family: 4, direction: direction as u8 }
+    }
+
+    fn name(p: &str) -> PeerName {
+        PeerName { iface: "eth0".into(), peer: p.into() }
+    }
 
     #[test]
-    fn readings_name_peers_from_the_per_peer_figures() {
-        let key = |last: u8, direction: Direction| {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&[192, 0, 2, last]);
-            PeerKey { ifindex: 2, addr, port: 25, family: 4, direction: direction as u8 }
-        };
+    fn each_peer_gets_its_own_counts() {
         let (out, inb) = (key(7, Direction::Outbound), key(8, Direction::Inbound));
-        let mut refused = PeerCounters::default();
-        refused.outcomes[Outcome::Refused as usize] = 2;
-        refused.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
-        let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
+        let mut c = PeerCounters::default();
+        c.outcomes[Outcome::Established as usize] = 40;
+        c.outcomes[Outcome::Refused as usize] = 2;
+        c.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
+        c.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)] = 1;
+        c.throttled = 4;
+        let greeting = |code| PeerGreetingKey { peer: out, code, _pad: [0; 2] };
         let view = crate::drain::peers::PeerReader::new(0).view_of(
-            &[(out, refused), (inb, refused)],
+            &[(out, c), (inb, c)],
             &[(out, 3), (inb, 5)],
-            &[(greeting, 4)],
+            // Throttled sessions come from the kernel's count, not from greeting codes.
+            &[(greeting(421), 6), (greeting(450), 9)],
         );
         let snap = Snapshot { peers: std::sync::Arc::new(view), ..Default::default() };
         let r = of_snapshot(&snap, None, &PeerLabel::Ip, |_| "eth0".to_owned());
-        let name = |p: &str| PeerName { iface: "eth0".into(), peer: p.into() };
         let want = BTreeMap::from([
-            ((Cause::RemoteThrottling, name("192.0.2.7")), 4),
-            ((Cause::RemoteUnreachable, name("192.0.2.7")), 3),
-            ((Cause::RemoteRefusing, name("192.0.2.7")), 2),
-            ((Cause::PeerReceiveStall, name("192.0.2.7")), 11),
-            ((Cause::PeerReceiveStall, name("192.0.2.8")), 11),
+            (
+                name("192.0.2.7"),
+                PeerCounts {
+                    established: 40,
+                    refused: 2,
+                    timeouts: 3,
+                    throttled: 4,
+                    zero_windows_sent: 1,
+                    zero_windows_received: 11,
+                },
+            ),
+            // Inbound: zero windows only (the failure causes are about our handshakes).
+            (
+                name("192.0.2.8"),
+                PeerCounts {
+                    zero_windows_sent: 1,
+                    zero_windows_received: 11,
+                    ..Default::default()
+                },
+            ),
         ]);
-        assert_eq!(r.peers, want, "outbound causes name outbound peers only");
+        assert_eq!(r.peers, want);
+    }
+
+    /// Conntrack's `drop` is its table-full drop; `early_drop` and `insert_failed` are not
+    /// pressure. A full SMTP listener is named; a listener with room is not.
+    #[test]
+    fn pressure_signals() {
+        let pressure = Pressure {
+            conntrack: Some(Conntrack {
+                entries: 10,
+                limit: 100,
+                stats: BTreeMap::from([("drop", 2), ("early_drop", 50), ("insert_failed", 70)]),
+                source: None,
+            }),
+            tcp: BTreeMap::from([("ListenOverflows", 33)]),
+            listeners: vec![
+                Listener { addr: "0.0.0.0".parse().unwrap(), port: 25, queue: 5, limit: 128 },
+                Listener { addr: "::".parse().unwrap(), port: 587, queue: 129, limit: 128 },
+            ],
+        };
+        let snap = Snapshot { pressure, ..Default::default() };
+        let r = of_snapshot(&snap, None, &PeerLabel::Ip, |_| "eth0".to_owned());
+        assert_eq!((r.conntrack, r.conntrack_drops, r.listen_overflows), (Some((10, 100)), 2, 33));
+        assert_eq!(r.full_listeners, ["[::]:587"]);
     }
 }

@@ -61,20 +61,19 @@ pub enum Figure {
     OutboundRefused,
     /// Our handshakes the peer never answered (remote_unreachable).
     OutboundTimeouts,
-    /// 4xx greetings from the peer, one value per code (remote_throttling).
-    Outbound4xxGreetings,
     /// Refused handshakes in either direction (the live view's failed handshakes).
     Refused,
     /// Timed-out handshakes in either direction (the live view's failed handshakes).
     Timeouts,
+    /// Our handshakes the peer answered with a SYN-ACK: the sessions remote_throttling's share
+    /// is of, and part of the attempts of remote_refusing and remote_unreachable.
+    OutboundEstablished,
     /// Our sessions with a throttling reply from the peer (remote_throttling).
     OutboundThrottled,
-    /// Our handshakes the peer answered (the base of remote_throttling's share).
-    OutboundEstablished,
 }
 
 impl Figure {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 8;
 }
 
 /// What one full read of the per-peer maps keeps. Its size is bounded by `--max-peer-series`
@@ -176,10 +175,6 @@ impl Eq for Candidate {}
 
 /// A figure's value for one entry; between equals the smaller key ranks higher.
 type Valued = (u64, Reverse<PeerKey>);
-
-fn is_4xx(code: u16) -> bool {
-    (400..500).contains(&code)
-}
 
 /// What the reads of the per-peer map remember of each entry, to tell how much it rose since the
 /// last read (the candidates for export, by recent activity) without a copy of the map: a table
@@ -501,9 +496,6 @@ impl PeerReader {
         if let Some((acc, _)) = &mut self.series {
             acc.greeting(k, n);
         }
-        if k.peer.direction == Direction::Outbound as u8 && is_4xx(k.code) {
-            self.offer(Figure::Outbound4xxGreetings, &k.peer, n);
-        }
     }
 
     /// Counts the distinct peers among the entries added (sorting their hashes).
@@ -726,7 +718,6 @@ mod tests {
         // The figures cover every peer, chosen or not.
         assert_eq!(v.figure(Figure::OutboundTimeouts), [(quiet, 7), (busy, 2)]);
         assert_eq!(v.figure(Figure::Timeouts), [(quiet, 7), (busy, 2)]);
-        assert_eq!(v.figure(Figure::Outbound4xxGreetings), [(quiet, 3)]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! The host around the programs: the kernel's pressure signals ([`pressure`]: conntrack fill and
-//! drops, TCP counters) and the process's own privileges ([`privileges`]).
+//! drops, TCP counters, the SMTP listeners' accept queues) and the process's own privileges
+//! ([`privileges`]).
 pub mod pressure;
 pub mod privileges;

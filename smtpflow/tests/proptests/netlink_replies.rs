@@ -1,9 +1,16 @@
-//! ctnetlink replies: the per-CPU and global conntrack statistics.
-use std::collections::BTreeMap;
+//! ctnetlink replies (the per-CPU and global conntrack statistics) and sock_diag replies (the
+//! SMTP listeners' accept queues).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use proptest::{collection::vec, prelude::*, sample::subsequence};
 
-use smtpflow::host::pressure::ctnetlink;
+use smtpflow::host::pressure::{
+    ctnetlink,
+    sock_diag::{self, Listener},
+};
 
 use super::mangled;
 
@@ -122,5 +129,81 @@ proptest! {
             entries: u64::from(entries),
             max_entries: max.map(u64::from),
         });
+    }
+}
+
+/// A sock_diag data message for a listener, as the kernel writes it: `inet_diag_msg`, then
+/// attributes (`INET_DIAG_SHUTDOWN` here, which it always adds).
+fn listener_msg(seq: u32, l: &Listener, extra_attrs: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8; 72];
+    let (family, src) = match l.addr {
+        IpAddr::V4(a) => {
+            let mut s = [0u8; 16];
+            s[..4].copy_from_slice(&a.octets());
+            (libc::AF_INET as u8, s)
+        }
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets()),
+    };
+    body[0] = family;
+    body[1] = sock_diag::TCP_LISTEN;
+    body[4..6].copy_from_slice(&l.port.to_be_bytes());
+    body[8..24].copy_from_slice(&src);
+    body[56..60].copy_from_slice(&l.queue.to_ne_bytes());
+    body[60..64].copy_from_slice(&l.limit.to_ne_bytes());
+    body.extend_from_slice(&attr(8, &[0]));
+    body.extend_from_slice(extra_attrs);
+    nlmsg(sock_diag::SOCK_DIAG_BY_FAMILY, seq, &body)
+}
+
+fn listener() -> impl Strategy<Value = Listener> {
+    let addr = prop_oneof![
+        any::<[u8; 4]>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        any::<[u8; 16]>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+    ];
+    (addr, any::<u16>(), any::<u32>(), any::<u32>())
+        .prop_map(|(addr, port, queue, limit)| Listener { addr, port, queue, limit })
+}
+
+/// A captured-like dump of two listeners (seq 7), mangled by the tests below.
+fn listeners_capture() -> &'static [u8] {
+    static CAPTURE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let a =
+            Listener { addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED), port: 25, queue: 1, limit: 100 };
+        let b =
+            Listener { addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 587, queue: 0, limit: 4096 };
+        [listener_msg(7, &a, &[]), listener_msg(7, &b, &[]), terminator(3, 7)].concat()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn sock_diag_never_panics(
+        buf in prop_oneof![vec(any::<u8>(), 0..400), mangled(listeners_capture())],
+        seq in prop_oneof![Just(7u32), any::<u32>()],
+    ) {
+        let _ = sock_diag::parse_listeners_reply(&buf, seq);
+        let _ = sock_diag::scan(&buf, seq);
+    }
+
+    /// Any listeners, in any number of datagrams' worth of messages, with attributes after
+    /// each message: the same listeners come back, in order; a cut reply or another request's
+    /// is an error.
+    #[test]
+    fn sock_diag_round_trip(
+        seq in any::<u32>(),
+        listeners in vec(listener(), 0..8),
+        extra in vec(any::<u8>(), 0..12),
+    ) {
+        let extra = attr(9, &extra);
+        let mut buf: Vec<u8> = listeners.iter().flat_map(|l| listener_msg(seq, l, &extra)).collect();
+        prop_assert_eq!(sock_diag::scan(&buf, seq).expect("whole messages"), sock_diag::Scan::Incomplete);
+        buf.extend(terminator(3, seq));
+        prop_assert_eq!(sock_diag::parse_listeners_reply(&buf, seq).expect("well-formed"), listeners);
+        let cut = seq as usize % buf.len();
+        prop_assert!(sock_diag::parse_listeners_reply(&buf[..cut], seq).is_err());
+        prop_assert!(sock_diag::parse_listeners_reply(&buf, seq.wrapping_add(1)).is_err());
     }
 }

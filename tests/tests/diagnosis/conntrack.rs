@@ -65,7 +65,7 @@ pub fn conntrack_ruleset(ns: &Netns) {
 /// (nftables counters) are the same number.
 ///
 /// The diagnosis: `conntrack_exhaustion` only, with the lowered limit, the full table (fill 1),
-/// `conntrack_drops` = the rise of drop + early_drop + insert_failed, and
+/// `conntrack_drops` = the rise of conntrack's `drop` (its table-full drops), and
 /// `unanswered_inbound_syns` at least the failed attempts and at most smtpflow's sum of inbound
 /// timeouts and NETFILTER_DROP SYN drops (exactly that sum today, which counts a SYN twice: see
 /// [`conntrack_unanswered_syns_counted_once`]). The limit restored (the fault removed), it turns
@@ -197,7 +197,7 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
             differs("conntrack_limit", ev("conntrack_limit"), limit as f64),
             differs("conntrack_entries", ev("conntrack_entries"), limit as f64),
             differs("conntrack_fill_ratio", ev("conntrack_fill_ratio"), 1.0),
-            differs("conntrack_drops", ev("conntrack_drops"), (drop + early + insert) as f64),
+            differs("conntrack_drops", ev("conntrack_drops"), drop as f64),
             {
                 let u = ev("unanswered_inbound_syns");
                 unanswered = Unanswered {
@@ -256,7 +256,8 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
         "conntrack_exhaustion",
         &[
             &format!("/{limit}), "),
-            "inbound SYNs unanswered in 6 s",
+            "table-full drops; ",
+            " attempts) in 6 s",
             ": raise net.netfilter.nf_conntrack_max or shorten nf_conntrack_tcp_timeout_established",
         ],
     );

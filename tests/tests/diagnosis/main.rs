@@ -7,7 +7,7 @@
 //! cause turns off within one window while healthy traffic goes on.
 //!
 //! The diagnosis runs with a short window (4 s, 6 s for conntrack), `--interval 100ms` and
-//! `--handshake-timeout 1s`. The tests of this file run one at a time (a process-wide lock):
+//! `--handshake-timeout 1s`, and `--min-failures 1` (a handful of failures each). The tests of this file run one at a time (a process-wide lock):
 //! the conntrack test lowers the kernel-wide `nf_conntrack_max` for a few seconds.
 mod checks;
 mod conntrack;
@@ -52,7 +52,8 @@ const GIVE_UP: Duration = Duration::from_millis(1500);
 /// `listen_overflow` only (no conntrack in use there, so the unanswered SYNs are not conntrack's
 /// fault), with `listen_overflows` = the rise of the kernel's own `ListenOverflows` (read
 /// independently in the namespace) and `listen_overflow_drops` = smtpflow's SYN drops with a
-/// `*LISTEN_OVERFLOW` reason. Replaced by `smtp-sink` (the fault removed), it turns off within
+/// `*LISTEN_OVERFLOW` reason, and sock_diag shows the SMTP listener full (its limit, the backlog
+/// of 1, in `smtpflow_listen_queue_limit`). Replaced by `smtp-sink` (the fault removed), it turns off within
 /// one window while inbound sessions succeed.
 #[test]
 fn listen_overflow_with_a_server_that_never_accepts() {
@@ -110,6 +111,15 @@ fn listen_overflow_with_a_server_that_never_accepts() {
             // failed attempt's SYN is one.
             (counts_overflow_syns && lo_drops < refused.len() as u64)
                 .then(|| format!("{lo_drops} overflow SYN drops for {} attempts", refused.len())),
+            // sock_diag sees the listener that never accepts: its backlog, and full.
+            differs(
+                "smtpflow_listen_queue_limit",
+                m.get("smtpflow_listen_queue_limit", &[("port", "25"), ("addr", LOCAL)])
+                    .unwrap_or(-1.0),
+                1.0,
+            ),
+            (ev("listen_queue_full_samples") < 1.0)
+                .then(|| "the SMTP listener was never seen full".to_owned()),
         ]
         .into_iter()
         .flatten()
@@ -144,7 +154,7 @@ fn listen_overflow_with_a_server_that_never_accepts() {
     expect_log(
         &w,
         "listen_overflow",
-        &["SYNs dropped on full listen queues in 4 s (ListenOverflows +"],
+        &["SMTP SYNs dropped on full listen queues in 4 s (ListenOverflows +"],
     );
 }
 
@@ -157,8 +167,8 @@ fn the_peer(n: u64) -> Vec<(String, String, f64)> {
 }
 
 /// The gateway connects to `smtp-sink -Q connect` in the peer (a `421` greeting, then it
-/// closes), 4 sessions: `remote_throttling` only, `outbound_4xx_replies` = the 421s the clients
-/// read = smtpflow's outbound 4xx reply counters, naming the peer with its 4. The throttling
+/// closes), 4 sessions: `remote_throttling` only, `throttled_sessions` = the 421s the clients
+/// read = smtpflow's outbound 4xx reply counters, naming the peer with its 4 (all its sessions). The throttling
 /// server replaced by a normal one, it turns off within one window while mail flows.
 #[test]
 fn remote_throttling_names_the_peer() {
@@ -189,10 +199,11 @@ fn remote_throttling_names_the_peer() {
             differs("smtpflow's outbound 421 replies", replies_4xx as f64, N as f64),
             differs("all outbound 4xx replies", any_4xx as f64, N as f64),
             differs(
-                "outbound_4xx_replies",
-                evidence(m, "remote_throttling", "outbound_4xx_replies"),
+                "throttled_sessions",
+                evidence(m, "remote_throttling", "throttled_sessions"),
                 N as f64,
             ),
+            differs("throttled_share", evidence(m, "remote_throttling", "throttled_share"), 1.0),
             (peers != the_peer(N)).then(|| format!("top peers {peers:?}")),
         ]
         .into_iter()
@@ -211,15 +222,16 @@ fn remote_throttling_names_the_peer() {
         WINDOW,
         removed,
         last_event,
-        &["outbound_4xx_replies"],
+        &["throttled_sessions"],
     );
     all_ok("outbound sessions to the normal server", &traffic.stop());
     expect_log(
         &w,
         "remote_throttling",
         &[
-            "4xx replies from remote servers in 4 s; top peers: 10.77.0.2 on sf0 (",
-            ": lower the concurrency",
+            // The counts at the moment it turned on: some of the 4 sessions, perhaps.
+            "is active: 10.77.0.2 on sf0: 421 or rate-limit replies on ",
+            " sessions in 4 s: lower the concurrency",
         ],
     );
 }
@@ -286,7 +298,8 @@ fn remote_unreachable_when_the_peer_drops_syns() {
         &w,
         "remote_unreachable",
         &[
-            "outbound handshakes unanswered in 4 s with normal local pressure; top peers: 10.77.0.2 on sf0 (",
+            "is active: 10.77.0.2 on sf0: no answer to 100 % of ",
+            " handshakes in 4 s with normal local pressure: check routing",
         ],
     );
 }
@@ -345,7 +358,10 @@ fn remote_refusing_a_closed_port() {
     expect_log(
         &w,
         "remote_refusing",
-        &["outbound connections refused (RST) in 4 s; top peers: 10.77.0.2 on sf0 ("],
+        &[
+            "is active: 10.77.0.2 on sf0: RST to 100 % of ",
+            " handshakes in 4 s: these MXs refuse port 25",
+        ],
     );
 }
 
@@ -358,7 +374,7 @@ const FAILURE_EVIDENCE: [(&str, &str); 9] = [
     ("conntrack_exhaustion", "conntrack_drops"),
     ("listen_overflow", "listen_overflows"),
     ("listen_overflow", "listen_overflow_drops"),
-    ("remote_throttling", "outbound_4xx_replies"),
+    ("remote_throttling", "throttled_sessions"),
     ("remote_unreachable", "outbound_timeouts"),
     ("remote_refusing", "outbound_refused"),
     ("local_receive_stall", "zero_windows_sent"),
@@ -434,8 +450,18 @@ fn healthy_traffic_raises_no_alarm() {
 // smtpflow diagnose
 
 fn diagnose_args(json: bool) -> Vec<&'static str> {
-    let mut args =
-        vec!["--iface", IF, "--for", "3s", "--interval", "100ms", "--handshake-timeout", "1s"];
+    let mut args = vec![
+        "--iface",
+        IF,
+        "--for",
+        "3s",
+        "--interval",
+        "100ms",
+        "--handshake-timeout",
+        "1s",
+        "--min-failures",
+        "1",
+    ];
     if json {
         args.push("--json");
     }
@@ -511,7 +537,7 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
         let summary = c["summary"].as_str().unwrap_or_default();
         assert!(
             summary.starts_with(&format!(
-                "{N} outbound connections refused (RST) in 3 s; top peers: {PEER} on {IF} ({N})"
+                "{PEER} on {IF}: RST to 100 % of {N} handshakes in 3 s: these MXs refuse port 25"
             )),
             "{summary}"
         );
@@ -525,8 +551,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     let v = refuse_while_observed(false);
     assert_eq!(v.code, Some(1), "{v:?}");
     let active_line = format!(
-        "  ACTIVE  remote_refusing       {N} outbound connections refused (RST) in 3 s; top \
-         peers: {PEER} on {IF} ({N}): these MXs refuse port 25"
+        "  ACTIVE  remote_refusing       {PEER} on {IF}: RST to 100 % of {N} handshakes in 3 s: \
+         these MXs refuse port 25"
     );
     assert!(v.stdout.contains(&active_line), "{active_line:?} not in:\n{}", v.stdout);
     assert!(v.stdout.contains("  ok      conntrack_exhaustion\n"), "{}", v.stdout);

@@ -7,9 +7,11 @@
 //! `/proc/net/stat/nf_conntrack`; that file is the fallback. Entries and limit come from
 //! ctnetlink's `IPCTNL_MSG_CT_GET_STATS` with the statistics, else from the sysctls
 //! `nf_conntrack_count` and `nf_conntrack_max`. The TCP counters come from `/proc/net/netstat`
-//! (`TcpExt`) and `/proc/net/snmp` (`Tcp`). All of these are per network namespace.
+//! (`TcpExt`) and `/proc/net/snmp` (`Tcp`). The SMTP listeners' accept queues come from
+//! sock_diag ([`sock_diag`]). All of these are per network namespace.
 pub mod ctnetlink;
 pub mod procfs;
+pub mod sock_diag;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -58,6 +60,9 @@ pub struct Pressure {
     pub conntrack: Option<Conntrack>,
     /// [`TCP_STATS`] by name.
     pub tcp: BTreeMap<&'static str, u64>,
+    /// The TCP listeners on the SMTP ports (`--ports`) and their accept queues, sorted; empty
+    /// when there are none or sock_diag could not be read.
+    pub listeners: Vec<sock_diag::Listener>,
 }
 
 /// Environment variable choosing where the conntrack statistics come from: `auto` (the default:
@@ -91,6 +96,9 @@ pub struct Reader {
     mode: SourceMode,
     proc_root: PathBuf,
     netlink: Option<ctnetlink::Socket>,
+    /// The SMTP ports whose listeners are read, and the sock_diag socket.
+    listen_ports: Vec<u16>,
+    sock_diag: Option<sock_diag::Socket>,
     /// The last message logged per topic (`None` once the topic is fine again).
     logged: HashMap<&'static str, String>,
 }
@@ -100,17 +108,28 @@ fn read_text(path: &Path) -> io::Result<String> {
 }
 
 impl Reader {
-    /// The mode from [`SOURCE_ENV`] (unset: auto); an unknown value is an error.
-    pub fn from_env() -> anyhow::Result<Self> {
+    /// The mode from [`SOURCE_ENV`] (unset: auto); an unknown value is an error. The
+    /// listeners on `listen_ports` (the SMTP ports) are read too.
+    pub fn from_env(listen_ports: &[u16]) -> anyhow::Result<Self> {
         let mode = match std::env::var(SOURCE_ENV) {
             Ok(v) if !v.is_empty() => v.parse().map_err(anyhow::Error::msg)?,
             _ => SourceMode::Auto,
         };
-        Ok(Self::new(mode, "/proc"))
+        let mut reader = Self::new(mode, "/proc");
+        reader.listen_ports = listen_ports.to_vec();
+        Ok(reader)
     }
 
+    /// A reader of the files under `proc_root`, and of no listener.
     pub fn new(mode: SourceMode, proc_root: impl Into<PathBuf>) -> Self {
-        Self { mode, proc_root: proc_root.into(), netlink: None, logged: HashMap::new() }
+        Self {
+            mode,
+            proc_root: proc_root.into(),
+            netlink: None,
+            listen_ports: Vec::new(),
+            sock_diag: None,
+            logged: HashMap::new(),
+        }
     }
 
     /// Logs `msg` under `topic` unless it is what was logged last for that topic.
@@ -154,7 +173,40 @@ impl Reader {
             }
         };
         self.note("source", false, state);
-        Pressure { conntrack, tcp }
+        let listeners = self.read_listeners();
+        Pressure { conntrack, tcp, listeners }
+    }
+
+    /// The SMTP listeners' accept queues (none when no port is given).
+    fn read_listeners(&mut self) -> Vec<sock_diag::Listener> {
+        if self.listen_ports.is_empty() {
+            return Vec::new();
+        }
+        let read = match &mut self.sock_diag {
+            Some(s) => s.smtp_listeners(&self.listen_ports),
+            None => sock_diag::Socket::open()
+                .map_err(ctnetlink::NlError::from)
+                .and_then(|s| self.sock_diag.insert(s).smtp_listeners(&self.listen_ports)),
+        };
+        match read {
+            Ok(listeners) => {
+                self.logged.remove("sock_diag");
+                listeners
+            }
+            Err(e) => {
+                // Reopened at the next reading.
+                self.sock_diag = None;
+                self.note(
+                    "sock_diag",
+                    true,
+                    format!(
+                        "the SMTP listeners' accept queues are unavailable (sock_diag: {e:#}); \
+                         listen_overflow then needs SYN drop reasons"
+                    ),
+                );
+                Vec::new()
+            }
+        }
     }
 
     fn read_tcp(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {

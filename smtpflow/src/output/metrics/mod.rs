@@ -429,6 +429,25 @@ pub(crate) fn render_pressure(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
         }
     }
     f.finish(out);
+    // The SMTP listeners only (--ports), so the series stay few.
+    let mut length = Family::new(
+        "smtpflow_listen_queue_length",
+        MetricType::GAUGE,
+        "Connections waiting to be accepted by each TCP listener on an SMTP port (sock_diag).",
+    );
+    let mut limit = Family::new(
+        "smtpflow_listen_queue_limit",
+        MetricType::GAUGE,
+        "Accept queue limit (listen backlog) of each TCP listener on an SMTP port (sock_diag).",
+    );
+    for l in &snap.pressure.listeners {
+        let (port, addr) = (l.port.to_string(), l.addr.to_string());
+        let labels = [("port", port.as_str()), ("addr", addr.as_str())];
+        length.add(&labels, f64::from(l.queue));
+        limit.add(&labels, f64::from(l.limit));
+    }
+    length.finish(out);
+    limit.finish(out);
 }
 
 #[cfg(test)]

@@ -267,6 +267,12 @@ fn golden_exposition() {
             source: Some(StatsSource::Netlink),
         }),
         tcp: TCP_STATS.iter().map(|s| (*s, 2)).collect(),
+        listeners: vec![crate::host::pressure::sock_diag::Listener {
+            addr: "::".parse().unwrap(),
+            port: 25,
+            queue: 3,
+            limit: 128,
+        }],
     };
     snap.ifaces_up = vec![("eth0".to_owned(), true)];
     let findings = [Finding {
@@ -328,6 +334,7 @@ fn renders_the_four_families() {
             source: Some(StatsSource::Netlink),
         }),
         tcp: BTreeMap::from([("ListenOverflows", 18), ("EstabResets", 6)]),
+        listeners: Vec::new(),
     };
     let mut snap = Snapshot { pressure, ..Default::default() };
     let render = |snap: &Snapshot| {
