@@ -135,10 +135,21 @@ impl Webhook {
         self.bodies.lock().unwrap().clone()
     }
 
+    /// How many notifications arrived so far.
+    pub fn received(&self) -> usize {
+        self.bodies.lock().unwrap().len()
+    }
+
     /// Every alert of every notification received so far, in order.
     pub fn alerts(&self) -> Vec<Delivered> {
+        self.alerts_since(0)
+    }
+
+    /// The alerts of the notifications received after the first `n`, in order.
+    pub fn alerts_since(&self, n: usize) -> Vec<Delivered> {
         self.bodies()
             .iter()
+            .skip(n)
             .flat_map(|body| {
                 let v: Json = body.parse().unwrap_or_else(|e| panic!("webhook JSON: {e}: {body}"));
                 v["alerts"]
