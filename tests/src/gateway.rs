@@ -350,3 +350,62 @@ impl NoisyGateway {
         self.rounds += 1;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A receiver that stops reading.
+
+/// Connections whose server accepts and never reads while the client writes until its sends
+/// block: the server's receive window closes, it advertises zero windows, and the client's
+/// kernel keeps probing (each probe answered with a zero window again). Held open until dropped.
+pub struct Stall {
+    _accepted: Vec<std::net::TcpStream>,
+    _clients: Vec<std::net::TcpStream>,
+    _listener: TcpListener,
+}
+
+impl Stall {
+    /// `n` such connections to `addr` (IPv4), served in `server_ns` and made from `client_ns`.
+    pub fn start(server_ns: &Netns, client_ns: &Netns, addr: &str, n: usize) -> Self {
+        let listener = smtp::listen(server_ns, addr, 16);
+        let target: SocketAddr = addr.parse().expect("socket address");
+        let clients = in_netns(client_ns, move || {
+            (0..n)
+                .map(|_| {
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                        .unwrap_or_else(|e| panic!("connect {target}: {e}"))
+                })
+                .collect::<Vec<_>>()
+        });
+        let accepted: Vec<_> =
+            (0..n).map(|_| smtp::accept_within(&listener, Duration::from_secs(10))).collect();
+        for c in &clients {
+            fill(c, Duration::from_secs(10));
+        }
+        Self { _accepted: accepted, _clients: clients, _listener: listener }
+    }
+}
+
+/// Writes to `s` until a write would block (its peer's window and its own send buffer full),
+/// for at most `limit`.
+fn fill(s: &std::net::TcpStream, limit: Duration) {
+    use std::io::Write as _;
+    s.set_nonblocking(true).expect("nonblocking");
+    let chunk = vec![b'x'; 64 * 1024];
+    let deadline = Instant::now() + limit;
+    let mut w = s;
+    while Instant::now() < deadline {
+        match w.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The window may still open a little as the receiver's buffer grows: once more.
+                thread::sleep(Duration::from_millis(200));
+                if matches!(w.write(&chunk), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                {
+                    return;
+                }
+            }
+            Err(e) => panic!("writing to a stalled receiver: {e}"),
+        }
+    }
+    panic!("the receiver's window never closed within {limit:?}");
+}

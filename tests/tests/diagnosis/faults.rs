@@ -3,7 +3,8 @@
 //! cause turns on, names the faulty peer with what crossed the wire (per-peer causes), the log
 //! says so, and no other cause is active at any scrape. Each fault is big enough to pass the
 //! default `--min-failures` (10) and `--min-share` (0.1): 25 sessions or attempts, or 20 where
-//! the kernel-wide conntrack limit is lowered.
+//! the kernel-wide conntrack limit is lowered; the stalls pass `--min-zero-windows` (10) with
+//! three stalled connections probed for seconds.
 //!
 //! smtpflow runs as in [`crate::noisy`]: the default diagnosis flags, a 20 s window.
 use std::{
@@ -16,7 +17,7 @@ use smtpflow_tests::{
     diagnosis::{active, active_lines, evidence_of, top_peers},
     expect::present,
     gateway::{
-        self, BACKUP_MX, BUSY_MX, GATEWAY, MailFlow, NoisyGateway, backup_mx_unanswered,
+        self, BACKUP_MX, BUSY_MX, GATEWAY, MailFlow, NoisyGateway, Stall, backup_mx_unanswered,
         gateway_firewall,
     },
     in_netns,
@@ -41,10 +42,10 @@ const GIVE_UP: Duration = Duration::from_millis(1500);
 const SHOWS_WITHIN: Duration = Duration::from_secs(40);
 
 /// Scrapes (every 250 ms, at most [`SHOWS_WITHIN`]) until `cause` is active and, for a per-peer
-/// cause, names `peer` on `sf0` with `count` and no other peer; at no scrape may another cause
+/// cause, names `peer` on `sf0` (with `count` when given) and no other peer; at no scrape may another cause
 /// be active. Then a line of the log says the cause is active (naming the peer), and no other
 /// cause's. Returns that scrape.
-fn expect_cause(w: &Watch, ns: &Netns, cause: &str, peer: Option<(&str, u64)>) -> Metrics {
+fn expect_cause(w: &Watch, ns: &Netns, cause: &str, peer: Option<(&str, Option<u64>)>) -> Metrics {
     let mut last = String::from("no scrape");
     let found = wait_for(SHOWS_WITHIN, || {
         let m = w.scrape(ns);
@@ -61,7 +62,7 @@ fn expect_cause(w: &Watch, ns: &Netns, cause: &str, peer: Option<(&str, u64)>) -
         let peers = top_peers(&m, cause);
         // The faulty peer with its count, and no other peer (the greylisting MX is not one).
         let named = peer.is_none_or(|(p, n)| {
-            peers.iter().any(|(i, q, v)| i == IF && q == p && *v == n as f64)
+            peers.iter().any(|(i, q, v)| i == IF && q == p && n.is_none_or(|n| *v == n as f64))
                 && peers.iter().all(|(_, q, _)| q == p)
         });
         last = format!("active {on:?}, top peers {peers:?}, evidence {:?}", evidence_of(&m, cause));
@@ -134,7 +135,7 @@ fn remote_throttling_a_421_on_every_session() {
     let sent = busy.counts.throttled.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(sent, N as u64, "421 greetings written");
 
-    let m = expect_cause(&w, &pair.local, "remote_throttling", Some((BUSY_MX, N as u64)));
+    let m = expect_cause(&w, &pair.local, "remote_throttling", Some((BUSY_MX, Some(N as u64))));
     let out = [("direction", "outbound"), ("port", "25")];
     let wrong: Vec<String> = [
         present(&m, THROTTLED, &out, N as u64),
@@ -161,7 +162,7 @@ fn remote_refusing_a_closed_port() {
     let _serial = serial();
     let (pair, w, flow) = gateway_with_mail();
     connect_refused(&pair.local, &gateway::addr(BACKUP_MX, 25), N);
-    expect_cause(&w, &pair.local, "remote_refusing", Some((BACKUP_MX, N as u64)));
+    expect_cause(&w, &pair.local, "remote_refusing", Some((BACKUP_MX, Some(N as u64))));
     mail_ok(flow);
 }
 
@@ -175,7 +176,7 @@ fn remote_unreachable_behind_a_firewall() {
     let (pair, w, flow) = gateway_with_mail();
     let dropped = backup_mx_unanswered(&pair, N, GIVE_UP);
     assert!(dropped >= 2 * N as u64, "{dropped} SYNs dropped for {N} attempts");
-    expect_cause(&w, &pair.local, "remote_unreachable", Some((BACKUP_MX, N as u64)));
+    expect_cause(&w, &pair.local, "remote_unreachable", Some((BACKUP_MX, Some(N as u64))));
     mail_ok(flow);
 }
 
@@ -257,4 +258,37 @@ fn conntrack_exhaustion_a_full_table() {
     eprintln!("conntrack_exhaustion on {:?} after the burst; limit {limit}", started.elapsed());
     ct.restore();
     drop(held);
+}
+
+/// The gateway's MTA stops reading: 3 inbound connections to port 25 whose server accepts and
+/// never reads while the peer writes until its window closes. The gateway advertises zero
+/// windows (its ACKs, then its answers to the peer's probes): `local_receive_stall` turns on
+/// (at least `--min-zero-windows` 10 in the window), alone. Outbound mail goes on meanwhile.
+#[test]
+fn local_receive_stall_an_mta_that_stops_reading() {
+    require_root!();
+    let _serial = serial();
+    let pair = Pair::new();
+    gateway::add_remote_hosts(&pair);
+    let w = watch_with_default_rules(&pair.local);
+    let flow = MailFlow::outbound_only(&pair, NoisyGateway::EVERY);
+    greylisted_some(&flow);
+    let stall = Stall::start(&pair.local, &pair.peer, &gateway::addr(GATEWAY, 25), 3);
+    expect_cause(&w, &pair.local, "local_receive_stall", None);
+    drop(stall);
+    mail_ok(flow);
+}
+
+/// A remote MX stops reading what the gateway sends: 3 outbound connections to it whose server
+/// never reads while the gateway writes until the window closes. That MX advertises zero
+/// windows: `peer_receive_stall` names it, alone, beside mail both ways.
+#[test]
+fn peer_receive_stall_a_remote_that_stops_reading() {
+    require_root!();
+    let _serial = serial();
+    let (pair, w, flow) = gateway_with_mail();
+    let stall = Stall::start(&pair.peer, &pair.local, &gateway::addr(BUSY_MX, 25), 3);
+    expect_cause(&w, &pair.local, "peer_receive_stall", Some((BUSY_MX, None)));
+    drop(stall);
+    mail_ok(flow);
 }

@@ -64,6 +64,8 @@ const SUITE: &[(&str, &str, Needs)] = &[
     ("diagnosis", "faults::remote_unreachable_behind_a_firewall", Needs::Any),
     ("diagnosis", "faults::listen_overflow_an_smtp_listener_that_stops_accepting", Needs::Any),
     ("diagnosis", "faults::conntrack_exhaustion_a_full_table", Needs::Any),
+    ("diagnosis", "faults::local_receive_stall_an_mta_that_stops_reading", Needs::Any),
+    ("diagnosis", "faults::peer_receive_stall_a_remote_that_stops_reading", Needs::Any),
 ];
 
 /// The integration test binaries by name (`traffic`, `lifecycle`, ...), built with the debug
