@@ -170,8 +170,9 @@ fn alerts_reach_a_webhook_through_alertmanager() {
         ));
     }
     if !pending.is_empty() {
-        problems
-            .push(format!("alerts pending or firing in Prometheus during the noise: {pending:?}"));
+        problems.push(format!(
+            "diagnosis alerts pending or firing in Prometheus during the noise: {pending:?}"
+        ));
     }
 
     // The fault: the backup MX refuses 25 handshakes. Only what is delivered from now on counts.
