@@ -74,3 +74,8 @@ pub fn top_peers(m: &Metrics, cause: &str) -> Vec<(String, String, f64)> {
 pub fn diagnosis_lines(stderr: &str) -> Vec<&str> {
     stderr.lines().filter(|l| l.contains("diagnosis: ")).collect()
 }
+
+/// The lines of smtpflow's log that say a cause turned on (`diagnosis: <cause> is active: ...`).
+pub fn active_lines(stderr: &str) -> Vec<&str> {
+    diagnosis_lines(stderr).into_iter().filter(|l| l.contains(" is active")).collect()
+}

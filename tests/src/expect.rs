@@ -127,3 +127,14 @@ pub fn one_each_way(rounds: u64, r: &Rsts) -> Vec<Expected<'static>> {
     e.extend(rst_expected(r, 4 * rounds));
     e
 }
+
+/// `name{filter}` sums to `want` over at least one series: an expected zero needs the series
+/// to exist (a renamed metric must not read as 0). `None` when it holds, else what is wrong.
+pub fn present(m: &Metrics, name: &str, filter: &[(&str, &str)], want: u64) -> Option<String> {
+    let series = m.matching(name, filter).count();
+    let got = m.sum(name, filter);
+    if series == 0 {
+        return Some(format!("{name}{filter:?}: no such series (want {want})"));
+    }
+    (got != want).then(|| format!("{name}{filter:?}: got {got}, want {want}"))
+}

@@ -24,14 +24,12 @@ pub const METRICS_LISTEN: &str = "0.0.0.0:9925";
 /// The port Prometheus servers listen on in their namespaces.
 pub const PROMETHEUS_PORT: u16 = 9090;
 
-/// `smtpflow watch --iface sf0` in a gateway namespace, serving on [`METRICS_LISTEN`].
-fn gateway_watch(ns: &Netns) -> Watch {
+/// `smtpflow watch --iface sf0 <extra...>` in a gateway namespace, serving on
+/// [`METRICS_LISTEN`].
+fn gateway_watch(ns: &Netns, extra: &[&str]) -> Watch {
     let interval = format!("{}ms", INTERVAL.as_millis());
     let args = ["--iface", Pair::LOCAL_IF, "--metrics-addr", METRICS_LISTEN];
-    // One refused connection names its peer (the diagnosis's plumbing, not its thresholds).
-    let args =
-        [&args[..], &["--interval", &interval, "--status-every", "0s", "--min-failures", "1"]]
-            .concat();
+    let args = [&args[..], &["--interval", &interval, "--status-every", "0s"], extra].concat();
     Watch::launch(ns, &args, METRICS_ADDR)
 }
 
@@ -68,8 +66,14 @@ pub struct Fleet {
 
 impl Fleet {
     /// Builds the fleet: `sites` lists each site's name and its gateways' names; `central` adds
-    /// a central namespace linked to every site.
+    /// a central namespace linked to every site. `--min-failures 1`: one refused connection
+    /// names its peer (these tests check the diagnosis's plumbing, not its thresholds).
     pub fn new(sites: &[(&str, &[&str])], central: bool) -> Self {
+        Self::with_watch_args(sites, central, &["--min-failures", "1"])
+    }
+
+    /// [`Fleet::new`], every gateway's smtpflow started with the flags `watch_args` too.
+    pub fn with_watch_args(sites: &[(&str, &[&str])], central: bool, watch_args: &[&str]) -> Self {
         let mut g = 0u32;
         let mut built = Vec::new();
         for (name, gateways) in sites {
@@ -96,7 +100,7 @@ impl Fleet {
                 pair.local.ip(&["link", "set", "mon0", "up"]);
                 ns.ip(&["addr", "add", &format!("10.88.{g}.1/24"), "dev", &format!("gw{g}")]);
                 ns.ip(&["link", "set", &format!("gw{g}"), "up"]);
-                let watch = gateway_watch(&pair.local);
+                let watch = gateway_watch(&pair.local, watch_args);
                 gws.push(Gateway {
                     watch,
                     pair,
@@ -158,6 +162,8 @@ pub struct PromConfig {
     pub targets: Vec<(String, String)>,
     /// A remote-write URL.
     pub remote_write: Option<String>,
+    /// Alertmanagers (`host:port`) the alerts are sent to.
+    pub alertmanagers: Vec<String>,
 }
 
 impl PromConfig {
@@ -196,6 +202,12 @@ impl PromConfig {
                     y,
                     "      - targets: [{addr:?}]\n        labels: {{instance: {instance:?}}}"
                 );
+            }
+        }
+        if !self.alertmanagers.is_empty() {
+            y.push_str("alerting:\n  alertmanagers:\n    - static_configs:\n        - targets:\n");
+            for a in &self.alertmanagers {
+                let _ = writeln!(y, "            - {a:?}");
             }
         }
         if let Some(url) = &self.remote_write {

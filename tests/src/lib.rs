@@ -8,20 +8,23 @@
 //! - the set-up: [`netns`] (namespaces, the veth [`Pair`]), [`process`] (child processes),
 //!   [`smtpflow`] (the binary under test: [`Watch`], `diagnose`), [`tempdir`], [`pki`];
 //! - traffic: [`traffic`] (plain TCP, in the foreground or background), [`smtp`] (servers and
-//!   clients), [`frames`] (crafted Ethernet frames), [`nfqueue`] (held packets);
+//!   clients), [`gateway`] (a gateway's everyday noise and the remote hosts behind it),
+//!   [`frames`] (crafted Ethernet frames), [`nfqueue`] (held packets);
 //! - what is observed: [`http`] (the one HTTP client), [`metrics`] (the exposition format),
 //!   [`names`] (every metric and program name), [`expect`] (expected values and the one loop
 //!   waiting for them), [`diagnosis`], [`hooks`] (what is attached to an interface),
 //!   [`procfs`] (what `/proc` and `/sys` say), [`netfilter`] (nftables counters, the RST
 //!   oracle), [`capture`] (an independent packet capture);
-//! - Prometheus: [`prometheus`] (the server and promtool), [`fleet`] (gateways and sites),
-//!   [`json`];
+//! - Prometheus: [`prometheus`] (the server and promtool), [`alertmanager`] (the server and a
+//!   webhook receiver), [`fleet`] (gateways and sites), [`json`];
 //! - [`rng`] (seeded randomness) and [`report`] (skipped and weakened checks).
+pub mod alertmanager;
 pub mod capture;
 pub mod diagnosis;
 pub mod expect;
 pub mod fleet;
 pub mod frames;
+pub mod gateway;
 pub mod hooks;
 pub mod http;
 pub mod json;

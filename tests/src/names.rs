@@ -30,11 +30,18 @@ pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
 pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
 pub const STARTTLS: &str = "smtpflow_starttls_total";
 
+// What the replies say (enhanced status codes, throttling, STARTTLS).
+pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
+pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
+pub const STARTTLS: &str = "smtpflow_starttls_total";
+
 // Host pressure.
 pub const CT_STAT: &str = "smtpflow_conntrack_stat_total";
 pub const CT_ENTRIES: &str = "smtpflow_conntrack_entries";
 pub const CT_LIMIT: &str = "smtpflow_conntrack_entries_limit";
 pub const TCP_STAT: &str = "smtpflow_tcp_stat_total";
+pub const LISTEN_QUEUE_LENGTH: &str = "smtpflow_listen_queue_length";
+pub const LISTEN_QUEUE_LIMIT: &str = "smtpflow_listen_queue_limit";
 
 // The diagnosis.
 pub const DIAGNOSIS: &str = "smtpflow_diagnosis";

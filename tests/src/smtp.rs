@@ -1,11 +1,15 @@
 //! SMTP servers and clients: Postfix's `smtp-sink` run in a namespace, a minimal SMTP client
-//! over `TcpStream`, `swaks`, and small servers that reset connections at a chosen point. Every
-//! process is stopped on drop and every wait is bounded.
+//! over `TcpStream`, `swaks`, small servers that reset connections at a chosen point, and a
+//! mail exchanger ([`Mx`]) that greylists or throttles by policy with the client that sends it
+//! a message ([`mail`]). Every process is stopped on drop and every wait is bounded.
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -302,4 +306,235 @@ pub fn swaks_banner(ns: &Netns, server: &str, port: u16) -> Finished {
         ],
         Duration::from_secs(20),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A mail exchanger with a chosen reply policy, and a client that sends one message.
+
+/// What an [`Mx`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// A `220` greeting, `250` to every command, `354` to DATA, `221` to QUIT.
+    Accept,
+    /// As [`Policy::Accept`], but every `every`-th session's RCPT gets a greylisting answer,
+    /// alternately `451 4.7.1` and `450 4.2.0` (transient: "try again later"), not throttling.
+    Greylist { every: u64 },
+    /// A `421 4.7.0` greeting ("too many connections, slow down"), then the server closes.
+    Throttle,
+}
+
+/// The greylisting answers of [`Policy::Greylist`], in the order they alternate.
+pub const GREYLIST_REPLIES: [&str; 2] =
+    ["451 4.7.1 Greylisted, please try again later", "450 4.2.0 Greylisted, come back later"];
+/// The greeting of [`Policy::Throttle`].
+pub const THROTTLE_GREETING: &str = "421 4.7.0 Too many connections from your host, slow down";
+
+/// What an [`Mx`] sent, counted as it wrote it.
+#[derive(Debug, Default)]
+pub struct MxCounts {
+    pub sessions: AtomicU64,
+    pub messages: AtomicU64,
+    /// Greylisting answers sent, by [`GREYLIST_REPLIES`] index.
+    pub greylisted: [AtomicU64; 2],
+    pub throttled: AtomicU64,
+}
+
+/// A small SMTP server on `addr` in a namespace: one thread accepts, one thread serves each
+/// session (every read bounded by 10 s). Stopped on drop; sessions still open are left to their
+/// clients.
+pub struct Mx {
+    pub addr: SocketAddr,
+    pub counts: Arc<MxCounts>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Mx {
+    pub fn start(ns: &Netns, addr: &str, policy: Policy) -> Self {
+        let addr: SocketAddr = addr.parse().expect("socket address");
+        let listener = in_netns(ns, move || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name));
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let counts = Arc::new(MxCounts::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (counts.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut sessions = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let n = c.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+                        let c = c.clone();
+                        sessions.push(thread::spawn(move || {
+                            if let Err(e) = serve_session(conn, policy, n, &c) {
+                                eprintln!("mx session {n}: {e}");
+                            }
+                        }));
+                        sessions.retain(|t| !t.is_finished());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => eprintln!("mx accept: {e}"),
+                }
+            }
+            for t in sessions {
+                if t.join().is_err() {
+                    eprintln!("an mx session thread panicked");
+                }
+            }
+        });
+        Self { addr, counts, stop, thread: Some(thread) }
+    }
+
+    /// Greylisting answers sent so far (both kinds).
+    pub fn greylisted(&self) -> u64 {
+        self.counts.greylisted.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Drop for Mx {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            eprintln!("the mx accept thread panicked");
+        }
+    }
+}
+
+/// One session of an [`Mx`]: every reply is one write (one segment), the server closes first.
+fn serve_session(mut s: TcpStream, policy: Policy, n: u64, counts: &MxCounts) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let reply = |s: &mut TcpStream, line: &str| s.write_all(format!("{line}\r\n").as_bytes());
+    if policy == Policy::Throttle {
+        reply(&mut s, THROTTLE_GREETING)?;
+        counts.throttled.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
+    reply(&mut s, "220 mx.test ESMTP")?;
+    let greylist =
+        matches!(policy, Policy::Greylist { every } if every > 0 && n.is_multiple_of(every));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if !read_line(&mut s, &mut line)? {
+            return Ok(());
+        }
+        let verb = String::from_utf8_lossy(&line).to_ascii_uppercase();
+        match verb.get(..4).unwrap_or_default() {
+            "EHLO" | "HELO" => reply(&mut s, "250 mx.test")?,
+            "MAIL" => reply(&mut s, "250 2.1.0 Ok")?,
+            "RCPT" if greylist => {
+                let kind = ((n / policy_every(policy)) % 2) as usize;
+                reply(&mut s, GREYLIST_REPLIES[kind])?;
+                counts.greylisted[kind].fetch_add(1, Ordering::Relaxed);
+            }
+            "RCPT" => reply(&mut s, "250 2.1.5 Ok")?,
+            "DATA" => {
+                reply(&mut s, "354 End data with <CR><LF>.<CR><LF>")?;
+                loop {
+                    line.clear();
+                    if !read_line(&mut s, &mut line)? {
+                        return Ok(());
+                    }
+                    if line == b"." {
+                        break;
+                    }
+                }
+                reply(&mut s, "250 2.0.0 Ok: queued")?;
+                counts.messages.fetch_add(1, Ordering::Relaxed);
+            }
+            "RSET" | "NOOP" => reply(&mut s, "250 2.0.0 Ok")?,
+            "QUIT" => {
+                reply(&mut s, "221 2.0.0 Bye")?;
+                return Ok(());
+            }
+            _ => reply(&mut s, "502 5.5.2 Error: command not recognized")?,
+        }
+    }
+}
+
+fn policy_every(policy: Policy) -> u64 {
+    match policy {
+        Policy::Greylist { every } => every.max(1),
+        _ => 1,
+    }
+}
+
+/// Reads one line (without its CRLF) into `line`; `false` at the end of the stream.
+fn read_line(s: &mut TcpStream, line: &mut Vec<u8>) -> io::Result<bool> {
+    let mut byte = [0u8; 1];
+    loop {
+        if s.read(&mut byte)? == 0 {
+            return Ok(false);
+        }
+        if byte[0] == b'\n' {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(true);
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// What one [`mail`] session saw.
+#[derive(Debug)]
+pub struct Mail {
+    /// Every reply code, in order (the greeting first).
+    pub replies: Vec<u16>,
+    /// The connection, read to its end (the server closed first), still open.
+    pub open: TcpStream,
+}
+
+impl Mail {
+    /// The message was accepted: greeting, EHLO, MAIL, RCPT, DATA, the message, QUIT.
+    pub fn delivered(&self) -> bool {
+        self.replies == [220, 250, 250, 250, 354, 250, 221]
+    }
+
+    /// The RCPT got a 4xx (and the client said QUIT).
+    pub fn deferred(&self) -> Option<u16> {
+        match self.replies[..] {
+            [220, 250, 250, code, 221] if (400..500).contains(&code) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// One message to `addr` as an MTA sends it: greeting, EHLO, MAIL FROM, RCPT TO, and DATA when
+/// the recipient is accepted, then QUIT; after a non-220 greeting nothing is sent. Reads to the
+/// end of the stream (the server closes first); every wait is bounded by `timeout`.
+pub fn mail(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut replies = Vec::new();
+    let step = |s: &mut TcpStream, send: &[u8], replies: &mut Vec<u16>| -> io::Result<u16> {
+        if !send.is_empty() {
+            s.write_all(send)?;
+        }
+        let code = read_reply(s)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"))?;
+        replies.push(code);
+        Ok(code)
+    };
+    if step(&mut s, b"", &mut replies)? == 220 {
+        step(&mut s, b"EHLO client.test\r\n", &mut replies)?;
+        step(&mut s, b"MAIL FROM:<sender@client.test>\r\n", &mut replies)?;
+        if step(&mut s, b"RCPT TO:<rcpt@mx.test>\r\n", &mut replies)? == 250
+            && step(&mut s, b"DATA\r\n", &mut replies)? == 354
+        {
+            step(&mut s, b"Subject: smtpflow test\r\n\r\nhello\r\n.\r\n", &mut replies)?;
+        }
+        step(&mut s, b"QUIT\r\n", &mut replies)?;
+    }
+    while let Some(code) = read_reply(&mut s)? {
+        replies.push(code);
+    }
+    Ok(Mail { replies, open: s })
 }

@@ -136,6 +136,15 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// A blocking TCP connect from `src` (port 0: any) to `dst`, on the calling thread's namespace.
 pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_from_within(src, dst, Duration::from_secs(5))
+}
+
+/// [`connect_from`], given up after `timeout` (the connect, and writes afterwards).
+pub fn connect_from_within(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: socket() with constant arguments.
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -144,7 +153,7 @@ pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStre
     }
     // SAFETY: `fd` is a socket we own; TcpStream closes it on drop, on every path below.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?; // bounds the connect too
+    stream.set_write_timeout(Some(timeout))?; // bounds the connect too
     let (ss, len) = sockaddr(&src);
     // SAFETY: valid fd and sockaddr of `len` bytes.
     if unsafe { libc::bind(fd, std::ptr::addr_of!(ss).cast(), len) } != 0 {

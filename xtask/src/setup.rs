@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     // prometheus and promtool: the rules' checks and unit tests, `promtool check metrics`, and
     // the fleet tests' real Prometheus servers.
     "prometheus",
+    // Alertmanager: the alerts test delivers the shipped rules' alerts through a real one.
+    "prometheus-alertmanager",
     "curl",    // the hardening tests' client of the TLS and basic-auth metrics endpoint
     "openssl", // the hardening tests' CA, server and client certificates
     "hping3",  // the hardening tests' spoofed-source SYN flood

@@ -11,6 +11,8 @@
 //! the conntrack test lowers the kernel-wide `nf_conntrack_max` for a few seconds.
 mod checks;
 mod conntrack;
+mod faults;
+mod noisy;
 
 use std::{
     net::SocketAddr,

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod alerts;
 mod dashboard;
 mod expectations;
 mod promql;

@@ -39,7 +39,8 @@ enum Needs {
 /// TC through TCX or netlink, XDP driver and generic mode on veth, the crash lifecycle of each
 /// attach method, the verifier on every program (the parser's direct reads and its
 /// `bpf_skb_load_bytes` fallback, reply reading), drop reasons by name from each kernel's BTF,
-/// the tcp_conn_request fexit, and conntrack statistics through ctnetlink.
+/// the tcp_conn_request fexit, conntrack statistics through ctnetlink, and the diagnosis at its
+/// default thresholds: silent on a noisy but healthy gateway, naming each real fault.
 const SUITE: &[(&str, &str, Needs)] = &[
     ("traffic", "tc_ipv4_connections", Needs::Any),
     ("traffic", "tc_ipv6_connections", Needs::Any),
@@ -57,6 +58,14 @@ const SUITE: &[(&str, &str, Needs)] = &[
     ("handshakes", "tc_listen_overflow_drop_reason", Needs::Any),
     ("handshakes", "xdp_ingress_only_outcomes", Needs::Any),
     ("pressure", "conntrack_default_source_is_ctnetlink_and_matches_node_exporter", Needs::Any),
+    ("diagnosis", "noisy::noisy_but_healthy_gateway_raises_no_cause", Needs::Any),
+    ("diagnosis", "faults::remote_throttling_a_421_on_every_session", Needs::Any),
+    ("diagnosis", "faults::remote_refusing_a_closed_port", Needs::Any),
+    ("diagnosis", "faults::remote_unreachable_behind_a_firewall", Needs::Any),
+    ("diagnosis", "faults::listen_overflow_an_smtp_listener_that_stops_accepting", Needs::Any),
+    ("diagnosis", "faults::conntrack_exhaustion_a_full_table", Needs::Any),
+    ("diagnosis", "faults::local_receive_stall_an_mta_that_stops_reading", Needs::Any),
+    ("diagnosis", "faults::peer_receive_stall_a_remote_that_stops_reading", Needs::Any),
 ];
 
 /// The integration test binaries by name (`traffic`, `lifecycle`, ...), built with the debug
