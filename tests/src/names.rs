@@ -26,14 +26,12 @@ pub const GREETINGS: &str = "smtpflow_smtp_greetings_total";
 pub const PEER_GREETINGS: &str = "smtpflow_peer_smtp_greetings_total";
 pub const GREET_BUCKET: &str = "smtpflow_greeting_duration_seconds_bucket";
 pub const GREET_COUNT: &str = "smtpflow_greeting_duration_seconds_count";
-pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
-pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
-pub const STARTTLS: &str = "smtpflow_starttls_total";
 
 // What the replies say (enhanced status codes, throttling, STARTTLS).
 pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
 pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
 pub const STARTTLS: &str = "smtpflow_starttls_total";
+pub const PEER_THROTTLED: &str = "smtpflow_peer_throttled_sessions_total";
 
 // Host pressure.
 pub const CT_STAT: &str = "smtpflow_conntrack_stat_total";
