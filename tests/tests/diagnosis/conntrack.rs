@@ -247,7 +247,10 @@ fn conntrack_exhaustion_scenario() -> Unanswered {
         WINDOW_CT,
         removed,
         started + HANDSHAKE_TIMEOUT,
-        &["unanswered_inbound_syns", "conntrack_drops"],
+        // Not `unanswered_inbound_syns`: the sweep counts a timeout a grace second after the
+        // handshake timeout, so the last timeouts can still be in the window when the drops that
+        // kept the cause on (counted at the SYN) have left it.
+        &["conntrack_drops"],
     );
     let ok = all_ok("inbound sessions after the limit was restored", &traffic.stop());
     assert!(ok >= 10, "only {ok} sessions");

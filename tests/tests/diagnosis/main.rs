@@ -122,6 +122,11 @@ fn listen_overflow_with_a_server_that_never_accepts() {
             ),
             (ev("listen_queue_full_samples") < 1.0)
                 .then(|| "the SMTP listener was never seen full".to_owned()),
+            // The failed attempts' SYNs went unanswered (timeouts, counted by the sweep a grace
+            // second after the handshake timeout).
+            (evidence(m, "conntrack_exhaustion", "unanswered_inbound_syns")
+                < refused.len() as f64)
+                .then(|| format!("fewer than {} unanswered inbound SYNs", refused.len())),
         ]
         .into_iter()
         .flatten()
@@ -129,9 +134,6 @@ fn listen_overflow_with_a_server_that_never_accepts() {
     });
     // Nothing else about it: not conntrack (not in use here), no outbound failures.
     assert_eq!(evidence(&m, "conntrack_exhaustion", "conntrack_drops"), 0.0);
-    assert!(
-        evidence(&m, "conntrack_exhaustion", "unanswered_inbound_syns") >= refused.len() as f64
-    );
 
     // The fault removed: a real server that accepts on the same port.
     drop(results);
