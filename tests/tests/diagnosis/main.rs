@@ -124,8 +124,7 @@ fn listen_overflow_with_a_server_that_never_accepts() {
                 .then(|| "the SMTP listener was never seen full".to_owned()),
             // The failed attempts' SYNs went unanswered (timeouts, counted by the sweep a grace
             // second after the handshake timeout).
-            (evidence(m, "conntrack_exhaustion", "unanswered_inbound_syns")
-                < refused.len() as f64)
+            (evidence(m, "conntrack_exhaustion", "unanswered_inbound_syns") < refused.len() as f64)
                 .then(|| format!("fewer than {} unanswered inbound SYNs", refused.len())),
         ]
         .into_iter()
