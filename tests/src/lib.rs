@@ -17,6 +17,8 @@
 //!   oracle), [`capture`] (an independent packet capture);
 //! - Prometheus: [`prometheus`] (the server and promtool), [`alertmanager`] (the server and a
 //!   webhook receiver), [`fleet`] (gateways and sites), [`json`];
+//! - [`netlink`]: netlink replies as the kernel writes them, for the parser tests of smtpflow's
+//!   netlink clients (they need no root);
 //! - [`rng`] (seeded randomness) and [`report`] (skipped and weakened checks).
 pub mod alertmanager;
 pub mod capture;
@@ -31,6 +33,7 @@ pub mod json;
 pub mod metrics;
 pub mod names;
 pub mod netfilter;
+pub mod netlink;
 pub mod netns;
 pub mod nfqueue;
 pub mod pki;

@@ -11,45 +11,20 @@ use smtpflow::host::pressure::{
     ctnetlink,
     sock_diag::{self, Listener},
 };
+use smtpflow_tests::netlink::{self, attr};
 
 use super::mangled;
 
 const CPU_REPLY: &[u8] = include_bytes!("../../src/host/pressure/testdata/ct_stats_cpu.bin");
 const GLOBAL_REPLY: &[u8] = include_bytes!("../../src/host/pressure/testdata/ct_stats.bin");
 
-fn nlmsg(ty: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(&0u16.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(body);
-    m.resize(m.len().next_multiple_of(4), 0);
-    m
-}
-
-fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
-    let mut a = Vec::new();
-    a.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
-    a.extend_from_slice(&ty.to_ne_bytes());
-    a.extend_from_slice(v);
-    a.resize(a.len().next_multiple_of(4), 0);
-    a
-}
-
 /// A ctnetlink data message: `nfgenmsg` then the attributes.
 fn ct_msg(msg: u8, seq: u32, attrs: &[(u16, u32)]) -> Vec<u8> {
-    let mut body = vec![0u8; 4];
-    for &(ty, v) in attrs {
-        body.extend(attr(ty, &v.to_be_bytes()));
-    }
-    nlmsg((ctnetlink::NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg), seq, &body)
-}
-
-/// `NLMSG_DONE` (type 3) or an acknowledgement (`NLMSG_ERROR`, type 2, code 0).
-fn terminator(ty: u16, seq: u32) -> Vec<u8> {
-    nlmsg(ty, seq, &0i32.to_ne_bytes())
+    netlink::ctnetlink_counters(
+        (ctnetlink::NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg),
+        seq,
+        attrs,
+    )
 }
 
 fn seq_of(capture: &[u8]) -> u32 {
@@ -105,7 +80,7 @@ proptest! {
                 *want.entry(name).or_default() += u64::from(*v);
             }
         }
-        buf.extend(terminator(3, seq));
+        buf.extend(netlink::done(seq, 0));
         prop_assert_eq!(ctnetlink::parse_cpu_stats_reply(&buf, seq).expect("well-formed"), want);
         // Cut anywhere before the end: an error (or, at a message boundary, an incomplete dump).
         let cut = seq as usize % buf.len();
@@ -123,7 +98,7 @@ proptest! {
         let mut attrs = vec![(ctnetlink::CTA_STATS_GLOBAL_ENTRIES, entries)];
         attrs.extend(max.map(|m| (ctnetlink::CTA_STATS_GLOBAL_MAX_ENTRIES, m)));
         let mut buf = ct_msg(ctnetlink::IPCTNL_MSG_CT_GET_STATS, seq, &attrs);
-        buf.extend(terminator(2, seq));
+        buf.extend(netlink::ack(seq));
         let got = ctnetlink::parse_global_reply(&buf, seq).expect("well-formed");
         prop_assert_eq!(got, ctnetlink::Global {
             entries: u64::from(entries),
@@ -132,27 +107,10 @@ proptest! {
     }
 }
 
-/// A sock_diag data message for a listener, as the kernel writes it: `inet_diag_msg`, then
-/// attributes (`INET_DIAG_SHUTDOWN` here, which it always adds).
+/// A sock_diag data message for a listener, as the kernel writes it, with `extra_attrs` after
+/// the attribute it always adds.
 fn listener_msg(seq: u32, l: &Listener, extra_attrs: &[u8]) -> Vec<u8> {
-    let mut body = vec![0u8; 72];
-    let (family, src) = match l.addr {
-        IpAddr::V4(a) => {
-            let mut s = [0u8; 16];
-            s[..4].copy_from_slice(&a.octets());
-            (libc::AF_INET as u8, s)
-        }
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets()),
-    };
-    body[0] = family;
-    body[1] = sock_diag::TCP_LISTEN;
-    body[4..6].copy_from_slice(&l.port.to_be_bytes());
-    body[8..24].copy_from_slice(&src);
-    body[56..60].copy_from_slice(&l.queue.to_ne_bytes());
-    body[60..64].copy_from_slice(&l.limit.to_ne_bytes());
-    body.extend_from_slice(&attr(8, &[0]));
-    body.extend_from_slice(extra_attrs);
-    nlmsg(sock_diag::SOCK_DIAG_BY_FAMILY, seq, &body)
+    netlink::inet_diag_listener(seq, l.addr, l.port, l.queue, l.limit, extra_attrs)
 }
 
 fn listener() -> impl Strategy<Value = Listener> {
@@ -172,7 +130,7 @@ fn listeners_capture() -> &'static [u8] {
             Listener { addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED), port: 25, queue: 1, limit: 100 };
         let b =
             Listener { addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), port: 587, queue: 0, limit: 4096 };
-        [listener_msg(7, &a, &[]), listener_msg(7, &b, &[]), terminator(3, 7)].concat()
+        [listener_msg(7, &a, &[]), listener_msg(7, &b, &[]), netlink::done(7, 0)].concat()
     })
 }
 
@@ -200,7 +158,7 @@ proptest! {
         let extra = attr(9, &extra);
         let mut buf: Vec<u8> = listeners.iter().flat_map(|l| listener_msg(seq, l, &extra)).collect();
         prop_assert_eq!(sock_diag::scan(&buf, seq).expect("whole messages"), sock_diag::Scan::Incomplete);
-        buf.extend(terminator(3, seq));
+        buf.extend(netlink::done(seq, 0));
         prop_assert_eq!(sock_diag::parse_listeners_reply(&buf, seq).expect("well-formed"), listeners);
         let cut = seq as usize % buf.len();
         prop_assert!(sock_diag::parse_listeners_reply(&buf[..cut], seq).is_err());

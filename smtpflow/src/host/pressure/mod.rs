@@ -8,8 +8,10 @@
 //! ctnetlink's `IPCTNL_MSG_CT_GET_STATS` with the statistics, else from the sysctls
 //! `nf_conntrack_count` and `nf_conntrack_max`. The TCP counters come from `/proc/net/netstat`
 //! (`TcpExt`) and `/proc/net/snmp` (`Tcp`). The SMTP listeners' accept queues come from
-//! sock_diag ([`sock_diag`]). All of these are per network namespace.
+//! sock_diag ([`sock_diag`]). All of these are per network namespace. The two netlink clients
+//! share their socket and message walk ([`netlink`]).
 pub mod ctnetlink;
+pub mod netlink;
 pub mod procfs;
 pub mod sock_diag;
 
@@ -185,7 +187,7 @@ impl Reader {
         let read = match &mut self.sock_diag {
             Some(s) => s.smtp_listeners(&self.listen_ports),
             None => sock_diag::Socket::open()
-                .map_err(ctnetlink::NlError::from)
+                .map_err(netlink::NlError::from)
                 .and_then(|s| self.sock_diag.insert(s).smtp_listeners(&self.listen_ports)),
         };
         match read {

@@ -1,7 +1,12 @@
 //! The ctnetlink wire format: the two requests and the parsing of their replies, as pure
-//! functions over bytes. Constants are those of `include/uapi/linux/netfilter/nfnetlink_conntrack.h`,
-//! `nfnetlink.h` and `netlink.h`; the tests check them against captures of this kernel's replies.
-use std::{collections::BTreeMap, io, time::Duration};
+//! functions over bytes; the netlink framing around them is [`super::super::netlink`]'s.
+//! Constants are those of `include/uapi/linux/netfilter/nfnetlink_conntrack.h` and
+//! `nfnetlink.h`; the tests check them against captures of this kernel's replies.
+use std::collections::BTreeMap;
+
+use crate::host::pressure::netlink::{
+    self, End, NLMSG_HDRLEN, NlError, Walk, align4, malformed, u16_at,
+};
 
 /// `NFNL_SUBSYS_CTNETLINK`: the high byte of a ctnetlink message type.
 pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -19,18 +24,9 @@ pub const CTA_STATS_SEARCH_RESTART: u16 = 13;
 pub const CTA_STATS_GLOBAL_ENTRIES: u16 = 1;
 pub const CTA_STATS_GLOBAL_MAX_ENTRIES: u16 = 2;
 
-/// Netlink control messages and flags (`linux/netlink.h`).
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
-pub(super) const NLM_F_REQUEST: u16 = 0x1;
-pub(super) const NLM_F_ACK: u16 = 0x4;
-pub(super) const NLM_F_DUMP: u16 = 0x300;
 /// `NLA_TYPE_MASK`: the attribute type without `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER`.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
-const NLMSG_HDRLEN: usize = 16;
 /// `struct nfgenmsg`: family, version, resource id (the CPU, in per-CPU replies).
 const NFGENMSG_LEN: usize = 4;
 
@@ -43,44 +39,17 @@ const CPU_STATS: [(u16, &str); 5] = [
     (CTA_STATS_SEARCH_RESTART, "search_restart"),
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum NlError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The kernel answered with an error (a positive errno).
-    #[error("the kernel answered: {}", io::Error::from_raw_os_error(*.0))]
-    Kernel(i32),
-    #[error("malformed netlink reply: {0}")]
-    Malformed(String),
-    #[error("no complete reply within {0:?}")]
-    Timeout(Duration),
-}
-
-pub(super) fn malformed<T>(msg: impl Into<String>) -> Result<T, NlError> {
-    Err(NlError::Malformed(msg.into()))
-}
-
-const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// A ctnetlink request: `nlmsghdr` + `nfgenmsg` (`AF_UNSPEC`, version 0), no attributes.
 pub fn request(msg: u8, flags: u16, seq: u32) -> [u8; NLMSG_HDRLEN + NFGENMSG_LEN] {
     let mut b = [0u8; NLMSG_HDRLEN + NFGENMSG_LEN];
-    b[0..4].copy_from_slice(&((NLMSG_HDRLEN + NFGENMSG_LEN) as u32).to_ne_bytes());
-    b[4..6].copy_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg)).to_ne_bytes());
-    b[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    b[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nlmsg_pid 0 (the kernel assigns ours); nfgenmsg all zero.
+    netlink::put_request_header(&mut b, message_type(msg), flags, seq);
+    // nfgenmsg all zero.
     b
+}
+
+/// The netlink message type of ctnetlink message `msg`, in requests and their data messages.
+fn message_type(msg: u8) -> u16 {
+    (NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg)
 }
 
 /// What a buffer of received messages amounts to so far.
@@ -94,58 +63,20 @@ pub(super) enum Scan<'a> {
 }
 
 /// Walks the netlink messages in `buf` (whole datagrams, concatenated) that answer request `seq`
-/// for ctnetlink message `msg`.
+/// for ctnetlink message `msg`. The reply ends with `NLMSG_DONE` or the acknowledgement.
 pub(super) fn scan(buf: &[u8], seq: u32, msg: u8) -> Result<Scan<'_>, NlError> {
-    let data_type = (NFNL_SUBSYS_CTNETLINK << 8) | u16::from(msg);
     let mut payloads = Vec::new();
-    let mut off = 0;
-    while off < buf.len() {
-        let rest = &buf[off..];
-        let (Some(len), Some(ty), Some(mseq)) = (u32_at(rest, 0), u16_at(rest, 4), u32_at(rest, 8))
-        else {
-            return malformed(format!("{} stray bytes at the end", rest.len()));
+    let walk = netlink::walk(buf, seq, message_type(msg), End::DoneOrAck, |body| {
+        let Some(attrs) = body.get(align4(NFGENMSG_LEN)..) else {
+            return malformed("data message shorter than nfgenmsg");
         };
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            return malformed(format!("message length {len} with {} bytes left", rest.len()));
-        }
-        if mseq != seq {
-            return malformed(format!("reply to request {mseq}, expected {seq}"));
-        }
-        let body = &rest[NLMSG_HDRLEN..len];
-        let next = off + align4(len).min(rest.len());
-        match ty {
-            NLMSG_NOOP => {}
-            NLMSG_ERROR | NLMSG_DONE => {
-                let code = match body.get(..4) {
-                    Some(c) => i32::from_ne_bytes(c.try_into().unwrap_or_default()),
-                    // An old kernel's NLMSG_DONE may carry nothing.
-                    None if ty == NLMSG_DONE => 0,
-                    None => return malformed("NLMSG_ERROR without an error code"),
-                };
-                if code < 0 {
-                    return Err(NlError::Kernel(code.saturating_neg()));
-                }
-                if code > 0 {
-                    return malformed(format!("positive error code {code}"));
-                }
-                if next < buf.len() {
-                    return malformed("messages after the end of the reply");
-                }
-                return Ok(Scan::Complete(payloads));
-            }
-            NLMSG_OVERRUN => return malformed("NLMSG_OVERRUN"),
-            t if t == data_type => {
-                let Some(attrs) = body.get(align4(NFGENMSG_LEN)..) else {
-                    return malformed("data message shorter than nfgenmsg");
-                };
-                payloads.push(attrs);
-            }
-            t => return malformed(format!("unexpected message type {t:#x}")),
-        }
-        off = next;
-    }
-    Ok(Scan::Incomplete)
+        payloads.push(attrs);
+        Ok(())
+    })?;
+    Ok(match walk {
+        Walk::Complete => Scan::Complete(payloads),
+        Walk::Incomplete => Scan::Incomplete,
+    })
 }
 
 /// Netlink attributes (`struct nlattr`, 4-byte aligned) as `(type, payload)`, flag bits masked
@@ -240,10 +171,14 @@ pub fn parse_global_reply(buf: &[u8], seq: u32) -> Result<Global, NlError> {
     })
 }
 
-/// How long one request may take in all, and the longest wait for one datagram.
 #[cfg(test)]
 mod tests {
+    use smtpflow_tests::netlink::{ack, attr, ctnetlink_counters, done, message};
+
     use super::*;
+    use crate::host::pressure::netlink::{
+        NLM_F_ACK, NLM_F_DUMP, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, u32_at,
+    };
 
     // Real replies of this project's development machine (Linux 6.18, 2 CPUs), request seq 1,
     // taken in the same namespace and moment as the procfs captures: entries 5, limit 262144,
@@ -251,46 +186,13 @@ mod tests {
     const CPU_REPLY: &[u8] = include_bytes!("../testdata/ct_stats_cpu.bin");
     const GLOBAL_REPLY: &[u8] = include_bytes!("../testdata/ct_stats.bin");
 
-    fn nlmsg(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&ty.to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&0x1234u32.to_ne_bytes());
-        m.extend_from_slice(body);
-        m.resize(align4(m.len()), 0);
-        m
-    }
-
-    fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&ty.to_ne_bytes());
-        a.extend_from_slice(v);
-        a.resize(align4(a.len()), 0);
-        a
-    }
-
     fn cpu_msg(seq: u32, attrs: &[(u16, u32)]) -> Vec<u8> {
-        let mut body = vec![0, 0, 0, 0];
-        for &(t, v) in attrs {
-            body.extend(attr(t, &v.to_be_bytes()));
-        }
-        nlmsg(0x104, 2, seq, &body)
-    }
-
-    fn done(seq: u32, code: i32) -> Vec<u8> {
-        nlmsg(NLMSG_DONE, 2, seq, &code.to_ne_bytes())
+        ctnetlink_counters(0x104, seq, attrs)
     }
 
     #[test]
     fn constants_match_the_uapi_headers() {
         assert_eq!(libc::NETLINK_NETFILTER, 12);
-        assert_eq!(NLM_F_DUMP, (libc::NLM_F_ROOT | libc::NLM_F_MATCH) as u16);
-        assert_eq!(NLM_F_ACK, libc::NLM_F_ACK as u16);
-        assert_eq!(NLMSG_DONE, libc::NLMSG_DONE as u16);
-        assert_eq!(NLMSG_ERROR, libc::NLMSG_ERROR as u16);
         let r = request(IPCTNL_MSG_CT_GET_STATS_CPU, NLM_F_DUMP, 7);
         assert_eq!(u32_at(&r, 0), Some(20));
         assert_eq!(u16_at(&r, 4), Some(0x0104));
@@ -335,7 +237,7 @@ mod tests {
             BTreeMap::from([("drop", 3), ("early_drop", 5), ("invalid", 1 + u64::from(u32::MAX))])
         );
         // The same split over two datagrams (concatenated) and with a NOOP: the same.
-        let mut noop = nlmsg(NLMSG_NOOP, 0, 9, &[]);
+        let mut noop = message(NLMSG_NOOP, 0, 9, &[]);
         noop.extend(buf);
         assert!(parse_cpu_stats_reply(&noop, 9).is_ok());
     }
@@ -344,8 +246,8 @@ mod tests {
     fn global_without_max_entries() {
         let mut body = vec![0, 0, 0, 0];
         body.extend(attr(CTA_STATS_GLOBAL_ENTRIES, &42u32.to_be_bytes()));
-        let mut buf = nlmsg(0x105, 2, 3, &body);
-        buf.extend(nlmsg(NLMSG_ERROR, 0x100, 3, &[0; 20]));
+        let mut buf = message(0x105, 2, 3, &body);
+        buf.extend(ack(3));
         assert_eq!(parse_global_reply(&buf, 3).unwrap(), Global { entries: 42, max_entries: None });
     }
 
@@ -354,7 +256,7 @@ mod tests {
         // ctnetlink absent: the request is answered with NLMSG_ERROR -EOPNOTSUPP.
         let mut err = (-libc::EOPNOTSUPP).to_ne_bytes().to_vec();
         err.extend_from_slice(&request(IPCTNL_MSG_CT_GET_STATS, NLM_F_ACK, 4));
-        let buf = nlmsg(NLMSG_ERROR, 0, 4, &err);
+        let buf = message(NLMSG_ERROR, 0, 4, &err);
         assert!(
             matches!(parse_global_reply(&buf, 4), Err(NlError::Kernel(e)) if e == libc::EOPNOTSUPP)
         );
@@ -373,22 +275,23 @@ mod tests {
             ("only DONE: no CPU", done(1, 0)),
             ("no DONE", cpu_msg(1, &[(CTA_STATS_DROP, 1)])),
             ("data after DONE", [good.clone(), cpu_msg(1, &[])].concat()),
-            ("overrun", nlmsg(NLMSG_OVERRUN, 0, 1, &[])),
-            ("other type", [nlmsg(0x105, 2, 1, &[0; 4]), done(1, 0)].concat()),
+            ("overrun", message(NLMSG_OVERRUN, 0, 1, &[])),
+            ("other type", [message(0x105, 2, 1, &[0; 4]), done(1, 0)].concat()),
             ("positive error", done(1, 5)),
-            ("error without code", nlmsg(NLMSG_ERROR, 0, 1, &[])),
-            ("no nfgenmsg", [nlmsg(0x104, 2, 1, &[0, 0]), done(1, 0)].concat()),
+            ("error without code", message(NLMSG_ERROR, 0, 1, &[])),
+            ("no nfgenmsg", [message(0x104, 2, 1, &[0, 0]), done(1, 0)].concat()),
             (
                 "3-byte attribute",
-                [nlmsg(0x104, 2, 1, &[0, 0, 0, 0, 7, 0, 10, 0, 1, 2, 3, 0]), done(1, 0)].concat(),
+                [message(0x104, 2, 1, &[0, 0, 0, 0, 7, 0, 10, 0, 1, 2, 3, 0]), done(1, 0)].concat(),
             ),
             (
                 "attribute length < 4",
-                [nlmsg(0x104, 2, 1, &[0, 0, 0, 0, 2, 0, 10, 0]), done(1, 0)].concat(),
+                [message(0x104, 2, 1, &[0, 0, 0, 0, 2, 0, 10, 0]), done(1, 0)].concat(),
             ),
             (
                 "attribute past the end",
-                [nlmsg(0x104, 2, 1, &[0, 0, 0, 0, 40, 0, 10, 0, 0, 0, 0, 1]), done(1, 0)].concat(),
+                [message(0x104, 2, 1, &[0, 0, 0, 0, 40, 0, 10, 0, 0, 0, 0, 1]), done(1, 0)]
+                    .concat(),
             ),
             (
                 "duplicate attribute",
@@ -406,13 +309,13 @@ mod tests {
             assert!(parse_cpu_stats_reply(&buf, 1).is_err(), "{what}");
         }
         // Global: two messages, none, a missing entries attribute, a 2-byte value.
-        let ack = nlmsg(NLMSG_ERROR, 0x100, 1, &[0; 20]);
+        let ack = ack(1);
         let g = |attrs: &[Vec<u8>]| {
             let mut body = vec![0, 0, 0, 0];
             for a in attrs {
                 body.extend(a);
             }
-            nlmsg(0x105, 2, 1, &body)
+            message(0x105, 2, 1, &body)
         };
         let entries = attr(CTA_STATS_GLOBAL_ENTRIES, &1u32.to_be_bytes());
         for (what, buf) in [
