@@ -564,6 +564,20 @@ mod tests {
     }
 
     #[test]
+    fn throttled_sessions_only_go_up() {
+        let mut r = Reads::new(4, prefix(), SeriesLimits::DEFAULT_IDLE);
+        let throttled = |n| PeerCounters { throttled: n, ..syns(10) };
+        let net = || ("198.51.7.0/24".to_owned(), Counted::Throttled);
+        let v = r.at(0, &[(key(7, 1), throttled(2)), (key(7, 2), throttled(1))], &[], &[]);
+        assert_eq!(v[&net()], 3, "the sum of the members");
+        // .1 evicted and created again with fewer throttled sessions: added whole, never lower.
+        let v = r.at(1, &[(key(7, 1), throttled(1)), (key(7, 2), throttled(1))], &[], &[]);
+        assert_eq!(v[&net()], 4);
+        let v = r.at(2, &[(key(7, 2), throttled(3))], &[], &[]);
+        assert_eq!(v[&net()], 6);
+    }
+
+    #[test]
     fn exported_series_keep_their_place_while_active_and_leave_when_idle() {
         let idle = Duration::from_secs(30);
         let mut r = Reads::new(2, PeerLabel::Ip, idle);

@@ -99,6 +99,7 @@ fn renders_handshakes_histograms_replies_and_drops() {
     let p = peer(1, FAMILY_V4, Direction::Outbound);
     let mut c = PeerCounters::default();
     c.outcomes[Outcome::Refused as usize] = 1;
+    c.throttled = 4;
     let greeting = PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] };
     snap.peers = view(10, &[(p, c)], &[(p, 2)], &[(greeting, 5)]);
     let text = render(&snap);
@@ -115,6 +116,7 @@ fn renders_handshakes_histograms_replies_and_drops() {
         r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="refused"} 1"#,
         r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="timeout"} 2"#,
         r#"smtpflow_peer_smtp_greetings_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",code="421"} 5"#,
+        r#"smtpflow_peer_throttled_sessions_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25"} 4"#,
     ] {
         assert!(text.contains(want), "missing {want}\n{text}");
     }
