@@ -727,7 +727,10 @@ mod tests {
         assert_eq!(unreachable(&mut st, 42, 1 + TIMEOUT + 1, TIMEOUT), Actions::default());
         assert_eq!(st, before);
         // At the timeout exactly it is in time, as a SYN-ACK is.
-        assert_eq!(unreachable(&mut st, 42, 1 + TIMEOUT, TIMEOUT).outcome, Some(Outcome::Unreachable));
+        assert_eq!(
+            unreachable(&mut st, 42, 1 + TIMEOUT, TIMEOUT).outcome,
+            Some(Outcome::Unreachable)
+        );
         // The sweep counts the late one's attempt as a timeout, once.
         let swept = FlowState { syn_ns: 1, ..before };
         assert!(sweep(&swept, 1 + t + SWEEP_GRACE_NS + 1, t).timeout);

@@ -74,6 +74,10 @@ pub fn unreachable<P: Frame>(p: &P, q: &mut Quoted) -> Result<(), ()> {
         [q.src, q.dst] = ip::v6_addresses(p, inner)?;
         th
     };
+    if th > ip::MAX_L4_OFFSET {
+        // As for a TCP header of the frame itself: deeper is not inspected.
+        return Err(());
+    }
     let (ports, seq) = tcp::quoted(p, th)?;
     q.family = family;
     q.src_port = ports.src;

@@ -14,7 +14,7 @@ use crate::packet::{Fields as _, Frame};
 pub type L4 = usize;
 
 /// How deep a TCP header may start; deeper extension-header chains are not inspected.
-const MAX_L4_OFFSET: usize = 1024;
+pub const MAX_L4_OFFSET: usize = 1024;
 
 const IPPROTO_TCP: u8 = 6;
 const IPV4_MIN_HLEN: usize = 20;

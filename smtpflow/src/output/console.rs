@@ -194,7 +194,8 @@ mod tests {
         assert!(table.contains("h:"), "{table}");
         assert!(table.contains("healthy: no cause active"));
         assert!(
-            table.contains("outbound  25                     0           4           0           3"),
+            table
+                .contains("outbound  25                     0           4           0           3"),
             "{table}"
         );
     }
