@@ -273,8 +273,14 @@ struct PeerTest {
     /// "<peer>: <says> <share> of <n> <attempts>".
     says: &'static str,
     attempts: &'static str,
-    /// A part of the failures each peer named says apart, and what it is: "(<n> <what>)".
-    detail: Option<(fn(&PeerCounts) -> u64, &'static str)>,
+    /// A part of the failures each peer named says apart: "(<n> <what>)".
+    detail: Option<Detail>,
+}
+
+/// A part of a peer's failures, and what it is.
+struct Detail {
+    part: fn(&PeerCounts) -> u64,
+    what: &'static str,
 }
 
 fn outbound_attempts(r: &Reading) -> u64 {
@@ -323,7 +329,7 @@ const UNREACHABLE: PeerTest = PeerTest {
     noun: "unanswered or ICMP-unreachable handshakes",
     says: "no answer or ICMP unreachable to",
     attempts: "handshakes",
-    detail: Some((|p| p.unreachable, "ICMP unreachable")),
+    detail: Some(Detail { part: |p| p.unreachable, what: "ICMP unreachable" }),
 };
 
 /// One peer's result in a per-peer test.
@@ -661,8 +667,8 @@ impl Diagnoser {
                         thousands(r.of.max(r.count)),
                         test.attempts
                     );
-                    if let Some((part, what)) = test.detail {
-                        let _ = write!(said, " ({} {what})", thousands(part(&r.window)));
+                    if let Some(d) = &test.detail {
+                        let _ = write!(said, " ({} {})", thousands((d.part)(&r.window)), d.what);
                     }
                     said
                 })
