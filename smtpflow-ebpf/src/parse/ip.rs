@@ -64,11 +64,18 @@ const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr
 /// non-first fragments and other protocols are not TCP (ICMP is [`Skip::Icmp`]).
 #[inline(always)]
 pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    match v4_upper(p, off)? {
-        (IPPROTO_TCP, l4) => Ok(l4),
-        (IPPROTO_ICMP, _) => Err(Skip::Icmp),
-        _ => Err(Skip::NotTcp),
+    let (protocol, l4) = v4_upper(p, off)?;
+    upper(protocol, l4, IPPROTO_ICMP)
+}
+
+/// TCP at `l4`, or why not: `icmp` (the family's ICMP) is [`Skip::Icmp`]. TCP is tested first
+/// and marked likely, so that the ICMP test costs a TCP segment nothing.
+#[inline(always)]
+fn upper(protocol: u8, l4: L4, icmp: u8) -> Result<L4, Skip> {
+    if core::intrinsics::likely(protocol == IPPROTO_TCP) {
+        return Ok(l4);
     }
+    Err(if protocol == icmp { Skip::Icmp } else { Skip::NotTcp })
 }
 
 /// The IPv4 header at `off` validated as [`v4`] says: its protocol and the offset of what it
@@ -96,11 +103,8 @@ pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
 /// fragment carries the TCP header (ICMPv6 is [`Skip::Icmp`]).
 #[inline(always)]
 pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    match v6_upper(p, off)? {
-        (IPPROTO_TCP, l4) => Ok(l4),
-        (IPPROTO_ICMPV6, _) => Err(Skip::Icmp),
-        _ => Err(Skip::NotTcp),
-    }
+    let (next, l4) = v6_upper(p, off)?;
+    upper(next, l4, IPPROTO_ICMPV6)
 }
 
 /// The IPv6 header at `off` and its extension headers, walked as [`v6`] says: the next header
