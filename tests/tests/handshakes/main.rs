@@ -284,7 +284,8 @@ fn tc_refused_timeouts_and_netfilter_drops() {
 /// SYN came from, and every distinct connection answered is one `unreachable` outcome, with the
 /// reason of its code (`host`, `admin`), per peer too. After the handshake timeout and the
 /// sweep's grace have passed, no attempt is a `timeout` (that series exists and reads 0), and
-/// every SYN beyond the first of its attempt is a retransmission.
+/// every SYN beyond the first of its attempt is a retransmission. The diagnosis's
+/// `remote_unreachable` evidence counts them.
 #[test]
 fn tc_outbound_unreachable_answered_by_icmp() {
     require_root!();
@@ -342,6 +343,7 @@ fn tc_outbound_unreachable_answered_by_icmp() {
 
     let o = "outbound";
     let peer6 = Pair::PEER_V6;
+    let evidence = |e| vec![("cause", "remote_unreachable"), ("evidence", e)];
     let mut expected = vec![
         outcome(o, "25", "unreachable", conns4 + conns6),
         total(HANDSHAKES, &[], conns4 + conns6),
@@ -353,6 +355,11 @@ fn tc_outbound_unreachable_answered_by_icmp() {
         total(PEER_HANDSHAKES, &[], conns4 + conns6),
         retransmits(o, "25", syns4 + syns6 - conns4 - conns6),
         total(RESETS, &[], 0),
+        // The diagnosis takes them as evidence for remote_unreachable (in its window, which
+        // spans the whole test): attempts, none of them a timeout.
+        (EVIDENCE, evidence("outbound_unreachable"), conns4 + conns6),
+        (EVIDENCE, evidence("outbound_attempts"), conns4 + conns6),
+        (EVIDENCE, evidence("outbound_timeouts"), 0),
     ];
     expected.extend(healthy());
     let m = w.expect_settled(&pair.local, &expected);
