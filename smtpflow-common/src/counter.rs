@@ -6,7 +6,7 @@
 //! on what a key means. A new TCP event is one variant of [`Event`] and the rule that classifies
 //! it: the seeded keys, the per-peer slots, the labels and the decoding follow from the enums.
 use crate::{
-    Direction, Event, Outcome, Phase, Side,
+    Direction, Event, Outcome, Phase, Side, UnreachableReason,
     reply::{KERNEL_STARTTLS_STAGES, ReplyStatus, StarttlsStage},
 };
 
@@ -45,6 +45,9 @@ pub enum Counter {
     Throttled,
     /// Sessions that reached a STARTTLS stage.
     Starttls(StarttlsStage),
+    /// Handshakes answered by a destination unreachable, by the class of its code (counted
+    /// with [`Outcome::Unreachable`], once per handshake).
+    Unreachable(UnreachableReason),
 }
 
 labelled_enum! {
@@ -60,18 +63,20 @@ labelled_enum! {
         ReplyStatus = 7 => "reply_status",
         Throttled = 8 => "throttled",
         Starttls = 9 => "starttls",
+        Unreachable = 10 => "unreachable",
     }
 }
 
 /// Handshake outcomes the kernel decides, created up front and given a per-peer slot each.
-pub const KERNEL_OUTCOMES: [Outcome; 2] = [Outcome::Established, Outcome::Refused];
+pub const KERNEL_OUTCOMES: [Outcome; 3] =
+    [Outcome::Established, Outcome::Refused, Outcome::Unreachable];
 
 impl Counter {
     /// The counters created for every watched [`Scope`] when smtpflow starts, so that the
     /// kernel's hot path finds them (and every series is exported from the start, at 0): the
-    /// events, the kernel's outcomes, retransmissions, resets, throttled sessions and the
-    /// STARTTLS stages the kernel counts. Reply codes, statuses and drop reasons are created as
-    /// they appear.
+    /// events, the kernel's outcomes, retransmissions, resets, throttled sessions, the
+    /// STARTTLS stages the kernel counts and the unreachable reasons. Reply codes, statuses and
+    /// drop reasons are created as they appear.
     pub fn seeded() -> impl Iterator<Item = Counter> {
         let events = Event::ALL
             .into_iter()
@@ -81,12 +86,14 @@ impl Counter {
             .into_iter()
             .flat_map(|p| Side::ALL.into_iter().map(move |s| Counter::Reset(p, s)));
         let starttls = KERNEL_STARTTLS_STAGES.into_iter().map(Counter::Starttls);
+        let unreachable = UnreachableReason::ALL.into_iter().map(Counter::Unreachable);
         events
             .chain(outcomes)
             .chain([Counter::SynRetransmit])
             .chain(resets)
             .chain([Counter::Throttled])
             .chain(starttls)
+            .chain(unreachable)
     }
 
     /// How many counters [`Counter::seeded`] yields.
@@ -95,7 +102,8 @@ impl Counter {
         + 1
         + Phase::COUNT * Side::COUNT
         + 1
-        + KERNEL_STARTTLS_STAGES.len();
+        + KERNEL_STARTTLS_STAGES.len()
+        + UnreachableReason::COUNT;
 
     pub const fn kind(self) -> CounterKind {
         match self {
@@ -109,6 +117,7 @@ impl Counter {
             Counter::ReplyStatus(..) => CounterKind::ReplyStatus,
             Counter::Throttled => CounterKind::Throttled,
             Counter::Starttls(_) => CounterKind::Starttls,
+            Counter::Unreachable(_) => CounterKind::Unreachable,
         }
     }
 }
@@ -124,8 +133,8 @@ pub struct CounterKey {
     kind: u8,
     /// [`Direction`].
     direction: u8,
-    /// The first field of the counter: [`Event`], [`Outcome`], [`Phase`] or
-    /// [`StarttlsStage`]; the high byte of a [`ReplyStatus`].
+    /// The first field of the counter: [`Event`], [`Outcome`], [`Phase`], [`StarttlsStage`] or
+    /// [`UnreachableReason`]; the high byte of a [`ReplyStatus`].
     a: u8,
     /// The second field of the counter: [`Side`]; the low byte of a [`ReplyStatus`].
     b: u8,
@@ -148,6 +157,7 @@ impl CounterKey {
             }
             Counter::Throttled => (0, 0, 0),
             Counter::Starttls(stage) => (stage as u8, 0, 0),
+            Counter::Unreachable(reason) => (reason as u8, 0, 0),
         };
         Self {
             ifindex: scope.ifindex,
@@ -189,6 +199,10 @@ impl CounterKey {
             CounterKind::Throttled => Counter::Throttled,
             CounterKind::Starttls => match StarttlsStage::from_repr(a) {
                 Some(stage) => Counter::Starttls(stage),
+                None => return None,
+            },
+            CounterKind::Unreachable => match UnreachableReason::from_repr(a) {
+                Some(reason) => Counter::Unreachable(reason),
                 None => return None,
             },
         };
@@ -289,6 +303,10 @@ mod tests {
         for stage in KERNEL_STARTTLS_STAGES {
             assert!(seeded.contains(&Counter::Starttls(stage)), "{stage:?}");
         }
+        assert!(seeded.contains(&Counter::Handshake(Outcome::Unreachable)));
+        for reason in UnreachableReason::ALL {
+            assert!(seeded.contains(&Counter::Unreachable(reason)), "{reason:?}");
+        }
     }
 
     #[test]
@@ -301,6 +319,10 @@ mod tests {
         assert_eq!(CounterKey { b: Side::COUNT as u8, ..good }.decode(), None);
         let tls = CounterKey::new(scope, Counter::Starttls(StarttlsStage::Accepted));
         assert_eq!(CounterKey { a: StarttlsStage::COUNT as u8, ..tls }.decode(), None);
+        let icmp = CounterKey::new(scope, Counter::Unreachable(UnreachableReason::Host));
+        assert_eq!(CounterKey { a: UnreachableReason::COUNT as u8, ..icmp }.decode(), None);
+        let outcome = CounterKey::new(scope, Counter::Handshake(Outcome::Unreachable));
+        assert_eq!(CounterKey { a: Outcome::COUNT as u8, ..outcome }.decode(), None);
         let status = CounterKey::new(scope, Counter::ReplyStatus(451, ReplyStatus::new(4, 7, 1)));
         assert_eq!(CounterKey { a: 0x20, ..status }.decode(), None, "class 8");
     }

@@ -51,6 +51,10 @@ pub mod flag {
     pub const LATE: u8 = 32;
     /// A throttling reply was counted for this session.
     pub const THROTTLED: u8 = 64;
+    /// The attempt was answered in time by an ICMP destination unreachable quoting its SYN
+    /// ([`unreachable`]): its outcome is decided. A later answer decides nothing (the
+    /// connection is still followed), and the sweep never counts it as a timeout.
+    pub const UNREACHABLE: u8 = 128;
 }
 
 /// Value of the flow map.
@@ -87,6 +91,8 @@ labelled_enum! {
         Refused = 1 => "refused",
         /// No answer within `--handshake-timeout` (decided by userspace's sweep).
         Timeout = 2 => "timeout",
+        /// Answered by an ICMP or ICMPv6 destination unreachable quoting the SYN.
+        Unreachable = 3 => "unreachable",
     }
 }
 
@@ -301,8 +307,11 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
     let mut a = Actions::default();
     let (syn, ack, rst, fin) =
         (p.flags & SYN != 0, p.flags & ACK != 0, p.flags & RST != 0, p.flags & FIN != 0);
+    let pending = exists && st.state == state::SYN_SENT;
+    // An answer to an attempt whose outcome an ICMP unreachable decided: it decides nothing.
+    let decided = pending && st.flags & flag::UNREACHABLE != 0;
     // An answer to a pending attempt, too late to decide its outcome.
-    let late = exists && st.state == state::SYN_SENT && is_late(st.syn_ns, now, timeout_ns);
+    let late = pending && !decided && is_late(st.syn_ns, now, timeout_ns);
 
     if rst {
         a.reset = Some(if !exists {
@@ -326,7 +335,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         if st.flags & flag::LATE != 0 {
             return a; // kept until the sweep has seen it
         }
-        if st.state == state::SYN_SENT && !p.from_client {
+        if st.state == state::SYN_SENT && !p.from_client && !decided {
             a.outcome = Some(Outcome::Refused);
         }
         a.delete = true;
@@ -358,7 +367,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         if late {
             // No outcome; the connection is still followed.
             st.flags |= flag::LATE;
-        } else {
+        } else if !decided {
             a.outcome = Some(Outcome::Established);
             if exists && st.syn_ns != 0 {
                 a.handshake_ns = Some(now.saturating_sub(st.syn_ns));
@@ -384,7 +393,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         // The client completed the handshake and we never saw the SYN-ACK (XDP sees no egress).
         if late {
             st.flags |= flag::LATE;
-        } else {
+        } else if !decided {
             a.outcome = Some(Outcome::Established);
         }
         st.state = state::ESTABLISHED;
@@ -453,6 +462,28 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
     a
 }
 
+/// Advances a flow by an ICMP or ICMPv6 destination unreachable that quotes the client's segment
+/// with sequence number `seq` (the flow's key comes from the quoted addresses and ports), at
+/// `now`. The outcome `unreachable` is decided once, for an attempt still pending (no answer,
+/// not late) whose first SYN carried `seq`, when the message comes within the timeout; anything
+/// else decides nothing and writes nothing (after the timeout the sweep counts the timeout).
+#[inline(always)]
+pub fn unreachable(st: &mut FlowState, seq: u32, now: u64, timeout_ns: u64) -> Actions {
+    let mut a = Actions::default();
+    if st.state != state::SYN_SENT
+        || st.flags & (flag::LATE | flag::UNREACHABLE) != 0
+        || seq != st.client_isn
+        || is_late(st.syn_ns, now, timeout_ns)
+    {
+        return a;
+    }
+    st.flags |= flag::UNREACHABLE;
+    st.active = (now >> ACTIVE_SHIFT) as u32;
+    a.outcome = Some(Outcome::Unreachable);
+    a.store = true;
+    a
+}
+
 /// Time after the handshake timeout before userspace's sweep decides a timeout: more than the
 /// time between the kernel's clock read for a packet and its write of the flow, so that an
 /// answer the kernel decided in time is always seen written.
@@ -468,7 +499,8 @@ pub const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     /// The attempt timed out: its first SYN is older than the timeout plus [`SWEEP_GRACE_NS`]
-    /// and no answer came in time (still pending, or [`flag::LATE`]). Counted once per attempt
+    /// and no answer came in time (still pending, or [`flag::LATE`]), nor an ICMP unreachable
+    /// ([`flag::UNREACHABLE`]: its outcome is decided). Counted once per attempt
     /// (the sweep remembers the flows it counted, by key and `syn_ns`).
     pub timeout: bool,
     /// Not written for [`IDLE_NS`]: delete it.
@@ -478,7 +510,8 @@ pub struct Swept {
 /// The sweep's decision for a flow entry read at `now` (`CLOCK_MONOTONIC`, the clock of
 /// `bpf_ktime_get_ns`). Pure: the sweep never writes an entry, it only counts and deletes.
 pub const fn sweep(st: &FlowState, now: u64, timeout_ns: u64) -> Swept {
-    let unanswered = st.state == state::SYN_SENT || st.flags & flag::LATE != 0;
+    let unanswered = (st.state == state::SYN_SENT || st.flags & flag::LATE != 0)
+        && st.flags & flag::UNREACHABLE == 0;
     let timeout = unanswered
         && st.syn_ns != 0
         && now.saturating_sub(st.syn_ns) > timeout_ns.saturating_add(SWEEP_GRACE_NS);
@@ -623,6 +656,102 @@ mod tests {
         step(&mut st, false, &syn, 1, 0);
         let a = step(&mut st, true, &pkt(SYN | ACK, false), u64::MAX, 0);
         assert_eq!(a.outcome, Some(Outcome::Established));
+    }
+
+    /// An ICMP unreachable quoting the SYN decides the outcome once; later answers decide
+    /// nothing, and the sweep never counts the attempt as a timeout.
+    #[test]
+    fn unreachable_decides_once() {
+        let t = 5_000_000_000;
+        let mut syn = pkt(SYN, true);
+        syn.seq = 7000;
+        let icmp = |f: &mut Flow, seq, now| {
+            let mut st = f.st;
+            let a = unreachable(&mut st, seq, now, TIMEOUT);
+            if a.store {
+                f.st = st;
+            } else {
+                assert_eq!(st, f.st, "nothing decided, nothing written");
+            }
+            a
+        };
+        let mut f = Flow::new();
+        f.feed(syn, 10);
+        assert_eq!(icmp(&mut f, 7001, 20), Actions::default(), "another sequence number");
+        let a = icmp(&mut f, 7000, 20);
+        assert_eq!((a.outcome, a.store), (Some(Outcome::Unreachable), true));
+        assert_eq!(f.st.flags & flag::UNREACHABLE, flag::UNREACHABLE);
+        assert_eq!(f.st.syn_ns, 10, "the attempt keeps its start");
+        assert_eq!(icmp(&mut f, 7000, 30), Actions::default(), "once per handshake");
+        assert!(f.feed(syn, 40).syn_retransmit, "the same SYN again");
+        assert_eq!(icmp(&mut f, 7000, 50).outcome, None, "still once");
+        // The sweep never counts it, however old.
+        assert_eq!(sweep(&f.st, u64::MAX, t), Swept { timeout: false, idle: true });
+        assert!(!sweep(&f.st, 10 + t + SWEEP_GRACE_NS + 1, t).timeout);
+        // A SYN-ACK after it, in time or late, counts nothing; the connection is followed.
+        for at in [60, 10 + TIMEOUT + 1] {
+            let mut g = Flow { st: f.st, exists: true };
+            let sa = g.feed(pkt(SYN | ACK, false), at);
+            assert_eq!((sa.outcome, sa.handshake_ns, sa.store), (None, None, true));
+            assert_eq!(g.st.state, state::ESTABLISHED);
+            assert_eq!(g.st.flags & flag::LATE, 0, "not late: decided");
+            assert!(!sweep(&g.st, u64::MAX, t).timeout);
+            assert_eq!(g.server(b"220 hi\r\n", at + 1).reply.map(|r| r.code), Some(220));
+        }
+        // XDP: the client's ACK after it counts nothing either.
+        let mut g = Flow { st: f.st, exists: true };
+        assert_eq!(g.feed(pkt(ACK, true), 60).outcome, None);
+        // A RST after it is no refusal.
+        let mut g = Flow { st: f.st, exists: true };
+        let r = g.feed(pkt(RST | ACK, false), 10 + TIMEOUT + 1);
+        assert_eq!((r.outcome, r.reset, r.delete), (None, Some(Phase::Handshake), true));
+        // A new attempt on the same ports (a new ISN) starts afresh.
+        let mut again = syn;
+        again.seq = 9000;
+        assert!(f.feed(again, 100).store);
+        assert_eq!((f.st.state, f.st.flags), (state::SYN_SENT, 0));
+        assert_eq!(icmp(&mut f, 9000, 110).outcome, Some(Outcome::Unreachable));
+    }
+
+    /// An ICMP unreachable after the timeout, or after the attempt was answered, decides
+    /// nothing: the sweep counts the timeout, or the answer stands.
+    #[test]
+    fn unreachable_too_late_or_after_an_answer_counts_nothing() {
+        let t = 5_000_000_000;
+        let mut syn = pkt(SYN, true);
+        syn.seq = 42;
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        let before = f.st;
+        let mut st = f.st;
+        assert_eq!(unreachable(&mut st, 42, 1 + TIMEOUT + 1, TIMEOUT), Actions::default());
+        assert_eq!(st, before);
+        // At the timeout exactly it is in time, as a SYN-ACK is.
+        assert_eq!(
+            unreachable(&mut st, 42, 1 + TIMEOUT, TIMEOUT).outcome,
+            Some(Outcome::Unreachable)
+        );
+        // The sweep counts the late one's attempt as a timeout, once.
+        let swept = FlowState { syn_ns: 1, ..before };
+        assert!(sweep(&swept, 1 + t + SWEEP_GRACE_NS + 1, t).timeout);
+        // Late-marked (a late RST): nothing.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        f.feed(pkt(RST | ACK, false), 1 + TIMEOUT + 1);
+        let mut st = f.st;
+        assert_eq!(unreachable(&mut st, 42, 1 + TIMEOUT + 2, TIMEOUT).outcome, None);
+        // Established: nothing.
+        let mut f = Flow::new();
+        f.feed(syn, 1);
+        assert_eq!(f.feed(pkt(SYN | ACK, false), 2).outcome, Some(Outcome::Established));
+        let mut st = f.st;
+        assert_eq!(unreachable(&mut st, 42, 3, TIMEOUT), Actions::default());
+        // A flow never seen starting (all zero): nothing.
+        let mut st = FlowState::default();
+        assert_eq!(unreachable(&mut st, 0, 3, TIMEOUT), Actions::default());
+        // No timeout configured: never late.
+        let mut st = FlowState { syn_ns: 1, client_isn: 42, state: state::SYN_SENT, ..before };
+        assert_eq!(unreachable(&mut st, 42, u64::MAX, 0).outcome, Some(Outcome::Unreachable));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod labels;
 
 pub mod counter;
 pub mod flow;
+pub mod icmp;
 pub mod peer;
 pub mod reference;
 pub mod reply;
@@ -22,6 +23,7 @@ pub use counter::{Counter, CounterKey, Scope, Stat};
 pub use flow::{
     FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
 };
+pub use icmp::UnreachableReason;
 pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey};
 pub use reply::{ReplyClass, ReplyStatus, StarttlsStage};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};

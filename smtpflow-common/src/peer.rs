@@ -24,6 +24,11 @@ pub struct PeerKey {
 /// branch).
 pub const PEER_EVENT_SLOTS: usize = (Event::COUNT * Side::COUNT).next_power_of_two();
 
+/// Slots for the per-peer handshake outcomes, indexed by [`Outcome`] value: one per outcome,
+/// rounded up to a power of two as [`PEER_EVENT_SLOTS`] is. The kernel writes only the
+/// [`KERNEL_OUTCOMES`]; the slot of `timeout` (decided in userspace) stays 0.
+pub const PEER_OUTCOME_SLOTS: usize = Outcome::COUNT.next_power_of_two();
+
 /// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], one
 /// per handshake outcome the kernel decides ([`KERNEL_OUTCOMES`], indexed by value), and the
 /// sessions with a throttling reply.
@@ -31,14 +36,14 @@ pub const PEER_EVENT_SLOTS: usize = (Event::COUNT * Side::COUNT).next_power_of_t
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCounters {
     pub counts: [u64; PEER_EVENT_SLOTS],
-    pub outcomes: [u64; KERNEL_OUTCOMES.len()],
+    pub outcomes: [u64; PEER_OUTCOME_SLOTS],
     /// Sessions with at least one throttling reply ([`crate::reply::is_throttling`]).
     pub throttled: u64,
 }
 
 impl Default for PeerCounters {
     fn default() -> Self {
-        Self { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; KERNEL_OUTCOMES.len()], throttled: 0 }
+        Self { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; PEER_OUTCOME_SLOTS], throttled: 0 }
     }
 }
 
@@ -56,8 +61,10 @@ impl PeerCounters {
 
     /// How many handshakes ended in `outcome` (0 for one the kernel does not decide).
     pub const fn outcome(&self, outcome: Outcome) -> u64 {
-        let i = outcome as usize;
-        if i < KERNEL_OUTCOMES.len() { self.outcomes[i] } else { 0 }
+        match outcome {
+            Outcome::Timeout => 0,
+            o => self.outcomes[o as usize],
+        }
     }
 
     /// All events, outcomes and throttled sessions: how active the peer is.
@@ -77,13 +84,14 @@ pub struct PeerGreetingKey {
 
 const _: () = {
     assert!(size_of::<PeerKey>() == 24);
-    assert!(size_of::<PeerCounters>() == 8 * (PEER_EVENT_SLOTS + KERNEL_OUTCOMES.len() + 1));
+    assert!(size_of::<PeerCounters>() == 8 * (PEER_EVENT_SLOTS + PEER_OUTCOME_SLOTS + 1));
     assert!(size_of::<PeerGreetingKey>() == 28);
     // The kernel masks outcome indices too, and stores outcome `o` at `outcomes[o as usize]`.
-    assert!(KERNEL_OUTCOMES.len().is_power_of_two());
+    assert!(PEER_OUTCOME_SLOTS.is_power_of_two());
     let mut i = 0;
     while i < KERNEL_OUTCOMES.len() {
-        assert!(KERNEL_OUTCOMES[i] as usize == i);
+        assert!((KERNEL_OUTCOMES[i] as usize) < PEER_OUTCOME_SLOTS);
+        assert!(!matches!(KERNEL_OUTCOMES[i], Outcome::Timeout));
         i += 1;
     }
 };

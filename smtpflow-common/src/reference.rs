@@ -31,8 +31,11 @@
 //! picks, in the direction [`direction_of`] gives; the peer is the source address when the
 //! packet was sent by the peer (ingress), the destination when sent by the local host (egress).
 use crate::{
-    Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side, classify,
-    direction_of, rules::Event, smtp_port,
+    Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side,
+    UnreachableReason, classify, direction_of,
+    icmp::{self, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, QUOTED_TCP_LEN},
+    rules::Event,
+    smtp_port,
 };
 
 /// VLAN tags walked (802.1Q, or 802.1ad then 802.1Q), stripped ones included.
@@ -149,98 +152,15 @@ fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> 
     let bad = |m| Parsed::Malformed(m);
     let skip = |i| Parsed::Ignored(i);
 
-    // Ethernet: two addresses, then the ethertype (or a TPID).
-    let mut ethertype = be16(frame, 12).ok_or(bad(Malformed::Ethernet))?;
-    let mut at = 14;
-    let mut tags_left = MAX_VLAN_TAGS.saturating_sub(stripped_tags);
-    while ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        if tags_left == 0 {
-            return Err(skip(Ignored::TooManyVlanTags));
-        }
-        // The tag as seen from `at`: TCI, then the ethertype it encapsulates.
-        let tag = take(frame, at, 4).ok_or(bad(Malformed::VlanTag { offset: at }))?;
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
-        at += 4;
-        tags_left -= 1;
+    let (ethertype, at) = link(frame, stripped_tags)?;
+    let (family, ip) = network(frame, at, ethertype)?;
+    if ip.protocol != PROTO_TCP {
+        return Err(skip(match family {
+            FAMILY_V4 => Ignored::Ipv4Protocol(ip.protocol),
+            _ => Ignored::Ipv6NextHeader(ip.protocol),
+        }));
     }
-
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    let (family, tcp_at) = match ethertype {
-        ETH_P_IP => {
-            let ip = take(frame, at, 20).ok_or(bad(Malformed::Ipv4Header))?;
-            let version = ip[0] >> 4;
-            if version != 4 {
-                return Err(bad(Malformed::Ipv4Version(version)));
-            }
-            let ihl = ip[0] & 0xf;
-            if ihl < 5 {
-                return Err(bad(Malformed::Ipv4Ihl(ihl)));
-            }
-            let header_len = usize::from(ihl) * 4;
-            if take(frame, at, header_len).is_none() {
-                return Err(bad(Malformed::Ipv4Options { header_len }));
-            }
-            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            if fragment_offset != 0 {
-                return Err(skip(Ignored::Ipv4Fragment));
-            }
-            if ip[9] != PROTO_TCP {
-                return Err(skip(Ignored::Ipv4Protocol(ip[9])));
-            }
-            src[..4].copy_from_slice(&ip[12..16]);
-            dst[..4].copy_from_slice(&ip[16..20]);
-            (FAMILY_V4, at + header_len)
-        }
-        ETH_P_IPV6 => {
-            let ip = take(frame, at, 40).ok_or(bad(Malformed::Ipv6Header))?;
-            let version = ip[0] >> 4;
-            if version != 6 {
-                return Err(bad(Malformed::Ipv6Version(version)));
-            }
-            src.copy_from_slice(&ip[8..24]);
-            dst.copy_from_slice(&ip[24..40]);
-            let mut next = ip[6];
-            let mut here = at + 40;
-            let mut walked = 0;
-            loop {
-                if here > MAX_L4_OFFSET {
-                    return Err(skip(Ignored::TooDeep { offset: here }));
-                }
-                let len = match next {
-                    PROTO_TCP => break,
-                    EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_FRAGMENT => {
-                        if walked == MAX_EXT_HEADERS {
-                            return Err(skip(Ignored::Ipv6ChainTooLong));
-                        }
-                        let short = bad(Malformed::Ipv6Extension {
-                            offset: here,
-                            kind: next,
-                            index: walked,
-                        });
-                        // The fragment header is 8 bytes; the others say their length in
-                        // 8-byte units, not counting the first 8.
-                        let len = if next == EXT_FRAGMENT {
-                            8
-                        } else {
-                            (usize::from(*frame.get(here + 1).ok_or(short)?) + 1) * 8
-                        };
-                        let ext = take(frame, here, len).ok_or(short)?;
-                        if next == EXT_FRAGMENT && u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
-                            return Err(skip(Ignored::Ipv6Fragment));
-                        }
-                        next = ext[0];
-                        len
-                    }
-                    other => return Err(skip(Ignored::Ipv6NextHeader(other))),
-                };
-                here += len;
-                walked += 1;
-            }
-            (FAMILY_V6, here)
-        }
-        other => return Err(skip(Ignored::Ethertype(other))),
-    };
+    let (src, dst, tcp_at) = (ip.src, ip.dst, ip.upper);
 
     if tcp_at > MAX_L4_OFFSET {
         return Err(skip(Ignored::TooDeep { offset: tcp_at }));
@@ -264,6 +184,116 @@ fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> 
         window: u16::from_be_bytes([tcp[14], tcp[15]]),
         offset: tcp_at,
     })
+}
+
+/// The Ethernet header and its VLAN tags: the ethertype they end in, and where what it carries
+/// starts.
+fn link(frame: &[u8], stripped_tags: usize) -> Result<(u16, usize), Parsed> {
+    let bad = |m| Parsed::Malformed(m);
+    // Ethernet: two addresses, then the ethertype (or a TPID).
+    let mut ethertype = be16(frame, 12).ok_or(bad(Malformed::Ethernet))?;
+    let mut at = 14;
+    let mut tags_left = MAX_VLAN_TAGS.saturating_sub(stripped_tags);
+    while ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        if tags_left == 0 {
+            return Err(Parsed::Ignored(Ignored::TooManyVlanTags));
+        }
+        // The tag as seen from `at`: TCI, then the ethertype it encapsulates.
+        let tag = take(frame, at, 4).ok_or(bad(Malformed::VlanTag { offset: at }))?;
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        at += 4;
+        tags_left -= 1;
+    }
+    Ok((ethertype, at))
+}
+
+/// An IP header (with its options or extension headers) as the contract reads it: the protocol
+/// it carries, its addresses, and where what it carries starts.
+struct IpLayer {
+    protocol: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    upper: usize,
+}
+
+/// The IPv4 or IPv6 header at `at` of the frame (by `ethertype`), validated as the contract
+/// says, up to the protocol it carries (which the caller judges). Not IP: ignored.
+fn network(frame: &[u8], at: usize, ethertype: u16) -> Result<(u8, IpLayer), Parsed> {
+    let bad = |m| Parsed::Malformed(m);
+    let skip = |i| Parsed::Ignored(i);
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    match ethertype {
+        ETH_P_IP => {
+            let ip = take(frame, at, 20).ok_or(bad(Malformed::Ipv4Header))?;
+            let version = ip[0] >> 4;
+            if version != 4 {
+                return Err(bad(Malformed::Ipv4Version(version)));
+            }
+            let ihl = ip[0] & 0xf;
+            if ihl < 5 {
+                return Err(bad(Malformed::Ipv4Ihl(ihl)));
+            }
+            let header_len = usize::from(ihl) * 4;
+            if take(frame, at, header_len).is_none() {
+                return Err(bad(Malformed::Ipv4Options { header_len }));
+            }
+            let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+            if fragment_offset != 0 {
+                return Err(skip(Ignored::Ipv4Fragment));
+            }
+            src[..4].copy_from_slice(&ip[12..16]);
+            dst[..4].copy_from_slice(&ip[16..20]);
+            Ok((FAMILY_V4, IpLayer { protocol: ip[9], src, dst, upper: at + header_len }))
+        }
+        ETH_P_IPV6 => {
+            let ip = take(frame, at, 40).ok_or(bad(Malformed::Ipv6Header))?;
+            let version = ip[0] >> 4;
+            if version != 6 {
+                return Err(bad(Malformed::Ipv6Version(version)));
+            }
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            let mut next = ip[6];
+            let mut here = at + 40;
+            let mut walked = 0;
+            loop {
+                if here > MAX_L4_OFFSET {
+                    return Err(skip(Ignored::TooDeep { offset: here }));
+                }
+                let len = match next {
+                    EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_FRAGMENT => {
+                        if walked == MAX_EXT_HEADERS {
+                            return Err(skip(Ignored::Ipv6ChainTooLong));
+                        }
+                        let short = bad(Malformed::Ipv6Extension {
+                            offset: here,
+                            kind: next,
+                            index: walked,
+                        });
+                        // The fragment header is 8 bytes; the others say their length in
+                        // 8-byte units, not counting the first 8.
+                        let len = if next == EXT_FRAGMENT {
+                            8
+                        } else {
+                            (usize::from(*frame.get(here + 1).ok_or(short)?) + 1) * 8
+                        };
+                        let ext = take(frame, here, len).ok_or(short)?;
+                        if next == EXT_FRAGMENT && u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                            return Err(skip(Ignored::Ipv6Fragment));
+                        }
+                        next = ext[0];
+                        len
+                    }
+                    _ => break,
+                };
+                here += len;
+                walked += 1;
+            }
+            Ok((FAMILY_V6, IpLayer { protocol: next, src, dst, upper: here }))
+        }
+        other => Err(skip(Ignored::Ethertype(other))),
+    }
 }
 
 /// One counted event: the exact counter it adds one to, and the per-peer counter.
@@ -326,6 +356,52 @@ pub fn effect(
             direction: direction as u8,
         },
         peer_slot: PeerCounters::index(event, side),
+    })
+}
+
+/// What an ICMP or ICMPv6 destination unreachable quotes of the TCP segment it answers.
+/// Addresses in network order (IPv4 in the first 4 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unreachable {
+    pub family: u8,
+    pub reason: UnreachableReason,
+    /// The quoted segment's source and destination: for an answer to our SYN, us and the
+    /// remote.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+}
+
+/// The ICMP answer contract ("Unreachable" in the README), over a frame: an ICMP (in IPv4) or
+/// ICMPv6 (in IPv6, behind extension headers walked as above) destination unreachable of a
+/// code [`icmp::reason`] classes, quoting an IP header of the same family read as the outer
+/// one is (options, extension headers, a non-first fragment ignored) that carries TCP, and at
+/// least the first 8 bytes of its TCP header (ports and sequence number), starting at or
+/// before [`MAX_L4_OFFSET`]. `None` for every other frame; none of them is malformed.
+pub fn unreachable(frame: &[u8], stripped_tags: usize) -> Option<Unreachable> {
+    let (ethertype, at) = link(frame, stripped_tags).ok()?;
+    let (family, outer) = network(frame, at, ethertype).ok()?;
+    let icmp_proto = if family == FAMILY_V4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
+    if outer.protocol != icmp_proto {
+        return None;
+    }
+    let head = take(frame, outer.upper, 2)?;
+    let reason = icmp::reason(family, head[0], head[1])?;
+    let (_, inner) = network(frame, outer.upper + ICMP_HLEN, ethertype).ok()?;
+    if inner.protocol != PROTO_TCP || inner.upper > MAX_L4_OFFSET {
+        return None;
+    }
+    let tcp = take(frame, inner.upper, QUOTED_TCP_LEN)?;
+    Some(Unreachable {
+        family,
+        reason,
+        src: inner.src,
+        dst: inner.dst,
+        src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
     })
 }
 
@@ -414,6 +490,69 @@ mod tests {
             }
             _ => None,
         }
+    }
+
+    /// An ICMP error quoting `quoted` (an IP packet), after the 8-byte ICMP header.
+    fn icmp(kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind, code, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(quoted);
+        m
+    }
+
+    /// Our SYN as quoted: from 192.0.2.1 port 40000 to 198.51.100.7 port 25 (the `v4` helper's
+    /// addresses, swapped), cut to `tcp_len` bytes of TCP header.
+    fn quoted_v4(tcp_len: usize) -> Vec<u8> {
+        let mut t = tcp(40000, 25, SYN, 64240);
+        t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        let mut ip = v4(&[], PROTO_TCP, 0, &t[..tcp_len]);
+        // From us to the remote.
+        ip[12..16].copy_from_slice(&[192, 0, 2, 1]);
+        ip[16..20].copy_from_slice(&[198, 51, 100, 7]);
+        ip
+    }
+
+    #[test]
+    fn unreachable_reads_the_quoted_header() {
+        let frame = eth(&[], ETH_P_IP, &v4(&[], IPPROTO_ICMP, 0, &icmp(3, 1, &quoted_v4(8))));
+        let u = unreachable(&frame, 0).expect("a host unreachable quoting 8 bytes of TCP");
+        assert_eq!(u.reason, UnreachableReason::Host);
+        assert_eq!((u.family, u.src_port, u.dst_port, u.seq), (FAMILY_V4, 40000, 25, 0x0102_0304));
+        assert_eq!((&u.src[..4], &u.dst[..4]), (&[192, 0, 2, 1][..], &[198, 51, 100, 7][..]));
+        // Seven bytes of TCP are too few; twenty (the whole header) are fine.
+        let short = eth(&[], ETH_P_IP, &v4(&[], IPPROTO_ICMP, 0, &icmp(3, 1, &quoted_v4(7))));
+        assert_eq!(unreachable(&short, 0), None);
+        let whole = eth(&[], ETH_P_IP, &v4(&[], IPPROTO_ICMP, 0, &icmp(3, 13, &quoted_v4(20))));
+        assert_eq!(unreachable(&whole, 0).map(|u| u.reason), Some(UnreachableReason::Admin));
+        // Fragmentation needed, an echo, an ICMP in a non-first fragment: none.
+        for (kind, code, frag) in [(3, 4, 0), (8, 0, 0), (3, 1, 5)] {
+            let f =
+                eth(&[], ETH_P_IP, &v4(&[], IPPROTO_ICMP, frag, &icmp(kind, code, &quoted_v4(8))));
+            assert_eq!(unreachable(&f, 0), None, "type {kind} code {code} fragment {frag}");
+        }
+        // Quoting UDP: none. Tagged: read.
+        let mut udp = quoted_v4(8);
+        udp[9] = 17;
+        let f = eth(&[], ETH_P_IP, &v4(&[], IPPROTO_ICMP, 0, &icmp(3, 1, &udp)));
+        assert_eq!(unreachable(&f, 0), None);
+        let tagged =
+            eth(&[ETH_P_8021Q], ETH_P_IP, &v4(&[], IPPROTO_ICMP, 0, &icmp(3, 3, &quoted_v4(8))));
+        assert_eq!(unreachable(&tagged, 0).map(|u| u.reason), Some(UnreachableReason::Port));
+        // Not malformed for the event contract, whatever it holds.
+        assert_eq!(parse(&short, 0), Parsed::Ignored(Ignored::Ipv4Protocol(IPPROTO_ICMP)));
+        // ICMPv6 behind a destination-options header, quoting IPv6.
+        let mut t = tcp(40000, 25, SYN, 64240);
+        t[4..8].copy_from_slice(&7u32.to_be_bytes());
+        let inner = v6(&[], PROTO_TCP, &t[..8]);
+        let f =
+            eth(&[], ETH_P_IPV6, &v6(&[(EXT_DEST_OPTS, 8)], IPPROTO_ICMPV6, &icmp(1, 3, &inner)));
+        let u = unreachable(&f, 0).expect("an address unreachable");
+        assert_eq!((u.family, u.reason, u.seq), (FAMILY_V6, UnreachableReason::Host, 7));
+        // Packet too big is not one.
+        let f = eth(&[], ETH_P_IPV6, &v6(&[], IPPROTO_ICMPV6, &icmp(2, 0, &inner)));
+        assert_eq!(unreachable(&f, 0), None);
+        // ICMP (v4) in IPv6 is not ICMPv6.
+        let f = eth(&[], ETH_P_IPV6, &v6(&[], IPPROTO_ICMP, &icmp(1, 3, &inner)));
+        assert_eq!(unreachable(&f, 0), None);
     }
 
     #[test]

@@ -3,15 +3,15 @@
 //! time and deletes idle entries; it never writes one.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
-    Direction, FlowKey, Stat,
-    flow::{Actions, FlowPacket, step},
+    Direction, FlowKey, Outcome, Stat,
+    flow::{Actions, FlowPacket, step, unreachable},
     reply::HEAD_LEN,
 };
 
 use crate::{
     maps::{FLOWS, bump, config},
     packet::{Packet, opaque},
-    parse::Segment,
+    parse::{Segment, icmp::Quoted},
 };
 
 /// Where a packet belongs: what `track` needs besides the segment and the packet (one argument,
@@ -124,4 +124,36 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
         }
     }
     actions
+}
+
+/// Advances the flow of our connection attempt that an ICMP destination unreachable quotes (the
+/// quoted source is the client: us), and returns the outcome it decides: `unreachable`, once,
+/// for a pending attempt whose SYN carried the quoted sequence number. Only an existing flow is
+/// written; a message quoting no flow of ours creates none.
+#[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
+)]
+pub fn track_unreachable(q: &Quoted, ifindex: u32, now: u64) -> Option<Outcome> {
+    let key = FlowKey {
+        ifindex,
+        client: q.src,
+        server: q.dst,
+        client_port: q.src_port,
+        server_port: q.dst_port,
+        family: q.family,
+        direction: Direction::Outbound as u8,
+        _pad: [0; 2],
+    };
+    let stored = FLOWS.get_ptr_mut(&key)?;
+    // SAFETY: a live map value; as in `track`, a concurrent update of the same flow can at worst
+    // lose a state change of that flow.
+    let mut st = unsafe { *stored };
+    let actions = unreachable(&mut st, q.seq, now, config().handshake_timeout_ns);
+    if actions.store {
+        // SAFETY: as above.
+        unsafe { *stored = st };
+    }
+    actions.outcome
 }

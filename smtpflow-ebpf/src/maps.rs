@@ -11,7 +11,8 @@ use aya_ebpf::{
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig,
     FlowKey, FlowState, HISTS_CAPACITY, HistKey, Histogram, PeerCounters, PeerGreetingKey, PeerKey,
-    Stat, counter::KERNEL_OUTCOMES, peer::PEER_EVENT_SLOTS,
+    Stat,
+    peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS},
 };
 
 use crate::packet::opaque;
@@ -143,7 +144,7 @@ pub enum PeerSlot {
 
 // Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
 const COUNTS: usize = PEER_EVENT_SLOTS;
-const OUTCOMES: usize = KERNEL_OUTCOMES.len();
+const OUTCOMES: usize = PEER_OUTCOME_SLOTS;
 
 // Not inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]

@@ -12,7 +12,11 @@ use crate::{
     flow,
     maps::{PeerSlot, bump, config, count, count_peer, count_peer_greeting, observe_duration},
     packet::{Frame as _, Packet},
-    parse::{Located, Ports, Segment, Skip, locate, segment},
+    parse::{
+        Located, Ports, Segment, Skip,
+        icmp::{self, Quoted},
+        locate, segment,
+    },
 };
 
 /// What the per-packet steps need, built once by [`inspect`].
@@ -38,8 +42,46 @@ pub fn observe<P: Packet>(p: &P, side: Side) {
     match found {
         Ok(loc) => observe_smtp(p, &loc, side),
         Err(Skip::Malformed) => bump(Stat::Malformed),
-        Err(Skip::NotTcp | Skip::OtherPorts) => {}
+        // An answer to one of our SYNs comes in: ingress only.
+        Err(Skip::Icmp) if side == Side::Peer => observe_unreachable(p),
+        Err(Skip::NotTcp | Skip::OtherPorts | Skip::Icmp) => {}
     }
+}
+
+/// An ICMP or ICMPv6 message seen on ingress: if it is a destination unreachable answering our
+/// SYN to an SMTP port, decides that handshake's outcome (`unreachable`, once) and counts it
+/// with the class of its code. The cold path: only ICMP packets come here; it never touches
+/// the TCP path's state, and decides nothing about the packet's fate.
+#[inline(never)]
+fn observe_unreachable<P: Packet>(p: &P) {
+    let mut q = Quoted::EMPTY;
+    if icmp::unreachable(p, &mut q).is_err() {
+        return;
+    }
+    let config = config();
+    // Our SYN: sent by the client (us) to an SMTP port. A quoted segment from an SMTP port is
+    // our answer to a peer's SYN, not an attempt of ours.
+    let Some(m) = smtp_port(q.src_port, q.dst_port, config.ports()) else { return };
+    if !m.sender_is_client {
+        return;
+    }
+    let ifindex = p.ifindex();
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if flow::track_unreachable(&q, ifindex, now) != Some(Outcome::Unreachable) {
+        return;
+    }
+    let peer = PeerKey {
+        ifindex,
+        addr: q.dst,
+        port: m.port,
+        family: q.family,
+        direction: Direction::Outbound as u8,
+    };
+    let scope = Scope { ifindex, port: m.port, direction: Direction::Outbound };
+    count(&CounterKey::new(scope, Counter::Handshake(Outcome::Unreachable)));
+    count(&CounterKey::new(scope, Counter::Unreachable(q.reason)));
+    count_peer(&peer, PeerSlot::Outcome(Outcome::Unreachable as usize));
 }
 
 /// Whether either port is an SMTP port: two loads of the port set.

@@ -93,9 +93,9 @@ pub struct ObserveArgs {
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_flows: u32,
 
-    /// A SYN with no SYN-ACK or RST after this long is a `timeout` handshake (an answer later
-    /// than this counts no outcome). The default sits between Linux's SYN retransmissions at 3 s
-    /// and 7 s.
+    /// A SYN with no SYN-ACK, RST or ICMP unreachable after this long is a `timeout` handshake
+    /// (an answer later than this counts no outcome). The default sits between Linux's SYN
+    /// retransmissions at 3 s and 7 s.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 

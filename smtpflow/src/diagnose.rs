@@ -64,7 +64,8 @@ impl Cause {
                  default_destination_concurrency_limit)"
             }
             Cause::RemoteUnreachable => {
-                "check routing and firewalls towards these MXs; their SYNs get no answer"
+                "check routing and firewalls towards these MXs; their SYNs get no answer or an \
+                 ICMP unreachable"
             }
             Cause::RemoteRefusing => {
                 "these MXs refuse port 25: check their MX records and policies"
@@ -120,6 +121,8 @@ pub struct PeerCounts {
     pub refused: u64,
     /// Handshakes never answered within `--handshake-timeout`.
     pub timeouts: u64,
+    /// Handshakes answered by an ICMP or ICMPv6 destination unreachable.
+    pub unreachable: u64,
     /// Sessions with at least one throttling reply (421, or a 4xx rate or policy limit).
     pub throttled: u64,
     /// Zero windows we advertised to the peer.
@@ -141,15 +144,22 @@ impl PeerCounts {
             established: rise(base.established, self.established),
             refused: rise(base.refused, self.refused),
             timeouts: rise(base.timeouts, self.timeouts),
+            unreachable: rise(base.unreachable, self.unreachable),
             throttled: rise(base.throttled, self.throttled),
             zero_windows_sent: rise(base.zero_windows_sent, self.zero_windows_sent),
             zero_windows_received: rise(base.zero_windows_received, self.zero_windows_received),
         }
     }
 
-    /// Outbound handshakes: established, refused or unanswered.
+    /// Outbound handshakes: established, refused, unanswered or unreachable.
     pub fn attempts(&self) -> u64 {
-        self.established + self.refused + self.timeouts
+        self.established + self.refused + self.timeouts + self.unreachable
+    }
+
+    /// Outbound handshakes that reached no server: unanswered, or answered by an ICMP
+    /// unreachable (direct evidence: a router or the remote host said so).
+    pub fn unreached(&self) -> u64 {
+        self.timeouts + self.unreachable
     }
 }
 
@@ -166,6 +176,8 @@ pub struct Reading {
     pub outbound_established: u64,
     pub outbound_timeouts: u64,
     pub outbound_refused: u64,
+    /// Outbound handshakes answered by an ICMP destination unreachable.
+    pub outbound_unreachable: u64,
     /// Outbound sessions with a throttling reply.
     pub outbound_throttled: u64,
     pub zero_windows_local: u64,
@@ -261,10 +273,18 @@ struct PeerTest {
     /// "<peer>: <says> <share> of <n> <attempts>".
     says: &'static str,
     attempts: &'static str,
+    /// A part of the failures each peer named says apart: "(<n> <what>)".
+    detail: Option<Detail>,
+}
+
+/// A part of a peer's failures, and what it is.
+struct Detail {
+    part: fn(&PeerCounts) -> u64,
+    what: &'static str,
 }
 
 fn outbound_attempts(r: &Reading) -> u64 {
-    r.outbound_established + r.outbound_refused + r.outbound_timeouts
+    r.outbound_established + r.outbound_refused + r.outbound_timeouts + r.outbound_unreachable
 }
 
 const THROTTLING: PeerTest = PeerTest {
@@ -278,6 +298,7 @@ const THROTTLING: PeerTest = PeerTest {
     noun: "throttled sessions",
     says: "421 or rate-limit replies on",
     attempts: "sessions",
+    detail: None,
 };
 
 const REFUSING: PeerTest = PeerTest {
@@ -291,19 +312,24 @@ const REFUSING: PeerTest = PeerTest {
     noun: "refused handshakes",
     says: "RST to",
     attempts: "handshakes",
+    detail: None,
 };
 
+/// Unanswered handshakes and those answered by an ICMP unreachable together: the evidence
+/// (`outbound_timeouts`, and `outbound_unreachable` beside it) and each peer named say how many
+/// of them an ICMP unreachable answered.
 const UNREACHABLE: PeerTest = PeerTest {
-    count: |p| p.timeouts,
+    count: PeerCounts::unreached,
     of: PeerCounts::attempts,
     count_name: "outbound_timeouts",
     of_name: "outbound_attempts",
     share_name: "unanswered_share",
     host_count: |r| r.outbound_timeouts,
     host_of: outbound_attempts,
-    noun: "unanswered handshakes",
-    says: "no answer to",
+    noun: "unanswered or ICMP-unreachable handshakes",
+    says: "no answer or ICMP unreachable to",
     attempts: "handshakes",
+    detail: Some(Detail { part: |p| p.unreachable, what: "ICMP unreachable" }),
 };
 
 /// One peer's result in a per-peer test.
@@ -312,6 +338,8 @@ struct PeerResult {
     count: u64,
     of: u64,
     share: f64,
+    /// The peer's counts in the window.
+    window: PeerCounts,
 }
 
 impl Diagnoser {
@@ -417,7 +445,13 @@ impl Diagnoser {
             .filter_map(|(peer, w)| {
                 let n = count(&w);
                 let of_n = of.map_or(n, |of| of(&w));
-                (n > 0).then(|| PeerResult { peer, count: n, of: of_n, share: share(n, of_n) })
+                (n > 0).then(|| PeerResult {
+                    peer,
+                    count: n,
+                    of: of_n,
+                    share: share(n, of_n),
+                    window: w,
+                })
             })
             .collect();
         results.sort_by(|a, b| {
@@ -515,6 +549,7 @@ impl Diagnoser {
             Cause::RemoteUnreachable => {
                 let passes =
                     self.per_peer_cause(&UNREACHABLE, &mut evidence, &mut summary, &mut top_peers);
+                evidence.insert("outbound_unreachable", self.d(|r| r.outbound_unreachable) as f64);
                 let (pressure, fill, _, _, drops) = self.conntrack_pressure();
                 evidence.insert("conntrack_fill_ratio", fill);
                 evidence.insert("conntrack_drops", drops as f64);
@@ -624,14 +659,18 @@ impl Diagnoser {
                 .iter()
                 .take(TOP_PEERS)
                 .map(|r| {
-                    format!(
+                    let mut said = format!(
                         "{}: {} {} of {} {}",
                         r.peer,
                         test.says,
                         percent(r.share),
                         thousands(r.of.max(r.count)),
                         test.attempts
-                    )
+                    );
+                    if let Some(d) = &test.detail {
+                        let _ = write!(said, " ({} {})", thousands((d.part)(&r.window)), d.what);
+                    }
+                    said
                 })
                 .collect();
             let _ = write!(summary, "{} in {secs} s", said.join("; "));

@@ -123,3 +123,56 @@ pub fn ipv4_tcp(frame: &[u8]) -> Option<Seen> {
         window: u16::from_be_bytes([t[14], t[15]]),
     })
 }
+
+/// An ICMP destination unreachable (IPv4 type 3, or ICMPv6 type 1) read straight from an
+/// untagged Ethernet frame, and the TCP ports of the segment it quotes (the oracle's own
+/// parser: no options or extension headers in the outer IPv6 header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreachable {
+    /// 4 or 6.
+    pub family: u8,
+    pub code: u8,
+    /// The quoted segment's ports: for an answer to our SYN, our port and the remote's.
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+pub fn unreachable(frame: &[u8]) -> Option<Unreachable> {
+    let ethertype = frame.get(12..14)?;
+    let (family, icmp, kind) = if ethertype == [0x08, 0x00] {
+        if *frame.get(23)? != 1 {
+            return None;
+        }
+        (4, 14 + usize::from(frame.get(14)? & 0x0f) * 4, 3)
+    } else if ethertype == [0x86, 0xdd] {
+        if *frame.get(20)? != 58 {
+            return None;
+        }
+        (6, 14 + 40, 1)
+    } else {
+        return None;
+    };
+    let head = frame.get(icmp..icmp + 2)?;
+    if head[0] != kind {
+        return None;
+    }
+    let inner = icmp + 8;
+    let tcp = if family == 4 {
+        if *frame.get(inner + 9)? != 6 {
+            return None;
+        }
+        inner + usize::from(frame.get(inner)? & 0x0f) * 4
+    } else {
+        if *frame.get(inner + 6)? != 6 {
+            return None;
+        }
+        inner + 40
+    };
+    let t = frame.get(tcp..tcp + 4)?;
+    Some(Unreachable {
+        family,
+        code: head[1],
+        src_port: u16::from_be_bytes([t[0], t[1]]),
+        dst_port: u16::from_be_bytes([t[2], t[3]]),
+    })
+}

@@ -16,6 +16,7 @@ pub const PEER_HANDSHAKES: &str = "smtpflow_peer_handshakes_total";
 pub const RETRANSMITS: &str = "smtpflow_syn_retransmits_total";
 pub const RESETS: &str = "smtpflow_resets_total";
 pub const DROPS: &str = "smtpflow_syn_drops_total";
+pub const UNREACHABLE: &str = "smtpflow_unreachable_total";
 pub const HS_BUCKET: &str = "smtpflow_handshake_duration_seconds_bucket";
 pub const HS_COUNT: &str = "smtpflow_handshake_duration_seconds_count";
 pub const HS_SUM: &str = "smtpflow_handshake_duration_seconds_sum";

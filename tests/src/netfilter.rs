@@ -48,6 +48,36 @@ pub fn nft_drop_syns(ns: &Netns, chain: &str, dport: u16, counter: &str) {
     );
 }
 
+/// Adds a rule to `chain` that rejects pure SYNs of `nfproto` (`ipv4` or `ipv6`) to TCP port
+/// `dport` with `reject` (an nft reject statement: `reject with icmp type host-unreachable`,
+/// `reject with icmpv6 type admin-prohibited`), counting them in the named counter `counter`.
+/// Each SYN counted is answered by one ICMP error, unless the namespace rate-limits its ICMP
+/// errors (`net.ipv4.icmp_ratelimit`, `net.ipv6.icmp.ratelimit`).
+pub fn nft_reject_syns(
+    ns: &Netns,
+    chain: &str,
+    nfproto: &str,
+    dport: u16,
+    counter: &str,
+    reject: &str,
+) {
+    ns.exec_ok("nft", &["add", "counter", "inet", TABLE, counter]);
+    ns.exec_ok(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            TABLE,
+            chain,
+            &format!(
+                "meta nfproto {nfproto} tcp dport {dport} tcp flags & (syn | ack | rst) == syn \
+                 counter name \"{counter}\" {reject}"
+            ),
+        ],
+    );
+}
+
 /// The packets counted by a named counter of the test table.
 pub fn nft_counter(ns: &Netns, counter: &str) -> u64 {
     counter_packets(ns, "inet", TABLE, counter)

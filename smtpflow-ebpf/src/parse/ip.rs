@@ -1,7 +1,11 @@
 //! IPv4 and IPv6 headers: [`v4`] and [`v6`] validate a header and return the offset of the TCP
-//! header; the `*_addresses` and `*_end` functions read the rest once the port matched. A fixed
+//! header; the `*_addresses` and `*_end` functions read the rest once the port matched.
+//! [`v4_upper`] and [`v6_upper`] are the validation itself, for any protocol: the ICMP parser
+//! reads the outer header and the quoted one with them. A fixed
 //! header is bounds-checked once, then its fields read at their offsets in the header structs.
 use core::mem::offset_of;
+
+use smtpflow_common::icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use super::Skip;
 use crate::packet::{Fields as _, Frame};
@@ -10,7 +14,7 @@ use crate::packet::{Fields as _, Frame};
 pub type L4 = usize;
 
 /// How deep a TCP header may start; deeper extension-header chains are not inspected.
-const MAX_L4_OFFSET: usize = 1024;
+pub const MAX_L4_OFFSET: usize = 1024;
 
 const IPPROTO_TCP: u8 = 6;
 const IPV4_MIN_HLEN: usize = 20;
@@ -57,9 +61,27 @@ struct Ipv6Hdr {
 const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr>() == IPV6_HLEN);
 
 /// IPv4: IHL < 5 or a header (options included) past the end of the frame is malformed;
-/// non-first fragments and other protocols are not TCP.
+/// non-first fragments and other protocols are not TCP (ICMP is [`Skip::Icmp`]).
 #[inline(always)]
 pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
+    let (protocol, l4) = v4_upper(p, off)?;
+    upper(protocol, l4, IPPROTO_ICMP)
+}
+
+/// TCP at `l4`, or why not: `icmp` (the family's ICMP) is [`Skip::Icmp`]. TCP is tested first
+/// and marked likely, so that the ICMP test costs a TCP segment nothing.
+#[inline(always)]
+fn upper(protocol: u8, l4: L4, icmp: u8) -> Result<L4, Skip> {
+    if core::intrinsics::likely(protocol == IPPROTO_TCP) {
+        return Ok(l4);
+    }
+    Err(if protocol == icmp { Skip::Icmp } else { Skip::NotTcp })
+}
+
+/// The IPv4 header at `off` validated as [`v4`] says: its protocol and the offset of what it
+/// carries. A non-first fragment carries no header: not TCP.
+#[inline(always)]
+pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
     let h = p.header::<IPV4_MIN_HLEN>(off)?;
     let ver_ihl: u8 = h.get(offset_of!(Ipv4Hdr, ver_ihl));
     let hlen = usize::from(ver_ihl & 0x0f) * 4;
@@ -71,17 +93,24 @@ pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
         p.load::<u8>(off + hlen - 1)?;
     }
     let frag_off = u16::from_be(h.get(offset_of!(Ipv4Hdr, frag_off)));
-    let protocol: u8 = h.get(offset_of!(Ipv4Hdr, protocol));
-    if frag_off & IPV4_FRAG_OFFSET_MASK != 0 || protocol != IPPROTO_TCP {
+    if frag_off & IPV4_FRAG_OFFSET_MASK != 0 {
         return Err(Skip::NotTcp);
     }
-    Ok(off + hlen)
+    Ok((h.get(offset_of!(Ipv4Hdr, protocol)), off + hlen))
 }
 
 /// IPv6: walks hop-by-hop, routing, destination-options and fragment headers; only a first
-/// fragment carries the TCP header.
+/// fragment carries the TCP header (ICMPv6 is [`Skip::Icmp`]).
 #[inline(always)]
 pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
+    let (next, l4) = v6_upper(p, off)?;
+    upper(next, l4, IPPROTO_ICMPV6)
+}
+
+/// The IPv6 header at `off` and its extension headers, walked as [`v6`] says: the next header
+/// after them and its offset. A non-first fragment, a chain too long or too deep: not TCP.
+#[inline(always)]
+pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
     let h = p.header::<IPV6_HLEN>(off)?;
     let version: u8 = h.get(offset_of!(Ipv6Hdr, ver_tc_flow));
     if version >> 4 != 6 {
@@ -91,7 +120,6 @@ pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return Ok(off),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 // Next header, then the length in 8-byte units after the first 8.
                 let [nh, len] = p.load::<u16>(off)?.to_le_bytes();
@@ -110,14 +138,17 @@ pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
                 next = nh;
                 off += 8;
             }
-            _ => return Err(Skip::NotTcp),
+            _ => return Ok((next, off)),
         }
         if off > MAX_L4_OFFSET {
             // Deeper than we inspect: not a header chain SMTP traffic uses.
             return Err(Skip::NotTcp);
         }
     }
-    if next == IPPROTO_TCP { Ok(off) } else { Err(Skip::NotTcp) }
+    match next {
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => Err(Skip::NotTcp),
+        _ => Ok((next, off)),
+    }
 }
 
 /// Source and destination of the IPv4 header at `off` (which [`v4`] validated).

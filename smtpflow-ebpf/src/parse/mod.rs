@@ -3,7 +3,9 @@
 //!
 //! Two steps, so that a packet of another port costs only header reads: [`locate`] validates
 //! the headers and finds the TCP ports without copying anything, and [`segment`] reads the
-//! rest (the addresses) once a port matched.
+//! rest (the addresses) once a port matched. An ICMP or ICMPv6 message is [`Skip::Icmp`], and
+//! [`icmp::unreachable`] reads it again on its own path.
+pub mod icmp;
 mod ip;
 mod tcp;
 
@@ -31,6 +33,9 @@ pub enum Skip {
     NotTcp,
     /// A valid TCP segment of ports nobody asked for: ignored.
     OtherPorts,
+    /// An ICMP or ICMPv6 message (not a non-first fragment): ignored here, read by
+    /// [`icmp::unreachable`].
+    Icmp,
 }
 
 impl From<()> for Skip {
@@ -89,6 +94,23 @@ impl Segment {
 /// are tested before anything is kept, so that a segment of another port costs only reads.
 #[inline(always)]
 pub fn locate<P: Frame>(p: &P, wanted: impl Fn(&tcp::Ports) -> bool) -> Result<Located, Skip> {
+    let (ethertype, off) = link(p)?;
+    let (family, l4) = match ethertype {
+        ETH_P_IP => (FAMILY_V4, ip::v4(p, off)?),
+        ETH_P_IPV6 => (FAMILY_V6, ip::v6(p, off)?),
+        _ => return Err(Skip::NotTcp),
+    };
+    let ports = tcp::header(p, l4)?;
+    if !wanted(&ports) {
+        return Err(Skip::OtherPorts);
+    }
+    Ok(Located { family, l3: off, l4, ports })
+}
+
+/// The Ethernet header and up to [`MAX_VLAN_TAGS`] tags: the ethertype they end in and the
+/// offset of what it carries. Too short for an Ethernet header: not TCP.
+#[inline(always)]
+fn link<P: Frame>(p: &P) -> Result<(u16, usize), Skip> {
     let mut ethertype = u16::from_be(p.load::<u16>(ETH_HLEN - 2).map_err(|()| Skip::NotTcp)?);
     let mut off = ETH_HLEN;
     let is_tag = |ethertype| ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD;
@@ -104,16 +126,7 @@ pub fn locate<P: Frame>(p: &P, wanted: impl Fn(&tcp::Ports) -> bool) -> Result<L
             off += VLAN_HLEN;
         }
     }
-    let (family, l4) = match ethertype {
-        ETH_P_IP => (FAMILY_V4, ip::v4(p, off)?),
-        ETH_P_IPV6 => (FAMILY_V6, ip::v6(p, off)?),
-        _ => return Err(Skip::NotTcp),
-    };
-    let ports = tcp::header(p, l4)?;
-    if !wanted(&ports) {
-        return Err(Skip::OtherPorts);
-    }
-    Ok(Located { family, l3: off, l4, ports })
+    Ok((ethertype, off))
 }
 
 /// The whole segment of a located frame: its TCP fields and the IP addresses. Not inlined: the

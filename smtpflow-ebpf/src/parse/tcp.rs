@@ -1,5 +1,6 @@
 //! TCP header: [`header`] validates it and reads the ports (data offset < 5 or a header past
-//! the end is malformed); [`rest`] reads the flags, window and sequence number.
+//! the end is malformed); [`rest`] reads the flags, window and sequence number; [`quoted`]
+//! reads the 8 bytes of a header an ICMP error quotes.
 use core::mem::offset_of;
 
 use super::Skip;
@@ -65,4 +66,15 @@ pub fn rest<P: Frame>(p: &P, off: usize) -> Result<Rest, ()> {
         window: u16::from_be(p.load(off + offset_of!(TcpHdr, window))?),
         seq: u32::from_be(p.load(off + offset_of!(TcpHdr, seq))?),
     })
+}
+
+/// The first 8 bytes of a TCP header quoted by an ICMP error (all RFC 792 requires): the
+/// ports and the sequence number, in host order. Nothing else of the header is read.
+#[inline(always)]
+pub fn quoted<P: Frame>(p: &P, off: usize) -> Result<(Ports, u32), ()> {
+    let [s0, s1, d0, d1] = p.load::<u32>(off + offset_of!(TcpHdr, src_port))?.to_le_bytes();
+    let seq = u32::from_be(p.load(off + offset_of!(TcpHdr, seq))?);
+    let ports =
+        Ports { src: u16::from_be_bytes([s0, s1]), dst: u16::from_be_bytes([d0, d1]), hlen: 0 };
+    Ok((ports, seq))
 }

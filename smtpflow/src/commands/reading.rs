@@ -16,10 +16,11 @@ use crate::{
 type Field = fn(&mut PeerCounts) -> &mut u64;
 
 /// The per-peer figures the causes read, and the count of [`PeerCounts`] each fills.
-const PER_PEER_FIGURES: [(Figure, Field); 6] = [
+const PER_PEER_FIGURES: [(Figure, Field); 7] = [
     (Figure::OutboundEstablished, |p| &mut p.established),
     (Figure::OutboundRefused, |p| &mut p.refused),
     (Figure::OutboundTimeouts, |p| &mut p.timeouts),
+    (Figure::OutboundUnreachable, |p| &mut p.unreachable),
     (Figure::OutboundThrottled, |p| &mut p.throttled),
     (Figure::ZeroWindowsSent, |p| &mut p.zero_windows_sent),
     (Figure::ZeroWindowsReceived, |p| &mut p.zero_windows_received),
@@ -43,6 +44,7 @@ pub fn of_snapshot(
             Counter::Handshake(Outcome::Established) => r.outbound_established += v,
             Counter::Handshake(Outcome::Refused) if inbound => r.inbound_refused += v,
             Counter::Handshake(Outcome::Refused) => r.outbound_refused += v,
+            Counter::Handshake(Outcome::Unreachable) if !inbound => r.outbound_unreachable += v,
             Counter::Throttled if !inbound => r.outbound_throttled += v,
             Counter::SynDrop(code) => {
                 let name = reason(code);
@@ -121,6 +123,7 @@ mod tests {
         let mut c = PeerCounters::default();
         c.outcomes[Outcome::Established as usize] = 40;
         c.outcomes[Outcome::Refused as usize] = 2;
+        c.outcomes[Outcome::Unreachable as usize] = 5;
         c.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
         c.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)] = 1;
         c.throttled = 4;
@@ -140,6 +143,7 @@ mod tests {
                     established: 40,
                     refused: 2,
                     timeouts: 3,
+                    unreachable: 5,
                     throttled: 4,
                     zero_windows_sent: 1,
                     zero_windows_received: 11,

@@ -34,6 +34,7 @@ impl Gateway {
         r.outbound_established += add.established;
         r.outbound_refused += add.refused;
         r.outbound_timeouts += add.timeouts;
+        r.outbound_unreachable += add.unreachable;
         r.outbound_throttled += add.throttled;
         r.zero_windows_local += add.zero_windows_sent;
         r.zero_windows_peer += add.zero_windows_received;
@@ -41,6 +42,7 @@ impl Gateway {
         p.established += add.established;
         p.refused += add.refused;
         p.timeouts += add.timeouts;
+        p.unreachable += add.unreachable;
         p.throttled += add.throttled;
         p.zero_windows_sent += add.zero_windows_sent;
         p.zero_windows_received += add.zero_windows_received;
@@ -204,13 +206,58 @@ fn remote_refusing_and_unreachable_name_their_peers() {
     assert_eq!(unreachable.top_peers, [(name("192.0.2.6"), 30)]);
     assert!(
         unreachable.summary.starts_with(
-            "192.0.2.6 on eth0: no answer to 60 % of 50 handshakes in 60 s with normal local pressure"
+            "192.0.2.6 on eth0: no answer or ICMP unreachable to 60 % of 50 handshakes (0 ICMP \
+             unreachable) in 60 s with normal local pressure"
         ),
         "{}",
         unreachable.summary
     );
     assert_eq!(unreachable.evidence["outbound_timeouts"], 33.0);
+    assert_eq!(unreachable.evidence["outbound_unreachable"], 0.0);
     assert_eq!(unreachable.evidence["unanswered_share"], 0.6);
+}
+
+/// ICMP unreachables are direct evidence for remote_unreachable: they add to the peer's
+/// failures with its timeouts, count among its attempts, and the evidence names them.
+#[test]
+fn icmp_unreachable_is_evidence_for_remote_unreachable() {
+    let t0 = Instant::now();
+    let mut d = Diagnoser::new(Thresholds::default());
+    let mut g = Gateway::new();
+    d.update(t0, g.reading());
+    // 6 ICMP and 4 timeouts: 10 failures together, of 10 + 90 attempts.
+    g.outbound(
+        "192.0.2.6",
+        PeerCounts { established: 90, timeouts: 4, unreachable: 6, ..Default::default() },
+    );
+    // 9 ICMP alone stay under --min-failures.
+    g.outbound("192.0.2.7", PeerCounts { unreachable: 9, ..Default::default() });
+    let (f, _) = d.update(at(t0, 10), g.reading());
+    assert_eq!(active(&f), ["remote_unreachable"]);
+    let u = finding(&f, Cause::RemoteUnreachable);
+    assert_eq!(u.top_peers, [(name("192.0.2.6"), 10)]);
+    assert!(
+        u.summary.starts_with(
+            "192.0.2.6 on eth0: no answer or ICMP unreachable to 10 % of 100 handshakes (6 ICMP \
+             unreachable) in 60 s"
+        ),
+        "{}",
+        u.summary
+    );
+    assert_eq!(u.evidence["outbound_unreachable"], 15.0);
+    assert_eq!(u.evidence["outbound_timeouts"], 4.0);
+    assert_eq!(u.evidence["outbound_attempts"], 109.0);
+    assert_eq!(u.evidence["unanswered_share"], 0.1);
+    // The share counts the unreachable among the attempts: 10 of 101 is under 10 %.
+    let mut d = Diagnoser::new(Thresholds::default());
+    let mut g = Gateway::new();
+    d.update(t0, g.reading());
+    g.outbound(
+        "192.0.2.6",
+        PeerCounts { established: 91, timeouts: 4, unreachable: 6, ..Default::default() },
+    );
+    let (f, _) = d.update(at(t0, 10), g.reading());
+    assert!(active(&f).is_empty(), "{:?}", finding(&f, Cause::RemoteUnreachable).summary);
 }
 
 #[test]

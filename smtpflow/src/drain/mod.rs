@@ -585,27 +585,46 @@ mod tests {
         Rst,
         /// The client's ACK (XDP, which sees no SYN-ACK).
         ClientAck,
+        /// An ICMP destination unreachable quoting the SYN.
+        Unreachable,
+        /// An ICMP unreachable, then a SYN-ACK 10 ms later (to a retransmission the client sent
+        /// after a soft error): the SYN-ACK decides nothing.
+        UnreachableThenSynAck,
         Never,
+    }
+
+    /// What reaches the kernel for an attempt: a segment of the flow, or an ICMP unreachable
+    /// quoting its SYN (sequence number 7).
+    #[derive(Clone, Copy, Debug)]
+    enum Seen {
+        Segment(FlowPacket),
+        Unreachable,
     }
 
     /// The packets of one attempt, by the time the kernel read its clock for each: the SYN,
     /// its retransmissions after 1 s and 3 s (as Linux sends them) while it is not answered,
     /// and the answer.
-    fn attempt(answer: Answer, at: u64) -> Vec<(u64, FlowPacket)> {
+    fn attempt(answer: Answer, at: u64) -> Vec<(u64, Seen)> {
         let t = SYN_AT + at;
-        let mut p: Vec<(u64, FlowPacket)> = [SYN_AT, SYN_AT + S, SYN_AT + 3 * S]
+        let seg = |flags, from_client| Seen::Segment(pkt(flags, from_client));
+        let mut p: Vec<(u64, Seen)> = [SYN_AT, SYN_AT + S, SYN_AT + 3 * S]
             .into_iter()
             .filter(|&syn| syn == SYN_AT || syn < t)
-            .map(|syn| (syn, pkt(SYN, true)))
+            .map(|syn| (syn, seg(SYN, true)))
             .collect();
         match answer {
-            Answer::SynAck => p.push((t, pkt(SYN | ACK, false))),
+            Answer::SynAck => p.push((t, seg(SYN | ACK, false))),
             Answer::SynAckThenRst => {
-                p.push((t, pkt(SYN | ACK, false)));
-                p.push((t + 10 * MS, pkt(RST | ACK, false)));
+                p.push((t, seg(SYN | ACK, false)));
+                p.push((t + 10 * MS, seg(RST | ACK, false)));
             }
-            Answer::Rst => p.push((t, pkt(RST | ACK, false))),
-            Answer::ClientAck => p.push((t, pkt(ACK, true))),
+            Answer::Rst => p.push((t, seg(RST | ACK, false))),
+            Answer::ClientAck => p.push((t, seg(ACK, true))),
+            Answer::Unreachable => p.push((t, Seen::Unreachable)),
+            Answer::UnreachableThenSynAck => {
+                p.push((t, Seen::Unreachable));
+                p.push((t + 10 * MS, seg(SYN | ACK, false)));
+            }
             Answer::Never => {}
         }
         p.sort_by_key(|(t, _)| *t);
@@ -615,7 +634,7 @@ mod tests {
     /// The flow entry after the packets written by `at` (each written `write_delay` after its
     /// clock read), as a map holds it; and the outcomes the kernel counted for them.
     fn kernel(
-        packets: &[(u64, FlowPacket)],
+        packets: &[(u64, Seen)],
         at: u64,
         write_delay: u64,
     ) -> (Option<FlowState>, Vec<Outcome>) {
@@ -623,7 +642,14 @@ mod tests {
         let mut outcomes = Vec::new();
         for (t, p) in packets.iter().filter(|(t, _)| t + write_delay <= at) {
             let mut st = entry.unwrap_or_default();
-            let a = step(&mut st, entry.is_some(), p, *t, TIMEOUT);
+            let a = match p {
+                Seen::Segment(p) => step(&mut st, entry.is_some(), p, *t, TIMEOUT),
+                // The kernel writes only a flow it found.
+                Seen::Unreachable if entry.is_some() => {
+                    smtpflow_common::flow::unreachable(&mut st, 7, *t, TIMEOUT)
+                }
+                Seen::Unreachable => continue,
+            };
             outcomes.extend(a.outcome);
             if a.delete {
                 entry = None;
@@ -638,7 +664,7 @@ mod tests {
     /// `lag` later (a sweep in progress while the kernel goes on). Returns the kernel's outcomes
     /// and the timeouts the sweeps counted.
     fn race(
-        packets: &[(u64, FlowPacket)],
+        packets: &[(u64, Seen)],
         interval: u64,
         lag: u64,
         write_delay: u64,
@@ -657,9 +683,10 @@ mod tests {
         (outcomes, timeouts.by_scope.values().sum())
     }
 
-    /// A late SYN-ACK (or RST, or client ACK) against a sweep in progress never yields two
-    /// outcomes, nor none: whatever the order of the kernel's write and the sweep's read, an
-    /// attempt is `established`/`refused` if answered within the timeout, else one `timeout`.
+    /// A late SYN-ACK (or RST, or client ACK, or ICMP unreachable) against a sweep in progress
+    /// never yields two outcomes, nor none: whatever the order of the kernel's write and the
+    /// sweep's read, an attempt is `established`/`refused`/`unreachable` if answered within the
+    /// timeout, else one `timeout`.
     #[test]
     fn a_late_answer_against_a_sweep_in_progress_is_one_outcome() {
         let grace = smtpflow_common::flow::SWEEP_GRACE_NS;
@@ -679,8 +706,15 @@ mod tests {
             2 * TIMEOUT,
             8 * TIMEOUT,
         ];
-        let answers =
-            [Answer::SynAck, Answer::SynAckThenRst, Answer::Rst, Answer::ClientAck, Answer::Never];
+        let answers = [
+            Answer::SynAck,
+            Answer::SynAckThenRst,
+            Answer::Rst,
+            Answer::ClientAck,
+            Answer::Unreachable,
+            Answer::UnreachableThenSynAck,
+            Answer::Never,
+        ];
         let mut runs = 0;
         for answer in answers {
             for at in ats {
@@ -702,6 +736,9 @@ mod tests {
                                     (vec![Outcome::Established], 0)
                                 }
                                 Answer::Rst if in_time => (vec![Outcome::Refused], 0),
+                                Answer::Unreachable | Answer::UnreachableThenSynAck if in_time => {
+                                    (vec![Outcome::Unreachable], 0)
+                                }
                                 _ => (vec![], 1),
                             };
                             assert_eq!((outcomes, timeouts), want, "{what}");

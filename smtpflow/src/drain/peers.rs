@@ -61,6 +61,8 @@ pub enum Figure {
     OutboundRefused,
     /// Our handshakes the peer never answered (remote_unreachable).
     OutboundTimeouts,
+    /// Our handshakes answered by an ICMP destination unreachable (remote_unreachable).
+    OutboundUnreachable,
     /// Refused handshakes in either direction (the live view's failed handshakes).
     Refused,
     /// Timed-out handshakes in either direction (the live view's failed handshakes).
@@ -73,7 +75,7 @@ pub enum Figure {
 }
 
 impl Figure {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
 }
 
 /// What one full read of the per-peer maps keeps. Its size is bounded by `--max-peer-series`
@@ -465,6 +467,7 @@ impl PeerReader {
             self.offer(Figure::OutboundRefused, k, refused);
             self.offer(Figure::OutboundThrottled, k, v.throttled);
             self.offer(Figure::OutboundEstablished, k, v.outcome(Outcome::Established));
+            self.offer(Figure::OutboundUnreachable, k, v.outcome(Outcome::Unreachable));
         }
     }
 

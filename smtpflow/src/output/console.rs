@@ -83,7 +83,9 @@ impl Reporter {
         for ((d, port), r) in self.rates(snap, now).unwrap_or_default() {
             let _ = writeln!(out, "  {:<9} {port:<6} {r:>10.1}", d.label());
         }
-        out.push_str("\nHANDSHAKES SINCE START   established     refused     timeout\n");
+        out.push_str(
+            "\nHANDSHAKES SINCE START   established     refused     timeout unreachable\n",
+        );
         let mut outcomes: BTreeMap<(Direction, u16), [u64; Outcome::COUNT]> = BTreeMap::new();
         for ((scope, counter), v) in &snap.counters {
             if let Counter::Handshake(o) = counter {
@@ -94,15 +96,16 @@ impl Reporter {
             outcomes.entry((scope.direction, scope.port)).or_default()
                 [Outcome::Timeout as usize] += n;
         }
-        for ((d, port), [e, r, t]) in &outcomes {
+        for ((d, port), [e, r, t, u]) in &outcomes {
             let label = d.label();
-            let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11}");
+            let _ = writeln!(out, "  {label:<9} {port:<6} {e:>17} {r:>11} {t:>11} {u:>11}");
         }
         out.push_str("\nTOP PEERS BY FAILED HANDSHAKES\n");
-        // From the largest refused and timed-out counts of the last per-peer reading, summed
-        // by label (with --peer-label prefix, the peers of one network are one line).
+        // From the largest refused, timed-out and unreachable counts of the last per-peer
+        // reading, summed by label (with --peer-label prefix, the peers of one network are one
+        // line).
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-        for figure in [Figure::Refused, Figure::Timeouts] {
+        for figure in [Figure::Refused, Figure::Timeouts, Figure::OutboundUnreachable] {
             for (k, n) in snap.peers.figure(figure) {
                 *failures.entry(self.peer_name(k)).or_default() += n;
             }
@@ -152,6 +155,7 @@ mod tests {
         assert!(r.line(&snap, t0).is_none(), "no rate before a second reading");
         snap.counters.insert((inbound, Counter::Event(Event::Syn, Side::Peer)), 10);
         snap.counters.insert((outbound, Counter::Handshake(Outcome::Refused)), 4);
+        snap.counters.insert((outbound, Counter::Handshake(Outcome::Unreachable)), 3);
         let peer = PeerKey {
             ifindex: 2,
             addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -160,7 +164,8 @@ mod tests {
             direction: 1,
         };
         let mut c = PeerCounters::default();
-        c.outcomes[Outcome::Refused as usize] = 4;
+        c.outcomes[Outcome::Refused as usize] = 3;
+        c.outcomes[Outcome::Unreachable as usize] = 1;
         snap.peers = std::sync::Arc::new(crate::drain::peers::PeerReader::new(10).view_of(
             &[(peer, c)],
             &[],
@@ -189,7 +194,8 @@ mod tests {
         assert!(table.contains("h:"), "{table}");
         assert!(table.contains("healthy: no cause active"));
         assert!(
-            table.contains("outbound  25                     0           4           0"),
+            table
+                .contains("outbound  25                     0           4           0           3"),
             "{table}"
         );
     }

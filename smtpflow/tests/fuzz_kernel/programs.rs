@@ -10,8 +10,8 @@ use aya::{
 };
 use smtpflow::kernel::{self, Sizes};
 use smtpflow_common::{
-    Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, PeerCounters, PeerKey,
-    Side, Stat, names,
+    Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, FlowKey, FlowState,
+    PeerCounters, PeerKey, Side, Stat, names,
     peer::PEER_EVENT_SLOTS,
     reference::{self, Effect},
 };
@@ -122,6 +122,8 @@ pub(crate) struct Kernel {
     pub(crate) counters: PerCpuHashMap<MapData, CounterKey, u64>,
     pub(crate) peers: HashMap<MapData, PeerKey, PeerCounters>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
+    /// The flow map, which the ICMP cases fill with the attempts their messages answer.
+    pub(crate) flows: HashMap<MapData, FlowKey, FlowState>,
     /// Counts read last (events and malformed are cumulative; peers are emptied on read).
     pub(crate) last: Counts,
 }
@@ -150,7 +152,8 @@ impl Kernel {
         let counters = take(names::MAP_COUNTERS)?.try_into()?;
         let peers = take(names::MAP_PEERS)?.try_into()?;
         let stats = take(names::MAP_STATS)?.try_into()?;
-        Ok(Self { hook, ebpf, counters, peers, stats, last: Counts::default() })
+        let flows = take(names::MAP_FLOWS)?.try_into()?;
+        Ok(Self { hook, ebpf, counters, peers, stats, flows, last: Counts::default() })
     }
 
     /// One test run of `frame`; the program's return value, or `None` when a TC test run

@@ -301,8 +301,8 @@ fn remote_unreachable_when_the_peer_drops_syns() {
         &w,
         "remote_unreachable",
         &[
-            "is active: 10.77.0.2 on sf0: no answer to 100 % of ",
-            " handshakes in 4 s with normal local pressure: check routing",
+            "is active: 10.77.0.2 on sf0: no answer or ICMP unreachable to 100 % of ",
+            " handshakes (0 ICMP unreachable) in 4 s with normal local pressure: check routing",
         ],
     );
 }

@@ -16,13 +16,14 @@ use smtpflow_common::rules::tcp_flags::{ACK, SYN};
 
 use smtpflow_tests::{
     Pair, Watch,
-    capture::Capture,
+    capture::{self, Capture},
+    expect::present,
     names::{
         DROPS, EVIDENCE, GREET_BUCKET, GREET_COUNT, GREETINGS, HANDSHAKES, HS_BUCKET, HS_COUNT,
         HS_SUM, PEER_GREETINGS, PEER_HANDSHAKES, REPLIES, REPLY_STATUSES, RESETS, RETRANSMITS,
-        STARTTLS, THROTTLED,
+        STARTTLS, THROTTLED, UNREACHABLE,
     },
-    netfilter::{nft_counter, nft_drop_syns, nft_table, queue_syns},
+    netfilter::{nft_counter, nft_drop_syns, nft_reject_syns, nft_table, queue_syns},
     nfqueue::{Held, Holder},
     procfs::netstat,
     report, require_root,
@@ -273,6 +274,103 @@ fn tc_refused_timeouts_and_netfilter_drops() {
     ];
     expected.extend(healthy());
     w.expect_settled(&pair.local, &expected);
+}
+
+/// The peer rejects our SYNs to 25 with ICMP: `reject with icmp type host-unreachable` for
+/// IPv4, `reject with icmpv6 type admin-prohibited` for IPv6 (nft rules counting the SYNs they
+/// reject); the gateway makes N attempts of each. Linux gives a connection up at the first
+/// ICMP error answering its SYN, but the expected counts come from the wire all the same: a
+/// capture on the gateway's interface sees each ICMP message and the client port its quoted
+/// SYN came from, and every distinct connection answered is one `unreachable` outcome, with the
+/// reason of its code (`host`, `admin`), per peer too. After the handshake timeout and the
+/// sweep's grace have passed, no attempt is a `timeout` (that series exists and reads 0), and
+/// every SYN beyond the first of its attempt is a retransmission. The diagnosis's
+/// `remote_unreachable` evidence counts them.
+#[test]
+fn tc_outbound_unreachable_answered_by_icmp() {
+    require_root!();
+    let pair = Pair::new();
+    // ICMP errors are rate-limited per destination (a burst of 6, then one a second): off on the
+    // peer, so that every rejected SYN is answered at once (the counts still come from the wire).
+    pair.peer.sysctl("net.ipv4.icmp_ratelimit", "0");
+    pair.peer.sysctl("net.ipv6.icmp.ratelimit", "0");
+    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
+    nft_table(&pair.peer);
+    let host_unreachable = "reject with icmp type host-unreachable";
+    let admin_prohibited = "reject with icmpv6 type admin-prohibited";
+    nft_reject_syns(&pair.peer, "input", "ipv4", 25, "rej4", host_unreachable);
+    nft_reject_syns(&pair.peer, "input", "ipv6", 25, "rej6", admin_prohibited);
+    let cap = Capture::start(&pair.local, IF);
+
+    const N: usize = 4;
+    let give_up = Duration::from_millis(2500);
+    let (v4, v6) = thread::scope(|s| {
+        let v4 = s.spawn(|| smtp::attempts(&pair.local, &addr(PEER, 25), N, give_up));
+        let v6 = s.spawn(|| smtp::attempts(&pair.local, &addr(Pair::PEER_V6, 25), N, give_up));
+        (v4.join().unwrap(), v6.join().unwrap())
+    });
+    eprintln!("clients: IPv4 {v4:?}, IPv6 {v6:?}");
+    assert!(v4.iter().chain(&v6).all(Result::is_err), "every attempt is rejected");
+    // Past the handshake timeout and the sweep's grace (1 s each): a timeout would be counted.
+    thread::sleep(Duration::from_secs(3));
+    let frames = cap.finish();
+
+    let answers: Vec<capture::Unreachable> =
+        frames.iter().filter_map(|f| capture::unreachable(f)).collect();
+    let answered = |family: u8, code: u8| {
+        let mut ports: Vec<u16> = answers
+            .iter()
+            .filter(|u| u.family == family && u.dst_port == 25)
+            .inspect(|u| assert_eq!(u.code, code, "{u:?}"))
+            .map(|u| u.src_port)
+            .collect();
+        let messages = ports.len() as u64;
+        ports.sort_unstable();
+        ports.dedup();
+        (messages, ports.len() as u64)
+    };
+    // ICMP host unreachable is code 1; ICMPv6 administratively prohibited is code 1 too.
+    let (icmp4, conns4) = answered(4, 1);
+    let (icmp6, conns6) = answered(6, 1);
+    let (syns4, syns6) = (nft_counter(&pair.peer, "rej4"), nft_counter(&pair.peer, "rej6"));
+    eprintln!(
+        "on the wire: IPv4 {syns4} SYNs rejected, {icmp4} ICMP for {conns4} connections; IPv6 \
+         {syns6} SYNs rejected, {icmp6} ICMPv6 for {conns6} connections"
+    );
+    // Every rejected SYN was answered (no rate limit), and every attempt got an answer.
+    assert_eq!((icmp4, icmp6), (syns4, syns6), "one ICMP error per rejected SYN");
+    assert!(conns4 >= 1 && conns6 >= 1, "the peer answered with ICMP");
+
+    let o = "outbound";
+    let peer6 = Pair::PEER_V6;
+    let evidence = |e| vec![("cause", "remote_unreachable"), ("evidence", e)];
+    let mut expected = vec![
+        outcome(o, "25", "unreachable", conns4 + conns6),
+        total(HANDSHAKES, &[], conns4 + conns6),
+        series(UNREACHABLE, o, "25", &[("reason", "host")], conns4),
+        series(UNREACHABLE, o, "25", &[("reason", "admin")], conns6),
+        total(UNREACHABLE, &[], conns4 + conns6),
+        peer_outcome(o, "25", "unreachable", conns4),
+        series(PEER_HANDSHAKES, o, "25", &[("peer", peer6), ("outcome", "unreachable")], conns6),
+        total(PEER_HANDSHAKES, &[], conns4 + conns6),
+        retransmits(o, "25", syns4 + syns6 - conns4 - conns6),
+        total(RESETS, &[], 0),
+        // The diagnosis takes them as evidence for remote_unreachable (in its window, which
+        // spans the whole test): attempts, none of them a timeout.
+        (EVIDENCE, evidence("outbound_unreachable"), conns4 + conns6),
+        (EVIDENCE, evidence("outbound_attempts"), conns4 + conns6),
+        (EVIDENCE, evidence("outbound_timeouts"), 0),
+    ];
+    expected.extend(healthy());
+    let m = w.expect_settled(&pair.local, &expected);
+    // Expected zeros on series that must exist: no timeout, the other reasons.
+    let mut missing = Vec::new();
+    missing.extend(present(&m, HANDSHAKES, &[("direction", o), ("outcome", "timeout")], 0));
+    for reason in ["net", "port", "protocol", "other"] {
+        missing.extend(present(&m, UNREACHABLE, &[("direction", o), ("reason", reason)], 0));
+    }
+    missing.extend(present(&m, UNREACHABLE, &[("direction", "inbound")], 0));
+    assert!(missing.is_empty(), "{missing:#?}");
 }
 
 /// A listener with backlog 1 that never accepts: two connections fill its accept queue, the

@@ -19,6 +19,8 @@ const GUEST_MODULES: &[&str] = &[
     "nf_conntrack_netlink",
     "nf_tables",
     "nft_ct",
+    // `reject with icmp ...` and `reject with icmpv6 ...` in an inet table (nf_reject_ipv4/6).
+    "nft_reject_inet",
     "nfnetlink_queue",
     "nft_queue",
     "xt_NFQUEUE",
@@ -38,7 +40,7 @@ enum Needs {
 /// The kernel suite: (test binary, test, needs). Chosen for what differs between kernels:
 /// TC through TCX or netlink, XDP driver and generic mode on veth, the crash lifecycle of each
 /// attach method, the verifier on every program (the parser's direct reads and its
-/// `bpf_skb_load_bytes` fallback, reply reading), drop reasons by name from each kernel's BTF,
+/// `bpf_skb_load_bytes` fallback, reply reading, the ICMP unreachable path), drop reasons by name from each kernel's BTF,
 /// the tcp_conn_request fexit, conntrack statistics through ctnetlink, and the diagnosis at its
 /// default thresholds: silent on a noisy but healthy gateway, naming each real fault.
 const SUITE: &[(&str, &str, Needs)] = &[
@@ -56,6 +58,7 @@ const SUITE: &[(&str, &str, Needs)] = &[
     ("handshakes", "tc_inbound_greetings_from_smtp_sink", Needs::Any),
     ("handshakes", "tc_refused_timeouts_and_netfilter_drops", Needs::Any),
     ("handshakes", "tc_listen_overflow_drop_reason", Needs::Any),
+    ("handshakes", "tc_outbound_unreachable_answered_by_icmp", Needs::Any),
     ("handshakes", "xdp_ingress_only_outcomes", Needs::Any),
     ("pressure", "conntrack_default_source_is_ctnetlink_and_matches_node_exporter", Needs::Any),
     ("diagnosis", "noisy::noisy_but_healthy_gateway_raises_no_cause", Needs::Any),

@@ -266,7 +266,8 @@ impl Accumulator {
                 t.add(direction, k.port, Counted::Event(e, s), v.counts[i] - last.counts[i]);
             }
         }
-        for (i, o) in KERNEL_OUTCOMES.into_iter().enumerate() {
+        for o in KERNEL_OUTCOMES {
+            let i = o as usize;
             t.add(direction, k.port, Counted::Outcome(o), v.outcomes[i] - last.outcomes[i]);
         }
         t.add(direction, k.port, Counted::Throttled, v.throttled - last.throttled);

@@ -127,7 +127,7 @@ impl Exporter {
         let mut handshakes = Family::new(
             "smtpflow_handshakes_total",
             MetricType::COUNTER,
-            "SMTP connection attempts by outcome: established (answered by a SYN-ACK), refused (answered by a RST), timeout (no answer within --handshake-timeout).",
+            "SMTP connection attempts by outcome: established (answered by a SYN-ACK), refused (answered by a RST), timeout (no answer within --handshake-timeout), unreachable (answered by an ICMP or ICMPv6 destination unreachable).",
         );
         let mut retransmits = Family::new(
             "smtpflow_syn_retransmits_total",
@@ -163,6 +163,11 @@ impl Exporter {
             "smtpflow_starttls_total",
             MetricType::COUNTER,
             "SMTP sessions by STARTTLS stage: requested (the client sent STARTTLS), accepted (220: replies after it are encrypted and not read), refused.",
+        );
+        let mut unreachable = Family::new(
+            "smtpflow_unreachable_total",
+            MetricType::COUNTER,
+            "SMTP connection attempts answered by an ICMP or ICMPv6 destination unreachable (the outcome unreachable), by the class of its code: net, host, port, protocol, admin (administratively prohibited), other.",
         );
         let mut drops = Family::new(
             "smtpflow_syn_drops_total",
@@ -208,6 +213,9 @@ impl Exporter {
                 Counter::Starttls(stage) => {
                     starttls.add(&joined(&base, &[("stage", stage.label())]), v)
                 }
+                Counter::Unreachable(reason) => {
+                    unreachable.add(&joined(&base, &[("reason", reason.label())]), v)
+                }
                 Counter::SynDrop(reason) => {
                     let reason = match &self.drop_reasons {
                         Some(r) => r.name(reason),
@@ -240,6 +248,7 @@ impl Exporter {
             statuses,
             throttled,
             starttls,
+            unreachable,
             drops,
         ] {
             f.finish(out);

@@ -5,7 +5,7 @@ use crate::{
     output::peer_label::PeerLabel,
 };
 use smtpflow_common::{Direction, Event, PeerCounters, PeerKey, Side};
-use smtpflow_common::{FAMILY_V4, FAMILY_V6, Histogram, PeerGreetingKey, Scope};
+use smtpflow_common::{FAMILY_V4, FAMILY_V6, Histogram, PeerGreetingKey, Scope, UnreachableReason};
 
 fn event_key(ifindex: u32, port: u16, e: Event, d: Direction, s: Side) -> (Scope, Counter) {
     (Scope { ifindex, port, direction: d }, Counter::Event(e, s))
@@ -88,6 +88,9 @@ fn renders_handshakes_histograms_replies_and_drops() {
     let mut snap = Snapshot::default();
     snap.counters
         .insert((scope(2, 25, Direction::Inbound), Counter::Handshake(Outcome::Refused)), 3);
+    let out587 = scope(2, 587, Direction::Outbound);
+    snap.counters.insert((out587, Counter::Handshake(Outcome::Unreachable)), 2);
+    snap.counters.insert((out587, Counter::Unreachable(UnreachableReason::Admin)), 2);
     snap.counters.insert((scope(2, 587, Direction::Outbound), Counter::Greeting(421)), 2);
     snap.counters.insert((scope(0, 25, Direction::Inbound), Counter::SynDrop(77)), 4);
     snap.timeouts.insert(scope(2, 25, Direction::Inbound), 6);
@@ -100,12 +103,15 @@ fn renders_handshakes_histograms_replies_and_drops() {
     let mut c = PeerCounters::default();
     c.outcomes[Outcome::Refused as usize] = 1;
     c.throttled = 4;
+    c.outcomes[Outcome::Unreachable as usize] = 7;
     let greeting = PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] };
     snap.peers = view(10, &[(p, c)], &[(p, 2)], &[(greeting, 5)]);
     let text = render(&snap);
     for want in [
         r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="refused"} 3"#,
         r#"smtpflow_handshakes_total{iface="eth0",direction="inbound",port="25",outcome="timeout"} 6"#,
+        r#"smtpflow_handshakes_total{iface="eth0",direction="outbound",port="587",outcome="unreachable"} 2"#,
+        r#"smtpflow_unreachable_total{iface="eth0",direction="outbound",port="587",reason="admin"} 2"#,
         r#"smtpflow_smtp_greetings_total{iface="eth0",direction="outbound",port="587",code="421"} 2"#,
         r#"smtpflow_syn_drops_total{direction="inbound",port="25",reason="reason_77"} 4"#,
         r#"smtpflow_handshake_duration_seconds_bucket{iface="eth0",direction="inbound",port="25",le="0.00005"} 1"#,
@@ -115,6 +121,7 @@ fn renders_handshakes_histograms_replies_and_drops() {
         r#"smtpflow_handshake_duration_seconds_count{iface="eth0",direction="inbound",port="25"} 3"#,
         r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="refused"} 1"#,
         r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="timeout"} 2"#,
+        r#"smtpflow_peer_handshakes_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",outcome="unreachable"} 7"#,
         r#"smtpflow_peer_smtp_greetings_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25",code="421"} 5"#,
         r#"smtpflow_peer_throttled_sessions_total{iface="eth0",peer="198.51.100.1",direction="outbound",port="25"} 4"#,
     ] {
@@ -229,6 +236,13 @@ fn golden_exposition() {
         }
         snap.counters.insert((at, Counter::Handshake(Outcome::Established)), 9);
         snap.counters.insert((at, Counter::Handshake(Outcome::Refused)), 2);
+        // Seeded for both directions; only our (outbound) attempts can be unreachable.
+        let unreachable = if d == Direction::Outbound { 6 } else { 0 };
+        snap.counters.insert((at, Counter::Handshake(Outcome::Unreachable)), unreachable);
+        for reason in UnreachableReason::ALL {
+            let n = if reason == UnreachableReason::Host { unreachable } else { 0 };
+            snap.counters.insert((at, Counter::Unreachable(reason)), n);
+        }
         snap.counters.insert((at, Counter::SynRetransmit), 3);
         snap.counters.insert((at, Counter::Reset(Phase::Session, Side::Peer)), 1);
         snap.counters.insert((at, Counter::Reply(250)), 40);
@@ -255,6 +269,7 @@ fn golden_exposition() {
     let out = peer(7, FAMILY_V4, Direction::Outbound);
     let mut c = counters(5);
     c.outcomes[Outcome::Refused as usize] = 2;
+    c.outcomes[Outcome::Unreachable as usize] = 4;
     let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
     snap.peers = view(10, &[(out, c)], &[(out, 3)], &[(greeting, 1)]);
     snap.stats[Stat::Malformed as usize] = 2;
