@@ -32,20 +32,17 @@ pub fn nft_table(ns: &Netns) {
 /// Adds a rule to `chain` (`input` or `output`) that drops pure SYNs to TCP port `dport`,
 /// counting them in the named counter `counter`.
 pub fn nft_drop_syns(ns: &Netns, chain: &str, dport: u16, counter: &str) {
+    nft_syn_rule(ns, chain, "", dport, counter, "drop");
+}
+
+/// Adds a rule to `chain`: `<matches> tcp dport <dport>` for pure SYNs, counted in the named
+/// counter `counter`, then `verdict`.
+fn nft_syn_rule(ns: &Netns, chain: &str, matches: &str, dport: u16, counter: &str, verdict: &str) {
     ns.exec_ok("nft", &["add", "counter", "inet", TABLE, counter]);
-    ns.exec_ok(
-        "nft",
-        &[
-            "add",
-            "rule",
-            "inet",
-            TABLE,
-            chain,
-            &format!(
-                "tcp dport {dport} tcp flags & (syn | ack | rst) == syn counter name \"{counter}\" drop"
-            ),
-        ],
+    let rule = format!(
+        "{matches}tcp dport {dport} tcp flags & (syn | ack | rst) == syn counter name \"{counter}\" {verdict}"
     );
+    ns.exec_ok("nft", &["add", "rule", "inet", TABLE, chain, &rule]);
 }
 
 /// Adds a rule to `chain` that rejects pure SYNs of `nfproto` (`ipv4` or `ipv6`) to TCP port
@@ -61,21 +58,7 @@ pub fn nft_reject_syns(
     counter: &str,
     reject: &str,
 ) {
-    ns.exec_ok("nft", &["add", "counter", "inet", TABLE, counter]);
-    ns.exec_ok(
-        "nft",
-        &[
-            "add",
-            "rule",
-            "inet",
-            TABLE,
-            chain,
-            &format!(
-                "meta nfproto {nfproto} tcp dport {dport} tcp flags & (syn | ack | rst) == syn \
-                 counter name \"{counter}\" {reject}"
-            ),
-        ],
-    );
+    nft_syn_rule(ns, chain, &format!("meta nfproto {nfproto} "), dport, counter, reject);
 }
 
 /// The packets counted by a named counter of the test table.
