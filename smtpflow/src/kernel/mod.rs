@@ -4,6 +4,8 @@
 pub mod attach;
 pub mod btf;
 pub mod drop_reasons;
+#[cfg(test)]
+mod stack_budget;
 
 use std::io;
 
