@@ -4,6 +4,34 @@
 //! the unit tests below pin the table.
 use crate::{FAMILY_V4, FAMILY_V6};
 
+/// What an ICMP or ICMPv6 destination unreachable quotes of the TCP segment it answers, as the
+/// kernel's parser and the reference both read it. Addresses in network order (IPv4 in the
+/// first 4 bytes), the rest in host order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub family: u8,
+    pub reason: UnreachableReason,
+    /// The quoted segment's source and destination: for an answer to our SYN, us and the
+    /// remote.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+}
+
+impl Quoted {
+    pub const EMPTY: Self = Self {
+        family: 0,
+        reason: UnreachableReason::Other,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        seq: 0,
+    };
+}
+
 /// IPv4 protocol number of ICMP.
 pub const IPPROTO_ICMP: u8 = 1;
 /// IPv6 next-header number of ICMPv6.

@@ -31,9 +31,9 @@
 //! picks, in the direction [`direction_of`] gives; the peer is the source address when the
 //! packet was sent by the peer (ingress), the destination when sent by the local host (egress).
 use crate::{
-    Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side,
-    UnreachableReason, classify, direction_of,
-    icmp::{self, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, QUOTED_TCP_LEN},
+    Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side, classify,
+    direction_of,
+    icmp::{self, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, QUOTED_TCP_LEN, Quoted},
     rules::Event,
     smtp_port,
 };
@@ -359,28 +359,13 @@ pub fn effect(
     })
 }
 
-/// What an ICMP or ICMPv6 destination unreachable quotes of the TCP segment it answers.
-/// Addresses in network order (IPv4 in the first 4 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Unreachable {
-    pub family: u8,
-    pub reason: UnreachableReason,
-    /// The quoted segment's source and destination: for an answer to our SYN, us and the
-    /// remote.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub seq: u32,
-}
-
 /// The ICMP answer contract ("Unreachable" in the README), over a frame: an ICMP (in IPv4) or
 /// ICMPv6 (in IPv6, behind extension headers walked as above) destination unreachable of a
 /// code [`icmp::reason`] classes, quoting an IP header of the same family read as the outer
 /// one is (options, extension headers, a non-first fragment ignored) that carries TCP, and at
 /// least the first 8 bytes of its TCP header (ports and sequence number), starting at or
 /// before [`MAX_L4_OFFSET`]. `None` for every other frame; none of them is malformed.
-pub fn unreachable(frame: &[u8], stripped_tags: usize) -> Option<Unreachable> {
+pub fn unreachable(frame: &[u8], stripped_tags: usize) -> Option<Quoted> {
     let (ethertype, at) = link(frame, stripped_tags).ok()?;
     let (family, outer) = network(frame, at, ethertype).ok()?;
     let icmp_proto = if family == FAMILY_V4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
@@ -394,7 +379,7 @@ pub fn unreachable(frame: &[u8], stripped_tags: usize) -> Option<Unreachable> {
         return None;
     }
     let tcp = take(frame, inner.upper, QUOTED_TCP_LEN)?;
-    Some(Unreachable {
+    Some(Quoted {
         family,
         reason,
         src: inner.src,
@@ -408,6 +393,7 @@ pub fn unreachable(frame: &[u8], stripped_tags: usize) -> Option<Unreachable> {
 #[cfg(test)]
 mod tests {
     extern crate std;
+    use crate::UnreachableReason;
     use std::{vec, vec::Vec};
 
     use super::*;

@@ -7,8 +7,9 @@
 //! number, all an ICMP error must quote (RFC 792). Anything short, invalid, or not a
 //! destination unreachable quoting TCP is ignored: never counted as malformed, since the
 //! contract's malformed frames are about the frames it counts events of.
+pub use smtpflow_common::icmp::Quoted;
 use smtpflow_common::{
-    FAMILY_V4, FAMILY_V6, UnreachableReason,
+    FAMILY_V4, FAMILY_V6,
     icmp::{self, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -16,32 +17,6 @@ use super::{ETH_P_IP, ETH_P_IPV6, ip, link, tcp};
 use crate::packet::Frame;
 
 const IPPROTO_TCP: u8 = 6;
-
-/// A destination unreachable and what it quotes of the segment it answers. Addresses in
-/// network order (IPv4 in the first 4 bytes), the rest in host order.
-pub struct Quoted {
-    pub family: u8,
-    pub reason: UnreachableReason,
-    /// The quoted packet's source and destination: for an answer to our SYN, our address and
-    /// the remote's.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub seq: u32,
-}
-
-impl Quoted {
-    pub const EMPTY: Self = Self {
-        family: 0,
-        reason: UnreachableReason::Other,
-        src: [0; 16],
-        dst: [0; 16],
-        src_port: 0,
-        dst_port: 0,
-        seq: 0,
-    };
-}
 
 /// Reads a destination unreachable quoting a TCP segment into `q`; `Err` for any other frame.
 /// Not inlined: its own BPF subprogram, with the quoted addresses in its own stack frame.

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use smtpflow_common::{
     Counter, Direction, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, Outcome, PeerKey, Scope, Side,
     flow::{self, ACTIVE_SHIFT, flag, state},
-    reference::{self, Unreachable},
+    icmp::Quoted,
+    reference,
     rules::tcp_flags::{ACK, SYN},
     smtp_port,
 };
@@ -190,7 +191,7 @@ impl Builder {
     }
 }
 
-fn key(ifindex: u32, u: &Unreachable) -> FlowKey {
+fn key(ifindex: u32, u: &Quoted) -> FlowKey {
     FlowKey {
         ifindex,
         client: u.src,
