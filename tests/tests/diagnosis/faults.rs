@@ -109,6 +109,17 @@ fn gateway_with_mail() -> (Pair, Watch, MailFlow) {
     (pair, w, flow)
 }
 
+/// [`gateway_with_mail`] for faults that break the gateway's own listener: outbound mail only,
+/// and no firewall.
+fn gateway_with_outbound_mail() -> (Pair, Watch, MailFlow) {
+    let pair = Pair::new();
+    gateway::add_remote_hosts(&pair);
+    let w = watch_with_default_rules(&pair.local);
+    let flow = MailFlow::outbound_only(&pair, NoisyGateway::EVERY);
+    greylisted_some(&flow);
+    (pair, w, flow)
+}
+
 /// Waits (60 s at most: 40 sessions, slower on an emulated machine) until the main MX has
 /// greylisted two sessions.
 fn greylisted_some(flow: &MailFlow) {
@@ -188,11 +199,7 @@ fn remote_unreachable_behind_a_firewall() {
 fn listen_overflow_an_smtp_listener_that_stops_accepting() {
     require_root!();
     let _serial = serial();
-    let pair = Pair::new();
-    gateway::add_remote_hosts(&pair);
-    let w = watch_with_default_rules(&pair.local);
-    let flow = MailFlow::outbound_only(&pair, NoisyGateway::EVERY);
-    greylisted_some(&flow);
+    let (pair, w, flow) = gateway_with_outbound_mail();
     let listener = smtp::listen(&pair.local, &gateway::addr(GATEWAY, 25), 1);
     let k0 = netstat(&pair.local, "TcpExt", "ListenOverflows");
     let target: SocketAddr = gateway::addr(GATEWAY, 25).parse().unwrap();
@@ -268,11 +275,7 @@ fn conntrack_exhaustion_a_full_table() {
 fn local_receive_stall_an_mta_that_stops_reading() {
     require_root!();
     let _serial = serial();
-    let pair = Pair::new();
-    gateway::add_remote_hosts(&pair);
-    let w = watch_with_default_rules(&pair.local);
-    let flow = MailFlow::outbound_only(&pair, NoisyGateway::EVERY);
-    greylisted_some(&flow);
+    let (pair, w, flow) = gateway_with_outbound_mail();
     let stall = Stall::start(&pair.local, &pair.peer, &gateway::addr(GATEWAY, 25), 3);
     expect_cause(&w, &pair.local, "local_receive_stall", None);
     drop(stall);
