@@ -229,6 +229,9 @@ labelled_enum! {
         FlowInsertFailed = 6 => "flow_insert_failed",
         /// A histogram entry could not be created: a duration was lost. Must stay 0.
         HistInsertFailed = 7 => "hist_insert_failed",
+        /// A payload event did not fit in the ring buffer (userspace did not drain it in
+        /// time): a name, an EHLO reply or a ServerHello was not read.
+        PayloadsLost = 8 => "payloads_lost",
     }
 }
 
@@ -329,7 +332,7 @@ mod tests {
 
     #[test]
     fn stats_are_numbered_and_named() {
-        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::HistInsertFailed));
+        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::PayloadsLost));
         assert_eq!(Stat::Malformed.label(), "malformed");
     }
 }

@@ -12,6 +12,7 @@ mod labels;
 pub mod counter;
 pub mod flow;
 pub mod icmp;
+pub mod payload;
 pub mod peer;
 pub mod reference;
 pub mod reply;
@@ -24,6 +25,7 @@ pub use flow::{
     FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
 };
 pub use icmp::UnreachableReason;
+pub use payload::{PayloadEvent, PayloadKind};
 pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey};
 pub use reply::{ReplyClass, ReplyStatus, StarttlsStage};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};
@@ -46,6 +48,7 @@ pub mod names {
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_HISTS: &str = "HISTS";
     pub const MAP_STATS: &str = "STATS";
+    pub const MAP_PAYLOADS: &str = "PAYLOADS";
 }
 
 /// Default capacity of the per-peer LRU map (`--max-peers`).

@@ -1,5 +1,5 @@
 //! The per-peer maps' keys and values: bounded LRU maps of what each remote host did.
-use crate::{Event, Outcome, Side, counter::KERNEL_OUTCOMES};
+use crate::{Event, Outcome, Phase, Side, counter::KERNEL_OUTCOMES};
 
 /// Address family tag stored in keys (values of `AF_INET`/`AF_INET6` are not used on purpose:
 /// these are stable across platforms).
@@ -29,25 +29,38 @@ pub const PEER_EVENT_SLOTS: usize = (Event::COUNT * Side::COUNT).next_power_of_t
 /// [`KERNEL_OUTCOMES`]; the slot of `timeout` (decided in userspace) stays 0.
 pub const PEER_OUTCOME_SLOTS: usize = Outcome::COUNT.next_power_of_two();
 
+/// Slots for the per-peer resets, indexed by [`Phase`] value (either side's RST), rounded up to
+/// a power of two as [`PEER_EVENT_SLOTS`] is.
+pub const PEER_RESET_SLOTS: usize = Phase::COUNT.next_power_of_two();
+
 /// Value of the per-peer map: one counter per (event, side), see [`PeerCounters::index`], one
-/// per handshake outcome the kernel decides ([`KERNEL_OUTCOMES`], indexed by value), and the
-/// sessions with a throttling reply.
+/// per handshake outcome the kernel decides ([`KERNEL_OUTCOMES`], indexed by value), one per
+/// reset phase (indexed by value), and the sessions with a throttling reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCounters {
     pub counts: [u64; PEER_EVENT_SLOTS],
     pub outcomes: [u64; PEER_OUTCOME_SLOTS],
+    /// Resets (by either side) by the [`Phase`] of the connection they ended.
+    pub resets: [u64; PEER_RESET_SLOTS],
     /// Sessions with at least one throttling reply ([`crate::reply::is_throttling`]).
     pub throttled: u64,
 }
 
 impl Default for PeerCounters {
     fn default() -> Self {
-        Self { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; PEER_OUTCOME_SLOTS], throttled: 0 }
+        Self::ZERO
     }
 }
 
 impl PeerCounters {
+    pub const ZERO: Self = Self {
+        counts: [0; PEER_EVENT_SLOTS],
+        outcomes: [0; PEER_OUTCOME_SLOTS],
+        resets: [0; PEER_RESET_SLOTS],
+        throttled: 0,
+    };
+
     /// The slot of `counts` that counts `event` sent by `side`.
     #[inline(always)]
     pub const fn index(event: Event, side: Side) -> usize {
@@ -67,24 +80,59 @@ impl PeerCounters {
         }
     }
 
-    /// All events, outcomes and throttled sessions: how active the peer is.
+    /// How many resets ended a connection in `phase`.
+    pub const fn resets(&self, phase: Phase) -> u64 {
+        self.resets[phase as usize]
+    }
+
+    /// All events, outcomes and throttled sessions: how active the peer is. (Resets are
+    /// events already.)
     pub fn total(&self) -> u64 {
         self.counts.iter().sum::<u64>() + self.outcomes.iter().sum::<u64>() + self.throttled
     }
 }
 
-/// Key of the per-peer greeting map: a peer and the code of its connections' first reply.
+/// Key of the per-peer reply map: a peer, a reply code, and which replies it counts
+/// ([`reply_kind`]): the connections' first replies (greetings), or every reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerGreetingKey {
     pub peer: PeerKey,
     pub code: u16,
-    pub _pad: [u8; 2],
+    /// One of [`reply_kind`].
+    pub kind: u8,
+    pub _pad: u8,
+}
+
+impl PeerGreetingKey {
+    /// The entry counting `peer`'s greetings with `code`.
+    #[inline(always)]
+    pub const fn greeting(peer: PeerKey, code: u16) -> Self {
+        Self { peer, code, kind: reply_kind::GREETING, _pad: 0 }
+    }
+
+    /// The entry counting every reply of `peer` with `code`.
+    #[inline(always)]
+    pub const fn any(peer: PeerKey, code: u16) -> Self {
+        Self { peer, code, kind: reply_kind::ANY, _pad: 0 }
+    }
+}
+
+/// [`PeerGreetingKey::kind`]: what an entry of the per-peer reply map counts.
+pub mod reply_kind {
+    /// Greetings (each connection's first reply) with this code.
+    pub const GREETING: u8 = 0;
+    /// Every reply with this code, greetings included.
+    pub const ANY: u8 = 1;
 }
 
 const _: () = {
     assert!(size_of::<PeerKey>() == 24);
-    assert!(size_of::<PeerCounters>() == 8 * (PEER_EVENT_SLOTS + PEER_OUTCOME_SLOTS + 1));
+    assert!(
+        size_of::<PeerCounters>()
+            == 8 * (PEER_EVENT_SLOTS + PEER_OUTCOME_SLOTS + PEER_RESET_SLOTS + 1)
+    );
+    assert!(PEER_RESET_SLOTS.is_power_of_two());
     assert!(size_of::<PeerGreetingKey>() == 28);
     // The kernel masks outcome indices too, and stores outcome `o` at `outcomes[o as usize]`.
     assert!(PEER_OUTCOME_SLOTS.is_power_of_two());

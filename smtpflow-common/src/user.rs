@@ -5,7 +5,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
     Config, CounterKey, DropConfig, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, HistKey, Histogram,
-    PeerCounters, PeerGreetingKey, PeerKey,
+    PayloadEvent, PeerCounters, PeerGreetingKey, PeerKey,
 };
 
 // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with no padding
@@ -20,6 +20,7 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowState {}
 unsafe impl aya::Pod for HistKey {}
 unsafe impl aya::Pod for Histogram {}
+unsafe impl aya::Pod for PayloadEvent {}
 
 impl Config {
     /// Builds the kernel configuration from the SMTP ports and those of them whose replies are

@@ -48,8 +48,7 @@ static PEERS: LruHashMap<PeerKey, PeerCounters> =
 /// needs no copy of it on the stack (the frames of a packet's calls share 512 bytes, and Linux
 /// 6.1 counts them all).
 #[unsafe(no_mangle)]
-static PEER_ZERO: PeerCounters =
-    PeerCounters { counts: [0; PEER_EVENT_SLOTS], outcomes: [0; PEER_OUTCOME_SLOTS], throttled: 0 };
+static PEER_ZERO: PeerCounters = PeerCounters::ZERO;
 
 /// Per-peer greeting codes; sized like `PEERS`.
 #[map(name = "PEER_GREETINGS")]

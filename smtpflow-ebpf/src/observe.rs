@@ -205,7 +205,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
         }
         if a.greeting {
             count_in_scope(Counter::Greeting(code));
-            count_peer_greeting(&PeerGreetingKey { peer: *peer, code, _pad: [0; 2] });
+            count_peer_greeting(&PeerGreetingKey::greeting(*peer, code));
         }
     }
     if a.throttled {

@@ -127,7 +127,7 @@ mod tests {
         c.counts[PeerCounters::index(Event::ZeroWindow, Side::Peer)] = 11;
         c.counts[PeerCounters::index(Event::ZeroWindow, Side::Local)] = 1;
         c.throttled = 4;
-        let greeting = |code| PeerGreetingKey { peer: out, code, _pad: [0; 2] };
+        let greeting = |code| PeerGreetingKey::greeting(out, code);
         let view = crate::drain::peers::PeerReader::new(0).view_of(
             &[(out, c), (inb, c)],
             &[(out, 3), (inb, 5)],

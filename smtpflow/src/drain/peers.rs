@@ -494,8 +494,11 @@ impl PeerReader {
         }
     }
 
-    /// One entry of the per-peer greetings map.
+    /// One entry of the per-peer greetings map (entries counting every reply are for sites).
     pub fn add_greeting(&mut self, k: &PeerGreetingKey, n: u64) {
+        if k.kind != smtpflow_common::peer::reply_kind::GREETING {
+            return;
+        }
         if let Some((acc, _)) = &mut self.series {
             acc.greeting(k, n);
         }
@@ -701,7 +704,7 @@ mod tests {
     fn timeouts_and_greetings_follow_the_chosen_peers() {
         let (busy, quiet) = (key(1, 25, Direction::Outbound), key(2, 25, Direction::Outbound));
         let entries = [(busy, syns(9)), (quiet, syns(1))];
-        let greeting = |peer, code| PeerGreetingKey { peer, code, _pad: [0; 2] };
+        let greeting = PeerGreetingKey::greeting;
         let v = PeerReader::new(1).view_of(
             &entries,
             &[(busy, 2), (quiet, 7)],

@@ -548,7 +548,7 @@ mod tests {
     fn timeouts_and_greetings_only_go_up() {
         let mut r = Reads::new(4, PeerLabel::Ip, SeriesLimits::DEFAULT_IDLE);
         let p = key(7, 1);
-        let g = |code| PeerGreetingKey { peer: p, code, _pad: [0; 2] };
+        let g = |code| PeerGreetingKey::greeting(p, code);
         let timeout = || ("198.51.7.1".to_owned(), Counted::Outcome(Outcome::Timeout));
         let greeting = || ("198.51.7.1".to_owned(), Counted::Greeting(421));
         let v = r.at(0, &[(p, syns(9))], &[(p, 3)], &[(g(421), 2)]);

@@ -104,7 +104,7 @@ fn renders_handshakes_histograms_replies_and_drops() {
     c.outcomes[Outcome::Refused as usize] = 1;
     c.throttled = 4;
     c.outcomes[Outcome::Unreachable as usize] = 7;
-    let greeting = PeerGreetingKey { peer: p, code: 421, _pad: [0; 2] };
+    let greeting = PeerGreetingKey::greeting(p, 421);
     snap.peers = view(10, &[(p, c)], &[(p, 2)], &[(greeting, 5)]);
     let text = render(&snap);
     for want in [
@@ -270,7 +270,7 @@ fn golden_exposition() {
     let mut c = counters(5);
     c.outcomes[Outcome::Refused as usize] = 2;
     c.outcomes[Outcome::Unreachable as usize] = 4;
-    let greeting = PeerGreetingKey { peer: out, code: 421, _pad: [0; 2] };
+    let greeting = PeerGreetingKey::greeting(out, 421);
     snap.peers = view(10, &[(out, c)], &[(out, 3)], &[(greeting, 1)]);
     snap.stats[Stat::Malformed as usize] = 2;
     snap.stats[Stat::PeerInserts as usize] = 1;
