@@ -363,7 +363,7 @@ fn two_tier_fleet_remote_writes_to_a_central_receiver() {
         .enumerate()
         .map(|(i, site)| {
             let config = PromConfig {
-                external_labels: vec![("site".into(), site.name.clone())],
+                external_labels: vec![("datacenter".into(), site.name.clone())],
                 remote_write: Some(format!(
                     "http://{}:{PROMETHEUS_PORT}/api/v1/write",
                     central.addrs[i]
@@ -386,8 +386,8 @@ fn two_tier_fleet_remote_writes_to_a_central_receiver() {
     let mut expects = raw_expectations();
     let syn = r#"smtpflow_tcp_events_total{event="syn",direction="inbound",side="peer",port="25"}"#;
     expects.push(expect(
-        &format!("sum by (site) ({syn})"),
-        "site",
+        &format!("sum by (datacenter) ({syn})"),
+        "datacenter",
         &[("a", (count_of("mx1") + count_of("mx2")) as f64), ("b", count_of("mx3") as f64)],
     ));
     expect_settled(&central_prom, &fleet, &expects);
