@@ -640,7 +640,8 @@ pub const SWEEP_GRACE_NS: u64 = 1_000_000_000;
 /// Flows not written for this long are deleted by userspace's sweep: 15 minutes, longer than
 /// any SMTP timeout (RFC 5321 lets a client wait 10 minutes for the reply to the end of DATA).
 /// Only needed where the end of a connection is not seen (XDP sees no server FIN; a FIN lost
-/// or a peer gone silent in either mode); otherwise the kernel deletes flows as they end.
+/// or a peer gone silent in either mode), and for [`state::CLOSED`] flows (kept after their end for
+/// the sweep); otherwise the kernel deletes flows as they end.
 pub const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
 /// What userspace's sweep decides for one flow entry.
