@@ -162,7 +162,7 @@ impl Exporter {
         let mut starttls = Family::new(
             "smtpflow_starttls_total",
             MetricType::COUNTER,
-            "SMTP sessions by STARTTLS stage: requested (the client sent STARTTLS), accepted (220: replies after it are encrypted and not read), refused.",
+            "SMTP sessions by STARTTLS stage: requested (the client sent STARTTLS), accepted (220: replies after it are encrypted and not read), refused, and how the TLS handshake ended (after STARTTLS, or on an implicit-TLS port): completed (the client's first application-data record), failed (a RST or FIN before it).",
         );
         let mut unreachable = Family::new(
             "smtpflow_unreachable_total",
