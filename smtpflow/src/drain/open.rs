@@ -19,10 +19,10 @@ use super::{
 };
 use crate::output::peer_label::PeerLabel;
 
-/// Whether a flow is an open connection: its handshake completed and it has not ended. A flow
-/// kept after its end for the sweep (or any state this version does not know) is not open.
+/// Whether a flow is an open connection ([`state::is_open`]: its handshake completed and it
+/// has not ended; a flow kept after its end for the sweep is [`state::CLOSED`]).
 pub fn is_open(st: &FlowState) -> bool {
-    matches!(st.state, state::ESTABLISHED | state::GREETED)
+    state::is_open(st.state)
 }
 
 /// The open connections of one listing of the flow map.
@@ -143,7 +143,7 @@ mod tests {
         open.entry(&key(1, 9, 40001, Direction::Inbound), &in_state(state::GREETED));
         open.entry(&key(2, 9, 40002, Direction::Inbound), &in_state(state::SYN_SENT));
         // Ended, kept for the sweep (a state after GREETED): not open.
-        open.entry(&key(2, 9, 40003, Direction::Inbound), &in_state(4));
+        open.entry(&key(2, 9, 40003, Direction::Inbound), &in_state(state::CLOSED));
         open.entry(&key(2, 9, 40004, Direction::Inbound), &in_state(0));
         open.entry(&key(3, 7, 40005, Direction::Outbound), &in_state(state::GREETED));
         assert_eq!(open.by_scope[&inbound], 2);
