@@ -9,6 +9,7 @@
 mod flows;
 mod open;
 mod series;
+mod tls;
 
 use std::{net::SocketAddr, thread, time::Duration};
 
