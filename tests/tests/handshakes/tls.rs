@@ -159,7 +159,7 @@ fn tc_inbound_starttls_funnel_and_versions() {
     assert_eq!((n(&f587.completed), n(&f465.completed), n(&f465.offered)), (1, 1, 0));
 
     let i = "inbound";
-    let mut want: Vec<(&str, Vec<(&str, &str)>, u64)> = Vec::new();
+    let mut want: Vec<expect::Expected<'_>> = Vec::new();
     for (port, f, implicit, version) in [
         ("25", &f25, false, "TLSv1.3"),
         ("587", &f587, false, "TLSv1.2"),
