@@ -19,7 +19,7 @@ use smtpflow_tests::{
     starttls::{self, Mode},
 };
 
-use crate::{IF, series::addr};
+use crate::{IF, PEER, series::addr};
 
 /// One TCP segment of a captured IPv4 frame: ports, flags, payload.
 struct Segment {
@@ -103,43 +103,72 @@ impl Funnel {
     }
 }
 
-/// Inbound: on port 25, `K` sessions of `openssl s_client -starttls smtp -tls1_3` and one that
-/// resets after the server's hello; on 587 (a TLS 1.2-only server) one with `-tls1_2`; on 465 one
-/// implicit TLS 1.3 session. Every stage counts as often as the wire shows it, per port; the
-/// versions are the servers' (the hello of the session that reset counts too: it crossed the
-/// wire); nothing is `unknown`; 465 has no clear-text stage.
-#[test]
-fn tc_inbound_starttls_funnel_and_versions() {
-    require_root!();
+/// Where smtpflow watches from, and which way the sessions go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    Tc,
+    /// Ingress only.
+    Xdp,
+}
+
+/// What smtpflow can count of a stage or a ServerHello, given what the wire shows (`wire`):
+/// everything in TC mode. In XDP mode only the remote's segments show:
+/// - inbound (the client is the remote): `requested` (its STARTTLS), and on an implicit-TLS port
+///   `completed` and `failed` (its first application-data record, its RST), since the TLS
+///   handshake there starts with the TCP handshake, which the client's ACK completes. Not
+///   `offered`, `accepted` nor a ServerHello (the local server's segments), so a STARTTLS
+///   session's TLS is never seen starting: no `completed` or `failed` on 25 and 587.
+/// - outbound (the server is the remote): the EHLO reply is only read after the client's EHLO,
+///   the 220 only answers a STARTTLS seen, and neither shows: nothing of a STARTTLS session. On an
+///   implicit-TLS port the TLS handshake starts with the TCP one (the server's SYN-ACK), so the
+///   server's ServerHello shows, not the client's records: the version, no `completed`/`failed`.
+fn visible(seen: Seen, outbound: bool, implicit: bool, what: &str, wire: u64) -> u64 {
+    let shown = match (seen, outbound) {
+        (Seen::Tc, _) => true,
+        (Seen::Xdp, false) => {
+            what == "requested" || (implicit && (what == "completed" || what == "failed"))
+        }
+        (Seen::Xdp, true) => implicit && what == "server_hello",
+    };
+    if shown { wire } else { 0 }
+}
+
+/// On port 25, `K` sessions of `openssl s_client -starttls smtp -tls1_3` and one that resets
+/// after the server's hello; on 587 (a TLS 1.2-only server) one with `-tls1_2`; on 465 one
+/// implicit TLS 1.3 session: inbound (the gateway serves) or outbound (the peer serves). Every
+/// stage counts as often as the wire shows it, per port, as far as `seen` can see it
+/// ([`visible`]); the versions are the servers' (the hello of the session that reset counts
+/// too: it crossed the wire); nothing is `unknown`; 465 has no clear-text stage.
+fn funnel(seen: Seen, outbound: bool) {
     let pair = Pair::new();
-    let w = Watch::start(&pair.local, IF, &[]);
+    let mode: &[&str] = if seen == Seen::Xdp { &["--mode", "xdp"] } else { &[] };
+    let w = Watch::start(&pair.local, IF, mode);
     let pki = Pki::new();
     let tls13 = starttls::server_config(&pki, &rustls::version::TLS13);
     let tls12 = starttls::server_config(&pki, &rustls::version::TLS12);
     const K: usize = 2;
-    let local = |port| addr(Pair::LOCAL_V4, port);
-    let s25 = starttls::serve(
-        smtp::listen(&pair.local, &local(25), 16),
-        K + 1,
-        tls13.clone(),
-        Mode::Starttls,
-    );
-    let s587 =
-        starttls::serve(smtp::listen(&pair.local, &local(587), 16), 1, tls12, Mode::Starttls);
-    let s465 =
-        starttls::serve(smtp::listen(&pair.local, &local(465), 16), 1, tls13, Mode::Implicit);
+    let (server_ns, server_ip, client_ns) = if outbound {
+        (&pair.peer, PEER, &pair.local)
+    } else {
+        (&pair.local, Pair::LOCAL_V4, &pair.peer)
+    };
+    let at = |port| addr(server_ip, port);
+    let listen = |port| smtp::listen(server_ns, &at(port), 16);
+    let s25 = starttls::serve(listen(25), K + 1, tls13.clone(), Mode::Starttls);
+    let s587 = starttls::serve(listen(587), 1, tls12, Mode::Starttls);
+    let s465 = starttls::serve(listen(465), 1, tls13, Mode::Implicit);
     let (cap_in, cap_out) =
         (Capture::start(&pair.local, IF), Capture::start(&pair.peer, Pair::PEER_IF));
 
     for _ in 0..K {
-        let out = starttls::s_client(&pair.peer, &local(25), true, "-tls1_3");
+        let out = starttls::s_client(client_ns, &at(25), true, "-tls1_3");
         assert!(out.stdout.contains("221 2.0.0 Bye"), "s_client on 25: {out:?}");
     }
-    let read = starttls::reset_mid_handshake(&pair.peer, &local(25), &rustls::version::TLS13);
+    let read = starttls::reset_mid_handshake(client_ns, &at(25), &rustls::version::TLS13);
     eprintln!("the client that reset read {read} bytes of the server's hello");
-    let out = starttls::s_client(&pair.peer, &local(587), true, "-tls1_2");
+    let out = starttls::s_client(client_ns, &at(587), true, "-tls1_2");
     assert!(out.stdout.contains("221 2.0.0 Bye"), "s_client on 587: {out:?}");
-    let out = starttls::s_client(&pair.peer, &local(465), false, "-tls1_3");
+    let out = starttls::s_client(client_ns, &at(465), false, "-tls1_3");
     assert!(out.stdout.contains("221 2.0.0 Bye"), "s_client on 465: {out:?}");
     let r25 = s25.join().expect("server on 25");
     assert_eq!(r25.iter().filter(|r| r.is_ok()).count(), K, "{r25:?}");
@@ -156,9 +185,11 @@ fn tc_inbound_starttls_funnel_and_versions() {
     let n = |s: &BTreeSet<u16>| s.len() as u64;
     let k = K as u64;
     assert_eq!((n(&f25.offered), n(&f25.accepted), n(&f25.completed)), (k + 1, k + 1, k));
+    assert_eq!(n(&f25.server_hellos), k + 1);
+    assert_eq!(f25.failed(false), 1, "the client that reset");
     assert_eq!((n(&f587.completed), n(&f465.completed), n(&f465.offered)), (1, 1, 0));
 
-    let i = "inbound";
+    let d = if outbound { "outbound" } else { "inbound" };
     let mut want: Vec<expect::Expected<'_>> = Vec::new();
     for (port, f, implicit, version) in [
         ("25", &f25, false, "TLSv1.3"),
@@ -166,7 +197,7 @@ fn tc_inbound_starttls_funnel_and_versions() {
         ("465", &f465, true, "TLSv1.3"),
     ] {
         let scope = |extra: (&'static str, &'static str)| {
-            vec![("iface", IF), ("direction", i), ("port", port), extra]
+            vec![("iface", IF), ("direction", d), ("port", port), extra]
         };
         for (stage, v) in [
             ("offered", n(&f.offered)),
@@ -176,14 +207,18 @@ fn tc_inbound_starttls_funnel_and_versions() {
             ("completed", n(&f.completed)),
             ("failed", f.failed(implicit)),
         ] {
-            want.push((STARTTLS, scope(("stage", stage)), v));
+            want.push((
+                STARTTLS,
+                scope(("stage", stage)),
+                visible(seen, outbound, implicit, stage, v),
+            ));
         }
         for v in ["TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3", "unknown"] {
             let hellos = if v == version { n(&f.server_hellos) } else { 0 };
+            let hellos = visible(seen, outbound, implicit, "server_hello", hellos);
             want.push((TLS_VERSIONS, scope(("version", v)), hellos));
         }
     }
-    assert_eq!(f25.failed(false), 1, "the client that reset");
     let (m, wrong) = expect::settle(std::time::Duration::from_secs(30), INTERVAL * 5, || {
         let m = w.scrape(&pair.local);
         let wrong: Vec<String> =
@@ -198,4 +233,28 @@ fn tc_inbound_starttls_funnel_and_versions() {
         m.nonzero(TLS_VERSIONS),
         w.stderr()
     );
+}
+
+#[test]
+fn tc_inbound_starttls_funnel_and_versions() {
+    require_root!();
+    funnel(Seen::Tc, false);
+}
+
+#[test]
+fn tc_outbound_starttls_funnel_and_versions() {
+    require_root!();
+    funnel(Seen::Tc, true);
+}
+
+#[test]
+fn xdp_inbound_starttls_funnel_what_ingress_shows() {
+    require_root!();
+    funnel(Seen::Xdp, false);
+}
+
+#[test]
+fn xdp_outbound_starttls_funnel_what_ingress_shows() {
+    require_root!();
+    funnel(Seen::Xdp, true);
 }
