@@ -108,6 +108,7 @@ impl Observer {
         tokio::task::block_in_place(|| {
             let mut snap = self.maps.drain(peers)?;
             self.maps.read_payloads(|e| snap.payloads.push(*e));
+            snap.tls = self.maps.count_payloads(&snap.payloads).clone();
             snap.pressure = self.pressure.read();
             Ok(snap)
         })

@@ -1,17 +1,20 @@
 //! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
 //! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
 //! and sweeping the flow map for handshakes that timed out (the one outcome counted here, since
-//! it is the absence of a packet) and for idle flows.
+//! it is the absence of a packet) and for idle flows; the same listing counts the open
+//! connections ([`open`]). The payload events' counts ([`tls`]) are kept here too.
 //!
 //! The sweep never writes a flow entry: the kernel decides from its own clock whether an answer
 //! came in time ([`smtpflow_common::flow::step`]); the sweep reads `CLOCK_MONOTONIC` (the same
 //! clock) and counts each attempt with no answer in time once, remembering what it counted
 //! ([`Timeouts`]). It deletes only entries not written for [`flow::IDLE_NS`].
 pub mod batch;
+pub mod open;
 pub mod peers;
+pub mod tls;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
@@ -27,7 +30,11 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use self::peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits};
+use self::{
+    open::{OpenConnections, OpenPeer},
+    peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits},
+    tls::TlsFunnel,
+};
 use crate::output::peer_label::PeerLabel;
 use lru::LruCache;
 use smtpflow_common::{
@@ -60,6 +67,8 @@ pub struct Maps {
     flow_evictions: u64,
     /// How long the last drain that read the per-peer maps took.
     full_drain_seconds: f64,
+    /// What userspace counts from the payload events.
+    tls: TlsFunnel,
 }
 
 /// The exact counters and the histograms, summed over CPUs.
@@ -81,6 +90,8 @@ struct FlowSweep {
     idle: Vec<FlowKey>,
     /// Flows the sweep deleted (idle), for the eviction estimate.
     deleted: u64,
+    /// The established connections the last listing showed.
+    open: OpenConnections,
 }
 
 /// The handshake timeouts the sweep counts: pure bookkeeping over listings of the flow map, so
@@ -148,6 +159,8 @@ struct PeerMaps {
     peers: HashMap<MapData, PeerKey, PeerCounters>,
     greetings: HashMap<MapData, PeerGreetingKey, u64>,
     reader: PeerReader,
+    /// `--peer-label`, to find the exported label of a peer with open connections.
+    labeler: PeerLabel,
     schedule: ReadSchedule,
     view: Arc<PeerView>,
     /// When the current read started, and how long its first step took.
@@ -191,6 +204,17 @@ pub struct Snapshot {
     pub pressure: crate::host::pressure::Pressure,
     /// Whether each watched interface is still there.
     pub ifaces_up: Vec<(String, bool)>,
+    /// Established connections not ended, by scope (every watched scope, 0 when none), as the
+    /// flow map showed them in this drain ([`open::is_open`]).
+    pub open_by_scope: BTreeMap<Scope, u64>,
+    /// The same by per-peer entry (the client of inbound connections, the server of outbound
+    /// ones); only entries with an open connection.
+    pub open_by_peer: StdHashMap<PeerKey, u64>,
+    /// `smtpflow_peer_open_connections`: for each exported peer label, direction and port of
+    /// [`Snapshot::peers`], its open connections (0 when none).
+    pub open_peers: Vec<OpenPeer>,
+    /// What userspace counts from the payload events: STARTTLS offered, TLS versions.
+    pub tls: TlsFunnel,
     /// The payload events read from the kernel's ring buffer in this drain
     /// ([`Maps::read_payloads`]), in the order they were written. Each is read once: a later
     /// snapshot holds only newer ones.
@@ -292,15 +316,17 @@ impl Maps {
                 ),
                 idle: Vec::new(),
                 deleted: 0,
+                open: OpenConnections::default(),
             },
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
                 reader: PeerReader::with_series(
                     SeriesLimits::new(max_peer_series),
-                    labeler,
+                    labeler.clone(),
                     peers_capacity as usize,
                 ),
+                labeler,
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
                 read_started: Instant::now(),
@@ -313,6 +339,7 @@ impl Maps {
             peer_evictions: 0,
             flow_evictions: 0,
             full_drain_seconds: 0.0,
+            tls: TlsFunnel::default(),
         })
     }
 
@@ -348,8 +375,19 @@ impl Maps {
                 }
             }
             self.sweep.timeouts.by_scope.entry(scope).or_default();
+            self.sweep.open.watch(scope);
+            self.tls.watch(scope);
         }
         Ok(())
+    }
+
+    /// Counts the payload events read from the kernel's ring buffer (each once): the STARTTLS
+    /// `offered` stage and the TLS versions. Returns the totals so far.
+    pub fn count_payloads(&mut self, events: &[PayloadEvent]) -> &TlsFunnel {
+        for e in events {
+            self.tls.count(e);
+        }
+        &self.tls
     }
 
     /// Drains the payload events the kernel wrote since the last call, calling `f` on each, and
@@ -446,6 +484,10 @@ impl Maps {
             full_drain_seconds: self.full_drain_seconds,
             pressure: Default::default(),
             ifaces_up: Vec::new(),
+            open_by_scope: self.sweep.open.by_scope.clone(),
+            open_peers: self.sweep.open.peer_series(&self.peers.view, &self.peers.labeler),
+            open_by_peer: self.sweep.open.by_peer.clone(),
+            tls: self.tls.clone(),
             payloads: Vec::new(),
         })
     }
@@ -485,14 +527,19 @@ impl FlowSweep {
         let now = monotonic_ns();
         let (timeouts, peer_timeouts, idle) =
             (&mut self.timeouts, &mut self.peer_timeouts, &mut self.idle);
+        let open = &mut self.open;
         idle.clear();
+        open.start();
         let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
             let (timed_out, is_idle) = timeouts.entry(key, st, now);
             if timed_out {
-                *peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
+                *peer_timeouts.get_or_insert_mut(flow_peer(key), || 0) += 1;
             }
             if is_idle {
+                // Deleted below: no longer followed, so not counted open either.
                 idle.push(*key);
+            } else {
+                open.entry(key, st);
             }
         })?;
         timeouts.finish();
@@ -556,9 +603,9 @@ impl PeerMaps {
     }
 }
 
-/// The per-peer entry a timed-out handshake belongs to: the peer is the client of inbound
-/// connections and the server of outbound ones.
-fn timed_out_peer(key: &FlowKey) -> PeerKey {
+/// The per-peer entry a connection belongs to (its timed-out handshake, its open connection):
+/// the peer is the client of inbound connections and the server of outbound ones.
+pub fn flow_peer(key: &FlowKey) -> PeerKey {
     let inbound = key.direction == Direction::Inbound as u8;
     PeerKey {
         ifindex: key.ifindex,
