@@ -8,6 +8,8 @@
 //!   of the per-peer maps, timeouts swept from the flow map);
 //! - [`host`]: the host's pressure signals (conntrack, TCP counters, SMTP listeners' accept
 //!   queues) and privileges;
+//! - [`sites`]: remote names read from greetings and EHLOs, the site of each peer, and the
+//!   per-site totals;
 //! - [`diagnose`]: the causes, decided over a sliding window of readings;
 //! - [`output`]: the metrics text, the HTTP endpoint, the console view and logs;
 //! - [`commands`]: `watch`, `diagnose` and `check`, which run the steps above; [`cli`] and
@@ -20,3 +22,4 @@ pub mod drain;
 pub mod host;
 pub mod kernel;
 pub mod output;
+pub mod sites;

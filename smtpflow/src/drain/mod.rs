@@ -265,7 +265,14 @@ impl Maps {
         handshake_timeout: Duration,
         max_peer_series: usize,
         labeler: PeerLabel,
+        sites: crate::sites::Sites,
     ) -> anyhow::Result<Self> {
+        let mut reader = PeerReader::with_series(
+            SeriesLimits::new(max_peer_series),
+            labeler,
+            peers_capacity as usize,
+        );
+        reader.set_sites(sites);
         let flows = take(ebpf, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
@@ -288,11 +295,7 @@ impl Maps {
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
-                reader: PeerReader::with_series(
-                    SeriesLimits::new(max_peer_series),
-                    labeler,
-                    peers_capacity as usize,
-                ),
+                reader,
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
                 read_started: Instant::now(),
@@ -310,6 +313,15 @@ impl Maps {
     /// Sets `--peer-series-idle`: how long an exported per-peer label stays without increasing.
     pub fn set_peer_series_idle(&mut self, idle: Duration) {
         self.peers.reader.set_series_idle(idle);
+        self.peers.reader.sites_mut().set_idle(idle);
+    }
+
+    /// Learns the remote names payload events say (before the per-peer read of the same
+    /// drain, so that the rises it reads go to the sites just named).
+    pub fn learn_names(&mut self, payloads: &[smtpflow_common::PayloadEvent]) {
+        if !payloads.is_empty() {
+            self.peers.reader.sites_mut().learn(payloads, Instant::now());
+        }
     }
 
     /// Creates every fixed counter and histogram of the watched interfaces and ports at zero, so

@@ -297,6 +297,7 @@ fn golden_exposition() {
         active: true,
         evidence: BTreeMap::from([("outbound_refused", 2.0)]),
         top_peers: vec![(PeerName { iface: "eth0".into(), peer: "198.51.100.7".into() }, 2)],
+        top_sites: vec!["outlook.com".into()],
         summary: "outbound handshakes refused".into(),
     }];
     let attachments = vec![Attachment { iface: "eth0".into(), hook: "tc_ingress", how: "tcx" }];
