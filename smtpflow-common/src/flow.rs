@@ -3,6 +3,7 @@
 //! the flow's stored state) and the unit tests below drive directly.
 use crate::{
     StarttlsStage,
+    payload::PayloadKind,
     reply::{HEAD_LEN, Reply, read_reply},
     rules::tcp_flags::{ACK, FIN, RST, SYN},
 };
@@ -23,6 +24,11 @@ pub struct FlowKey {
 }
 
 /// Flow states, in the order a connection goes through them.
+///
+/// A connection is open while its flow is [`ESTABLISHED`] or [`GREETED`] ([`is_open`]):
+/// userspace counts open connections by listing the flow map. The kernel deletes a flow when
+/// its connection ends, except a [`flag::LATE`] one, which the sweep must still see: that one
+/// becomes [`CLOSED`] instead, and the sweep's idle cleanup deletes it.
 pub mod state {
     /// SYN seen, no answer yet.
     pub const SYN_SENT: u8 = 1;
@@ -30,6 +36,40 @@ pub mod state {
     pub const ESTABLISHED: u8 = 2;
     /// The server has sent payload (its greeting).
     pub const GREETED: u8 = 3;
+    /// The connection ended (a RST, or a FIN that ends a flow) but the flow is kept for the
+    /// sweep ([`super::flag::LATE`]): no longer open.
+    pub const CLOSED: u8 = 4;
+
+    /// Whether a flow in `state` is an open connection.
+    #[inline(always)]
+    pub const fn is_open(state: u8) -> bool {
+        state == ESTABLISHED || state == GREETED
+    }
+}
+
+/// [`FlowState::tls`]: where the session's TLS is.
+pub mod tls {
+    /// No TLS (yet): plaintext, or an implicit-TLS attempt before its TCP handshake completed.
+    pub const NONE: u8 = 0;
+    /// TLS started (a 220 answered STARTTLS, or the TCP handshake of an implicit-TLS port
+    /// completed); neither completed nor failed yet.
+    pub const HANDSHAKE: u8 = 1;
+    /// The client sent its first TLS application-data record: the handshake completed.
+    pub const COMPLETED: u8 = 2;
+    /// A RST or FIN ended the connection during the TLS handshake.
+    pub const FAILED: u8 = 3;
+}
+
+/// [`FlowState::session`]: the payload events already sent for the session (each at most once).
+pub mod session {
+    /// The client's `EHLO`/`HELO` ([`crate::payload::PayloadKind::Ehlo`]) was sent; its reply is
+    /// awaited until [`EHLO_REPLY`].
+    pub const EHLO: u8 = 1;
+    /// The reply to it ([`crate::payload::PayloadKind::EhloReply`]) was sent.
+    pub const EHLO_REPLY: u8 = 2;
+    /// The server's first segment once TLS started
+    /// ([`crate::payload::PayloadKind::ServerHello`]) was sent.
+    pub const SERVER_HELLO: u8 = 4;
 }
 
 /// Flow flags.
@@ -73,7 +113,10 @@ pub struct FlowState {
     pub state: u8,
     /// Bits of [`flag`].
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// One of [`tls`].
+    pub tls: u8,
+    /// Bits of [`session`].
+    pub session: u8,
     /// When the entry was last written: `bpf_ktime_get_ns() >> ACTIVE_SHIFT` (units of about
     /// 1.07 s). Set only when the state is written anyway, so it costs no extra write.
     pub active: u32,
@@ -220,6 +263,11 @@ pub struct FlowPacket {
     pub reply: Reply,
     /// The payload starts with `STARTTLS` ([`FlowPacket::read_head`]).
     pub starttls: bool,
+    /// The payload starts with `EHLO ` or `HELO `, in any case ([`FlowPacket::read_head`]).
+    pub ehlo: bool,
+    /// The payload's first byte (0 when not read): the kernel reads it from the client's
+    /// segments, where `0x17` (a TLS application-data record) says the TLS handshake completed.
+    pub first_byte: u8,
     /// Whether the payload's last byte is `\n` (`true` also when it could not be read).
     pub ends_line: bool,
     /// Replies on this port are read (plaintext SMTP).
@@ -236,6 +284,7 @@ impl FlowPacket {
     pub fn read_head(&mut self, head: &[u8; HEAD_LEN], len: u8) {
         self.reply = read_reply(head, len);
         self.starttls = is_starttls(head, len);
+        self.ehlo = is_ehlo(head, len);
     }
 }
 
@@ -253,8 +302,13 @@ pub struct Actions {
     pub greeting: bool,
     /// The session's first throttling reply.
     pub throttled: bool,
-    /// A STARTTLS stage the session reached.
+    /// A STARTTLS stage the session reached in clear text (`requested`, `accepted`, `refused`).
     pub starttls: Option<StarttlsStage>,
+    /// How the session's TLS handshake ended (`completed` or `failed`), once.
+    pub tls: Option<StarttlsStage>,
+    /// Copy this segment's payload into a payload event of this kind (each kind once per
+    /// session).
+    pub payload: Option<PayloadKind>,
     /// Write the new state back.
     pub store: bool,
     /// Remove the flow (reset, or the connection closed).
@@ -266,6 +320,18 @@ fn is_starttls(head: &[u8; HEAD_LEN], len: u8) -> bool {
     let [a, b, c, d, e, f, g, h, ..] = *head;
     len >= 8 && [a, b, c, d, e, f, g, h].eq_ignore_ascii_case(b"STARTTLS")
 }
+
+#[inline(always)]
+fn is_ehlo(head: &[u8; HEAD_LEN], len: u8) -> bool {
+    let [a, b, c, d, e, ..] = *head;
+    len >= 8
+        && ([a, b, c, d].eq_ignore_ascii_case(b"EHLO")
+            || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
+        && e == b' '
+}
+
+/// The first byte of a TLS application-data record.
+pub const TLS_APPLICATION_DATA: u8 = 0x17;
 
 /// `a` comes before `b` in sequence space.
 #[inline(always)]
@@ -332,8 +398,11 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             a.store = true;
             return a;
         }
+        a.tls = tls_failed(st, p);
         if st.flags & flag::LATE != 0 {
-            return a; // kept until the sweep has seen it
+            // Kept until the sweep has seen it, no longer open.
+            close(st, &mut a);
+            return a;
         }
         if st.state == state::SYN_SENT && !p.from_client && !decided {
             a.outcome = Some(Outcome::Refused);
@@ -376,8 +445,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         if !exists {
             *st = FlowState::default();
         }
-        st.state = state::ESTABLISHED;
-        st.established_ns = now;
+        establish(st, p, now);
         st.server_next_seq = p.seq.wrapping_add(1);
         st.flags |= flag::SEQ_KNOWN;
         a.store = true;
@@ -396,8 +464,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         } else if !decided {
             a.outcome = Some(Outcome::Established);
         }
-        st.state = state::ESTABLISHED;
-        st.established_ns = now;
+        establish(st, p, now);
         a.store = true;
     }
     let reading = p.plaintext && st.flags & flag::TLS == 0;
@@ -409,20 +476,30 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             a.starttls = Some(StarttlsStage::Requested);
             a.store = true;
         }
+        if reading && p.ehlo && st.session & session::EHLO == 0 {
+            st.session |= session::EHLO;
+            a.payload = Some(PayloadKind::Ehlo);
+            a.store = true;
+        }
+        if st.tls == tls::HANDSHAKE && p.payload_len > 0 && p.first_byte == TLS_APPLICATION_DATA {
+            st.tls = tls::COMPLETED;
+            a.tls = Some(StarttlsStage::Completed);
+            a.store = true;
+        }
         // XDP never sees the server's FIN: the client's ends the flow.
-        if fin && p.ingress_only && may_end {
-            a.delete = true;
+        if fin {
+            end(st, &mut a, p, p.ingress_only, may_end);
         }
         return a;
     }
-    if fin && may_end {
-        a.delete = true;
-    }
-    if p.payload_len == 0 {
+    if p.payload_len == 0
+        || (st.flags & flag::SEQ_KNOWN != 0 && seq_before(p.seq, st.server_next_seq))
+    {
+        // No payload, or a retransmission: already counted.
+        if fin {
+            end(st, &mut a, p, true, may_end);
+        }
         return a;
-    }
-    if st.flags & flag::SEQ_KNOWN != 0 && seq_before(p.seq, st.server_next_seq) {
-        return a; // a retransmission: already counted
     }
     st.server_next_seq = p.seq.wrapping_add(p.payload_len);
     st.flags |= flag::SEQ_KNOWN;
@@ -433,12 +510,26 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             a.greeting_ns = Some(now.saturating_sub(st.established_ns));
         }
     }
+    // Decided before this segment's reply is read: the 220 answering STARTTLS is not the
+    // ServerHello.
+    if st.tls != tls::NONE && st.session & session::SERVER_HELLO == 0 {
+        st.session |= session::SERVER_HELLO;
+        a.payload = Some(PayloadKind::ServerHello);
+    }
+    if reading && st.session & (session::EHLO | session::EHLO_REPLY) == session::EHLO {
+        st.session |= session::EHLO_REPLY;
+        a.payload = Some(PayloadKind::EhloReply);
+    }
     if reading && st.flags & flag::MID_LINE == 0 && p.reply.is_some() {
         let reply = p.reply;
         a.reply = Some(reply);
         if st.flags & flag::REPLIED == 0 {
             a.greeting = true;
+            a.payload = Some(PayloadKind::Greeting);
             st.flags |= flag::REPLIED;
+            // A reply to an EHLO sent before the greeting (no client waits for it) is the next
+            // segment's.
+            st.session &= !session::EHLO_REPLY;
         }
         if reply.is_throttling() && st.flags & flag::THROTTLED == 0 {
             a.throttled = true;
@@ -448,6 +539,7 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             st.flags &= !flag::STARTTLS_PENDING;
             a.starttls = Some(if reply.code == 220 {
                 st.flags |= flag::TLS;
+                st.tls = tls::HANDSHAKE;
                 StarttlsStage::Accepted
             } else {
                 StarttlsStage::Refused
@@ -459,7 +551,63 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
     } else {
         st.flags |= flag::MID_LINE;
     }
+    if fin {
+        end(st, &mut a, p, true, may_end);
+    }
     a
+}
+
+/// The TCP handshake completed: the flow is established, and on an implicit-TLS port (not
+/// plaintext) its TLS handshake starts.
+#[inline(always)]
+fn establish(st: &mut FlowState, p: &FlowPacket, now: u64) {
+    st.state = state::ESTABLISHED;
+    st.established_ns = now;
+    if !p.plaintext {
+        st.tls = tls::HANDSHAKE;
+    }
+}
+
+/// `failed`, once, when the connection ends (by `p`, a RST or a FIN) during its TLS handshake.
+/// Not from the server's packets where only ingress is seen (XDP): there the client's are never
+/// seen (an outbound connection), so neither is its handshake's completion.
+#[inline(always)]
+fn tls_failed(st: &mut FlowState, p: &FlowPacket) -> Option<StarttlsStage> {
+    if st.tls != tls::HANDSHAKE || (p.ingress_only && !p.from_client) {
+        return None;
+    }
+    st.tls = tls::FAILED;
+    Some(StarttlsStage::Failed)
+}
+
+/// A kept flow's connection ended: [`state::CLOSED`] when it was open, so that it no longer
+/// counts as open.
+#[inline(always)]
+fn close(st: &mut FlowState, a: &mut Actions) {
+    if state::is_open(st.state) {
+        st.state = state::CLOSED;
+        a.store = true;
+    }
+    if a.tls.is_some() {
+        a.store = true;
+    }
+}
+
+/// A FIN: a failed TLS handshake if it was under way; and, when this FIN `ends` the flow (the
+/// server's, or the client's where only ingress is seen), the flow is deleted, or closed when it
+/// must be kept for the sweep (`may_end` false).
+#[inline(always)]
+fn end(st: &mut FlowState, a: &mut Actions, p: &FlowPacket, ends: bool, may_end: bool) {
+    if a.tls.is_none() {
+        a.tls = tls_failed(st, p);
+    }
+    if ends && may_end {
+        a.delete = true;
+    } else if ends {
+        close(st, a);
+    } else if a.tls.is_some() {
+        a.store = true;
+    }
 }
 
 /// Advances a flow by an ICMP or ICMPv6 destination unreachable that quotes the client's segment

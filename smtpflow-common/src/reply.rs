@@ -183,23 +183,31 @@ impl ReplyClass {
 crate::labelled_enum! {
     /// Where a session got with STARTTLS (`stage` label). The kernel counts `requested` (the
     /// client sent STARTTLS), `accepted` (the server answered 220: from then on the session is
-    /// encrypted and its replies are not read) and `refused` (any other answer).
+    /// encrypted and its replies are not read), `refused` (any other answer), and how the TLS
+    /// handshake ended, after STARTTLS or on an implicit-TLS port: `completed`, `failed`.
+    /// Userspace counts `offered` from the EHLO replies' payload events.
     pub enum StarttlsStage: u8 {
         /// The server listed STARTTLS in its EHLO reply.
         Offered = 0 => "offered",
         Requested = 1 => "requested",
         Accepted = 2 => "accepted",
         Refused = 3 => "refused",
-        /// The TLS handshake completed.
+        /// The TLS handshake completed: the client's first TLS application-data record (in
+        /// TLS 1.3 its Finished, in 1.2 its first application data).
         Completed = 4 => "completed",
-        /// The TLS handshake failed.
+        /// The TLS handshake failed: a RST or FIN after TLS started, before `completed`.
         Failed = 5 => "failed",
     }
 }
 
 /// The stages the kernel counts, created up front for every scope.
-pub const KERNEL_STARTTLS_STAGES: [StarttlsStage; 3] =
-    [StarttlsStage::Requested, StarttlsStage::Accepted, StarttlsStage::Refused];
+pub const KERNEL_STARTTLS_STAGES: [StarttlsStage; 5] = [
+    StarttlsStage::Requested,
+    StarttlsStage::Accepted,
+    StarttlsStage::Refused,
+    StarttlsStage::Completed,
+    StarttlsStage::Failed,
+];
 
 /// A reply line's start: its code and enhanced status. Code 0: no reply line
 /// ([`Reply::NONE`]). A plain struct rather than an `Option`: the kernel stores it whole, and

@@ -23,10 +23,11 @@ pub struct Where {
     pub now: u64,
 }
 
-/// Reads what the state machine needs from the payload into `fp`: the reply line or STARTTLS
-/// its first bytes hold, and whether it ends a line. Its own subprogram, called beside
-/// [`track`] (not from it), so that the head and its parsing take stack in a frame of their
-/// own, not in the chain of calls the verifier adds up.
+/// Reads what the state machine needs from the payload into `fp`: on a plaintext port the
+/// reply line or command its first bytes hold, and whether it ends a line; from the client, its
+/// first byte. Its own subprogram, called beside [`track`] (not from it), so that the head and
+/// its parsing take stack in a frame of their own, not in the chain of calls the verifier adds
+/// up.
 ///
 /// [`HEAD_LEN`] (16) bytes in two loads when the payload has them, else 8, else 4, each at a
 /// constant offset from the payload's start: a read ending at the payload's end (the last 8 of
@@ -39,44 +40,48 @@ pub fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket) {
     let off = seg.payload_off;
     let mut head = [0u8; HEAD_LEN];
     let mut head_len = 0;
-    // Whole words (one load each, in memory order): read as bytes, LLVM loads and spills them
-    // one by one.
-    if len >= 8
-        && let Ok(first) = p.load::<u64>(off)
-    {
-        head[..8].copy_from_slice(&first.to_ne_bytes());
-        head_len = 8;
-        if len >= HEAD_LEN
-            && let Ok(second) = p.load::<u64>(off + 8)
+    if fp.plaintext {
+        // Whole words (one load each, in memory order): read as bytes, LLVM loads and spills
+        // them one by one.
+        if len >= 8
+            && let Ok(first) = p.load::<u64>(off)
         {
-            head[8..].copy_from_slice(&second.to_ne_bytes());
-            head_len = HEAD_LEN as u8;
+            head[..8].copy_from_slice(&first.to_ne_bytes());
+            head_len = 8;
+            if len >= HEAD_LEN
+                && let Ok(second) = p.load::<u64>(off + 8)
+            {
+                head[8..].copy_from_slice(&second.to_ne_bytes());
+                head_len = HEAD_LEN as u8;
+            }
+        } else if len >= 4
+            && let Ok(first) = p.load::<u32>(off)
+        {
+            head[..4].copy_from_slice(&first.to_ne_bytes());
+            head_len = 4;
         }
-    } else if len >= 4
-        && let Ok(first) = p.load::<u32>(off)
-    {
-        head[..4].copy_from_slice(&first.to_ne_bytes());
-        head_len = 4;
+        fp.read_head(&head, head_len);
     }
-    fp.read_head(&head, head_len);
-    if !fp.from_client && len > 0 {
-        fp.ends_line = ends_line(p, off + len - 2);
+    if fp.from_client {
+        fp.first_byte = if head_len > 0 { head[0] } else { second_of_two(p, off - 1, 0) };
+    } else if len > 0 {
+        fp.ends_line = second_of_two(p, off + len - 2, b'\n') == b'\n';
     }
 }
 
-/// Whether the payload's last byte, the second of the two at `last_two`, is `\n`. Read as the
-/// second of two: a used one-byte packet read lets LLVM turn `p + 1 > end` into `p >= end`,
-/// which gives the verifier no range; the byte before the payload always exists (the TCP
-/// header's last). Unreadable (past what we inspect): assume the segment ended a line, as SMTP
-/// replies do.
+/// The second of the two bytes at `at`, or `missing` when they are unreadable (past what we
+/// inspect). Read as the second of two: a used one-byte packet read lets LLVM turn
+/// `p + 1 > end` into `p >= end`, which gives the verifier no range; the byte before the
+/// payload always exists (the TCP header's last). For the payload's last byte (`\n` when
+/// missing: assume the segment ended a line, as SMTP replies do) and the client's first.
 #[inline(always)]
-fn ends_line<P: Packet>(p: &P, last_two: usize) -> bool {
+fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     // One 16-bit load, its error path given a value, and the value made opaque: otherwise LLVM
     // tests the loaded bits speculatively, on the error path too, where the register is unset
     // (it held the context pointer, and the verifier refuses masking a pointer).
-    let v = p.load::<u16>(last_two).unwrap_or(u16::from_ne_bytes([0, b'\n']));
-    let [_, last] = (opaque(usize::from(v)) as u16).to_ne_bytes();
-    last == b'\n'
+    let v = p.load::<u16>(at).unwrap_or(u16::from_ne_bytes([0, missing]));
+    let [_, second] = (opaque(usize::from(v)) as u16).to_ne_bytes();
+    second
 }
 
 /// Advances the packet's flow and returns what to count. Not inlined: a BPF subprogram has its

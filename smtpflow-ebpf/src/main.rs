@@ -2,7 +2,8 @@
 //! count SYN, SYN-ACK, RST and zero-window events on the SMTP ports, and two drop counters.
 //!
 //! This file holds the entry points only. A packet goes [`observe`] -> [`parse`] (locate the
-//! TCP segment) -> [`flow`] (advance its connection) -> [`maps`] (count); the drop programs go
+//! TCP segment) -> [`flow`] (advance its connection) -> [`maps`] (count), and [`payload`] (copy
+//! the few payloads the flow asks for into a ring buffer); the drop programs go
 //! [`drops`] -> [`maps`]. Imports run that way only.
 //!
 //! Every program only observes: TC returns `TC_ACT_UNSPEC` (programs after ours still run) and
@@ -22,6 +23,7 @@ mod maps;
 mod observe;
 mod packet;
 mod parse;
+mod payload;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},

@@ -6,13 +6,14 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig,
     FlowKey, FlowState, HISTS_CAPACITY, HistKey, Histogram, PeerCounters, PeerGreetingKey, PeerKey,
     Stat,
-    peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS},
+    payload::PAYLOAD_RING_BYTES,
+    peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS},
 };
 
 use crate::packet::opaque;
@@ -50,7 +51,8 @@ static PEERS: LruHashMap<PeerKey, PeerCounters> =
 #[unsafe(no_mangle)]
 static PEER_ZERO: PeerCounters = PeerCounters::ZERO;
 
-/// Per-peer greeting codes; sized like `PEERS`.
+/// Per-peer reply codes: greetings, and every reply ([`smtpflow_common::peer::reply_kind`]);
+/// sized like `PEERS`.
 #[map(name = "PEER_GREETINGS")]
 static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
@@ -60,6 +62,12 @@ static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Payload events ([`smtpflow_common::payload::PayloadEvent`]), a few per session, written by
+/// [`crate::payload::emit`] and drained by userspace; a record that does not fit is lost and
+/// counted ([`Stat::PayloadsLost`]).
+#[map(name = "PAYLOADS")]
+pub static PAYLOADS: RingBuf = RingBuf::with_byte_size(PAYLOAD_RING_BYTES, 0);
 
 /// The programs' own bookkeeping, indexed by [`Stat`].
 #[map(name = "STATS")]
@@ -143,6 +151,8 @@ fn add_one(slot: *mut u64) {
 pub enum PeerSlot {
     Event(usize),
     Outcome(usize),
+    /// A reset, by the [`smtpflow_common::Phase`] of the connection it ended.
+    Reset(usize),
     Throttled(
         #[expect(dead_code, reason = "passed only so that the call sets its register")] usize,
     ),
@@ -151,6 +161,7 @@ pub enum PeerSlot {
 // Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
 const COUNTS: usize = PEER_EVENT_SLOTS;
 const OUTCOMES: usize = PEER_OUTCOME_SLOTS;
+const RESETS: usize = PEER_RESET_SLOTS;
 
 // Not inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]
@@ -164,6 +175,7 @@ pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
                 // (6.1) would walk with contradictory bounds.
                 PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
                 PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
+                PeerSlot::Reset(i) => Some(&raw mut (*c).resets[opaque(i) & (RESETS - 1)]),
                 PeerSlot::Throttled(_) => Some(&raw mut (*c).throttled),
             }
         }

@@ -17,6 +17,7 @@ use crate::{
         icmp::{self, Quoted},
         locate, segment,
     },
+    payload,
 };
 
 /// What the per-packet steps need, built once by [`inspect`].
@@ -117,11 +118,16 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     if let Some(event) = seen.event {
         count_event(&seen.peer, event, side);
     }
-    if seen.packet.plaintext && seen.packet.payload_len > 0 {
+    // Replies are read on plaintext ports; the client's first byte everywhere (a TLS
+    // application-data record completes the TLS handshake).
+    if seen.packet.payload_len > 0 && (seen.packet.plaintext || seen.packet.from_client) {
         flow::read_payload(p, &seen.seg, &mut seen.packet);
     }
     let actions = flow::track(&seen.seg, &seen.at, &seen.packet);
     record(&actions, &seen.peer, side);
+    if let Some(kind) = actions.payload {
+        payload::emit(p, &seen.seg, &seen.peer, kind);
+    }
 }
 
 /// Reads the segment and matches its SMTP port; `false` if the frame changed under us.
@@ -190,6 +196,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     }
     if let Some(phase) = a.reset {
         count_in_scope(Counter::Reset(phase, side));
+        count_peer(peer, PeerSlot::Reset(phase as usize));
     }
     if let Some(ns) = a.handshake_ns {
         observe_duration(&HistKey::new(scope, HistKind::Handshake), ns);
@@ -203,6 +210,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
         if code >= 400 {
             count_in_scope(Counter::ReplyStatus(code, reply.status));
         }
+        count_peer_greeting(&PeerGreetingKey::any(*peer, code));
         if a.greeting {
             count_in_scope(Counter::Greeting(code));
             count_peer_greeting(&PeerGreetingKey::greeting(*peer, code));
@@ -213,6 +221,9 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
         count_peer(peer, PeerSlot::Throttled(0));
     }
     if let Some(stage) = a.starttls {
+        count_in_scope(Counter::Starttls(stage));
+    }
+    if let Some(stage) = a.tls {
         count_in_scope(Counter::Starttls(stage));
     }
 }

@@ -4,7 +4,7 @@ use core::mem::size_of;
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::bpf_skb_load_bytes,
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 
@@ -87,6 +87,14 @@ pub trait Packet: Frame {
     fn linear(&self) -> Linear<'_, Self>
     where
         Self: Sized;
+
+    /// Copies `len` bytes at `off` of the packet (fragments included) to `dst` with the
+    /// program type's helper: `bpf_skb_load_bytes` or `bpf_xdp_load_bytes` (Linux 5.18).
+    ///
+    /// # Safety
+    /// `dst` must be writable for `len` bytes, and `len` bounded for the verifier (1 to the
+    /// size of `dst`).
+    unsafe fn copy_bytes(&self, off: u32, dst: *mut u8, len: u32) -> Result<(), ()>;
 }
 
 /// The bytes of a packet readable in place, read only in place: no helper call, so no stack
@@ -255,6 +263,13 @@ impl Packet for XdpContext {
     const INGRESS_ONLY: bool = true;
 
     #[inline(always)]
+    unsafe fn copy_bytes(&self, off: u32, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: per the contract; the helper checks `off` and `len` against the frame.
+        let ret = unsafe { bpf_xdp_load_bytes(self.ctx, off, dst.cast(), len) };
+        if ret == 0 { Ok(()) } else { Err(()) }
+    }
+
+    #[inline(always)]
     fn ifindex(&self) -> u32 {
         self.ingress_ifindex() as u32
     }
@@ -325,6 +340,14 @@ impl Frame for TcContext {
 
 impl Packet for TcContext {
     const INGRESS_ONLY: bool = false;
+
+    #[inline(always)]
+    unsafe fn copy_bytes(&self, off: u32, dst: *mut u8, len: u32) -> Result<(), ()> {
+        // SAFETY: per the contract; the helper checks `off` and `len` against the skb.
+        let ret =
+            unsafe { bpf_skb_load_bytes(self.skb.skb as *const c_void, off, dst.cast(), len) };
+        if ret == 0 { Ok(()) } else { Err(()) }
+    }
 
     #[inline(always)]
     fn ifindex(&self) -> u32 {

@@ -113,10 +113,12 @@ impl Observer {
         self.ifaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    /// Drains the maps and reads the pressure signals (blocking syscalls, off the async workers).
+    /// Drains the maps and the payload events, and reads the pressure signals (blocking
+    /// syscalls, off the async workers).
     pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         tokio::task::block_in_place(|| {
             let mut snap = self.maps.drain(peers)?;
+            self.maps.read_payloads(|e| snap.payloads.push(*e));
             snap.pressure = self.pressure.read();
             Ok(snap)
         })
@@ -179,6 +181,10 @@ impl Observer {
         })?;
         if let Some(mut fresh) = refreshed {
             fresh.ifaces_up = std::mem::take(&mut snap.ifaces_up);
+            // Each payload event is read once: the earlier snapshot's come first.
+            let mut payloads = std::mem::take(&mut snap.payloads);
+            payloads.append(&mut fresh.payloads);
+            fresh.payloads = payloads;
             *snap = fresh;
         }
         Ok(decided)

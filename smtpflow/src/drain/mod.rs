@@ -22,6 +22,7 @@ use aya::{
     Ebpf,
     maps::{
         HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf,
     },
 };
 use std::os::fd::AsFd as _;
@@ -32,6 +33,7 @@ use lru::LruCache;
 use smtpflow_common::{
     Counter, CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey,
     HistKind, Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
+    payload::{PAYLOAD_RING_BYTES, PayloadEvent},
 };
 
 /// Most peers whose timed-out handshakes are counted one by one (the least recently timed out
@@ -49,6 +51,8 @@ pub struct Maps {
     sweep: FlowSweep,
     peers: PeerMaps,
     stats: PerCpuArray<MapData, u64>,
+    /// The payload events' ring buffer ([`Maps::read_payloads`]).
+    payloads: RingBuf<MapData>,
     pub peers_capacity: u32,
     pub flows_capacity: u32,
     /// Highest eviction counts reported so far (the estimates only ever grow).
@@ -187,6 +191,10 @@ pub struct Snapshot {
     pub pressure: crate::host::pressure::Pressure,
     /// Whether each watched interface is still there.
     pub ifaces_up: Vec<(String, bool)>,
+    /// The payload events read from the kernel's ring buffer in this drain
+    /// ([`Maps::read_payloads`]), in the order they were written. Each is read once: a later
+    /// snapshot holds only newer ones.
+    pub payloads: Vec<PayloadEvent>,
 }
 
 impl Snapshot {
@@ -302,6 +310,7 @@ impl Maps {
                 entries_took: Duration::ZERO,
             },
             stats: take(ebpf, names::MAP_STATS)?,
+            payloads: take(ebpf, names::MAP_PAYLOADS)?,
             peers_capacity,
             flows_capacity,
             peer_evictions: 0,
@@ -353,6 +362,32 @@ impl Maps {
             self.sweep.timeouts.by_scope.entry(scope).or_default();
         }
         Ok(())
+    }
+
+    /// Drains the payload events the kernel wrote since the last call, calling `f` on each, and
+    /// returns how many were read. A record of another size than [`PayloadEvent`] (a kernel
+    /// object of another version) is skipped. At most a ring buffer's worth is read per call, so
+    /// that a kernel writing as fast as this reads cannot keep the drain here.
+    pub fn read_payloads(&mut self, mut f: impl FnMut(&PayloadEvent)) -> usize {
+        const MOST: usize = PAYLOAD_RING_BYTES as usize / size_of::<PayloadEvent>() + 1;
+        let mut read = 0;
+        let mut skipped = 0;
+        for _ in 0..MOST {
+            let Some(item) = self.payloads.next() else { break };
+            if item.len() != size_of::<PayloadEvent>() {
+                skipped += 1;
+                continue;
+            }
+            // SAFETY: `item` holds exactly a `PayloadEvent`'s bytes, and every bit pattern is a
+            // valid `PayloadEvent` (integers and byte arrays only).
+            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PayloadEvent>()) };
+            f(&ev);
+            read += 1;
+        }
+        if skipped != 0 {
+            log::debug!("skipped {skipped} payload records of an unexpected size");
+        }
+        read
     }
 
     /// The [`Stat`] counters, summed over CPUs.
@@ -423,6 +458,7 @@ impl Maps {
             full_drain_seconds: self.full_drain_seconds,
             pressure: Default::default(),
             ifaces_up: Vec::new(),
+            payloads: Vec::new(),
         })
     }
 }

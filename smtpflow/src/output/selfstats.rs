@@ -153,6 +153,11 @@ pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
             "Connections whose flow entry could not be created (not followed).",
         ),
         (
+            snap.stats[Stat::PayloadsLost as usize],
+            "smtpflow_payload_events_lost_total",
+            "Payload events (greetings, EHLO, their replies, ServerHellos) lost because the ring buffer was full.",
+        ),
+        (
             lost,
             "smtpflow_lost_events_total",
             "Counts or durations the kernel could not record at all; non-zero is a bug, please report it.",
