@@ -529,7 +529,21 @@ pub fn mail(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
 
 /// [`mail`], saying `EHLO <ehlo>`.
 pub fn mail_as(addr: SocketAddr, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    mail_on(TcpStream::connect_timeout(&addr, timeout)?, timeout, ehlo)
+}
+
+/// [`mail`] from the local address `src`, saying `EHLO <ehlo>`.
+pub fn mail_from(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+    ehlo: &str,
+) -> io::Result<Mail> {
+    mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo)
+}
+
+/// [`mail`] on a connected stream.
+fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut replies = Vec::new();

@@ -117,8 +117,13 @@ impl Observer {
     /// syscalls, off the async workers).
     pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         tokio::task::block_in_place(|| {
+            // Payload events first: the names they say are learnt before this drain's read of
+            // the per-peer maps, whose rises then go to the sites just named.
+            let mut payloads = Vec::new();
+            self.maps.read_payloads(|e| payloads.push(*e));
+            self.maps.learn_names(&payloads);
             let mut snap = self.maps.drain(peers)?;
-            self.maps.read_payloads(|e| snap.payloads.push(*e));
+            snap.payloads = payloads;
             snap.pressure = self.pressure.read();
             Ok(snap)
         })

@@ -211,6 +211,10 @@ impl Sites {
         self.now = now;
         for ev in events {
             let Some(kind) = PayloadKind::from_repr(ev.kind) else { continue };
+            let Some(direction) = Direction::from_repr(ev.peer.direction) else { continue };
+            if !names::names_the_remote(kind, direction) {
+                continue;
+            }
             if let Some(name) = names::name_of(kind, ev.payload()) {
                 self.name(&ev.peer, &name);
             }

@@ -5,7 +5,7 @@
 //! out (LDH labels of 1 to 63 characters, at most 253 in all, at least two labels, an
 //! alphabetic or `xn--` last label, lowercased); address literals (`[192.0.2.1]`), numbers such
 //! as the `4.3.2` of `421 4.3.2 ...`, and anything else give no name.
-use smtpflow_common::PayloadKind;
+use smtpflow_common::{Direction, PayloadKind};
 
 /// Longest host name (RFC 1035, without the final dot).
 pub const MAX_NAME: usize = 253;
@@ -19,6 +19,17 @@ pub fn name_of(kind: PayloadKind, bytes: &[u8]) -> Option<String> {
         PayloadKind::EhloReply => reply_name(bytes, Some(b"250")),
         PayloadKind::Ehlo => client_name(bytes),
         PayloadKind::ServerHello => None,
+    }
+}
+
+/// Whether a payload of `kind` in a connection of `direction` is the remote's word: the server
+/// speaks first in both directions, so outbound the greeting and the EHLO reply are the remote
+/// MX's, and inbound they are our own server's; the EHLO is the client's, ours outbound.
+pub fn names_the_remote(kind: PayloadKind, direction: Direction) -> bool {
+    match kind {
+        PayloadKind::Greeting | PayloadKind::EhloReply => direction == Direction::Outbound,
+        PayloadKind::Ehlo => direction == Direction::Inbound,
+        PayloadKind::ServerHello => false,
     }
 }
 
@@ -147,5 +158,11 @@ mod tests {
         assert_eq!(c("MAIL FROM:<a@b.example>\r\n"), None);
         assert_eq!(c("EHLOmx.example.com\r\n"), None);
         assert_eq!(name_of(PayloadKind::ServerHello, b"\x16\x03\x03"), None);
+        // Our own server's greeting inbound, our own EHLO outbound: not the remote's.
+        assert!(names_the_remote(PayloadKind::Greeting, Direction::Outbound));
+        assert!(!names_the_remote(PayloadKind::Greeting, Direction::Inbound));
+        assert!(!names_the_remote(PayloadKind::EhloReply, Direction::Inbound));
+        assert!(names_the_remote(PayloadKind::Ehlo, Direction::Inbound));
+        assert!(!names_the_remote(PayloadKind::Ehlo, Direction::Outbound));
     }
 }

@@ -118,9 +118,17 @@ fn unnamed_peers_wait_then_go_to_unknown_or_a_cidr_site() {
         read(&mut s, later, &[(a, established(1)), (b, established(1)), (c, established(5))], &[]);
     assert_eq!(value(&v, "example.net", EST), Some(1));
     assert_eq!(value(&v, UNKNOWN, EST), Some(1), "a's after the grace");
-    // Inbound names are the client's, in its own cache key.
+    // Inbound names are the client's, in its own cache key; our own server's greeting and
+    // EHLO reply name nobody.
     let inbound = key(2, 25, Direction::Inbound);
-    s.learn(&[event(inbound, PayloadKind::Ehlo, "EHLO relay.example.org\r\n")], later);
+    s.learn(
+        &[
+            event(inbound, PayloadKind::Greeting, "220 mx.ours.example ESMTP\r\n"),
+            event(inbound, PayloadKind::Ehlo, "EHLO relay.example.org\r\n"),
+            event(inbound, PayloadKind::EhloReply, "250 mx.ours.example\r\n"),
+        ],
+        later,
+    );
     let v = read(&mut s, later, &[(inbound, established(1))], &[]);
     assert_eq!(value(&v, "example.org", EST), Some(1));
 }
