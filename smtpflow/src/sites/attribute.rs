@@ -51,6 +51,8 @@ pub const NAMES_KEPT: usize = 65_536;
 pub const PENDING_KEPT: usize = 4_096;
 /// How long an unnamed peer's counts wait for its name before they go to `unknown`.
 pub const NAME_GRACE: Duration = Duration::from_secs(30);
+/// The default of `--peer-series-idle`, which site series follow too.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// The default of `--max-site-series`.
 pub const DEFAULT_MAX_SITE_SERIES: usize = 200;
 
@@ -173,7 +175,7 @@ impl Sites {
         let mut s = Self {
             map,
             max,
-            idle: crate::drain::peers::series::SeriesLimits::DEFAULT_IDLE,
+            idle: DEFAULT_IDLE,
             grace: NAME_GRACE,
             ports: ports.to_vec(),
             names: LruCache::new(NonZeroUsize::new(NAMES_KEPT).unwrap_or(NonZeroUsize::MIN)),
