@@ -17,6 +17,7 @@ pub mod peer;
 pub mod reference;
 pub mod reply;
 pub mod rules;
+pub mod tls;
 #[cfg(feature = "user")]
 pub mod user;
 

@@ -44,6 +44,7 @@ pub mod report;
 pub mod rng;
 pub mod smtp;
 pub mod smtpflow;
+pub mod starttls;
 pub mod tempdir;
 pub mod traffic;
 

@@ -33,6 +33,11 @@ pub const REPLY_STATUSES: &str = "smtpflow_smtp_reply_statuses_total";
 pub const THROTTLED: &str = "smtpflow_throttled_sessions_total";
 pub const STARTTLS: &str = "smtpflow_starttls_total";
 pub const PEER_THROTTLED: &str = "smtpflow_peer_throttled_sessions_total";
+pub const TLS_VERSIONS: &str = "smtpflow_tls_versions_total";
+
+// Open connections (gauges).
+pub const OPEN: &str = "smtpflow_open_connections";
+pub const PEER_OPEN: &str = "smtpflow_peer_open_connections";
 
 // Host pressure.
 pub const CT_STAT: &str = "smtpflow_conntrack_stat_total";

@@ -124,6 +124,7 @@ impl Observer {
             self.maps.learn_names(&payloads);
             let mut snap = self.maps.drain(peers)?;
             snap.payloads = payloads;
+            snap.tls = self.maps.count_payloads(&snap.payloads).clone();
             snap.pressure = self.pressure.read();
             Ok(snap)
         })

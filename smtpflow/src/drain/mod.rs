@@ -8,10 +8,12 @@
 //! clock) and counts each attempt with no answer in time once, remembering what it counted
 //! ([`Timeouts`]). It deletes only entries not written for [`flow::IDLE_NS`].
 pub mod batch;
+pub mod open;
 pub mod peers;
+pub mod tls;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
@@ -27,7 +29,11 @@ use aya::{
 };
 use std::os::fd::AsFd as _;
 
-use self::peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits};
+use self::{
+    open::{OpenConnections, OpenPeer},
+    peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits},
+    tls::TlsFunnel,
+};
 use crate::output::peer_label::PeerLabel;
 use lru::LruCache;
 use smtpflow_common::{
@@ -60,6 +66,8 @@ pub struct Maps {
     flow_evictions: u64,
     /// How long the last drain that read the per-peer maps took.
     full_drain_seconds: f64,
+    /// What userspace counts from the payload events.
+    tls: TlsFunnel,
 }
 
 /// The exact counters and the histograms, summed over CPUs.
@@ -81,6 +89,8 @@ struct FlowSweep {
     idle: Vec<FlowKey>,
     /// Flows the sweep deleted (idle), for the eviction estimate.
     deleted: u64,
+    /// The established connections the last listing showed.
+    open: OpenConnections,
 }
 
 /// The handshake timeouts the sweep counts: pure bookkeeping over listings of the flow map, so
@@ -148,6 +158,8 @@ struct PeerMaps {
     peers: HashMap<MapData, PeerKey, PeerCounters>,
     greetings: HashMap<MapData, PeerGreetingKey, u64>,
     reader: PeerReader,
+    /// `--peer-label`, to find the exported label of a peer with open connections.
+    labeler: PeerLabel,
     schedule: ReadSchedule,
     view: Arc<PeerView>,
     /// When the current read started, and how long its first step took.
@@ -191,6 +203,17 @@ pub struct Snapshot {
     pub pressure: crate::host::pressure::Pressure,
     /// Whether each watched interface is still there.
     pub ifaces_up: Vec<(String, bool)>,
+    /// Established connections not ended, by scope (every watched scope, 0 when none), as the
+    /// flow map showed them in this drain ([`open::is_open`]).
+    pub open_by_scope: BTreeMap<Scope, u64>,
+    /// The same by per-peer entry (the client of inbound connections, the server of outbound
+    /// ones); only entries with an open connection.
+    pub open_by_peer: StdHashMap<PeerKey, u64>,
+    /// `smtpflow_peer_open_connections`: for each exported peer label, direction and port of
+    /// [`Snapshot::peers`], its open connections (0 when none).
+    pub open_peers: Vec<OpenPeer>,
+    /// What userspace counts from the payload events: STARTTLS offered, TLS versions.
+    pub tls: TlsFunnel,
     /// The payload events read from the kernel's ring buffer in this drain
     /// ([`Maps::read_payloads`]), in the order they were written. Each is read once: a later
     /// snapshot holds only newer ones.
@@ -277,7 +300,7 @@ impl Maps {
     ) -> anyhow::Result<Self> {
         let mut reader = PeerReader::with_series(
             SeriesLimits::new(max_peer_series),
-            labeler,
+            labeler.clone(),
             peers_capacity as usize,
         );
         reader.set_sites(sites);
@@ -299,11 +322,13 @@ impl Maps {
                 ),
                 idle: Vec::new(),
                 deleted: 0,
+                open: OpenConnections::default(),
             },
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
                 reader,
+                labeler,
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
                 read_started: Instant::now(),
@@ -316,6 +341,7 @@ impl Maps {
             peer_evictions: 0,
             flow_evictions: 0,
             full_drain_seconds: 0.0,
+            tls: TlsFunnel::default(),
         })
     }
 
@@ -360,8 +386,19 @@ impl Maps {
                 }
             }
             self.sweep.timeouts.by_scope.entry(scope).or_default();
+            self.sweep.open.watch(scope);
+            self.tls.watch(scope);
         }
         Ok(())
+    }
+
+    /// Counts the payload events read from the kernel's ring buffer (each once): the STARTTLS
+    /// `offered` stage and the TLS versions. Returns the totals so far.
+    pub fn count_payloads(&mut self, events: &[PayloadEvent]) -> &TlsFunnel {
+        for e in events {
+            self.tls.count(e);
+        }
+        &self.tls
     }
 
     /// Drains the payload events the kernel wrote since the last call, calling `f` on each, and
@@ -458,6 +495,10 @@ impl Maps {
             full_drain_seconds: self.full_drain_seconds,
             pressure: Default::default(),
             ifaces_up: Vec::new(),
+            open_by_scope: self.sweep.open.by_scope.clone(),
+            open_peers: self.sweep.open.peer_series(&self.peers.view, &self.peers.labeler),
+            open_by_peer: self.sweep.open.by_peer.clone(),
+            tls: self.tls.clone(),
             payloads: Vec::new(),
         })
     }
@@ -497,14 +538,19 @@ impl FlowSweep {
         let now = monotonic_ns();
         let (timeouts, peer_timeouts, idle) =
             (&mut self.timeouts, &mut self.peer_timeouts, &mut self.idle);
+        let open = &mut self.open;
         idle.clear();
+        open.start();
         let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
             let (timed_out, is_idle) = timeouts.entry(key, st, now);
             if timed_out {
-                *peer_timeouts.get_or_insert_mut(timed_out_peer(key), || 0) += 1;
+                *peer_timeouts.get_or_insert_mut(flow_peer(key), || 0) += 1;
             }
             if is_idle {
+                // Deleted below: no longer followed, so not counted open either.
                 idle.push(*key);
+            } else {
+                open.entry(key, st);
             }
         })?;
         timeouts.finish();
@@ -568,9 +614,9 @@ impl PeerMaps {
     }
 }
 
-/// The per-peer entry a timed-out handshake belongs to: the peer is the client of inbound
-/// connections and the server of outbound ones.
-fn timed_out_peer(key: &FlowKey) -> PeerKey {
+/// The per-peer entry a connection belongs to (its timed-out handshake, its open connection):
+/// the peer is the client of inbound connections and the server of outbound ones.
+pub fn flow_peer(key: &FlowKey) -> PeerKey {
     let inbound = key.direction == Direction::Inbound as u8;
     PeerKey {
         ifindex: key.ifindex,

@@ -16,8 +16,9 @@
 //! [`ReadSchedule`] spaces the reads of a big map out; see there.
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, HashMap},
     hash::{BuildHasher as _, RandomState},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,7 +35,7 @@ use crate::{
 
 pub mod series;
 
-use series::{Accumulator, PeerSeries, SeriesLimits};
+use series::{Accumulator, LabelId, PeerSeries, SeriesLimits};
 
 /// A peer as the series cap counts them: one address on one interface.
 pub type PeerId = (u32, u8, [u8; 16]);
@@ -94,6 +95,10 @@ pub struct PeerView {
     pub exported_peers: usize,
     /// The exported per-peer series: monotonic totals, sorted by label.
     pub series: Vec<PeerSeries>,
+    /// The exported labels by identity, with their `peer` label value: what a peer's key is
+    /// looked up by to add to an exported series that is not read from the per-peer maps (its
+    /// open connections).
+    pub exported_labels: HashMap<LabelId, Arc<str>>,
     /// By [`Figure`]: the largest nonzero values, largest first.
     figures: [Vec<(PeerKey, u64)>; Figure::COUNT],
     /// When the read started (`None`: never read).
@@ -541,6 +546,7 @@ impl PeerReader {
         self.view.sites = self.sites.finish(self.view.figures.iter().flatten().map(|(k, _)| k));
         if let Some((acc, _)) = &mut self.series {
             (self.view.series, self.view.exported_peers) = acc.finish();
+            self.view.exported_labels = acc.exported_labels().collect();
         }
         std::mem::take(&mut self.view)
     }

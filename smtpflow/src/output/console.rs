@@ -71,7 +71,8 @@ impl Reporter {
         ))
     }
 
-    /// The live view: rates, handshake outcomes, top peers by failures, the diagnosis.
+    /// The live view: rates, handshake outcomes, top peers by failures and by open
+    /// connections, the diagnosis.
     pub fn table(
         &mut self,
         snap: &Snapshot,
@@ -111,6 +112,20 @@ impl Reporter {
             }
         }
         let mut ranked: Vec<(String, u64)> = failures.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if ranked.is_empty() {
+            out.push_str("  none\n");
+        }
+        for (peer, n) in ranked.into_iter().take(TOP_PEERS) {
+            let _ = writeln!(out, "  {peer:<40} {n:>8}");
+        }
+        out.push_str("\nTOP PEERS BY OPEN CONNECTIONS\n");
+        // From this drain's listing of the flow map, summed by label.
+        let mut open: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, n) in &snap.open_by_peer {
+            *open.entry(self.peer_name(k)).or_default() += n;
+        }
+        let mut ranked: Vec<(String, u64)> = open.into_iter().filter(|(_, n)| *n > 0).collect();
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         if ranked.is_empty() {
             out.push_str("  none\n");
@@ -193,6 +208,23 @@ mod tests {
         assert!(!table.contains("192.0.2."), "{table}");
         assert!(table.contains("h:"), "{table}");
         assert!(table.contains("healthy: no cause active"));
+        assert!(table.contains("TOP PEERS BY OPEN CONNECTIONS\n  none\n"), "{table}");
+        // Open connections, summed by label, the most first.
+        snap.open_by_peer.insert(peer, 2);
+        snap.open_by_peer.insert(other, 1);
+        let mut third = peer;
+        third.addr[2] = 7;
+        snap.open_by_peer.insert(third, 1);
+        let mut r = Reporter::new(PeerLabel::Prefix { v4: 24, v6: 64 });
+        let table = r.table(&snap, &[], "eth0", t0);
+        let open = table.split("TOP PEERS BY OPEN CONNECTIONS\n").nth(1).unwrap();
+        assert!(
+            open.starts_with(&format!(
+                "  {:<40} {:>8}\n  {:<40} {:>8}\n",
+                "192.0.2.0/24 outbound 25", 3, "192.0.7.0/24 outbound 25", 1
+            )),
+            "{table}"
+        );
         assert!(
             table
                 .contains("outbound  25                     0           4           0           3"),

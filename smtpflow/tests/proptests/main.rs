@@ -1,10 +1,11 @@
 //! Property tests of the userspace parsers: the `/proc` and sysctl files and ctnetlink replies
-//! (`pressure`), the config file (`config::to_flags`), `--ports` (`cli::parse_ports`) and the
-//! kernel's BTF (`btf::Btf::parse`). Each must return a `Result` on any input, never panic, and
-//! give back what a well-formed input says (round trips: render values the way the kernel or a
-//! user writes them, parse, compare). And the bounded reading of the per-peer maps
-//! (`peers::PeerReader`) against the exact one it replaces. And the remote-name parsers of
-//! greetings and EHLOs (`sites::names`) with the `--site-map` file.
+//! (`pressure`), the config file (`config::to_flags`), `--ports` (`cli::parse_ports`), the
+//! kernel's BTF (`btf::Btf::parse`) and the payload-event parsers (`smtpflow_common::tls`).
+//! Each must return a `Result` (or its "not known") on any input, never panic, and give back
+//! what a well-formed input says (round trips: render values the way the kernel or a user writes
+//! them, parse, compare). And the bounded reading of the per-peer maps (`peers::PeerReader`)
+//! against the exact one it replaces. And the remote-name parsers of greetings and EHLOs
+//! (`sites::names`) with the `--site-map` file.
 //!
 //! Seeded by proptest (`PROPTEST_CASES` raises the case count; a failure prints its minimal
 //! input).
@@ -16,6 +17,7 @@ mod names;
 mod netlink_replies;
 mod peers;
 mod proc_files;
+mod tls;
 
 /// Arbitrary text, weighted towards the characters these formats are made of.
 pub(crate) fn texty() -> impl Strategy<Value = String> {

@@ -7,7 +7,9 @@
 //! expected counts come from an independent observer: an nftables counter, the kernel's own
 //! statistics, or a packet capture. Nothing assumes Linux's SYN retry schedule.
 mod flows;
+mod open;
 mod series;
+mod tls;
 
 use std::{net::SocketAddr, thread, time::Duration};
 

@@ -370,6 +370,11 @@ impl Accumulator {
         self.labels.values().filter(|t| t.exported).count()
     }
 
+    /// The exported labels and their `peer` label values.
+    pub fn exported_labels(&self) -> impl Iterator<Item = (LabelId, Arc<str>)> + '_ {
+        self.labels.iter().filter(|(_, t)| t.exported).map(|(id, t)| (*id, t.peer.clone()))
+    }
+
     /// Ends the read: forgets the members that are gone, retires the exported labels idle for
     /// `--peer-series-idle`, gives free places to the most recently active labels, drops the
     /// least active candidates beyond the bound, and returns the exported series (sorted) and

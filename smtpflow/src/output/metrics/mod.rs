@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
 use prometheus::proto::{MetricFamily, MetricType};
-use smtpflow_common::{Counter, HistKind, Outcome, ReplyClass};
+use smtpflow_common::{Counter, HistKind, Outcome, ReplyClass, StarttlsStage};
 
 use super::{
     families::{Family, Summed, encode, joined},
@@ -72,6 +72,7 @@ impl Exporter {
         render_diagnosis(findings, &mut families);
         self.render_counters(snap, &mut families);
         self.render_histograms(snap, &mut families);
+        self.render_open(snap, &mut families);
         let mut buf = Vec::with_capacity(64 * 1024);
         encode(&families, &mut buf);
         buf.extend_from_slice(self.peer_text(&snap.peers));
@@ -163,7 +164,12 @@ impl Exporter {
         let mut starttls = Family::new(
             "smtpflow_starttls_total",
             MetricType::COUNTER,
-            "SMTP sessions by STARTTLS stage: requested (the client sent STARTTLS), accepted (220: replies after it are encrypted and not read), refused.",
+            "SMTP sessions by STARTTLS stage: offered (the server listed STARTTLS in its EHLO reply), requested (the client sent STARTTLS), accepted (the server answered 220), refused (any other answer), completed and failed (the TLS handshake that followed, or the implicit one on a TLS port such as 465). Replies after STARTTLS are encrypted and not counted.",
+        );
+        let mut versions = Family::new(
+            "smtpflow_tls_versions_total",
+            MetricType::COUNTER,
+            "TLS sessions by the version their clear-text ServerHello chose (supported_versions, else legacy_version): TLSv1.0 to TLSv1.3, unknown (cut, malformed, or another version).",
         );
         let mut unreachable = Family::new(
             "smtpflow_unreachable_total",
@@ -239,6 +245,32 @@ impl Exporter {
                 *n as f64,
             );
         }
+        for (scope, n) in &snap.tls.offered {
+            let iface = self.ifname(scope.ifindex);
+            let port = scope.port.to_string();
+            starttls.add(
+                &[
+                    ("iface", &iface),
+                    ("direction", scope.direction.label()),
+                    ("port", &port),
+                    ("stage", StarttlsStage::Offered.label()),
+                ],
+                *n as f64,
+            );
+        }
+        for ((scope, version), n) in &snap.tls.versions {
+            let iface = self.ifname(scope.ifindex);
+            let port = scope.port.to_string();
+            versions.add(
+                &[
+                    ("iface", &iface),
+                    ("direction", scope.direction.label()),
+                    ("port", &port),
+                    ("version", version.label()),
+                ],
+                *n as f64,
+            );
+        }
         for f in [
             events,
             handshakes,
@@ -249,6 +281,7 @@ impl Exporter {
             statuses,
             throttled,
             starttls,
+            versions,
             unreachable,
             drops,
         ] {
@@ -282,6 +315,44 @@ impl Exporter {
         }
         handshake.finish(out);
         greeting.finish(out);
+    }
+
+    /// The open-connection gauges, by scope and for the exported peers: read from the flow map
+    /// at every drain (not with the per-peer maps).
+    fn render_open(&self, snap: &Snapshot, out: &mut Vec<MetricFamily>) {
+        let mut open = Family::new(
+            "smtpflow_open_connections",
+            MetricType::GAUGE,
+            "SMTP connections established and not ended, as the flow map shows them at the last drain (what the observation point sees: in xdp mode, ingress only).",
+        );
+        for (scope, n) in &snap.open_by_scope {
+            let iface = self.ifname(scope.ifindex);
+            let port = scope.port.to_string();
+            open.add(
+                &[("iface", &iface), ("direction", scope.direction.label()), ("port", &port)],
+                *n as f64,
+            );
+        }
+        open.finish(out);
+        let mut peers = Family::new(
+            "smtpflow_peer_open_connections",
+            MetricType::GAUGE,
+            "Open SMTP connections per peer (--peer-label), for the exported peers (0 when none is open).",
+        );
+        for p in &snap.open_peers {
+            let iface = self.ifname(p.ifindex);
+            let port = p.port.to_string();
+            peers.add(
+                &[
+                    ("iface", &iface),
+                    ("peer", &p.peer),
+                    ("direction", p.direction.label()),
+                    ("port", &port),
+                ],
+                p.open as f64,
+            );
+        }
+        peers.finish(out);
     }
 
     /// The exported per-peer series (monotonic totals, chosen when the per-peer maps were

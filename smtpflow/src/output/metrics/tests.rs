@@ -264,6 +264,10 @@ fn golden_exposition() {
         h.sum_ns = 12_500_000_000;
         snap.hists.insert((at, HistKind::Handshake), h);
         snap.hists.insert((at, HistKind::Greeting), Histogram::ZERO);
+        snap.tls.watch(at);
+        *snap.tls.offered.get_mut(&at).unwrap() = 8;
+        *snap.tls.versions.get_mut(&(at, smtpflow_common::payload::TlsVersion::Tls13)).unwrap() = 3;
+        snap.open_by_scope.insert(at, if d == Direction::Inbound { 2 } else { 0 });
     }
     snap.counters.insert((scope(0, 25, Direction::Inbound), Counter::SynDrop(77)), 6);
     let out = peer(7, FAMILY_V4, Direction::Outbound);
@@ -272,6 +276,13 @@ fn golden_exposition() {
     c.outcomes[Outcome::Unreachable as usize] = 4;
     let greeting = PeerGreetingKey::greeting(out, 421);
     snap.peers = view(10, &[(out, c)], &[(out, 3)], &[(greeting, 1)]);
+    snap.open_peers = vec![crate::drain::open::OpenPeer {
+        ifindex: 2,
+        peer: "198.51.100.7".into(),
+        direction: Direction::Outbound,
+        port: 25,
+        open: 1,
+    }];
     snap.stats[Stat::Malformed as usize] = 2;
     snap.stats[Stat::PeerInserts as usize] = 1;
     (snap.peers_capacity, snap.flows, snap.flows_capacity) = (65_536, 12, 262_144);
