@@ -76,3 +76,4 @@ pub const SITE_HANDSHAKES: &str = "smtpflow_site_handshakes_total";
 pub const SITE_REPLIES: &str = "smtpflow_site_smtp_replies_total";
 pub const SITE_RESETS: &str = "smtpflow_site_resets_total";
 pub const SITES_EXPORTED: &str = "smtpflow_sites_exported";
+pub const SITE_OPEN: &str = "smtpflow_site_open_connections";

@@ -542,6 +542,27 @@ pub fn mail_from(
     mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo)
 }
 
+/// A session held open after the greeting: connect to `addr` and read its greeting; [`quit`]
+/// ends it.
+pub fn greet_and_hold(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let greeting = read_reply(&mut s)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"))?;
+    Ok(Mail { replies: vec![greeting], open: s })
+}
+
+/// Ends a session of [`greet_and_hold`]: QUIT, then every reply to the end of the stream (the
+/// server closes first).
+pub fn quit(mut held: Mail) -> io::Result<Mail> {
+    held.open.write_all(b"QUIT\r\n")?;
+    while let Some(code) = read_reply(&mut held.open)? {
+        held.replies.push(code);
+    }
+    Ok(held)
+}
+
 /// [`mail`] on a connected stream.
 fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
     s.set_read_timeout(Some(timeout))?;

@@ -22,11 +22,11 @@ use smtpflow_tests::{
     diagnosis::{active, top_peers},
     in_netns,
     names::{
-        HANDSHAKES, REPLIES, RESETS, SITE_HANDSHAKES, SITE_REPLIES, SITE_RESETS, SITES_EXPORTED,
-        TOP_PEER,
+        HANDSHAKES, REPLIES, RESETS, SITE_HANDSHAKES, SITE_OPEN, SITE_REPLIES, SITE_RESETS,
+        SITES_EXPORTED, TOP_PEER,
     },
     require_root,
-    smtp::{Mail, Mx, Policy, mail, mail_from},
+    smtp::{Mail, Mx, Policy, greet_and_hold, mail, mail_from, quit},
 };
 
 const IF: &str = Pair::LOCAL_IF;
@@ -154,7 +154,22 @@ fn outbound_sites_count_exactly_and_the_throttling_cause_names_its_site() {
     let example =
         Mx::start_named(&pair.peer, &format!("{EXAMPLE_MX}:25"), Policy::Accept, EXAMPLE_NAME);
     let mut outlook_mails = send(&pair, OUTLOOK_MX, NAMED_MAILS);
-    let example_mails = send(&pair, EXAMPLE_MX, EXAMPLE_MAILS);
+    let mut example_mails = send(&pair, EXAMPLE_MX, EXAMPLE_MAILS);
+    // One more session to it, held open after the greeting: example.net has 1 open connection.
+    let addr: SocketAddr = format!("{EXAMPLE_MX}:25").parse().expect("an address");
+    let held = in_netns(&pair.local, move || greet_and_hold(addr, TIMEOUT))
+        .unwrap_or_else(|e| panic!("a held session to {addr}: {e}"));
+    let open_at = |m: &Metrics, site: &str| m.get(SITE_OPEN, &outbound_site(site, &[]));
+    smtpflow_tests::wait_for(Duration::from_secs(10), || {
+        (open_at(&w.scrape(&pair.local), "example.net") == Some(1.0)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!("no open connection at example.net:\n{}", site_lines(&w.scrape(&pair.local)))
+    });
+    let m = w.scrape(&pair.local);
+    assert_eq!(open_at(&m, "outlook.com"), Some(0.0), "{}", site_lines(&m));
+    assert_eq!(open_at(&m, "unknown"), Some(0.0), "{}", site_lines(&m));
+    example_mails.push(in_netns(&pair.local, move || quit(held)).expect("QUIT the held session"));
     assert!(
         outlook_mails.iter().chain(&example_mails).all(Mail::delivered),
         "every message delivered"
@@ -181,7 +196,7 @@ fn outbound_sites_count_exactly_and_the_throttling_cause_names_its_site() {
     assert_eq!(outlook.replies, codes(&outlook_mails), "the capture against the client");
     assert_eq!(example.replies, codes(&example_mails), "the capture against the client");
     assert_eq!(outlook.syn_acks, (NAMED_MAILS + THROTTLED) as u64);
-    assert_eq!(example.syn_acks, EXAMPLE_MAILS as u64);
+    assert_eq!(example.syn_acks, EXAMPLE_MAILS as u64 + 1, "and the held session");
     assert_eq!((outlook.rsts, example.rsts), (0, 0), "clean closes");
 
     let code_labels: Vec<(&str, String, u64)> =
@@ -231,6 +246,9 @@ fn outbound_sites_count_exactly_and_the_throttling_cause_names_its_site() {
         }
     }
     assert_eq!(m.get(SITES_EXPORTED, &[]), Some(2.0));
+    for site in ["outlook.com", "example.net", "unknown", "other"] {
+        exactly(&m, SITE_OPEN, &outbound_site(site, &[]), 0);
+    }
     // The sites sum to the exact totals.
     let out = [("direction", "outbound"), ("port", "25")];
     assert_eq!(m.sum(SITE_REPLIES, &out), m.sum(REPLIES, &out));

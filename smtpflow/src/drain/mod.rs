@@ -209,6 +209,8 @@ pub struct Snapshot {
     /// The same by per-peer entry (the client of inbound connections, the server of outbound
     /// ones); only entries with an open connection.
     pub open_by_peer: StdHashMap<PeerKey, u64>,
+    /// `smtpflow_site_open_connections`: open connections by site, direction and port.
+    pub site_open: Vec<crate::sites::SiteOpen>,
     /// `smtpflow_peer_open_connections`: for each exported peer label, direction and port of
     /// [`Snapshot::peers`], its open connections (0 when none).
     pub open_peers: Vec<OpenPeer>,
@@ -498,6 +500,7 @@ impl Maps {
             open_by_scope: self.sweep.open.by_scope.clone(),
             open_peers: self.sweep.open.peer_series(&self.peers.view, &self.peers.labeler),
             open_by_peer: self.sweep.open.by_peer.clone(),
+            site_open: self.peers.reader.sites_mut().open_connections(&self.sweep.open.by_peer),
             tls: self.tls.clone(),
             payloads: Vec::new(),
         })

@@ -80,6 +80,15 @@ pub struct SiteSeries {
     pub value: u64,
 }
 
+/// `smtpflow_site_open_connections`: a site's open connections in a direction and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteOpen {
+    pub site: Arc<str>,
+    pub direction: Direction,
+    pub port: u16,
+    pub open: u64,
+}
+
 /// What one read of the sites exports, and the sites of the peers the diagnosis names.
 #[derive(Clone, Debug, Default)]
 pub struct SiteView {
@@ -380,6 +389,42 @@ impl Sites {
             }
         }
         SiteView { series, exported: self.sites.len(), names: self.names.len(), peer_sites }
+    }
+
+    /// Open connections by site, from the open connections per per-peer entry (the flow map's,
+    /// at every drain): a peer's current site if it has its own series, `other` if it has a
+    /// site without (beyond `--max-site-series`, or not counted yet), `unknown` if it has none.
+    /// Zeros for `unknown` and `other` on every watched port and direction, and for each
+    /// exported site where its other series are.
+    pub fn open_connections<'a>(
+        &mut self,
+        by_peer: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+    ) -> Vec<SiteOpen> {
+        let (unknown, other): (Arc<str>, Arc<str>) = (UNKNOWN.into(), OTHER.into());
+        let mut out: BTreeMap<(Arc<str>, Direction, u16), u64> = BTreeMap::new();
+        for &port in &self.ports {
+            for direction in Direction::ALL {
+                out.insert((unknown.clone(), direction, port), 0);
+                out.insert((other.clone(), direction, port), 0);
+            }
+        }
+        for (site, s) in &self.sites {
+            for &(direction, port, _) in s.counts.keys() {
+                out.insert((site.clone(), direction, port), 0);
+            }
+        }
+        for (k, n) in by_peer {
+            let Some(direction) = Direction::from_repr(k.direction) else { continue };
+            let site = match self.site_of(k) {
+                Some(site) if self.sites.contains_key(&site) => site,
+                Some(_) => other.clone(),
+                None => unknown.clone(),
+            };
+            *out.entry((site, direction, k.port)).or_default() += n;
+        }
+        out.into_iter()
+            .map(|((site, direction, port), open)| SiteOpen { site, direction, port, open })
+            .collect()
     }
 
     /// Gives the counts held longer than the grace to `unknown`.

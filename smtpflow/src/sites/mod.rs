@@ -7,5 +7,5 @@ pub mod attribute;
 pub mod map;
 pub mod names;
 
-pub use attribute::{SiteCounted, SiteSeries, SiteView, Sites};
+pub use attribute::{SiteCounted, SiteOpen, SiteSeries, SiteView, Sites};
 pub use map::SiteMap;

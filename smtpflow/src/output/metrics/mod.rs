@@ -353,6 +353,19 @@ impl Exporter {
             );
         }
         peers.finish(out);
+        let mut sites = Family::new(
+            "smtpflow_site_open_connections",
+            MetricType::GAUGE,
+            "Open SMTP connections per remote site, summed over interfaces (other: sites without their own series; unknown: peers with no name yet).",
+        );
+        for s in &snap.site_open {
+            let port = s.port.to_string();
+            sites.add(
+                &[("direction", s.direction.label()), ("port", &port), ("site", &s.site)],
+                s.open as f64,
+            );
+        }
+        sites.finish(out);
     }
 
     /// The exported per-peer series (monotonic totals, chosen when the per-peer maps were

@@ -181,3 +181,40 @@ fn pending_peers_are_bounded() {
     assert_eq!(s.pending.len(), PENDING_KEPT);
     assert_eq!(value(&v, UNKNOWN, EST), Some(10));
 }
+
+#[test]
+fn open_connections_go_to_the_exported_site_other_or_unknown() {
+    let t0 = Instant::now();
+    let mut s = Sites::new(SiteMap::default(), 1, &[25]);
+    let (a, b, c) = (
+        key(1, 25, Direction::Outbound),
+        key(2, 25, Direction::Outbound),
+        key(3, 25, Direction::Outbound),
+    );
+    s.learn(
+        &[
+            event(a, PayloadKind::Greeting, "220 mx3.mail.protection.outlook.com ESMTP\r\n"),
+            event(b, PayloadKind::Greeting, "220 mx.example.net ESMTP\r\n"),
+        ],
+        t0,
+    );
+    read(&mut s, t0, &[(a, established(1)), (b, established(1))], &[]);
+    let mut inbound = c;
+    inbound.direction = Direction::Inbound as u8;
+    let open = std::collections::HashMap::from([(a, 2u64), (b, 3), (c, 4), (inbound, 1)]);
+    let got: Vec<(String, Direction, u64)> = s
+        .open_connections(&open)
+        .into_iter()
+        .map(|o| (o.site.to_string(), o.direction, o.open))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("other".into(), Direction::Inbound, 0),
+            ("other".into(), Direction::Outbound, 3),
+            ("outlook.com".into(), Direction::Outbound, 2),
+            ("unknown".into(), Direction::Inbound, 1),
+            ("unknown".into(), Direction::Outbound, 4),
+        ]
+    );
+}
