@@ -155,6 +155,10 @@ fn outbound_sites_count_exactly_and_the_throttling_cause_names_its_site() {
         Mx::start_named(&pair.peer, &format!("{EXAMPLE_MX}:25"), Policy::Accept, EXAMPLE_NAME);
     let mut outlook_mails = send(&pair, OUTLOOK_MX, NAMED_MAILS);
     let mut example_mails = send(&pair, EXAMPLE_MX, EXAMPLE_MAILS);
+    assert!(
+        outlook_mails.iter().chain(&example_mails).all(Mail::delivered),
+        "every message delivered"
+    );
     // One more session to it, held open after the greeting: example.net has 1 open connection.
     let addr: SocketAddr = format!("{EXAMPLE_MX}:25").parse().expect("an address");
     let held = in_netns(&pair.local, move || greet_and_hold(addr, TIMEOUT))
@@ -169,11 +173,9 @@ fn outbound_sites_count_exactly_and_the_throttling_cause_names_its_site() {
     let m = w.scrape(&pair.local);
     assert_eq!(open_at(&m, "outlook.com"), Some(0.0), "{}", site_lines(&m));
     assert_eq!(open_at(&m, "unknown"), Some(0.0), "{}", site_lines(&m));
-    example_mails.push(in_netns(&pair.local, move || quit(held)).expect("QUIT the held session"));
-    assert!(
-        outlook_mails.iter().chain(&example_mails).all(Mail::delivered),
-        "every message delivered"
-    );
+    let held = in_netns(&pair.local, move || quit(held)).expect("QUIT the held session");
+    assert_eq!(held.replies, [220, 221]);
+    example_mails.push(held);
     drop(named);
     // The same address now throttles, greeting with no name.
     let throttling = Mx::start(&pair.peer, &format!("{OUTLOOK_MX}:25"), Policy::Throttle);
