@@ -400,3 +400,66 @@ fn inbound_ehlo_names_beyond_the_cap_are_summed_into_other() {
     let inb = [("direction", "inbound"), ("port", "25")];
     assert_eq!(m.sum(SITE_REPLIES, &inb), m.sum(REPLIES, &inb));
 }
+
+/// `--site-map`: a `cidr` rule names a peer that never greets by name (it throttles from its
+/// first session), and a `suffix` rule maps a name under `outlook.com` to the same site of the
+/// operator's, `microsoft`.
+#[test]
+fn site_map_rules_name_peers_by_suffix_and_by_prefix() {
+    require_root!();
+    const NAMELESS_MX: &str = "10.77.2.3";
+    const EU_MX: &str = "10.77.2.4";
+    const SESSIONS: usize = 5;
+    let pair = Pair::new();
+    for a in [NAMELESS_MX, EU_MX] {
+        pair.peer.ip(&["addr", "add", &format!("{a}/32"), "dev", Pair::PEER_IF]);
+    }
+    pair.local.ip(&["route", "add", "10.77.2.0/24", "dev", IF]);
+    let dir = smtpflow_tests::tempdir::TempDir::new("site-map");
+    let map = dir.write(
+        "sites",
+        format!(
+            "# the operator's sites\nsuffix outlook.com microsoft\ncidr {NAMELESS_MX}/32 microsoft # EOP\n"
+        ),
+    );
+    let w = Watch::start(&pair.local, IF, &["--site-map", &map]);
+    let capture = Capture::start(&pair.local, IF);
+    let nameless = Mx::start(&pair.peer, &format!("{NAMELESS_MX}:25"), Policy::Throttle);
+    let eu =
+        Mx::start_named(&pair.peer, &format!("{EU_MX}:25"), Policy::Accept, "mx.eu.outlook.com");
+    let mut mails = send(&pair, NAMELESS_MX, SESSIONS);
+    assert!(mails.iter().all(|m| m.replies == [421]));
+    let named = send(&pair, EU_MX, SESSIONS);
+    assert!(named.iter().all(Mail::delivered));
+    mails.extend(named);
+    drop((nameless, eu));
+    let wire = from_wire(&capture.finish(), 25);
+    let mut syn_acks = 0;
+    let mut replies: BTreeMap<u16, u64> = BTreeMap::new();
+    for a in [NAMELESS_MX, EU_MX] {
+        let w = wire
+            .get(&a.parse::<Ipv4Addr>().expect("v4"))
+            .unwrap_or_else(|| panic!("nothing from {a}"));
+        syn_acks += w.syn_acks;
+        for (c, n) in &w.replies {
+            *replies.entry(*c).or_default() += n;
+        }
+    }
+    assert_eq!(syn_acks, 2 * SESSIONS as u64);
+    assert_eq!(replies, codes(&mails), "the capture against the clients");
+    let code_labels: Vec<(String, u64)> =
+        replies.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let mut expected = vec![(
+        SITE_HANDSHAKES,
+        outbound_site("microsoft", &[("outcome", "established")]),
+        syn_acks,
+    )];
+    for (code, n) in &code_labels {
+        expected.push((SITE_REPLIES, outbound_site("microsoft", &[("code", code.as_str())]), *n));
+    }
+    let m = w.expect_settled(&pair.local, &expected);
+    exactly(&m, SITE_HANDSHAKES, &outbound_site("unknown", &[("outcome", "established")]), 0);
+    exactly(&m, SITE_HANDSHAKES, &outbound_site("other", &[("outcome", "established")]), 0);
+    assert_eq!(m.get(SITES_EXPORTED, &[]), Some(1.0), "{}", site_lines(&m));
+    assert!(!m.label_values("site").contains("outlook.com"), "{}", site_lines(&m));
+}
