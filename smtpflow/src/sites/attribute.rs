@@ -427,20 +427,10 @@ impl Sites {
             .collect()
     }
 
-    /// Gives the counts held longer than the grace to `unknown`.
+    /// Gives the counts held longer than the grace to `unknown` (a pass over at most
+    /// [`PENDING_KEPT`] peers, once per read).
     fn expire(&mut self) {
         let (now, grace) = (self.now, self.grace);
-        while let Some((_, p)) = self.pending.peek_lru() {
-            // The least recently held first: the LRU order is the order of first holding
-            // for peers that keep counting, close enough to stop at the first young one.
-            if now.saturating_duration_since(p.since) < grace {
-                break;
-            }
-            if let Some((_, p)) = self.pending.pop_lru() {
-                merge(&mut self.unknown, p.counts);
-            }
-        }
-        // Peers counting steadily stay most recent; give those past the grace too.
         let old: Vec<NameKey> = self
             .pending
             .iter()
