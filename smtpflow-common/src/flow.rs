@@ -640,7 +640,8 @@ pub const SWEEP_GRACE_NS: u64 = 1_000_000_000;
 /// Flows not written for this long are deleted by userspace's sweep: 15 minutes, longer than
 /// any SMTP timeout (RFC 5321 lets a client wait 10 minutes for the reply to the end of DATA).
 /// Only needed where the end of a connection is not seen (XDP sees no server FIN; a FIN lost
-/// or a peer gone silent in either mode); otherwise the kernel deletes flows as they end.
+/// or a peer gone silent in either mode), and for [`state::CLOSED`] flows (kept after their end for
+/// the sweep); otherwise the kernel deletes flows as they end.
 pub const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
 /// What userspace's sweep decides for one flow entry.
@@ -1090,6 +1091,213 @@ mod tests {
         let written = FlowState { active: 100, ..answered };
         assert!(!sweep(&written, at + IDLE_NS, t).idle);
         assert!(sweep(&written, at + IDLE_NS + (2 << ACTIVE_SHIFT), t).idle);
+    }
+
+    /// Client data with its first byte read, as the kernel reads it.
+    fn client(seq: u32, bytes: &[u8]) -> FlowPacket {
+        let mut p = data(true, seq, bytes);
+        p.first_byte = bytes.first().copied().unwrap_or(0);
+        p
+    }
+
+    fn tls_port(mut p: FlowPacket) -> FlowPacket {
+        p.plaintext = false;
+        p
+    }
+
+    /// An implicit-TLS flow (port 465): its TCP handshake completed.
+    fn implicit_tls() -> Flow {
+        let mut f = Flow::new();
+        f.feed(tls_port(pkt(SYN, true)), 1_000);
+        let mut sa = tls_port(pkt(SYN | ACK, false));
+        sa.seq = 99;
+        f.feed(sa, 2_000);
+        assert_eq!(f.st.tls, tls::HANDSHAKE, "TLS starts with the TCP handshake");
+        f
+    }
+
+    #[test]
+    fn payload_events_once_per_session_through_starttls() {
+        let kind = |a: Actions| a.payload;
+        let mut f = Flow::established(1_000);
+        let greeting = data(false, 100, b"220 mx.example ESMTP\r\n");
+        assert_eq!(kind(f.feed(greeting, 2_000)), Some(PayloadKind::Greeting));
+        assert_eq!(kind(f.feed(greeting, 2_100)), None, "a retransmission");
+        assert_eq!(
+            kind(f.feed(client(1, b"EHLO client.example\r\n"), 3_000)),
+            Some(PayloadKind::Ehlo)
+        );
+        assert_eq!(f.feed(client(1, b"EHLO client.example\r\n"), 3_100), Actions::default());
+        let reply = data(false, 122, b"250-mx.example\r\n250 STARTTLS\r\n");
+        let r = f.feed(reply, 4_000);
+        assert_eq!(
+            (kind(r), r.reply.map(|r| r.code), r.greeting),
+            (Some(PayloadKind::EhloReply), Some(250), false)
+        );
+        assert_eq!(kind(f.feed(reply, 4_100)), None, "a retransmission");
+        assert_eq!(kind(f.feed(client(21, b"HELO again\r\n"), 4_200)), None, "once");
+        let st = f.feed(client(21, b"STARTTLS\r\n"), 5_000);
+        assert_eq!((st.starttls, st.payload), (Some(StarttlsStage::Requested), None));
+        let go = f.server(b"220 2.0.0 go ahead\r\n", 6_000);
+        assert_eq!((go.starttls, go.payload, go.tls), (Some(StarttlsStage::Accepted), None, None));
+        assert_eq!(f.st.tls, tls::HANDSHAKE);
+        // The ClientHello: no stage.
+        let hello = f.feed(client(31, &[0x16, 3, 1, 0, 200, 1]), 7_000);
+        assert_eq!((hello.tls, hello.payload), (None, None));
+        let seq = f.st.server_next_seq;
+        let sh = data(false, seq, &[0x16, 3, 3, 0, 90, 2, 0, 0, 86, 3, 3]);
+        assert_eq!(kind(f.feed(sh, 8_000)), Some(PayloadKind::ServerHello));
+        assert_eq!(kind(f.feed(sh, 8_100)), None, "a retransmission");
+        assert_eq!(kind(f.server(&[0x17, 3, 3, 0, 40], 8_200)), None, "once");
+        // The client's first application-data record: completed, once.
+        let done = f.feed(client(300, &[0x17, 3, 3, 0, 53]), 9_000);
+        assert_eq!((done.tls, done.store), (Some(StarttlsStage::Completed), true));
+        assert_eq!(f.st.tls, tls::COMPLETED);
+        assert_eq!(f.feed(client(400, &[0x17, 3, 3, 0, 53]), 9_100).tls, None);
+        // Its end is no failure.
+        assert_eq!(f.feed(pkt(RST, false), 10_000).tls, None);
+    }
+
+    #[test]
+    fn ehlo_and_helo_in_any_case_only_at_the_start() {
+        for (text, want) in [
+            (&b"EHLO a.example\r\n"[..], true),
+            (b"helo a.example\r\n", true),
+            (b"eHlO x\r\n", true),
+            (b"EHLOx\r\n\r\n", false),
+            (b"EHLO\r\n", false),
+            (b"MAIL FROM:<a@b>\r\n", false),
+            (b" EHLO a.example\r\n", false),
+        ] {
+            let mut f = Flow::established(0);
+            f.server(b"220 hi\r\n", 1);
+            let a = f.feed(client(1, text), 2);
+            assert_eq!(
+                a.payload == Some(PayloadKind::Ehlo),
+                want,
+                "{:?}",
+                core::str::from_utf8(text)
+            );
+        }
+        // Not on a TLS port, and not once TLS started.
+        let mut f = implicit_tls();
+        assert_eq!(f.feed(tls_port(client(1, b"EHLO a.example\r\n")), 3_000).payload, None);
+    }
+
+    /// A client that sends EHLO before the greeting: the greeting is the greeting, the next
+    /// segment the EHLO reply.
+    #[test]
+    fn an_early_ehlo_gets_the_segment_after_the_greeting() {
+        let mut f = Flow::established(0);
+        assert_eq!(f.feed(client(1, b"EHLO early\r\n"), 1).payload, Some(PayloadKind::Ehlo));
+        assert_eq!(f.server(b"220 hi\r\n", 2).payload, Some(PayloadKind::Greeting));
+        assert_eq!(f.server(b"250 mx\r\n", 3).payload, Some(PayloadKind::EhloReply));
+        assert_eq!(f.server(b"250 ok\r\n", 4).payload, None);
+    }
+
+    #[test]
+    fn implicit_tls_server_hello_and_completion() {
+        let mut f = implicit_tls();
+        assert_eq!(f.feed(tls_port(client(1, &[0x16, 3, 1, 1, 0])), 3_000), Actions::default());
+        let sh = tls_port(data(false, 100, &[0x16, 3, 3, 0, 90, 2]));
+        let a = f.feed(sh, 4_000);
+        assert_eq!(
+            (a.payload, a.greeting_ns, a.reply),
+            (Some(PayloadKind::ServerHello), Some(2_000), None)
+        );
+        assert_eq!(f.feed(sh, 4_100).payload, None, "a retransmission");
+        let done = f.feed(tls_port(client(300, &[0x17, 3, 3])), 5_000);
+        assert_eq!(done.tls, Some(StarttlsStage::Completed));
+        // A reply-looking payload on a TLS port is nothing.
+        assert_eq!(f.feed(tls_port(data(false, 106, b"220 hi\r\n")), 6_000).payload, None);
+    }
+
+    #[test]
+    fn tls_fails_once_on_a_reset_or_fin_before_completion() {
+        // A RST from either side mid-handshake.
+        for from_client in [false, true] {
+            let mut f = implicit_tls();
+            let r = f.feed(tls_port(pkt(RST, from_client)), 3_000);
+            assert_eq!(
+                (r.tls, r.reset, r.delete),
+                (Some(StarttlsStage::Failed), Some(Phase::PreGreeting), true)
+            );
+        }
+        // The client's FIN (TC: the flow lives on until the server's), then the server's.
+        let mut f = implicit_tls();
+        let fin = f.feed(tls_port(pkt(FIN | ACK, true)), 3_000);
+        assert_eq!((fin.tls, fin.store, fin.delete), (Some(StarttlsStage::Failed), true, false));
+        assert_eq!(f.st.tls, tls::FAILED);
+        let last = f.feed(tls_port(pkt(FIN | ACK, false)), 3_100);
+        assert_eq!((last.tls, last.delete), (None, true), "once");
+        // After STARTTLS: the server's FIN with the ServerHello fails it too.
+        let mut f = Flow::established(0);
+        f.server(b"220 hi\r\n", 1);
+        f.feed(client(1, b"STARTTLS\r\n"), 2);
+        f.server(b"220 go\r\n", 3);
+        let mut sh = data(false, f.st.server_next_seq, &[0x16, 3, 3, 0, 90]);
+        sh.flags |= FIN;
+        let a = f.feed(sh, 4);
+        assert_eq!(
+            (a.payload, a.tls, a.delete),
+            (Some(PayloadKind::ServerHello), Some(StarttlsStage::Failed), true)
+        );
+        // Before TLS started: nothing.
+        let mut f = Flow::established(0);
+        assert_eq!(f.feed(pkt(RST, false), 1).tls, None);
+        // XDP, an outbound implicit-TLS connection: the client is never seen, nor its
+        // completion, so the server's FIN or RST decides nothing.
+        for flags in [FIN | ACK, RST] {
+            let mut f = implicit_tls();
+            let mut end = tls_port(pkt(flags, false));
+            end.ingress_only = true;
+            assert_eq!(f.feed(end, 3_000).tls, None);
+        }
+    }
+
+    /// A late flow is kept for the sweep when its connection ends, as `CLOSED` (no longer
+    /// open); the sweep still counts its timeout and deletes it when idle.
+    #[test]
+    fn late_flows_close_instead_of_being_deleted() {
+        let late = 1 + TIMEOUT + 1;
+        let mut f = Flow::new();
+        f.feed(pkt(SYN, true), 1);
+        f.feed(pkt(SYN | ACK, false), late);
+        assert!(state::is_open(f.st.state));
+        f.server(b"220 hi\r\n", late + 1);
+        assert!(state::is_open(f.st.state));
+        let mut bye = data(false, f.st.server_next_seq, b"221 bye\r\n");
+        bye.flags |= FIN;
+        let a = f.feed(bye, late + 2);
+        assert_eq!((a.reply.map(|r| r.code), a.delete, a.store), (Some(221), false, true));
+        assert_eq!(f.st.state, state::CLOSED);
+        assert!(!state::is_open(f.st.state));
+        let t = 5_000_000_000;
+        assert!(sweep(&f.st, 1 + t + SWEEP_GRACE_NS + 1, t).timeout);
+        assert!(sweep(&f.st, (late + 2) + IDLE_NS + (2 << ACTIVE_SHIFT), t).idle);
+        // A RST after it writes nothing.
+        let r = f.feed(pkt(RST, true), late + 3);
+        assert_eq!((r.reset, r.store, r.delete), (Some(Phase::Session), false, false));
+        // A RST ends a late established flow the same way.
+        let mut f = Flow::new();
+        f.feed(pkt(SYN, true), 1);
+        f.feed(pkt(SYN | ACK, false), late);
+        let r = f.feed(pkt(RST, false), late + 1);
+        assert_eq!((r.reset, r.store, r.delete), (Some(Phase::PreGreeting), true, false));
+        assert_eq!(f.st.state, state::CLOSED);
+        // XDP: the client's FIN.
+        let mut f = Flow::new();
+        f.feed(pkt(SYN, true), 1);
+        f.feed(pkt(ACK, true), late);
+        let mut fin = pkt(FIN | ACK, true);
+        fin.ingress_only = true;
+        assert!(!f.feed(fin, late + 1).delete);
+        assert_eq!(f.st.state, state::CLOSED);
+        // A late RST to a pending attempt: not open before, kept as it was.
+        let mut f = Flow::new();
+        f.feed(pkt(SYN, true), 1);
+        f.feed(pkt(RST | ACK, false), late);
+        assert_eq!(f.st.state, state::SYN_SENT);
     }
 
     #[test]

@@ -33,7 +33,9 @@
 use crate::{
     Counter, CounterKey, FAMILY_V4, FAMILY_V6, PeerCounters, PeerKey, Scope, Side, classify,
     direction_of,
+    flow::FlowPacket,
     icmp::{self, ICMP_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, QUOTED_TCP_LEN, Quoted},
+    reply::HEAD_LEN,
     rules::Event,
     smtp_port,
 };
@@ -117,8 +119,22 @@ pub struct TcpHeader {
     pub dst_port: u16,
     pub flags: u8,
     pub window: u16,
+    pub seq: u32,
     /// Where the TCP header starts in the frame.
     pub offset: usize,
+    /// Where the payload starts in the frame (after the TCP options).
+    pub payload_off: usize,
+    /// Payload bytes: up to the end of the IP packet (its total or payload length; Ethernet
+    /// padding excluded), or of the frame when that comes first or the IP length is unusable
+    /// (an IPv4 total length not past its header, an IPv6 payload length of 0).
+    pub payload_len: usize,
+}
+
+impl TcpHeader {
+    /// The payload bytes.
+    pub fn payload<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+        frame.get(self.payload_off..self.payload_off + self.payload_len).unwrap_or(&[])
+    }
 }
 
 /// What parsing a frame gives.
@@ -160,7 +176,7 @@ fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> 
             _ => Ignored::Ipv6NextHeader(ip.protocol),
         }));
     }
-    let (src, dst, tcp_at) = (ip.src, ip.dst, ip.upper);
+    let (src, dst, tcp_at, ip_end) = (ip.src, ip.dst, ip.upper, ip.end);
 
     if tcp_at > MAX_L4_OFFSET {
         return Err(skip(Ignored::TooDeep { offset: tcp_at }));
@@ -174,6 +190,8 @@ fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> 
     if take(frame, tcp_at, header_len).is_none() {
         return Err(bad(Malformed::TcpOptions { offset: tcp_at, header_len }));
     }
+    let payload_off = tcp_at + header_len;
+    let end = if ip_end != 0 && ip_end < frame.len() { ip_end } else { frame.len() };
     Ok(TcpHeader {
         family,
         src,
@@ -182,7 +200,10 @@ fn parse_inner(frame: &[u8], stripped_tags: usize) -> Result<TcpHeader, Parsed> 
         dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
         flags: tcp[13],
         window: u16::from_be_bytes([tcp[14], tcp[15]]),
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
         offset: tcp_at,
+        payload_off,
+        payload_len: end.saturating_sub(payload_off),
     })
 }
 
@@ -214,6 +235,8 @@ struct IpLayer {
     src: [u8; 16],
     dst: [u8; 16],
     upper: usize,
+    /// Where the IP packet ends by its own length field; 0 when that field is unusable.
+    end: usize,
 }
 
 /// The IPv4 or IPv6 header at `at` of the frame (by `ethertype`), validated as the contract
@@ -244,7 +267,9 @@ fn network(frame: &[u8], at: usize, ethertype: u16) -> Result<(u8, IpLayer), Par
             }
             src[..4].copy_from_slice(&ip[12..16]);
             dst[..4].copy_from_slice(&ip[16..20]);
-            Ok((FAMILY_V4, IpLayer { protocol: ip[9], src, dst, upper: at + header_len }))
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let end = if total > header_len { at + total } else { 0 };
+            Ok((FAMILY_V4, IpLayer { protocol: ip[9], src, dst, upper: at + header_len, end }))
         }
         ETH_P_IPV6 => {
             let ip = take(frame, at, 40).ok_or(bad(Malformed::Ipv6Header))?;
@@ -254,6 +279,8 @@ fn network(frame: &[u8], at: usize, ethertype: u16) -> Result<(u8, IpLayer), Par
             }
             src.copy_from_slice(&ip[8..24]);
             dst.copy_from_slice(&ip[24..40]);
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let end = if payload > 0 { at + 40 + payload } else { 0 };
             let mut next = ip[6];
             let mut here = at + 40;
             let mut walked = 0;
@@ -290,7 +317,7 @@ fn network(frame: &[u8], at: usize, ethertype: u16) -> Result<(u8, IpLayer), Par
                 here += len;
                 walked += 1;
             }
-            Ok((FAMILY_V6, IpLayer { protocol: next, src, dst, upper: here }))
+            Ok((FAMILY_V6, IpLayer { protocol: next, src, dst, upper: here, end }))
         }
         other => Err(skip(Ignored::Ethertype(other))),
     }
@@ -357,6 +384,52 @@ pub fn effect(
         },
         peer_slot: PeerCounters::index(event, side),
     })
+}
+
+/// What the kernel reads of a segment for the flow state machine ([`crate::flow::step`]): its
+/// flags, sequence number and payload length; on a `plaintext` port the first [`HEAD_LEN`]
+/// bytes of the payload when it has that many, else 8, else 4, else none
+/// ([`FlowPacket::read_head`]), and whether a server's payload ends a line; the client's first
+/// payload byte on every port. `ingress_only`: seen by XDP.
+pub fn flow_packet(
+    frame: &[u8],
+    tcp: &TcpHeader,
+    from_client: bool,
+    plaintext: bool,
+    ingress_only: bool,
+) -> FlowPacket {
+    let payload = tcp.payload(frame);
+    let mut p = FlowPacket {
+        flags: tcp.flags,
+        from_client,
+        seq: tcp.seq,
+        payload_len: payload.len() as u32,
+        ends_line: true,
+        plaintext,
+        ingress_only,
+        ..FlowPacket::default()
+    };
+    if payload.is_empty() {
+        return p;
+    }
+    if plaintext {
+        let n = match payload.len() {
+            0..4 => 0,
+            4..8 => 4,
+            8..HEAD_LEN => 8,
+            _ => HEAD_LEN,
+        };
+        let mut head = [0u8; HEAD_LEN];
+        head[..n].copy_from_slice(&payload[..n]);
+        p.read_head(&head, n as u8);
+        if !from_client {
+            p.ends_line = payload.last() == Some(&b'\n');
+        }
+    }
+    if from_client {
+        p.first_byte = payload[0];
+    }
+    p
 }
 
 /// The ICMP answer contract ("Unreachable" in the README), over a frame: an ICMP (in IPv4) or
@@ -693,6 +766,32 @@ mod tests {
         let mut v4_nibble = frame(v6(&[], PROTO_TCP, &syn25()));
         v4_nibble[14] = 0x40;
         assert_eq!(parse(&v4_nibble, 0), Parsed::Malformed(Malformed::Ipv6Version(4)));
+    }
+
+    /// The payload ends where the IP packet says (Ethernet padding excluded), or at the end of
+    /// the frame when that comes first or the length is unusable; the client's first byte and a
+    /// plaintext head are read from it.
+    #[test]
+    fn payload_bounds_and_what_the_kernel_reads_of_it() {
+        let mut t = tcp(40000, 25, ACK, 100);
+        t.extend_from_slice(b"EHLO a.example\r\n");
+        let mut frame = eth(&[], ETH_P_IP, &v4(&[], PROTO_TCP, 0, &t));
+        frame.extend_from_slice(&[0; 6]); // padding
+        let Parsed::Tcp(h) = parse(&frame, 0) else { panic!() };
+        assert_eq!(h.payload(&frame), b"EHLO a.example\r\n");
+        let p = flow_packet(&frame, &h, true, true, false);
+        assert!(p.ehlo && p.first_byte == b'E' && p.payload_len == 16);
+        // A total length not past the header: up to the end of the frame.
+        frame[16..18].copy_from_slice(&20u16.to_be_bytes());
+        let Parsed::Tcp(h) = parse(&frame, 0) else { panic!() };
+        assert_eq!(h.payload_len, 16 + 6);
+        // A total length past the frame: the frame ends it.
+        frame[16..18].copy_from_slice(&2000u16.to_be_bytes());
+        let Parsed::Tcp(h) = parse(&frame, 0) else { panic!() };
+        assert_eq!(h.payload_len, 16 + 6);
+        // A TLS port: no head, the client's first byte only.
+        let p = flow_packet(&frame, &h, true, false, false);
+        assert!(!p.ehlo && p.first_byte == b'E');
     }
 
     #[test]

@@ -195,7 +195,9 @@ pub fn server_hello_version(bytes: &[u8]) -> TlsVersion {
 /// Writes a ServerHello record choosing `version` into `out` and returns its length: the
 /// reference the tests parse back. `session_id` at most 32 bytes; `extensions`: other
 /// extensions (type and data) written before `supported_versions`, which is written for TLS 1.3
-/// (and for TLS 1.2 when `supported_versions_12`). `None` when `out` is too small.
+/// (and for TLS 1.2 when `supported_versions_12`). `None` when `out` is too small. Userspace
+/// and tests only: nothing of it goes into the kernel object.
+#[cfg(any(test, feature = "user"))]
 pub fn write_server_hello(
     out: &mut [u8],
     version: TlsVersion,
@@ -246,11 +248,13 @@ pub fn write_server_hello(
     Some(len)
 }
 
+#[cfg(any(test, feature = "user"))]
 struct Writer<'a> {
     out: &'a mut [u8],
     at: usize,
 }
 
+#[cfg(any(test, feature = "user"))]
 impl Writer<'_> {
     fn put(&mut self, b: &[u8]) -> Option<()> {
         let end = self.at.checked_add(b.len())?;

@@ -1,7 +1,8 @@
 //! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
 //! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
 //! and sweeping the flow map for handshakes that timed out (the one outcome counted here, since
-//! it is the absence of a packet) and for idle flows.
+//! it is the absence of a packet) and for idle flows; the same listing counts the open
+//! connections ([`open`]). The payload events' counts ([`tls`]) are kept here too.
 //!
 //! The sweep never writes a flow entry: the kernel decides from its own clock whether an answer
 //! came in time ([`smtpflow_common::flow::step`]); the sweep reads `CLOCK_MONOTONIC` (the same

@@ -164,7 +164,7 @@ impl Exporter {
         let mut starttls = Family::new(
             "smtpflow_starttls_total",
             MetricType::COUNTER,
-            "SMTP sessions by STARTTLS stage: offered (the server listed STARTTLS in its EHLO reply), requested (the client sent STARTTLS), accepted (the server answered 220), refused (any other answer), completed and failed (the TLS handshake that followed, or the implicit one on a TLS port such as 465). Replies after STARTTLS are encrypted and not counted.",
+            "SMTP sessions by STARTTLS stage: offered (the server listed STARTTLS in its EHLO reply), requested (the client sent STARTTLS), accepted (the server answered 220), refused (any other answer), and how the TLS handshake ended (after STARTTLS, or on an implicit-TLS port such as 465): completed (the client's first application-data record), failed (a RST or FIN before it). Replies after STARTTLS are encrypted and not counted.",
         );
         let mut versions = Family::new(
             "smtpflow_tls_versions_total",
