@@ -151,6 +151,13 @@ pub struct ObserveArgs {
     /// Key of --peer-label hash; gateways sharing it label a peer alike.
     #[arg(long, value_name = "FILE", default_value = "/etc/machine-id")]
     pub peer_hash_key_file: PathBuf,
+
+    /// Sites of your own: lines `suffix <name suffix> <site>` (remote names ending so) and
+    /// `cidr <prefix>/<len> <site>` (peers with no name learnt yet, or none ever); `#`
+    /// comments. Without a rule, a remote's site is the registrable domain of the name it gave
+    /// (its greeting or EHLO reply outbound, its EHLO inbound), or `unknown`.
+    #[arg(long, value_name = "FILE")]
+    pub site_map: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -175,9 +182,14 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub max_peer_series: usize,
 
+    /// Most sites with their own smtpflow_site_* series, in the order they first counted
+    /// something; the rest is summed into site="other" (`unknown` and `other` take no place).
+    #[arg(long, value_name = "N", default_value_t = crate::sites::attribute::DEFAULT_MAX_SITE_SERIES)]
+    pub max_site_series: usize,
+
     /// An exported per-peer series that has not increased for this long leaves the export set,
-    /// freeing its place for a newly active peer. Per-peer series only ever go up while
-    /// exported.
+    /// freeing its place for a newly active peer (per-site series too). Per-peer series only
+    /// ever go up while exported.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_series_idle)]
     pub peer_series_idle: Duration,
 

@@ -192,6 +192,9 @@ pub struct Reading {
     pub full_listeners: Vec<String>,
     /// Per-peer cumulative counts.
     pub peers: BTreeMap<PeerName, PeerCounts>,
+    /// The site of each peer of [`Self::peers`] that has one (its name's registrable domain,
+    /// or a `--site-map` site); the others are `unknown`.
+    pub sites: BTreeMap<PeerName, String>,
 }
 
 /// A peer as the diagnosis names it.
@@ -217,6 +220,8 @@ pub struct Finding {
     /// The peers that pass the cause's test, with their count in the window, largest first
     /// (per-peer causes; local_receive_stall names where its zero windows went).
     pub top_peers: Vec<(PeerName, u64)>,
+    /// The site of each of [`Self::top_peers`], in the same order.
+    pub top_sites: Vec<String>,
     /// One sentence with the numbers and the usual remedy.
     pub summary: String,
 }
@@ -615,7 +620,9 @@ impl Diagnoser {
             }
         }
         let _ = write!(summary, ": {}", cause.remedy());
-        Finding { cause, active, evidence, top_peers, summary }
+        let last = self.samples.back().map(|(_, r)| r);
+        let top_sites = top_peers.iter().map(|(p, _)| site_of(last, p).to_owned()).collect();
+        Finding { cause, active, evidence, top_peers, top_sites, summary }
     }
 
     /// Decides a per-peer failure cause: its evidence (the host's failures and attempts in the
@@ -655,21 +662,39 @@ impl Diagnoser {
                 );
             }
         } else {
-            let said: Vec<String> = pass
+            // By site, in the order of their peers: "<site>, <says> <share> of <n> <attempts>,
+            // peers <peer> (<count>), ...", the share and counts summed over the site's peers
+            // named.
+            let last = self.samples.back().map(|(_, r)| r);
+            let mut by_site: Vec<(&str, Vec<&PeerResult>)> = Vec::new();
+            for r in pass.iter().take(TOP_PEERS) {
+                let site = site_of(last, &r.peer);
+                match by_site.iter_mut().find(|(s, _)| *s == site) {
+                    Some((_, peers)) => peers.push(r),
+                    None => by_site.push((site, vec![r])),
+                }
+            }
+            let said: Vec<String> = by_site
                 .iter()
-                .take(TOP_PEERS)
-                .map(|r| {
+                .map(|(site, peers)| {
+                    let count: u64 = peers.iter().map(|r| r.count).sum();
+                    let of: u64 = peers.iter().map(|r| r.of.max(r.count)).sum();
                     let mut said = format!(
-                        "{}: {} {} of {} {}",
-                        r.peer,
+                        "{site}, {} {} of {} {}",
                         test.says,
-                        percent(r.share),
-                        thousands(r.of.max(r.count)),
+                        percent(share(count, of)),
+                        thousands(of),
                         test.attempts
                     );
                     if let Some(d) = &test.detail {
-                        let _ = write!(said, " ({} {})", thousands((d.part)(&r.window)), d.what);
+                        let part: u64 = peers.iter().map(|r| (d.part)(&r.window)).sum();
+                        let _ = write!(said, " ({} {})", thousands(part), d.what);
                     }
+                    let named: Vec<String> = peers
+                        .iter()
+                        .map(|r| format!("{} ({})", r.peer, thousands(r.count)))
+                        .collect();
+                    let _ = write!(said, ", peers {}", named.join(", "));
                     said
                 })
                 .collect();
@@ -682,6 +707,11 @@ impl Diagnoser {
         !top_peers.is_empty()
     }
 }
+/// The site of a peer in a reading (`unknown` when it has none).
+fn site_of<'a>(reading: Option<&'a Reading>, peer: &PeerName) -> &'a str {
+    reading.and_then(|r| r.sites.get(peer)).map_or(crate::sites::map::UNKNOWN, String::as_str)
+}
+
 /// The verdict as text, a line per cause.
 pub fn to_text(findings: &[Finding], ifaces: &str, observed: Duration) -> String {
     let mut out =
@@ -711,7 +741,7 @@ pub fn to_json(findings: &[Finding], ifaces: &str, observed: Duration) -> String
                 "cause": f.cause.label(),
                 "active": f.active,
                 "evidence": f.evidence,
-                "top_peers": f.top_peers.iter().map(|(p, count)| serde_json::json!({"iface": p.iface, "peer": p.peer, "count": count})).collect::<Vec<_>>(),
+                "top_peers": f.top_peers.iter().zip(&f.top_sites).map(|((p, count), site)| serde_json::json!({"iface": p.iface, "peer": p.peer, "site": site, "count": count})).collect::<Vec<_>>(),
                 "summary": f.summary,
                 "remedy": f.cause.remedy(),
             })

@@ -4,8 +4,10 @@
 //! The modules, in the order the data flows:
 //! - [`kernel`]: the embedded kernel object ([`kernel::object`], [`kernel::load`]), attaching its
 //!   programs, and what the running kernel's BTF tells (drop-reason names, field offsets);
+//! - [`sites`]: remote names read from greetings and EHLOs (the kernel's payload events), the
+//!   site of each peer, and the per-site totals the per-peer reads feed;
 //! - [`drain`]: reading the kernel maps into a [`drain::Snapshot`] (exact totals, a bounded view
-//!   of the per-peer maps, timeouts swept from the flow map);
+//!   of the per-peer maps and of the sites, timeouts swept from the flow map);
 //! - [`host`]: the host's pressure signals (conntrack, TCP counters, SMTP listeners' accept
 //!   queues) and privileges;
 //! - [`diagnose`]: the causes, decided over a sliding window of readings;
@@ -20,3 +22,4 @@ pub mod drain;
 pub mod host;
 pub mod kernel;
 pub mod output;
+pub mod sites;

@@ -70,3 +70,10 @@ pub const PROGRAM_RUN_SECONDS: &str = "smtpflow_ebpf_program_run_seconds_total";
 pub const FULL_DRAIN_DURATION: &str = "smtpflow_full_drain_duration_seconds";
 pub const PEERS_READ_TIMESTAMP: &str = "smtpflow_peers_read_timestamp_seconds";
 pub const ATTACHMENT_INFO: &str = "smtpflow_attachment_info";
+
+// Per-site series (remote names' registrable domains, or --site-map sites).
+pub const SITE_HANDSHAKES: &str = "smtpflow_site_handshakes_total";
+pub const SITE_REPLIES: &str = "smtpflow_site_smtp_replies_total";
+pub const SITE_RESETS: &str = "smtpflow_site_resets_total";
+pub const SITES_EXPORTED: &str = "smtpflow_sites_exported";
+pub const SITE_OPEN: &str = "smtpflow_site_open_connections";

@@ -350,7 +350,15 @@ pub struct Mx {
 }
 
 impl Mx {
+    /// An MX greeting as `mx.test` (`220 mx.test ESMTP`, `250 mx.test` to EHLO).
     pub fn start(ns: &Netns, addr: &str, policy: Policy) -> Self {
+        Self::start_named(ns, addr, policy, "mx.test")
+    }
+
+    /// An MX greeting with `name` (`220 <name> ESMTP`, `250 <name>` to EHLO; [`Policy::Throttle`]
+    /// greets with [`THROTTLE_GREETING`], which names nobody).
+    pub fn start_named(ns: &Netns, addr: &str, policy: Policy, name: &str) -> Self {
+        let name: Arc<str> = name.into();
         let addr: SocketAddr = addr.parse().expect("socket address");
         let listener = in_netns(ns, move || TcpListener::bind(addr))
             .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name));
@@ -364,9 +372,9 @@ impl Mx {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let n = c.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-                        let c = c.clone();
+                        let (c, name) = (c.clone(), name.clone());
                         sessions.push(thread::spawn(move || {
-                            if let Err(e) = serve_session(conn, policy, n, &c) {
+                            if let Err(e) = serve_session(conn, policy, n, &c, &name) {
                                 eprintln!("mx session {n}: {e}");
                             }
                         }));
@@ -405,7 +413,13 @@ impl Drop for Mx {
 }
 
 /// One session of an [`Mx`]: every reply is one write (one segment), the server closes first.
-fn serve_session(mut s: TcpStream, policy: Policy, n: u64, counts: &MxCounts) -> io::Result<()> {
+fn serve_session(
+    mut s: TcpStream,
+    policy: Policy,
+    n: u64,
+    counts: &MxCounts,
+    name: &str,
+) -> io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -415,7 +429,7 @@ fn serve_session(mut s: TcpStream, policy: Policy, n: u64, counts: &MxCounts) ->
         counts.throttled.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
-    reply(&mut s, "220 mx.test ESMTP")?;
+    reply(&mut s, &format!("220 {name} ESMTP"))?;
     let greylist =
         matches!(policy, Policy::Greylist { every } if every > 0 && n.is_multiple_of(every));
     let mut line = Vec::new();
@@ -426,7 +440,7 @@ fn serve_session(mut s: TcpStream, policy: Policy, n: u64, counts: &MxCounts) ->
         }
         let verb = String::from_utf8_lossy(&line).to_ascii_uppercase();
         match verb.get(..4).unwrap_or_default() {
-            "EHLO" | "HELO" => reply(&mut s, "250 mx.test")?,
+            "EHLO" | "HELO" => reply(&mut s, &format!("250 {name}"))?,
             "MAIL" => reply(&mut s, "250 2.1.0 Ok")?,
             "RCPT" if greylist => {
                 let kind = ((n / policy_every(policy)) % 2) as usize;
@@ -510,7 +524,47 @@ impl Mail {
 /// the recipient is accepted, then QUIT; after a non-220 greeting nothing is sent. Reads to the
 /// end of the stream (the server closes first); every wait is bounded by `timeout`.
 pub fn mail(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
+    mail_as(addr, timeout, "client.test")
+}
+
+/// [`mail`], saying `EHLO <ehlo>`.
+pub fn mail_as(addr: SocketAddr, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
+    mail_on(TcpStream::connect_timeout(&addr, timeout)?, timeout, ehlo)
+}
+
+/// [`mail`] from the local address `src`, saying `EHLO <ehlo>`.
+pub fn mail_from(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+    ehlo: &str,
+) -> io::Result<Mail> {
+    mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo)
+}
+
+/// A session held open after the greeting: connect to `addr` and read its greeting; [`quit`]
+/// ends it.
+pub fn greet_and_hold(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let greeting = read_reply(&mut s)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"))?;
+    Ok(Mail { replies: vec![greeting], open: s })
+}
+
+/// Ends a session of [`greet_and_hold`]: QUIT, then every reply to the end of the stream (the
+/// server closes first).
+pub fn quit(mut held: Mail) -> io::Result<Mail> {
+    held.open.write_all(b"QUIT\r\n")?;
+    while let Some(code) = read_reply(&mut held.open)? {
+        held.replies.push(code);
+    }
+    Ok(held)
+}
+
+/// [`mail`] on a connected stream.
+fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut replies = Vec::new();
@@ -524,7 +578,7 @@ pub fn mail(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
         Ok(code)
     };
     if step(&mut s, b"", &mut replies)? == 220 {
-        step(&mut s, b"EHLO client.test\r\n", &mut replies)?;
+        step(&mut s, format!("EHLO {ehlo}\r\n").as_bytes(), &mut replies)?;
         step(&mut s, b"MAIL FROM:<sender@client.test>\r\n", &mut replies)?;
         if step(&mut s, b"RCPT TO:<rcpt@mx.test>\r\n", &mut replies)? == 250
             && step(&mut s, b"DATA\r\n", &mut replies)? == 354

@@ -128,7 +128,9 @@ fn peer_label_prefix_sums_networks_and_hides_addresses() {
     };
     counters(|| w.scrape(&pair.local), expected, || w.stderr());
     // The diagnosis names the network too.
-    let top = vec![("cause", "remote_refusing"), ("iface", SF0), ("peer", NET4)];
+    // The refusing peers never said a name: site unknown.
+    let top =
+        vec![("cause", "remote_refusing"), ("iface", SF0), ("peer", NET4), ("site", "unknown")];
     let m = wait_for(Duration::from_secs(10), || {
         let m = w.scrape(&pair.local);
         (m.get(TOP_PEER, &top) == Some(3.0)).then_some(m)
@@ -150,7 +152,8 @@ fn peer_label_prefix_sums_networks_and_hides_addresses() {
     })
     .unwrap_or_else(|| panic!("no diagnosis line in the log:\n{}", w.stderr()));
     assert!(
-        log.contains(&format!(": {NET4} on {SF0}: RST to 100 % of ")),
+        log.contains("is active: unknown, RST to 100 % of ")
+            && log.contains(&format!(" handshakes, peers {NET4} on {SF0} (")),
         "diagnosis line:\n{log}"
     );
     assert_no_addresses(&log, &addresses, "the log");
@@ -197,7 +200,12 @@ fn hashed_labels(pair: &Pair, rsts: &RstOracle, key_file: &str) -> (String, Stri
     assert_eq!(by_count.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2], "{by_count:?}");
     let (a, b) = (by_count[0].1.clone(), by_count[1].1.clone());
     // The diagnosis and its log line use the label.
-    let top = vec![("cause", "remote_refusing"), ("iface", SF0), ("peer", b.as_str())];
+    let top = vec![
+        ("cause", "remote_refusing"),
+        ("iface", SF0),
+        ("peer", b.as_str()),
+        ("site", "unknown"),
+    ];
     let m = wait_for(Duration::from_secs(10), || {
         let m = w.scrape(&pair.local);
         (m.get(TOP_PEER, &top) == Some(1.0)).then_some(m)
@@ -211,7 +219,9 @@ fn hashed_labels(pair: &Pair, rsts: &RstOracle, key_file: &str) -> (String, Stri
     })
     .unwrap_or_else(|| panic!("no diagnosis line in the log:\n{}", w.stderr()));
     assert!(
-        log.contains(&format!(": {b} on {SF0}: RST to 100 % of 1 handshakes")),
+        log.contains(&format!(
+            "is active: unknown, RST to 100 % of 1 handshakes, peers {b} on {SF0} (1)"
+        )),
         "diagnosis line:\n{log}"
     );
     assert_no_addresses(&log, &addresses, "the log");

@@ -63,6 +63,26 @@ fn error_bad_arguments() {
     }
 }
 
+/// A bad `--site-map` file stops smtpflow before it attaches, naming the file and the line.
+#[test]
+fn error_bad_site_map() {
+    require_root!();
+    let pair = Pair::new();
+    let dir = smtpflow_tests::tempdir::TempDir::new("bad-site-map");
+    let map = dir.write("sites", "suffix outlook.com microsoft\n\ncidr 40.92.0.0/33 microsoft\n");
+    let missing = dir.join("missing").display().to_string();
+    let cases: [(&str, &[&str]); 2] = [
+        (&map, &[map.as_str(), "line 3", "40.92.0.0/33", "prefix length"]),
+        (&missing, &[missing.as_str(), "--site-map"]),
+    ];
+    for (file, words) in cases {
+        let args = ["--iface", Pair::LOCAL_IF, "--site-map", file];
+        let r = run_watch(&pair.local, &[], &args);
+        r.assert_failed(&format!("watch {}", args.join(" ")), words);
+        assert_unhooked(&pair.local, Pair::LOCAL_IF, &args.join(" "));
+    }
+}
+
 #[test]
 fn error_metrics_addr_in_use() {
     require_root!();

@@ -21,7 +21,8 @@ pub fn run(args: DiagnoseArgs) -> anyhow::Result<bool> {
 
 /// Observes for `--for`, then prints the verdict. `Ok(true)`: healthy.
 async fn observe(args: DiagnoseArgs) -> anyhow::Result<bool> {
-    let mut obs = Observer::start(&args.observe, 0)?;
+    let mut obs =
+        Observer::start(&args.observe, 0, crate::sites::attribute::DEFAULT_MAX_SITE_SERIES)?;
     // The window spans the whole observation: a little longer than --for, so that the baseline
     // taken before the first tick stays the baseline to the end.
     let window = args.duration + 2 * args.observe.interval;

@@ -21,6 +21,7 @@ use crate::{
         drop_reasons::{self, DropReasons},
     },
     output::peer_label::PeerLabel,
+    sites::{SiteMap, Sites},
 };
 
 /// The kernel programs attached and their maps: what `watch` and `diagnose` share.
@@ -38,10 +39,19 @@ pub struct Observer {
 
 impl Observer {
     /// Checks privileges and flags, loads, attaches and seeds the maps. `max_peer_series`: how
-    /// many peers the per-peer readings keep for export (`diagnose` exports none).
-    pub fn start(args: &ObserveArgs, max_peer_series: usize) -> anyhow::Result<Self> {
+    /// many peers the per-peer readings keep for export (`diagnose` exports none);
+    /// `max_site_series`: how many sites get their own series.
+    pub fn start(
+        args: &ObserveArgs,
+        max_peer_series: usize,
+        max_site_series: usize,
+    ) -> anyhow::Result<Self> {
         args.validate().map_err(anyhow::Error::msg)?;
         let labeler = args.peer_labeler()?;
+        let site_map = match &args.site_map {
+            Some(path) => SiteMap::load(path)?,
+            None => SiteMap::default(),
+        };
         privileges::require()?;
         let pressure = pressure::Reader::from_env(&args.ports.0)?;
         let ifaces =
@@ -82,6 +92,7 @@ impl Observer {
             args.handshake_timeout,
             max_peer_series,
             labeler.clone(),
+            Sites::new(site_map, max_site_series, config.ports()),
         )?;
         let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
         maps.seed(&ifindexes, config.ports())?;
@@ -106,8 +117,13 @@ impl Observer {
     /// syscalls, off the async workers).
     pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         tokio::task::block_in_place(|| {
+            // Payload events first: the names they say are learnt before this drain's read of
+            // the per-peer maps, whose rises then go to the sites just named.
+            let mut payloads = Vec::new();
+            self.maps.read_payloads(|e| payloads.push(*e));
+            self.maps.learn_names(&payloads);
             let mut snap = self.maps.drain(peers)?;
-            self.maps.read_payloads(|e| snap.payloads.push(*e));
+            snap.payloads = payloads;
             snap.tls = self.maps.count_payloads(&snap.payloads).clone();
             snap.pressure = self.pressure.read();
             Ok(snap)

@@ -79,7 +79,15 @@ pub fn of_snapshot(
     // in the window, which that error needs, is rare.
     for (figure, field) in PER_PEER_FIGURES {
         for (k, n) in snap.peers.figure(figure) {
-            *field(r.peers.entry(peer_name(k)).or_default()) += n;
+            let name = peer_name(k);
+            // A peer's site as a server (outbound) first: the per-peer causes are outbound.
+            let site = snap.peers.sites.site_of(k);
+            if site != crate::sites::map::UNKNOWN
+                && (k.direction == Direction::Outbound as u8 || !r.sites.contains_key(&name))
+            {
+                r.sites.insert(name.clone(), site.to_owned());
+            }
+            *field(r.peers.entry(name).or_default()) += n;
         }
     }
     add_pressure(&mut r, &snap.pressure);

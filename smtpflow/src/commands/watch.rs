@@ -42,7 +42,7 @@ fn prepare(args: &WatchArgs) -> anyhow::Result<Prepared> {
         None => WebConfig::none(),
     });
     let listener = http::bind(args.metrics_addr)?;
-    let mut obs = Observer::start(&args.observe, args.max_peer_series)?;
+    let mut obs = Observer::start(&args.observe, args.max_peer_series, args.max_site_series)?;
     obs.set_peer_series_idle(args.peer_series_idle);
     if !args.keep_privileges {
         privileges::drop_after_attach(args.user.as_deref())?;

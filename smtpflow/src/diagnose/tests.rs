@@ -163,6 +163,7 @@ fn remote_throttling_names_its_peers_and_shares() {
     let mut d = Diagnoser::new(Thresholds::default());
     let mut g = Gateway::new();
     g.outbound("192.0.2.9", sessions(100)).outbound("192.0.2.8", sessions(1000));
+    g.0.sites.insert(name("192.0.2.9"), "outlook.com".into());
     d.update(t0, g.reading());
     // 19 of 50 sessions throttled at one peer; 12 of 500 at another (2.4 %): only the first.
     g.outbound("192.0.2.9", PeerCounts { established: 50, throttled: 19, ..Default::default() });
@@ -171,8 +172,9 @@ fn remote_throttling_names_its_peers_and_shares() {
     assert_eq!(active(&f), ["remote_throttling"]);
     let th = finding(&f, Cause::RemoteThrottling);
     assert_eq!(th.top_peers, [(name("192.0.2.9"), 19)]);
+    assert_eq!(th.top_sites, ["outlook.com"]);
     assert!(
-        th.summary.starts_with("192.0.2.9 on eth0: 421 or rate-limit replies on 38 % of 50 sessions in 60 s: lower the concurrency"),
+        th.summary.starts_with("outlook.com, 421 or rate-limit replies on 38 % of 50 sessions, peers 192.0.2.9 on eth0 (19) in 60 s: lower the concurrency"),
         "{}",
         th.summary
     );
@@ -197,7 +199,11 @@ fn remote_refusing_and_unreachable_name_their_peers() {
     let refusing = finding(&f, Cause::RemoteRefusing);
     assert_eq!(refusing.top_peers, [(name("192.0.2.7"), 12)]);
     assert!(
-        refusing.summary.starts_with("192.0.2.7 on eth0: RST to 100 % of 12 handshakes in 60 s")
+        refusing.summary.starts_with(
+            "unknown, RST to 100 % of 12 handshakes, peers 192.0.2.7 on eth0 (12) in 60 s"
+        ),
+        "{}",
+        refusing.summary
     );
     assert_eq!(refusing.evidence["outbound_refused"], 12.0);
     assert_eq!(refusing.evidence["outbound_attempts"], 12.0 + 50.0 + 103.0);
@@ -206,8 +212,8 @@ fn remote_refusing_and_unreachable_name_their_peers() {
     assert_eq!(unreachable.top_peers, [(name("192.0.2.6"), 30)]);
     assert!(
         unreachable.summary.starts_with(
-            "192.0.2.6 on eth0: no answer or ICMP unreachable to 60 % of 50 handshakes (0 ICMP \
-             unreachable) in 60 s with normal local pressure"
+            "unknown, no answer or ICMP unreachable to 60 % of 50 handshakes (0 ICMP \
+             unreachable), peers 192.0.2.6 on eth0 (30) in 60 s with normal local pressure"
         ),
         "{}",
         unreachable.summary
@@ -238,8 +244,8 @@ fn icmp_unreachable_is_evidence_for_remote_unreachable() {
     assert_eq!(u.top_peers, [(name("192.0.2.6"), 10)]);
     assert!(
         u.summary.starts_with(
-            "192.0.2.6 on eth0: no answer or ICMP unreachable to 10 % of 100 handshakes (6 ICMP \
-             unreachable) in 60 s"
+            "unknown, no answer or ICMP unreachable to 10 % of 100 handshakes (6 ICMP \
+             unreachable), peers 192.0.2.6 on eth0 (10) in 60 s"
         ),
         "{}",
         u.summary
@@ -489,4 +495,34 @@ fn thousands_separators() {
     assert_eq!(thousands(999), "999");
     assert_eq!(thousands(262_144), "262,144");
     assert_eq!(thousands(1_000_000), "1,000,000");
+}
+
+/// Peers of one site are said together: the site's share over its peers named, then the
+/// peers.
+#[test]
+fn per_peer_causes_group_peers_by_site() {
+    let t0 = Instant::now();
+    let mut d = Diagnoser::new(Thresholds::default());
+    let mut g = Gateway::new();
+    for (p, site) in
+        [("192.0.2.1", "outlook.com"), ("192.0.2.2", "outlook.com"), ("192.0.2.3", "example.net")]
+    {
+        g.0.sites.insert(name(p), site.into());
+    }
+    d.update(t0, g.reading());
+    g.outbound("192.0.2.1", PeerCounts { established: 40, throttled: 20, ..Default::default() });
+    g.outbound("192.0.2.2", PeerCounts { established: 60, throttled: 18, ..Default::default() });
+    g.outbound("192.0.2.3", PeerCounts { established: 20, throttled: 19, ..Default::default() });
+    let (f, _) = d.update(at(t0, 10), g.reading());
+    let th = finding(&f, Cause::RemoteThrottling);
+    assert_eq!(th.top_sites, ["outlook.com", "example.net", "outlook.com"]);
+    assert!(
+        th.summary.starts_with(
+            "outlook.com, 421 or rate-limit replies on 38 % of 100 sessions, peers 192.0.2.1 on \
+             eth0 (20), 192.0.2.2 on eth0 (18); example.net, 421 or rate-limit replies on 95 % of \
+             20 sessions, peers 192.0.2.3 on eth0 (19) in 60 s"
+        ),
+        "{}",
+        th.summary
+    );
 }

@@ -210,6 +210,8 @@ pub struct Snapshot {
     /// The same by per-peer entry (the client of inbound connections, the server of outbound
     /// ones); only entries with an open connection.
     pub open_by_peer: StdHashMap<PeerKey, u64>,
+    /// `smtpflow_site_open_connections`: open connections by site, direction and port.
+    pub site_open: Vec<crate::sites::SiteOpen>,
     /// `smtpflow_peer_open_connections`: for each exported peer label, direction and port of
     /// [`Snapshot::peers`], its open connections (0 when none).
     pub open_peers: Vec<OpenPeer>,
@@ -297,7 +299,14 @@ impl Maps {
         handshake_timeout: Duration,
         max_peer_series: usize,
         labeler: PeerLabel,
+        sites: crate::sites::Sites,
     ) -> anyhow::Result<Self> {
+        let mut reader = PeerReader::with_series(
+            SeriesLimits::new(max_peer_series),
+            labeler.clone(),
+            peers_capacity as usize,
+        );
+        reader.set_sites(sites);
         let flows = take(ebpf, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
@@ -321,11 +330,7 @@ impl Maps {
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
-                reader: PeerReader::with_series(
-                    SeriesLimits::new(max_peer_series),
-                    labeler.clone(),
-                    peers_capacity as usize,
-                ),
+                reader,
                 labeler,
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
@@ -346,6 +351,15 @@ impl Maps {
     /// Sets `--peer-series-idle`: how long an exported per-peer label stays without increasing.
     pub fn set_peer_series_idle(&mut self, idle: Duration) {
         self.peers.reader.set_series_idle(idle);
+        self.peers.reader.sites_mut().set_idle(idle);
+    }
+
+    /// Learns the remote names payload events say (before the per-peer read of the same
+    /// drain, so that the rises it reads go to the sites just named).
+    pub fn learn_names(&mut self, payloads: &[smtpflow_common::PayloadEvent]) {
+        if !payloads.is_empty() {
+            self.peers.reader.sites_mut().learn(payloads, Instant::now());
+        }
     }
 
     /// Creates every fixed counter and histogram of the watched interfaces and ports at zero, so
@@ -487,6 +501,7 @@ impl Maps {
             open_by_scope: self.sweep.open.by_scope.clone(),
             open_peers: self.sweep.open.peer_series(&self.peers.view, &self.peers.labeler),
             open_by_peer: self.sweep.open.by_peer.clone(),
+            site_open: self.peers.reader.sites_mut().open_connections(&self.sweep.open.by_peer),
             tls: self.tls.clone(),
             payloads: Vec::new(),
         })

@@ -28,7 +28,10 @@ use smtpflow_common::{
 };
 
 use super::batch;
-use crate::output::peer_label::PeerLabel;
+use crate::{
+    output::peer_label::PeerLabel,
+    sites::{SiteMap, SiteView, Sites, attribute::DEFAULT_MAX_SITE_SERIES},
+};
 
 pub mod series;
 
@@ -100,6 +103,8 @@ pub struct PeerView {
     figures: [Vec<(PeerKey, u64)>; Figure::COUNT],
     /// When the read started (`None`: never read).
     pub read_at: Option<SystemTime>,
+    /// The per-site series, and the sites of the peers the figures name.
+    pub sites: SiteView,
 }
 
 impl PeerView {
@@ -344,6 +349,8 @@ pub struct PeerReader {
     figures: [TopN<Valued>; Figure::COUNT],
     /// The per-peer series and what tells recent activity (`None`: `--max-peer-series 0`).
     series: Option<(Accumulator, ActivitySketch)>,
+    /// Names learnt and the per-site totals, given every entry of every read.
+    sites: Sites,
     /// When the current read started.
     now: Instant,
     view: PeerView,
@@ -370,6 +377,7 @@ impl PeerReader {
             candidates: TopN::new(limits.max.saturating_mul(ENTRY_SLACK)),
             figures: std::array::from_fn(|_| TopN::new(FIGURE_KEEP)),
             series,
+            sites: Sites::new(SiteMap::default(), DEFAULT_MAX_SITE_SERIES, &[]),
             now: Instant::now(),
             view: PeerView::default(),
         }
@@ -380,6 +388,16 @@ impl PeerReader {
         if let Some((acc, _)) = &mut self.series {
             acc.set_idle(idle);
         }
+    }
+
+    /// Sets what sites are attributed with (`--site-map`, `--max-site-series`, the ports).
+    pub fn set_sites(&mut self, sites: Sites) {
+        self.sites = sites;
+    }
+
+    /// The names learnt and per-site totals (to learn names between reads).
+    pub fn sites_mut(&mut self) -> &mut Sites {
+        &mut self.sites
     }
 
     /// Labels tracked and members followed by the series' accumulator (for tests).
@@ -419,6 +437,7 @@ impl PeerReader {
         self.view = PeerView { read_at: Some(SystemTime::now()), ..PeerView::default() };
         self.now = now;
         self.peer_hashes.clear();
+        self.sites.start(now);
         if let Some((acc, sketch)) = &mut self.series {
             acc.start(now);
             sketch.start();
@@ -446,6 +465,7 @@ impl PeerReader {
     /// One entry of the per-peer map.
     pub fn add_entry(&mut self, k: &PeerKey, v: &PeerCounters) {
         self.view.entries += 1;
+        self.sites.entry(k, v);
         let peer_hash = self.peer_hash(k);
         self.peer_hashes.push(peer_hash);
         let entry_hash = self.entry_hash(peer_hash, k);
@@ -490,6 +510,7 @@ impl PeerReader {
 
     /// The handshakes of one entry that timed out (counted by userspace's sweep).
     pub fn add_timeouts(&mut self, k: &PeerKey, n: u64) {
+        self.sites.timeouts(k, n);
         if let Some((acc, _)) = &mut self.series {
             acc.timeouts(k, n);
         }
@@ -501,6 +522,7 @@ impl PeerReader {
 
     /// One entry of the per-peer greetings map (entries counting every reply are for sites).
     pub fn add_greeting(&mut self, k: &PeerGreetingKey, n: u64) {
+        self.sites.reply(k, n);
         if k.kind != smtpflow_common::peer::reply_kind::GREETING {
             return;
         }
@@ -521,6 +543,7 @@ impl PeerReader {
         for (out, top) in self.view.figures.iter_mut().zip(&mut self.figures) {
             *out = top.take_sorted().into_iter().map(|(n, Reverse(k))| (k, n)).collect();
         }
+        self.view.sites = self.sites.finish(self.view.figures.iter().flatten().map(|(k, _)| k));
         if let Some((acc, _)) = &mut self.series {
             (self.view.series, self.view.exported_peers) = acc.finish();
             self.view.exported_labels = acc.exported_labels().collect();

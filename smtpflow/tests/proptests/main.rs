@@ -4,7 +4,8 @@
 //! Each must return a `Result` (or its "not known") on any input, never panic, and give back
 //! what a well-formed input says (round trips: render values the way the kernel or a user writes
 //! them, parse, compare). And the bounded reading of the per-peer maps (`peers::PeerReader`)
-//! against the exact one it replaces.
+//! against the exact one it replaces. And the remote-name parsers of greetings and EHLOs
+//! (`sites::names`) with the `--site-map` file.
 //!
 //! Seeded by proptest (`PROPTEST_CASES` raises the case count; a failure prints its minimal
 //! input).
@@ -12,6 +13,7 @@ use proptest::{collection::vec, prelude::*};
 
 mod btf;
 mod config;
+mod names;
 mod netlink_replies;
 mod peers;
 mod proc_files;

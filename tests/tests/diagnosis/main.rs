@@ -232,9 +232,11 @@ fn remote_throttling_names_the_peer() {
         &w,
         "remote_throttling",
         &[
-            // The counts at the moment it turned on: some of the 4 sessions, perhaps.
-            "is active: 10.77.0.2 on sf0: 421 or rate-limit replies on ",
-            " sessions in 4 s: lower the concurrency",
+            // The counts at the moment it turned on: some of the 4 sessions, perhaps. The site
+            // is the peer's name's (its earlier 220 said mx.test) or unknown.
+            ", 421 or rate-limit replies on ",
+            " sessions, peers 10.77.0.2 on sf0 (",
+            ") in 4 s: lower the concurrency",
         ],
     );
 }
@@ -301,8 +303,9 @@ fn remote_unreachable_when_the_peer_drops_syns() {
         &w,
         "remote_unreachable",
         &[
-            "is active: 10.77.0.2 on sf0: no answer or ICMP unreachable to 100 % of ",
-            " handshakes (0 ICMP unreachable) in 4 s with normal local pressure: check routing",
+            ", no answer or ICMP unreachable to 100 % of ",
+            " handshakes (0 ICMP unreachable), peers 10.77.0.2 on sf0 (",
+            ") in 4 s with normal local pressure: check routing",
         ],
     );
 }
@@ -362,8 +365,9 @@ fn remote_refusing_a_closed_port() {
         &w,
         "remote_refusing",
         &[
-            "is active: 10.77.0.2 on sf0: RST to 100 % of ",
-            " handshakes in 4 s: these MXs refuse port 25",
+            ", RST to 100 % of ",
+            " handshakes, peers 10.77.0.2 on sf0 (",
+            ") in 4 s: these MXs refuse port 25",
         ],
     );
 }
@@ -537,10 +541,15 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
             })
             .collect();
         assert_eq!(peers, the_peer(N as u64), "{}", v.stdout);
+        // Nothing listens: the peer never said a name, and no --site-map names it.
+        let sites: Vec<&str> =
+            c["top_peers"].items().iter().map(|p| p["site"].as_str().unwrap_or_default()).collect();
+        assert_eq!(sites, ["unknown"], "{}", v.stdout);
         let summary = c["summary"].as_str().unwrap_or_default();
         assert!(
             summary.starts_with(&format!(
-                "{PEER} on {IF}: RST to 100 % of {N} handshakes in 3 s: these MXs refuse port 25"
+                "unknown, RST to 100 % of {N} handshakes, peers {PEER} on {IF} ({N}) in 3 s: these \
+                 MXs refuse port 25"
             )),
             "{summary}"
         );
@@ -554,8 +563,8 @@ fn diagnose_one_shot_verdict_and_exit_codes() {
     let v = refuse_while_observed(false);
     assert_eq!(v.code, Some(1), "{v:?}");
     let active_line = format!(
-        "  ACTIVE  remote_refusing       {PEER} on {IF}: RST to 100 % of {N} handshakes in 3 s: \
-         these MXs refuse port 25"
+        "  ACTIVE  remote_refusing       unknown, RST to 100 % of {N} handshakes, peers {PEER} on \
+         {IF} ({N}) in 3 s: these MXs refuse port 25"
     );
     assert!(v.stdout.contains(&active_line), "{active_line:?} not in:\n{}", v.stdout);
     assert!(v.stdout.contains("  ok      conntrack_exhaustion\n"), "{}", v.stdout);

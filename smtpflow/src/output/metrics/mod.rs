@@ -19,6 +19,7 @@ use crate::{
         peers::{PeerView, series::Counted},
     },
     kernel::{attach::Attachment, drop_reasons::DropReasons},
+    sites::{SiteCounted, SiteView},
 };
 
 /// What the exporter knows besides the snapshot.
@@ -352,6 +353,19 @@ impl Exporter {
             );
         }
         peers.finish(out);
+        let mut sites = Family::new(
+            "smtpflow_site_open_connections",
+            MetricType::GAUGE,
+            "Open SMTP connections per remote site, summed over interfaces (other: sites without their own series; unknown: peers with no name yet).",
+        );
+        for s in &snap.site_open {
+            let port = s.port.to_string();
+            sites.add(
+                &[("direction", s.direction.label()), ("port", &port), ("site", &s.site)],
+                s.open as f64,
+            );
+        }
+        sites.finish(out);
     }
 
     /// The exported per-peer series (monotonic totals, chosen when the per-peer maps were
@@ -404,6 +418,7 @@ impl Exporter {
         );
 
         let mut out = Vec::new();
+        render_sites(&view.sites, &mut out);
         let mut g = Family::new(
             "smtpflow_peers_tracked",
             MetricType::GAUGE,
@@ -432,6 +447,59 @@ impl Exporter {
     }
 }
 
+/// The per-site series of a reading of the per-peer maps (zeros included: `unknown`, `other`
+/// and each exported site have every handshake outcome and reset phase of the directions and
+/// ports they were seen with).
+fn render_sites(view: &SiteView, out: &mut Vec<MetricFamily>) {
+    let mut handshakes = Family::new(
+        "smtpflow_site_handshakes_total",
+        MetricType::COUNTER,
+        "Handshake outcomes per remote site (the registrable domain of the name the remote gave, or a --site-map site; unknown: no name yet), summed over interfaces, for at most --max-site-series sites; the rest in site=\"other\".",
+    );
+    let mut replies = Family::new(
+        "smtpflow_site_smtp_replies_total",
+        MetricType::COUNTER,
+        "SMTP replies by code per remote site (greetings included, as smtpflow_smtp_replies_total).",
+    );
+    let mut resets = Family::new(
+        "smtpflow_site_resets_total",
+        MetricType::COUNTER,
+        "RSTs (either side) per remote site, by the phase of their connection.",
+    );
+    for s in &view.series {
+        let port = s.port.to_string();
+        let base =
+            [("direction", s.direction.label()), ("port", port.as_str()), ("site", &*s.site)];
+        let v = s.value as f64;
+        match s.counted {
+            SiteCounted::Handshake(o) => {
+                handshakes.add(&joined(&base, &[("outcome", o.label())]), v)
+            }
+            SiteCounted::Reply(code) => {
+                replies.add(&joined(&base, &[("code", &code.to_string())]), v)
+            }
+            SiteCounted::Reset(p) => resets.add(&joined(&base, &[("phase", p.label())]), v),
+        }
+    }
+    handshakes.finish(out);
+    replies.finish(out);
+    resets.finish(out);
+    let mut g = Family::new(
+        "smtpflow_sites_exported",
+        MetricType::GAUGE,
+        "Sites with their own smtpflow_site_* series (at most --max-site-series; unknown and other not counted).",
+    );
+    g.add(&[], view.exported as f64);
+    g.finish(out);
+    let mut g = Family::new(
+        "smtpflow_site_names_remembered",
+        MetricType::GAUGE,
+        "Remote names (by address and direction) remembered for their site.",
+    );
+    g.add(&[], view.names as f64);
+    g.finish(out);
+}
+
 /// The diagnosis: a gauge per cause, its evidence, and the peers most involved.
 fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
     let mut active = Family::new(
@@ -447,7 +515,7 @@ fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
     let mut peers = Family::new(
         "smtpflow_diagnosis_top_peer",
         MetricType::GAUGE,
-        "The peers most involved in an active per-peer cause, with their count in the window.",
+        "The peers most involved in an active per-peer cause, with their site and their count in the window.",
     );
     for f in findings {
         active.add(&[("cause", f.cause.label())], if f.active { 1.0 } else { 0.0 });
@@ -455,9 +523,14 @@ fn render_diagnosis(findings: &[Finding], out: &mut Vec<MetricFamily>) {
             evidence.add(&[("cause", f.cause.label()), ("evidence", name)], *v);
         }
         if f.active {
-            for (p, n) in &f.top_peers {
+            for ((p, n), site) in f.top_peers.iter().zip(&f.top_sites) {
                 peers.add(
-                    &[("cause", f.cause.label()), ("iface", &p.iface), ("peer", &p.peer)],
+                    &[
+                        ("cause", f.cause.label()),
+                        ("iface", &p.iface),
+                        ("peer", &p.peer),
+                        ("site", site),
+                    ],
                     *n as f64,
                 );
             }

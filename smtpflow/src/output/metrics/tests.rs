@@ -308,6 +308,7 @@ fn golden_exposition() {
         active: true,
         evidence: BTreeMap::from([("outbound_refused", 2.0)]),
         top_peers: vec![(PeerName { iface: "eth0".into(), peer: "198.51.100.7".into() }, 2)],
+        top_sites: vec!["outlook.com".into()],
         summary: "outbound handshakes refused".into(),
     }];
     let attachments = vec![Attachment { iface: "eth0".into(), hook: "tc_ingress", how: "tcx" }];
@@ -393,4 +394,57 @@ fn renders_the_four_families() {
     let text = render(&snap);
     assert!(!text.contains("smtpflow_conntrack_"), "{text}");
     assert!(text.contains(r#"smtpflow_tcp_stat_total{stat="ListenOverflows"} 18"#));
+}
+
+/// The per-site families: labels exactly direction, port, site and what they count; zeros of
+/// unknown, other and each exported site; the sites beyond --max-site-series in other.
+#[test]
+fn renders_site_series() {
+    use crate::sites::{SiteMap, Sites};
+    use smtpflow_common::{Outcome, PayloadEvent, PayloadKind, payload::PAYLOAD_BYTES};
+    let name = |k: PeerKey, text: &str| {
+        let mut bytes = [0u8; PAYLOAD_BYTES];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        PayloadEvent {
+            peer: k,
+            kind: PayloadKind::Greeting as u8,
+            _pad: 0,
+            len: text.len() as u16,
+            payload_len: text.len() as u32,
+            bytes,
+        }
+    };
+    let (a, b) = (peer(1, FAMILY_V4, Direction::Outbound), peer(2, FAMILY_V4, Direction::Outbound));
+    let mut r = PeerReader::new(0);
+    r.set_sites(Sites::new(SiteMap::default(), 1, &[25]));
+    r.sites_mut().learn(
+        &[
+            name(a, "220 mx3.mail.protection.outlook.com ESMTP\r\n"),
+            name(b, "220 mx.example.net ESMTP\r\n"),
+        ],
+        std::time::Instant::now(),
+    );
+    let mut est = PeerCounters::default();
+    est.outcomes[Outcome::Established as usize] = 3;
+    let v = r.view_of(
+        &[(a, est), (b, est)],
+        &[],
+        &[(PeerGreetingKey::any(a, 421), 2), (PeerGreetingKey::any(b, 220), 3)],
+    );
+    let snap = Snapshot { peers: Arc::new(v), ..Default::default() };
+    let text = render(&snap);
+    for line in [
+        "smtpflow_site_handshakes_total{direction=\"outbound\",port=\"25\",site=\"outlook.com\",outcome=\"established\"} 3",
+        "smtpflow_site_handshakes_total{direction=\"outbound\",port=\"25\",site=\"outlook.com\",outcome=\"timeout\"} 0",
+        "smtpflow_site_handshakes_total{direction=\"outbound\",port=\"25\",site=\"other\",outcome=\"established\"} 3",
+        "smtpflow_site_handshakes_total{direction=\"inbound\",port=\"25\",site=\"unknown\",outcome=\"refused\"} 0",
+        "smtpflow_site_smtp_replies_total{direction=\"outbound\",port=\"25\",site=\"outlook.com\",code=\"421\"} 2",
+        "smtpflow_site_smtp_replies_total{direction=\"outbound\",port=\"25\",site=\"other\",code=\"220\"} 3",
+        "smtpflow_site_resets_total{direction=\"outbound\",port=\"25\",site=\"outlook.com\",phase=\"pre_greeting\"} 0",
+        "smtpflow_sites_exported 1",
+        "smtpflow_site_names_remembered 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+    }
+    assert!(!text.contains("example.net"), "beyond --max-site-series 1");
 }
