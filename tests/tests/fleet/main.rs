@@ -198,7 +198,7 @@ fn grafana_dashboard_is_well_formed() {
         .filter(|p| p["type"].as_str() == Some("row"))
         .filter_map(|p| p["title"].as_str())
         .collect();
-    assert_eq!(rows, ["Diagnosis", "Fleet overview", "Gateway", "Top peers"]);
+    assert_eq!(rows, ["Diagnosis", "Fleet overview", "Gateway", "Top peers", "Remote sites"]);
     assert_eq!(panels[0]["title"].as_str(), Some("Diagnosis"));
     let mut ids = BTreeSet::new();
     let mut kinds = BTreeSet::new();
@@ -238,6 +238,7 @@ fn grafana_dashboard_is_well_formed() {
                 assert!(on(DIAGNOSIS) || metrics.contains("up"), "{title}: {expr}")
             }
             "Top peers" => assert!(on("smtpflow_peer_"), "{title}: {expr}"),
+            "Remote sites" => assert!(on("smtpflow_site_"), "{title}: {expr}"),
             _ => {}
         }
     }
