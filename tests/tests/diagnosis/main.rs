@@ -147,7 +147,10 @@ fn listen_overflow_with_a_server_that_never_accepts() {
         WINDOW,
         removed,
         started,
-        &["listen_overflows", "listen_overflow_drops"],
+        // Only the SYN drops: ListenOverflows also counts handshake ACKs refused on the full
+        // queue (the client answering a retransmitted SYN-ACK), which can come after the last
+        // SYN drop, so a rise of it may still be in the window when the cause turns off.
+        &["listen_overflow_drops"],
     );
     all_ok("inbound sessions to smtp-sink", &traffic.stop());
     eprintln!(
