@@ -680,18 +680,10 @@ mod tests {
         FlowPacket { flags, from_client, plaintext: true, ends_line: true, ..Default::default() }
     }
 
-    /// What the kernel reads of a payload: nothing under 4 bytes, 4 under 8, 8 under
-    /// [`HEAD_LEN`], else [`HEAD_LEN`].
+    /// What the kernel reads of a payload ([`crate::reference::kernel_head`]).
     fn read_head(p: &mut FlowPacket, text: &[u8]) {
-        let n = match text.len() {
-            0..4 => 0,
-            4..8 => 4,
-            8..HEAD_LEN => 8,
-            _ => HEAD_LEN,
-        };
-        let mut head = [0; HEAD_LEN];
-        head[..n].copy_from_slice(&text[..n]);
-        p.read_head(&head, n as u8);
+        let (head, n) = crate::reference::kernel_head(text);
+        p.read_head(&head, n);
     }
 
     fn data(from_client: bool, seq: u32, text: &[u8]) -> FlowPacket {

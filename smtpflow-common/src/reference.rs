@@ -413,15 +413,8 @@ pub fn flow_packet(
         return p;
     }
     if plaintext {
-        let n = match payload.len() {
-            0..4 => 0,
-            4..8 => 4,
-            8..HEAD_LEN => 8,
-            _ => HEAD_LEN,
-        };
-        let mut head = [0u8; HEAD_LEN];
-        head[..n].copy_from_slice(&payload[..n]);
-        p.read_head(&head, n as u8);
+        let (head, n) = kernel_head(payload);
+        p.read_head(&head, n);
         if !from_client {
             p.ends_line = payload.last() == Some(&b'\n');
         }
@@ -430,6 +423,22 @@ pub fn flow_packet(
         p.first_byte = payload[0];
     }
     p
+}
+
+/// What the kernel reads of a payload's start (`flow::read_payload`): whole loads only, so
+/// nothing of a payload under 4 bytes, its first 4 under 8, its first 8 under [`HEAD_LEN`],
+/// else the first [`HEAD_LEN`]; the rest of the head is zero. Returns the head and how many
+/// bytes it holds.
+pub fn kernel_head(payload: &[u8]) -> ([u8; HEAD_LEN], u8) {
+    let n = match payload.len() {
+        0..4 => 0,
+        4..8 => 4,
+        8..HEAD_LEN => 8,
+        _ => HEAD_LEN,
+    };
+    let mut head = [0u8; HEAD_LEN];
+    head[..n].copy_from_slice(&payload[..n]);
+    (head, n as u8)
 }
 
 /// The ICMP answer contract ("Unreachable" in the README), over a frame: an ICMP (in IPv4) or

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use smtpflow_common::{
     Counter, Direction, Scope, Side,
     flow::{FlowPacket, FlowState, step},
-    reply::HEAD_LEN,
+    reference,
     rules::tcp_flags::{ACK, PSH, SYN},
 };
 use smtpflow_tests::{
@@ -82,14 +82,7 @@ fn reply_counts(k: &Kernel) -> Counts {
 /// What the kernel reads of a server payload: the model's [`FlowPacket`].
 fn server_packet(seq: u32, payload: &[u8]) -> FlowPacket {
     let len = payload.len();
-    let n = match len {
-        0..4 => 0,
-        4..8 => 4,
-        8..HEAD_LEN => 8,
-        _ => HEAD_LEN,
-    };
-    let mut head = [0u8; HEAD_LEN];
-    head[..n].copy_from_slice(&payload[..n]);
+    let (head, n) = reference::kernel_head(payload);
     let mut p = FlowPacket {
         flags: ACK | PSH,
         from_client: false,
@@ -99,7 +92,7 @@ fn server_packet(seq: u32, payload: &[u8]) -> FlowPacket {
         plaintext: true,
         ..FlowPacket::default()
     };
-    p.read_head(&head, n as u8);
+    p.read_head(&head, n);
     p
 }
 
