@@ -43,10 +43,16 @@ pub fn spawn(ns: &Netns, args: &[&str]) -> Process {
     Process::spawn(ns, binary(), args)
 }
 
-/// `smtpflow <args>` inside `ns`, once `ready()` holds (20 s at most; a panic if it exits first).
+/// How long smtpflow may take to load, attach and serve. Well under 2 s on this host; the bound
+/// is for the kernel matrix's software-emulated VMs, where Linux 6.1's verifier alone takes 10
+/// to 20 s for the two TC programs (`smtpflow check` prints the instructions it verifies).
+pub const STARTUP: Duration = Duration::from_secs(60);
+
+/// `smtpflow <args>` inside `ns`, once `ready()` holds ([`STARTUP`] at most; a panic if it
+/// exits first).
 pub fn start(ns: &Netns, args: &[&str], ready: impl FnMut() -> bool) -> Process {
     let mut process = spawn(ns, args);
-    process.wait_ready(Duration::from_secs(20), ready);
+    process.wait_ready(STARTUP, ready);
     process
 }
 
@@ -70,10 +76,10 @@ impl Watch {
         Self::launch(ns, &[&defaults[..], args].concat(), METRICS_ADDR)
     }
 
-    /// Starts `smtpflow watch <args>` exactly as given and waits (20 s at most) until `/healthz`
-    /// on `addr` answers.
+    /// Starts `smtpflow watch <args>` exactly as given and waits ([`STARTUP`] at most) until
+    /// `/healthz` on `addr` answers.
     pub fn launch(ns: &Netns, args: &[&str], addr: &str) -> Self {
-        Self::try_launch(ns, args, addr, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_launch(ns, args, addr, STARTUP).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Watch::launch`], waiting at most `timeout`, with the failure (it could not start,
@@ -132,11 +138,11 @@ pub fn diagnose(ns: &Netns, args: &[&str]) -> Process {
     Process::build(ns, binary()).arg("diagnose").args(args).capture_stdout().spawn()
 }
 
-/// Waits (at most 20 s) until a `diagnose`'s log says the pressure signals were read for the
-/// first time: the first drain, the baseline the verdict is measured from, is then taken, so
+/// Waits (at most [`STARTUP`]) until a `diagnose`'s log says the pressure signals were read for
+/// the first time: the first drain, the baseline the verdict is measured from, is then taken, so
 /// anything that happens afterwards is inside the observed period.
 pub fn wait_observing(diagnose: &mut Process) {
-    let ok = wait_for(Duration::from_secs(20), || {
+    let ok = wait_for(STARTUP, || {
         diagnose.assert_running();
         diagnose.stderr().contains("conntrack statistics from").then_some(())
     });
