@@ -361,40 +361,16 @@ pub fn step(
     now: u64,
     timeout_ns: u64,
 ) -> Actions {
-    let mut a = Actions::default();
-    step_into(st, &mut a, exists, p, now, timeout_ns);
-    a
-}
-
-/// [`step`], writing its decisions into `a` (which it resets first). The kernel's form: it
-/// passes the flow's state and the decisions in a per-CPU map slot rather than on its stack,
-/// so that the verifier tracks no constants in them and prunes the paths through this function
-/// where they meet (on the stack, each path's decisions made a state of its own).
-#[inline(always)]
-pub fn step_into(
-    st: &mut FlowState,
-    a: &mut Actions,
-    exists: bool,
-    p: &FlowPacket,
-    now: u64,
-    timeout_ns: u64,
-) {
-    *a = Actions::default();
-    advance(st, a, exists, p, now, timeout_ns);
+    let a = advance(st, exists, p, now, timeout_ns);
     if a.store {
         st.active = (now >> ACTIVE_SHIFT) as u32;
     }
+    a
 }
 
 #[inline(always)]
-fn advance(
-    st: &mut FlowState,
-    a: &mut Actions,
-    exists: bool,
-    p: &FlowPacket,
-    now: u64,
-    timeout_ns: u64,
-) {
+fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_ns: u64) -> Actions {
+    let mut a = Actions::default();
     let (syn, ack, rst, fin) =
         (p.flags & SYN != 0, p.flags & ACK != 0, p.flags & RST != 0, p.flags & FIN != 0);
     let pending = exists && st.state == state::SYN_SENT;
@@ -414,33 +390,33 @@ fn advance(
             }
         });
         if !exists {
-            return;
+            return a;
         }
         if late {
             // Kept: the sweep counts the attempt as a timeout.
             st.flags |= flag::LATE;
             a.store = true;
-            return;
+            return a;
         }
         a.tls = tls_failed(st, p);
         if st.flags & flag::LATE != 0 {
             // Kept until the sweep has seen it, no longer open.
-            close(st, a);
-            return;
+            close(st, &mut a);
+            return a;
         }
         if st.state == state::SYN_SENT && !p.from_client && !decided {
             a.outcome = Some(Outcome::Refused);
         }
         a.delete = true;
-        return;
+        return a;
     }
     if syn && !ack {
         if !p.from_client {
-            return; // a SYN from the SMTP port: simultaneous open, not tracked
+            return a; // a SYN from the SMTP port: simultaneous open, not tracked
         }
         if exists && p.seq == st.client_isn {
             a.syn_retransmit = true;
-            return;
+            return a;
         }
         // A new attempt (possibly reusing the ports of an old connection).
         *st = FlowState {
@@ -450,12 +426,12 @@ fn advance(
             ..FlowState::default()
         };
         a.store = true;
-        return;
+        return a;
     }
     if syn {
         // SYN-ACK.
         if p.from_client || (exists && st.state != state::SYN_SENT) {
-            return; // not a server's answer, or a duplicate
+            return a; // not a server's answer, or a duplicate
         }
         if late {
             // No outcome; the connection is still followed.
@@ -473,14 +449,14 @@ fn advance(
         st.server_next_seq = p.seq.wrapping_add(1);
         st.flags |= flag::SEQ_KNOWN;
         a.store = true;
-        return;
+        return a;
     }
     if !exists {
-        return; // a connection we did not see start
+        return a; // a connection we did not see start
     }
     if st.state == state::SYN_SENT {
         if !(p.from_client && ack) {
-            return;
+            return a;
         }
         // The client completed the handshake and we never saw the SYN-ACK (XDP sees no egress).
         if late {
@@ -512,18 +488,18 @@ fn advance(
         }
         // XDP never sees the server's FIN: the client's ends the flow.
         if fin {
-            end(st, a, p, p.ingress_only, may_end);
+            end(st, &mut a, p, p.ingress_only, may_end);
         }
-        return;
+        return a;
     }
     if p.payload_len == 0
         || (st.flags & flag::SEQ_KNOWN != 0 && seq_before(p.seq, st.server_next_seq))
     {
         // No payload, or a retransmission: already counted.
         if fin {
-            end(st, a, p, true, may_end);
+            end(st, &mut a, p, true, may_end);
         }
-        return;
+        return a;
     }
     st.server_next_seq = p.seq.wrapping_add(p.payload_len);
     st.flags |= flag::SEQ_KNOWN;
@@ -576,8 +552,9 @@ fn advance(
         st.flags |= flag::MID_LINE;
     }
     if fin {
-        end(st, a, p, true, may_end);
+        end(st, &mut a, p, true, may_end);
     }
+    a
 }
 
 /// The TCP handshake completed: the flow is established, and on an implicit-TLS port (not

@@ -4,12 +4,12 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
     Direction, FlowKey, Outcome, Stat,
-    flow::{Actions, FlowPacket, step_into, unreachable},
+    flow::{Actions, FlowPacket, step, unreachable},
     reply::HEAD_LEN,
 };
 
 use crate::{
-    maps::{FLOWS, SCRATCH, bump, config},
+    maps::{FLOWS, bump, config},
     packet::{Packet, opaque},
     parse::{Segment, icmp::Quoted},
 };
@@ -84,15 +84,14 @@ fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     second
 }
 
-/// Advances the packet's flow and returns what to count, in this CPU's slot of
-/// [`SCRATCH`] (`None` only if the slot cannot be had, which an array never refuses). Not
-/// inlined: a BPF subprogram has its own 512-byte stack frame.
+/// Advances the packet's flow and returns what to count. Not inlined: a BPF subprogram has its
+/// own 512-byte stack frame.
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
-pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Option<&'static Actions> {
+pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
     let Where { ifindex, direction, now } = *at;
     let (client, server, client_port, server_port) = if fp.from_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)
@@ -110,31 +109,26 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Option<&'static Acti
         _pad: [0; 2],
     };
 
-    let scratch = SCRATCH.get_ptr_mut(0)?;
     let stored = FLOWS.get_ptr_mut(&key);
-    // SAFETY: `scratch` is this CPU's slot (these programs are not re-entered on the same CPU,
-    // and the slot is read only by the steps after this call, for this packet); `stored` a live
-    // map value: concurrent updates of one flow from two CPUs can at worst lose a state change
-    // of that flow, never a count in the exact counters.
-    unsafe {
-        let (st, a) = (&mut (*scratch).st, &mut (*scratch).actions);
-        *st = stored.map(|s| *s).unwrap_or_default();
-        step_into(st, a, stored.is_some(), fp, now, config().handshake_timeout_ns);
-        if a.delete {
-            if FLOWS.remove(&key).is_ok() {
-                bump(Stat::FlowDeletes);
-            }
-        } else if a.store {
-            match stored {
-                Some(s) => *s = *st,
-                None => match FLOWS.insert(&key, &*st, u64::from(BPF_NOEXIST)) {
-                    Ok(()) => bump(Stat::FlowInserts),
-                    Err(_) => bump(Stat::FlowInsertFailed),
-                },
-            }
+    // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
+    // a state change of that flow, never a count in the exact counters.
+    let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
+    let actions = step(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns);
+    if actions.delete {
+        if FLOWS.remove(&key).is_ok() {
+            bump(Stat::FlowDeletes);
         }
-        Some(&*a)
+    } else if actions.store {
+        match stored {
+            // SAFETY: as above.
+            Some(s) => unsafe { *s = st },
+            None => match FLOWS.insert(&key, st, u64::from(BPF_NOEXIST)) {
+                Ok(()) => bump(Stat::FlowInserts),
+                Err(_) => bump(Stat::FlowInsertFailed),
+            },
+        }
     }
+    actions
 }
 
 /// Advances the flow of our connection attempt that an ICMP destination unreachable quotes (the

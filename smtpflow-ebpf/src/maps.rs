@@ -12,7 +12,6 @@ use smtpflow_common::{
     COUNTERS_CAPACITY, Config, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig,
     FlowKey, FlowState, HISTS_CAPACITY, HistKey, Histogram, PeerCounters, PeerGreetingKey, PeerKey,
     Stat,
-    flow::Actions,
     payload::PAYLOAD_RING_BYTES,
     peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS},
 };
@@ -69,20 +68,6 @@ pub static FLOWS: LruHashMap<FlowKey, FlowState> =
 /// counted ([`Stat::PayloadsLost`]).
 #[map(name = "PAYLOADS")]
 pub static PAYLOADS: RingBuf = RingBuf::with_byte_size(PAYLOAD_RING_BYTES, 0);
-
-/// [`crate::flow::track`]'s working memory, one slot per CPU: the flow's state being advanced
-/// and what the state machine decided, which the steps after `track` read here. Kept off the
-/// stack for the verifier: the constants each path through the state machine writes would be
-/// tracked on the stack (each path a state of its own, walked again through every later step);
-/// in map memory they are unknown values, so the paths meet and are pruned. It also keeps 80
-/// bytes off the deepest call chain's stack.
-pub struct Scratch {
-    pub st: FlowState,
-    pub actions: Actions,
-}
-
-#[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The programs' own bookkeeping, indexed by [`Stat`].
 #[map(name = "STATS")]

@@ -123,10 +123,8 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     if seen.packet.payload_len > 0 && (seen.packet.plaintext || seen.packet.from_client) {
         flow::read_payload(p, &seen.seg, &mut seen.packet);
     }
-    // The decisions come back in map memory (see `maps::ACTIONS`): not one verification of
-    // the steps below per path through the state machine.
-    let Some(actions) = flow::track(&seen.seg, &seen.at, &seen.packet) else { return };
-    record(actions, &seen.peer, side);
+    let actions = flow::track(&seen.seg, &seen.at, &seen.packet);
+    record(&actions, &seen.peer, side);
     if let Some(kind) = actions.payload {
         payload::emit(p, &seen.seg, &seen.peer, kind);
     }
