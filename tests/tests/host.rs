@@ -8,8 +8,13 @@ use std::{
 };
 
 use smtpflow_tests::{
-    Pair, http, in_netns, names::EVENTS, process::Process, report, require_root, smtpflow::binary,
-    tempdir::TempDir, wait_for,
+    Pair, http, in_netns,
+    names::EVENTS,
+    process::Process,
+    report, require_root,
+    smtpflow::{STARTUP, binary},
+    tempdir::TempDir,
+    wait_for,
 };
 
 fn workspace() -> PathBuf {
@@ -90,7 +95,7 @@ fn unit_capabilities_are_enough_and_needed() {
     {
         let pair = Pair::new();
         let mut child = watch_as_nobody(&pair, &caps);
-        child.wait_ready(Duration::from_secs(20), || http::healthy(&pair.local, "127.0.0.1:9925"));
+        child.wait_ready(STARTUP, || http::healthy(&pair.local, "127.0.0.1:9925"));
         let addr: std::net::SocketAddr = format!("{}:587", Pair::LOCAL_V4).parse().unwrap();
         in_netns(&pair.peer, move || {
             assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_err())

@@ -13,7 +13,7 @@ use smtpflow_tests::{
     http, in_netns,
     process::{Process, installed, run_bounded},
     report, require_root,
-    smtpflow::{METRICS_ADDR, binary, run_watch},
+    smtpflow::{METRICS_ADDR, STARTUP, binary, run_watch},
 };
 
 /// How long an operator error may take to be reported.
@@ -162,7 +162,7 @@ fn error_not_root_or_missing_capabilities() {
         .args(["--drop=cap_sys_admin", &shell, "--", "watch", "--iface", Pair::LOCAL_IF])
         .args(["--metrics-addr", METRICS_ADDR])
         .spawn();
-    minimal.wait_ready(Duration::from_secs(20), || http::healthy(&pair.local, METRICS_ADDR));
+    minimal.wait_ready(STARTUP, || http::healthy(&pair.local, METRICS_ADDR));
     assert_eq!(
         kinds(&hooks(&pair.local, Pair::LOCAL_IF)).len(),
         2,

@@ -25,7 +25,7 @@ use smtpflow_tests::{
     process::Process,
     require_root,
     smtp::linger_zero,
-    smtpflow::{INTERVAL, METRICS_ADDR, binary},
+    smtpflow::{INTERVAL, METRICS_ADDR, STARTUP, binary},
     traffic::{connect_refused, serve},
     wait_for,
 };
@@ -71,7 +71,7 @@ impl NodeExporter {
                 &listen,
             ],
         );
-        process.wait_ready(Duration::from_secs(20), || {
+        process.wait_ready(STARTUP, || {
             http::get(ns, NODE_ADDR, "/metrics").is_ok_and(|r| r.status == 200)
         });
         Self { process }
@@ -104,7 +104,7 @@ fn start_smtpflow(ns: &Netns, source: Option<&str>) -> Process {
         spawn = spawn.env(SOURCE_ENV, source);
     }
     let mut process = spawn.spawn();
-    process.wait_ready(Duration::from_secs(20), || http::healthy(ns, METRICS_ADDR));
+    process.wait_ready(STARTUP, || http::healthy(ns, METRICS_ADDR));
     process
 }
 
