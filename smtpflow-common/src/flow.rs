@@ -278,6 +278,27 @@ pub struct FlowPacket {
 }
 
 impl FlowPacket {
+    /// Whether this packet can change its flow or be counted by [`step`]: the kernel looks the
+    /// flow up (and reads the clock) only then, so the segments of a bulk transfer cost no map
+    /// access. Not: a server's segment with no payload and no SYN, RST or FIN (an ACK), and a
+    /// client's data segment with none of them whose head is not `STARTTLS`, `EHLO`/`HELO` or a
+    /// TLS application-data record. A client's segment with no payload (the ACK that completes
+    /// a handshake whose SYN-ACK is not visible) always can. `step` itself ignores the packets
+    /// this rejects, so the kernel's shortcut and the state machine agree by construction.
+    #[inline(always)]
+    pub const fn may_change_flow(&self) -> bool {
+        if self.flags & (SYN | RST | FIN) != 0 {
+            return true;
+        }
+        if !self.from_client {
+            return self.payload_len > 0;
+        }
+        self.payload_len == 0
+            || self.starttls
+            || self.ehlo
+            || self.first_byte == TLS_APPLICATION_DATA
+    }
+
     /// Reads what the state machine needs from the payload's first bytes (`len` of them were
     /// read; the rest of `head` is zero): the reply line it starts with, or STARTTLS.
     #[inline(always)]
@@ -355,6 +376,27 @@ pub const fn is_late(syn_ns: u64, now: u64, timeout_ns: u64) -> bool {
 /// and userspace's [`sweep`] counts the attempt as a timeout (it never writes the flow).
 #[inline(always)]
 pub fn step(
+    st: &mut FlowState,
+    exists: bool,
+    p: &FlowPacket,
+    now: u64,
+    timeout_ns: u64,
+) -> Actions {
+    if !p.may_change_flow() {
+        // The kernel does not look the flow up. The one packet this ignores that the state
+        // machine could use: a client's plain data segment while the attempt is pending, which
+        // would complete a handshake whose ACK was not seen (a client ACKs the SYN-ACK at once,
+        // before it sends). Such an attempt waits for a later segment that can change it, or
+        // is counted as a timeout.
+        return Actions::default();
+    }
+    step_may_change(st, exists, p, now, timeout_ns)
+}
+
+/// [`step`] for a packet the caller has already found [`FlowPacket::may_change_flow`] (the
+/// kernel, which checks before its lookup).
+#[inline(always)]
+pub fn step_may_change(
     st: &mut FlowState,
     exists: bool,
     p: &FlowPacket,
@@ -693,6 +735,85 @@ mod tests {
         read_head(&mut p, text);
         p.ends_line = text.last() == Some(&b'\n');
         p
+    }
+
+    /// The kernel's shortcut ([`FlowPacket::may_change_flow`]) skips only packets the state
+    /// machine would do nothing with, in every state, but one: a client's data segment while
+    /// the attempt is pending (documented on [`step`]).
+    #[test]
+    fn packets_the_kernel_skips_change_no_flow() {
+        let texts: [&[u8]; 5] = [
+            b"",
+            b"hello world, a body line\r\n",
+            b"\x16\x03\x01\x02\x00\x01",
+            b"QUIT\r\n",
+            b"250 ok\r\n",
+        ];
+        let mut skipped = 0;
+        for st_state in [0, state::SYN_SENT, state::ESTABLISHED, state::GREETED, state::CLOSED] {
+            for tls_stage in [tls::NONE, tls::HANDSHAKE, tls::COMPLETED] {
+                for flags in [ACK, ACK | PSH, 0, PSH] {
+                    for from_client in [false, true] {
+                        for plaintext in [false, true] {
+                            for text in texts {
+                                let mut p = data(from_client, 7, text);
+                                p.flags = flags;
+                                p.plaintext = plaintext;
+                                p.first_byte = if from_client {
+                                    text.first().copied().unwrap_or(0)
+                                } else {
+                                    0
+                                };
+                                if p.may_change_flow() {
+                                    continue;
+                                }
+                                skipped += 1;
+                                let exists = st_state != 0;
+                                let before = FlowState {
+                                    state: st_state,
+                                    tls: tls_stage,
+                                    syn_ns: 1_000,
+                                    flags: if tls_stage == tls::NONE { 0 } else { flag::TLS },
+                                    ..FlowState::default()
+                                };
+                                let mut st = before;
+                                let a = step_may_change(&mut st, exists, &p, 2_000, TIMEOUT);
+                                if exists
+                                    && st_state == state::SYN_SENT
+                                    && from_client
+                                    && flags & ACK != 0
+                                {
+                                    assert!(p.payload_len > 0, "a client's ACK is never skipped");
+                                    continue;
+                                }
+                                assert_eq!(a, Actions::default(), "{p:?} in {before:?}");
+                                assert_eq!(st, before, "{p:?}");
+                                assert_eq!(
+                                    step(&mut st, exists, &p, 2_000, TIMEOUT),
+                                    Actions::default()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(skipped > 100, "{skipped}");
+        // Never skipped: SYN, RST, FIN, a server's payload, a client's ACK, STARTTLS, EHLO, a
+        // TLS application-data record.
+        for p in [pkt(SYN, true), pkt(RST, false), pkt(FIN | ACK, true), pkt(ACK, true)] {
+            assert!(p.may_change_flow(), "{p:?}");
+        }
+        for (from_client, text) in [
+            (false, &b"250 ok\r\n"[..]),
+            (true, b"STARTTLS\r\n"),
+            (true, b"EHLO mx.example.net\r\n"),
+        ] {
+            assert!(data(from_client, 7, text).may_change_flow(), "{text:?}");
+        }
+        let mut app = data(true, 7, b"\x17\x03\x03\x00\x20");
+        app.first_byte = TLS_APPLICATION_DATA;
+        assert!(app.may_change_flow());
     }
 
     /// Drives a flow through packets, returning every non-empty action.

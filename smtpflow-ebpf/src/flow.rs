@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
     Direction, FlowKey, Outcome, Stat,
-    flow::{Actions, FlowPacket, step, unreachable},
+    flow::{Actions, FlowPacket, step_may_change, unreachable},
     reply::HEAD_LEN,
 };
 
@@ -84,7 +84,8 @@ fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     second
 }
 
-/// Advances the packet's flow and returns what to count. Not inlined: a BPF subprogram has its
+/// Advances the packet's flow and returns what to count; only for a packet that
+/// [`FlowPacket::may_change_flow`]. Not inlined: a BPF subprogram has its
 /// own 512-byte stack frame.
 #[inline(never)]
 #[expect(
@@ -113,7 +114,8 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
     // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
     // a state change of that flow, never a count in the exact counters.
     let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
-    let actions = step(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns);
+    let actions =
+        step_may_change(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns);
     if actions.delete {
         if FLOWS.remove(&key).is_ok() {
             bump(Stat::FlowDeletes);

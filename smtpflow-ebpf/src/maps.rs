@@ -144,47 +144,61 @@ fn add_one(slot: *mut u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
 }
 
-/// Which per-peer counter a packet adds to. Every variant carries an index (`Throttled`'s is
-/// always 0 and unused) so that every call passes a set register for it: [`count_peer`] reads
-/// it on entry, and the verifier refuses reading an argument register a caller left unset.
+/// The per-peer counters one packet adds to, applied by [`count_peer`] with one lookup of the
+/// peer's entry: an (event, side) slot, an outcome, a reset phase (each [`PeerBumps::NONE`] when
+/// not counted) and a throttled session.
 #[derive(Clone, Copy)]
-pub enum PeerSlot {
-    Event(usize),
-    Outcome(usize),
-    /// A reset, by the [`smtpflow_common::Phase`] of the connection it ended.
-    Reset(usize),
-    Throttled(
-        #[expect(dead_code, reason = "passed only so that the call sets its register")] usize,
-    ),
+pub struct PeerBumps {
+    pub event: u8,
+    pub outcome: u8,
+    pub reset: u8,
+    pub throttled: bool,
 }
 
-// Both powers of two (asserted in smtpflow-common), so a mask keeps an index in range.
+impl PeerBumps {
+    /// A slot not counted (never a valid index: the slots are masked below it).
+    pub const NONE: u8 = 0x80;
+    pub const EMPTY: Self =
+        Self { event: Self::NONE, outcome: Self::NONE, reset: Self::NONE, throttled: false };
+
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.event & self.outcome & self.reset & Self::NONE != 0 && !self.throttled
+    }
+}
+
+// Powers of two below NONE (asserted in smtpflow-common and here), so a mask keeps an index in
+// range.
 const COUNTS: usize = PEER_EVENT_SLOTS;
 const OUTCOMES: usize = PEER_OUTCOME_SLOTS;
 const RESETS: usize = PEER_RESET_SLOTS;
+const _: () = assert!(COUNTS <= PeerBumps::NONE as usize && OUTCOMES <= COUNTS && RESETS <= COUNTS);
 
-// Not inlined: a BPF subprogram has its own 512-byte stack frame.
+/// Adds a packet's [`PeerBumps`] to its peer's entry, creating the entry when needed. Not
+/// inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]
-pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
-    let pick = |c: *mut PeerCounters| -> Option<*mut u64> {
-        // SAFETY: `c` points into a live map value. The index is made opaque
-        // so that LLVM keeps the bounds check the verifier needs.
+pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
+    let apply = |c: *mut PeerCounters| {
+        // SAFETY: `c` points into a live map value. Each index is made opaque and masked (not
+        // bounds-checked: no branch whose dead side an old verifier (6.1) would walk with
+        // contradictory bounds), so LLVM keeps the mask the verifier needs.
         unsafe {
-            match slot {
-                // Masked, not bounds-checked: no branch whose dead side an old verifier
-                // (6.1) would walk with contradictory bounds.
-                PeerSlot::Event(i) => Some(&raw mut (*c).counts[opaque(i) & (COUNTS - 1)]),
-                PeerSlot::Outcome(i) => Some(&raw mut (*c).outcomes[opaque(i) & (OUTCOMES - 1)]),
-                PeerSlot::Reset(i) => Some(&raw mut (*c).resets[opaque(i) & (RESETS - 1)]),
-                PeerSlot::Throttled(_) => Some(&raw mut (*c).throttled),
+            if b.event & PeerBumps::NONE == 0 {
+                add_one(&raw mut (*c).counts[opaque(usize::from(b.event)) & (COUNTS - 1)]);
+            }
+            if b.outcome & PeerBumps::NONE == 0 {
+                add_one(&raw mut (*c).outcomes[opaque(usize::from(b.outcome)) & (OUTCOMES - 1)]);
+            }
+            if b.reset & PeerBumps::NONE == 0 {
+                add_one(&raw mut (*c).resets[opaque(usize::from(b.reset)) & (RESETS - 1)]);
+            }
+            if b.throttled {
+                add_one(&raw mut (*c).throttled);
             }
         }
     };
     if let Some(v) = PEERS.get_ptr_mut(key) {
-        if let Some(s) = pick(v) {
-            add_one(s);
-        }
-        return;
+        return apply(v);
     }
     // SAFETY: PEER_ZERO lives for the program's lifetime and is never written; the opaque
     // pointer keeps the compiler from copying it onto the stack.
@@ -195,8 +209,8 @@ pub fn count_peer(key: &PeerKey, slot: PeerSlot) {
         Err(e) if e == -EEXIST => {}
         Err(_) => return bump(Stat::PeerInsertFailed),
     }
-    match PEERS.get_ptr_mut(key).and_then(pick) {
-        Some(s) => add_one(s),
+    match PEERS.get_ptr_mut(key) {
+        Some(v) => apply(v),
         // Evicted again before the count: lost, and counted as lost.
         None => bump(Stat::PeerInsertFailed),
     }

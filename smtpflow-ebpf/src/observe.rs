@@ -10,7 +10,7 @@ use smtpflow_common::{
 
 use crate::{
     flow,
-    maps::{PeerSlot, bump, config, count, count_peer, count_peer_greeting, observe_duration},
+    maps::{PeerBumps, bump, config, count, count_peer, count_peer_greeting, observe_duration},
     packet::{Frame as _, Packet},
     parse::{
         Located, Ports, Segment, Skip,
@@ -82,7 +82,7 @@ fn observe_unreachable<P: Packet>(p: &P) {
     let scope = Scope { ifindex, port: m.port, direction: Direction::Outbound };
     count(&CounterKey::new(scope, Counter::Handshake(Outcome::Unreachable)));
     count(&CounterKey::new(scope, Counter::Unreachable(q.reason)));
-    count_peer(&peer, PeerSlot::Outcome(Outcome::Unreachable as usize));
+    count_peer(&peer, &PeerBumps { outcome: Outcome::Unreachable as u8, ..PeerBumps::EMPTY });
 }
 
 /// Whether either port is an SMTP port: two loads of the port set.
@@ -115,18 +115,28 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     if !inspect(p, loc, side, &mut seen) {
         return;
     }
+    let mut bumps = PeerBumps::EMPTY;
     if let Some(event) = seen.event {
         count_event(&seen.peer, event, side);
+        bumps.event = PeerCounters::index(event, side) as u8;
     }
     // Replies are read on plaintext ports; the client's first byte everywhere (a TLS
     // application-data record completes the TLS handshake).
     if seen.packet.payload_len > 0 && (seen.packet.plaintext || seen.packet.from_client) {
         flow::read_payload(p, &seen.seg, &mut seen.packet);
     }
-    let actions = flow::track(&seen.seg, &seen.at, &seen.packet);
-    record(&actions, &seen.peer, side);
-    if let Some(kind) = actions.payload {
-        payload::emit(p, &seen.seg, &seen.peer, kind);
+    // The segments of a transfer (ACKs, plain data) change no flow: no lookup, no clock read.
+    if seen.packet.may_change_flow() {
+        // SAFETY: plain helper call.
+        seen.at.now = unsafe { bpf_ktime_get_ns() };
+        let actions = flow::track(&seen.seg, &seen.at, &seen.packet);
+        record(&actions, &seen.peer, side, &mut bumps);
+        if let Some(kind) = actions.payload {
+            payload::emit(p, &seen.seg, &seen.peer, kind);
+        }
+    }
+    if !bumps.is_empty() {
+        count_peer(&seen.peer, &bumps);
     }
 }
 
@@ -161,8 +171,6 @@ fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool
         ingress_only: P::INGRESS_ONLY,
         ..FlowPacket::default()
     };
-    // SAFETY: plain helper call.
-    seen.at.now = unsafe { bpf_ktime_get_ns() };
     true
 }
 
@@ -173,13 +181,12 @@ fn count_event(peer: &PeerKey, event: Event, side: Side) {
     };
     let scope = Scope { ifindex: peer.ifindex, port: peer.port, direction };
     count(&CounterKey::new(scope, Counter::Event(event, side)));
-    count_peer(peer, PeerSlot::Event(PeerCounters::index(event, side)));
 }
 
-/// Counts what the flow tracker decided. Not inlined, to keep the entry frame small (the BPF
-/// stack limit of 512 bytes is for a whole call chain).
+/// Counts what the flow tracker decided, and adds its per-peer counts to `bumps`. Not inlined,
+/// to keep the entry frame small (the BPF stack limit of 512 bytes is for a whole call chain).
 #[inline(never)]
-fn record(a: &Actions, peer: &PeerKey, side: Side) {
+fn record(a: &Actions, peer: &PeerKey, side: Side, bumps: &mut PeerBumps) {
     let Some(direction) = Direction::from_repr(peer.direction) else {
         return;
     };
@@ -188,7 +195,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     if let Some(outcome) = a.outcome {
         count_in_scope(Counter::Handshake(outcome));
         if outcome != Outcome::Timeout {
-            count_peer(peer, PeerSlot::Outcome(outcome as usize));
+            bumps.outcome = outcome as u8;
         }
     }
     if a.syn_retransmit {
@@ -196,7 +203,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     }
     if let Some(phase) = a.reset {
         count_in_scope(Counter::Reset(phase, side));
-        count_peer(peer, PeerSlot::Reset(phase as usize));
+        bumps.reset = phase as u8;
     }
     if let Some(ns) = a.handshake_ns {
         observe_duration(&HistKey::new(scope, HistKind::Handshake), ns);
@@ -218,7 +225,7 @@ fn record(a: &Actions, peer: &PeerKey, side: Side) {
     }
     if a.throttled {
         count_in_scope(Counter::Throttled);
-        count_peer(peer, PeerSlot::Throttled(0));
+        bumps.throttled = true;
     }
     if let Some(stage) = a.starttls {
         count_in_scope(Counter::Starttls(stage));
