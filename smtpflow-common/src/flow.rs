@@ -300,12 +300,18 @@ impl FlowPacket {
     }
 
     /// Reads what the state machine needs from the payload's first bytes (`len` of them were
-    /// read; the rest of `head` is zero): the reply line it starts with, or STARTTLS.
+    /// read; the rest of `head` is zero): from the server the reply line it starts with; from
+    /// the client whether it is `STARTTLS` or `EHLO`/`HELO` (set [`FlowPacket::from_client`]
+    /// first). Each side's head is read only for what [`step`] uses of that side, so a client's
+    /// data segment costs no reply parsing.
     #[inline(always)]
     pub fn read_head(&mut self, head: &[u8; HEAD_LEN], len: u8) {
-        self.reply = read_reply(head, len);
-        self.starttls = is_starttls(head, len);
-        self.ehlo = is_ehlo(head, len);
+        if self.from_client {
+            self.starttls = is_starttls(head, len);
+            self.ehlo = is_ehlo(head, len);
+        } else {
+            self.reply = read_reply(head, len);
+        }
     }
 }
 
