@@ -133,6 +133,17 @@ pub fn run_watch(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Finished {
     run_bounded(cmd, ERROR_TIMEOUT)
 }
 
+/// How long `smtpflow check` may take: it loads every program through the verifier, which takes
+/// seconds on the kernel matrix's emulated VMs (see [`STARTUP`]).
+pub const CHECK_TIMEOUT: Duration = STARTUP;
+
+/// Runs `ip netns exec <ns> smtpflow check <args>` to its exit, at most [`CHECK_TIMEOUT`].
+pub fn run_check(ns: &Netns, args: &[&str]) -> Finished {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).arg(binary()).arg("check").args(args);
+    run_bounded(cmd, CHECK_TIMEOUT)
+}
+
 /// Starts `smtpflow diagnose <args>` inside `ns`, its stdout kept ([`Process::finish`] returns it).
 pub fn diagnose(ns: &Netns, args: &[&str]) -> Process {
     Process::build(ns, binary()).arg("diagnose").args(args).capture_stdout().spawn()

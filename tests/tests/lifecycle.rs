@@ -17,7 +17,7 @@ use smtpflow_tests::{
     http,
     names::{BUILD_INFO, EVENTS, LOST, MALFORMED, PEER_EVENTS, PREFIX, TC_IN, TC_OUT, XDP},
     require_root,
-    smtpflow::{self, run_watch},
+    smtpflow::{self, run_check, run_watch},
     traffic::{connect_n, one_each_way, serve},
     wait_for,
 };
@@ -438,6 +438,90 @@ fn netlink_second_instance_keeps_first_attached() {
             w1.stderr()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6: veth is steered to tc: `smtpflow check` says which mode fits each interface, and `watch
+// --mode xdp` on a veth (driver mode) or in generic mode warns once; neither refuses.
+
+/// The advice `smtpflow check` and `watch` give for a veth in XDP driver mode.
+const VETH_ADVICE: &str = "sf0 (driver veth): XDP in driver mode costs veth most of its \
+                           throughput (an empty XDP program: 24 % of none, docs/benchmarks.md); \
+                           use --mode tc here";
+
+#[test]
+fn check_says_which_mode_fits_each_interface() {
+    require_root!();
+    let pair = Pair::new();
+    let r = run_check(&pair.local, &["--iface", Pair::LOCAL_IF, "--iface", "lo"]);
+    assert_eq!(r.code, Some(0), "smtpflow check:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    let line = |name: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} line in:\n{}", r.stdout))
+            .to_owned()
+    };
+    let veth = line("mode sf0 ");
+    assert!(
+        veth.contains(" ok ") && veth.trim_end().ends_with(VETH_ADVICE),
+        "the veth's line:\n{veth}\nin:\n{}",
+        r.stdout
+    );
+    // Loopback: no driver the kernel names, and no advice against either mode.
+    let lo = line("mode lo ");
+    assert!(
+        lo.contains(" ok ") && lo.contains("lo (driver unknown): either mode"),
+        "loopback's line:\n{lo}\nin:\n{}",
+        r.stdout
+    );
+}
+
+/// The warning lines of a `watch` log that steer to tc.
+fn steering(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("use --mode tc here")).collect()
+}
+
+#[test]
+fn xdp_on_veth_warns_once_and_runs() {
+    require_root!();
+    let pair = Pair::new();
+    let i = Pair::LOCAL_IF;
+    // Driver mode (a veth supports it at the default MTU): the measured cost.
+    let w = Watch::start(&pair.local, i, &["--mode", "xdp"]);
+    assert_hooked(&pair.local, i, &[("xdp", XDP)], &w);
+    let log = w.stderr();
+    assert!(log.contains(&format!("attached xdp on {i} (xdp driver mode)")), "{log}");
+    let warned = steering(&log);
+    assert_eq!(warned.len(), 1, "expected one warning steering to tc:\n{log}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].trim_end().ends_with(VETH_ADVICE),
+        "{}",
+        warned[0]
+    );
+    drop(w);
+
+    // Generic mode (at an MTU of 9000 a veth refuses driver mode): warned as well.
+    assert_unhooked_within(&pair.local, i, FREE_TIMEOUT, "after the driver-mode watch");
+    pair.local.ip(&["link", "set", i, "mtu", "9000"]);
+    pair.peer.ip(&["link", "set", Pair::PEER_IF, "mtu", "9000"]);
+    let w = Watch::start(&pair.local, i, &["--mode", "xdp"]);
+    let log = w.stderr();
+    assert!(log.contains(&format!("attached xdp on {i} (xdp generic mode)")), "{log}");
+    let warned = steering(&log);
+    assert_eq!(warned.len(), 1, "expected one warning steering to tc:\n{log}");
+    assert!(
+        warned[0].contains("WARN")
+            && warned[0].contains(&format!("{i} (driver veth): XDP runs in generic mode")),
+        "{}",
+        warned[0]
+    );
+    drop(w);
+
+    // tc mode: no such warning.
+    let w = Watch::start(&pair.local, i, &[]);
+    let log = w.stderr();
+    assert!(steering(&log).is_empty(), "tc mode steered to tc:\n{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -122,17 +122,30 @@ pub fn run(args: &CheckArgs) -> Vec<Check> {
     }
     out.push(check_conntrack());
     for name in &args.ifaces {
-        out.push(match attach::Iface::lookup(name) {
+        match attach::Iface::lookup(name) {
             Ok(i) => {
-                check(&format!("interface {name}"), Status::Ok, format!("ifindex {}", i.index), "")
+                out.push(check(
+                    &format!("interface {name}"),
+                    Status::Ok,
+                    format!("ifindex {}", i.index),
+                    "",
+                ));
+                // Advice only, never a warning: tc, the default, fits every interface.
+                let driver = attach::driver(name);
+                out.push(check(
+                    &format!("mode {name}"),
+                    Status::Ok,
+                    attach::mode_advice(name, driver.as_deref(), false).text,
+                    "",
+                ));
             }
-            Err(e) => check(
+            Err(e) => out.push(check(
                 &format!("interface {name}"),
                 Status::Fail,
                 format!("{e:#}"),
                 "pass an interface of this network namespace (`ip -br link`)",
-            ),
-        });
+            )),
+        }
     }
     out
 }

@@ -5,7 +5,10 @@ use std::{
     ffi::CString,
     fs::{File, OpenOptions},
     io::{self, Read as _, Seek as _, Write as _},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
 };
 
 use anyhow::{Context as _, bail};
@@ -144,6 +147,11 @@ pub fn attach(
             prog.load().map_err(|e| rejected(names::PROG_XDP, e))?;
             for iface in ifaces {
                 let how = attach_xdp(prog, iface)?;
+                let driver = driver(&iface.name);
+                let advice = mode_advice(&iface.name, driver.as_deref(), how == XDP_GENERIC);
+                if advice.use_tc {
+                    warn!("--mode xdp: {}", advice.text);
+                }
                 attachments.push(Attachment { iface: iface.name.clone(), hook: "xdp", how });
             }
         }
@@ -303,9 +311,13 @@ fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Err
     ))
 }
 
+/// How an XDP program is attached (the `method` of `smtpflow_attachment_info`).
+const XDP_DRIVER: &str = "xdp driver mode";
+const XDP_GENERIC: &str = "xdp generic mode";
+
 fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
     match prog.attach(&iface.name, XdpMode::Driver) {
-        Ok(_) => return Ok("xdp driver mode"),
+        Ok(_) => return Ok(XDP_DRIVER),
         Err(e) if os_error(&e) == Some(libc::EEXIST) || os_error(&e) == Some(libc::EBUSY) => {
             bail!(
                 "another XDP program is already attached to {} (`bpftool net show dev {}`); \
@@ -325,7 +337,7 @@ fn attach_xdp(prog: &mut Xdp, iface: &Iface) -> anyhow::Result<&'static str> {
             iface.name, iface.name
         ))
     })?;
-    Ok("xdp generic mode")
+    Ok(XDP_GENERIC)
 }
 
 /// The OS error code behind a program error, if any.
@@ -333,5 +345,169 @@ fn os_error(e: &ProgramError) -> Option<i32> {
     match e {
         ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
         _ => None,
+    }
+}
+
+/// The driver behind an interface as `ethtool -i` names it (`veth`, `ixgbe`, `virtio_net`), or
+/// `None` when the kernel does not say (loopback, some virtual devices) or the interface is gone.
+/// Asks the kernel (`ETHTOOL_GDRVINFO`, which needs no privilege), else reads sysfs (which names
+/// only the drivers of real devices: veth, bridges and tun have no `device` directory).
+pub fn driver(ifname: &str) -> Option<String> {
+    if ifname.contains('/') || ifname == "." || ifname == ".." {
+        return None;
+    }
+    ethtool_driver(ifname).or_else(|| {
+        let link = std::fs::read_link(format!("/sys/class/net/{ifname}/device/driver")).ok()?;
+        Some(link.file_name()?.to_str()?.to_owned()).filter(|d| !d.is_empty())
+    })
+}
+
+/// `struct ethtool_drvinfo` of `<linux/ethtool.h>` (libc does not define it).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+const ETHTOOL_GDRVINFO: u32 = 3;
+
+fn ethtool_driver(ifname: &str) -> Option<String> {
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return None;
+    }
+    // SAFETY: socket() with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: both are plain C structs for which all-zero bytes are valid.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in req.ifr_name.iter_mut().zip(name) {
+        *to = *from as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO reads the name from `req` and writes at most
+    // `size_of::<EthtoolDrvinfo>()` bytes through `ifru_data`, which points at `info`; both
+    // outlive the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL as _, &raw mut req) } != 0 {
+        return None;
+    }
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    let driver = String::from_utf8_lossy(&info.driver[..len]).into_owned();
+    (!driver.is_empty()).then_some(driver)
+}
+
+/// Which `--mode` fits an interface, said in one line that names it and its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeAdvice {
+    /// `--mode xdp` costs more here than it gives: use tc.
+    pub use_tc: bool,
+    pub text: String,
+}
+
+/// What veth keeps of its throughput with an empty XDP program attached in driver mode
+/// (docs/benchmarks.md: iperf3 over veth, 23.7 % of no observer; smtpflow in tc mode keeps all
+/// of it).
+pub const VETH_XDP_THROUGHPUT: &str = "24 % of none";
+
+/// The mode that fits interface `iface` of driver `driver` (`None`: unknown). `generic`: XDP is
+/// attached there in generic mode (driver mode failed). On veth, driver-mode XDP makes the
+/// device give up GSO (every segment goes through veth's NAPI path one by one); generic-mode
+/// XDP runs where tc does, after the socket buffer is built, and first copies non-linear
+/// packets: in both cases tc costs less and sees both directions.
+pub fn mode_advice(iface: &str, driver: Option<&str>, generic: bool) -> ModeAdvice {
+    let name = driver.unwrap_or("unknown");
+    let tc = |why: String| ModeAdvice {
+        use_tc: true,
+        text: format!("{iface} (driver {name}): {why}; use --mode tc here"),
+    };
+    if generic {
+        return tc(format!(
+            "XDP runs in generic mode here (no native XDP{}): where tc runs, after the socket \
+             buffer is built, and copying non-linear packets first, so it saves nothing over tc \
+             and sees ingress only",
+            if driver == Some("veth") { " at this MTU" } else { "" }
+        ));
+    }
+    if driver == Some("veth") {
+        return tc(format!(
+            "XDP in driver mode costs veth most of its throughput (an empty XDP program: \
+             {VETH_XDP_THROUGHPUT}, docs/benchmarks.md)"
+        ));
+    }
+    ModeAdvice {
+        use_tc: false,
+        text: format!(
+            "{iface} (driver {name}): either mode; --mode tc (the default) sees both directions, \
+             --mode xdp ingress only, in driver mode if {} has native XDP, else generic \
+             (`watch` logs which)",
+            driver.unwrap_or("the device")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_and_generic_mode_are_steered_to_tc() {
+        let veth = mode_advice("sf0", Some("veth"), false);
+        assert!(veth.use_tc);
+        assert_eq!(
+            veth.text,
+            "sf0 (driver veth): XDP in driver mode costs veth most of its throughput (an empty \
+             XDP program: 24 % of none, docs/benchmarks.md); use --mode tc here"
+        );
+        for driver in [Some("veth"), Some("ixgbe"), None] {
+            let generic = mode_advice("eth0", driver, true);
+            assert!(generic.use_tc, "{driver:?}");
+            assert!(generic.text.contains("generic mode"), "{}", generic.text);
+            assert!(generic.text.ends_with("; use --mode tc here"), "{}", generic.text);
+            assert!(
+                generic.text.starts_with(&format!("eth0 (driver {})", driver.unwrap_or("unknown")))
+            );
+        }
+        assert!(mode_advice("eth0", Some("veth"), true).text.contains("at this MTU"));
+    }
+
+    #[test]
+    fn native_drivers_are_left_the_choice() {
+        for driver in [Some("ixgbe"), Some("virtio_net"), Some("mlx5_core"), None] {
+            let a = mode_advice("eth0", driver, false);
+            assert!(!a.use_tc, "{driver:?}");
+            assert!(!a.text.contains("use --mode tc"), "{}", a.text);
+            assert!(a.text.contains("either mode"), "{}", a.text);
+        }
+        let unknown = mode_advice("eth0", None, false).text;
+        assert!(unknown.starts_with("eth0 (driver unknown): "), "{unknown}");
+        assert!(unknown.contains("if the device has native XDP"), "{unknown}");
+        let ixgbe = mode_advice("eth0", Some("ixgbe"), false).text;
+        assert!(ixgbe.contains("if ixgbe has native XDP"), "{ixgbe}");
+    }
+
+    #[test]
+    fn driver_of_missing_or_odd_interfaces_is_none() {
+        for name in ["", "nosuch-iface0", "a-name-too-long-for-linux", "../../etc", "a\0b"] {
+            assert_eq!(driver(name), None, "{name:?}");
+        }
+        // Loopback has no driver the kernel names (and no `device` in sysfs).
+        assert_eq!(driver("lo"), None);
     }
 }
