@@ -7,12 +7,13 @@
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, Xdp},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use object::{
     Architecture, BinaryFormat, Endianness, SectionKind, SymbolFlags, SymbolKind, SymbolScope,
     write::{Object, Symbol, SymbolSection},
 };
+use smtpflow_tests::{Netns, in_netns};
 
 pub const EMPTY_TC: &str = "empty_tc";
 pub const EMPTY_XDP: &str = "empty_xdp";
@@ -57,4 +58,43 @@ pub fn load() -> anyhow::Result<Ebpf> {
     let xdp: &mut Xdp = ebpf.program_mut(EMPTY_XDP).context("empty_xdp missing")?.try_into()?;
     xdp.load().context("loading empty_xdp")?;
     Ok(ebpf)
+}
+
+/// Empty programs attached to an interface; detached when dropped.
+pub struct Attached {
+    _held: Vec<Ebpf>,
+}
+
+/// Attaches the empty TC program to TCX ingress and egress of `iface` in `ns`, after whatever is
+/// there already (TCX runs every program in turn: smtpflow's return `TC_ACT_UNSPEC`, "next", so
+/// both see every packet). One load per direction, so that the kernel accounts them apart, as it
+/// does smtpflow's `smtpflow_tc_in` and `smtpflow_tc_out`.
+pub fn attach_tc(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
+    let mut held = Vec::new();
+    for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let mut ebpf = load()?;
+        let iface = iface.to_owned();
+        held.push(in_netns(ns, move || -> anyhow::Result<Ebpf> {
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(EMPTY_TC).context("empty_tc missing")?.try_into()?;
+            p.attach(&iface, t).with_context(|| format!("attaching empty_tc to {iface} {t:?}"))?;
+            Ok(ebpf)
+        })?);
+    }
+    Ok(Attached { _held: held })
+}
+
+/// Attaches the empty XDP program to `iface` in `ns` in driver mode, as smtpflow attaches on
+/// veth. An interface has one XDP program only: this cannot run beside smtpflow's.
+pub fn attach_xdp(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
+    let mut ebpf = load()?;
+    let iface = iface.to_owned();
+    let ebpf = in_netns(ns, move || -> anyhow::Result<Ebpf> {
+        let p: &mut Xdp = ebpf.program_mut(EMPTY_XDP).context("empty_xdp missing")?.try_into()?;
+        p.attach(&iface, XdpMode::Driver).with_context(|| {
+            format!("attaching empty_xdp to {iface} (is another XDP program attached?)")
+        })?;
+        Ok(ebpf)
+    })?;
+    Ok(Attached { _held: vec![ebpf] })
 }

@@ -4,13 +4,15 @@
 //!
 //! 1. kernel: cost per packet of the real programs vs empty programs (BPF_PROG_TEST_RUN).
 //! 2. live: iperf3 throughput over veth with no observer, smtpflow tc/xdp, tcpdump; the
-//!    kernel's per-program accounting under that load.
-//! 3. churn: SYN rate the gateway sustains with and without smtpflow; smtpflow's CPU and RSS at
-//!    10,000 SYN/s.
+//!    kernel's per-program accounting under that load, against empty programs.
+//! 3. churn: SYN-ACK rate the gateway keeps under a SYN flood from 65,536 and 1,000,000
+//!    sources, without smtpflow and with it in tc and xdp mode, and the kernel's per-program
+//!    accounting during the flood against empty programs; smtpflow's CPU and RSS at 10,000 SYN/s.
 //! 4. scale: drain, scrape and RSS of the real binary with 10k, 100k and 1M peers tracked.
 //!
 //! Results are printed as Markdown tables with a pass/miss line per target; no target failure
 //! makes the run fail (only errors do), so the smoke run in CI asserts no timing.
+mod accounting;
 mod churn;
 mod empty;
 mod frames;
