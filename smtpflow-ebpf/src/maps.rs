@@ -45,11 +45,12 @@ static HISTS: PerCpuHashMap<HistKey, Histogram> =
 static PEERS: LruHashMap<PeerKey, PeerCounters> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
 
-/// The value a new peer's entry is created with: read-only data, so that creating an entry
-/// needs no copy of it on the stack (the frames of a packet's calls share 512 bytes, and Linux
-/// 6.1 counts them all).
-#[unsafe(no_mangle)]
-static PEER_ZERO: PeerCounters = PeerCounters::ZERO;
+/// Where a new peer's entry is built before it is inserted, counts included, so that the
+/// insert needs no lookup after it (a lookup also marks the entry recently used, which makes the
+/// LRU's evictions scan further). A per-CPU slot, not the stack: the frames of a packet's calls
+/// share 512 bytes, and Linux 6.1 counts them all.
+#[map(name = "PEER_NEW")]
+static PEER_NEW: PerCpuArray<PeerCounters> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-peer reply codes: greetings, and every reply ([`smtpflow_common::peer::reply_kind`]);
 /// sized like `PEERS`.
@@ -178,42 +179,57 @@ const _: () = assert!(COUNTS <= PeerBumps::NONE as usize && OUTCOMES <= COUNTS &
 /// inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]
 pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
-    let apply = |c: *mut PeerCounters| {
-        // SAFETY: `c` points into a live map value. Each index is made opaque and masked (not
-        // bounds-checked: no branch whose dead side an old verifier (6.1) would walk with
-        // contradictory bounds), so LLVM keeps the mask the verifier needs.
-        unsafe {
-            if b.event & PeerBumps::NONE == 0 {
-                add_one(&raw mut (*c).counts[opaque(usize::from(b.event)) & (COUNTS - 1)]);
-            }
-            if b.outcome & PeerBumps::NONE == 0 {
-                add_one(&raw mut (*c).outcomes[opaque(usize::from(b.outcome)) & (OUTCOMES - 1)]);
-            }
-            if b.reset & PeerBumps::NONE == 0 {
-                add_one(&raw mut (*c).resets[opaque(usize::from(b.reset)) & (RESETS - 1)]);
-            }
-            if b.throttled {
-                add_one(&raw mut (*c).throttled);
-            }
-        }
-    };
     if let Some(v) = PEERS.get_ptr_mut(key) {
-        return apply(v);
+        return apply_peer::<true>(v, b);
     }
-    // SAFETY: PEER_ZERO lives for the program's lifetime and is never written; the opaque
-    // pointer keeps the compiler from copying it onto the stack.
-    let zero = unsafe { &*(opaque(&raw const PEER_ZERO as usize) as *const PeerCounters) };
-    match PEERS.insert(key, zero, u64::from(BPF_NOEXIST)) {
+    let Some(new) = PEER_NEW.get_ptr_mut(0) else {
+        return bump(Stat::PeerInsertFailed);
+    };
+    // SAFETY: the per-CPU slot is this program's alone while it runs (not re-entered on a CPU).
+    unsafe { *new = PeerCounters::ZERO };
+    apply_peer::<false>(new, b);
+    // SAFETY: as above; the helper copies the value.
+    match PEERS.insert(key, unsafe { &*new }, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(Stat::PeerInserts),
         // Another CPU created it meanwhile: count into theirs.
-        Err(e) if e == -EEXIST => {}
-        Err(_) => return bump(Stat::PeerInsertFailed),
+        Err(e) if e == -EEXIST => match PEERS.get_ptr_mut(key) {
+            Some(v) => apply_peer::<true>(v, b),
+            // Evicted again before the count: lost, and counted as lost.
+            None => bump(Stat::PeerInsertFailed),
+        },
+        Err(_) => bump(Stat::PeerInsertFailed),
     }
-    match PEERS.get_ptr_mut(key) {
-        Some(v) => apply(v),
-        // Evicted again before the count: lost, and counted as lost.
-        None => bump(Stat::PeerInsertFailed),
+}
+
+/// Adds `b` to the counters at `c`: atomically in a shared map's value, plainly in a value
+/// being built in a per-CPU slot.
+#[inline(always)]
+fn apply_peer<const SHARED: bool>(c: *mut PeerCounters, b: &PeerBumps) {
+    let add = |slot: *mut u64| if SHARED { add_one(slot) } else { add_plain(slot) };
+    // SAFETY: `c` points into a live map value. Each index is made opaque and masked (not
+    // bounds-checked: no branch whose dead side an old verifier (6.1) would walk with
+    // contradictory bounds), so LLVM keeps the mask the verifier needs.
+    unsafe {
+        if b.event & PeerBumps::NONE == 0 {
+            add(&raw mut (*c).counts[opaque(usize::from(b.event)) & (COUNTS - 1)]);
+        }
+        if b.outcome & PeerBumps::NONE == 0 {
+            add(&raw mut (*c).outcomes[opaque(usize::from(b.outcome)) & (OUTCOMES - 1)]);
+        }
+        if b.reset & PeerBumps::NONE == 0 {
+            add(&raw mut (*c).resets[opaque(usize::from(b.reset)) & (RESETS - 1)]);
+        }
+        if b.throttled {
+            add(&raw mut (*c).throttled);
+        }
     }
+}
+
+/// Adds one to a counter only this CPU can see (a value being built).
+#[inline(always)]
+fn add_plain(slot: *mut u64) {
+    // SAFETY: `slot` points into this CPU's slot of a per-CPU map.
+    unsafe { *slot += 1 };
 }
 
 #[inline(never)]
