@@ -178,6 +178,11 @@ const _: () = assert!(COUNTS <= PeerBumps::NONE as usize && OUTCOMES <= COUNTS &
 /// Adds a packet's [`PeerBumps`] to its peer's entry, creating the entry when needed. Not
 /// inlined: a BPF subprogram has its own 512-byte stack frame.
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the new value is passed where it lies, in its per-CPU slot; by value it would be \
+              copied onto the stack"
+)]
 pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
     if let Some(v) = PEERS.get_ptr_mut(key) {
         return apply_peer::<true>(v, b);
