@@ -9,7 +9,26 @@ use anyhow::{Context as _, bail};
 use aya::programs::{SchedClassifier, TcAttachType, loaded_programs};
 use smtpflow_tests::{Netns, in_netns};
 
-use crate::{Check, Report};
+use crate::{Check, Report, Section};
+
+/// A section of per-program accounting rows: `first` names what each row is measured under
+/// (a mode, a source count), then the program against the empty one beside it.
+pub fn section(title: &str, first: &str) -> Section {
+    Section::new(
+        title,
+        &[
+            first,
+            "program",
+            "empty program",
+            "runs/s",
+            "ns/run",
+            "empty ns/run",
+            "ratio",
+            "target",
+            "",
+        ],
+    )
+}
 
 /// Runs and time of one program.
 #[derive(Clone, Copy, Default)]

@@ -271,19 +271,9 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
         "3. Connection churn: SYN-ACK rate the gateway keeps under a SYN flood",
         &["sources", "observer", "SYN-ACKs/s (median)", "runs", "ratio to none", "target", ""],
     );
-    let mut cost_sec = Section::new(
+    let mut cost_sec = accounting::section(
         "3a. Kernel per-program accounting during the SYN flood (run_time_ns / run_cnt)",
-        &[
-            "sources",
-            "program",
-            "empty program",
-            "runs/s",
-            "ns/run",
-            "empty ns/run",
-            "ratio",
-            "target",
-            "",
-        ],
+        "sources",
     );
     for sources in FLOOD_SOURCES {
         let runs = rates(s, sources, f)?;

@@ -222,19 +222,9 @@ fn accounting_under_load(
     omit: u32,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let mut s = Section::new(
+    let mut s = accounting::section(
         "2b. Kernel per-program accounting under iperf3 load (run_time_ns / run_cnt)",
-        &[
-            "mode",
-            "program",
-            "empty program",
-            "runs/s",
-            "ns/run",
-            "empty ns/run",
-            "ratio",
-            "target",
-            "",
-        ],
+        "mode",
     );
     // Accounting only for this section: BPF_ENABLE_STATS held until the end of the function.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
