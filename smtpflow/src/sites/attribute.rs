@@ -255,8 +255,14 @@ impl Sites {
     pub fn entry(&mut self, k: &PeerKey, v: &PeerCounters) {
         let now = EntryCounts::of(v);
         let read = self.read;
-        let last = self.entries.insert(*k, Last { value: now, read }).map(|l| l.value);
-        let last = last.unwrap_or_default();
+        // An entry with nothing a site counts needs no last value (zero is its default): the
+        // peers of a SYN flood that were never answered cost nothing here.
+        let last = if now == EntryCounts::default() {
+            self.entries.remove(k)
+        } else {
+            self.entries.insert(*k, Last { value: now, read })
+        };
+        let last = last.map(|l| l.value).unwrap_or_default();
         let Some(direction) = Direction::from_repr(k.direction) else { return };
         let mut counts = Counts::new();
         for (i, o) in KERNEL_OUTCOMES.iter().enumerate() {

@@ -218,3 +218,31 @@ fn open_connections_go_to_the_exported_site_other_or_unknown() {
         ]
     );
 }
+
+/// Entries with nothing a site counts keep no last value, and their later rises still count
+/// whole.
+#[test]
+fn entries_with_no_counts_are_not_kept() {
+    let t0 = Instant::now();
+    let mut s = Sites::new(SiteMap::default(), 10, &[25]);
+    let mx = key(1, 25, Direction::Outbound);
+    s.learn(
+        &[event(mx, PayloadKind::Greeting, "220 mx3.mail.protection.outlook.com ESMTP\r\n")],
+        t0,
+    );
+    let quiet: Vec<(PeerKey, PeerCounters)> =
+        (2..=200).map(|i| (key(i, 25, Direction::Inbound), PeerCounters::default())).collect();
+    let mut entries = quiet.clone();
+    entries.push((mx, PeerCounters::default()));
+    read(&mut s, t0, &entries, &[]);
+    assert!(s.entries.is_empty(), "{} kept", s.entries.len());
+    entries.pop();
+    entries.push((mx, established(3)));
+    let v = read(&mut s, t0, &entries, &[]);
+    assert_eq!(value(&v, "outlook.com", EST), Some(3));
+    assert_eq!(s.entries.len(), 1);
+    entries.pop();
+    entries.push((mx, established(5)));
+    let v = read(&mut s, t0, &entries, &[]);
+    assert_eq!(value(&v, "outlook.com", EST), Some(5), "a rise of 2 on 3");
+}
