@@ -345,26 +345,15 @@ pub struct Actions {
 #[inline(always)]
 fn is_starttls(head: &[u8; HEAD_LEN], len: u8) -> bool {
     let [a, b, c, d, e, f, g, h, ..] = *head;
-    len >= 8 && is_starttls8(&[a, b, c, d, e, f, g, h])
+    len >= 8 && [a, b, c, d, e, f, g, h].eq_ignore_ascii_case(b"STARTTLS")
 }
 
 #[inline(always)]
 fn is_ehlo(head: &[u8; HEAD_LEN], len: u8) -> bool {
-    let [a, b, c, d, e, f, g, h, ..] = *head;
-    len >= 8 && is_ehlo8(&[a, b, c, d, e, f, g, h])
-}
-
-/// Whether a payload's first 8 bytes are `STARTTLS`, in any case.
-#[inline(always)]
-fn is_starttls8(head: &[u8; 8]) -> bool {
-    head.eq_ignore_ascii_case(b"STARTTLS")
-}
-
-/// Whether a payload's first 8 bytes start with `EHLO ` or `HELO `, in any case.
-#[inline(always)]
-fn is_ehlo8(head: &[u8; 8]) -> bool {
     let [a, b, c, d, e, ..] = *head;
-    ([a, b, c, d].eq_ignore_ascii_case(b"EHLO") || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
+    len >= 8
+        && ([a, b, c, d].eq_ignore_ascii_case(b"EHLO")
+            || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
         && e == b' '
 }
 
@@ -800,7 +789,12 @@ mod tests {
                                     && from_client
                                     && flags & ACK != 0
                                 {
-                                    assert!(p.payload_len > 0, "a client's ACK is never skipped");
+                                    // The one exception: the state machine would complete the
+                                    // handshake; `step`, as the kernel, ignores the segment.
+                                    assert_eq!(a.outcome, Some(Outcome::Established), "{p:?}");
+                                    let mut st = before;
+                                    let skipped = step(&mut st, exists, &p, 2_000, TIMEOUT);
+                                    assert_eq!((skipped, st), (Actions::default(), before));
                                     continue;
                                 }
                                 assert_eq!(a, Actions::default(), "{p:?} in {before:?}");

@@ -57,15 +57,21 @@ fn read(
     s.finish(entries.iter().map(|(k, _)| k))
 }
 
-#[test]
-fn rises_go_to_the_named_site_and_are_remembered() {
-    let t0 = Instant::now();
+/// Sites on port 25 (at most 10) that know one outbound MX, greeting as an outlook.com host.
+fn outlook_mx(t0: Instant) -> (Sites, PeerKey) {
     let mut s = Sites::new(SiteMap::default(), 10, &[25]);
     let mx = key(1, 25, Direction::Outbound);
     s.learn(
         &[event(mx, PayloadKind::Greeting, "220 mx3.mail.protection.outlook.com ESMTP\r\n")],
         t0,
     );
+    (s, mx)
+}
+
+#[test]
+fn rises_go_to_the_named_site_and_are_remembered() {
+    let t0 = Instant::now();
+    let (mut s, mx) = outlook_mx(t0);
     let v = read(&mut s, t0, &[(mx, established(2))], &[(mx, 220, 2), (mx, 250, 4)]);
     assert_eq!(value(&v, "outlook.com", EST), Some(2));
     assert_eq!(value(&v, "outlook.com", SiteCounted::Reply(250)), Some(4));
@@ -224,15 +230,9 @@ fn open_connections_go_to_the_exported_site_other_or_unknown() {
 #[test]
 fn entries_with_no_counts_are_not_kept() {
     let t0 = Instant::now();
-    let mut s = Sites::new(SiteMap::default(), 10, &[25]);
-    let mx = key(1, 25, Direction::Outbound);
-    s.learn(
-        &[event(mx, PayloadKind::Greeting, "220 mx3.mail.protection.outlook.com ESMTP\r\n")],
-        t0,
-    );
-    let quiet: Vec<(PeerKey, PeerCounters)> =
+    let (mut s, mx) = outlook_mx(t0);
+    let mut entries: Vec<(PeerKey, PeerCounters)> =
         (2..=200).map(|i| (key(i, 25, Direction::Inbound), PeerCounters::default())).collect();
-    let mut entries = quiet.clone();
     entries.push((mx, PeerCounters::default()));
     read(&mut s, t0, &entries, &[]);
     assert!(s.entries.is_empty(), "{} kept", s.entries.len());
