@@ -68,8 +68,10 @@ fn is_reply_counter(c: &Counter) -> bool {
 /// The reply counters of the kernel so far, summed over CPUs.
 fn reply_counts(k: &Kernel) -> Counts {
     let mut out = Counts::new();
-    for (key, n) in k.counters.read_keys().expect("counters") {
+    for kv in k.counters.iter() {
+        let (key, values) = kv.expect("counters");
         let Some((scope, counter)) = key.decode() else { continue };
+        let n: u64 = values.iter().sum();
         if is_reply_counter(&counter) && n != 0 {
             out.insert((scope, counter), n);
         }
