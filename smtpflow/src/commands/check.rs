@@ -168,7 +168,8 @@ fn check_programs() -> Vec<Check> {
             )];
         }
     };
-    // Each TC program on its own: the egress one walks other paths, and on 6.1 its own count.
+    // Each TC program on its own row: egress walks other paths than ingress, and on 6.1 it is
+    // the one nearest the verifier's limit (docs/benchmarks.md).
     for (prog, what) in [
         (names::PROG_TC_INGRESS, "tc ingress"),
         (names::PROG_TC_EGRESS, "tc egress"),
