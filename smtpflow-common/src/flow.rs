@@ -409,16 +409,38 @@ pub fn step_may_change(
     now: u64,
     timeout_ns: u64,
 ) -> Actions {
-    let a = advance(st, exists, p, now, timeout_ns);
-    if a.store {
-        st.active = (now >> ACTIVE_SHIFT) as u32;
-    }
+    let mut a = Actions::default();
+    step_may_change_into(st, exists, p, now, timeout_ns, &mut a);
     a
 }
 
+/// [`step_may_change`] writing its actions into `a` in place: the kernel keeps them in a map
+/// value, off its small stack.
 #[inline(always)]
-fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_ns: u64) -> Actions {
-    let mut a = Actions::default();
+pub fn step_may_change_into(
+    st: &mut FlowState,
+    exists: bool,
+    p: &FlowPacket,
+    now: u64,
+    timeout_ns: u64,
+    a: &mut Actions,
+) {
+    advance(st, exists, p, now, timeout_ns, a);
+    if a.store {
+        st.active = (now >> ACTIVE_SHIFT) as u32;
+    }
+}
+
+#[inline(always)]
+fn advance(
+    st: &mut FlowState,
+    exists: bool,
+    p: &FlowPacket,
+    now: u64,
+    timeout_ns: u64,
+    a: &mut Actions,
+) {
+    *a = Actions::default();
     let (syn, ack, rst, fin) =
         (p.flags & SYN != 0, p.flags & ACK != 0, p.flags & RST != 0, p.flags & FIN != 0);
     let pending = exists && st.state == state::SYN_SENT;
@@ -438,33 +460,33 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             }
         });
         if !exists {
-            return a;
+            return;
         }
         if late {
             // Kept: the sweep counts the attempt as a timeout.
             st.flags |= flag::LATE;
             a.store = true;
-            return a;
+            return;
         }
         a.tls = tls_failed(st, p);
         if st.flags & flag::LATE != 0 {
             // Kept until the sweep has seen it, no longer open.
-            close(st, &mut a);
-            return a;
+            close(st, a);
+            return;
         }
         if st.state == state::SYN_SENT && !p.from_client && !decided {
             a.outcome = Some(Outcome::Refused);
         }
         a.delete = true;
-        return a;
+        return;
     }
     if syn && !ack {
         if !p.from_client {
-            return a; // a SYN from the SMTP port: simultaneous open, not tracked
+            return; // a SYN from the SMTP port: simultaneous open, not tracked
         }
         if exists && p.seq == st.client_isn {
             a.syn_retransmit = true;
-            return a;
+            return;
         }
         // A new attempt (possibly reusing the ports of an old connection).
         *st = FlowState {
@@ -474,12 +496,12 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
             ..FlowState::default()
         };
         a.store = true;
-        return a;
+        return;
     }
     if syn {
         // SYN-ACK.
         if p.from_client || (exists && st.state != state::SYN_SENT) {
-            return a; // not a server's answer, or a duplicate
+            return; // not a server's answer, or a duplicate
         }
         if late {
             // No outcome; the connection is still followed.
@@ -497,14 +519,14 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         st.server_next_seq = p.seq.wrapping_add(1);
         st.flags |= flag::SEQ_KNOWN;
         a.store = true;
-        return a;
+        return;
     }
     if !exists {
-        return a; // a connection we did not see start
+        return; // a connection we did not see start
     }
     if st.state == state::SYN_SENT {
         if !(p.from_client && ack) {
-            return a;
+            return;
         }
         // The client completed the handshake and we never saw the SYN-ACK (XDP sees no egress).
         if late {
@@ -536,18 +558,18 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         }
         // XDP never sees the server's FIN: the client's ends the flow.
         if fin {
-            end(st, &mut a, p, p.ingress_only, may_end);
+            end(st, a, p, p.ingress_only, may_end);
         }
-        return a;
+        return;
     }
     if p.payload_len == 0
         || (st.flags & flag::SEQ_KNOWN != 0 && seq_before(p.seq, st.server_next_seq))
     {
         // No payload, or a retransmission: already counted.
         if fin {
-            end(st, &mut a, p, true, may_end);
+            end(st, a, p, true, may_end);
         }
-        return a;
+        return;
     }
     st.server_next_seq = p.seq.wrapping_add(p.payload_len);
     st.flags |= flag::SEQ_KNOWN;
@@ -600,9 +622,8 @@ fn advance(st: &mut FlowState, exists: bool, p: &FlowPacket, now: u64, timeout_n
         st.flags |= flag::MID_LINE;
     }
     if fin {
-        end(st, &mut a, p, true, may_end);
+        end(st, a, p, true, may_end);
     }
-    a
 }
 
 /// The TCP handshake completed: the flow is established, and on an implicit-TLS port (not

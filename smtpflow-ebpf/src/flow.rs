@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use smtpflow_common::{
     Direction, FlowKey, Outcome, Stat,
-    flow::{Actions, FlowPacket, step_may_change, unreachable},
+    flow::{Actions, FlowPacket, step_may_change_into, unreachable},
     reply::HEAD_LEN,
 };
 
@@ -84,7 +84,7 @@ fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     second
 }
 
-/// Advances the packet's flow and returns what to count; only for a packet that
+/// Advances the packet's flow and writes what to count into `out`; only for a packet that
 /// [`FlowPacket::may_change_flow`]. Not inlined: a BPF subprogram has its
 /// own 512-byte stack frame.
 #[inline(never)]
@@ -92,7 +92,7 @@ fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     clippy::needless_borrows_for_generic_args,
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
-pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
+pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket, out: &mut Actions) {
     let Where { ifindex, direction, now } = *at;
     let (client, server, client_port, server_port) = if fp.from_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)
@@ -114,8 +114,8 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
     // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
     // a state change of that flow, never a count in the exact counters.
     let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
-    let actions =
-        step_may_change(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns);
+    step_may_change_into(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns, out);
+    let actions = &*out;
     if actions.delete {
         if FLOWS.remove(&key).is_ok() {
             bump(Stat::FlowDeletes);
@@ -130,7 +130,6 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket) -> Actions {
             },
         }
     }
-    actions
 }
 
 /// Advances the flow of our connection attempt that an ICMP destination unreachable quotes (the

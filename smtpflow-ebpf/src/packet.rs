@@ -11,6 +11,7 @@ use aya_ebpf::{
 /// Furthest offset we read at. Bounds every variable offset for the verifier (the last payload
 /// byte of a full-size segment is the deepest read).
 pub const MAX_OFFSET: usize = 0x7fff;
+const _: () = assert!((MAX_OFFSET + 1).is_power_of_two(), "ptr_at masks offsets with it");
 
 /// A frame the parser can read from.
 pub trait Frame {
@@ -189,7 +190,10 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
     if off > MAX_OFFSET {
         return Err(());
     }
-    let p = opaque(start + off);
+    // Masked as well (a no-op after the check): an offset read from a map value may be checked
+    // in one register and added from another, filled from the same stack slot, and Linux 6.1
+    // bounds only the register it compared.
+    let p = opaque(start + (opaque(off) & MAX_OFFSET));
     // Opaque too, or LLVM turns `p + 1 > end` into `p >= end`, which gives the verifier no range.
     if opaque(p + size_of::<T>()) > end {
         return Err(());
