@@ -105,6 +105,26 @@ impl Counter {
         + KERNEL_STARTTLS_STAGES.len()
         + UnreachableReason::COUNT;
 
+    /// The counter's slot in its scope's run of the `SCOPE_COUNTS` array ([`slot`]): `Some`
+    /// for every [`Counter::seeded`] counter, `None` for reply codes, statuses and drop reasons
+    /// (sparse: they stay in the counters hash map).
+    #[inline(always)]
+    pub const fn scope_slot(self) -> Option<usize> {
+        Some(match self {
+            Counter::Event(e, s) => slot::EVENT + e as usize * Side::COUNT + s as usize,
+            Counter::Handshake(o) => slot::HANDSHAKE + o as usize,
+            Counter::SynRetransmit => slot::SYN_RETRANSMIT,
+            Counter::Reset(p, s) => slot::RESET + p as usize * Side::COUNT + s as usize,
+            Counter::Throttled => slot::THROTTLED,
+            Counter::Starttls(stage) => slot::STARTTLS + stage as usize,
+            Counter::Unreachable(r) => slot::UNREACHABLE + r as usize,
+            Counter::Reply(_)
+            | Counter::Greeting(_)
+            | Counter::SynDrop(_)
+            | Counter::ReplyStatus(..) => return None,
+        })
+    }
+
     pub const fn kind(self) -> CounterKind {
         match self {
             Counter::Event(..) => CounterKind::Event,
@@ -121,6 +141,27 @@ impl Counter {
         }
     }
 }
+
+/// Where a seeded counter lives in its scope's run of the `SCOPE_COUNTS` per-CPU array: one
+/// run of [`SCOPE_SLOTS`] counters per watched scope ([`crate::Config::scope_index`]). Each
+/// family's slots are indexed by its enum values, so the kernel computes a slot with a few
+/// arithmetic instructions and no search; the few slots no kernel path counts (the `timeout`
+/// outcome, the `offered` STARTTLS stage) stay at 0 and are never read.
+pub mod slot {
+    use crate::{Event, Outcome, Phase, Side, UnreachableReason, reply::StarttlsStage};
+
+    pub const EVENT: usize = 0;
+    pub const HANDSHAKE: usize = EVENT + Event::COUNT * Side::COUNT;
+    pub const SYN_RETRANSMIT: usize = HANDSHAKE + Outcome::COUNT;
+    pub const RESET: usize = SYN_RETRANSMIT + 1;
+    pub const THROTTLED: usize = RESET + Phase::COUNT * Side::COUNT;
+    pub const STARTTLS: usize = THROTTLED + 1;
+    pub const UNREACHABLE: usize = STARTTLS + StarttlsStage::COUNT;
+    pub const END: usize = UNREACHABLE + UnreachableReason::COUNT;
+}
+
+/// Counters per scope in the `SCOPE_COUNTS` array ([`slot`]).
+pub const SCOPE_SLOTS: usize = slot::END;
 
 /// Key of the exact per-CPU counters map: a [`Scope`] and a [`Counter`], in 12 bytes. Its
 /// fields are private: make one with [`CounterKey::new`], read one with [`CounterKey::decode`].
@@ -309,6 +350,34 @@ mod tests {
         assert!(seeded.contains(&Counter::Handshake(Outcome::Unreachable)));
         for reason in UnreachableReason::ALL {
             assert!(seeded.contains(&Counter::Unreachable(reason)), "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn seeded_counters_have_distinct_slots_in_range() {
+        let slots: BTreeSet<usize> = Counter::seeded()
+            .map(|c| {
+                let s = c.scope_slot().unwrap_or_else(|| panic!("{c:?} has no slot"));
+                assert!(s < SCOPE_SLOTS, "{c:?} at {s}");
+                s
+            })
+            .collect();
+        assert_eq!(slots.len(), Counter::SEEDED_PER_SCOPE, "one slot each");
+        for c in every_counter() {
+            let seeded = Counter::seeded().any(|s| s == c);
+            let sparse = matches!(
+                c,
+                Counter::Reply(_)
+                    | Counter::Greeting(_)
+                    | Counter::SynDrop(_)
+                    | Counter::ReplyStatus(..)
+            );
+            assert_eq!(c.scope_slot().is_none(), sparse, "{c:?}");
+            // A counter outside the seeded set with a slot (timeout, offered) never shares one
+            // with a seeded counter.
+            if !seeded && let Some(s) = c.scope_slot() {
+                assert!(!slots.contains(&s), "{c:?} shares slot {s}");
+            }
         }
     }
 

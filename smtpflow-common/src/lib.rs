@@ -21,7 +21,7 @@ pub mod tls;
 #[cfg(feature = "user")]
 pub mod user;
 
-pub use counter::{Counter, CounterKey, Scope, Stat};
+pub use counter::{Counter, CounterKey, SCOPE_SLOTS, Scope, Stat};
 pub use flow::{
     FlowKey, FlowState, HIST_BOUNDS_NS, HIST_BUCKETS, HistKey, HistKind, Histogram, Outcome, Phase,
 };
@@ -48,6 +48,8 @@ pub mod names {
     pub const MAP_PEER_GREETINGS: &str = "PEER_GREETINGS";
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_HISTS: &str = "HISTS";
+    pub const MAP_SCOPE_COUNTS: &str = "SCOPE_COUNTS";
+    pub const MAP_SCOPES: &str = "SCOPES";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_PAYLOADS: &str = "PAYLOADS";
 }
@@ -61,17 +63,21 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_NS: u64 = 5_000_000_000;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Most interfaces one smtpflow watches.
 pub const MAX_IFACES: usize = 32;
-/// Capacity of the exact counters map. The seeded keys of every watched interface, port and
-/// direction are created up front ([`Counter::seeded`]); the rest holds reply codes and drop
-/// reasons as they appear.
+/// Capacity of the counters hash map: the sparse counters (reply codes, statuses, drop
+/// reasons) as they appear. The seeded counters of every watched scope live in the
+/// `SCOPE_COUNTS` array ([`Config::scope_index`]), sized by the loader.
 pub const COUNTERS_CAPACITY: u32 = 65_536;
-const _: () = assert!(
-    MAX_IFACES * MAX_PORTS * 2 * Counter::SEEDED_PER_SCOPE < COUNTERS_CAPACITY as usize / 2,
-    "at least half of the counters map stays free for reply codes and drop reasons"
-);
-/// Capacity of the duration histograms map: interfaces x ports x directions x kinds.
-pub const HISTS_CAPACITY: u32 =
-    (MAX_IFACES * MAX_PORTS * Direction::COUNT * HistKind::COUNT) as u32;
+/// `SCOPE_COUNTS` entries in the object as built (one interface, every port); the loader sizes
+/// it for the interfaces it watches ([`Config::scope_count`]).
+pub const SCOPE_COUNTS_DEFAULT: u32 = (MAX_PORTS * Direction::COUNT * SCOPE_SLOTS) as u32;
+/// Most entries of the `SCOPES` map: interfaces told apart by their ifindex's low 16 bits
+/// ([`Config::iface_mask`]), each with every port and direction. The loader sizes it to the
+/// mask it needs, a few KiB for the usual small ifindexes.
+pub const MAX_IFACE_MASK: u32 = 0xffff;
+/// `SCOPES` entries in the object as built (an interface mask of 0).
+pub const SCOPES_DEFAULT: u32 = (MAX_PORTS * Direction::COUNT) as u32;
+/// `HISTS` entries in the object as built, sized the same way.
+pub const HISTS_DEFAULT: u32 = (MAX_PORTS * Direction::COUNT * HistKind::COUNT) as u32;
 
 /// Runtime configuration, a read-only global of the kernel object set by the loader.
 #[repr(C)]
@@ -86,6 +92,14 @@ pub struct Config {
     /// XDP mode) later than this after the first SYN is late and decides no outcome (userspace
     /// counts the attempt as a timeout). 0: no answer is late.
     pub handshake_timeout_ns: u64,
+    /// The watched interfaces, by slot: slot `i` is `ifindexes[i]`, for the first `iface_count`
+    /// (userspace's list; the kernel finds a packet's scope by [`Config::scope_key`]).
+    pub ifindexes: [u32; MAX_IFACES],
+    pub iface_count: u32,
+    /// The smallest mask `2^k - 1` that keeps the watched ifindexes apart: a packet's
+    /// `ifindex & iface_mask` picks its interface's entries in `SCOPES`. The programs run only
+    /// on watched interfaces, so no other ifindex needs telling apart.
+    pub iface_mask: u32,
     /// The same ports as a set: bit `p % 64` of word `p / 64` is set when port `p` is one of
     /// `ports`. The per-packet filter, so that a segment of any other port costs two loads.
     pub port_set: [u64; PORT_SET_WORDS],
@@ -100,6 +114,9 @@ impl Config {
         port_count: 0,
         plaintext_mask: 0,
         handshake_timeout_ns: 0,
+        ifindexes: [0; MAX_IFACES],
+        iface_count: 0,
+        iface_mask: 0,
         port_set: [0; PORT_SET_WORDS],
     };
 
@@ -114,6 +131,43 @@ impl Config {
     pub fn ports(&self) -> &[u16] {
         let n = (self.port_count as usize).min(MAX_PORTS);
         &self.ports[..n]
+    }
+
+    /// A scope's key in the `SCOPES` map, which gives its [`Config::scope_index`]: the
+    /// interface's masked ifindex ([`Config::iface_mask`]), the port's index and the direction,
+    /// at fixed strides; below [`Config::scope_keys_len`]. The kernel reads the index from the
+    /// map, not computed, so that the verifier sees one unknown value on every path: computed
+    /// from the port index (a constant on each path of the port match) it would walk the rest
+    /// of the program once for each port and direction. No compare either: a branch on the
+    /// interface made Linux 6.1's verifier walk TC past its limit.
+    #[inline(always)]
+    pub const fn scope_key(&self, ifindex: u32, port_index: usize, direction: Direction) -> u32 {
+        ((ifindex & self.iface_mask) * MAX_PORTS as u32 + port_index as u32)
+            * Direction::COUNT as u32
+            + direction as u32
+    }
+
+    /// Entries of the `SCOPES` map: every key [`Config::scope_key`] can make.
+    pub const fn scope_keys_len(&self) -> u32 {
+        (self.iface_mask + 1) * (MAX_PORTS * Direction::COUNT) as u32
+    }
+
+    /// Where a scope's counters start in the per-scope arrays, in runs of their size: the
+    /// interface's slot, the port's index in `ports` and the direction, numbered densely in that
+    /// order ([`Config::scope_count`] of them).
+    pub const fn scope_index(
+        &self,
+        iface_slot: u32,
+        port_index: usize,
+        direction: Direction,
+    ) -> u32 {
+        (iface_slot * self.port_count + port_index as u32) * Direction::COUNT as u32
+            + direction as u32
+    }
+
+    /// How many scopes [`Config::scope_index`] numbers.
+    pub const fn scope_count(&self) -> u32 {
+        self.iface_count * self.port_count * Direction::COUNT as u32
     }
 
     /// Whether replies on the port at `index` of `ports` are read.
@@ -169,6 +223,6 @@ impl DropConfig {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 48 + 8 * PORT_SET_WORDS);
+    assert!(size_of::<Config>() == 56 + 4 * MAX_IFACES + 8 * PORT_SET_WORDS);
     assert!(size_of::<DropConfig>() == 52);
 };

@@ -43,6 +43,52 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Gives the watched interfaces their slots, in order, and the smallest
+    /// [`Config::iface_mask`] that tells them apart; `None` when there are more than
+    /// [`crate::MAX_IFACES`], or two that no mask up to [`crate::MAX_IFACE_MASK`] tells apart
+    /// (their ifindexes differ by a multiple of 65,536).
+    pub fn set_ifaces(&mut self, ifindexes: &[u32]) -> Option<()> {
+        if ifindexes.len() > crate::MAX_IFACES {
+            return None;
+        }
+        let apart = |mask: u32| {
+            let mut seen = std::collections::BTreeSet::new();
+            ifindexes.iter().all(|&i| seen.insert(i & mask))
+        };
+        let mask = (0..=16).map(|bits| (1u32 << bits) - 1).find(|&m| apart(m))?;
+        self.ifindexes = [0; crate::MAX_IFACES];
+        self.ifindexes[..ifindexes.len()].copy_from_slice(ifindexes);
+        self.iface_count = ifindexes.len() as u32;
+        self.iface_mask = mask;
+        Some(())
+    }
+
+    /// The watched interfaces, by slot.
+    pub fn ifaces(&self) -> &[u32] {
+        &self.ifindexes[..(self.iface_count as usize).min(crate::MAX_IFACES)]
+    }
+
+    /// Every watched scope with its [`Config::scope_index`].
+    pub fn scopes(&self) -> impl Iterator<Item = (u32, crate::Scope)> + '_ {
+        self.scope_keys().map(|(_, at, scope)| (at, scope))
+    }
+
+    /// Every watched scope with its [`Config::scope_key`] and [`Config::scope_index`]: what the
+    /// loader writes into the `SCOPES` map.
+    pub fn scope_keys(&self) -> impl Iterator<Item = (u32, u32, crate::Scope)> + '_ {
+        self.ifaces().iter().zip(0u32..).flat_map(move |(&ifindex, slot)| {
+            self.ports().iter().enumerate().flat_map(move |(index, &port)| {
+                crate::Direction::ALL.into_iter().map(move |direction| {
+                    let key = self.scope_key(ifindex, index, direction);
+                    let at = self.scope_index(slot, index, direction);
+                    (key, at, crate::Scope { ifindex, port, direction })
+                })
+            })
+        })
+    }
+}
+
 impl PeerKey {
     /// The peer address as Rust's `IpAddr` (displayed compressed and lower case for IPv6).
     pub fn ip(&self) -> Option<IpAddr> {
@@ -73,6 +119,27 @@ mod tests {
         assert_eq!(k.ip().unwrap().to_string(), "2001:db8::1");
         k.family = 9;
         assert_eq!(k.ip(), None);
+    }
+
+    #[test]
+    fn scopes_number_every_slot_once() {
+        let mut c = Config::from_ports(&[25, 465, 587], &[25]).unwrap();
+        c.set_ifaces(&[7, 3]).unwrap();
+        let scopes: std::vec::Vec<_> = c.scopes().collect();
+        assert_eq!(scopes.len(), c.scope_count() as usize);
+        let mut at: std::vec::Vec<u32> = scopes.iter().map(|(i, _)| *i).collect();
+        at.sort_unstable();
+        assert_eq!(at, (0..c.scope_count()).collect::<std::vec::Vec<_>>(), "dense, no repeats");
+        let (i, s) = scopes[scopes.len() - 1];
+        assert_eq!((i, s.ifindex, s.port, s.direction), (11, 3, 587, crate::Direction::ALL[1]));
+        let keys: std::collections::BTreeSet<u32> = c.scope_keys().map(|(k, ..)| k).collect();
+        assert_eq!(keys.len(), scopes.len(), "distinct keys");
+        assert!(keys.iter().all(|&k| k < c.scope_keys_len()));
+        assert_eq!(c.iface_mask, 7, "7 and 3 share their two low bits, not three");
+        assert!(c.set_ifaces(&[1; crate::MAX_IFACES + 1]).is_none());
+        assert!(c.set_ifaces(&[5, 5 + 65_536]).is_none(), "no mask tells them apart");
+        c.set_ifaces(&[2]).unwrap();
+        assert_eq!((c.iface_mask, c.scope_keys_len()), (0, 32), "one interface: no mask");
     }
 
     #[test]

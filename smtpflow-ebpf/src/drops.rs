@@ -11,7 +11,7 @@ use smtpflow_common::{
     smtp_port,
 };
 
-use crate::maps::{config, count, drop_config};
+use crate::maps::{NO_SCOPE, config, count, drop_config};
 
 /// `sk_buff::network_header` when unset.
 const NO_HEADER: u16 = 0xffff;
@@ -84,7 +84,8 @@ fn client_segment(skb: u64, c: &DropConfig) -> Result<Option<ClientSegment>, ()>
 #[inline(always)]
 fn count_drop(port: u16, direction: Direction, reason: u32) {
     // A drop has no watched interface: its scope's ifindex is 0.
-    count(&CounterKey::new(Scope { ifindex: 0, port, direction }, Counter::SynDrop(reason as u16)));
+    let drop = Counter::SynDrop(reason as u16);
+    count(&CounterKey::new(Scope { ifindex: 0, port, direction }, drop), NO_SCOPE);
 }
 
 /// `tp_btf/kfree_skb`: counts an SMTP-port SYN the kernel dropped, by its drop reason.

@@ -6,12 +6,12 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use smtpflow_common::{
-    COUNTERS_CAPACITY, Config, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig,
-    FlowKey, FlowState, HISTS_CAPACITY, HistKey, Histogram, PeerCounters, PeerGreetingKey, PeerKey,
-    Stat,
+    COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS,
+    Direction, DropConfig, FlowKey, FlowState, HISTS_DEFAULT, HistKind, Histogram, PeerCounters,
+    PeerGreetingKey, PeerKey, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
     payload::PAYLOAD_RING_BYTES,
     peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS},
 };
@@ -28,16 +28,29 @@ static CONFIG: Config = Config::EMPTY;
 #[unsafe(no_mangle)]
 static DROP_CONFIG: DropConfig = DropConfig::DISABLED;
 
-/// Exact counters ([`smtpflow_common::Counter`]); the loader pre-creates the keys of every watched interface and
-/// port, so the hot path is a lookup.
+/// The seeded exact counters ([`Counter::seeded`]) of every watched scope, in runs of
+/// [`SCOPE_SLOTS`] at [`Config::scope_index`]: an array, so the hot path costs a bounds check
+/// (the verifier inlines the lookup), no hash. Sized by the loader.
+#[map(name = "SCOPE_COUNTS")]
+static SCOPE_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCOPE_COUNTS_DEFAULT, 0);
+
+/// The sparse exact counters: reply codes, statuses and drop reasons, created as they appear;
+/// also a seeded counter of a scope `SCOPES` does not list (none: the programs run only on the
+/// interfaces the loader listed), so that no count is ever lost.
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuHashMap<CounterKey, u64> =
     PerCpuHashMap::with_max_entries(COUNTERS_CAPACITY, 0);
 
-/// Handshake and greeting durations.
+/// Handshake and greeting durations, in runs of [`HistKind::COUNT`] at
+/// [`Config::scope_index`]; sized by the loader.
 #[map(name = "HISTS")]
-static HISTS: PerCpuHashMap<HistKey, Histogram> =
-    PerCpuHashMap::with_max_entries(HISTS_CAPACITY, 0);
+static HISTS: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(HISTS_DEFAULT, 0);
+
+/// [`Config::scope_index`] by [`Config::scope_key`], [`NO_SCOPE`] for a scope not watched;
+/// sized and written by the loader before it attaches. Read, not computed: see
+/// [`Config::scope_key`].
+#[map(name = "SCOPES")]
+static SCOPES: Array<u32> = Array::with_max_entries(SCOPES_DEFAULT, 0);
 
 /// Per-peer counters; resized by the loader (`--max-peers`). Evicted entries lose only their
 /// per-peer view: the counters above are kept separately.
@@ -99,10 +112,42 @@ pub fn bump(stat: Stat) {
     }
 }
 
-/// Adds one to an exact counter, creating it when needed. Not inlined: one copy serves every
-/// caller, and its key slot is not repeated in theirs.
+/// No scope in the per-scope arrays: `SCOPES` does not list the packet's. Past the end of both
+/// arrays, and still past them when [`scope_counter`] and [`observe_duration`] scale it.
+pub const NO_SCOPE: u32 = u32::MAX;
+
+/// The [`Config::scope_index`] of a packet's scope, or [`NO_SCOPE`]: one read of `SCOPES` (an
+/// array lookup the verifier inlines), so that the verifier carries one unknown value on from
+/// here, whatever path the packet took.
+#[inline(always)]
+pub fn scope_of(ifindex: u32, port_index: usize, direction: Direction) -> u32 {
+    match SCOPES.get(config().scope_key(ifindex, port_index, direction)) {
+        Some(&at) => at,
+        None => NO_SCOPE,
+    }
+}
+
+/// Where `counter` of `scope` lives in `SCOPE_COUNTS`: past its end for a sparse counter or no
+/// scope (then [`count`] keys it in `COUNTERS`). No branch on `scope`: the array's bounds
+/// check is the only test.
+#[inline(always)]
+pub fn scope_counter(scope: u32, counter: Counter) -> u32 {
+    match counter.scope_slot() {
+        Some(slot) => scope.wrapping_mul(SCOPE_SLOTS as u32).wrapping_add(slot as u32),
+        None => NO_SCOPE,
+    }
+}
+
+/// Adds one to an exact counter: at `at` in `SCOPE_COUNTS` ([`scope_counter`]), else keyed by
+/// `key` in `COUNTERS`, created when needed. Not inlined: one copy serves every caller, and
+/// its key slot is not repeated in theirs.
 #[inline(never)]
-pub fn count(key: &CounterKey) {
+pub fn count(key: &CounterKey, at: u32) {
+    if let Some(v) = SCOPE_COUNTS.get_ptr_mut(at) {
+        // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
+        unsafe { *v += 1 };
+        return;
+    }
     for _ in 0..2 {
         if let Some(v) = COUNTERS.get_ptr_mut(key) {
             // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
@@ -119,11 +164,12 @@ pub fn count(key: &CounterKey) {
     bump(Stat::CounterInsertFailed);
 }
 
-/// Adds a duration to its histogram. The loader creates every histogram up front (a zeroed value
-/// is too big for the BPF stack), so a missing one is only counted.
+/// Adds a duration to `scope`'s histogram of `kind`. A scope with no place in the array
+/// ([`NO_SCOPE`]) loses the duration, counted.
 #[inline(always)]
-pub fn observe_duration(key: &HistKey, ns: u64) {
-    let Some(h) = HISTS.get_ptr_mut(key) else {
+pub fn observe_duration(scope: u32, kind: HistKind, ns: u64) {
+    let at = scope.wrapping_mul(HistKind::COUNT as u32).wrapping_add(kind as u32);
+    let Some(h) = HISTS.get_ptr_mut(at) else {
         return bump(Stat::HistInsertFailed);
     };
     let bucket = Histogram::bucket(ns);

@@ -2,15 +2,18 @@
 //! SMTP ports, classify the event, advance the connection's flow, and count what it decided.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
 use smtpflow_common::{
-    Counter, CounterKey, Direction, Event, HistKey, HistKind, Outcome, PeerCounters,
-    PeerGreetingKey, PeerKey, Scope, Side, Stat, classify, direction_of,
+    Counter, CounterKey, Direction, Event, HistKind, Outcome, PeerCounters, PeerGreetingKey,
+    PeerKey, Scope, Side, Stat, classify, direction_of,
     flow::{Actions, FlowPacket},
     smtp_port,
 };
 
 use crate::{
     flow,
-    maps::{PeerBumps, bump, config, count, count_peer, count_peer_greeting, observe_duration},
+    maps::{
+        NO_SCOPE, PeerBumps, bump, config, count, count_peer, count_peer_greeting,
+        observe_duration, scope_counter, scope_of,
+    },
     packet::{Frame as _, Packet},
     parse::{
         Located, Ports, Segment, Skip,
@@ -25,6 +28,8 @@ use crate::{
 pub struct Seen {
     seg: Segment,
     peer: PeerKey,
+    /// The packet's [`smtpflow_common::Config::scope_index`] ([`scope_of`]).
+    scope: u64,
     at: flow::Where,
     packet: FlowPacket,
     event: Option<Event>,
@@ -92,8 +97,10 @@ fn observe_unreachable<P: Packet>(p: &P) {
         direction: Direction::Outbound as u8,
     };
     let scope = Scope { ifindex, port: m.port, direction: Direction::Outbound };
-    count(&CounterKey::new(scope, Counter::Handshake(Outcome::Unreachable)));
-    count(&CounterKey::new(scope, Counter::Unreachable(q.reason)));
+    let at = scope_of(ifindex, m.index, Direction::Outbound);
+    for counter in [Counter::Handshake(Outcome::Unreachable), Counter::Unreachable(q.reason)] {
+        count(&CounterKey::new(scope, counter), scope_counter(at, counter));
+    }
     count_peer(&peer, &PeerBumps { outcome: Outcome::Unreachable as u8, ..PeerBumps::EMPTY });
 }
 
@@ -125,13 +132,14 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     seen.seg = Segment::EMPTY;
     seen.peer = PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 };
     seen.at = flow::Where { ifindex, direction: Direction::Inbound, now: 0 };
+    seen.scope = u64::from(NO_SCOPE);
     seen.event = None;
     seen.bumps = PeerBumps::EMPTY;
     if !inspect(p, loc, side, seen) {
         return;
     }
     if let Some(event) = seen.event {
-        count_event(&seen.peer, event, side);
+        count_event(&seen.peer, seen.scope as u32, event, side);
         seen.bumps.event = PeerCounters::index(event, side) as u8;
     }
     // Replies are read on plaintext ports; the client's first byte everywhere (a TLS
@@ -144,7 +152,7 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
         // SAFETY: plain helper call.
         seen.at.now = unsafe { bpf_ktime_get_ns() };
         flow::track(&seen.seg, &seen.at, &seen.packet, &mut seen.actions);
-        record(&seen.actions, &seen.peer, side, &mut seen.bumps);
+        record(&seen.actions, &seen.peer, seen.scope as u32, side, &mut seen.bumps);
         if let Some(kind) = seen.actions.payload {
             payload::emit(p, &seen.seg, &seen.peer, kind);
         }
@@ -173,6 +181,7 @@ fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool
     seen.peer.port = m.port;
     seen.peer.family = seg.family;
     seen.peer.direction = direction as u8;
+    seen.scope = u64::from(scope_of(seen.peer.ifindex, m.index, direction));
     seen.event = classify(seg.flags, seg.window);
     seen.at.direction = direction;
     seen.packet = FlowPacket {
@@ -189,23 +198,25 @@ fn inspect<P: Packet>(p: &P, loc: &Located, side: Side, seen: &mut Seen) -> bool
 }
 
 #[inline(never)]
-fn count_event(peer: &PeerKey, event: Event, side: Side) {
+fn count_event(peer: &PeerKey, at: u32, event: Event, side: Side) {
     let Some(direction) = Direction::from_repr(peer.direction) else {
         return;
     };
     let scope = Scope { ifindex: peer.ifindex, port: peer.port, direction };
-    count(&CounterKey::new(scope, Counter::Event(event, side)));
+    let counter = Counter::Event(event, side);
+    count(&CounterKey::new(scope, counter), scope_counter(at, counter));
 }
 
 /// Counts what the flow tracker decided, and adds its per-peer counts to `bumps`. Not inlined,
 /// to keep the entry frame small (the BPF stack limit of 512 bytes is for a whole call chain).
 #[inline(never)]
-fn record(a: &Actions, peer: &PeerKey, side: Side, bumps: &mut PeerBumps) {
+fn record(a: &Actions, peer: &PeerKey, at: u32, side: Side, bumps: &mut PeerBumps) {
     let Some(direction) = Direction::from_repr(peer.direction) else {
         return;
     };
     let scope = Scope { ifindex: peer.ifindex, port: peer.port, direction };
-    let count_in_scope = |counter| count(&CounterKey::new(scope, counter));
+    let count_in_scope =
+        |counter| count(&CounterKey::new(scope, counter), scope_counter(at, counter));
     if let Some(outcome) = a.outcome {
         count_in_scope(Counter::Handshake(outcome));
         if outcome != Outcome::Timeout {
@@ -220,10 +231,10 @@ fn record(a: &Actions, peer: &PeerKey, side: Side, bumps: &mut PeerBumps) {
         bumps.reset = phase as u8;
     }
     if let Some(ns) = a.handshake_ns {
-        observe_duration(&HistKey::new(scope, HistKind::Handshake), ns);
+        observe_duration(at, HistKind::Handshake, ns);
     }
     if let Some(ns) = a.greeting_ns {
-        observe_duration(&HistKey::new(scope, HistKind::Greeting), ns);
+        observe_duration(at, HistKind::Greeting, ns);
     }
     if let Some(reply) = a.reply {
         let code = reply.code;

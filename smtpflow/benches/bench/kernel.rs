@@ -23,7 +23,11 @@ const XDP_PASS: u32 = 2;
 /// Loads the real object as `smtpflow watch` does (default ports and map sizes) with its TC
 /// ingress and XDP programs, not attached.
 pub fn load_real() -> anyhow::Result<Ebpf> {
-    let config = Config::from_ports(&[25, 465, 587], &[25, 587]).context("ports")?;
+    let mut config = Config::from_ports(&[25, 465, 587], &[25, 587]).context("ports")?;
+    // The test run's device (loopback) watched, as `--iface` would make it.
+    // SAFETY: a valid NUL-terminated name.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    config.set_ifaces(&[lo]).context("interfaces")?;
     let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: DEFAULT_MAX_FLOWS };
     let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
     let tc: &mut SchedClassifier =

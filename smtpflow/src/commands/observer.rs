@@ -71,6 +71,14 @@ impl Observer {
                 (smtpflow_common::DropConfig::DISABLED, None)
             }
         };
+        let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
+        config.set_ifaces(&ifindexes).with_context(|| {
+            format!(
+                "interface indexes {ifindexes:?}: smtpflow tells watched interfaces apart by \
+                 the low 16 bits of their index; watch these interfaces from two smtpflow \
+                 processes"
+            )
+        })?;
         let sizes = kernel::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
         let ebpf = kernel::load(&config, &drop_config, &sizes)?;
         let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
@@ -87,15 +95,14 @@ impl Observer {
             });
         let mut maps = Maps::take(
             &mut attached.ebpf,
-            args.max_peers,
-            args.max_flows,
+            &config,
+            &sizes,
             args.handshake_timeout,
             max_peer_series,
             labeler.clone(),
             Sites::new(site_map, max_site_series, config.ports()),
         )?;
-        let ifindexes: Vec<u32> = ifaces.iter().map(|i| i.index).collect();
-        maps.seed(&ifindexes, config.ports())?;
+        maps.seed(&config);
         let present = vec![true; ifaces.len()];
         Ok(Self { attached, maps, ifaces, config, drop_reasons, labeler, pressure, present })
     }

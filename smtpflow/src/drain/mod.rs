@@ -12,6 +12,7 @@ pub mod batch;
 pub mod open;
 pub mod peers;
 pub mod tls;
+pub mod totals;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
@@ -23,23 +24,20 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{
-        HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        RingBuf,
-    },
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
-use std::os::fd::AsFd as _;
 
 use self::{
     open::{OpenConnections, OpenPeer},
     peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits},
     tls::TlsFunnel,
+    totals::Totals,
 };
 use crate::output::peer_label::PeerLabel;
 use lru::LruCache;
 use smtpflow_common::{
-    Counter, CounterKey, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKey,
-    HistKind, Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
+    Config, Counter, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKind,
+    Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
     payload::{PAYLOAD_RING_BYTES, PayloadEvent},
 };
 
@@ -48,9 +46,6 @@ use smtpflow_common::{
 /// and the diagnosis names five peers, so this need not follow `--max-peers`: at a million peers
 /// that would be some 90 MiB for counts nobody reads.
 const PEER_TIMEOUTS_KEPT: usize = 65_536;
-
-/// `bpf_map_update_elem` flags: create only.
-const BPF_NOEXIST: u64 = 1;
 
 /// Owned handles on the kernel maps, and what userspace itself counts.
 pub struct Maps {
@@ -69,14 +64,6 @@ pub struct Maps {
     full_drain_seconds: f64,
     /// What userspace counts from the payload events.
     tls: TlsFunnel,
-}
-
-/// The exact counters and the histograms, summed over CPUs.
-struct Totals {
-    counters: PerCpuHashMap<MapData, CounterKey, u64>,
-    hists: PerCpuHashMap<MapData, HistKey, Histogram>,
-    /// Possible CPUs: the number of values of a per-CPU map entry.
-    nr_cpus: usize,
 }
 
 /// The flow map, swept for handshakes that timed out and for idle flows, and the timeouts
@@ -251,56 +238,19 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn is_exists(e: &MapError) -> bool {
-    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
-}
-
-/// Sums each key's per-CPU values: batched (a few syscalls for the whole map), else key by
-/// key, skipping keys deleted while we iterate.
-fn read_per_cpu<K: aya::Pod + Ord, V: aya::Pod>(
-    map: &PerCpuHashMap<MapData, K, V>,
-    what: &str,
-    nr_cpus: usize,
-    mut fold: impl FnMut(&mut dyn Iterator<Item = V>) -> V,
-) -> anyhow::Result<BTreeMap<K, V>> {
-    let mut out = BTreeMap::new();
-    let batched = batch::for_each_per_cpu::<K, V>(
-        map.map().fd().as_fd(),
-        nr_cpus,
-        batch::DEFAULT_CHUNK,
-        |k, values| {
-            out.insert(*k, fold(values));
-        },
-    );
-    match batched {
-        Ok(_) => return Ok(out),
-        Err(e) if batch::batch_unsupported(&e) => out.clear(),
-        Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
-    }
-    for item in map.iter() {
-        match item {
-            Ok((key, values)) => {
-                out.insert(key, fold(&mut values.iter().copied()));
-            }
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("reading the {what} map")),
-        }
-    }
-    Ok(out)
-}
-
 impl Maps {
-    /// `max_peer_series`: how many labels the per-peer readings export as series (0: none),
-    /// made by `labeler`.
+    /// The maps of an object loaded with `config` and `sizes`. `max_peer_series`: how many
+    /// labels the per-peer readings export as series (0: none), made by `labeler`.
     pub fn take(
         ebpf: &mut Ebpf,
-        peers_capacity: u32,
-        flows_capacity: u32,
+        config: &Config,
+        sizes: &crate::kernel::Sizes,
         handshake_timeout: Duration,
         max_peer_series: usize,
         labeler: PeerLabel,
         sites: crate::sites::Sites,
     ) -> anyhow::Result<Self> {
+        let (peers_capacity, flows_capacity) = (sizes.max_peers, sizes.max_flows);
         let mut reader = PeerReader::with_series(
             SeriesLimits::new(max_peer_series),
             labeler.clone(),
@@ -310,13 +260,7 @@ impl Maps {
         let flows = take(ebpf, names::MAP_FLOWS)?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
-            totals: Totals {
-                counters: take(ebpf, names::MAP_COUNTERS)?,
-                hists: take(ebpf, names::MAP_HISTS)?,
-                nr_cpus: aya::util::nr_cpus()
-                    .map_err(|(_, e)| e)
-                    .context("reading the CPU count")?,
-            },
+            totals: Totals::take(ebpf, config)?,
             sweep: FlowSweep {
                 flows,
                 timeouts: Timeouts::new(handshake_timeout),
@@ -362,37 +306,16 @@ impl Maps {
         }
     }
 
-    /// Creates every fixed counter and histogram of the watched interfaces and ports at zero, so
-    /// the kernel only ever looks them up and every series exists from the first scrape.
-    pub fn seed(&mut self, ifindexes: &[u32], ports: &[u16]) -> anyhow::Result<()> {
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
-        for scope in scopes(ifindexes, ports) {
-            for counter in Counter::seeded() {
-                let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus]).context("per-CPU zeros")?;
-                match self.totals.counters.insert(
-                    CounterKey::new(scope, counter),
-                    zeros,
-                    BPF_NOEXIST,
-                ) {
-                    Ok(()) => {}
-                    Err(e) if is_exists(&e) => {}
-                    Err(e) => return Err(e).context("seeding the counters map"),
-                }
-            }
-            for kind in HistKind::ALL {
-                let zeros = PerCpuValues::try_from(vec![Histogram::ZERO; nr_cpus])
-                    .context("per-CPU zeros")?;
-                match self.totals.hists.insert(HistKey::new(scope, kind), zeros, BPF_NOEXIST) {
-                    Ok(()) => {}
-                    Err(e) if is_exists(&e) => {}
-                    Err(e) => return Err(e).context("seeding the histograms map"),
-                }
-            }
+    /// Starts userspace's own counts of every watched scope at zero (timeouts, open
+    /// connections, the STARTTLS funnel), so that every series exists from the first scrape. The
+    /// kernel's counters and histograms need no seeding: their arrays hold every watched scope
+    /// from the start ([`totals`]).
+    pub fn seed(&mut self, config: &Config) {
+        for (_, scope) in config.scopes() {
             self.sweep.timeouts.by_scope.entry(scope).or_default();
             self.sweep.open.watch(scope);
             self.tls.watch(scope);
         }
-        Ok(())
     }
 
     /// Counts the payload events read from the kernel's ring buffer (each once): the STARTTLS
@@ -508,31 +431,6 @@ impl Maps {
     }
 }
 
-impl Totals {
-    /// The exact counters and the histograms, summed over CPUs and decoded. A key that does not
-    /// decode (a kernel object of another version) is left out.
-    #[expect(clippy::type_complexity, reason = "two maps keyed by what they count")]
-    fn read(
-        &self,
-    ) -> anyhow::Result<(BTreeMap<(Scope, Counter), u64>, BTreeMap<(Scope, HistKind), Histogram>)>
-    {
-        let counters = read_per_cpu(&self.counters, "counters", self.nr_cpus, |v| v.sum())?;
-        let counters = counters.into_iter().filter_map(|(k, v)| Some((k.decode()?, v))).collect();
-        let hists = read_per_cpu(&self.hists, "histograms", self.nr_cpus, |v| {
-            let mut h = Histogram::ZERO;
-            for cpu in v {
-                for (sum, b) in h.buckets.iter_mut().zip(cpu.buckets) {
-                    *sum += b;
-                }
-                h.sum_ns += cpu.sum_ns;
-            }
-            h
-        })?;
-        let hists = hists.into_iter().filter_map(|(k, h)| Some((k.decode()?, h))).collect();
-        Ok((counters, hists))
-    }
-}
-
 impl FlowSweep {
     /// Lists the flow map once: counts the attempts that timed out (each once), then deletes
     /// the idle flows. Returns the number of live flows left. Never writes an entry.
@@ -629,15 +527,6 @@ pub fn flow_peer(key: &FlowKey) -> PeerKey {
         family: key.family,
         direction: key.direction,
     }
-}
-
-/// Every watched [`Scope`]: each interface, port and direction.
-fn scopes<'a>(ifindexes: &'a [u32], ports: &'a [u16]) -> impl Iterator<Item = Scope> + 'a {
-    ifindexes.iter().flat_map(move |&ifindex| {
-        ports.iter().flat_map(move |&port| {
-            Direction::ALL.into_iter().map(move |direction| Scope { ifindex, port, direction })
-        })
-    })
 }
 
 const _: () = assert!(HIST_BUCKETS == 18 && FAMILY_V4 == 4);

@@ -13,7 +13,10 @@ use anyhow::{Context as _, bail};
 use aya::{Ebpf, EbpfLoader, util::KernelVersion};
 use clap::ValueEnum;
 use log::warn;
-use smtpflow_common::{Config, DropConfig, names};
+use smtpflow_common::{Config, DropConfig, HistKind, SCOPE_SLOTS, names};
+
+/// A `SCOPES` entry for a scope not watched (the kernel's `NO_SCOPE`).
+const NO_SCOPE: u32 = u32::MAX;
 
 /// The kernel object `build.rs` built from `smtpflow-ebpf` into OUT_DIR: empty when the build
 /// was skipped (`AYA_BUILD_SKIP=1`).
@@ -57,20 +60,45 @@ pub struct Sizes {
     pub max_flows: u32,
 }
 
-/// Loads the kernel object with its configuration.
+/// Loads the kernel object with its configuration: the per-scope arrays sized for the
+/// interfaces and ports it lists, and where each scope's counters are.
 pub fn load(config: &Config, drop_config: &DropConfig, sizes: &Sizes) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
-    EbpfLoader::new()
+    // An array has at least one entry; with no interface listed every lookup misses it.
+    let scopes = config.scope_count().max(1);
+    let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
         .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
         .map_max_entries(names::MAP_PEERS, sizes.max_peers)
         .map_max_entries(names::MAP_PEER_GREETINGS, sizes.max_peers)
         .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
+        .map_max_entries(names::MAP_SCOPE_COUNTS, scopes * SCOPE_SLOTS as u32)
+        .map_max_entries(names::MAP_HISTS, scopes * HistKind::COUNT as u32)
+        .map_max_entries(names::MAP_SCOPES, config.scope_keys_len())
         .load(object()?)
         .context(
             "loading the eBPF object failed: the kernel needs BPF with BTF (Linux 5.8+ with \
              CONFIG_DEBUG_INFO_BTF); run as root, and see `dmesg` for the kernel's reason",
-        )
+        )?;
+    write_scopes(&mut ebpf, config)?;
+    Ok(ebpf)
+}
+
+/// Writes where the kernel finds each watched scope's counters: `SCOPES`, every scope's index
+/// in the per-scope arrays by [`Config::scope_key`].
+fn write_scopes(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<()> {
+    let mut scopes: aya::maps::Array<_, u32> = ebpf
+        .map_mut(names::MAP_SCOPES)
+        .context("the kernel object has no scopes map")?
+        .try_into()?;
+    let mut index = vec![NO_SCOPE; config.scope_keys_len() as usize];
+    for (key, at, _) in config.scope_keys() {
+        index[key as usize] = at;
+    }
+    for (key, at) in (0..).zip(index) {
+        scopes.set(key, at, 0).context("writing the scopes map")?;
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.

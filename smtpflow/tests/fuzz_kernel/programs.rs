@@ -5,10 +5,13 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
-use smtpflow::kernel::{self, Sizes};
+use smtpflow::{
+    drain::totals::Totals,
+    kernel::{self, Sizes},
+};
 use smtpflow_common::{
     Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, FlowKey, FlowState,
     PeerCounters, PeerKey, Side, Stat, names,
@@ -119,7 +122,8 @@ pub(crate) fn peer_key(k: &PeerKey) -> String {
 pub(crate) struct Kernel {
     pub(crate) hook: Hook,
     pub(crate) ebpf: Ebpf,
-    pub(crate) counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    /// The exact counters, read as the drain reads them.
+    pub(crate) counters: Totals,
     pub(crate) peers: HashMap<MapData, PeerKey, PeerCounters>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
     /// The flow map, which the ICMP cases fill with the attempts their messages answer.
@@ -132,7 +136,9 @@ impl Kernel {
     /// Loads the object as `smtpflow watch` does (the same globals; drop reasons off), with only
     /// `hook`'s program, not attached.
     pub(crate) fn load(hook: Hook) -> anyhow::Result<Self> {
-        let config = Config::from_ports(PORTS, PLAINTEXT).context("ports")?;
+        let mut config = Config::from_ports(PORTS, PLAINTEXT).context("ports")?;
+        // The test run's device in the first slot: the path compared in place.
+        config.set_ifaces(&[lo_ifindex()]).context("interfaces")?;
         // Flows are not compared; a smaller map than the default keeps three copies light.
         let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 65_536 };
         let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
@@ -149,10 +155,10 @@ impl Kernel {
             }
         }
         let mut take = |map: &str| ebpf.take_map(map).with_context(|| format!("no map {map}"));
-        let counters = take(names::MAP_COUNTERS)?.try_into()?;
         let peers = take(names::MAP_PEERS)?.try_into()?;
         let stats = take(names::MAP_STATS)?.try_into()?;
         let flows = take(names::MAP_FLOWS)?.try_into()?;
+        let counters = Totals::take(&mut ebpf, &config)?;
         Ok(Self { hook, ebpf, counters, peers, stats, flows, last: Counts::default() })
     }
 
@@ -189,12 +195,10 @@ impl Kernel {
     /// which `PEERS` is emptied.
     pub(crate) fn read(&mut self) -> anyhow::Result<Counts> {
         let mut c = Counts::default();
-        for kv in self.counters.iter() {
-            let (k, v) = kv?;
+        for (k, sum) in self.counters.read_keys()? {
             if !matches!(k.decode(), Some((_, Counter::Event(..)))) {
                 continue;
             }
-            let sum: u64 = v.iter().sum();
             if sum != 0 {
                 c.events.insert(k, sum);
             }

@@ -68,10 +68,8 @@ fn is_reply_counter(c: &Counter) -> bool {
 /// The reply counters of the kernel so far, summed over CPUs.
 fn reply_counts(k: &Kernel) -> Counts {
     let mut out = Counts::new();
-    for kv in k.counters.iter() {
-        let (key, values) = kv.expect("counters");
+    for (key, n) in k.counters.read_keys().expect("counters") {
         let Some((scope, counter)) = key.decode() else { continue };
-        let n: u64 = values.iter().sum();
         if is_reply_counter(&counter) && n != 0 {
             out.insert((scope, counter), n);
         }

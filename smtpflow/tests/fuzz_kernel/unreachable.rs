@@ -318,10 +318,8 @@ struct UnreachableCounts {
 
 fn unreachable_counters(k: &Kernel) -> BTreeMap<(Scope, Counter), u64> {
     let mut out = BTreeMap::new();
-    for kv in k.counters.iter() {
-        let (key, values) = kv.expect("counters");
+    for (key, n) in k.counters.read_keys().expect("counters") {
         let Some((scope, counter)) = key.decode() else { continue };
-        let n: u64 = values.iter().sum();
         if n != 0
             && matches!(counter, Counter::Handshake(Outcome::Unreachable) | Counter::Unreachable(_))
         {
