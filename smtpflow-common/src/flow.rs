@@ -299,6 +299,33 @@ impl FlowPacket {
             || self.first_byte == TLS_APPLICATION_DATA
     }
 
+    /// Whether a segment is one smtpflow has nothing to do with, decided from its TCP header
+    /// and, for a client's data, the first 8 bytes of its payload (`head`: only its first byte
+    /// is used under 8, none of it with no payload): no SYN, RST or FIN, a window that is not
+    /// zero (so [`crate::classify`] finds no event), and either a server's segment with no
+    /// payload, or a client's data segment that is not `STARTTLS`, `EHLO`, `HELO` or a TLS
+    /// application-data record. Such a segment is neither counted nor
+    /// [`FlowPacket::may_change_flow`]: the kernel returns as soon as it has located it and read
+    /// those bytes.
+    #[inline(always)]
+    pub fn quiet(
+        flags: u8,
+        window: u16,
+        from_client: bool,
+        payload_len: u32,
+        head: &[u8; 8],
+    ) -> bool {
+        if flags & (SYN | RST | FIN) != 0 || window == 0 {
+            return false;
+        }
+        if !from_client {
+            return payload_len == 0;
+        }
+        payload_len > 0
+            && head[0] != TLS_APPLICATION_DATA
+            && !(payload_len >= 8 && (is_starttls8(head) || is_ehlo8(head)))
+    }
+
     /// Reads what the state machine needs from the payload's first bytes (`len` of them were
     /// read; the rest of `head` is zero): from the server the reply line it starts with; from
     /// the client whether it is `STARTTLS` or `EHLO`/`HELO` (set [`FlowPacket::from_client`]
@@ -344,16 +371,31 @@ pub struct Actions {
 
 #[inline(always)]
 fn is_starttls(head: &[u8; HEAD_LEN], len: u8) -> bool {
-    let [a, b, c, d, e, f, g, h, ..] = *head;
-    len >= 8 && [a, b, c, d, e, f, g, h].eq_ignore_ascii_case(b"STARTTLS")
+    len >= 8 && is_starttls8(&first8(head))
 }
 
 #[inline(always)]
 fn is_ehlo(head: &[u8; HEAD_LEN], len: u8) -> bool {
+    len >= 8 && is_ehlo8(&first8(head))
+}
+
+#[inline(always)]
+fn first8(head: &[u8; HEAD_LEN]) -> [u8; 8] {
+    let [a, b, c, d, e, f, g, h, ..] = *head;
+    [a, b, c, d, e, f, g, h]
+}
+
+/// Whether a payload's first 8 bytes are `STARTTLS`, in any case.
+#[inline(always)]
+fn is_starttls8(head: &[u8; 8]) -> bool {
+    head.eq_ignore_ascii_case(b"STARTTLS")
+}
+
+/// Whether a payload's first 8 bytes start with `EHLO ` or `HELO `, in any case.
+#[inline(always)]
+fn is_ehlo8(head: &[u8; 8]) -> bool {
     let [a, b, c, d, e, ..] = *head;
-    len >= 8
-        && ([a, b, c, d].eq_ignore_ascii_case(b"EHLO")
-            || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
+    ([a, b, c, d].eq_ignore_ascii_case(b"EHLO") || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
         && e == b' '
 }
 
@@ -846,6 +888,57 @@ mod tests {
         let mut app = data(true, 7, b"\x17\x03\x03\x00\x20");
         app.first_byte = TLS_APPLICATION_DATA;
         assert!(app.may_change_flow());
+    }
+
+    /// A segment the kernel returns early for ([`FlowPacket::quiet`]) is counted nowhere and
+    /// changes no flow.
+    #[test]
+    fn quiet_segments_are_neither_counted_nor_tracked() {
+        fn head8(text: &[u8]) -> [u8; 8] {
+            let mut h = [0u8; 8];
+            let n = text.len().min(8);
+            h[..n].copy_from_slice(&text[..n]);
+            h
+        }
+        let rests: [&[u8]; 5] =
+            [b"TARTTLS\r\n", b"HLO mx.example.net\r\n", b"ELO a\r\n", b"\x03\x03\x00\x20", b""];
+        let mut quiet = 0;
+        for flags in 0..=u8::MAX {
+            for (window, from_client, first, rest) in [0, 1].into_iter().flat_map(|w| {
+                [false, true].into_iter().flat_map(move |c| {
+                    (0..=u8::MAX).flat_map(move |b| rests.into_iter().map(move |r| (w, c, b, r)))
+                })
+            }) {
+                let mut buf = [0u8; 32];
+                buf[0] = first;
+                buf[1..=rest.len()].copy_from_slice(rest);
+                for text in [&buf[..=rest.len()], &[]] {
+                    let len = text.len() as u32;
+                    if !FlowPacket::quiet(flags, window, from_client, len, &head8(text)) {
+                        continue;
+                    }
+                    quiet += 1;
+                    assert_eq!(crate::classify(flags, window), None, "{flags:#x} {window}");
+                    let mut p = data(from_client, 7, text);
+                    p.flags = flags;
+                    p.first_byte = if from_client { text.first().copied().unwrap_or(0) } else { 0 };
+                    assert!(!p.may_change_flow(), "{p:?} {text:?}");
+                }
+            }
+        }
+        assert!(quiet > 10_000, "{quiet}");
+        // Never quiet: a client's ACK with no payload, anything on a zero window, a server's
+        // payload, what the flow reads of a client.
+        assert!(!FlowPacket::quiet(ACK, 1, true, 0, &head8(b"")));
+        assert!(!FlowPacket::quiet(ACK, 0, false, 0, &head8(b"")));
+        assert!(!FlowPacket::quiet(ACK, 1, false, 8, &head8(b"250 ok\r\n")));
+        for text in
+            [&b"STARTTLS\r\n"[..], b"ehlo a.example\r\n", b"HELO a.example\r\n", b"\x17\x03\x03"]
+        {
+            assert!(!FlowPacket::quiet(ACK | PSH, 1, true, text.len() as u32, &head8(text)));
+        }
+        // A body line that starts like a command is quiet.
+        assert!(FlowPacket::quiet(ACK | PSH, 1, true, 20, &head8(b"Subject: benchmark\r\n")));
     }
 
     /// Drives a flow through packets, returning every non-empty action.

@@ -63,10 +63,17 @@ pub fn read_payload<P: Packet>(p: &P, seg: &Segment, fp: &mut FlowPacket) {
         fp.read_head(&head, head_len);
     }
     if fp.from_client {
-        fp.first_byte = if head_len > 0 { head[0] } else { second_of_two(p, off - 1, 0) };
+        fp.first_byte = if head_len > 0 { head[0] } else { first_byte(p, off) };
     } else if len > 0 {
         fp.ends_line = second_of_two(p, off + len - 2, b'\n') == b'\n';
     }
+}
+
+/// A payload's first byte at `off` (the byte before it, the TCP header's last, always exists);
+/// 0 when unreadable.
+#[inline(always)]
+pub fn first_byte<P: Packet>(p: &P, off: usize) -> u8 {
+    second_of_two(p, off - 1, 0)
 }
 
 /// The second of the two bytes at `at`, or `missing` when they are unreadable (past what we

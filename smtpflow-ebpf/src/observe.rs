@@ -16,7 +16,7 @@ use crate::{
     },
     packet::{Frame as _, Packet},
     parse::{
-        Located, Ports, Segment, Skip,
+        self, Located, Ports, Segment, Skip,
         icmp::{self, Quoted},
         locate, segment,
     },
@@ -104,6 +104,31 @@ fn observe_unreachable<P: Packet>(p: &P) {
     count_peer(&peer, &PeerBumps { outcome: Outcome::Unreachable as u8, ..PeerBumps::EMPTY });
 }
 
+/// Whether a located SMTP segment is [`FlowPacket::quiet`]: its header and, for a client's
+/// data, its first byte. Its own subprogram: its frame is not in the chain of calls below
+/// [`observe_smtp`], whose stack the verifier adds up.
+#[inline(never)]
+fn quiet<P: Packet>(p: &P, loc: &Located) -> bool {
+    let config = config();
+    let (to_smtp, from_smtp) =
+        (config.is_smtp_port(loc.ports.dst), config.is_smtp_port(loc.ports.src));
+    if to_smtp && from_smtp {
+        return false; // which side is the client is for the full path to decide
+    }
+    let Ok(h) = parse::header(p, loc) else { return false };
+    // A client's payload: its first 8 bytes in one load, else its first byte.
+    let mut head = [0u8; 8];
+    if to_smtp && h.payload_len >= 8 {
+        match p.load::<u64>(h.payload_off) {
+            Ok(v) => head = v.to_ne_bytes(),
+            Err(()) => return false,
+        }
+    } else if to_smtp && h.payload_len > 0 {
+        head[0] = flow::first_byte(p, h.payload_off);
+    }
+    FlowPacket::quiet(h.flags, h.window, to_smtp, h.payload_len as u32, &head)
+}
+
 /// Whether either port is an SMTP port: two loads of the port set.
 #[inline(always)]
 fn is_smtp(ports: &Ports) -> bool {
@@ -123,6 +148,10 @@ fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
 /// call chain), and they share one [`Seen`] instead of copying it.
 #[inline(never)]
 fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
+    // The segments of a transfer (ACKs, data): nothing to count, no flow to change.
+    if quiet(p, loc) {
+        return;
+    }
     let Some(seen) = SEEN.get_ptr_mut(0) else {
         return;
     };

@@ -129,6 +129,31 @@ fn link<P: Frame>(p: &P) -> Result<(u16, usize), Skip> {
     Ok((ethertype, off))
 }
 
+/// What [`FlowPacket::quiet`](smtpflow_common::flow::FlowPacket::quiet) needs of a located
+/// segment: its flags, window, payload offset and length. No addresses.
+pub struct Header {
+    pub flags: u8,
+    pub window: u16,
+    pub payload_off: usize,
+    pub payload_len: usize,
+}
+
+/// Reads a located segment's [`Header`]; the payload length as [`segment`] computes it.
+#[inline(always)]
+pub fn header<P: Frame>(p: &P, loc: &Located) -> Result<Header, ()> {
+    let Located { family, l3, l4, ports } = *loc;
+    let ip_end = if family == FAMILY_V4 { ip::v4_end(p, l3, l4 - l3)? } else { ip::v6_end(p, l3)? };
+    let payload_off = l4 + ports.hlen;
+    let frame_end = p.len();
+    let end = if ip_end != 0 && ip_end < frame_end { ip_end } else { frame_end };
+    Ok(Header {
+        flags: p.load(l4 + 13)?,
+        window: u16::from_be(p.load(l4 + 14)?),
+        payload_off,
+        payload_len: end.saturating_sub(payload_off),
+    })
+}
+
 /// The whole segment of a located frame: its TCP fields and the IP addresses. Not inlined: the
 /// addresses are copied in its own BPF stack frame.
 #[inline(never)]
