@@ -138,20 +138,28 @@ pub struct Header {
     pub payload_len: usize,
 }
 
-/// Reads a located segment's [`Header`]; the payload length as [`segment`] computes it.
+/// Reads a located segment's [`Header`]; the payload as [`segment`] finds it.
 #[inline(always)]
 pub fn header<P: Frame>(p: &P, loc: &Located) -> Result<Header, ()> {
     let Located { family, l3, l4, ports } = *loc;
     let ip_end = if family == FAMILY_V4 { ip::v4_end(p, l3, l4 - l3)? } else { ip::v6_end(p, l3)? };
     let payload_off = l4 + ports.hlen;
+    Ok(Header {
+        flags: p.load(l4 + tcp::FLAGS_OFFSET)?,
+        window: u16::from_be(p.load(l4 + tcp::WINDOW_OFFSET)?),
+        payload_off,
+        payload_len: payload_len(p, ip_end, payload_off),
+    })
+}
+
+/// Payload bytes from `payload_off` to the end the IP header gives (`ip_end`; 0 when it gives
+/// none: a TSO/BIG TCP super-packet, an IPv6 jumbogram), or to the frame's end if that comes
+/// first: Ethernet padding is not payload.
+#[inline(always)]
+fn payload_len<P: Frame>(p: &P, ip_end: usize, payload_off: usize) -> usize {
     let frame_end = p.len();
     let end = if ip_end != 0 && ip_end < frame_end { ip_end } else { frame_end };
-    Ok(Header {
-        flags: p.load(l4 + 13)?,
-        window: u16::from_be(p.load(l4 + 14)?),
-        payload_off,
-        payload_len: end.saturating_sub(payload_off),
-    })
+    end.saturating_sub(payload_off)
 }
 
 /// The whole segment of a located frame: its TCP fields and the IP addresses. Not inlined: the
@@ -176,8 +184,6 @@ pub fn segment<P: Frame>(p: &P, loc: &Located, seg: &mut Segment) -> Result<(), 
     seg.window = rest.window;
     seg.seq = rest.seq;
     seg.payload_off = l4 + ports.hlen;
-    let frame_end = p.len();
-    let end = if ip_end != 0 && ip_end < frame_end { ip_end } else { frame_end };
-    seg.payload_len = end.saturating_sub(seg.payload_off) as u32;
+    seg.payload_len = payload_len(p, ip_end, seg.payload_off) as u32;
     Ok(())
 }

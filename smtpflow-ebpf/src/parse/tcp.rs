@@ -58,12 +58,17 @@ pub fn header<P: Frame>(p: &P, off: usize) -> Result<Ports, Skip> {
     Ok(Ports { src: u16::from_be_bytes([s0, s1]), dst: u16::from_be_bytes([d0, d1]), hlen })
 }
 
+/// Offsets of the flags and window in a TCP header (read by [`rest`], and by the quiet test
+/// of `parse::header`).
+pub const FLAGS_OFFSET: usize = offset_of!(TcpHdr, flags);
+pub const WINDOW_OFFSET: usize = offset_of!(TcpHdr, window);
+
 /// The flags, window and sequence number of the header at `off` (which [`header`] validated).
 #[inline(always)]
 pub fn rest<P: Frame>(p: &P, off: usize) -> Result<Rest, ()> {
     Ok(Rest {
-        flags: p.load(off + offset_of!(TcpHdr, flags))?,
-        window: u16::from_be(p.load(off + offset_of!(TcpHdr, window))?),
+        flags: p.load(off + FLAGS_OFFSET)?,
+        window: u16::from_be(p.load(off + WINDOW_OFFSET)?),
         seq: u32::from_be(p.load(off + offset_of!(TcpHdr, seq))?),
     })
 }
