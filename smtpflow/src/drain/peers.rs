@@ -191,14 +191,16 @@ type Valued = (u64, Reverse<PeerKey>);
 /// What the reads of the per-peer map remember of each entry, to tell how much it rose since the
 /// last read (the candidates for export, by recent activity) without a copy of the map: a table
 /// of 64-bit slots (a 40-bit fingerprint of the entry's key and the low 24 bits of its total), in
-/// buckets of [`Self::WAYS`], two possible buckets per entry, with two slots per entry of the
-/// map's capacity (at most [`Self::MAX_SLOTS`], 16 MiB: half full at a 1M-entry map).
+/// buckets of [`Self::WAYS`], two possible buckets per entry (a new entry takes the less full),
+/// with 1.5 slots per entry of the map's capacity (at most [`Self::MAX_BUCKETS`] buckets,
+/// 12 MiB at a 1M-entry map).
 /// - An entry found in its slot rose by the difference (modulo 2²⁴ between two reads); one whose
 ///   total went down was created again: all of it is recent.
 /// - An entry in no slot is new since the last read (slots of entries gone are freed at each
 ///   read): all of it is recent.
-/// - An entry whose two buckets are full of others counts as not active (a few in a hundred of
-///   a half-full table; about never below that).
+/// - An entry whose two buckets are full of others counts as not active: simulated, 4 in a
+///   million entries of a full map, none below two thirds full. (Two slots per entry, four to a
+///   bucket, first the one bucket then the other, took 16 MiB and left 3 in a thousand.)
 #[derive(Debug)]
 pub struct ActivitySketch {
     slots: Vec<u64>,
@@ -209,14 +211,16 @@ pub struct ActivitySketch {
 }
 
 impl ActivitySketch {
-    pub const MAX_SLOTS: usize = 1 << 21;
-    pub const WAYS: usize = 4;
+    pub const MAX_BUCKETS: usize = 1 << 18;
+    pub const WAYS: usize = 6;
     const LOW: u64 = (1 << 24) - 1;
 
     /// A sketch for a per-peer map of `capacity` entries.
     pub fn new(capacity: usize) -> Self {
-        let n = capacity.saturating_mul(2).next_power_of_two().clamp(1024, Self::MAX_SLOTS);
-        Self { slots: vec![0; n], seen: vec![0; n / 64], mask: n / Self::WAYS - 1 }
+        // A multiple of 64 slots (the `seen` words): 6 × 32.
+        let buckets = (capacity / 4).next_power_of_two().clamp(256, Self::MAX_BUCKETS);
+        let n = buckets * Self::WAYS;
+        Self { slots: vec![0; n], seen: vec![0; n / 64], mask: buckets - 1 }
     }
 
     /// Starts a read: frees the slots of entries the last read did not see.
@@ -240,19 +244,26 @@ impl ActivitySketch {
         let lo = total & Self::LOW;
         let (a, b) = ((h as usize) & self.mask, ((h >> 20) as usize) & self.mask);
         let ways = |bucket: usize| bucket * Self::WAYS..(bucket + 1) * Self::WAYS;
-        let mut free = None;
-        for i in ways(a).chain(ways(b)) {
-            let slot = self.slots[i];
-            if slot >> 24 == fp {
-                self.take(i, fp, lo);
-                let last = slot & Self::LOW;
-                return if lo >= last { lo - last } else { total };
-            }
-            if slot == 0 && free.is_none() {
-                free = Some(i);
+        // Per bucket: its first free slot and how many are free.
+        let mut free = [(None, 0); 2];
+        for (side, bucket) in [a, b].into_iter().enumerate() {
+            for i in ways(bucket) {
+                let slot = self.slots[i];
+                if slot >> 24 == fp {
+                    self.take(i, fp, lo);
+                    let last = slot & Self::LOW;
+                    return if lo >= last { lo - last } else { total };
+                }
+                if slot == 0 {
+                    let (first, n) = &mut free[side];
+                    first.get_or_insert(i);
+                    *n += 1;
+                }
             }
         }
-        match free {
+        // The less full bucket (the first on a tie).
+        let [(in_a, free_a), (in_b, free_b)] = free;
+        match if free_b > free_a { in_b } else { in_a.or(in_b) } {
             Some(i) => {
                 self.take(i, fp, lo);
                 total
