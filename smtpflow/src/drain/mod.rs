@@ -30,7 +30,7 @@ use aya::{
 
 use self::{
     open::{OpenConnections, OpenPeer},
-    peers::{PeerReader, PeerView, ReadSchedule, series::SeriesLimits},
+    peers::{PeerReader, PeerTimeouts, PeerView, ReadSchedule, series::SeriesLimits},
     tls::TlsFunnel,
     totals::Totals,
 };
@@ -73,7 +73,7 @@ struct FlowSweep {
     flows: HashMap<MapData, FlowKey, FlowState>,
     timeouts: Timeouts,
     /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
-    peer_timeouts: LruCache<PeerKey, u64>,
+    peer_timeouts: LruCache<PeerKey, PeerTimeouts>,
     /// Idle flows found by the last listing, deleted after it.
     idle: Vec<FlowKey>,
     /// Flows the sweep deleted (idle), for the eviction estimate.
@@ -399,7 +399,7 @@ impl Maps {
             (self.sweep.sweep()?, self.totals.read()?)
         };
         if read_peers {
-            let entries = self.peers.read_rest(self.sweep.peer_timeouts.iter())?;
+            let entries = self.peers.read_rest(self.sweep.peer_timeouts.iter_mut())?;
             self.peer_evictions = self
                 .peer_evictions
                 .max(inserted[Stat::PeerInserts as usize].saturating_sub(entries as u64));
@@ -458,7 +458,7 @@ impl FlowSweep {
         let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
             let (timed_out, is_idle) = timeouts.entry(key, st, now);
             if timed_out {
-                *peer_timeouts.get_or_insert_mut(flow_peer(key), || 0) += 1;
+                peer_timeouts.get_or_insert_mut(flow_peer(key), PeerTimeouts::default).total += 1;
             }
             if is_idle {
                 // Deleted below: no longer followed, so not counted open either.
@@ -517,7 +517,7 @@ impl PeerMaps {
     /// view, schedules the next read, and returns the number of per-peer entries.
     fn read_rest<'a>(
         &mut self,
-        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a mut PeerTimeouts)>,
     ) -> anyhow::Result<usize> {
         let started = Instant::now();
         let view = self.reader.read_rest(&self.greetings, timeouts)?;

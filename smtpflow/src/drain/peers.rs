@@ -278,6 +278,16 @@ impl ActivitySketch {
     }
 }
 
+/// One per-peer entry's timed-out handshakes: the sweep's count, and how many of them its site
+/// was given ([`Sites::timeouts`]). Kept together in the sweep's bounded table, so that a peer
+/// forgotten there is forgotten by both at once, and no second table of 65,536 peers is kept
+/// for the sites.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerTimeouts {
+    pub total: u64,
+    pub attributed: u64,
+}
+
 /// A keyed hasher for the per-peer series' maps, looked up once per entry of every read: the
 /// 128-bit-product folding of [`PeerReader::peer_hash`] (SipHash would cost a tenth of a read of
 /// a million entries). Keys are random per process, so crafted addresses cannot be made to
@@ -433,11 +443,11 @@ impl PeerReader {
     pub fn read_rest<'a>(
         &mut self,
         greetings: &BpfHashMap<MapData, PeerGreetingKey, u64>,
-        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a u64)>,
+        timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a mut PeerTimeouts)>,
     ) -> anyhow::Result<PeerView> {
         self.select();
-        for (k, n) in timeouts {
-            self.add_timeouts(k, *n);
+        for (k, t) in timeouts {
+            self.add_timeouts(k, t);
         }
         batch::for_each_entry(greetings, "per-peer greetings", |k, n| self.add_greeting(k, *n))?;
         Ok(self.finish())
@@ -520,8 +530,9 @@ impl PeerReader {
     }
 
     /// The handshakes of one entry that timed out (counted by userspace's sweep).
-    pub fn add_timeouts(&mut self, k: &PeerKey, n: u64) {
-        self.sites.timeouts(k, n);
+    pub fn add_timeouts(&mut self, k: &PeerKey, t: &mut PeerTimeouts) {
+        self.sites.timeouts(k, t);
+        let n = t.total;
         if let Some((acc, _)) = &mut self.series {
             acc.timeouts(k, n);
         }
@@ -593,8 +604,9 @@ impl PeerReader {
         }
         self.count_tracked();
         self.select();
+        // Each reading a first: all of a peer's timeouts go to its site.
         for (k, n) in timeouts {
-            self.add_timeouts(k, *n);
+            self.add_timeouts(k, &mut PeerTimeouts { total: *n, attributed: 0 });
         }
         for (k, n) in greetings {
             self.add_greeting(k, *n);

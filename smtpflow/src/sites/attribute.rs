@@ -44,6 +44,7 @@ use super::{
     map::{OTHER, SiteMap, UNKNOWN},
     names,
 };
+use crate::drain::peers::PeerTimeouts;
 
 /// Most remote names remembered (address and direction → site).
 pub const NAMES_KEPT: usize = 65_536;
@@ -168,7 +169,6 @@ pub struct Sites {
     ports: Vec<u16>,
     names: LruCache<NameKey, Arc<str>>,
     entries: HashMap<PeerKey, Last<EntryCounts>>,
-    timeouts: HashMap<PeerKey, Last<u64>>,
     replies: HashMap<(PeerKey, u16), Last<u64>>,
     pending: LruCache<NameKey, Pending>,
     sites: HashMap<Arc<str>, Site>,
@@ -189,7 +189,6 @@ impl Sites {
             ports: ports.to_vec(),
             names: LruCache::new(NonZeroUsize::new(NAMES_KEPT).unwrap_or(NonZeroUsize::MIN)),
             entries: HashMap::new(),
-            timeouts: HashMap::new(),
             replies: HashMap::new(),
             pending: LruCache::new(NonZeroUsize::new(PENDING_KEPT).unwrap_or(NonZeroUsize::MIN)),
             sites: HashMap::new(),
@@ -286,10 +285,11 @@ impl Sites {
         self.attribute(k, counts);
     }
 
-    /// The timed-out handshakes of one per-peer entry (the sweep's count).
-    pub fn timeouts(&mut self, k: &PeerKey, n: u64) {
-        let read = self.read;
-        let last = self.timeouts.insert(*k, Last { value: n, read }).map_or(0, |l| l.value);
+    /// The timed-out handshakes of one per-peer entry (the sweep's count): its site gets those
+    /// not [`PeerTimeouts::attributed`] yet.
+    pub fn timeouts(&mut self, k: &PeerKey, t: &mut PeerTimeouts) {
+        let (last, n) = (t.attributed, t.total);
+        t.attributed = n;
         let Some(direction) = Direction::from_repr(k.direction) else { return };
         let mut counts = Counts::new();
         add(
@@ -366,8 +366,6 @@ impl Sites {
         let read = self.read;
         self.entries.retain(|_, l| l.read == read);
         self.replies.retain(|_, l| l.read == read);
-        // Timeouts are the sweep's, kept beyond the kernel's entries: keep them while shown.
-        self.timeouts.retain(|_, l| l.read == read);
         self.expire();
         let mut series = Vec::new();
         let mut push = |site: &Arc<str>, counts: &Counts| {

@@ -246,3 +246,30 @@ fn entries_with_no_counts_are_not_kept() {
     let v = read(&mut s, t0, &entries, &[]);
     assert_eq!(value(&v, "outlook.com", EST), Some(5), "a rise of 2 on 3");
 }
+
+/// A peer's timed-out handshakes go to its site as they rise from one read to the next; the
+/// part given is kept beside the sweep's count, so a peer the sweep forgot starts over.
+#[test]
+fn timeouts_go_to_the_site_as_they_rise() {
+    const TIMEOUTS: SiteCounted = SiteCounted::Handshake(Outcome::Timeout);
+    let t0 = Instant::now();
+    let (mut s, mx) = outlook_mx(t0);
+    let mut t = PeerTimeouts { total: 3, attributed: 0 };
+    let read_timeouts = |s: &mut Sites, t: &mut PeerTimeouts, secs| {
+        s.start(t0 + Duration::from_secs(secs));
+        s.timeouts(&mx, t);
+        s.finish([&mx])
+    };
+    let v = read_timeouts(&mut s, &mut t, 1);
+    assert_eq!(value(&v, "outlook.com", TIMEOUTS), Some(3));
+    assert_eq!(t, PeerTimeouts { total: 3, attributed: 3 });
+    let v = read_timeouts(&mut s, &mut t, 2);
+    assert_eq!(value(&v, "outlook.com", TIMEOUTS), Some(3), "no rise, nothing added");
+    t.total = 5;
+    let v = read_timeouts(&mut s, &mut t, 3);
+    assert_eq!(value(&v, "outlook.com", TIMEOUTS), Some(5));
+    // Forgotten by the sweep, counted again from 1: all of it is new.
+    let mut again = PeerTimeouts { total: 1, attributed: 0 };
+    let v = read_timeouts(&mut s, &mut again, 4);
+    assert_eq!(value(&v, "outlook.com", TIMEOUTS), Some(6));
+}
