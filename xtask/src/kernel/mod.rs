@@ -19,7 +19,8 @@
 //!
 //! Facts of the machines this runs on (see the README's "Kernel matrix"): no usable KVM, so
 //! QEMU emulates the CPU (`--disable-kvm`), 10-13x slower than the host; 6.12 on QEMU 7.2 needs
-//! `-cpu max,-cx16`; 6.1 hangs in early boot about one run in eight (boot timeout, one retry);
+//! `-cpu max,-cx16`; 6.1 hangs in early boot about one run in eight, and 6.12 has panicked there
+//! (boot timeout; one retry of a boot that hangs or ends before the suite starts);
 //! vng's own exit code is always 255, so the guest writes its status into the shared directory.
 use std::{fs, process::Command, time::Instant};
 

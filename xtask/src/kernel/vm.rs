@@ -1,5 +1,6 @@
-//! The VM: virtme-ng and virtiofsd, and one suite run in QEMU (a boot timeout and one retry;
-//! the guest's status read from the shared directory) or as is on the host.
+//! The VM: virtme-ng and virtiofsd, and one suite run in QEMU (a boot timeout, and one retry
+//! of a boot that hangs or ends before the suite starts; the guest's status read from the
+//! shared directory) or as is on the host.
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read, Write as _},
@@ -33,7 +34,8 @@ const VM_PACKAGES: &[&str] = &[
 const VIRTME_NG: &str = "virtme-ng==1.42";
 const VIRTIOFSD: &str = "virtiofsd@1.14.0";
 
-/// Time for the guest to boot and start the suite (6.1 needs ~15 s; a hang gets one retry).
+/// Time for the guest to boot and start the suite (6.1 needs ~15 s; a hang, or a guest that
+/// ends before the suite starts, gets one retry).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Guest memory: QEMU's own peak is then about 500 MB.
 const GUEST_MEMORY: &str = "1G";
@@ -152,9 +154,14 @@ pub fn run_suite(
         let boot_deadline = Instant::now() + BOOT_TIMEOUT;
         let deadline = started + overall;
         let mut hung_at_boot = false;
+        let mut died_at_boot = false;
         let mut timed_out = false;
         loop {
             if child.try_wait()?.is_some() {
+                // Ended before the suite started: nothing of ours ran yet (a panic in early
+                // boot under emulation, seen once in some dozens of 6.12 boots: an int3 oops
+                // in sched_clock_cpu at 2 s).
+                died_at_boot = guest && !out.join("started").exists();
                 break;
             }
             if guest && !out.join("started").exists() && Instant::now() > boot_deadline {
@@ -174,12 +181,15 @@ pub fn run_suite(
         for p in pumps.into_iter().flatten() {
             let _ = p.join();
         }
-        if hung_at_boot {
-            let msg =
-                format!("the guest did not start the suite within {BOOT_TIMEOUT:?} (boot {boots})");
+        if hung_at_boot || died_at_boot {
+            let msg = if hung_at_boot {
+                format!("the guest did not start the suite within {BOOT_TIMEOUT:?} (boot {boots})")
+            } else {
+                format!("the guest ended before it started the suite (boot {boots})")
+            };
             eprintln!("kernel: {msg}");
             if boots < 2 {
-                eprintln!("kernel: retrying once (6.1 occasionally hangs in early boot)");
+                eprintln!("kernel: retrying once (emulated kernels occasionally hang or panic in early boot)");
                 continue;
             }
             errors.push(format!("{msg}; see {}", log_path.display()));
