@@ -153,19 +153,22 @@ pub fn run_suite(
         ];
         let boot_deadline = Instant::now() + BOOT_TIMEOUT;
         let deadline = started + overall;
-        let mut hung_at_boot = false;
-        let mut died_at_boot = false;
+        // Why the guest never started the suite, if it did not: nothing of ours has run then.
+        let mut boot_failed = None;
         let mut timed_out = false;
+        let suite_started = || !guest || out.join("started").exists();
         loop {
             if child.try_wait()?.is_some() {
-                // Ended before the suite started: nothing of ours ran yet (a panic in early
-                // boot under emulation, seen once in some dozens of 6.12 boots: an int3 oops
-                // in sched_clock_cpu at 2 s).
-                died_at_boot = guest && !out.join("started").exists();
+                // A panic in early boot under emulation (seen once in some dozens of 6.12
+                // boots: an int3 oops in sched_clock_cpu at 2 s).
+                if !suite_started() {
+                    boot_failed = Some("the guest ended before it started the suite".to_owned());
+                }
                 break;
             }
-            if guest && !out.join("started").exists() && Instant::now() > boot_deadline {
-                hung_at_boot = true;
+            if !suite_started() && Instant::now() > boot_deadline {
+                boot_failed =
+                    Some(format!("the guest did not start the suite within {BOOT_TIMEOUT:?}"));
                 kill_group(&mut child);
                 break;
             }
@@ -181,15 +184,14 @@ pub fn run_suite(
         for p in pumps.into_iter().flatten() {
             let _ = p.join();
         }
-        if hung_at_boot || died_at_boot {
-            let msg = if hung_at_boot {
-                format!("the guest did not start the suite within {BOOT_TIMEOUT:?} (boot {boots})")
-            } else {
-                format!("the guest ended before it started the suite (boot {boots})")
-            };
+        if let Some(why) = boot_failed {
+            let msg = format!("{why} (boot {boots})");
             eprintln!("kernel: {msg}");
             if boots < 2 {
-                eprintln!("kernel: retrying once (emulated kernels occasionally hang or panic in early boot)");
+                eprintln!(
+                    "kernel: retrying once (emulated kernels occasionally hang or panic in early \
+                     boot)"
+                );
                 continue;
             }
             errors.push(format!("{msg}; see {}", log_path.display()));
