@@ -9,7 +9,7 @@ use smtpflow_common::{
 };
 
 use crate::{
-    maps::{FLOWS, bump, config},
+    maps::{FLOWS, bump, config, failed},
     packet::{Packet, opaque},
     parse::{Segment, icmp::Quoted},
 };
@@ -133,7 +133,7 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket, out: &mut Actions) {
             Some(s) => unsafe { *s = st },
             None => match FLOWS.insert(&key, st, u64::from(BPF_NOEXIST)) {
                 Ok(()) => bump(Stat::FlowInserts),
-                Err(_) => bump(Stat::FlowInsertFailed),
+                Err(e) => failed(Stat::FlowInsertFailed, e),
             },
         }
     }

@@ -8,6 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+use aya_log_ebpf::debug;
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS,
     Direction, DropConfig, FlowKey, FlowState, HISTS_DEFAULT, HistKind, Histogram, PeerCounters,
@@ -19,6 +20,9 @@ use smtpflow_common::{
 use crate::packet::opaque;
 
 const EEXIST: i32 = 17;
+
+/// The log target of the programs' reports ([`failed`]); the loader's `kernel::LOG_TARGET`.
+const LOG_TARGET: &str = "smtpflow::kernel";
 
 /// Set by the loader before load (`--ports`); read-only for the program.
 #[unsafe(no_mangle)]
@@ -112,6 +116,48 @@ pub fn bump(stat: Stat) {
     }
 }
 
+/// Counts a failure of the programs' own bookkeeping (a map update refused, the payload ring
+/// full, a state that cannot happen) in `STATS`, as [`bump`] does, and the 1st, 2nd, 4th, 8th…
+/// time on a CPU also says what failed, and the helper's error `err` (a negative errno; 0 where
+/// there is none), in the kernel's log (aya-log, level debug: `--log-level debug`). At most 64
+/// lines a CPU over the programs' life, so a failure that repeats on every packet cannot flood
+/// the log or the ring it goes through; the count in `STATS` stays exact. Only failure paths
+/// call it, never a packet's normal path; below debug it costs the read of one global. Not
+/// inlined: one copy of the records' code serves every caller.
+#[inline(never)]
+pub fn failed(stat: Stat, err: i32) {
+    let Some(v) = STATS.get_ptr_mut(stat as u32) else {
+        return;
+    };
+    // SAFETY: per-CPU slot; these programs are not re-entered on the same CPU.
+    let n = unsafe {
+        *v += 1;
+        *v
+    };
+    if n & (n - 1) != 0 {
+        return;
+    }
+    let ctx = ();
+    match stat {
+        Stat::CounterInsertFailed => {
+            debug!(&ctx, target: LOG_TARGET, "kernel: COUNTERS insert failed ({}): a count lost, #{}", err, n)
+        }
+        Stat::HistInsertFailed => {
+            debug!(&ctx, target: LOG_TARGET, "kernel: no histogram for the scope: a duration lost, #{}", n)
+        }
+        Stat::PeerInsertFailed => {
+            debug!(&ctx, target: LOG_TARGET, "kernel: per-peer insert failed ({}): peer counts lost, #{}", err, n)
+        }
+        Stat::FlowInsertFailed => {
+            debug!(&ctx, target: LOG_TARGET, "kernel: FLOWS insert failed ({}): attempt not tracked, #{}", err, n)
+        }
+        Stat::PayloadsLost => {
+            debug!(&ctx, target: LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)
+        }
+        Stat::Malformed | Stat::PeerInserts | Stat::FlowInserts | Stat::FlowDeletes => {}
+    }
+}
+
 /// No scope in the per-scope arrays: `SCOPES` does not list the packet's. Past the end of both
 /// arrays, and still past them when [`scope_counter`] and [`observe_duration`] scale it.
 pub const NO_SCOPE: u32 = u32::MAX;
@@ -148,6 +194,7 @@ pub fn count(key: &CounterKey, at: u32) {
         unsafe { *v += 1 };
         return;
     }
+    let mut err = 0;
     for _ in 0..2 {
         if let Some(v) = COUNTERS.get_ptr_mut(key) {
             // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
@@ -157,11 +204,14 @@ pub fn count(key: &CounterKey, at: u32) {
         match COUNTERS.insert(key, 1u64, u64::from(BPF_NOEXIST)) {
             Ok(()) => return,
             // Another CPU created it first: count into it on the next pass.
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => break,
+            Err(e) if e == -EEXIST => err = e,
+            Err(e) => {
+                err = e;
+                break;
+            }
         }
     }
-    bump(Stat::CounterInsertFailed);
+    failed(Stat::CounterInsertFailed, err);
 }
 
 /// Adds a duration to `scope`'s histogram of `kind`. A scope with no place in the array
@@ -170,7 +220,7 @@ pub fn count(key: &CounterKey, at: u32) {
 pub fn observe_duration(scope: u32, kind: HistKind, ns: u64) {
     let at = scope.wrapping_mul(HistKind::COUNT as u32).wrapping_add(kind as u32);
     let Some(h) = HISTS.get_ptr_mut(at) else {
-        return bump(Stat::HistInsertFailed);
+        return failed(Stat::HistInsertFailed, 0);
     };
     let bucket = Histogram::bucket(ns);
     // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
@@ -234,7 +284,7 @@ pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
         return apply_peer::<true>(v, b);
     }
     let Some(new) = PEER_NEW.get_ptr_mut(0) else {
-        return bump(Stat::PeerInsertFailed);
+        return failed(Stat::PeerInsertFailed, 0);
     };
     // SAFETY: the per-CPU slot is this program's alone while it runs (not re-entered on a CPU).
     unsafe { *new = PeerCounters::ZERO };
@@ -246,9 +296,9 @@ pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
         Err(e) if e == -EEXIST => match PEERS.get_ptr_mut(key) {
             Some(v) => apply_peer::<true>(v, b),
             // Evicted again before the count: lost, and counted as lost.
-            None => bump(Stat::PeerInsertFailed),
+            None => failed(Stat::PeerInsertFailed, e),
         },
-        Err(_) => bump(Stat::PeerInsertFailed),
+        Err(e) => failed(Stat::PeerInsertFailed, e),
     }
 }
 
@@ -295,6 +345,6 @@ pub fn count_peer_greeting(key: &PeerGreetingKey) {
                 add_one(v);
             }
         }
-        Err(_) => bump(Stat::PeerInsertFailed),
+        Err(e) => failed(Stat::PeerInsertFailed, e),
     }
 }

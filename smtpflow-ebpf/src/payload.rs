@@ -7,7 +7,7 @@ use smtpflow_common::{
 };
 
 use crate::{
-    maps::{PAYLOADS, bump},
+    maps::{PAYLOADS, failed},
     packet::{Packet, opaque},
     parse::Segment,
 };
@@ -19,7 +19,7 @@ use crate::{
 #[inline(never)]
 pub fn emit<P: Packet>(p: &P, seg: &Segment, peer: &PeerKey, kind: PayloadKind) {
     let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
-        return bump(Stat::PayloadsLost);
+        return failed(Stat::PayloadsLost, 0);
     };
     let ev = entry.as_mut_ptr();
     let payload_len = seg.payload_len;

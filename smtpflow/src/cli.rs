@@ -21,6 +21,13 @@ pub struct Cli {
     #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Which log lines to show; without it, what RUST_LOG says, else `info`. `debug` also turns
+    /// on the kernel programs' own reports of what failed in them (a map refusing an entry,
+    /// the payload ring full), each on its 1st, 2nd, 4th, 8th… time on a CPU, under target
+    /// `smtpflow::kernel`. Other crates' lines stay at `info` and above (RUST_LOG shows theirs).
+    #[arg(long, value_enum, global = true)]
+    pub log_level: Option<LogLevel>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +36,30 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            Self::Off => log::LevelFilter::Off,
+            Self::Error => log::LevelFilter::Error,
+            Self::Warn => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+            Self::Trace => log::LevelFilter::Trace,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -408,6 +439,23 @@ mod tests {
             Cli::try_parse_from(["smtpflow", "diagnose", "-i", "a", "--metrics-addr", "1.2.3.4:1"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn log_level_is_global_and_optional() {
+        let cli = Cli::try_parse_from(["smtpflow", "watch", "-i", "eth0"]).unwrap();
+        assert_eq!(cli.log_level, None, "RUST_LOG decides when the flag is absent");
+        for (i, args) in [
+            ["smtpflow", "--log-level", "debug", "watch", "-i", "eth0"],
+            ["smtpflow", "watch", "-i", "eth0", "--log-level", "debug"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.log_level.map(LogLevel::filter), Some(log::LevelFilter::Debug), "{i}");
+        }
+        assert!(Cli::try_parse_from(["smtpflow", "--log-level", "loud", "check"]).is_err());
     }
 
     #[test]

@@ -5,13 +5,23 @@ use std::{io::Write as _, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser as _};
 use smtpflow::{
-    cli::{Cli, Command, LogFormat},
+    cli::{Cli, Command, LogFormat, LogLevel},
     commands, config,
 };
 
-fn init_logging(format: LogFormat) {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+/// `--log-level` sets smtpflow's own lines (the kernel's reports included) and keeps other
+/// crates' at `info` at most, so a debug run is not buried in their start-up detail; without
+/// it, RUST_LOG decides, else `info`.
+fn init_logging(format: LogFormat, level: Option<LogLevel>) {
+    let mut builder = match level {
+        Some(level) => {
+            let mut b = env_logger::Builder::new();
+            let own = level.filter();
+            b.filter_level(own.min(log::LevelFilter::Info)).filter_module("smtpflow", own);
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
     builder.format_target(false);
     if format == LogFormat::Json {
         builder.format(|buf, record| {
@@ -67,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, cli.log_level);
     match cli.command {
         Command::Watch(args) => match commands::watch::run(args, cli.log_format) {
             Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,7 @@ pub fn load_real() -> anyhow::Result<Ebpf> {
     let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     config.set_ifaces(&[lo]).context("interfaces")?;
     let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: DEFAULT_MAX_FLOWS };
-    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
+    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0)?;
     let tc: &mut SchedClassifier =
         ebpf.program_mut(names::PROG_TC_INGRESS).context("no tc program")?.try_into()?;
     tc.load().context("loading smtpflow_tc_in")?;

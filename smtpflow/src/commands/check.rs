@@ -162,7 +162,7 @@ fn check_programs() -> Vec<Check> {
     let drop = drop_reasons::prepare();
     let drop_config = drop.as_ref().map(|(c, _)| *c).unwrap_or(DropConfig::DISABLED);
     let sizes = kernel::Sizes { max_peers: 1024, max_flows: 1024 };
-    let mut ebpf = match kernel::load(&config, &drop_config, &sizes) {
+    let mut ebpf = match kernel::load(&config, &drop_config, &sizes, kernel::kernel_log_level()) {
         Ok(e) => e,
         Err(e) => {
             return vec![check(

@@ -35,6 +35,8 @@ pub struct Observer {
     /// Whether each watched interface still exists (same order as `ifaces`).
     present: Vec<bool>,
     pressure: pressure::Reader,
+    /// The kernel programs' reports (aya-log records), logged at each drain.
+    kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Observer {
@@ -80,7 +82,21 @@ impl Observer {
             )
         })?;
         let sizes = kernel::Sizes { max_peers: args.max_peers, max_flows: args.max_flows };
-        let ebpf = kernel::load(&config, &drop_config, &sizes)?;
+        let log_level = kernel::kernel_log_level();
+        let mut ebpf = kernel::load(&config, &drop_config, &sizes, log_level)?;
+        if log_level >= aya_log::Level::Debug as u8 {
+            log::debug!(
+                "the kernel programs report their failures here (\"kernel: …\"), each on its \
+                 1st, 2nd, 4th, 8th… time on a CPU; smtpflow_lost_events_total and the \
+                 *_insert_failures_total and payload_events_lost counters count every one"
+            );
+        }
+        // Read even when the level is 0 (no record is then written): one ring buffer, no task.
+        let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| {
+                log::warn!("the kernel programs' reports cannot be read ({e}); carrying on")
+            })
+            .ok();
         let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
         let drop_reasons =
             drop_reasons.and_then(|r| match attach::attach_drop_reasons(&mut attached) {
@@ -104,7 +120,17 @@ impl Observer {
         )?;
         maps.seed(&config);
         let present = vec![true; ifaces.len()];
-        Ok(Self { attached, maps, ifaces, config, drop_reasons, labeler, pressure, present })
+        Ok(Self {
+            attached,
+            maps,
+            ifaces,
+            config,
+            drop_reasons,
+            labeler,
+            pressure,
+            present,
+            kernel_log,
+        })
     }
 
     /// Sets `--peer-series-idle` (`watch` only).
@@ -124,6 +150,9 @@ impl Observer {
     /// syscalls, off the async workers).
     pub fn drain(&mut self, peers: PeerRead) -> anyhow::Result<Snapshot> {
         tokio::task::block_in_place(|| {
+            if let Some(l) = &mut self.kernel_log {
+                l.flush();
+            }
             // Payload events first: the names they say are learnt before this drain's read of
             // the per-peer maps, whose rises then go to the sites just named.
             let mut payloads = Vec::new();

@@ -60,15 +60,38 @@ pub struct Sizes {
     pub max_flows: u32,
 }
 
+/// The log target of the kernel programs' reports (aya-log records): `--log-level debug`, or
+/// `RUST_LOG=smtpflow::kernel=debug`, shows them.
+pub const LOG_TARGET: &str = "smtpflow::kernel";
+
+/// The aya-log level the kernel programs report at: the most detailed level the logger shows
+/// for [`LOG_TARGET`] (0 for none). Written into the object's read-only data before load, so
+/// that below it the verifier drops the reporting code as dead, and a report costs nothing.
+pub fn kernel_log_level() -> u8 {
+    use log::Level;
+    [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error]
+        .into_iter()
+        .find(|&l| log::log_enabled!(target: LOG_TARGET, l))
+        // aya-log's levels: error 1 … trace 5, as `log`'s.
+        .map_or(0, |l| l as u8)
+}
+
 /// Loads the kernel object with its configuration: the per-scope arrays sized for the
-/// interfaces and ports it lists, and where each scope's counters are.
-pub fn load(config: &Config, drop_config: &DropConfig, sizes: &Sizes) -> anyhow::Result<Ebpf> {
+/// interfaces and ports it lists, and where each scope's counters are. `log_level`: the
+/// kernel's aya-log level ([`kernel_log_level`]; 0: none).
+pub fn load(
+    config: &Config,
+    drop_config: &DropConfig,
+    sizes: &Sizes,
+    log_level: u8,
+) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
     // An array has at least one entry; with no interface listed every lookup misses it.
     let scopes = config.scope_count().max(1);
     let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
         .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
+        .override_global(aya_log::LEVEL, &log_level, true)
         .map_max_entries(names::MAP_PEERS, sizes.max_peers)
         .map_max_entries(names::MAP_PEER_GREETINGS, sizes.max_peers)
         .map_max_entries(names::MAP_FLOWS, sizes.max_flows)

@@ -37,6 +37,7 @@ mod crafted;
 mod mutate;
 mod programs;
 mod replies;
+mod reports;
 mod sessions;
 mod unreachable;
 

@@ -141,7 +141,7 @@ impl Kernel {
         config.set_ifaces(&[lo_ifindex()]).context("interfaces")?;
         // Flows are not compared; a smaller map than the default keeps three copies light.
         let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 65_536 };
-        let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
+        let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0)?;
         let name = hook.program();
         let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
         match hook {

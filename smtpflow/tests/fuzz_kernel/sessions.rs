@@ -101,7 +101,7 @@ impl Programs {
         // the scopes of a second interface, told apart by a mask.
         config.set_ifaces(&[OTHER_IFINDEX, lo_ifindex()]).context("interfaces")?;
         let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 65_536 };
-        let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes)?;
+        let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0)?;
         let names: &[&str] =
             if xdp { &[names::PROG_XDP] } else { &[names::PROG_TC_INGRESS, names::PROG_TC_EGRESS] };
         for &name in names {
