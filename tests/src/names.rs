@@ -55,6 +55,7 @@ pub const TOP_PEER: &str = "smtpflow_diagnosis_top_peer";
 // smtpflow itself: health, maps, peers.
 pub const MALFORMED: &str = "smtpflow_malformed_packets_total";
 pub const LOST: &str = "smtpflow_lost_events_total";
+pub const PAYLOADS_LOST: &str = "smtpflow_payload_events_lost_total";
 pub const BUILD_INFO: &str = "smtpflow_build_info";
 pub const DRAIN_DURATION: &str = "smtpflow_drain_duration_seconds";
 pub const INTERFACE_UP: &str = "smtpflow_interface_up";

@@ -18,8 +18,8 @@ use smtpflow_tests::{
     hooks::assert_unhooked,
     http::{scrape, timed_scrape},
     names::{
-        EVENTS, LOST, MALFORMED, MAP_CAPACITY, MAP_ENTRIES, MAP_EVICTIONS, PEER_INSERT_FAILURES,
-        PEERS_EXPORTED, PEERS_TRACKED,
+        EVENTS, LOST, MALFORMED, MAP_CAPACITY, MAP_ENTRIES, MAP_EVICTIONS, PAYLOADS_LOST,
+        PEER_INSERT_FAILURES, PEERS_EXPORTED, PEERS_TRACKED,
     },
     netfilter::{nft_ingress_counter, nft_ingress_packets},
     process::{Process, installed},
@@ -199,4 +199,81 @@ fn spoofed_syn_flood_stays_bounded_and_exact() {
     assert!(inst.try_wait().is_none(), "smtpflow died under the flood:\n{}", inst.stderr());
     assert_eq!(inst.stop_with(libc::SIGTERM), Some(0), "{}", inst.stderr());
     assert_unhooked(ns, SF0, "after the flood");
+}
+
+/// Payload records a 4 MiB ring holds: each is a 544-byte event and the ring's 8-byte header.
+const PAYLOAD_RING_RECORDS: u64 = (4 << 20) / (544 + 8);
+/// Sessions sent while smtpflow is stopped: each carries at least three payload events (the
+/// greeting, the client's HELO and its reply), so together more than twice what the ring holds.
+const SESSIONS_WHILE_STOPPED: u64 = 2 * PAYLOAD_RING_RECORDS / 3 + 2_000;
+
+/// The reports of `--log-level debug` in a real run: smtpflow stops reading (SIGSTOP) while
+/// real SMTP sessions (smtp-source against smtp-sink) overflow the payload ring buffer; the lost
+/// events are counted, and once it runs again the kernel's reports of the loss reach its log,
+/// the 1st, 2nd, 4th, 8th… on each CPU, never one per lost event. The sessions' counts stay
+/// exact meanwhile (the ring carries only payload events).
+#[test]
+fn a_full_payload_ring_is_counted_and_reported_at_debug() {
+    require_root!();
+    assert!(installed("smtp-source"), "smtp-source is needed (cargo xtask setup installs postfix)");
+    let pair = Pair::new();
+    let sink = smtpflow_tests::smtp::SmtpSink::start(&pair.local, "10.77.0.1:25", &[]);
+    let w = Watch::start(&pair.local, SF0, &["--log-level", "debug"]);
+    let syns = |w: &Watch| {
+        w.scrape(&pair.local).sum(EVENTS, &[("event", "syn"), ("direction", "inbound")])
+    };
+    let before = syns(&w);
+
+    w.signal(libc::SIGSTOP);
+    let mut cmd = std::process::Command::new("ip");
+    let messages = SESSIONS_WHILE_STOPPED.to_string();
+    cmd.args(["netns", "exec", &pair.peer.name, "smtp-source", "-s", "20", "-m", &messages]);
+    cmd.arg(format!("{}:25", Pair::LOCAL_V4));
+    let sent = smtpflow_tests::process::run_bounded(cmd, Duration::from_secs(240));
+    w.signal(libc::SIGCONT);
+    assert_eq!(
+        sent.code,
+        Some(0),
+        "smtp-source: {}{}\n{}",
+        sent.stdout,
+        sent.stderr,
+        sink.stderr()
+    );
+
+    // Every session's SYN counted, the payload events beyond the ring's room counted as lost.
+    let m = wait_for(Duration::from_secs(60), || {
+        let m = w.scrape(&pair.local);
+        let syn = m.sum(EVENTS, &[("event", "syn"), ("direction", "inbound")]);
+        (syn - before >= SESSIONS_WHILE_STOPPED && m.sum(PAYLOADS_LOST, &[]) > 0).then_some(m)
+    })
+    .unwrap_or_else(|| panic!("no loss counted:\n{}", w.stderr()));
+    let lost = m.sum(PAYLOADS_LOST, &[]);
+    assert!(m.get(PAYLOADS_LOST, &[]).is_some(), "the series exists");
+    assert!(lost >= SESSIONS_WHILE_STOPPED * 3 - 2 * PAYLOAD_RING_RECORDS, "lost {lost}");
+    assert_eq!(m.sum(LOST, &[]), 0, "no count lost, only payload events");
+
+    // The reports: "#n" for n a power of two, at most one run of them a CPU.
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let reported = || -> Vec<u64> {
+        let log = w.stderr();
+        log.lines()
+            .filter(|l| l.contains("] kernel: PAYLOADS ring full: a payload event lost, #"))
+            .map(|l| l.rsplit('#').next().and_then(|n| n.trim().parse().ok()).expect("#n"))
+            .collect()
+    };
+    let counts = wait_for(Duration::from_secs(30), || {
+        let r = reported();
+        (!r.is_empty()).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("no report of the loss in the log:\n{}", w.stderr()));
+    let firsts = counts.iter().filter(|&&n| n == 1).count() as u64;
+    assert!((1..=cpus).contains(&firsts), "one first report a CPU: {counts:?}");
+    assert!(counts.iter().all(|n| n.is_power_of_two() && *n <= lost), "{counts:?} of {lost}");
+    let per_cpu_most = u64::from(lost.ilog2()) + 1;
+    assert!(counts.len() as u64 <= cpus * per_cpu_most, "{} reports of {lost}", counts.len());
+    eprintln!(
+        "payload ring: {SESSIONS_WHILE_STOPPED} sessions while stopped, {lost} events lost, {} \
+         kernel reports: {counts:?}",
+        counts.len()
+    );
 }
