@@ -26,7 +26,9 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
-    let flags = to_flags(&text, &command, rest)
+    // A global flag (`--log-level`) may come before the command: all of the command line is
+    // looked at for what it gives.
+    let flags = to_flags(&text, &command, &args[1..])
         .with_context(|| format!("in the config file {}", path.display()))?;
     let mut out = args[..=cmd_pos].to_vec();
     out.extend(flags);
@@ -48,13 +50,15 @@ fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
     None
 }
 
-/// The long names (and short aliases) of `command`'s flags.
+/// The long names (and short aliases) of `command`'s flags, the global ones (`log-format`,
+/// `log-level`) included.
 fn known_flags(command: &str) -> Vec<(String, Option<char>)> {
     let cli = Cli::command();
     let Some(sub) = cli.find_subcommand(command) else {
         return Vec::new();
     };
     sub.get_arguments()
+        .chain(cli.get_arguments().filter(|a| a.is_global_set()))
         .filter_map(|a| a.get_long().map(|l| (l.to_owned(), a.get_short())))
         .collect()
 }
@@ -242,6 +246,27 @@ json = true
         assert_eq!(w.observe.max_peers, 7, "the command line wins");
         assert_eq!(w.metrics_addr.to_string(), "127.0.0.1:9925");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The global flags from a file too; the command line still wins, before the command or
+    /// after it.
+    #[test]
+    fn log_flags_from_a_file() {
+        use clap::Parser as _;
+        let text = "iface = \"eth0\"\nlog-level = \"debug\"\nlog-format = \"json\"\n";
+        let parse = |cli_args: &[&str]| {
+            let cli_args: Vec<OsString> = cli_args.iter().map(OsString::from).collect();
+            let mut args: Vec<OsString> = vec!["smtpflow".into(), "watch".into()];
+            args.extend(to_flags(text, "watch", &cli_args).unwrap());
+            args.extend(cli_args.iter().filter(|a| *a != "watch").cloned());
+            Cli::try_parse_from(args).unwrap()
+        };
+        let cli = parse(&[]);
+        assert_eq!(cli.log_level, Some(crate::cli::LogLevel::Debug));
+        assert_eq!(cli.log_format, crate::cli::LogFormat::Json);
+        for given in [&["--log-level", "warn"][..], &["--log-level=warn", "watch"]] {
+            assert_eq!(parse(given).log_level, Some(crate::cli::LogLevel::Warn), "{given:?}");
+        }
     }
 
     /// The diagnosis thresholds from a file: top level for both commands, a `[diagnose]`

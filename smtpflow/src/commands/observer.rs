@@ -87,8 +87,9 @@ impl Observer {
         if log_level >= aya_log::Level::Debug as u8 {
             log::debug!(
                 "the kernel programs report their failures here (\"kernel: …\"), each on its \
-                 1st, 2nd, 4th, 8th… time on a CPU; smtpflow_lost_events_total and the \
-                 *_insert_failures_total and payload_events_lost counters count every one"
+                 1st, 2nd, 4th, 8th… time on a CPU; smtpflow_lost_events_total, \
+                 smtpflow_peer_insert_failures_total, smtpflow_flow_insert_failures_total and \
+                 smtpflow_payload_events_lost_total count every one"
             );
         }
         // Read even when the level is 0 (no record is then written): one ring buffer, no task.
