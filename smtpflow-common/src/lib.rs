@@ -52,6 +52,9 @@ pub mod names {
     pub const MAP_SCOPES: &str = "SCOPES";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_PAYLOADS: &str = "PAYLOADS";
+    /// The log target of the programs' aya-log reports: `--log-level debug`, or
+    /// `RUST_LOG=smtpflow::kernel=debug`, shows them.
+    pub const KERNEL_LOG_TARGET: &str = "smtpflow::kernel";
 }
 
 /// Default capacity of the per-peer LRU map (`--max-peers`).

@@ -13,6 +13,7 @@ use smtpflow_common::{
     COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS,
     Direction, DropConfig, FlowKey, FlowState, HISTS_DEFAULT, HistKind, Histogram, PeerCounters,
     PeerGreetingKey, PeerKey, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
+    names::KERNEL_LOG_TARGET,
     payload::PAYLOAD_RING_BYTES,
     peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS},
 };
@@ -20,9 +21,6 @@ use smtpflow_common::{
 use crate::packet::opaque;
 
 const EEXIST: i32 = 17;
-
-/// The log target of the programs' reports ([`failed`]); the loader's `kernel::LOG_TARGET`.
-const LOG_TARGET: &str = "smtpflow::kernel";
 
 /// Set by the loader before load (`--ports`); read-only for the program.
 #[unsafe(no_mangle)]
@@ -140,19 +138,19 @@ pub fn failed(stat: Stat, err: i32) {
     let ctx = ();
     match stat {
         Stat::CounterInsertFailed => {
-            debug!(&ctx, target: LOG_TARGET, "kernel: COUNTERS insert failed ({}): a count lost, #{}", err, n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: COUNTERS insert failed ({}): a count lost, #{}", err, n)
         }
         Stat::HistInsertFailed => {
-            debug!(&ctx, target: LOG_TARGET, "kernel: no histogram for the scope: a duration lost, #{}", n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: no histogram for the scope: a duration lost, #{}", n)
         }
         Stat::PeerInsertFailed => {
-            debug!(&ctx, target: LOG_TARGET, "kernel: per-peer insert failed ({}): peer counts lost, #{}", err, n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: per-peer insert failed ({}): peer counts lost, #{}", err, n)
         }
         Stat::FlowInsertFailed => {
-            debug!(&ctx, target: LOG_TARGET, "kernel: FLOWS insert failed ({}): attempt not tracked, #{}", err, n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: FLOWS insert failed ({}): attempt not tracked, #{}", err, n)
         }
         Stat::PayloadsLost => {
-            debug!(&ctx, target: LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)
         }
         Stat::Malformed | Stat::PeerInserts | Stat::FlowInserts | Stat::FlowDeletes => {}
     }

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use smtpflow_common::{PayloadEvent, payload::PAYLOAD_RING_BYTES};
 use smtpflow_tests::{
     Pair, Watch,
     expect::ev,
@@ -201,8 +202,9 @@ fn spoofed_syn_flood_stays_bounded_and_exact() {
     assert_unhooked(ns, SF0, "after the flood");
 }
 
-/// Payload records a 4 MiB ring holds: each is a 544-byte event and the ring's 8-byte header.
-const PAYLOAD_RING_RECORDS: u64 = (4 << 20) / (544 + 8);
+/// Payload records the ring holds: each is an event and the ring's 8-byte record header.
+const PAYLOAD_RING_RECORDS: u64 =
+    PAYLOAD_RING_BYTES as u64 / (size_of::<PayloadEvent>() as u64 + 8);
 /// Sessions sent while smtpflow is stopped: each carries at least three payload events (the
 /// greeting, the client's HELO and its reply), so together more than twice what the ring holds.
 const SESSIONS_WHILE_STOPPED: u64 = 2 * PAYLOAD_RING_RECORDS / 3 + 2_000;

@@ -60,18 +60,15 @@ pub struct Sizes {
     pub max_flows: u32,
 }
 
-/// The log target of the kernel programs' reports (aya-log records): `--log-level debug`, or
-/// `RUST_LOG=smtpflow::kernel=debug`, shows them.
-pub const LOG_TARGET: &str = "smtpflow::kernel";
-
 /// The aya-log level the kernel programs report at: the most detailed level the logger shows
-/// for [`LOG_TARGET`] (0 for none). Written into the object's read-only data before load, so
-/// that below it the verifier drops the reporting code as dead, and a report costs nothing.
+/// for [`names::KERNEL_LOG_TARGET`] (0 for none). Written into the object's read-only data
+/// before load, so that below it the verifier drops the reporting code as dead, and a report
+/// costs nothing.
 pub fn kernel_log_level() -> u8 {
     use log::Level;
     [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error]
         .into_iter()
-        .find(|&l| log::log_enabled!(target: LOG_TARGET, l))
+        .find(|&l| log::log_enabled!(target: names::KERNEL_LOG_TARGET, l))
         // aya-log's levels: error 1 … trace 5, as `log`'s.
         .map_or(0, |l| l as u8)
 }

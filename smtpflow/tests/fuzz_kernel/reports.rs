@@ -128,7 +128,7 @@ fn a_failed_map_update_is_counted_and_reported_on_powers_of_two() {
     let want: Vec<Line> = [1, 2, 4, 8]
         .map(|n| {
             let msg = format!("kernel: COUNTERS insert failed (-7): a count lost, #{n}");
-            (log::Level::Debug, kernel::LOG_TARGET.to_owned(), msg)
+            (log::Level::Debug, names::KERNEL_LOG_TARGET.to_owned(), msg)
         })
         .into();
     assert_eq!(lines, want, "reported on the 1st, 2nd, 4th and 8th failure, with E2BIG");
