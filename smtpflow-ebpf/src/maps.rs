@@ -98,12 +98,14 @@ pub fn config() -> &'static Config {
     unsafe { &*(opaque(&raw const CONFIG as usize) as *const Config) }
 }
 
-/// The drop programs' configuration, read whole.
+/// The drop programs' configuration, read in place: each field is one load from read-only
+/// data, whose values the verifier knows (so it can check the field offsets the drop programs
+/// add to kernel pointers against the kernel's BTF), and nothing is copied to the stack.
 #[inline(always)]
-pub fn drop_config() -> DropConfig {
-    // SAFETY: the loader writes DROP_CONFIG before load; volatile keeps the placeholder from
-    // being folded.
-    unsafe { core::ptr::read_volatile(&DROP_CONFIG) }
+pub fn drop_config() -> &'static DropConfig {
+    // SAFETY: as for CONFIG: it lives for the program's lifetime, the loader writes it before
+    // load, and the opaque pointer keeps the compiler from folding the placeholder value.
+    unsafe { &*(opaque(&raw const DROP_CONFIG as usize) as *const DropConfig) }
 }
 
 #[inline(always)]

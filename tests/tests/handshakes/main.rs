@@ -278,6 +278,58 @@ fn tc_refused_timeouts_and_netfilter_drops() {
     w.expect_settled(&pair.local, &expected);
 }
 
+/// The same drops over IPv6 (the kfree_skb program reads an IPv6 header's next header where it
+/// reads IPv4's protocol): SYNs dropped by nftables on the way in to 25 and on the way out to
+/// 465, and a SYN to a closed port (587), each counted by reason and direction exactly as often
+/// as the nft rules' counters say; the peer's own drops are another namespace's.
+#[test]
+fn tc_ipv6_netfilter_drops() {
+    require_root!();
+    let pair = Pair::new();
+    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
+    nft_table(&pair.local);
+    nft_drop_syns(&pair.local, "input", 25, "in25");
+    nft_drop_syns(&pair.local, "output", 465, "out465");
+    nft_table(&pair.peer);
+    nft_drop_syns(&pair.peer, "input", 25, "peer25");
+
+    const A_IN: usize = 2;
+    let give_up = Duration::from_millis(2500);
+    let (gw, peer) = (Pair::LOCAL_V6, Pair::PEER_V6);
+    let (in25, out25, out465, in587) = thread::scope(|s| {
+        let in25 = s.spawn(|| smtp::attempts(&pair.peer, &addr(gw, 25), A_IN, give_up));
+        let out25 = s.spawn(|| smtp::attempts(&pair.local, &addr(peer, 25), 1, give_up));
+        let out465 = s.spawn(|| smtp::attempts(&pair.local, &addr(peer, 465), 1, give_up));
+        let in587 = s.spawn(|| smtp::attempts(&pair.peer, &addr(gw, 587), 1, give_up));
+        (in25.join().unwrap(), out25.join().unwrap(), out465.join().unwrap(), in587.join().unwrap())
+    });
+    use std::io::ErrorKind::{ConnectionRefused, TimedOut};
+    for r in in25.iter().chain(&out25).chain(&out465) {
+        assert_eq!(*r, Err(TimedOut), "a dropped SYN must time out");
+    }
+    assert_eq!(in587, [Err(ConnectionRefused)]);
+    thread::sleep(Duration::from_millis(200));
+
+    let in25_syns = nft_counter(&pair.local, "in25");
+    let out465_syns = nft_counter(&pair.local, "out465");
+    let peer25_syns = nft_counter(&pair.peer, "peer25");
+    eprintln!("nft counters: in25 {in25_syns}, out465 {out465_syns}, peer25 {peer25_syns}");
+    assert!(in25_syns >= A_IN as u64 && peer25_syns >= 1 && out465_syns >= 1);
+
+    let (i, o) = ("inbound", "outbound");
+    let mut expected = vec![
+        drops(i, "25", "NETFILTER_DROP", in25_syns),
+        drops(o, "465", "NETFILTER_DROP", out465_syns),
+        drops(i, "587", "NO_SOCKET", 1),
+        total(DROPS, &[], in25_syns + out465_syns + 1),
+        outcome(i, "25", "timeout", A_IN as u64),
+        outcome(o, "25", "timeout", 1),
+        outcome(i, "587", "refused", 1),
+    ];
+    expected.extend(healthy());
+    w.expect_settled(&pair.local, &expected);
+}
+
 /// The peer rejects our SYNs to 25 with ICMP: `reject with icmp type host-unreachable` for
 /// IPv4, `reject with icmpv6 type admin-prohibited` for IPv6 (nft rules counting the SYNs they
 /// reject); the gateway makes N attempts of each. Linux gives a connection up at the first

@@ -40,7 +40,7 @@ enum Needs {
 /// The kernel suite: (test binary, test, needs). Chosen for what differs between kernels:
 /// TC through TCX or netlink, XDP driver and generic mode on veth, the crash lifecycle of each
 /// attach method, the verifier on every program (the parser's direct reads and its
-/// `bpf_skb_load_bytes` fallback, reply reading, the ICMP unreachable path), drop reasons by name from each kernel's BTF,
+/// `bpf_skb_load_bytes` fallback, reply reading, the ICMP unreachable path), drop reasons by name from each kernel's BTF (IPv4 and IPv6, read through the kernel's typed pointers),
 /// the tcp_conn_request fexit, conntrack statistics through ctnetlink, and the diagnosis at its
 /// default thresholds: silent on a noisy but healthy gateway, naming each real fault.
 const SUITE: &[(&str, &str, Needs)] = &[
@@ -57,6 +57,7 @@ const SUITE: &[(&str, &str, Needs)] = &[
     ("lifecycle", "sigterm_exits_zero_and_detaches_tcx", Needs::Tcx),
     ("handshakes", "tc_inbound_greetings_from_smtp_sink", Needs::Any),
     ("handshakes", "tc_refused_timeouts_and_netfilter_drops", Needs::Any),
+    ("handshakes", "tc_ipv6_netfilter_drops", Needs::Any),
     ("handshakes", "tc_listen_overflow_drop_reason", Needs::Any),
     ("handshakes", "tc_outbound_unreachable_answered_by_icmp", Needs::Any),
     ("handshakes", "xdp_ingress_only_outcomes", Needs::Any),
