@@ -116,23 +116,58 @@ fn flood(s: &Setup, sources: u32, secs: f64) -> anyhow::Result<f64> {
     Ok((tx1 - tx0) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Who watches the gateway's interface during a flood.
+/// Who watches the gateway's interface during a flood. The empty programs are the floor of
+/// the hooks themselves: what any observer attached there costs the gateway before it does any
+/// work, so that smtpflow's ratio can be read against what is reachable at all.
 #[derive(Clone, Copy)]
 enum Observer {
     None,
     Smtpflow(&'static str),
+    EmptyTc,
+    EmptyXdp,
 }
 
 impl Observer {
-    const ALL: [Observer; 3] =
-        [Observer::None, Observer::Smtpflow("tc"), Observer::Smtpflow("xdp")];
+    const ALL: [Observer; 5] = [
+        Observer::None,
+        Observer::Smtpflow("tc"),
+        Observer::Smtpflow("xdp"),
+        Observer::EmptyTc,
+        Observer::EmptyXdp,
+    ];
 
     fn label(self) -> String {
         match self {
             Observer::None => "no observer".to_owned(),
             Observer::Smtpflow(mode) => format!("smtpflow --mode {mode}"),
+            Observer::EmptyTc => format!("{} (TCX ingress and egress)", empty::EMPTY_TC),
+            Observer::EmptyXdp => {
+                format!("{} (driver mode, as smtpflow on veth)", empty::EMPTY_XDP)
+            }
         }
     }
+}
+
+/// What an observer holds while it watches (smtpflow's process, or the empty programs);
+/// stopped when dropped.
+#[derive(Default)]
+struct Watching {
+    _smtpflow: Option<Watch>,
+    _empty: Option<empty::Attached>,
+}
+
+/// Starts `o` on the gateway's interface.
+fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
+    Ok(match o {
+        Observer::None => Watching::default(),
+        Observer::Smtpflow(mode) => Watching { _smtpflow: Some(smtpflow(gw, mode)?), _empty: None },
+        Observer::EmptyTc => {
+            Watching { _smtpflow: None, _empty: Some(empty::attach_tc(gw, Pair::LOCAL_IF)?) }
+        }
+        Observer::EmptyXdp => {
+            Watching { _smtpflow: None, _empty: Some(empty::attach_xdp(gw, Pair::LOCAL_IF)?) }
+        }
+    })
 }
 
 /// `smtpflow watch --mode <mode>` on the gateway's interface, once it serves.
@@ -154,12 +189,9 @@ fn rates(s: &Setup, sources: u32, f: &Floods) -> anyhow::Result<Vec<Vec<f64>>> {
     let mut runs = vec![Vec::new(); Observer::ALL.len()];
     for _ in 0..f.rounds {
         for (i, o) in Observer::ALL.into_iter().enumerate() {
-            let sf = match o {
-                Observer::None => None,
-                Observer::Smtpflow(mode) => Some(smtpflow(&s.pair.local, mode)?),
-            };
+            let watching = start(&s.pair.local, o)?;
             runs[i].push(flood(s, sources, f.secs)?);
-            drop(sf);
+            drop(watching);
         }
     }
     Ok(runs)
@@ -173,7 +205,7 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
         let mut ratios: Vec<f64> = rates.iter().zip(&runs[0]).map(|(x, none)| x / none).collect();
         let ratio = median(&mut ratios);
         let (target, verdict) = match o {
-            Observer::None => ("", ""),
+            Observer::None | Observer::EmptyTc | Observer::EmptyXdp => ("", ""),
             Observer::Smtpflow(mode) => {
                 let pass = ratio >= 0.95;
                 report.checks.push(Check {
@@ -286,7 +318,8 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
     }
     rate_sec.note = format!(
         "AF_PACKET SYN flood from 65,536 and from 1,000,000 spoofed sources ({PEER_NET}) for \
-         {}s per run, {} round(s) of no observer, smtpflow --mode tc and smtpflow --mode xdp, \
+         {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp and \
+         the empty programs of each mode (the floor: what the hooks cost with nothing in them), \
          interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median over rounds \
          of each run / that round's no-observer run. Every SYN is a new connection (SYN in, \
          SYN-ACK out, RST in); with a million sources every SYN of a run comes from a peer \
