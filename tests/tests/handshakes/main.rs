@@ -192,6 +192,28 @@ fn tc_outbound_greetings_with_swaks() {
     w.expect_settled(&pair.local, &expected);
 }
 
+/// The drop tests' nftables rules. Gateway: drop inbound SYNs to 25 (input, counter `in25`) and
+/// its own SYNs to 465 (output, before TC: `out465`). Peer: drop the gateway's SYNs to 25
+/// (`peer25`).
+fn drop_rules(pair: &Pair) {
+    nft_table(&pair.local);
+    nft_drop_syns(&pair.local, "input", 25, "in25");
+    nft_drop_syns(&pair.local, "output", 465, "out465");
+    nft_table(&pair.peer);
+    nft_drop_syns(&pair.peer, "input", 25, "peer25");
+}
+
+/// The SYNs [`drop_rules`] dropped: `[in25, out465, peer25]`.
+fn dropped(pair: &Pair) -> [u64; 3] {
+    let n = [
+        nft_counter(&pair.local, "in25"),
+        nft_counter(&pair.local, "out465"),
+        nft_counter(&pair.peer, "peer25"),
+    ];
+    eprintln!("nft counters: in25 {}, out465 {}, peer25 {}", n[0], n[1], n[2]);
+    n
+}
+
 /// Closed ports are refused (a handshake-phase reset by the answering side); SYNs dropped by
 /// nftables time out once per attempt (`--handshake-timeout 1s`) and their retransmissions are
 /// counted; the drops in smtpflow's own namespace are counted by reason and direction, exactly
@@ -201,13 +223,7 @@ fn tc_refused_timeouts_and_netfilter_drops() {
     require_root!();
     let pair = Pair::new();
     let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
-    // Gateway: drop inbound SYNs to 25 (input) and our own SYNs to 465 (output, before TC).
-    nft_table(&pair.local);
-    nft_drop_syns(&pair.local, "input", 25, "in25");
-    nft_drop_syns(&pair.local, "output", 465, "out465");
-    // Peer: drop the gateway's SYNs to 25.
-    nft_table(&pair.peer);
-    nft_drop_syns(&pair.peer, "input", 25, "peer25");
+    drop_rules(&pair);
     let cap = Capture::start(&pair.local, IF);
 
     const A_IN: usize = 3;
@@ -236,10 +252,7 @@ fn tc_refused_timeouts_and_netfilter_drops() {
     thread::sleep(Duration::from_millis(200));
     let frames = cap.finish();
 
-    let in25_syns = nft_counter(&pair.local, "in25");
-    let out465_syns = nft_counter(&pair.local, "out465");
-    let peer25_syns = nft_counter(&pair.peer, "peer25");
-    eprintln!("nft counters: in25 {in25_syns}, out465 {out465_syns}, peer25 {peer25_syns}");
+    let [in25_syns, out465_syns, peer25_syns] = dropped(&pair);
     // The independent capture on sf0 saw exactly the SYNs the input rule dropped.
     assert_eq!(syns_to(&frames, 25), in25_syns);
     assert!(in25_syns >= A_IN as u64 && peer25_syns >= A_OUT as u64 && out465_syns >= 1);
@@ -287,11 +300,7 @@ fn tc_ipv6_netfilter_drops() {
     require_root!();
     let pair = Pair::new();
     let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
-    nft_table(&pair.local);
-    nft_drop_syns(&pair.local, "input", 25, "in25");
-    nft_drop_syns(&pair.local, "output", 465, "out465");
-    nft_table(&pair.peer);
-    nft_drop_syns(&pair.peer, "input", 25, "peer25");
+    drop_rules(&pair);
 
     const A_IN: usize = 2;
     let give_up = Duration::from_millis(2500);
@@ -310,10 +319,7 @@ fn tc_ipv6_netfilter_drops() {
     assert_eq!(in587, [Err(ConnectionRefused)]);
     thread::sleep(Duration::from_millis(200));
 
-    let in25_syns = nft_counter(&pair.local, "in25");
-    let out465_syns = nft_counter(&pair.local, "out465");
-    let peer25_syns = nft_counter(&pair.peer, "peer25");
-    eprintln!("nft counters: in25 {in25_syns}, out465 {out465_syns}, peer25 {peer25_syns}");
+    let [in25_syns, out465_syns, peer25_syns] = dropped(&pair);
     assert!(in25_syns >= A_IN as u64 && peer25_syns >= 1 && out465_syns >= 1);
 
     let (i, o) = ("inbound", "outbound");
