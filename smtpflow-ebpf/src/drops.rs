@@ -43,15 +43,25 @@ fn field<T: Copy>(base: u64, off: u32) -> T {
 #[inline(always)]
 fn netns_inum(skb: u64, c: &DropConfig) -> u32 {
     let dev: u64 = field(skb, c.skb_dev);
-    let net: u64 = if dev != 0 {
-        field(dev, c.dev_nd_net)
+    if dev != 0 {
+        net_inum(field(dev, c.dev_nd_net), c)
     } else {
-        let sk: u64 = field(skb, c.skb_sk);
-        if sk == 0 {
-            return 0;
-        }
-        field(sk, c.sk_net)
-    };
+        sock_netns_inum(field(skb, c.skb_sk), c)
+    }
+}
+
+/// The inode number of socket `sk`'s network namespace; 0 for no socket.
+#[inline(always)]
+fn sock_netns_inum(sk: u64, c: &DropConfig) -> u32 {
+    if sk == 0 {
+        return 0;
+    }
+    net_inum(field(sk, c.sk_net), c)
+}
+
+/// The inode number of the namespace `net`; 0 for none.
+#[inline(always)]
+fn net_inum(net: u64, c: &DropConfig) -> u32 {
     if net == 0 {
         return 0;
     }
@@ -157,11 +167,8 @@ pub fn on_conn_request_exit(ctx: &FExitContext) -> Result<(), ()> {
     if backlog <= max_backlog {
         return Ok(());
     }
-    if c.netns_inum != 0 {
-        let net: u64 = field(sk, c.sk_net);
-        if net == 0 || field::<u32>(net, c.net_ns_inum) != c.netns_inum {
-            return Ok(());
-        }
+    if c.netns_inum != 0 && sock_netns_inum(sk, c) != c.netns_inum {
+        return Ok(());
     }
     match client_segment(skb, c)? {
         Some(seg) if seg.flags & (SYN | ACK | RST) == SYN => {
