@@ -385,19 +385,26 @@ fn first8(head: &[u8; HEAD_LEN]) -> [u8; 8] {
     [a, b, c, d, e, f, g, h]
 }
 
-/// Whether a payload's first 8 bytes are `STARTTLS`, in any case.
+/// Whether a payload's first 8 bytes are `STARTTLS`, in any case. As one 64-bit word: every
+/// byte of the command is a letter, and for a letter `b | 0x20` is its lower case, equal to the
+/// lower-case letter only for that letter in either case (exactly `eq_ignore_ascii_case`). Byte
+/// by byte, the BPF code spilled each byte to the stack and compared it with range tests.
 #[inline(always)]
 fn is_starttls8(head: &[u8; 8]) -> bool {
-    head.eq_ignore_ascii_case(b"STARTTLS")
+    u64::from_le_bytes(*head) | LOWER_8 == u64::from_le_bytes(*b"starttls")
 }
 
-/// Whether a payload's first 8 bytes start with `EHLO ` or `HELO `, in any case.
+/// Whether a payload's first 8 bytes start with `EHLO ` or `HELO `, in any case: the four
+/// letters folded as in [`is_starttls8`], the space matched exactly.
 #[inline(always)]
 fn is_ehlo8(head: &[u8; 8]) -> bool {
-    let [a, b, c, d, e, ..] = *head;
-    ([a, b, c, d].eq_ignore_ascii_case(b"EHLO") || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
-        && e == b' '
+    let five = (u64::from_le_bytes(*head) & 0xff_ffff_ffff) | LOWER_4;
+    five == u64::from_le_bytes(*b"ehlo \0\0\0") || five == u64::from_le_bytes(*b"helo \0\0\0")
 }
+
+/// The ASCII case bit in each of 8 bytes, and in the first 4.
+const LOWER_8: u64 = 0x2020_2020_2020_2020;
+const LOWER_4: u64 = 0x2020_2020;
 
 /// The first byte of a TLS application-data record.
 pub const TLS_APPLICATION_DATA: u8 = 0x17;
@@ -786,6 +793,36 @@ mod tests {
 
     /// The handshake timeout of these tests.
     const TIMEOUT: u64 = 1_000_000;
+
+    /// The word-wise command tests against the byte-wise definition: every byte value at
+    /// every position of each command (and of a mixed-case spelling), which covers each case
+    /// fold, the exact space and the bytes past the command.
+    #[test]
+    fn command_words_match_bytewise_definition() {
+        let starttls = |h: &[u8; 8]| h.eq_ignore_ascii_case(b"STARTTLS");
+        let ehlo = |h: &[u8; 8]| {
+            let [a, b, c, d, e, ..] = *h;
+            ([a, b, c, d].eq_ignore_ascii_case(b"EHLO")
+                || [a, b, c, d].eq_ignore_ascii_case(b"HELO"))
+                && e == b' '
+        };
+        let mut checked = 0;
+        for base in
+            [b"STARTTLS", b"sTaRtTlS", b"EHLO mx.", b"helo a.b", b"HeLo x\r\n", b"\0\0\0\0\0\0\0\0"]
+        {
+            for at in 0..8 {
+                for byte in 0..=u8::MAX {
+                    let mut h = *base;
+                    h[at] = byte;
+                    assert_eq!(is_starttls8(&h), starttls(&h), "{h:?}");
+                    assert_eq!(is_ehlo8(&h), ehlo(&h), "{h:?}");
+                    checked += usize::from(starttls(&h) || ehlo(&h));
+                }
+            }
+        }
+        // Each base's own spelling matches at every position (plus the case variants).
+        assert!(checked > 5 * 8, "the matching cases were exercised: {checked}");
+    }
 
     fn pkt(flags: u8, from_client: bool) -> FlowPacket {
         FlowPacket { flags, from_client, plaintext: true, ends_line: true, ..Default::default() }

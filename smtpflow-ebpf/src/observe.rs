@@ -48,21 +48,57 @@ static SEEN: PerCpuArray<Seen> = PerCpuArray::with_max_entries(1, 0);
 
 /// The per-packet path of the TC and XDP programs. Most packets are not SMTP: they cost the
 /// header reads of [`locate`] in place and two loads of the port set, in the program itself
-/// (no call, no per-packet state). Only a segment of an SMTP port goes on to [`observe_smtp`].
+/// (no call, no per-packet state). A segment of an SMTP port adds the [`quiet`] test, in place:
+/// only one that is not quiet costs a call, to [`observe_smtp`]. (Each call costs its `ret`,
+/// and a kernel with return-thunk mitigations makes that dear: inlining the test took 8 ns off
+/// every segment of a transfer here.)
 #[inline(always)]
 pub fn observe<P: Packet>(p: &P, side: Side) {
     let linear = p.linear();
-    let found = match locate(&linear, is_smtp) {
+    match locate(&linear, is_smtp) {
+        Ok(loc) => observe_located(p, &loc, side),
         // Headers past the linear data of an skb may still be in its fragments.
-        Err(Skip::Malformed) if linear.len() < p.len() => locate_whole(p),
-        found => found,
-    };
-    match found {
-        Ok(loc) => observe_smtp(p, &loc, side),
-        Err(Skip::Malformed) => bump(Stat::Malformed),
-        // An answer to one of our SYNs comes in: ingress only.
-        Err(Skip::Icmp) if side == Side::Peer => observe_unreachable(p),
-        Err(Skip::NotTcp | Skip::OtherPorts | Skip::Icmp) => {}
+        Err(Skip::Malformed) if linear.len() < p.len() => {
+            let mut loc = Located::EMPTY;
+            match locate_whole(p, &mut loc) {
+                Ok(()) => observe_located(p, &loc, side),
+                Err(skip) => skipped(p, skip, side),
+            }
+        }
+        Err(skip) => skipped(p, skip, side),
+    }
+}
+
+/// [`locate`] through the helper that reads an skb's fragments too, into `loc`. Rarely needed,
+/// and not inlined: its buffers stay out of the program's own frame, and it has returned
+/// before [`observe_smtp`] runs, so its frame is not in that call chain's stack either. The
+/// located segment comes back through `loc`, not as a return value: merged with the program's
+/// own path, a returned one went through the stack, uninitialised bytes and all, which the
+/// verifier refuses.
+#[inline(never)]
+fn locate_whole<P: Packet>(p: &P, loc: &mut Located) -> Result<(), Skip> {
+    *loc = locate(p, is_smtp)?;
+    Ok(())
+}
+
+/// A segment of an SMTP port: the [`quiet`] test in place (the segments of a transfer, ACKs
+/// and data, have nothing to count and no flow to change), and the one call to
+/// [`observe_smtp`] for the others.
+#[inline(always)]
+fn observe_located<P: Packet>(p: &P, loc: &Located, side: Side) {
+    if !quiet(p, loc) {
+        observe_smtp(p, loc, side);
+    }
+}
+
+/// A frame [`locate`] did not take: counted if malformed; an ICMP message goes to
+/// [`observe_unreachable`] on ingress, where an answer to one of our SYNs comes in.
+#[inline(always)]
+fn skipped<P: Packet>(p: &P, skip: Skip, side: Side) {
+    match skip {
+        Skip::Malformed => bump(Stat::Malformed),
+        Skip::Icmp if side == Side::Peer => observe_unreachable(p),
+        Skip::NotTcp | Skip::OtherPorts | Skip::Icmp => {}
     }
 }
 
@@ -104,43 +140,49 @@ fn observe_unreachable<P: Packet>(p: &P) {
     count_peer(&peer, &PeerBumps { outcome: Outcome::Unreachable as u8, ..PeerBumps::EMPTY });
 }
 
-/// Whether a located SMTP segment is [`FlowPacket::quiet`]: its header and, for a client's
-/// data, its first byte. Its own subprogram: its frame is not in the chain of calls below
-/// [`observe_smtp`], whose stack the verifier adds up.
-#[inline(never)]
+/// Whether a located SMTP segment is [`FlowPacket::quiet`]: from what [`locate`] read (flags,
+/// window, lengths, which port is SMTP) and, for a client's data, its first 8 bytes, the only
+/// read of its own. Inlined in the program: a quiet segment costs no call.
+#[inline(always)]
 fn quiet<P: Packet>(p: &P, loc: &Located) -> bool {
-    let config = config();
-    let (to_smtp, from_smtp) =
-        (config.is_smtp_port(loc.ports.dst), config.is_smtp_port(loc.ports.src));
-    if to_smtp && from_smtp {
+    let to_smtp = loc.wanted & TO_SMTP != 0;
+    if to_smtp && loc.wanted & FROM_SMTP != 0 {
         return false; // which side is the client is for the full path to decide
     }
-    let Ok(h) = parse::header(p, loc) else { return false };
+    let (off, len) = parse::payload(p, loc);
     // A client's payload: its first 8 bytes in one load, else its first byte.
     let mut head = [0u8; 8];
-    if to_smtp && h.payload_len >= 8 {
-        match p.load::<u64>(h.payload_off) {
+    if to_smtp && len >= 8 {
+        match p.linear().load::<u64>(off) {
             Ok(v) => head = v.to_ne_bytes(),
-            Err(()) => return false,
+            // A burst of several segments (GRO or TSO), its payload in page fragments: bulk
+            // data, whose first bytes begin no command the state machine acts on (STARTTLS
+            // and EHLO each wait for their reply, and a TLS session's first application data
+            // follows its handshake in a flight of its own), so it is read as data, without
+            // the helper call and the cold fragment it costs under load.
+            Err(()) if p.segments() > 1 => {}
+            Err(()) => match p.load::<u64>(off) {
+                Ok(v) => head = v.to_ne_bytes(),
+                Err(()) => return false,
+            },
         }
-    } else if to_smtp && h.payload_len > 0 {
-        head[0] = flow::first_byte(p, h.payload_off);
+    } else if to_smtp && len > 0 {
+        head[0] = flow::first_byte(p, off);
     }
-    FlowPacket::quiet(h.flags, h.window, to_smtp, h.payload_len as u32, &head)
+    FlowPacket::quiet(loc.ports.flags, loc.ports.window, to_smtp, len as u32, &head)
 }
 
-/// Whether either port is an SMTP port: two loads of the port set.
+/// What [`is_smtp`] says of a segment's ports: its destination port is an SMTP port (it goes to
+/// the server), its source port is (it comes from the server); 0 for neither.
+const TO_SMTP: u8 = 1;
+const FROM_SMTP: u8 = 2;
+
+/// Which of the ports are SMTP ports ([`TO_SMTP`], [`FROM_SMTP`]): two loads of the port set.
 #[inline(always)]
-fn is_smtp(ports: &Ports) -> bool {
+fn is_smtp(ports: &Ports) -> u8 {
     let config = config();
-    config.is_smtp_port(ports.dst) || config.is_smtp_port(ports.src)
-}
-
-/// [`locate`] through the helper that reads an skb's fragments too. Not inlined: rarely needed,
-/// and its buffers stay out of the program's own frame.
-#[inline(never)]
-fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
-    locate(p, is_smtp)
+    (u8::from(config.is_smtp_port(ports.dst)) * TO_SMTP)
+        | (u8::from(config.is_smtp_port(ports.src)) * FROM_SMTP)
 }
 
 /// Counts a segment of an SMTP port. Each step is its own BPF subprogram, called one after the
@@ -148,10 +190,6 @@ fn locate_whole<P: Packet>(p: &P) -> Result<Located, Skip> {
 /// call chain), and they share one [`Seen`] instead of copying it.
 #[inline(never)]
 fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
-    // The segments of a transfer (ACKs, data): nothing to count, no flow to change.
-    if quiet(p, loc) {
-        return;
-    }
     let Some(seen) = SEEN.get_ptr_mut(0) else {
         return;
     };

@@ -83,6 +83,11 @@ pub trait Packet: Frame {
     /// The interface the packet was seen on.
     fn ifindex(&self) -> u32;
 
+    /// How many TCP segments the packet carries: more than 1 for a burst the stack merged
+    /// (GRO) or will split (TSO/GSO), whose payload lies in page fragments; 1 otherwise. XDP
+    /// frames are single segments.
+    fn segments(&self) -> u32;
+
     /// The bytes readable in place: all of an XDP frame; an skb's linear data, which holds the
     /// headers of nearly every packet (the rest may sit in its fragments).
     fn linear(&self) -> Linear<'_, Self>
@@ -279,6 +284,11 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn segments(&self) -> u32 {
+        1
+    }
+
+    #[inline(always)]
     fn linear(&self) -> Linear<'_, Self> {
         // SAFETY: the context pointer is valid for the duration of the program.
         let (start, end) =
@@ -357,6 +367,13 @@ impl Packet for TcContext {
     fn ifindex(&self) -> u32 {
         // SAFETY: the context pointer is valid for the duration of the program.
         unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn segments(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the duration of the program (the field is
+        // the skb's shared info, which the verifier's rewrite of the load reads).
+        unsafe { (*self.skb.skb).gso_segs }
     }
 
     #[inline(always)]

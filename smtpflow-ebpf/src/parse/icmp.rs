@@ -25,11 +25,11 @@ pub fn unreachable<P: Frame>(p: &P, q: &mut Quoted) -> Result<(), ()> {
     let (ethertype, l3) = link(p).map_err(|_| ())?;
     let (family, l4) = match ethertype {
         ETH_P_IP => match ip::v4_upper(p, l3) {
-            Ok((IPPROTO_ICMP, l4)) => (FAMILY_V4, l4),
+            Ok(ip::Upper { protocol: IPPROTO_ICMP, l4, .. }) => (FAMILY_V4, l4),
             _ => return Err(()),
         },
         ETH_P_IPV6 => match ip::v6_upper(p, l3) {
-            Ok((IPPROTO_ICMPV6, l4)) => (FAMILY_V6, l4),
+            Ok(ip::Upper { protocol: IPPROTO_ICMPV6, l4, .. }) => (FAMILY_V6, l4),
             _ => return Err(()),
         },
         _ => return Err(()),
@@ -39,13 +39,21 @@ pub fn unreachable<P: Frame>(p: &P, q: &mut Quoted) -> Result<(), ()> {
     q.reason = icmp::reason(family, kind, code).ok_or(())?;
     let inner = l4 + ICMP_HLEN;
     let th = if family == FAMILY_V4 {
-        let (IPPROTO_TCP, th) = ip::v4_upper(p, inner).map_err(|_| ())? else { return Err(()) };
+        let ip::Upper { protocol: IPPROTO_TCP, l4: th, .. } =
+            ip::v4_upper(p, inner).map_err(|_| ())?
+        else {
+            return Err(());
+        };
         let [src, dst] = ip::v4_addresses(p, inner)?;
         q.src[..4].copy_from_slice(&src);
         q.dst[..4].copy_from_slice(&dst);
         th
     } else {
-        let (IPPROTO_TCP, th) = ip::v6_upper(p, inner).map_err(|_| ())? else { return Err(()) };
+        let ip::Upper { protocol: IPPROTO_TCP, l4: th, .. } =
+            ip::v6_upper(p, inner).map_err(|_| ())?
+        else {
+            return Err(());
+        };
         [q.src, q.dst] = ip::v6_addresses(p, inner)?;
         th
     };
@@ -53,10 +61,10 @@ pub fn unreachable<P: Frame>(p: &P, q: &mut Quoted) -> Result<(), ()> {
         // As for a TCP header of the frame itself: deeper is not inspected.
         return Err(());
     }
-    let (ports, seq) = tcp::quoted(p, th)?;
+    let ([src_port, dst_port], seq) = tcp::quoted(p, th)?;
     q.family = family;
-    q.src_port = ports.src;
-    q.dst_port = ports.dst;
+    q.src_port = src_port;
+    q.dst_port = dst_port;
     q.seq = seq;
     Ok(())
 }

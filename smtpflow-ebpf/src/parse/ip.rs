@@ -1,17 +1,50 @@
 //! IPv4 and IPv6 headers: [`v4`] and [`v6`] validate a header and return the offset of the TCP
-//! header; the `*_addresses` and `*_end` functions read the rest once the port matched.
+//! header and the packet's end; the `*_addresses` functions read the addresses once the port
+//! matched.
 //! [`v4_upper`] and [`v6_upper`] are the validation itself, for any protocol: the ICMP parser
 //! reads the outer header and the quoted one with them. A fixed
 //! header is bounds-checked once, then its fields read at their offsets in the header structs.
 use core::mem::offset_of;
 
-use smtpflow_common::icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6};
+use smtpflow_common::{
+    FAMILY_V4,
+    icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
+};
 
 use super::Skip;
 use crate::packet::{Fields as _, Frame};
 
 /// Where the IP layer says the TCP header starts.
 pub type L4 = usize;
+
+/// What a validated IP header says of what it carries: its protocol, where it starts, and its
+/// length field as it lies in the header ([`end`] makes it an offset). The length is read in
+/// the same load as a field the validation reads anyway, and left raw, so that the packets of
+/// other ports pay nothing for it.
+#[derive(Clone, Copy)]
+pub struct Upper {
+    pub protocol: u8,
+    pub l4: L4,
+    pub len: RawLen,
+}
+
+/// An IP header's length field in network order: IPv4's total length, IPv6's payload length.
+pub type RawLen = u16;
+
+/// Where the packet whose IP header of `family` is at `l3` (and its TCP header at `l4`) ends,
+/// by its length field `len`; 0 when the header gives no length (a TSO/BIG TCP super-packet, an
+/// IPv6 jumbogram): the frame's end counts then.
+#[inline(always)]
+pub fn end(family: u8, l3: usize, l4: L4, len: RawLen) -> usize {
+    let len = usize::from(u16::from_be(len));
+    if family == FAMILY_V4 {
+        if len > l4 - l3 { l3 + len } else { 0 }
+    } else if len > 0 {
+        l3 + IPV6_HLEN + len
+    } else {
+        0
+    }
+}
 
 /// How deep a TCP header may start; deeper extension-header chains are not inspected.
 pub const MAX_L4_OFFSET: usize = 1024;
@@ -63,27 +96,27 @@ const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_HLEN && size_of::<Ipv6Hdr
 /// IPv4: IHL < 5 or a header (options included) past the end of the frame is malformed;
 /// non-first fragments and other protocols are not TCP (ICMP is [`Skip::Icmp`]).
 #[inline(always)]
-pub fn v4<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    let (protocol, l4) = v4_upper(p, off)?;
-    upper(protocol, l4, IPPROTO_ICMP)
+pub fn v4<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
+    tcp_or_why(v4_upper(p, off)?, IPPROTO_ICMP)
 }
 
 /// TCP at `l4`, or why not: `icmp` (the family's ICMP) is [`Skip::Icmp`]. TCP is tested first
 /// and marked likely, so that the ICMP test costs a TCP segment nothing.
 #[inline(always)]
-fn upper(protocol: u8, l4: L4, icmp: u8) -> Result<L4, Skip> {
-    if core::intrinsics::likely(protocol == IPPROTO_TCP) {
-        return Ok(l4);
+fn tcp_or_why(upper: Upper, icmp: u8) -> Result<Upper, Skip> {
+    if core::intrinsics::likely(upper.protocol == IPPROTO_TCP) {
+        return Ok(upper);
     }
-    Err(if protocol == icmp { Skip::Icmp } else { Skip::NotTcp })
+    Err(if upper.protocol == icmp { Skip::Icmp } else { Skip::NotTcp })
 }
 
-/// The IPv4 header at `off` validated as [`v4`] says: its protocol and the offset of what it
-/// carries. A non-first fragment carries no header: not TCP.
+/// The IPv4 header at `off` validated as [`v4`] says: its protocol, the offset of what it
+/// carries and the packet's end. A non-first fragment carries no header: not TCP.
 #[inline(always)]
-pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
+pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
     let h = p.header::<IPV4_MIN_HLEN>(off)?;
-    let ver_ihl: u8 = h.get(offset_of!(Ipv4Hdr, ver_ihl));
+    // Version and IHL, TOS, total length: one load.
+    let [ver_ihl, _tos, t0, t1] = h.get::<u32>(offset_of!(Ipv4Hdr, ver_ihl)).to_le_bytes();
     let hlen = usize::from(ver_ihl & 0x0f) * 4;
     if ver_ihl >> 4 != 4 || hlen < IPV4_MIN_HLEN {
         return Err(Skip::Malformed);
@@ -96,27 +129,34 @@ pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
     if frag_off & IPV4_FRAG_OFFSET_MASK != 0 {
         return Err(Skip::NotTcp);
     }
-    Ok((h.get(offset_of!(Ipv4Hdr, protocol)), off + hlen))
+    Ok(Upper {
+        protocol: h.get(offset_of!(Ipv4Hdr, protocol)),
+        l4: off + hlen,
+        len: u16::from_ne_bytes([t0, t1]),
+    })
 }
 
 /// IPv6: walks hop-by-hop, routing, destination-options and fragment headers; only a first
 /// fragment carries the TCP header (ICMPv6 is [`Skip::Icmp`]).
 #[inline(always)]
-pub fn v6<P: Frame>(p: &P, off: usize) -> Result<L4, Skip> {
-    let (next, l4) = v6_upper(p, off)?;
-    upper(next, l4, IPPROTO_ICMPV6)
+pub fn v6<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
+    tcp_or_why(v6_upper(p, off)?, IPPROTO_ICMPV6)
 }
 
 /// The IPv6 header at `off` and its extension headers, walked as [`v6`] says: the next header
-/// after them and its offset. A non-first fragment, a chain too long or too deep: not TCP.
+/// after them, its offset and the packet's end. A non-first fragment, a chain too long or too
+/// deep: not TCP.
 #[inline(always)]
-pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
+pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
     let h = p.header::<IPV6_HLEN>(off)?;
     let version: u8 = h.get(offset_of!(Ipv6Hdr, ver_tc_flow));
     if version >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let mut next: u8 = h.get(offset_of!(Ipv6Hdr, next_header));
+    // Payload length, next header, hop limit: one load.
+    let [l0, l1, mut next, _hop_limit] =
+        h.get::<u32>(offset_of!(Ipv6Hdr, payload_len)).to_le_bytes();
+    let len = u16::from_ne_bytes([l0, l1]);
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
@@ -138,7 +178,7 @@ pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
                 next = nh;
                 off += 8;
             }
-            _ => return Ok((next, off)),
+            _ => return Ok(Upper { protocol: next, l4: off, len }),
         }
         if off > MAX_L4_OFFSET {
             // Deeper than we inspect: not a header chain SMTP traffic uses.
@@ -147,7 +187,7 @@ pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<(u8, L4), Skip> {
     }
     match next {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => Err(Skip::NotTcp),
-        _ => Ok((next, off)),
+        _ => Ok(Upper { protocol: next, l4: off, len }),
     }
 }
 
@@ -161,19 +201,4 @@ pub fn v4_addresses<P: Frame>(p: &P, off: usize) -> Result<[[u8; 4]; 2], ()> {
 #[inline(always)]
 pub fn v6_addresses<P: Frame>(p: &P, off: usize) -> Result<[[u8; 16]; 2], ()> {
     p.read_at(off + offset_of!(Ipv6Hdr, src))
-}
-
-/// End of the IPv4 packet whose header is at `off` and `hlen` long; 0 when the header gives no
-/// length (a TSO/BIG TCP super-packet): the frame's end counts then.
-#[inline(always)]
-pub fn v4_end<P: Frame>(p: &P, off: usize, hlen: usize) -> Result<usize, ()> {
-    let total = usize::from(u16::from_be(p.load(off + offset_of!(Ipv4Hdr, tot_len))?));
-    Ok(if total > hlen { off + total } else { 0 })
-}
-
-/// End of the IPv6 packet whose header is at `off`; 0 for an IPv6 jumbogram (no length).
-#[inline(always)]
-pub fn v6_end<P: Frame>(p: &P, off: usize) -> Result<usize, ()> {
-    let payload = usize::from(u16::from_be(p.load(off + offset_of!(Ipv6Hdr, payload_len))?));
-    Ok(if payload > 0 { off + IPV6_HLEN + payload } else { 0 })
 }

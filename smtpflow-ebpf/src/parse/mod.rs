@@ -45,15 +45,32 @@ impl From<()> for Skip {
     }
 }
 
-/// A valid TCP segment's place in the frame, as [`locate`] found it.
+/// A valid TCP segment's place in the frame and its TCP header's fields, as [`locate`] found
+/// them.
 #[derive(Clone, Copy)]
 pub struct Located {
     pub family: u8,
-    /// Offset of the IP header, where [`segment`] reads the addresses and the length.
+    /// Offset of the IP header, where [`segment`] reads the addresses.
     pub l3: usize,
     /// Offset of the TCP header.
     pub l4: usize,
+    /// The IP header's length field, raw ([`ip::end`]).
+    pub ip_len: ip::RawLen,
     pub ports: tcp::Ports,
+    /// What `wanted` said of the ports (never 0).
+    pub wanted: u8,
+}
+
+impl Located {
+    /// A placeholder for [`locate`] to overwrite.
+    pub const EMPTY: Self = Self {
+        family: 0,
+        l3: 0,
+        l4: 0,
+        ip_len: 0,
+        ports: tcp::Ports { src: 0, dst: 0, hlen: 0, flags: 0, window: 0 },
+        wanted: 0,
+    };
 }
 
 /// What the counters need from a TCP segment. Addresses are in network order; IPv4 addresses use
@@ -89,22 +106,24 @@ impl Segment {
 }
 
 /// Validates a frame from its Ethernet header down to the TCP header and, if `wanted` takes its
-/// ports, says where the TCP segment is. A frame too short for an Ethernet header, or of an
-/// ethertype that cannot lead to TCP, is not TCP (ARP and the like cost one read). The ports
-/// are tested before anything is kept, so that a segment of another port costs only reads.
+/// ports (says something other than 0 of them), says where the TCP segment is. A frame too
+/// short for an Ethernet header, or of an ethertype that cannot lead to TCP, is not TCP (ARP
+/// and the like cost one read). The ports are tested before anything is kept, so that a
+/// segment of another port costs only reads.
 #[inline(always)]
-pub fn locate<P: Frame>(p: &P, wanted: impl Fn(&tcp::Ports) -> bool) -> Result<Located, Skip> {
+pub fn locate<P: Frame>(p: &P, wanted: impl Fn(&tcp::Ports) -> u8) -> Result<Located, Skip> {
     let (ethertype, off) = link(p)?;
-    let (family, l4) = match ethertype {
+    let (family, upper) = match ethertype {
         ETH_P_IP => (FAMILY_V4, ip::v4(p, off)?),
         ETH_P_IPV6 => (FAMILY_V6, ip::v6(p, off)?),
         _ => return Err(Skip::NotTcp),
     };
-    let ports = tcp::header(p, l4)?;
-    if !wanted(&ports) {
+    let ports = tcp::header(p, upper.l4)?;
+    let wanted = wanted(&ports);
+    if core::intrinsics::likely(wanted == 0) {
         return Err(Skip::OtherPorts);
     }
-    Ok(Located { family, l3: off, l4, ports })
+    Ok(Located { family, l3: off, l4: upper.l4, ip_len: upper.len, ports, wanted })
 }
 
 /// The Ethernet header and up to [`MAX_VLAN_TAGS`] tags: the ethertype they end in and the
@@ -129,27 +148,11 @@ fn link<P: Frame>(p: &P) -> Result<(u16, usize), Skip> {
     Ok((ethertype, off))
 }
 
-/// What [`FlowPacket::quiet`](smtpflow_common::flow::FlowPacket::quiet) needs of a located
-/// segment: its flags, window, payload offset and length. No addresses.
-pub struct Header {
-    pub flags: u8,
-    pub window: u16,
-    pub payload_off: usize,
-    pub payload_len: usize,
-}
-
-/// Reads a located segment's [`Header`]; the payload as [`segment`] finds it.
+/// A located segment's payload: its offset and length, as [`segment`] finds them. No read.
 #[inline(always)]
-pub fn header<P: Frame>(p: &P, loc: &Located) -> Result<Header, ()> {
-    let Located { family, l3, l4, ports } = *loc;
-    let ip_end = if family == FAMILY_V4 { ip::v4_end(p, l3, l4 - l3)? } else { ip::v6_end(p, l3)? };
-    let payload_off = l4 + ports.hlen;
-    Ok(Header {
-        flags: p.load(l4 + tcp::FLAGS_OFFSET)?,
-        window: u16::from_be(p.load(l4 + tcp::WINDOW_OFFSET)?),
-        payload_off,
-        payload_len: payload_len(p, ip_end, payload_off),
-    })
+pub fn payload<P: Frame>(p: &P, loc: &Located) -> (usize, usize) {
+    let off = loc.l4 + loc.ports.hlen;
+    (off, payload_len(p, ip::end(loc.family, loc.l3, loc.l4, loc.ip_len), off))
 }
 
 /// Payload bytes from `payload_off` to the end the IP header gives (`ip_end`; 0 when it gives
@@ -166,24 +169,21 @@ fn payload_len<P: Frame>(p: &P, ip_end: usize, payload_off: usize) -> usize {
 /// addresses are copied in its own BPF stack frame.
 #[inline(never)]
 pub fn segment<P: Frame>(p: &P, loc: &Located, seg: &mut Segment) -> Result<(), ()> {
-    let Located { family, l3, l4, ports } = *loc;
-    let ip_end = if family == FAMILY_V4 {
+    let Located { family, l3, l4, ip_len, ports, .. } = *loc;
+    if family == FAMILY_V4 {
         let [src, dst] = ip::v4_addresses(p, l3)?;
         seg.src[..4].copy_from_slice(&src);
         seg.dst[..4].copy_from_slice(&dst);
-        ip::v4_end(p, l3, l4 - l3)?
     } else {
         [seg.src, seg.dst] = ip::v6_addresses(p, l3)?;
-        ip::v6_end(p, l3)?
-    };
-    let rest = tcp::rest(p, l4)?;
+    }
+    seg.seq = tcp::seq(p, l4)?;
     seg.family = family;
     seg.src_port = ports.src;
     seg.dst_port = ports.dst;
-    seg.flags = rest.flags;
-    seg.window = rest.window;
-    seg.seq = rest.seq;
+    seg.flags = ports.flags;
+    seg.window = ports.window;
     seg.payload_off = l4 + ports.hlen;
-    seg.payload_len = payload_len(p, ip_end, seg.payload_off) as u32;
+    seg.payload_len = payload_len(p, ip::end(family, l3, l4, ip_len), seg.payload_off) as u32;
     Ok(())
 }
