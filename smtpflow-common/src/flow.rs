@@ -369,6 +369,25 @@ pub struct Actions {
     pub delete: bool,
 }
 
+impl Actions {
+    /// Whether these actions count nothing: no outcome, SYN retransmission, reset, duration,
+    /// reply, throttling or STARTTLS/TLS stage. What is left (`store`, `delete`, `payload`) is
+    /// the flow's and the payload ring's business. A SYN that opens a flow is one: the kernel
+    /// programs skip their counting step for it.
+    #[inline(always)]
+    pub const fn counts_nothing(&self) -> bool {
+        self.outcome.is_none()
+            && self.handshake_ns.is_none()
+            && !self.syn_retransmit
+            && self.reset.is_none()
+            && self.greeting_ns.is_none()
+            && self.reply.is_none()
+            && !self.throttled
+            && self.starttls.is_none()
+            && self.tls.is_none()
+    }
+}
+
 #[inline(always)]
 fn is_starttls(head: &[u8; HEAD_LEN], len: u8) -> bool {
     len >= 8 && is_starttls8(&first8(head))
@@ -793,6 +812,30 @@ mod tests {
 
     /// The handshake timeout of these tests.
     const TIMEOUT: u64 = 1_000_000;
+
+    /// Every counted field makes the actions count something; the flow's own fields do not.
+    #[test]
+    fn counts_nothing_sees_every_counted_field() {
+        let none = Actions::default();
+        assert!(none.counts_nothing());
+        let flow_only =
+            Actions { store: true, delete: true, payload: Some(PayloadKind::Greeting), ..none };
+        assert!(flow_only.counts_nothing());
+        let reply = Reply { code: 250, status: ReplyStatus::NONE };
+        for counted in [
+            Actions { outcome: Some(Outcome::Established), ..none },
+            Actions { handshake_ns: Some(1), ..none },
+            Actions { syn_retransmit: true, ..none },
+            Actions { reset: Some(Phase::Handshake), ..none },
+            Actions { greeting_ns: Some(1), ..none },
+            Actions { reply: Some(reply), ..none },
+            Actions { throttled: true, ..none },
+            Actions { starttls: Some(StarttlsStage::Requested), ..none },
+            Actions { tls: Some(StarttlsStage::Completed), ..none },
+        ] {
+            assert!(!counted.counts_nothing(), "{counted:?}");
+        }
+    }
 
     /// The word-wise command tests against the byte-wise definition: every byte value at
     /// every position of each command (and of a mixed-case spelling), which covers each case

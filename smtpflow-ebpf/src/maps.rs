@@ -184,16 +184,23 @@ pub fn scope_counter(scope: u32, counter: Counter) -> u32 {
     }
 }
 
-/// Adds one to an exact counter: at `at` in `SCOPE_COUNTS` ([`scope_counter`]), else keyed by
-/// `key` in `COUNTERS`, created when needed. Not inlined: one copy serves every caller, and
-/// its key slot is not repeated in theirs.
-#[inline(never)]
+/// Adds one to an exact counter: at `at` in `SCOPE_COUNTS` ([`scope_counter`]), in place (an
+/// array lookup the verifier inlines: no call), else keyed by `key` in `COUNTERS`
+/// ([`count_sparse`]).
+#[inline(always)]
 pub fn count(key: &CounterKey, at: u32) {
     if let Some(v) = SCOPE_COUNTS.get_ptr_mut(at) {
         // SAFETY: per-CPU value; these programs are not re-entered on the same CPU.
         unsafe { *v += 1 };
         return;
     }
+    count_sparse(key);
+}
+
+/// Adds one to the exact counter keyed by `key` in `COUNTERS`, created when needed. Not
+/// inlined: one copy serves every caller, and its key slot is not repeated in theirs.
+#[inline(never)]
+fn count_sparse(key: &CounterKey) {
     let mut err = 0;
     for _ in 0..2 {
         if let Some(v) = COUNTERS.get_ptr_mut(key) {
