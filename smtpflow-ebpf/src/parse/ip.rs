@@ -1,6 +1,6 @@
 //! IPv4 and IPv6 headers: [`v4`] and [`v6`] validate a header and return the offset of the TCP
-//! header and the packet's end; the `*_addresses` functions read the addresses once the port
-//! matched.
+//! header and the header's length field ([`end`] turns it into the packet's end); the
+//! `*_addresses` functions read the addresses once the port matched.
 //! [`v4_upper`] and [`v6_upper`] are the validation itself, for any protocol: the ICMP parser
 //! reads the outer header and the quoted one with them. A fixed
 //! header is bounds-checked once, then its fields read at their offsets in the header structs.
@@ -19,8 +19,8 @@ pub type L4 = usize;
 
 /// What a validated IP header says of what it carries: its protocol, where it starts, and its
 /// length field as it lies in the header ([`end`] makes it an offset). The length is read in
-/// the same load as a field the validation reads anyway, and left raw, so that the packets of
-/// other ports pay nothing for it.
+/// the same load as a field the validation reads anyway, and left raw: no load and no
+/// arithmetic of its own before the port test.
 #[derive(Clone, Copy)]
 pub struct Upper {
     pub protocol: u8,
@@ -111,7 +111,7 @@ fn tcp_or_why(upper: Upper, icmp: u8) -> Result<Upper, Skip> {
 }
 
 /// The IPv4 header at `off` validated as [`v4`] says: its protocol, the offset of what it
-/// carries and the packet's end. A non-first fragment carries no header: not TCP.
+/// carries and its total length. A non-first fragment carries no header: not TCP.
 #[inline(always)]
 pub fn v4_upper<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
     let h = p.header::<IPV4_MIN_HLEN>(off)?;
@@ -144,8 +144,8 @@ pub fn v6<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
 }
 
 /// The IPv6 header at `off` and its extension headers, walked as [`v6`] says: the next header
-/// after them, its offset and the packet's end. A non-first fragment, a chain too long or too
-/// deep: not TCP.
+/// after them, its offset and the header's payload length. A non-first fragment, a chain too
+/// long or too deep: not TCP.
 #[inline(always)]
 pub fn v6_upper<P: Frame>(p: &P, off: usize) -> Result<Upper, Skip> {
     let h = p.header::<IPV6_HLEN>(off)?;

@@ -150,7 +150,7 @@ fn link<P: Frame>(p: &P) -> Result<(u16, usize), Skip> {
     Ok((ethertype, off))
 }
 
-/// A located segment's payload: its offset and length, as [`segment`] finds them. No read.
+/// A located segment's payload: its offset and length (what [`segment`] records too). No read.
 #[inline(always)]
 pub fn payload<P: Frame>(p: &P, loc: &Located) -> (usize, usize) {
     let off = loc.l4 + loc.ports.hlen;
@@ -171,7 +171,7 @@ fn payload_len<P: Frame>(p: &P, ip_end: usize, payload_off: usize) -> usize {
 /// addresses are copied in its own BPF stack frame.
 #[inline(never)]
 pub fn segment<P: Frame>(p: &P, loc: &Located, seg: &mut Segment) -> Result<(), ()> {
-    let Located { family, l3, l4, ip_len, ports, .. } = *loc;
+    let Located { family, l3, l4, ports, .. } = *loc;
     if family == FAMILY_V4 {
         let [src, dst] = ip::v4_addresses(p, l3)?;
         seg.src[..4].copy_from_slice(&src);
@@ -185,7 +185,8 @@ pub fn segment<P: Frame>(p: &P, loc: &Located, seg: &mut Segment) -> Result<(), 
     seg.dst_port = ports.dst;
     seg.flags = ports.flags;
     seg.window = ports.window;
-    seg.payload_off = l4 + ports.hlen;
-    seg.payload_len = payload_len(p, ip::end(family, l3, l4, ip_len), seg.payload_off) as u32;
+    let (payload_off, payload_len) = payload(p, loc);
+    seg.payload_off = payload_off;
+    seg.payload_len = payload_len as u32;
     Ok(())
 }
