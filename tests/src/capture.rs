@@ -115,13 +115,30 @@ pub fn ipv4_tcp(frame: &[u8]) -> Option<Seen> {
         return None;
     }
     let ihl = usize::from(frame[14] & 0x0f) * 4;
-    let t = frame.get(14 + ihl..14 + ihl + 20)?;
+    tcp_at(frame, 14 + ihl)
+}
+
+/// The TCP header at `at`, if the frame holds all 20 bytes of it.
+fn tcp_at(frame: &[u8], at: usize) -> Option<Seen> {
+    let t = frame.get(at..at + 20)?;
     Some(Seen {
         src_port: u16::from_be_bytes([t[0], t[1]]),
         dst_port: u16::from_be_bytes([t[2], t[3]]),
         flags: t[13],
         window: u16::from_be_bytes([t[14], t[15]]),
     })
+}
+
+/// A TCP segment read straight from an untagged Ethernet frame, IPv4 or IPv6 (no extension
+/// headers), with its family (4 or 6).
+pub fn tcp(frame: &[u8]) -> Option<(u8, Seen)> {
+    if let Some(seen) = ipv4_tcp(frame) {
+        return Some((4, seen));
+    }
+    if frame.get(12..14)? != [0x86, 0xdd] || *frame.get(20)? != 6 {
+        return None;
+    }
+    Some((6, tcp_at(frame, 14 + 40)?))
 }
 
 /// An ICMP destination unreachable (IPv4 type 3, or ICMPv6 type 1) read straight from an

@@ -339,13 +339,15 @@ fn tc_ipv6_netfilter_drops() {
 /// The peer rejects our SYNs to 25 with ICMP: `reject with icmp type host-unreachable` for
 /// IPv4, `reject with icmpv6 type admin-prohibited` for IPv6 (nft rules counting the SYNs they
 /// reject); the gateway makes N attempts of each. Linux gives a connection up at the first
-/// ICMP error answering its SYN, but the expected counts come from the wire all the same: a
-/// capture on the gateway's interface sees each ICMP message and the client port its quoted
-/// SYN came from, and every distinct connection answered is one `unreachable` outcome, with the
-/// reason of its code (`host`, `admin`), per peer too. After the handshake timeout and the
-/// sweep's grace have passed, no attempt is a `timeout` (that series exists and reads 0), and
-/// every SYN beyond the first of its attempt is a retransmission. The diagnosis's
-/// `remote_unreachable` evidence counts them.
+/// ICMP error answering its SYN. The expected counts come from the wire: a capture on the
+/// peer's interface sees each SYN (the connection it belongs to), one on the gateway's each
+/// ICMP message (the client port its quoted SYN came from). Every distinct connection answered is one
+/// `unreachable` outcome, with the reason of its code (`host`, `admin`), per peer too; one that
+/// got no answer to any of its SYNs (an ICMP error the peer's kernel did not send: its rate
+/// limits are off, but Linux's host-wide limiter is not per namespace on every kernel) is one
+/// `timeout`, counted after the handshake timeout and the sweep's grace. Every SYN beyond the
+/// first of its connection is a retransmission. The diagnosis's `remote_unreachable` evidence
+/// counts them.
 #[test]
 fn tc_outbound_unreachable_answered_by_icmp() {
     require_root!();
@@ -354,16 +356,22 @@ fn tc_outbound_unreachable_answered_by_icmp() {
     // peer, so that every rejected SYN is answered at once (the counts still come from the wire).
     pair.peer.sysctl("net.ipv4.icmp_ratelimit", "0");
     pair.peer.sysctl("net.ipv6.icmp.ratelimit", "0");
-    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "1s"]);
+    // Longer than the clients try (2.5 s, so SYNs at 0 and 1 s): an answer to a retransmitted
+    // SYN always comes before its attempt can time out.
+    let timeout = Duration::from_secs(3);
+    let w = Watch::start(&pair.local, IF, &["--handshake-timeout", "3s"]);
     nft_table(&pair.peer);
     let host_unreachable = "reject with icmp type host-unreachable";
     let admin_prohibited = "reject with icmpv6 type admin-prohibited";
     nft_reject_syns(&pair.peer, "input", "ipv4", 25, "rej4", host_unreachable);
     nft_reject_syns(&pair.peer, "input", "ipv6", 25, "rej6", admin_prohibited);
+    // What the gateway receives (the ICMP errors), and what the peer receives (our SYNs).
     let cap = Capture::start(&pair.local, IF);
+    let peer_cap = Capture::start(&pair.peer, Pair::PEER_IF);
 
     const N: usize = 4;
     let give_up = Duration::from_millis(2500);
+    let started = std::time::Instant::now();
     let (v4, v6) = thread::scope(|s| {
         let v4 = s.spawn(|| smtp::attempts(&pair.local, &addr(PEER, 25), N, give_up));
         let v6 = s.spawn(|| smtp::attempts(&pair.local, &addr(Pair::PEER_V6, 25), N, give_up));
@@ -371,9 +379,11 @@ fn tc_outbound_unreachable_answered_by_icmp() {
     });
     eprintln!("clients: IPv4 {v4:?}, IPv6 {v6:?}");
     assert!(v4.iter().chain(&v6).all(Result::is_err), "every attempt is rejected");
-    // Past the handshake timeout and the sweep's grace (1 s each): a timeout would be counted.
-    thread::sleep(Duration::from_secs(3));
+    // Past the handshake timeout and the sweep's grace (1 s): an attempt with no answer is then
+    // counted as a timeout.
+    thread::sleep((timeout + Duration::from_secs(2)).saturating_sub(started.elapsed()));
     let frames = cap.finish();
+    let syns = peer_cap.finish();
 
     let answers: Vec<capture::Unreachable> =
         frames.iter().filter_map(|f| capture::unreachable(f)).collect();
@@ -392,40 +402,57 @@ fn tc_outbound_unreachable_answered_by_icmp() {
     // ICMP host unreachable is code 1; ICMPv6 administratively prohibited is code 1 too.
     let (icmp4, conns4) = answered(4, 1);
     let (icmp6, conns6) = answered(6, 1);
+    let (sent4, tried4) = syns_and_connections(&syns, 4, 25);
+    let (sent6, tried6) = syns_and_connections(&syns, 6, 25);
     let (syns4, syns6) = (nft_counter(&pair.peer, "rej4"), nft_counter(&pair.peer, "rej6"));
     eprintln!(
-        "on the wire: IPv4 {syns4} SYNs rejected, {icmp4} ICMP for {conns4} connections; IPv6 \
-         {syns6} SYNs rejected, {icmp6} ICMPv6 for {conns6} connections"
+        "on the wire: IPv4 {sent4} SYNs for {tried4} connections, {syns4} rejected, {icmp4} \
+         ICMP for {conns4} connections; IPv6 {sent6} SYNs for {tried6} connections, {syns6} \
+         rejected, {icmp6} ICMPv6 for {conns6} connections"
     );
-    // Every rejected SYN was answered (no rate limit), and every attempt got an answer.
-    assert_eq!((icmp4, icmp6), (syns4, syns6), "one ICMP error per rejected SYN");
+    // The wire agrees with itself: the peer rejected every SYN we sent, answered each at most
+    // once, and only connections we opened.
+    assert_eq!((syns4, syns6), (sent4, sent6), "the peer rejected every SYN the gateway sent");
+    assert!(icmp4 <= syns4 && icmp6 <= syns6, "at most one ICMP error per rejected SYN");
+    assert!(conns4 <= tried4 && conns6 <= tried6, "answers quote our connections");
     assert!(conns4 >= 1 && conns6 >= 1, "the peer answered with ICMP");
+    let (tried, answered) = (tried4 + tried6, conns4 + conns6);
+    if icmp4 + icmp6 < syns4 + syns6 {
+        eprintln!(
+            "note: the peer sent {} ICMP errors for {} rejected SYNs; attempts with no answer, \
+             expected as timeouts: {}",
+            icmp4 + icmp6,
+            syns4 + syns6,
+            tried - answered
+        );
+    }
 
     let o = "outbound";
     let peer6 = Pair::PEER_V6;
     let evidence = |e| vec![("cause", "remote_unreachable"), ("evidence", e)];
     let mut expected = vec![
-        outcome(o, "25", "unreachable", conns4 + conns6),
-        total(HANDSHAKES, &[], conns4 + conns6),
+        outcome(o, "25", "unreachable", answered),
+        total(HANDSHAKES, &[], tried),
         series(UNREACHABLE, o, "25", &[("reason", "host")], conns4),
         series(UNREACHABLE, o, "25", &[("reason", "admin")], conns6),
-        total(UNREACHABLE, &[], conns4 + conns6),
+        total(UNREACHABLE, &[], answered),
         peer_outcome(o, "25", "unreachable", conns4),
         series(PEER_HANDSHAKES, o, "25", &[("peer", peer6), ("outcome", "unreachable")], conns6),
-        total(PEER_HANDSHAKES, &[], conns4 + conns6),
-        retransmits(o, "25", syns4 + syns6 - conns4 - conns6),
+        total(PEER_HANDSHAKES, &[], tried),
+        retransmits(o, "25", sent4 + sent6 - tried),
         total(RESETS, &[], 0),
         // The diagnosis takes them as evidence for remote_unreachable (in its window, which
-        // spans the whole test): attempts, none of them a timeout.
-        (EVIDENCE, evidence("outbound_unreachable"), conns4 + conns6),
-        (EVIDENCE, evidence("outbound_attempts"), conns4 + conns6),
-        (EVIDENCE, evidence("outbound_timeouts"), 0),
+        // spans the whole test).
+        (EVIDENCE, evidence("outbound_unreachable"), answered),
+        (EVIDENCE, evidence("outbound_attempts"), tried),
+        (EVIDENCE, evidence("outbound_timeouts"), tried - answered),
     ];
     expected.extend(healthy());
     let m = w.expect_settled(&pair.local, &expected);
-    // Expected zeros on series that must exist: no timeout, the other reasons.
+    // Series that must exist, zeros included: the timeouts, the other reasons.
     let mut missing = Vec::new();
-    missing.extend(present(&m, HANDSHAKES, &[("direction", o), ("outcome", "timeout")], 0));
+    let timeouts = tried - answered;
+    missing.extend(present(&m, HANDSHAKES, &[("direction", o), ("outcome", "timeout")], timeouts));
     for reason in ["net", "port", "protocol", "other"] {
         missing.extend(present(&m, UNREACHABLE, &[("direction", o), ("reason", reason)], 0));
     }

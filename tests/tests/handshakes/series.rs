@@ -107,6 +107,22 @@ pub fn syns_to(frames: &[Vec<u8>], dport: u16) -> u64 {
         .count() as u64
 }
 
+/// Pure SYNs of `family` (4 or 6) to `dport` among captured frames, and the connections they
+/// open (distinct source ports).
+pub fn syns_and_connections(frames: &[Vec<u8>], family: u8, dport: u16) -> (u64, u64) {
+    let mut ports: Vec<u16> = frames
+        .iter()
+        .filter_map(|f| capture::tcp(f))
+        .filter(|(fam, s)| *fam == family && s.dst_port == dport)
+        .filter(|(_, s)| s.flags & (SYN | ACK | RST) == SYN)
+        .map(|(_, s)| s.src_port)
+        .collect();
+    let syns = ports.len() as u64;
+    ports.sort_unstable();
+    ports.dedup();
+    (syns, ports.len() as u64)
+}
+
 /// RSTs from source port `sport` among captured IPv4 frames.
 pub fn rsts_from(frames: &[Vec<u8>], sport: u16) -> u64 {
     frames
