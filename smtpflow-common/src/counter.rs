@@ -273,6 +273,9 @@ labelled_enum! {
         /// A payload event did not fit in the ring buffer (userspace did not drain it in
         /// time): a name, an EHLO reply or a ServerHello was not read.
         PayloadsLost = 8 => "payloads_lost",
+        /// New per-peer reply-code entries created (`PEER_GREETINGS`; LRU evictions = inserts -
+        /// live entries).
+        PeerReplyInserts = 9 => "peer_reply_inserts",
     }
 }
 
@@ -401,7 +404,7 @@ mod tests {
 
     #[test]
     fn stats_are_numbered_and_named() {
-        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::PayloadsLost));
+        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::PeerReplyInserts));
         assert_eq!(Stat::Malformed.label(), "malformed");
     }
 }

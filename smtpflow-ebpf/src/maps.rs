@@ -68,7 +68,8 @@ static PEERS: LruHashMap<PeerKey, PeerCounters> =
 static PEER_NEW: PerCpuArray<PeerCounters> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-peer reply codes: greetings, and every reply ([`smtpflow_common::peer::reply_kind`]);
-/// sized like `PEERS`.
+/// resized by the loader (four entries a peer of `--max-peers`). Evicted entries are counted
+/// as `PEERS`' are: new ones bump [`Stat::PeerReplyInserts`].
 #[map(name = "PEER_GREETINGS")]
 static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
@@ -154,7 +155,11 @@ pub fn failed(stat: Stat, err: i32) {
         Stat::PayloadsLost => {
             debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)
         }
-        Stat::Malformed | Stat::PeerInserts | Stat::FlowInserts | Stat::FlowDeletes => {}
+        Stat::Malformed
+        | Stat::PeerInserts
+        | Stat::FlowInserts
+        | Stat::FlowDeletes
+        | Stat::PeerReplyInserts => {}
     }
 }
 
@@ -340,13 +345,16 @@ fn add_plain(slot: *mut u64) {
     unsafe { *slot += 1 };
 }
 
+/// Adds one to a peer's count of a reply code, creating the entry when needed; a new entry is
+/// counted ([`Stat::PeerReplyInserts`]), so that userspace can tell the entries the LRU map
+/// evicted.
 #[inline(never)]
 pub fn count_peer_greeting(key: &PeerGreetingKey) {
     if let Some(v) = PEER_GREETINGS.get_ptr_mut(key) {
         return add_one(v);
     }
     match PEER_GREETINGS.insert(key, 1u64, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
+        Ok(()) => bump(Stat::PeerReplyInserts),
         Err(e) if e == -EEXIST => {
             if let Some(v) = PEER_GREETINGS.get_ptr_mut(key) {
                 add_one(v);

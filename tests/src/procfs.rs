@@ -215,3 +215,18 @@ impl Drop for ConntrackMax {
         }
     }
 }
+
+/// The possible CPUs (`/sys/devices/system/cpu/possible`, as `0-N`), as the kernel's per-CPU
+/// lists count them.
+pub fn possible_cpus() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    let last = text.trim().rsplit(['-', ',']).next().expect("a CPU range");
+    last.parse::<u64>().expect("a CPU number") + 1
+}
+
+/// The room smtpflow creates each kernel LRU map with beyond what `--max-peers` or
+/// `--max-flows` asks: 128 × (possible CPUs + 1), the free entries Linux's LRU may keep aside
+/// (see the README's "Map sizes"). A map holds up to its capacity plus this before it evicts.
+pub fn lru_room() -> u64 {
+    128 * (possible_cpus() + 1)
+}

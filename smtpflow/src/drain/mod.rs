@@ -34,7 +34,10 @@ use self::{
     tls::TlsFunnel,
     totals::Totals,
 };
-use crate::output::peer_label::PeerLabel;
+use crate::{
+    kernel::{MapSizes, REPLY_ENTRIES_PER_PEER},
+    output::peer_label::PeerLabel,
+};
 use lru::LruCache;
 use smtpflow_common::{
     Config, Counter, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKind,
@@ -58,8 +61,12 @@ pub struct Maps {
     payloads: RingBuf<MapData>,
     pub peers_capacity: u32,
     pub flows_capacity: u32,
+    /// The entries the LRU maps are created with (their capacity and the room Linux's LRU
+    /// keeps free), what bounds their live entries.
+    map_sizes: MapSizes,
     /// Highest eviction counts reported so far (the estimates only ever grow).
     peer_evictions: u64,
+    peer_reply_evictions: u64,
     flow_evictions: u64,
     /// How long the last drain that read the per-peer maps took.
     full_drain_seconds: f64,
@@ -193,6 +200,9 @@ pub struct Snapshot {
     pub stats: [u64; Stat::COUNT],
     pub peer_evictions: u64,
     pub peers_capacity: u32,
+    /// Per-peer reply-code entries evicted, and the entries `--max-peers` makes room for.
+    pub peer_reply_evictions: u64,
+    pub peer_replies_capacity: u32,
     pub flows: usize,
     pub flow_evictions: u64,
     pub flows_capacity: u32,
@@ -263,6 +273,7 @@ impl Maps {
         sites: crate::sites::Sites,
     ) -> anyhow::Result<Self> {
         let (peers_capacity, flows_capacity) = (sizes.max_peers, sizes.max_flows);
+        let map_sizes = sizes.maps(crate::kernel::possible_cpus()?);
         let mut reader = PeerReader::with_series(
             SeriesLimits::new(max_peer_series),
             labeler.clone(),
@@ -297,7 +308,9 @@ impl Maps {
             payloads: take(ebpf, names::MAP_PAYLOADS)?,
             peers_capacity,
             flows_capacity,
+            map_sizes,
             peer_evictions: 0,
+            peer_reply_evictions: 0,
             flow_evictions: 0,
             full_drain_seconds: 0.0,
             tls: TlsFunnel::default(),
@@ -399,17 +412,25 @@ impl Maps {
             (self.sweep.sweep()?, self.totals.read()?)
         };
         if read_peers {
-            let entries = self.peers.read_rest(self.sweep.peer_timeouts.iter_mut())?;
+            let (entries, reply_entries) =
+                self.peers.read_rest(self.sweep.peer_timeouts.iter_mut())?;
             self.peer_evictions = self
                 .peer_evictions
                 .max(inserted[Stat::PeerInserts as usize].saturating_sub(entries as u64));
+            self.peer_reply_evictions = self.peer_reply_evictions.max(
+                inserted[Stat::PeerReplyInserts as usize].saturating_sub(reply_entries as u64),
+            );
         }
         let stats = self.read_stats()?;
-        // Between readings of the per-peer map: live entries never exceed its capacity, and
-        // the kernel never deletes any, so at least inserts - capacity were evicted.
+        // Between readings of the per-peer maps: live entries never exceed a map's size, and
+        // the kernel never deletes any, so at least inserts - size were evicted.
+        let sizes = self.map_sizes;
         self.peer_evictions = self
             .peer_evictions
-            .max(stats[Stat::PeerInserts as usize].saturating_sub(u64::from(self.peers_capacity)));
+            .max(stats[Stat::PeerInserts as usize].saturating_sub(u64::from(sizes.peers)));
+        self.peer_reply_evictions = self.peer_reply_evictions.max(
+            stats[Stat::PeerReplyInserts as usize].saturating_sub(u64::from(sizes.peer_replies)),
+        );
         let flow_gone = stats[Stat::FlowDeletes as usize] + self.sweep.deleted + flows as u64;
         self.flow_evictions =
             self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
@@ -426,6 +447,8 @@ impl Maps {
             stats,
             peer_evictions: self.peer_evictions,
             peers_capacity: self.peers_capacity,
+            peer_reply_evictions: self.peer_reply_evictions,
+            peer_replies_capacity: self.peers_capacity.saturating_mul(REPLY_ENTRIES_PER_PEER),
             flows,
             flow_evictions: self.flow_evictions,
             flows_capacity: self.flows_capacity,
@@ -514,15 +537,16 @@ impl PeerMaps {
     }
 
     /// A full read, second step: the exported peers' timeouts and greetings. Replaces the
-    /// view, schedules the next read, and returns the number of per-peer entries.
+    /// view, schedules the next read, and returns the number of entries in the per-peer map
+    /// and in the per-peer reply map.
     fn read_rest<'a>(
         &mut self,
         timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a mut PeerTimeouts)>,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<(usize, usize)> {
         let started = Instant::now();
         let view = self.reader.read_rest(&self.greetings, timeouts)?;
         self.schedule.done(self.read_started, self.entries_took + started.elapsed());
-        let entries = view.entries;
+        let entries = (view.entries, view.reply_entries);
         self.view = Arc::new(view);
         Ok(entries)
     }

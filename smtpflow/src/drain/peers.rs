@@ -88,6 +88,8 @@ impl Figure {
 pub struct PeerView {
     /// Entries alive in the per-peer map.
     pub entries: usize,
+    /// Entries alive in the per-peer reply map (a peer's count of a reply code, by kind).
+    pub reply_entries: usize,
     /// Distinct peers (address and interface) among them.
     pub tracked: usize,
     /// Labels (interface and `--peer-label`) exported as per-peer series (at most
@@ -544,6 +546,7 @@ impl PeerReader {
 
     /// One entry of the per-peer greetings map (entries counting every reply are for sites).
     pub fn add_greeting(&mut self, k: &PeerGreetingKey, n: u64) {
+        self.view.reply_entries += 1;
         self.sites.reply(k, n);
         if k.kind != smtpflow_common::peer::reply_kind::GREETING {
             return;

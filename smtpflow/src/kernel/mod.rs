@@ -60,6 +60,58 @@ pub struct Sizes {
     pub max_flows: u32,
 }
 
+/// The free entries Linux's LRU hash map may hold back on each CPU, and on its shared list, when
+/// it starts to evict. A CPU whose own free list is empty takes up to this many from the shared
+/// list (`LOCAL_FREE_TARGET`, 128; since Linux 6.16 fewer for a small map), and evicts live
+/// entries for whatever the shared list lacks, while the other CPUs' lists may still hold up
+/// to this many each. So a map of exactly `n` entries evicts some before it holds `n` (on this
+/// 2-CPU machine, 64 of 201 keys in a 256-entry map); one of `n` + this × (CPUs + 1) entries
+/// evicts none while it holds `n` or fewer.
+pub const LRU_FREE_ROOM: u32 = 128;
+
+/// Room in the per-peer reply map (`PEER_GREETINGS`) for each peer of `--max-peers`: an
+/// entry per reply code and kind. A plain session has four (its greeting, and `220`, `250`,
+/// `221` among every reply); a session that sends mail or is refused has one or two more, and
+/// one that turns to TLS fewer.
+pub const REPLY_ENTRIES_PER_PEER: u32 = 4;
+
+impl Sizes {
+    /// The entries a kernel LRU map needs so that it evicts none while it holds `n` or fewer,
+    /// with `cpus` possible CPUs ([`LRU_FREE_ROOM`]).
+    pub fn lru_entries(n: u32, cpus: u32) -> u32 {
+        n.saturating_add(LRU_FREE_ROOM.saturating_mul(cpus.saturating_add(1)))
+    }
+
+    /// The entries of the per-peer reply map that `--max-peers` asks for, before the LRU's room
+    /// ([`REPLY_ENTRIES_PER_PEER`] a peer).
+    pub fn max_peer_replies(&self) -> u32 {
+        self.max_peers.saturating_mul(REPLY_ENTRIES_PER_PEER)
+    }
+
+    /// The sizes the kernel maps are created with, on a host with `cpus` possible CPUs.
+    pub fn maps(&self, cpus: u32) -> MapSizes {
+        MapSizes {
+            peers: Self::lru_entries(self.max_peers, cpus),
+            peer_replies: Self::lru_entries(self.max_peer_replies(), cpus),
+            flows: Self::lru_entries(self.max_flows, cpus),
+        }
+    }
+}
+
+/// The sizes of the kernel's LRU maps ([`Sizes::maps`]): what each can hold before it evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    pub peers: u32,
+    pub peer_replies: u32,
+    pub flows: u32,
+}
+
+/// The host's possible CPUs, as the kernel sizes its per-CPU lists.
+pub fn possible_cpus() -> anyhow::Result<u32> {
+    let n = aya::util::nr_cpus().map_err(|(_, e)| e).context("reading the CPU count")?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
 /// The aya-log level the kernel programs report at: the most detailed level the logger shows
 /// for [`names::KERNEL_LOG_TARGET`] (0 for none). Written into the object's read-only data
 /// before load, so that below it the verifier drops the reporting code as dead, and a report
@@ -85,13 +137,14 @@ pub fn load(
     raise_memlock_limit();
     // An array has at least one entry; with no interface listed every lookup misses it.
     let scopes = config.scope_count().max(1);
+    let maps = sizes.maps(possible_cpus()?);
     let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
         .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
         .override_global(aya_log::LEVEL, &log_level, true)
-        .map_max_entries(names::MAP_PEERS, sizes.max_peers)
-        .map_max_entries(names::MAP_PEER_GREETINGS, sizes.max_peers)
-        .map_max_entries(names::MAP_FLOWS, sizes.max_flows)
+        .map_max_entries(names::MAP_PEERS, maps.peers)
+        .map_max_entries(names::MAP_PEER_GREETINGS, maps.peer_replies)
+        .map_max_entries(names::MAP_FLOWS, maps.flows)
         .map_max_entries(names::MAP_SCOPE_COUNTS, scopes * SCOPE_SLOTS as u32)
         .map_max_entries(names::MAP_HISTS, scopes * HistKind::COUNT as u32)
         .map_max_entries(names::MAP_SCOPES, config.scope_keys_len())
@@ -133,5 +186,26 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK ({}); map creation may fail on old kernels",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_maps_get_the_room_linux_keeps_free() {
+        let sizes = Sizes { max_peers: 65_536, max_flows: 262_144 };
+        // Two CPUs: 128 × 3 more each.
+        assert_eq!(
+            sizes.maps(2),
+            MapSizes { peers: 65_920, peer_replies: 262_528, flows: 262_528 }
+        );
+        assert_eq!(Sizes::lru_entries(1, 1), 257);
+        // The largest --max-peers (16,777,216) with four reply entries a peer still fits, and
+        // nothing wraps.
+        let largest = Sizes { max_peers: 16_777_216, max_flows: 16_777_216 };
+        assert_eq!(largest.maps(4096).peer_replies, 67_108_864 + 128 * 4097);
+        assert_eq!(Sizes::lru_entries(u32::MAX, u32::MAX), u32::MAX);
     }
 }

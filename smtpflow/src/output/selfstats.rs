@@ -111,27 +111,33 @@ pub fn append(rendered: Bytes, ebpf: &Ebpf) -> Bytes {
 
 /// smtpflow's own health: map fill, evictions, and the kernel programs' bookkeeping.
 pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
-    let mut entries =
-        Family::new("smtpflow_map_entries", MetricType::GAUGE, "Entries in a kernel map.");
+    let mut entries = Family::new(
+        "smtpflow_map_entries",
+        MetricType::GAUGE,
+        "Entries in a kernel map (an LRU map's may pass its capacity by the room it is created with).",
+    );
     entries.add(&[("map", "peers")], snap.peers.entries as f64);
+    entries.add(&[("map", "peer_replies")], snap.peers.reply_entries as f64);
     entries.add(&[("map", "flows")], snap.flows as f64);
     entries.add(&[("map", "counters")], snap.counters.len() as f64);
     entries.finish(out);
     let mut cap = Family::new(
         "smtpflow_map_capacity",
         MetricType::GAUGE,
-        "Capacity (max entries) of a kernel map.",
+        "Entries a kernel map holds with none evicted: --max-peers, 4 a peer for peer_replies, --max-flows (each LRU map is created 128 x (CPUs + 1) entries larger, the free entries Linux may keep aside).",
     );
     cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
+    cap.add(&[("map", "peer_replies")], f64::from(snap.peer_replies_capacity));
     cap.add(&[("map", "flows")], f64::from(snap.flows_capacity));
     cap.add(&[("map", "counters")], f64::from(smtpflow_common::COUNTERS_CAPACITY));
     cap.finish(out);
     let mut ev = Family::new(
         "smtpflow_map_evictions_total",
         MetricType::COUNTER,
-        "Entries evicted from a kernel LRU map (peers: their events stay in the totals; flows: their handshake, greeting and replies are no longer followed).",
+        "Entries evicted from a kernel LRU map (peers and peer_replies: their events and replies stay in the totals; flows: their handshake, greeting and replies are no longer followed).",
     );
     ev.add(&[("map", "peers")], snap.peer_evictions as f64);
+    ev.add(&[("map", "peer_replies")], snap.peer_reply_evictions as f64);
     ev.add(&[("map", "flows")], snap.flow_evictions as f64);
     ev.finish(out);
     let lost = snap.stats[Stat::CounterInsertFailed as usize]

@@ -286,6 +286,7 @@ fn golden_exposition() {
     snap.stats[Stat::Malformed as usize] = 2;
     snap.stats[Stat::PeerInserts as usize] = 1;
     (snap.peers_capacity, snap.flows, snap.flows_capacity) = (65_536, 12, 262_144);
+    (snap.peer_replies_capacity, snap.peer_reply_evictions) = (262_144, 3);
     (snap.drain_seconds, snap.full_drain_seconds) = (0.25, 0.5);
     snap.pressure = Pressure {
         conntrack: Some(Conntrack {
