@@ -1,7 +1,7 @@
 //! One SMTP connection attempt's entry in the flow map, advanced by the state machine in
 //! `smtpflow_common::flow::step`. Userspace's sweep counts the attempts that got no answer in
 //! time and deletes idle entries; it never writes one.
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use smtpflow_common::{
     Direction, FlowKey, Outcome, Stat,
     flow::{Actions, FlowPacket, step_may_change_into, unreachable},
@@ -20,7 +20,6 @@ use crate::{
 pub struct Where {
     pub ifindex: u32,
     pub direction: Direction,
-    pub now: u64,
 }
 
 /// Reads what the state machine needs from the payload into `fp`: on a plaintext port the
@@ -100,7 +99,7 @@ fn second_of_two<P: Packet>(p: &P, at: usize, missing: u8) -> u8 {
     reason = "the 44-byte key stays in this frame; a by-value key would be copied per call"
 )]
 pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket, out: &mut Actions) {
-    let Where { ifindex, direction, now } = *at;
+    let Where { ifindex, direction } = *at;
     let (client, server, client_port, server_port) = if fp.from_client {
         (seg.src, seg.dst, seg.src_port, seg.dst_port)
     } else {
@@ -121,6 +120,9 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket, out: &mut Actions) {
     // SAFETY: a live map value; concurrent updates of one flow from two CPUs can at worst lose
     // a state change of that flow, never a count in the exact counters.
     let mut st = stored.map(|s| unsafe { *s }).unwrap_or_default();
+    // The clock is read only where the step needs it (not for a retransmitted SYN).
+    // SAFETY: plain helper call.
+    let now = || unsafe { bpf_ktime_get_ns() };
     step_may_change_into(&mut st, stored.is_some(), fp, now, config().handshake_timeout_ns, out);
     let actions = &*out;
     if actions.delete {

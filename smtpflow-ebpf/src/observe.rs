@@ -199,7 +199,7 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     let ifindex = p.ifindex();
     seen.seg = Segment::EMPTY;
     seen.peer = PeerKey { ifindex, addr: [0; 16], port: 0, family: 0, direction: 0 };
-    seen.at = flow::Where { ifindex, direction: Direction::Inbound, now: 0 };
+    seen.at = flow::Where { ifindex, direction: Direction::Inbound };
     seen.scope = u64::from(NO_SCOPE);
     seen.event = None;
     seen.bumps = PeerBumps::EMPTY;
@@ -219,8 +219,6 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     }
     // The segments of a transfer (ACKs, plain data) change no flow: no lookup, no clock read.
     if seen.packet.may_change_flow() {
-        // SAFETY: plain helper call.
-        seen.at.now = unsafe { bpf_ktime_get_ns() };
         flow::track(&seen.seg, &seen.at, &seen.packet, &mut seen.actions);
         // A SYN that opens a flow has nothing to count here.
         if !seen.actions.counts_nothing() {

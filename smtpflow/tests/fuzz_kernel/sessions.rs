@@ -1,5 +1,5 @@
-//! Whole sessions against the flow state machine: payload events, TLS stages, per-peer resets
-//! and per-peer reply codes.
+//! Whole sessions against the flow state machine: payload events, TLS stages, handshake
+//! outcomes and SYN retransmissions, per-peer resets and per-peer reply codes.
 //!
 //! TC: both TC programs of one object (sharing its maps) see a session, the peer's segments at
 //! ingress and the local host's at egress; XDP sees the peer's only. The model reads every
@@ -7,10 +7,12 @@
 //! advances its own flow map with `smtpflow_common::flow::step`, and says what the kernel must
 //! have written: the ring buffer's records (kind, peer, the payload's first bytes, `len`,
 //! `payload_len`, in order), the `starttls` counters (the stages the kernel counts, `completed`
-//! and `failed` included), each peer's resets by phase, and each peer's reply codes (greetings
-//! and every reply). Scripted sessions (EHLO/HELO, EHLO replies with and without STARTTLS,
-//! STARTTLS 220 then TLS records, implicit TLS on 465, resets and FINs mid-handshake,
-//! retransmissions, payloads longer than an event carries) and seeded random ones.
+//! and `failed` included), the handshake outcomes and SYN retransmissions, each peer's resets
+//! by phase, and each peer's reply codes (greetings and every reply). Scripted sessions
+//! (EHLO/HELO, EHLO replies with and without STARTTLS, STARTTLS 220 then TLS records, implicit
+//! TLS on 465, resets and FINs mid-handshake, retransmissions, payloads longer than an event
+//! carries) and seeded random ones (the client's SYN again among their segments: a
+//! retransmission with its first sequence number, else a new attempt).
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
@@ -76,6 +78,8 @@ struct Seen {
     records: Vec<Record>,
     /// `starttls` counters (every stage), non-zero.
     stages: BTreeMap<CounterKey, u64>,
+    /// Handshake outcomes and SYN retransmissions, non-zero.
+    attempts: BTreeMap<CounterKey, u64>,
     /// Per-peer resets by phase, non-zero.
     resets: BTreeMap<PeerKey, [u64; PEER_RESET_SLOTS]>,
     /// Per-peer reply codes (greetings and every reply).
@@ -90,8 +94,17 @@ struct Programs {
     peers: HashMap<MapData, PeerKey, PeerCounters>,
     greetings: HashMap<MapData, PeerGreetingKey, u64>,
     payloads: RingBuf<MapData>,
-    /// `starttls` counters read last (they are cumulative).
-    stages: BTreeMap<CounterKey, u64>,
+    /// The counters compared ([`followed`]) as read last (they are cumulative).
+    followed: BTreeMap<CounterKey, u64>,
+}
+
+/// The exact counters the sessions compare, and where in [`Seen`] each goes.
+fn followed<'a>(seen: &'a mut Seen, key: &CounterKey) -> Option<&'a mut BTreeMap<CounterKey, u64>> {
+    match key.decode()?.1 {
+        Counter::Starttls(_) => Some(&mut seen.stages),
+        Counter::Handshake(_) | Counter::SynRetransmit => Some(&mut seen.attempts),
+        _ => None,
+    }
 }
 
 impl Programs {
@@ -119,7 +132,7 @@ impl Programs {
         let greetings = take(names::MAP_PEER_GREETINGS)?.try_into()?;
         let payloads = take(names::MAP_PAYLOADS)?.try_into()?;
         let counters = Totals::take(&mut ebpf, &config)?;
-        Ok(Self { xdp, ebpf, counters, peers, greetings, payloads, stages: BTreeMap::new() })
+        Ok(Self { xdp, ebpf, counters, peers, greetings, payloads, followed: BTreeMap::new() })
     }
 
     /// The program that sees a frame sent by `side`; `None` where none does (XDP: egress).
@@ -160,19 +173,16 @@ impl Programs {
             let e = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PayloadEvent>()) };
             seen.records.push(Record::of(&e));
         }
-        let mut stages = BTreeMap::new();
-        for (k, n) in self.counters.read_keys()? {
-            if matches!(k.decode(), Some((_, Counter::Starttls(_)))) {
-                stages.insert(k, n);
+        let now = self.counters.read_keys()?;
+        for (k, &n) in &now {
+            let d = n - self.followed.get(k).copied().unwrap_or(0);
+            if d != 0
+                && let Some(into) = followed(&mut seen, k)
+            {
+                into.insert(*k, d);
             }
         }
-        for (k, &n) in &stages {
-            let d = n - self.stages.get(k).copied().unwrap_or(0);
-            if d != 0 {
-                seen.stages.insert(*k, d);
-            }
-        }
-        self.stages = stages;
+        self.followed = now;
         let keys: Vec<PeerKey> = self.peers.keys().collect::<Result<_, _>>()?;
         for k in keys {
             let v = self.peers.get(&k, 0)?;
@@ -256,6 +266,11 @@ impl Model {
                 .stages
                 .entry(CounterKey::new(scope, Counter::Starttls(stage)))
                 .or_default() += 1;
+        }
+        let attempts =
+            [a.outcome.map(Counter::Handshake), a.syn_retransmit.then_some(Counter::SynRetransmit)];
+        for counter in attempts.into_iter().flatten() {
+            *self.seen.attempts.entry(CounterKey::new(scope, counter)).or_default() += 1;
         }
         if let Some(kind) = a.payload {
             let payload = tcp.payload(frame);
@@ -503,6 +518,10 @@ fn palette() -> Vec<Seg> {
         flag(true, RST),
         flag(false, RST | ACK),
         flag(true, ACK),
+        // The client's SYN again: with its initial sequence number a retransmission (the step
+        // that reads no clock), else a new attempt on the same ports.
+        again(flag(true, SYN)),
+        flag(true, SYN),
     ]
 }
 
@@ -530,12 +549,18 @@ fn frames(port: u16, inbound: bool, client_port: u16, segs: &[Seg]) -> Vec<(Side
     let (peer, local) = (peer_v4(), gw_v4());
     let to_local = Eth::new(MAC_GW, MAC_PEER);
     let to_peer = Eth::new(MAC_PEER, MAC_GW);
-    let mut next = [5_000u32, 90_000u32]; // client, server
+    let isn = [5_000u32, 90_000u32]; // client, server
+    let mut next = isn;
     let mut prev = next;
     let mut out = Vec::new();
     let mut send = |from_client: bool, flags: u8, payload: &[u8], retransmit: bool| {
         let i = usize::from(!from_client);
-        let seq = if retransmit { prev[i] } else { next[i] };
+        // A SYN sent again carries the initial sequence number.
+        let seq = match (retransmit, flags & SYN != 0) {
+            (true, true) => isn[i],
+            (true, false) => prev[i],
+            (false, _) => next[i],
+        };
         let (sport, dport) = if from_client { (client_port, port) } else { (port, client_port) };
         let mut t = Tcp::new(sport, dport, flags).payload(payload);
         t.seq = seq;
