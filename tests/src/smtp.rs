@@ -529,7 +529,7 @@ pub fn mail(addr: SocketAddr, timeout: Duration) -> io::Result<Mail> {
 
 /// [`mail`], saying `EHLO <ehlo>`.
 pub fn mail_as(addr: SocketAddr, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
-    mail_on(TcpStream::connect_timeout(&addr, timeout)?, timeout, ehlo)
+    mail_on(TcpStream::connect_timeout(&addr, timeout)?, timeout, ehlo, true)
 }
 
 /// [`mail`] from the local address `src`, saying `EHLO <ehlo>`.
@@ -539,7 +539,18 @@ pub fn mail_from(
     timeout: Duration,
     ehlo: &str,
 ) -> io::Result<Mail> {
-    mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo)
+    mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo, true)
+}
+
+/// A session with no message from the local address `src`: greeting, `EHLO <ehlo>`, QUIT (after
+/// a non-220 greeting nothing is sent), read to the end of the stream as [`mail`] does.
+pub fn hello_from(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+    ehlo: &str,
+) -> io::Result<Mail> {
+    mail_on(crate::traffic::connect_from_within(src, dst, timeout)?, timeout, ehlo, false)
 }
 
 /// A session held open after the greeting: connect to `addr` and read its greeting; [`quit`]
@@ -563,8 +574,8 @@ pub fn quit(mut held: Mail) -> io::Result<Mail> {
     Ok(held)
 }
 
-/// [`mail`] on a connected stream.
-fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str) -> io::Result<Mail> {
+/// [`mail`] on a connected stream; with `message` false, no MAIL, RCPT or DATA ([`hello_from`]).
+fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str, message: bool) -> io::Result<Mail> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut replies = Vec::new();
@@ -579,11 +590,13 @@ fn mail_on(mut s: TcpStream, timeout: Duration, ehlo: &str) -> io::Result<Mail> 
     };
     if step(&mut s, b"", &mut replies)? == 220 {
         step(&mut s, format!("EHLO {ehlo}\r\n").as_bytes(), &mut replies)?;
-        step(&mut s, b"MAIL FROM:<sender@client.test>\r\n", &mut replies)?;
-        if step(&mut s, b"RCPT TO:<rcpt@mx.test>\r\n", &mut replies)? == 250
-            && step(&mut s, b"DATA\r\n", &mut replies)? == 354
-        {
-            step(&mut s, b"Subject: smtpflow test\r\n\r\nhello\r\n.\r\n", &mut replies)?;
+        if message {
+            step(&mut s, b"MAIL FROM:<sender@client.test>\r\n", &mut replies)?;
+            if step(&mut s, b"RCPT TO:<rcpt@mx.test>\r\n", &mut replies)? == 250
+                && step(&mut s, b"DATA\r\n", &mut replies)? == 354
+            {
+                step(&mut s, b"Subject: smtpflow test\r\n\r\nhello\r\n.\r\n", &mut replies)?;
+            }
         }
         step(&mut s, b"QUIT\r\n", &mut replies)?;
     }

@@ -29,7 +29,7 @@ use smtpflow_tests::{
         MAP_ENTRIES, MAP_EVICTIONS, PEER_EVENTS, PEER_GREETINGS, PEER_HANDSHAKES, PEERS_EXPORTED,
     },
     procfs::lru_room,
-    report, require_root,
+    report, require_root, smtp,
     traffic::{close_after_server, connect_from},
     wait_for,
 };
@@ -172,6 +172,7 @@ fn exported_syns(m: &Metrics, label: &str) -> u64 {
 /// put on the peer's wire: a crowd of new peers that pushes the real ones out of the kernel's
 /// per-peer map. Adds each to `syns` by its label.
 fn crowd(pair: &Pair, round: usize, n: usize, labels: Labels, syns: &mut BTreeMap<String, u64>) {
+    use smtpflow_common::rules::tcp_flags::SYN;
     use smtpflow_tests::frames::{Eth, IPPROTO_TCP, Ipv4, Tcp, send_frames};
     let eth = Eth::new(Pair::mac(&pair.local, IF), Pair::mac(&pair.peer, Pair::PEER_IF));
     let gw: Ipv4Addr = Pair::LOCAL_V4.parse().unwrap();
@@ -179,7 +180,7 @@ fn crowd(pair: &Pair, round: usize, n: usize, labels: Labels, syns: &mut BTreeMa
         .map(|k| {
             let src = Ipv4Addr::new(10, 99, (round * 4 + k / 250) as u8, (k % 250 + 1) as u8);
             *syns.entry(labels.of_addr(src)).or_default() += 1;
-            let syn = Tcp::new(40_000, 587, 0x02).bytes_checksummed(src.into(), gw.into());
+            let syn = Tcp::new(40_000, 587, SYN).bytes_checksummed(src.into(), gw.into());
             eth.frame(0x0800, &Ipv4::new(src, gw, IPPROTO_TCP).packet_checksummed(&syn))
         })
         .collect();
@@ -358,25 +359,6 @@ fn serve_sessions(ns: &Netns, addr: &str, n: usize, cpu: usize) -> JoinHandle<u6
     })
 }
 
-/// One session from `src` to `dst`: read the greeting, `EHLO`, `QUIT`, read to the server's
-/// close.
-fn session_from(src: SocketAddr, dst: SocketAddr) -> io::Result<()> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let s = connect_from(src, dst)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    w.write_all(b"EHLO client\r\n")?;
-    r.read_line(&mut line)?;
-    w.write_all(b"QUIT\r\n")?;
-    r.read_line(&mut line)?;
-    let mut rest = Vec::new();
-    r.read_to_end(&mut rest)?;
-    Ok(())
-}
-
 /// Peers that fit in `--max-peers` are never evicted, whichever CPUs see them. Linux's LRU
 /// map keeps up to 128 free entries per CPU aside, and evicts live entries for a CPU whose
 /// own free list ran dry: a map of exactly `--max-peers` entries loses peers that fit (here
@@ -425,8 +407,10 @@ fn peers_that_fit_are_never_evicted() {
             for (i, c) in sources.iter().enumerate() {
                 pin_to(if i == 0 { first } else { last });
                 let src: SocketAddr = format!("{c}:0").parse().unwrap();
-                if let Err(e) = session_from(src, dst) {
-                    failed.push(format!("{c}: {e}"));
+                match smtp::hello_from(src, dst, Duration::from_secs(10), "client.test") {
+                    Ok(s) if s.replies == [220, 250, 221] => {}
+                    Ok(s) => failed.push(format!("{c}: replies {:?}", s.replies)),
+                    Err(e) => failed.push(format!("{c}: {e}")),
                 }
             }
             failed

@@ -34,10 +34,7 @@ use self::{
     tls::TlsFunnel,
     totals::Totals,
 };
-use crate::{
-    kernel::{MapSizes, REPLY_ENTRIES_PER_PEER},
-    output::peer_label::PeerLabel,
-};
+use crate::{kernel::MapSizes, output::peer_label::PeerLabel};
 use lru::LruCache;
 use smtpflow_common::{
     Config, Counter, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKind,
@@ -60,6 +57,8 @@ pub struct Maps {
     /// The payload events' ring buffer ([`Maps::read_payloads`]).
     payloads: RingBuf<MapData>,
     pub peers_capacity: u32,
+    /// The reply-code entries `--max-peers` makes room for ([`crate::kernel::Sizes::max_peer_replies`]).
+    peer_replies_capacity: u32,
     pub flows_capacity: u32,
     /// The entries the LRU maps are created with (their capacity and the room Linux's LRU
     /// keeps free), what bounds their live entries.
@@ -307,6 +306,7 @@ impl Maps {
             stats: take(ebpf, names::MAP_STATS)?,
             payloads: take(ebpf, names::MAP_PAYLOADS)?,
             peers_capacity,
+            peer_replies_capacity: sizes.max_peer_replies(),
             flows_capacity,
             map_sizes,
             peer_evictions: 0,
@@ -448,7 +448,7 @@ impl Maps {
             peer_evictions: self.peer_evictions,
             peers_capacity: self.peers_capacity,
             peer_reply_evictions: self.peer_reply_evictions,
-            peer_replies_capacity: self.peers_capacity.saturating_mul(REPLY_ENTRIES_PER_PEER),
+            peer_replies_capacity: self.peer_replies_capacity,
             flows,
             flow_evictions: self.flow_evictions,
             flows_capacity: self.flows_capacity,
