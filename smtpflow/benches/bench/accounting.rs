@@ -121,6 +121,27 @@ fn xdp_prog_id(ns: &Netns, iface: &str) -> anyhow::Result<Option<u32>> {
     Ok(None)
 }
 
+/// The cells of [`versus`] for a program that is a floor to compare against, not a target: no
+/// target, no verdict, no check.
+pub fn floor(what: &str, program: Cost, empty: Cost, wall: f64) -> anyhow::Result<Vec<String>> {
+    if program.runs == 0 || empty.runs == 0 {
+        bail!(
+            "{what}: the kernel counted {} and {} empty program runs; both must have seen the \
+             traffic",
+            program.runs,
+            empty.runs
+        );
+    }
+    Ok(vec![
+        format!("{:.0}", program.runs as f64 / wall),
+        format!("{:.1}", program.per_run()),
+        format!("{:.1}", empty.per_run()),
+        format!("{:.2}×", program.per_run() / empty.per_run()),
+        String::new(),
+        String::new(),
+    ])
+}
+
 /// The cells `runs/s | ns/run | empty ns/run | ratio | target | verdict` of a smtpflow program
 /// against an empty program of the same type over `wall` seconds, and their check in `report`
 /// (`what` names the comparison there). Fails when either did not run: then the comparison
