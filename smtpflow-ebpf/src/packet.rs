@@ -80,6 +80,12 @@ pub trait Packet: Frame {
     /// Seen where only ingress is visible (XDP): the local host's packets never show.
     const INGRESS_ONLY: bool;
 
+    /// Every byte of the frame is readable in place: an XDP frame. The program is loaded
+    /// without `BPF_F_XDP_HAS_FRAGS`, so the kernel gives it single-buffer frames only (a
+    /// device set up for multi-buffer frames refuses it). An skb may hold bytes past its
+    /// linear data, in fragments.
+    const LINEAR: bool;
+
     /// The interface the packet was seen on.
     fn ifindex(&self) -> u32;
 
@@ -270,6 +276,7 @@ impl Frame for XdpContext {
 
 impl Packet for XdpContext {
     const INGRESS_ONLY: bool = true;
+    const LINEAR: bool = true;
 
     #[inline(always)]
     unsafe fn copy_bytes(&self, off: u32, dst: *mut u8, len: u32) -> Result<(), ()> {
@@ -354,6 +361,7 @@ impl Frame for TcContext {
 
 impl Packet for TcContext {
     const INGRESS_ONLY: bool = false;
+    const LINEAR: bool = false;
 
     #[inline(always)]
     unsafe fn copy_bytes(&self, off: u32, dst: *mut u8, len: u32) -> Result<(), ()> {
