@@ -25,19 +25,16 @@ pub const EMPTY_XDP: &str = "empty_xdp";
 pub const HEADERS_TC: &str = "headers_tc";
 pub const HEADERS_XDP: &str = "headers_xdp";
 
-/// `r0 = imm` (BPF_ALU64 | BPF_MOV | BPF_K), then `exit`.
-fn return_imm(imm: i32) -> Vec<u8> {
-    let mut insns = vec![0xb7, 0x00, 0, 0];
-    insns.extend_from_slice(&imm.to_le_bytes());
-    insns.extend_from_slice(&[0x95, 0, 0, 0, 0, 0, 0, 0]);
-    insns
-}
-
 /// One instruction: `op`, registers `dst` and `src`, offset and immediate.
 fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let [o0, o1] = off.to_le_bytes();
     let [i0, i1, i2, i3] = imm.to_le_bytes();
     [op, (src << 4) | dst, o0, o1, i0, i1, i2, i3]
+}
+
+/// `r0 = imm` (BPF_ALU64 | BPF_MOV | BPF_K), then `exit`.
+fn return_imm(imm: i32) -> Vec<u8> {
+    [insn(0xb7, 0, 0, 0, imm), insn(0x95, 0, 0, 0, 0)].concat()
 }
 
 /// The context offsets of the packet's `data` and `data_end` (`struct __sk_buff`, `struct
