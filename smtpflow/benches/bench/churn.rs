@@ -125,15 +125,20 @@ enum Observer {
     Smtpflow(&'static str),
     EmptyTc,
     EmptyXdp,
+    /// The floor of the direct-mapped tables ([`empty::TABLES_TC`]).
+    TablesTc,
+    TablesXdp,
 }
 
 impl Observer {
-    const ALL: [Observer; 5] = [
+    const ALL: [Observer; 7] = [
         Observer::None,
         Observer::Smtpflow("tc"),
         Observer::Smtpflow("xdp"),
         Observer::EmptyTc,
         Observer::EmptyXdp,
+        Observer::TablesTc,
+        Observer::TablesXdp,
     ];
 
     fn label(self) -> String {
@@ -144,6 +149,8 @@ impl Observer {
             Observer::EmptyXdp => {
                 format!("{} (driver mode, as smtpflow on veth)", empty::EMPTY_XDP)
             }
+            Observer::TablesTc => format!("{} (TCX ingress and egress)", empty::TABLES_TC),
+            Observer::TablesXdp => format!("{} (driver mode)", empty::TABLES_XDP),
         }
     }
 }
@@ -158,16 +165,21 @@ struct Watching {
 
 /// Starts `o` on the gateway's interface.
 fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
-    Ok(match o {
-        Observer::None => Watching::default(),
-        Observer::Smtpflow(mode) => Watching { _smtpflow: Some(smtpflow(gw, mode)?), _empty: None },
-        Observer::EmptyTc => {
-            Watching { _smtpflow: None, _empty: Some(empty::attach_tc(gw, Pair::LOCAL_IF)?) }
+    let floor = |attached| Ok(Watching { _smtpflow: None, _empty: Some(attached) });
+    match o {
+        Observer::None => Ok(Watching::default()),
+        Observer::Smtpflow(mode) => {
+            Ok(Watching { _smtpflow: Some(smtpflow(gw, mode)?), _empty: None })
         }
-        Observer::EmptyXdp => {
-            Watching { _smtpflow: None, _empty: Some(empty::attach_xdp(gw, Pair::LOCAL_IF)?) }
+        Observer::EmptyTc => floor(empty::attach_tc(gw, Pair::LOCAL_IF)?),
+        Observer::EmptyXdp => floor(empty::attach_xdp(gw, Pair::LOCAL_IF)?),
+        Observer::TablesTc => {
+            floor(empty::attach_tc_program(gw, Pair::LOCAL_IF, empty::TABLES_TC)?)
         }
-    })
+        Observer::TablesXdp => {
+            floor(empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP)?)
+        }
+    }
 }
 
 /// `smtpflow watch --mode <mode>` on the gateway's interface, once it serves.
@@ -205,7 +217,11 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
         let mut ratios: Vec<f64> = rates.iter().zip(&runs[0]).map(|(x, none)| x / none).collect();
         let ratio = median(&mut ratios);
         let (target, verdict) = match o {
-            Observer::None | Observer::EmptyTc | Observer::EmptyXdp => ("", ""),
+            Observer::None
+            | Observer::EmptyTc
+            | Observer::EmptyXdp
+            | Observer::TablesTc
+            | Observer::TablesXdp => ("", ""),
             Observer::Smtpflow(mode) => {
                 let pass = ratio >= 0.95;
                 report.checks.push(Check {
@@ -294,6 +310,37 @@ fn accounting_rows(
     )?;
     let label = format!("{} (the flood before)", empty::EMPTY_XDP);
     sec.rows.push([vec![sources.to_string(), "smtpflow_xdp".to_owned(), label], cells].concat());
+
+    // The tables' floor, each in a flood of its own (beside smtpflow it would find its own
+    // slots competing for the caches with smtpflow's maps): TC beside the empty program, XDP
+    // against the empty program's flood above.
+    let floor = empty::attach_tc_program(gw, Pair::LOCAL_IF, empty::TABLES_TC)?;
+    let beside = empty::attach_tc(gw, Pair::LOCAL_IF)?;
+    let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
+    drop((beside, floor));
+    for hook in ["ingress", "egress"] {
+        let cells = accounting::floor(
+            &format!("SYN flood from {sources} sources: {} (TC {hook})", empty::TABLES_TC),
+            tc.get(hook, empty::TABLES_TC)?,
+            tc.get(hook, empty::EMPTY_TC)?,
+            wall,
+        )?;
+        let label = format!("{} (TCX {hook}, same flood)", empty::EMPTY_TC);
+        let row = vec![sources.to_string(), format!("{} (no smtpflow)", empty::TABLES_TC), label];
+        sec.rows.push([row, cells].concat());
+    }
+    let floor = empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP)?;
+    let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
+    drop(floor);
+    let cells = accounting::floor(
+        &format!("SYN flood from {sources} sources: {}", empty::TABLES_XDP),
+        xdp.get("xdp", empty::TABLES_XDP)?,
+        empty_xdp,
+        wall,
+    )?;
+    let label = format!("{} (the flood before smtpflow's)", empty::EMPTY_XDP);
+    let row = vec![sources.to_string(), format!("{} (no smtpflow)", empty::TABLES_XDP), label];
+    sec.rows.push([row, cells].concat());
     Ok(())
 }
 
@@ -318,9 +365,12 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
     }
     rate_sec.note = format!(
         "AF_PACKET SYN flood from 65,536 and from 1,000,000 spoofed sources ({PEER_NET}) for \
-         {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp and \
-         the empty programs of each mode (the floor: what the hooks cost with nothing in them), \
-         interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median over rounds \
+         {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp, \
+         the empty programs of each mode (the floor: what the hooks cost with nothing in them) \
+         and the tables' floor of each mode (`tables_tc`, `tables_xdp`: the header reads, then \
+         for a segment with SYN set one read-and-write of its source's slot in a 65,536-slot \
+         peer table and one write of its 4-tuple's slot in a 262,144-slot flow table, the least \
+         an exact per-peer, per-connection observer does), interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median over rounds \
          of each run / that round's no-observer run. Every SYN is a new connection (SYN in, \
          SYN-ACK out, RST in); with a million sources every SYN of a run comes from a peer \
          smtpflow has not seen. Sender and gateway share the machine's cores, so this is the \
@@ -334,8 +384,9 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
          through TCX beside smtpflow's on the same hook (ingress: SYN and RST; egress: SYN-ACK), \
          in the same flood, so both are counted over the same packets. XDP: an interface holds \
          one XDP program, so the empty one is measured in its own flood right before smtpflow's \
-         (same sources, same length). The accounting's own two clock reads per run are in both \
-         figures.",
+         (same sources, same length). The tables' floor (`tables_tc`, `tables_xdp`) is \
+         measured the same way in a flood of its own, without smtpflow; it has no target. The \
+         accounting's own two clock reads per run are in both figures.",
         f.accounted_secs
     );
     report.add(rate_sec);
