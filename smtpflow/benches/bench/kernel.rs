@@ -250,11 +250,12 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     );
     section.note = format!(
         "ns/pkt is the kernel's own measure (BPF_PROG_TEST_RUN `duration`, whole ns). Repeat \
-         cases: {} runs per call, median of {} calls alternating smtpflow/empty/header reads \
-         (min–max: smtpflow's calls, the spread this machine gave). Distinct cases: {} calls \
-         of one run each, a different frame every call; their ns is the empty program's repeat \
-         floor plus the mean kernel-timed difference real - empty (the timer's own overhead \
-         cancels); their header reads are a repeat case on one such frame. \"Header reads\" is a \
+         cases: {} runs per call, median of {} calls alternating smtpflow/empty/header \
+         reads/tables floor (min–max: smtpflow's calls, the spread this machine gave). Distinct \
+         cases: {} calls of one run each, a different frame every call; their ns is the empty \
+         program's repeat floor plus the mean kernel-timed difference real - empty (the timer's \
+         own overhead cancels), and so is the tables floor's; their header reads are a repeat \
+         case on one such frame. \"Header reads\" is a \
          program that reads the Ethernet type, IPv4's version and protocol and the TCP ports \
          behind one bounds check, and returns: what any observer that filters on ports pays \
          (it stops at the first field that is not IPv4 or TCP, as smtpflow does). \"Tables \
