@@ -61,8 +61,8 @@ const LDX_W: u8 = 0x61; // r_dst = *(u32 *)(r_src + off)
 const LDX_H: u8 = 0x69;
 const LDX_B: u8 = 0x71;
 const STX_W: u8 = 0x63; // *(u32 *)(r_dst + off) = r_src
-const LDX_DW: u8 = 0x79;
-const STX_DW: u8 = 0x7b;
+const LDX_DW: u8 = 0x79; // r_dst = *(u64 *)(r_src + off)
+const STX_DW: u8 = 0x7b; // *(u64 *)(r_dst + off) = r_src
 const MOV_X: u8 = 0xbf; // r_dst = r_src
 const MOV_K: u8 = 0xb7; // r_dst = imm
 const MOV32_X: u8 = 0xbc; // w_dst = w_src
@@ -154,8 +154,8 @@ fn headers_program(data: i16, data_end: i16, verdict: i32) -> Program {
 
 /// The floor's tables, as big as smtpflow's maps are by default: a slot a peer of `--max-peers`
 /// and a slot a flow of `--max-flows`, each the size of smtpflow's key and value.
-pub const TABLE_PEERS: &str = "table_peers";
-pub const TABLE_FLOWS: &str = "table_flows";
+const TABLE_PEERS: &str = "table_peers";
+const TABLE_FLOWS: &str = "table_flows";
 /// Where in a slot the floor writes: the first counter after the peer's key, the client's
 /// sequence number after the flow's key.
 const PEER_COUNT_AT: usize = size_of::<PeerKey>().next_multiple_of(8);
@@ -204,13 +204,8 @@ fn tables_program(data: i16, data_end: i16, verdict: i32) -> Program {
         .op(XOR_X, 9, 7, 0, 0)
         .op(XOR_X, 9, 5, 0, 0); // r6-r9 survive the calls
     slot(&mut a, 6, TABLE_PEERS, DEFAULT_MAX_PEERS);
-    a.op(LDX_DW, 1, 0, PEER_COUNT_AT as i16, 0).op(ADD_K, 1, 0, 0, 1).op(
-        STX_DW,
-        0,
-        1,
-        PEER_COUNT_AT as i16,
-        0,
-    );
+    let count = PEER_COUNT_AT as i16;
+    a.op(LDX_DW, 1, 0, count, 0).op(ADD_K, 1, 0, 0, 1).op(STX_DW, 0, 1, count, 0);
     slot(&mut a, 9, TABLE_FLOWS, DEFAULT_MAX_FLOWS);
     a.op(STX_W, 0, 8, FLOW_SEQ_AT as i16, 0);
     a.finish(verdict)
