@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::programs::XdpMode;
 use smtpflow_tests::{Netns, Pair, Watch, frames::RawSocket, in_netns, procfs::iface_stat};
 
 use crate::{
@@ -125,18 +126,21 @@ enum Observer {
     Smtpflow(&'static str),
     EmptyTc,
     EmptyXdp,
+    /// The empty XDP program in generic mode: where tc runs, after the socket buffer is built.
+    EmptyXdpGeneric,
     /// The floor of the direct-mapped tables ([`empty::TABLES_TC`]).
     TablesTc,
     TablesXdp,
 }
 
 impl Observer {
-    const ALL: [Observer; 7] = [
+    const ALL: [Observer; 8] = [
         Observer::None,
         Observer::Smtpflow("tc"),
         Observer::Smtpflow("xdp"),
         Observer::EmptyTc,
         Observer::EmptyXdp,
+        Observer::EmptyXdpGeneric,
         Observer::TablesTc,
         Observer::TablesXdp,
     ];
@@ -149,6 +153,7 @@ impl Observer {
             Observer::EmptyXdp => {
                 format!("{} (driver mode, as smtpflow on veth)", empty::EMPTY_XDP)
             }
+            Observer::EmptyXdpGeneric => format!("{} (generic mode)", empty::EMPTY_XDP),
             Observer::TablesTc => format!("{} (TCX ingress and egress)", empty::TABLES_TC),
             Observer::TablesXdp => format!("{} (driver mode)", empty::TABLES_XDP),
         }
@@ -173,12 +178,18 @@ fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
         }
         Observer::EmptyTc => floor(empty::attach_tc(gw, Pair::LOCAL_IF)?),
         Observer::EmptyXdp => floor(empty::attach_xdp(gw, Pair::LOCAL_IF)?),
+        Observer::EmptyXdpGeneric => {
+            floor(empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::EMPTY_XDP, XdpMode::Skb)?)
+        }
         Observer::TablesTc => {
             floor(empty::attach_tc_program(gw, Pair::LOCAL_IF, empty::TABLES_TC)?)
         }
-        Observer::TablesXdp => {
-            floor(empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP)?)
-        }
+        Observer::TablesXdp => floor(empty::attach_xdp_program(
+            gw,
+            Pair::LOCAL_IF,
+            empty::TABLES_XDP,
+            XdpMode::Driver,
+        )?),
     }
 }
 
@@ -220,6 +231,7 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
             Observer::None
             | Observer::EmptyTc
             | Observer::EmptyXdp
+            | Observer::EmptyXdpGeneric
             | Observer::TablesTc
             | Observer::TablesXdp => ("", ""),
             Observer::Smtpflow(mode) => {
@@ -329,7 +341,7 @@ fn accounting_rows(
         let row = vec![sources.to_string(), format!("{} (no smtpflow)", empty::TABLES_TC), label];
         sec.rows.push([row, cells].concat());
     }
-    let floor = empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP)?;
+    let floor = empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP, XdpMode::Driver)?;
     let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
     drop(floor);
     let cells = accounting::floor(
@@ -366,7 +378,8 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
     rate_sec.note = format!(
         "AF_PACKET SYN flood from 65,536 and from 1,000,000 spoofed sources ({PEER_NET}) for \
          {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp, \
-         the empty programs of each mode (the floor: what the hooks cost with nothing in them) \
+         the empty programs of each mode (the floor: what the hooks cost with nothing in them; \
+         XDP in driver mode, as smtpflow attaches on veth, and in generic mode) \
          and the tables' floor of each mode (`tables_tc`, `tables_xdp`: the header reads, then \
          for a segment with SYN set one read-and-write of its source's slot in a 65,536-slot \
          peer table and one write of its 4-tuple's slot in a 262,144-slot flow table, the least \

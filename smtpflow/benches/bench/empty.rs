@@ -36,6 +36,8 @@ pub const HEADERS_TC: &str = "headers_tc";
 pub const HEADERS_XDP: &str = "headers_xdp";
 pub const TABLES_TC: &str = "tables_tc";
 pub const TABLES_XDP: &str = "tables_xdp";
+pub const LOG_TC: &str = "log_tc";
+pub const LOG_XDP: &str = "log_xdp";
 
 /// One instruction: `op`, registers `dst` and `src`, offset and immediate.
 fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
@@ -69,6 +71,8 @@ const MOV32_X: u8 = 0xbc; // w_dst = w_src
 const ADD_K: u8 = 0x07; // r_dst += imm
 const AND_K: u8 = 0x57; // r_dst &= imm
 const XOR_X: u8 = 0xaf; // r_dst ^= r_src
+const OR_X: u8 = 0x4f; // r_dst |= r_src
+const LSH_K: u8 = 0x67; // r_dst <<= imm
 const MUL32_K: u8 = 0x24; // w_dst *= imm
 const RSH32_K: u8 = 0x74; // w_dst >>= imm
 const JGT_X: u8 = 0x2d; // if r_dst > r_src goto +off
@@ -78,6 +82,7 @@ const LD_IMM64: u8 = 0x18; // r_dst = imm64 (two slots; a map's, relocated by th
 const CALL: u8 = 0x85;
 const EXIT: u8 = 0x95;
 const MAP_LOOKUP_ELEM: i32 = 1;
+const GET_SMP_PROCESSOR_ID: i32 = 8;
 
 /// A program being written: its instructions, the jumps to its end that [`Asm::finish`]
 /// patches, and where it loads a map's address (relocated by the loader, as the compiler's
@@ -211,12 +216,76 @@ fn tables_program(data: i16, data_end: i16, verdict: i32) -> Program {
     a.finish(verdict)
 }
 
+/// The log's tables: each CPU's next record (a per-CPU counter), and the records, 2^20 of 16
+/// bytes a CPU (16 MiB), a CPU's run at its number shifted by [`LOG_BITS`].
+const LOG_HEAD: &str = "log_head";
+const LOG: &str = "log";
+const LOG_BITS: u32 = 20;
+
+/// The floor of the other way to count per peer exactly: each SYN appends a record of its
+/// addresses to a log of its CPU's (written in order, so its lines are the ones just written,
+/// never a random one), which userspace would read and add up per peer; and, as in
+/// [`tables_program`], writes its sequence number into its 4-tuple's slot of the flow table,
+/// which the handshake's outcome needs in the kernel. Nothing else: no wrap detection, no
+/// publication to userspace.
+fn log_program(data: i16, data_end: i16, verdict: i32) -> Program {
+    const SYN: i32 = 0x02;
+    let mut a = Asm::default();
+    read_headers(&mut a, data, data_end);
+    a.op(LDX_B, 6, 2, 47, 0) // the TCP flags
+        .op(AND_K, 6, 0, 0, SYN)
+        .jump_to_end(JEQ_K, 6, 0, 0)
+        .op(LDX_W, 6, 2, 26, 0) // the source address
+        .op(LDX_W, 1, 2, 30, 0) // the destination address
+        .op(LDX_W, 7, 2, 38, 0) // the sequence number
+        .op(MOV_X, 8, 6, 0, 0)
+        .op(XOR_X, 8, 1, 0, 0)
+        .op(XOR_X, 8, 5, 0, 0) // the 4-tuple's hash
+        .op(LSH_K, 1, 0, 0, 32)
+        .op(OR_X, 6, 1, 0, 0) // the record: both addresses
+        .op(CALL, 0, 0, 0, GET_SMP_PROCESSOR_ID)
+        .op(MOV_X, 9, 0, 0, 0)
+        .op(LSH_K, 9, 0, 0, LOG_BITS as i32)
+        .op(MOV_K, 1, 0, 0, 0)
+        .op(STX_W, 10, 1, -4, 0)
+        .map(1, LOG_HEAD)
+        .op(MOV_X, 2, 10, 0, 0)
+        .op(ADD_K, 2, 0, 0, -4)
+        .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
+        .jump_to_end(JEQ_K, 0, 0, 0)
+        .op(LDX_DW, 1, 0, 0, 0)
+        .op(MOV_X, 2, 1, 0, 0)
+        .op(ADD_K, 2, 0, 0, 1)
+        .op(STX_DW, 0, 2, 0, 0)
+        .op(AND_K, 1, 0, 0, (1 << LOG_BITS) - 1)
+        .op(OR_X, 1, 9, 0, 0)
+        .op(STX_W, 10, 1, -4, 0)
+        .map(1, LOG)
+        .op(MOV_X, 2, 10, 0, 0)
+        .op(ADD_K, 2, 0, 0, -4)
+        .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
+        .jump_to_end(JEQ_K, 0, 0, 0)
+        .op(STX_DW, 0, 6, 0, 0)
+        .op(STX_DW, 0, 7, 8, 0);
+    slot(&mut a, 8, TABLE_FLOWS, DEFAULT_MAX_FLOWS);
+    a.op(STX_W, 0, 7, FLOW_SEQ_AT as i16, 0);
+    a.finish(verdict)
+}
+
 /// A legacy map definition (`struct bpf_map_def`: type, key size, value size, entries, flags,
-/// id, pinning) of an array of `entries` slots of `slot` bytes.
-fn array_def(entries: u32, slot: usize) -> Vec<u8> {
+/// id, pinning) of an array of `entries` slots of `slot` bytes (per CPU with `per_cpu`).
+fn array_def(entries: u32, slot: usize, per_cpu: bool) -> Vec<u8> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let fields = [BPF_MAP_TYPE_ARRAY, 4, slot as u32, entries, 0, 0, 0];
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let kind = if per_cpu { BPF_MAP_TYPE_PERCPU_ARRAY } else { BPF_MAP_TYPE_ARRAY };
+    let fields = [kind, 4, slot as u32, entries, 0, 0, 0];
     fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+}
+
+/// Room in the log for every possible CPU's run.
+fn log_records() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    cpus.next_power_of_two() << LOG_BITS
 }
 
 fn object() -> anyhow::Result<Vec<u8>> {
@@ -224,8 +293,10 @@ fn object() -> anyhow::Result<Vec<u8>> {
     let maps = obj.add_section(Vec::new(), b"maps".to_vec(), SectionKind::Data);
     let mut map_symbols = Vec::new();
     for (name, def) in [
-        (TABLE_PEERS, array_def(DEFAULT_MAX_PEERS, PEER_SLOT)),
-        (TABLE_FLOWS, array_def(DEFAULT_MAX_FLOWS, FLOW_SLOT)),
+        (TABLE_PEERS, array_def(DEFAULT_MAX_PEERS, PEER_SLOT, false)),
+        (TABLE_FLOWS, array_def(DEFAULT_MAX_FLOWS, FLOW_SLOT, false)),
+        (LOG_HEAD, array_def(1, 8, true)),
+        (LOG, array_def(log_records(), 16, false)),
     ] {
         let offset = obj.append_section_data(maps, &def, 4);
         let symbol = obj.add_symbol(Symbol {
@@ -249,6 +320,8 @@ fn object() -> anyhow::Result<Vec<u8>> {
         ("xdp", HEADERS_XDP, headers_program(XDP_DATA, XDP_DATA_END, 2)),
         ("classifier", TABLES_TC, tables_program(SKB_DATA, SKB_DATA_END, -1)),
         ("xdp", TABLES_XDP, tables_program(XDP_DATA, XDP_DATA_END, 2)),
+        ("classifier", LOG_TC, log_program(SKB_DATA, SKB_DATA_END, -1)),
+        ("xdp", LOG_XDP, log_program(XDP_DATA, XDP_DATA_END, 2)),
     ];
     for (section, name, program) in programs {
         let id = obj.add_section(Vec::new(), section.as_bytes().to_vec(), SectionKind::Text);
@@ -286,12 +359,12 @@ fn object() -> anyhow::Result<Vec<u8>> {
 /// anywhere).
 pub fn load() -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(&object()?).context("loading the empty programs")?;
-    for name in [EMPTY_TC, HEADERS_TC, TABLES_TC] {
+    for name in [EMPTY_TC, HEADERS_TC, TABLES_TC, LOG_TC] {
         let tc: &mut SchedClassifier =
             ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
         tc.load().with_context(|| format!("loading {name}"))?;
     }
-    for name in [EMPTY_XDP, HEADERS_XDP, TABLES_XDP] {
+    for name in [EMPTY_XDP, HEADERS_XDP, TABLES_XDP, LOG_XDP] {
         let xdp: &mut Xdp =
             ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
         xdp.load().with_context(|| format!("loading {name}"))?;
@@ -332,19 +405,26 @@ pub fn attach_tc_program(ns: &Netns, iface: &str, name: &'static str) -> anyhow:
 /// Attaches the empty XDP program to `iface` in `ns` in driver mode, as smtpflow attaches on
 /// veth. An interface has one XDP program only: this cannot run beside smtpflow's.
 pub fn attach_xdp(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
-    attach_xdp_program(ns, iface, EMPTY_XDP)
+    attach_xdp_program(ns, iface, EMPTY_XDP, XdpMode::Driver)
 }
 
-/// Attaches the XDP program `name` of this object ([`EMPTY_XDP`], [`TABLES_XDP`]) as
-/// [`attach_xdp`] does.
-pub fn attach_xdp_program(ns: &Netns, iface: &str, name: &'static str) -> anyhow::Result<Attached> {
+/// Attaches the XDP program `name` of this object ([`EMPTY_XDP`], [`TABLES_XDP`]) to `iface` in
+/// `ns` in `mode` (driver, as smtpflow attaches on veth, or generic).
+pub fn attach_xdp_program(
+    ns: &Netns,
+    iface: &str,
+    name: &'static str,
+    mode: XdpMode,
+) -> anyhow::Result<Attached> {
     let mut ebpf = load()?;
     let iface = iface.to_owned();
     let ebpf = in_netns(ns, move || -> anyhow::Result<Ebpf> {
         let p: &mut Xdp =
             ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
-        p.attach(&iface, XdpMode::Driver).with_context(|| {
-            format!("attaching {name} to {iface} (is another XDP program attached?)")
+        p.attach(&iface, mode).with_context(|| {
+            format!(
+                "attaching {name} to {iface} in {mode:?} mode (is another XDP program attached?)"
+            )
         })?;
         Ok(ebpf)
     })?;

@@ -226,13 +226,111 @@ pub struct Params {
     pub distinct: u32,
 }
 
+/// The floors measured beside smtpflow on one hook, in the table's column order: the header
+/// reads, the direct-mapped tables, and the per-CPU log with the flow table
+/// ([`empty::TABLES_TC`], [`empty::LOG_TC`]).
+const FLOORS: usize = 3;
+
+/// The programs a case runs through on one hook: smtpflow's, the empty one, and the floors.
+struct Progs {
+    real: &'static str,
+    empty: &'static str,
+    floors: [&'static str; FLOORS],
+}
+
+impl Progs {
+    fn of(hook: Hook) -> Self {
+        match hook {
+            Hook::Tc => Progs {
+                real: names::PROG_TC_INGRESS,
+                empty: empty::EMPTY_TC,
+                floors: [empty::HEADERS_TC, empty::TABLES_TC, empty::LOG_TC],
+            },
+            Hook::Xdp => Progs {
+                real: names::PROG_XDP,
+                empty: empty::EMPTY_XDP,
+                floors: [empty::HEADERS_XDP, empty::TABLES_XDP, empty::LOG_XDP],
+            },
+        }
+    }
+}
+
+/// One case on one hook, ns a packet: smtpflow's (and its min–max over calls, for a repeat
+/// case), the empty program's and each floor's.
+struct Measured {
+    real: f64,
+    spread: String,
+    empty: f64,
+    floors: [f64; FLOORS],
+}
+
+/// A repeat case: `p.rounds` calls of `p.repeat` runs each, the programs alternating; medians.
+fn repeat(
+    p: &Params,
+    (real, empty): (&Ebpf, &Ebpf),
+    progs: &Progs,
+    hook: Hook,
+    frame: &[u8],
+) -> anyhow::Result<Measured> {
+    // Warm up: the first run creates map entries; later ones are the steady state.
+    test_run(real, progs.real, hook, frame, 1000.min(p.repeat))?;
+    for prog in [progs.empty].iter().chain(&progs.floors) {
+        test_run(empty, prog, hook, frame, 1000.min(p.repeat))?;
+    }
+    let (mut r, mut e) = (Vec::new(), Vec::new());
+    let mut f: [Vec<f64>; FLOORS] = Default::default();
+    for _ in 0..p.rounds {
+        r.push(test_run(real, progs.real, hook, frame, p.repeat)?.kernel_ns);
+        e.push(test_run(empty, progs.empty, hook, frame, p.repeat)?.kernel_ns);
+        for (prog, runs) in progs.floors.iter().zip(&mut f) {
+            runs.push(test_run(empty, prog, hook, frame, p.repeat)?.kernel_ns);
+        }
+    }
+    let (lo, hi) = r.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    Ok(Measured {
+        real: median(&mut r),
+        spread: format!("{lo:.0}–{hi:.0}"),
+        empty: median(&mut e),
+        floors: f.map(|mut runs| median(&mut runs)),
+    })
+}
+
+/// A distinct case: the empty program's repeat floor on one such frame, plus each program's mean
+/// kernel-timed difference from the empty program over `p.distinct` frames of one run each (the
+/// timer's own overhead cancels).
+fn distinct(
+    p: &Params,
+    (real, empty): (&Ebpf, &Ebpf),
+    progs: &Progs,
+    hook: Hook,
+    make: &dyn Fn(u32) -> Vec<u8>,
+) -> anyhow::Result<Measured> {
+    let mut floor = Vec::new();
+    for _ in 0..p.rounds {
+        floor.push(test_run(empty, progs.empty, hook, &make(u32::MAX), p.repeat)?.kernel_ns);
+    }
+    let floor = median(&mut floor);
+    let (mut real_sum, mut empty_sum, mut floor_sums) = (0.0, 0.0, [0.0; FLOORS]);
+    for i in 0..p.distinct {
+        let frame = make(i);
+        real_sum += test_run(real, progs.real, hook, &frame, 1)?.kernel_ns;
+        empty_sum += test_run(empty, progs.empty, hook, &frame, 1)?.kernel_ns;
+        for (prog, sum) in progs.floors.iter().zip(&mut floor_sums) {
+            *sum += test_run(empty, prog, hook, &frame, 1)?.kernel_ns;
+        }
+    }
+    let over_empty = |sum: f64| floor + (sum - empty_sum) / f64::from(p.distinct);
+    Ok(Measured {
+        real: over_empty(real_sum),
+        spread: "—".to_owned(),
+        empty: floor,
+        floors: floor_sums.map(over_empty),
+    })
+}
+
 pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let real = load_real()?;
     let empty = empty::load()?;
-    let progs = |hook| match hook {
-        Hook::Tc => (names::PROG_TC_INGRESS, empty::EMPTY_TC, empty::HEADERS_TC, empty::TABLES_TC),
-        Hook::Xdp => (names::PROG_XDP, empty::EMPTY_XDP, empty::HEADERS_XDP, empty::TABLES_XDP),
-    };
     let mut section = Section::new(
         "1. Kernel cost per packet (BPF_PROG_TEST_RUN)",
         &[
@@ -243,6 +341,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             "empty ns/pkt",
             "header reads ns/pkt",
             "tables floor ns/pkt (× empty)",
+            "log floor ns/pkt (× empty)",
             "ratio",
             "target",
             "",
@@ -250,79 +349,36 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     );
     section.note = format!(
         "ns/pkt is the kernel's own measure (BPF_PROG_TEST_RUN `duration`, whole ns). Repeat \
-         cases: {} runs per call, median of {} calls alternating smtpflow/empty/header \
-         reads/tables floor (min–max: smtpflow's calls, the spread this machine gave). Distinct \
+         cases: {} runs per call, median of {} calls alternating smtpflow, the empty program \
+         and the floors (min–max: smtpflow's calls, the spread this machine gave). Distinct \
          cases: {} calls of one run each, a different frame every call; their ns is the empty \
-         program's repeat floor plus the mean kernel-timed difference real - empty (the timer's \
-         own overhead cancels), and so is the tables floor's; their header reads are a repeat \
-         case on one such frame. \"Header reads\" is a \
-         program that reads the Ethernet type, IPv4's version and protocol and the TCP ports \
-         behind one bounds check, and returns: what any observer that filters on ports pays \
-         (it stops at the first field that is not IPv4 or TCP, as smtpflow does). \"Tables \
-         floor\" adds, for a segment with SYN set, a plain add to a counter in its source's \
-         slot of a peer table and a write in its 4-tuple's slot of a flow table ({} and {} slots, each \
-         as big as smtpflow's key and value, at a multiplicative hash): the least any exact \
-         per-peer, per-connection design does, with no key compare, collision handling, clock \
-         or other counter. The ratio is to the empty program, as the targets are.",
+         program's repeat floor plus the mean kernel-timed difference from the empty program on \
+         the same frames (the timer's own overhead cancels), for smtpflow and for each floor. \
+         \"Header reads\" is a program that reads the Ethernet type, IPv4's version and \
+         protocol and the TCP ports behind one bounds check, and returns: what any observer \
+         that filters on ports pays (it stops at the first field that is not IPv4 or TCP, as \
+         smtpflow does). \"Tables floor\" adds, for a segment with SYN set, a plain add to a \
+         counter in its source's slot of a peer table and a write in its 4-tuple's slot of a \
+         flow table ({} and {} slots, each as big as smtpflow's key and value, at a \
+         multiplicative hash): the least any design with per-peer counters in kernel tables \
+         does, with no key compare, collision handling, clock or other counter. \"Log floor\" \
+         instead appends the SYN's addresses to its CPU's log (for userspace to add up per \
+         peer) and writes the flow table's slot. The ratio is to the empty program, as the \
+         targets are.",
         p.repeat, p.rounds, p.distinct, DEFAULT_MAX_PEERS, DEFAULT_MAX_FLOWS
     );
     let started = Instant::now();
     for case in cases() {
         for hook in [Hook::Tc, Hook::Xdp] {
-            let (real_prog, empty_prog, headers_prog, tables_prog) = progs(hook);
+            let progs = Progs::of(hook);
             for f in &case.setup {
-                test_run(&real, real_prog, hook, f, 1)?;
+                test_run(&real, progs.real, hook, f, 1)?;
             }
-            let (real_ns, spread, empty_ns, headers_ns, tables_ns) = match &case.method {
-                Method::Repeat(frame) => {
-                    // Warm up: the first run creates map entries; later ones are the steady state.
-                    test_run(&real, real_prog, hook, frame, 1000.min(p.repeat))?;
-                    test_run(&empty, empty_prog, hook, frame, 1000.min(p.repeat))?;
-                    test_run(&empty, headers_prog, hook, frame, 1000.min(p.repeat))?;
-                    test_run(&empty, tables_prog, hook, frame, 1000.min(p.repeat))?;
-                    let (mut r, mut e, mut h, mut t) =
-                        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                    for _ in 0..p.rounds {
-                        r.push(test_run(&real, real_prog, hook, frame, p.repeat)?.kernel_ns);
-                        e.push(test_run(&empty, empty_prog, hook, frame, p.repeat)?.kernel_ns);
-                        h.push(test_run(&empty, headers_prog, hook, frame, p.repeat)?.kernel_ns);
-                        t.push(test_run(&empty, tables_prog, hook, frame, p.repeat)?.kernel_ns);
-                    }
-                    let (lo, hi) =
-                        r.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                    let spread = format!("{lo:.0}–{hi:.0}");
-                    (median(&mut r), spread, median(&mut e), median(&mut h), median(&mut t))
-                }
-                Method::Distinct(make) => {
-                    let floor_frame = make(u32::MAX);
-                    let mut floor = Vec::new();
-                    for _ in 0..p.rounds {
-                        floor.push(
-                            test_run(&empty, empty_prog, hook, &floor_frame, p.repeat)?.kernel_ns,
-                        );
-                    }
-                    let floor = median(&mut floor);
-                    let mut headers = Vec::new();
-                    for _ in 0..p.rounds {
-                        headers.push(
-                            test_run(&empty, headers_prog, hook, &floor_frame, p.repeat)?.kernel_ns,
-                        );
-                    }
-                    let (mut real_sum, mut empty_sum, mut tables_sum) = (0.0, 0.0, 0.0);
-                    for i in 0..p.distinct {
-                        let frame = make(i);
-                        real_sum += test_run(&real, real_prog, hook, &frame, 1)?.kernel_ns;
-                        empty_sum += test_run(&empty, empty_prog, hook, &frame, 1)?.kernel_ns;
-                        tables_sum += test_run(&empty, tables_prog, hook, &frame, 1)?.kernel_ns;
-                    }
-                    let n = f64::from(p.distinct);
-                    let (added, tables_added) =
-                        ((real_sum - empty_sum) / n, (tables_sum - empty_sum) / n);
-                    let headers = median(&mut headers);
-                    (floor + added, "—".to_owned(), floor, headers, floor + tables_added)
-                }
+            let m = match &case.method {
+                Method::Repeat(frame) => repeat(p, (&real, &empty), &progs, hook, frame)?,
+                Method::Distinct(make) => distinct(p, (&real, &empty), &progs, hook, make)?,
             };
-            let ratio = real_ns / empty_ns;
+            let ratio = m.real / m.empty;
             let (target, verdict) = match case.target {
                 Some(t) => {
                     let pass = ratio <= t;
@@ -335,14 +391,16 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 }
                 None => (String::new(), ""),
             };
+            let [headers, tables, log] = m.floors;
             section.rows.push(vec![
                 case.name.to_owned(),
                 hook.label().to_owned(),
-                format!("{real_ns:.1}"),
-                spread,
-                format!("{empty_ns:.1}"),
-                format!("{headers_ns:.1}"),
-                format!("{tables_ns:.1} ({:.2}×)", tables_ns / empty_ns),
+                format!("{:.1}", m.real),
+                m.spread,
+                format!("{:.1}", m.empty),
+                format!("{headers:.1}"),
+                format!("{tables:.1} ({:.2}×)", tables / m.empty),
+                format!("{log:.1} ({:.2}×)", log / m.empty),
                 format!("{ratio:.2}×"),
                 target,
                 verdict.to_owned(),
