@@ -118,6 +118,18 @@ impl Asm {
         self.op(LD_IMM64, dst, 0, 0, 0).op(0, 0, 0, 0, 0)
     }
 
+    /// `r0 = &table[w1]`, or the end when there is no such element: one array lookup, which
+    /// the verifier inlines (no call is made; the test is the verifier's, for an index out of
+    /// range).
+    fn lookup(&mut self, table: &'static str) -> &mut Self {
+        self.op(STX_W, 10, 1, -4, 0)
+            .map(1, table)
+            .op(MOV_X, 2, 10, 0, 0)
+            .op(ADD_K, 2, 0, 0, -4)
+            .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
+            .jump_to_end(JEQ_K, 0, 0, 0)
+    }
+
     /// Ends the program with `r0 = verdict; exit`, where every jump to the end lands.
     fn finish(mut self, verdict: i32) -> Program {
         let end = self.insns.len();
@@ -171,19 +183,30 @@ const FLOW_SLOT: usize = FLOW_STATE_AT + size_of::<FlowState>();
 const _: () = assert!(DEFAULT_MAX_PEERS.is_power_of_two() && DEFAULT_MAX_FLOWS.is_power_of_two());
 
 /// `r0` = the slot of `table` (of `slots` entries) at a multiplicative hash of the 32 bits in
-/// `reg`: one array lookup, which the verifier inlines (no call is made); the end when the
-/// lookup fails (it cannot: the index is in range, but the verifier wants the test).
+/// `reg` ([`Asm::lookup`]).
 fn slot(a: &mut Asm, reg: u8, table: &'static str, slots: u32) {
     const GOLDEN: u32 = 0x9e37_79b1;
     a.op(MOV32_X, 1, reg, 0, 0)
         .op(MUL32_K, 1, 0, 0, GOLDEN as i32)
         .op(RSH32_K, 1, 0, 0, 32 - slots.trailing_zeros() as i32)
-        .op(STX_W, 10, 1, -4, 0)
-        .map(1, table)
-        .op(MOV_X, 2, 10, 0, 0)
-        .op(ADD_K, 2, 0, 0, -4)
-        .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
-        .jump_to_end(JEQ_K, 0, 0, 0);
+        .lookup(table);
+}
+
+/// The fields both floors use of a segment with SYN set (the end for any other): after the
+/// header reads, the source address in r6, the sequence number in r7 and a hash of the 4-tuple
+/// in r8 (r6-r9 survive calls), and the destination address in r1.
+fn syn_fields(a: &mut Asm, data: i16, data_end: i16) {
+    const SYN: i32 = 0x02;
+    read_headers(a, data, data_end);
+    a.op(LDX_B, 6, 2, 47, 0) // the TCP flags
+        .op(AND_K, 6, 0, 0, SYN)
+        .jump_to_end(JEQ_K, 6, 0, 0)
+        .op(LDX_W, 6, 2, 26, 0) // the source address
+        .op(LDX_W, 1, 2, 30, 0) // the destination address
+        .op(LDX_W, 7, 2, 38, 0) // the sequence number
+        .op(MOV_X, 8, 6, 0, 0)
+        .op(XOR_X, 8, 1, 0, 0)
+        .op(XOR_X, 8, 5, 0, 0); // with the ports
 }
 
 /// The floor of any observer that keeps exact per-peer counts and follows each connection from
@@ -192,27 +215,17 @@ fn slot(a: &mut Asm, reg: u8, table: &'static str, slots: u32) {
 /// number into its 4-tuple's slot of a flow table. One array access each, at a multiplicative
 /// hash: no key compare, no ways, no collision handling, no clock, no other counter. The add is
 /// a plain one, as a per-CPU table would allow; a table shared by the CPUs needs an atomic add,
-/// which on a line out of the cache costs more. Every design of the tables does at least
-/// this; a SYN of a new peer or a new connection finds its slots out of the CPU's caches, as it
-/// would in a real table of that size.
+/// which on a line out of the cache costs more. Every design that keeps per-peer counters in
+/// kernel tables does at least this; a SYN of a new peer or a new connection finds its slots
+/// out of the CPU's caches, as it would in a real table of that size.
 fn tables_program(data: i16, data_end: i16, verdict: i32) -> Program {
-    const SYN: i32 = 0x02;
     let mut a = Asm::default();
-    read_headers(&mut a, data, data_end);
-    a.op(LDX_B, 6, 2, 47, 0) // the TCP flags
-        .op(AND_K, 6, 0, 0, SYN)
-        .jump_to_end(JEQ_K, 6, 0, 0)
-        .op(LDX_W, 6, 2, 26, 0) // the source address
-        .op(LDX_W, 7, 2, 30, 0) // the destination address
-        .op(LDX_W, 8, 2, 38, 0) // the sequence number
-        .op(MOV_X, 9, 6, 0, 0)
-        .op(XOR_X, 9, 7, 0, 0)
-        .op(XOR_X, 9, 5, 0, 0); // r6-r9 survive the calls
+    syn_fields(&mut a, data, data_end);
     slot(&mut a, 6, TABLE_PEERS, DEFAULT_MAX_PEERS);
     let count = PEER_COUNT_AT as i16;
     a.op(LDX_DW, 1, 0, count, 0).op(ADD_K, 1, 0, 0, 1).op(STX_DW, 0, 1, count, 0);
-    slot(&mut a, 9, TABLE_FLOWS, DEFAULT_MAX_FLOWS);
-    a.op(STX_W, 0, 8, FLOW_SEQ_AT as i16, 0);
+    slot(&mut a, 8, TABLE_FLOWS, DEFAULT_MAX_FLOWS);
+    a.op(STX_W, 0, 7, FLOW_SEQ_AT as i16, 0);
     a.finish(verdict)
 }
 
@@ -229,42 +242,22 @@ const LOG_BITS: u32 = 20;
 /// which the handshake's outcome needs in the kernel. Nothing else: no wrap detection, no
 /// publication to userspace.
 fn log_program(data: i16, data_end: i16, verdict: i32) -> Program {
-    const SYN: i32 = 0x02;
     let mut a = Asm::default();
-    read_headers(&mut a, data, data_end);
-    a.op(LDX_B, 6, 2, 47, 0) // the TCP flags
-        .op(AND_K, 6, 0, 0, SYN)
-        .jump_to_end(JEQ_K, 6, 0, 0)
-        .op(LDX_W, 6, 2, 26, 0) // the source address
-        .op(LDX_W, 1, 2, 30, 0) // the destination address
-        .op(LDX_W, 7, 2, 38, 0) // the sequence number
-        .op(MOV_X, 8, 6, 0, 0)
-        .op(XOR_X, 8, 1, 0, 0)
-        .op(XOR_X, 8, 5, 0, 0) // the 4-tuple's hash
-        .op(LSH_K, 1, 0, 0, 32)
+    syn_fields(&mut a, data, data_end);
+    a.op(LSH_K, 1, 0, 0, 32)
         .op(OR_X, 6, 1, 0, 0) // the record: both addresses
         .op(CALL, 0, 0, 0, GET_SMP_PROCESSOR_ID)
         .op(MOV_X, 9, 0, 0, 0)
         .op(LSH_K, 9, 0, 0, LOG_BITS as i32)
         .op(MOV_K, 1, 0, 0, 0)
-        .op(STX_W, 10, 1, -4, 0)
-        .map(1, LOG_HEAD)
-        .op(MOV_X, 2, 10, 0, 0)
-        .op(ADD_K, 2, 0, 0, -4)
-        .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
-        .jump_to_end(JEQ_K, 0, 0, 0)
+        .lookup(LOG_HEAD) // this CPU's next record
         .op(LDX_DW, 1, 0, 0, 0)
         .op(MOV_X, 2, 1, 0, 0)
         .op(ADD_K, 2, 0, 0, 1)
         .op(STX_DW, 0, 2, 0, 0)
         .op(AND_K, 1, 0, 0, (1 << LOG_BITS) - 1)
         .op(OR_X, 1, 9, 0, 0)
-        .op(STX_W, 10, 1, -4, 0)
-        .map(1, LOG)
-        .op(MOV_X, 2, 10, 0, 0)
-        .op(ADD_K, 2, 0, 0, -4)
-        .op(CALL, 0, 0, 0, MAP_LOOKUP_ELEM)
-        .jump_to_end(JEQ_K, 0, 0, 0)
+        .lookup(LOG)
         .op(STX_DW, 0, 6, 0, 0)
         .op(STX_DW, 0, 7, 8, 0);
     slot(&mut a, 8, TABLE_FLOWS, DEFAULT_MAX_FLOWS);
