@@ -379,12 +379,13 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
         "AF_PACKET SYN flood from 65,536 and from 1,000,000 spoofed sources ({PEER_NET}) for \
          {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp, \
          the empty programs of each mode (the floor: what the hooks cost with nothing in them; \
-         XDP in driver mode, as smtpflow attaches on veth, and in generic mode) \
-         and the tables' floor of each mode (`tables_tc`, `tables_xdp`: the header reads, then \
-         for a segment with SYN set one read-and-write of its source's slot in a 65,536-slot \
-         peer table and one write of its 4-tuple's slot in a 262,144-slot flow table, the least \
-         an exact per-peer, per-connection observer does), interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median over rounds \
-         of each run / that round's no-observer run. Every SYN is a new connection (SYN in, \
+         XDP in driver mode, as smtpflow attaches on veth, and in generic mode) and the tables' \
+         floor of each mode (`tables_tc`, `tables_xdp`: the header reads, then for a segment \
+         with SYN set one read-and-write of its source's slot in a 65,536-slot peer table and \
+         one write of its 4-tuple's slot in a 262,144-slot flow table, the least a design with \
+         per-peer counters in kernel tables does), interleaved; the rate is the SYN-ACKs the \
+         gateway sent, the ratio the median over rounds of each run / that round's no-observer \
+         run. Every SYN is a new connection (SYN in, \
          SYN-ACK out, RST in); with a million sources every SYN of a run comes from a peer \
          smtpflow has not seen. Sender and gateway share the machine's cores, so this is the \
          whole path's rate. Per-program accounting is off during these runs.",

@@ -15,10 +15,10 @@
 //! exact per-peer, per-connection observer does ([`tables_program`]).
 use std::mem::offset_of;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{Program, SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use object::{
     Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags, SymbolKind,
@@ -95,7 +95,7 @@ struct Asm {
 }
 
 /// A written program: its bytes, and the byte offset of each map load with the map's name.
-struct Program {
+struct Written {
     code: Vec<u8>,
     maps: Vec<(u64, &'static str)>,
 }
@@ -131,7 +131,7 @@ impl Asm {
     }
 
     /// Ends the program with `r0 = verdict; exit`, where every jump to the end lands.
-    fn finish(mut self, verdict: i32) -> Program {
+    fn finish(mut self, verdict: i32) -> Written {
         let end = self.insns.len();
         for at in self.to_end {
             let off = i16::try_from(end - at - 1).expect("a short program");
@@ -140,7 +140,7 @@ impl Asm {
         let mut code: Vec<u8> = self.insns.concat();
         code.extend(return_imm(verdict));
         let maps = self.maps.into_iter().map(|(at, name)| ((at * 8) as u64, name)).collect();
-        Program { code, maps }
+        Written { code, maps }
     }
 }
 
@@ -163,7 +163,7 @@ fn read_headers(a: &mut Asm, data: i16, data_end: i16) {
         .op(LDX_W, 5, 2, 34, 0); // the TCP source and destination ports
 }
 
-fn headers_program(data: i16, data_end: i16, verdict: i32) -> Program {
+fn headers_program(data: i16, data_end: i16, verdict: i32) -> Written {
     let mut a = Asm::default();
     read_headers(&mut a, data, data_end);
     a.finish(verdict)
@@ -218,7 +218,7 @@ fn syn_fields(a: &mut Asm, data: i16, data_end: i16) {
 /// which on a line out of the cache costs more. Every design that keeps per-peer counters in
 /// kernel tables does at least this; a SYN of a new peer or a new connection finds its slots
 /// out of the CPU's caches, as it would in a real table of that size.
-fn tables_program(data: i16, data_end: i16, verdict: i32) -> Program {
+fn tables_program(data: i16, data_end: i16, verdict: i32) -> Written {
     let mut a = Asm::default();
     syn_fields(&mut a, data, data_end);
     slot(&mut a, 6, TABLE_PEERS, DEFAULT_MAX_PEERS);
@@ -241,7 +241,7 @@ const LOG_BITS: u32 = 20;
 /// [`tables_program`], writes its sequence number into its 4-tuple's slot of the flow table,
 /// which the handshake's outcome needs in the kernel. Nothing else: no wrap detection, no
 /// publication to userspace.
-fn log_program(data: i16, data_end: i16, verdict: i32) -> Program {
+fn log_program(data: i16, data_end: i16, verdict: i32) -> Written {
     let mut a = Asm::default();
     syn_fields(&mut a, data, data_end);
     a.op(LSH_K, 1, 0, 0, 32)
@@ -281,41 +281,48 @@ fn log_records() -> u32 {
     cpus.next_power_of_two() << LOG_BITS
 }
 
-fn object() -> anyhow::Result<Vec<u8>> {
+/// The ELF object of the empty and header-reading programs, and with `floors` the tables' and
+/// the log's too, with the maps they use: only a load that runs them pays for those (some 60
+/// MiB, allocated and zeroed by the kernel at load, and freed after the programs are gone).
+fn object(floors: bool) -> anyhow::Result<Vec<u8>> {
     let mut obj = Object::new(BinaryFormat::Elf, Architecture::Bpf, Endianness::Little);
-    let maps = obj.add_section(Vec::new(), b"maps".to_vec(), SectionKind::Data);
-    let mut map_symbols = Vec::new();
-    for (name, def) in [
-        (TABLE_PEERS, array_def(DEFAULT_MAX_PEERS, PEER_SLOT, false)),
-        (TABLE_FLOWS, array_def(DEFAULT_MAX_FLOWS, FLOW_SLOT, false)),
-        (LOG_HEAD, array_def(1, 8, true)),
-        (LOG, array_def(log_records(), 16, false)),
-    ] {
-        let offset = obj.append_section_data(maps, &def, 4);
-        let symbol = obj.add_symbol(Symbol {
-            name: name.as_bytes().to_vec(),
-            value: offset,
-            size: def.len() as u64,
-            kind: SymbolKind::Data,
-            scope: SymbolScope::Dynamic,
-            weak: false,
-            section: SymbolSection::Section(maps),
-            flags: SymbolFlags::None,
-        });
-        map_symbols.push((name, symbol));
-    }
     // TC_ACT_UNSPEC (-1) and XDP_PASS (2), as smtpflow's programs return.
-    let empty = |verdict| Program { code: return_imm(verdict), maps: Vec::new() };
-    let programs = [
+    let empty = |verdict| Written { code: return_imm(verdict), maps: Vec::new() };
+    let mut programs = vec![
         ("classifier", EMPTY_TC, empty(-1)),
         ("xdp", EMPTY_XDP, empty(2)),
         ("classifier", HEADERS_TC, headers_program(SKB_DATA, SKB_DATA_END, -1)),
         ("xdp", HEADERS_XDP, headers_program(XDP_DATA, XDP_DATA_END, 2)),
-        ("classifier", TABLES_TC, tables_program(SKB_DATA, SKB_DATA_END, -1)),
-        ("xdp", TABLES_XDP, tables_program(XDP_DATA, XDP_DATA_END, 2)),
-        ("classifier", LOG_TC, log_program(SKB_DATA, SKB_DATA_END, -1)),
-        ("xdp", LOG_XDP, log_program(XDP_DATA, XDP_DATA_END, 2)),
     ];
+    let mut map_symbols = Vec::new();
+    if floors {
+        programs.extend([
+            ("classifier", TABLES_TC, tables_program(SKB_DATA, SKB_DATA_END, -1)),
+            ("xdp", TABLES_XDP, tables_program(XDP_DATA, XDP_DATA_END, 2)),
+            ("classifier", LOG_TC, log_program(SKB_DATA, SKB_DATA_END, -1)),
+            ("xdp", LOG_XDP, log_program(XDP_DATA, XDP_DATA_END, 2)),
+        ]);
+        let maps = obj.add_section(Vec::new(), b"maps".to_vec(), SectionKind::Data);
+        for (name, def) in [
+            (TABLE_PEERS, array_def(DEFAULT_MAX_PEERS, PEER_SLOT, false)),
+            (TABLE_FLOWS, array_def(DEFAULT_MAX_FLOWS, FLOW_SLOT, false)),
+            (LOG_HEAD, array_def(1, 8, true)),
+            (LOG, array_def(log_records(), 16, false)),
+        ] {
+            let offset = obj.append_section_data(maps, &def, 4);
+            let symbol = obj.add_symbol(Symbol {
+                name: name.as_bytes().to_vec(),
+                value: offset,
+                size: def.len() as u64,
+                kind: SymbolKind::Data,
+                scope: SymbolScope::Dynamic,
+                weak: false,
+                section: SymbolSection::Section(maps),
+                flags: SymbolFlags::None,
+            });
+            map_symbols.push((name, symbol));
+        }
+    }
     for (section, name, program) in programs {
         let id = obj.add_section(Vec::new(), section.as_bytes().to_vec(), SectionKind::Text);
         let offset = obj.append_section_data(id, &program.code, 8);
@@ -348,19 +355,26 @@ fn object() -> anyhow::Result<Vec<u8>> {
     obj.write().context("writing the empty programs' ELF object")
 }
 
-/// Loads the empty, the header-reading and the table-touching TC and XDP programs (not attached
+/// Loads every program of this object, the floors with their maps included (not attached
 /// anywhere).
 pub fn load() -> anyhow::Result<Ebpf> {
-    let mut ebpf = Ebpf::load(&object()?).context("loading the empty programs")?;
-    for name in [EMPTY_TC, HEADERS_TC, TABLES_TC, LOG_TC] {
-        let tc: &mut SchedClassifier =
-            ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
-        tc.load().with_context(|| format!("loading {name}"))?;
-    }
-    for name in [EMPTY_XDP, HEADERS_XDP, TABLES_XDP, LOG_XDP] {
-        let xdp: &mut Xdp =
-            ebpf.program_mut(name).with_context(|| format!("{name} missing"))?.try_into()?;
-        xdp.load().with_context(|| format!("loading {name}"))?;
+    load_object(true)
+}
+
+/// Loads what attaching `name` needs: the floors' programs and maps only for a floor.
+fn load_for(name: &str) -> anyhow::Result<Ebpf> {
+    load_object([TABLES_TC, TABLES_XDP, LOG_TC, LOG_XDP].contains(&name))
+}
+
+fn load_object(floors: bool) -> anyhow::Result<Ebpf> {
+    let mut ebpf = Ebpf::load(&object(floors)?).context("loading the empty programs")?;
+    for (name, program) in ebpf.programs_mut() {
+        match program {
+            Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
+            _ => bail!("{name}: not a TC or XDP program"),
+        }
+        .with_context(|| format!("loading {name}"))?;
     }
     Ok(ebpf)
 }
@@ -383,7 +397,7 @@ pub fn attach_tc(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
 pub fn attach_tc_program(ns: &Netns, iface: &str, name: &'static str) -> anyhow::Result<Attached> {
     let mut held = Vec::new();
     for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-        let mut ebpf = load()?;
+        let mut ebpf = load_for(name)?;
         let iface = iface.to_owned();
         held.push(in_netns(ns, move || -> anyhow::Result<Ebpf> {
             let p: &mut SchedClassifier =
@@ -409,7 +423,7 @@ pub fn attach_xdp_program(
     name: &'static str,
     mode: XdpMode,
 ) -> anyhow::Result<Attached> {
-    let mut ebpf = load()?;
+    let mut ebpf = load_for(name)?;
     let iface = iface.to_owned();
     let ebpf = in_netns(ns, move || -> anyhow::Result<Ebpf> {
         let p: &mut Xdp =
