@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use smtpflow_common::{DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, MAX_IFACES, MAX_PORTS};
 
-use crate::kernel::{Mode, TcLink};
+use crate::kernel::{Mode, TcLink, XdpAttach};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,6 +107,10 @@ pub struct ObserveArgs {
     /// How TC programs attach (tc mode only).
     #[arg(long, value_enum, default_value_t = TcLink::Auto)]
     pub tc_link: TcLink,
+
+    /// Which XDP mode --mode xdp attaches in (xdp mode only).
+    #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
+    pub xdp_mode: XdpAttach,
 
     /// SMTP ports, comma separated (at most 16).
     #[arg(long, value_name = "PORTS", default_value = "25,465,587", value_parser = parse_ports)]
@@ -380,6 +384,9 @@ impl ObserveArgs {
         }
         if self.mode == Mode::Xdp && self.tc_link != TcLink::Auto {
             return Err("--tc-link applies to --mode tc only".into());
+        }
+        if self.mode == Mode::Tc && self.xdp_mode != XdpAttach::Auto {
+            return Err("--xdp-mode applies to --mode xdp only".into());
         }
         Ok(())
     }

@@ -470,10 +470,10 @@ fn assert_no_peer_series(m: &Metrics, cases: &[Case]) {
 #[derive(Clone, Copy)]
 enum Setup {
     Tc,
-    /// XDP in driver mode (a veth supports it at the default MTU).
+    /// XDP in driver mode (`--xdp-mode driver`: a veth supports it at the default MTU).
     XdpDriver,
-    /// XDP in generic mode: with an MTU of 9000 a veth refuses driver mode (a frame would not fit
-    /// in a page), and smtpflow falls back to generic mode.
+    /// XDP in generic mode, where `--mode xdp` attaches on a veth by default; at an MTU of 9000
+    /// (for frames bigger than a page), where a veth would refuse driver mode.
     XdpGeneric,
     /// TC, with an MTU of 9000 on both ends (for frames bigger than a page).
     TcJumbo,
@@ -484,6 +484,15 @@ impl Setup {
         match self {
             Setup::Tc | Setup::TcJumbo => "tc",
             Setup::XdpDriver | Setup::XdpGeneric => "xdp",
+        }
+    }
+
+    /// The flags `watch` runs with.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Setup::Tc | Setup::TcJumbo => &["--mode", "tc"],
+            Setup::XdpDriver => &["--mode", "xdp", "--xdp-mode", "driver"],
+            Setup::XdpGeneric => &["--mode", "xdp"],
         }
     }
 
@@ -519,7 +528,7 @@ fn run(setup: Setup, make: fn(&str, &Eth, [u8; 6]) -> Vec<Case>) {
         eprintln!("  #{:<2} {:<16} {:<23} {}", c.n, c.peer, c.effect.to_string(), c.name);
     }
 
-    let w = Watch::start(&pair.local, Pair::LOCAL_IF, &["--mode", mode]);
+    let w = Watch::start(&pair.local, Pair::LOCAL_IF, setup.args());
     // One frame at a time, each checked before the next: every case's own effect.
     for sent in 1..=cases.len() {
         send_frames(&pair.peer, Pair::PEER_IF, std::slice::from_ref(&cases[sent - 1].frame));

@@ -51,6 +51,8 @@ fn error_bad_arguments() {
         (&["--ports", "25,,587"], &["--ports", "empty"]),
         (&["--ports", &seventeen], &["--ports", "17 ports", "at most 16"]),
         (&["--mode", "xdp", "--tc-link", "netlink"], &["--tc-link", "--mode tc"]),
+        (&["--xdp-mode", "generic"], &["--xdp-mode", "--mode xdp"]),
+        (&["--mode", "xdp", "--xdp-mode", "native"], &["--xdp-mode", "native", "driver"]),
         (&["--iface", Pair::LOCAL_IF], &["sf0", "twice"]),
         (&["--interval", "1ms"], &["--interval", "at least 10ms"]),
     ];

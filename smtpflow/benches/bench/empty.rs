@@ -409,14 +409,19 @@ pub fn attach_tc_program(ns: &Netns, iface: &str, name: &'static str) -> anyhow:
     Ok(Attached { _held: held })
 }
 
-/// Attaches the empty XDP program to `iface` in `ns` in driver mode, as smtpflow attaches on
-/// veth. An interface has one XDP program only: this cannot run beside smtpflow's.
-pub fn attach_xdp(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
-    attach_xdp_program(ns, iface, EMPTY_XDP, XdpMode::Driver)
+/// The XDP mode `smtpflow watch --mode xdp` attaches in on veth (`--xdp-mode auto`): the mode
+/// the XDP floors are measured in, so that they compare with smtpflow's program.
+pub const SMTPFLOW_XDP_MODE: XdpMode = XdpMode::Skb;
+
+/// Attaches the empty XDP program to `iface` in `ns` in `mode` ([`SMTPFLOW_XDP_MODE`], or
+/// driver mode for its own row). An interface has one XDP program only: this cannot run beside
+/// smtpflow's.
+pub fn attach_xdp(ns: &Netns, iface: &str, mode: XdpMode) -> anyhow::Result<Attached> {
+    attach_xdp_program(ns, iface, EMPTY_XDP, mode)
 }
 
 /// Attaches the XDP program `name` of this object ([`EMPTY_XDP`], [`TABLES_XDP`]) to `iface` in
-/// `ns` in `mode` (driver, as smtpflow attaches on veth, or generic).
+/// `ns` in `mode` (generic, as smtpflow attaches on veth, or driver).
 pub fn attach_xdp_program(
     ns: &Netns,
     iface: &str,

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use aya::programs::XdpMode;
 use smtpflow_tests::{Netns, Pair, Watch, json::Json, process::Process};
 
 use crate::{
@@ -22,18 +23,27 @@ enum Observer {
     None,
     EmptyTc,
     Tc,
+    /// The empty XDP program in driver mode: what `--xdp-mode driver` costs veth.
+    EmptyXdpDriver,
+    /// The empty XDP program in generic mode, as smtpflow attaches on veth: where tc runs,
+    /// after the socket buffer is built.
     EmptyXdp,
     Xdp,
+    /// smtpflow in driver-mode XDP (`--xdp-mode driver`), where `--mode xdp` attached on veth
+    /// before generic mode became its default there: no target, shown beside it.
+    XdpDriver,
     Tcpdump,
 }
 
 impl Observer {
-    const ALL: [Observer; 6] = [
+    const ALL: [Observer; 8] = [
         Observer::None,
         Observer::EmptyTc,
         Observer::Tc,
+        Observer::EmptyXdpDriver,
         Observer::EmptyXdp,
         Observer::Xdp,
+        Observer::XdpDriver,
         Observer::Tcpdump,
     ];
 
@@ -42,8 +52,10 @@ impl Observer {
             Observer::None => "no observer",
             Observer::EmptyTc => "empty TC programs (TCX ingress + egress)",
             Observer::Tc => "smtpflow --mode tc",
-            Observer::EmptyXdp => "empty XDP program (driver mode)",
+            Observer::EmptyXdpDriver => "empty XDP program (driver mode)",
+            Observer::EmptyXdp => "empty XDP program (generic mode, as smtpflow on veth)",
             Observer::Xdp => "smtpflow --mode xdp",
+            Observer::XdpDriver => "smtpflow --mode xdp --xdp-mode driver",
             Observer::Tcpdump => "tcpdump -w /dev/null 'tcp port 25'",
         }
     }
@@ -60,16 +72,23 @@ enum Running {
 }
 
 fn start(gw: &Netns, o: Observer) -> anyhow::Result<Running> {
-    let smtpflow = |mode| -> anyhow::Result<Running> {
-        let args = ["--iface", Pair::LOCAL_IF, "--mode", mode, "--status-every", "0s"];
+    let smtpflow = |flags: &[&str]| -> anyhow::Result<Running> {
+        let mut args = vec!["--iface", Pair::LOCAL_IF, "--status-every", "0s"];
+        args.extend_from_slice(flags);
         Ok(Running::Smtpflow(sys::watch(gw, &args)?))
     };
     match o {
         Observer::None => Ok(Running::None),
         Observer::EmptyTc => Ok(Running::Empty(empty::attach_tc(gw, Pair::LOCAL_IF)?)),
-        Observer::EmptyXdp => Ok(Running::Empty(empty::attach_xdp(gw, Pair::LOCAL_IF)?)),
-        Observer::Tc => smtpflow("tc"),
-        Observer::Xdp => smtpflow("xdp"),
+        Observer::EmptyXdpDriver => {
+            Ok(Running::Empty(empty::attach_xdp(gw, Pair::LOCAL_IF, XdpMode::Driver)?))
+        }
+        Observer::EmptyXdp => {
+            Ok(Running::Empty(empty::attach_xdp(gw, Pair::LOCAL_IF, empty::SMTPFLOW_XDP_MODE)?))
+        }
+        Observer::Tc => smtpflow(&["--mode", "tc"]),
+        Observer::Xdp => smtpflow(&["--mode", "xdp"]),
+        Observer::XdpDriver => smtpflow(&["--mode", "xdp", "--xdp-mode", "driver"]),
         Observer::Tcpdump => {
             let mut t = Process::build(gw, "tcpdump")
                 .args(["-i", Pair::LOCAL_IF, "-n", "-w", "/dev/null", "tcp port 25"])
@@ -267,7 +286,7 @@ fn accounting_under_load(
     }
 
     let empty_xdp: Cost = {
-        let _attached = empty::attach_xdp(gw, Pair::LOCAL_IF)?;
+        let _attached = empty::attach_xdp(gw, Pair::LOCAL_IF, empty::SMTPFLOW_XDP_MODE)?;
         accounted_iperf(gw, peer, secs, omit)?.0.get("xdp", empty::EMPTY_XDP)?
     };
     let sf = start(gw, Observer::Xdp)?;
@@ -291,7 +310,8 @@ fn accounting_under_load(
               descriptor closes; the sysctl itself is never changed). TC: the empty program is \
               attached through TCX beside smtpflow's on the same hook, in the same run, so both \
               are counted over the same packets. XDP: an interface holds one XDP program, so the \
-              empty one is measured in its own iperf3 run right before smtpflow's. The \
+              empty one is measured in its own iperf3 run right before smtpflow's, in generic \
+              mode as smtpflow on veth. The \
               accounting's own two clock reads per run are in both figures. `headers_tc`, in a \
               run of its own with the empty program beside it: a program that reads the \
               Ethernet type, IPv4's version and protocol and the TCP ports, and returns, the \

@@ -9,7 +9,7 @@ use smtpflow_common::{Config, DropConfig, names};
 use crate::{
     cli::CheckArgs,
     host::privileges,
-    kernel::{self, attach, drop_reasons},
+    kernel::{self, XdpAttach, attach, drop_reasons},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,12 +130,14 @@ pub fn run(args: &CheckArgs) -> Vec<Check> {
                     format!("ifindex {}", i.index),
                     "",
                 ));
-                // Advice only, never a warning: tc, the default, fits every interface.
+                // Advice only, never a warning: tc, the default, fits every interface. For XDP,
+                // the mode `--mode xdp` starts in by default.
                 let driver = attach::driver(name);
+                let generic = XdpAttach::Auto.generic_first(driver.as_deref());
                 out.push(check(
                     &format!("mode {name}"),
                     Status::Ok,
-                    attach::mode_advice(name, driver.as_deref(), false).text,
+                    attach::mode_advice(name, driver.as_deref(), generic).text,
                     "",
                 ));
             }

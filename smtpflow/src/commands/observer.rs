@@ -98,7 +98,7 @@ impl Observer {
                 log::warn!("the kernel programs' reports cannot be read ({e}); carrying on")
             })
             .ok();
-        let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link)?;
+        let mut attached = attach::attach(ebpf, &ifaces, args.mode, args.tc_link, args.xdp_mode)?;
         let drop_reasons =
             drop_reasons.and_then(|r| match attach::attach_drop_reasons(&mut attached) {
                 Ok(()) => Some(r),

@@ -37,9 +37,34 @@ pub fn object() -> anyhow::Result<&'static [u8]> {
 pub enum Mode {
     /// clsact/TCX classifiers on ingress and egress: both directions, every event.
     Tc,
-    /// XDP on ingress only (driver mode where the device supports it, else generic): sees what
-    /// peers send, nothing the local host sends.
+    /// XDP on ingress only, in the mode `--xdp-mode` picks: sees what peers send, nothing the
+    /// local host sends.
     Xdp,
+}
+
+/// Which XDP mode `--mode xdp` attaches in (`--xdp-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdpAttach {
+    /// Generic mode on veth, where driver mode makes the device give up GSO (an empty program
+    /// in driver mode keeps a sixth of veth's throughput, in generic mode most of it:
+    /// docs/benchmarks.md); elsewhere driver mode where the device has native XDP, else generic.
+    Auto,
+    /// Driver (native) mode only: refused where the device has no native XDP.
+    Driver,
+    /// Generic (skb) mode only: where tc runs, after the socket buffer is built.
+    Generic,
+}
+
+impl XdpAttach {
+    /// Whether this choice starts in generic mode on a device of driver `driver` (as `ethtool
+    /// -i` names it; `None`: unknown), rather than trying driver mode first.
+    pub fn generic_first(self, driver: Option<&str>) -> bool {
+        match self {
+            XdpAttach::Auto => driver == Some("veth"),
+            XdpAttach::Driver => false,
+            XdpAttach::Generic => true,
+        }
+    }
 }
 
 /// How TC programs attach (`--tc-link`).
