@@ -557,11 +557,13 @@ fn xdp_falls_back_to_generic_without_native_xdp() {
     let d = "sfd0";
     pair.local.ip(&["link", "add", d, "type", "bridge"]);
     pair.local.ip(&["link", "set", d, "up"]);
-    let advice = format!(
-        "{d} (driver bridge): XDP runs in generic mode here (no native XDP): where tc runs, after \
-         the socket buffer is built, and copying non-linear packets first, so it saves nothing \
-         over tc and sees ingress only; use --mode tc here"
-    );
+    let advice = |why: &str| {
+        format!(
+            "{d} (driver bridge): XDP runs in generic mode here ({why}): where tc runs, after the \
+             socket buffer is built, and copying non-linear packets first, so it saves nothing \
+             over tc and sees ingress only; use --mode tc here"
+        )
+    };
     let w = Watch::start(&pair.local, d, &["--mode", "xdp"]);
     assert_hooked(&pair.local, d, &[("xdp", XDP)], &w);
     assert!(
@@ -569,13 +571,13 @@ fn xdp_falls_back_to_generic_without_native_xdp() {
         "{}",
         w.stderr()
     );
-    assert_xdp_attached(&w, &pair.local, d, "xdp generic mode", &advice);
+    assert_xdp_attached(&w, &pair.local, d, "xdp generic mode", &advice("no native XDP"));
     drop(w);
 
     assert_unhooked_within(&pair.local, d, FREE_TIMEOUT, "after the fallback watch");
     let w = Watch::start(&pair.local, d, &["--mode", "xdp", "--xdp-mode", "generic"]);
     assert!(!w.stderr().contains("XDP driver mode is not available"), "{}", w.stderr());
-    assert_xdp_attached(&w, &pair.local, d, "xdp generic mode", &advice);
+    assert_xdp_attached(&w, &pair.local, d, "xdp generic mode", &advice("--xdp-mode generic"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -133,11 +133,15 @@ pub fn run(args: &CheckArgs) -> Vec<Check> {
                 // Advice only, never a warning: tc, the default, fits every interface. For XDP,
                 // the mode `--mode xdp` starts in by default.
                 let driver = attach::driver(name);
-                let generic = XdpAttach::Auto.generic_first(driver.as_deref());
+                let runs = if XdpAttach::Auto.generic_first(driver.as_deref()) {
+                    attach::XdpRuns::GenericChosen
+                } else {
+                    attach::XdpRuns::Driver
+                };
                 out.push(check(
                     &format!("mode {name}"),
                     Status::Ok,
-                    attach::mode_advice(name, driver.as_deref(), generic).text,
+                    attach::mode_advice(name, driver.as_deref(), runs).text,
                     "",
                 ));
             }

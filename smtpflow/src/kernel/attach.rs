@@ -149,7 +149,12 @@ pub fn attach(
             for iface in ifaces {
                 let driver = driver(&iface.name);
                 let how = attach_xdp(prog, iface, xdp_mode, driver.as_deref())?;
-                let advice = mode_advice(&iface.name, driver.as_deref(), how == XDP_GENERIC);
+                let runs = match how {
+                    XDP_DRIVER => XdpRuns::Driver,
+                    _ if xdp_mode.generic_first(driver.as_deref()) => XdpRuns::GenericChosen,
+                    _ => XdpRuns::GenericFallback,
+                };
+                let advice = mode_advice(&iface.name, driver.as_deref(), runs);
                 if advice.use_tc {
                     warn!("--mode xdp: {}", advice.text);
                 }
@@ -457,33 +462,47 @@ pub const VETH_XDP_THROUGHPUT: &str = "16-24 % of none";
 /// `--mode xdp` attaches on veth (docs/benchmarks.md: iperf3 over veth).
 pub const VETH_XDP_GENERIC_THROUGHPUT: &str = "83-89 % of none";
 
-/// The mode that fits interface `iface` of driver `driver` (`None`: unknown). `generic`: XDP is
-/// attached there in generic mode (on veth by default, elsewhere where driver mode failed). On
-/// veth, driver-mode XDP makes the device give up GSO (every segment goes through veth's NAPI
-/// path one by one); generic-mode XDP runs where tc does, after the socket buffer is built, and
-/// first copies non-linear packets: in both cases tc costs less and sees both directions.
-pub fn mode_advice(iface: &str, driver: Option<&str>, generic: bool) -> ModeAdvice {
+/// How XDP runs (or would run) on an interface, for [`mode_advice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpRuns {
+    Driver,
+    /// In generic mode by choice: `--xdp-mode auto` on veth, or `--xdp-mode generic`.
+    GenericChosen,
+    /// In generic mode because the device refused driver mode.
+    GenericFallback,
+}
+
+/// The mode that fits interface `iface` of driver `driver` (`None`: unknown), where XDP runs as
+/// `runs` says. On veth, driver-mode XDP makes the device give up GSO (every segment goes
+/// through veth's NAPI path one by one); generic-mode XDP runs where tc does, after the socket
+/// buffer is built, and first copies non-linear packets: in both cases tc costs less and sees
+/// both directions.
+pub fn mode_advice(iface: &str, driver: Option<&str>, runs: XdpRuns) -> ModeAdvice {
     let name = driver.unwrap_or("unknown");
     let tc = |why: String| ModeAdvice {
         use_tc: true,
         text: format!("{iface} (driver {name}): {why}; use --mode tc here"),
     };
     let veth = driver == Some("veth");
-    if generic && veth {
-        return tc(format!(
-            "XDP runs in generic mode here (in driver mode an empty XDP program keeps veth \
-             {VETH_XDP_THROUGHPUT}, in generic mode {VETH_XDP_GENERIC_THROUGHPUT}, \
-             docs/benchmarks.md): where tc runs, after the socket buffer is built, and copying \
-             non-linear packets first, so it costs more than tc and sees ingress only"
-        ));
-    }
-    if generic {
-        return tc(
-            "XDP runs in generic mode here (no native XDP): where tc runs, after the socket \
-             buffer is built, and copying non-linear packets first, so it saves nothing over tc \
-             and sees ingress only"
-                .to_owned(),
-        );
+    let generic = |why: &str| {
+        format!(
+            "XDP runs in generic mode here ({why}): where tc runs, after the socket buffer is \
+             built, and copying non-linear packets first, so it saves nothing over tc and sees \
+             ingress only"
+        )
+    };
+    match runs {
+        XdpRuns::GenericChosen if veth => {
+            return tc(format!(
+                "XDP runs in generic mode here (in driver mode an empty XDP program keeps veth \
+                 {VETH_XDP_THROUGHPUT}, in generic mode {VETH_XDP_GENERIC_THROUGHPUT}, \
+                 docs/benchmarks.md): where tc runs, after the socket buffer is built, and \
+                 copying non-linear packets first, so it costs more than tc and sees ingress only"
+            ));
+        }
+        XdpRuns::GenericChosen => return tc(generic("--xdp-mode generic")),
+        XdpRuns::GenericFallback => return tc(generic("no native XDP")),
+        XdpRuns::Driver => {}
     }
     if veth {
         return tc(format!(
@@ -508,7 +527,7 @@ mod tests {
 
     #[test]
     fn veth_and_generic_mode_are_steered_to_tc() {
-        let veth = mode_advice("sf0", Some("veth"), false);
+        let veth = mode_advice("sf0", Some("veth"), XdpRuns::Driver);
         assert!(veth.use_tc);
         assert_eq!(
             veth.text,
@@ -516,24 +535,29 @@ mod tests {
              XDP program: 16-24 % of none, docs/benchmarks.md); use --mode tc here"
         );
         for driver in [Some("veth"), Some("ixgbe"), None] {
-            let generic = mode_advice("eth0", driver, true);
-            assert!(generic.use_tc, "{driver:?}");
-            assert!(generic.text.contains("generic mode"), "{}", generic.text);
-            assert!(generic.text.ends_with("; use --mode tc here"), "{}", generic.text);
-            assert!(
-                generic.text.starts_with(&format!("eth0 (driver {})", driver.unwrap_or("unknown")))
-            );
+            for runs in [XdpRuns::GenericChosen, XdpRuns::GenericFallback] {
+                let generic = mode_advice("eth0", driver, runs);
+                assert!(generic.use_tc, "{driver:?}");
+                assert!(generic.text.contains("generic mode"), "{}", generic.text);
+                assert!(generic.text.ends_with("; use --mode tc here"), "{}", generic.text);
+                let named = format!("eth0 (driver {})", driver.unwrap_or("unknown"));
+                assert!(generic.text.starts_with(&named), "{}", generic.text);
+            }
         }
         // On veth generic mode is the default: the advice gives both modes' measured cost.
         assert_eq!(
-            mode_advice("sf0", Some("veth"), true).text,
+            mode_advice("sf0", Some("veth"), XdpRuns::GenericChosen).text,
             "sf0 (driver veth): XDP runs in generic mode here (in driver mode an empty XDP \
              program keeps veth 16-24 % of none, in generic mode 83-89 % of none, \
              docs/benchmarks.md): where tc runs, after the socket buffer is built, and copying \
              non-linear packets first, so it costs more than tc and sees ingress only; use --mode \
              tc here"
         );
-        assert!(mode_advice("eth0", Some("ixgbe"), true).text.contains("(no native XDP)"));
+        // Elsewhere, why generic mode: a device without native XDP, or the flag.
+        let fallback = mode_advice("eth0", Some("ixgbe"), XdpRuns::GenericFallback).text;
+        assert!(fallback.contains("generic mode here (no native XDP)"), "{fallback}");
+        let chosen = mode_advice("eth0", Some("ixgbe"), XdpRuns::GenericChosen).text;
+        assert!(chosen.contains("generic mode here (--xdp-mode generic)"), "{chosen}");
     }
 
     #[test]
@@ -552,15 +576,15 @@ mod tests {
     #[test]
     fn native_drivers_are_left_the_choice() {
         for driver in [Some("ixgbe"), Some("virtio_net"), Some("mlx5_core"), None] {
-            let a = mode_advice("eth0", driver, false);
+            let a = mode_advice("eth0", driver, XdpRuns::Driver);
             assert!(!a.use_tc, "{driver:?}");
             assert!(!a.text.contains("use --mode tc"), "{}", a.text);
             assert!(a.text.contains("either mode"), "{}", a.text);
         }
-        let unknown = mode_advice("eth0", None, false).text;
+        let unknown = mode_advice("eth0", None, XdpRuns::Driver).text;
         assert!(unknown.starts_with("eth0 (driver unknown): "), "{unknown}");
         assert!(unknown.contains("if the device has native XDP"), "{unknown}");
-        let ixgbe = mode_advice("eth0", Some("ixgbe"), false).text;
+        let ixgbe = mode_advice("eth0", Some("ixgbe"), XdpRuns::Driver).text;
         assert!(ixgbe.contains("if ixgbe has native XDP"), "{ixgbe}");
     }
 

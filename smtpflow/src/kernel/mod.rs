@@ -46,7 +46,7 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum XdpAttach {
     /// Generic mode on veth, where driver mode makes the device give up GSO (an empty program
-    /// in driver mode keeps a sixth of veth's throughput, in generic mode most of it:
+    /// in driver mode keeps a fifth of veth's throughput or less, in generic mode most of it:
     /// docs/benchmarks.md); elsewhere driver mode where the device has native XDP, else generic.
     Auto,
     /// Driver (native) mode only: refused where the device has no native XDP.
