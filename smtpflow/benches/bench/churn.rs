@@ -392,19 +392,19 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
     }
     rate_sec.note = format!(
         "AF_PACKET SYN flood from 65,536 and from 1,000,000 spoofed sources ({PEER_NET}) for \
-         {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp (generic mode on \
-         veth) and --xdp-mode driver (no target: the mode it attached in on veth before), \
-         the empty programs of each mode (the floor: what the hooks cost with nothing in them; \
-         XDP in generic mode, as smtpflow attaches on veth, and in driver mode) and the \
-         tables' floor of each mode (`tables_tc`, `tables_xdp` in generic mode: the header \
-         reads, then for a segment with SYN set one read-and-write of its source's slot in a 65,536-slot peer table and \
-         one write of its 4-tuple's slot in a 262,144-slot flow table, the least a design with \
-         per-peer counters in kernel tables does), interleaved; the rate is the SYN-ACKs the \
-         gateway sent, the ratio the median over rounds of each run / that round's no-observer \
-         run. Every SYN is a new connection (SYN in, \
-         SYN-ACK out, RST in); with a million sources every SYN of a run comes from a peer \
-         smtpflow has not seen. Sender and gateway share the machine's cores, so this is the \
-         whole path's rate. Per-program accounting is off during these runs.",
+         {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp \
+         (generic mode on veth) and --xdp-mode driver (no target: the mode it attached in on \
+         veth before), the empty programs of each mode (the floor: what the hooks cost with \
+         nothing in them; XDP in generic mode, as smtpflow attaches on veth, and in driver \
+         mode) and the tables' floor of each mode (`tables_tc`, `tables_xdp` in generic mode: \
+         the header reads, then for a segment with SYN set one read-and-write of its source's \
+         slot in a 65,536-slot peer table and one write of its 4-tuple's slot in a \
+         262,144-slot flow table, the least a design with per-peer counters in kernel tables \
+         does), interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median \
+         over rounds of each run / that round's no-observer run. Every SYN is a new connection \
+         (SYN in, SYN-ACK out, RST in); with a million sources every SYN of a run comes from a \
+         peer smtpflow has not seen. Sender and gateway share the machine's cores, so this is \
+         the whole path's rate. Per-program accounting is off during these runs.",
         f.secs, f.rounds
     );
     cost_sec.note = format!(
@@ -414,9 +414,10 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
          through TCX beside smtpflow's on the same hook (ingress: SYN and RST; egress: SYN-ACK), \
          in the same flood, so both are counted over the same packets. XDP: an interface holds \
          one XDP program, so the empty one is measured in its own flood right before smtpflow's \
-         (same sources, same length, generic mode as smtpflow on veth). The tables' floor (`tables_tc`, `tables_xdp`) is \
-         measured the same way in a flood of its own, without smtpflow; it has no target. The \
-         accounting's own two clock reads per run are in both figures.",
+         (same sources, same length, generic mode as smtpflow on veth). The tables' floor \
+         (`tables_tc`, `tables_xdp`) is measured the same way in a flood of its own, without \
+         smtpflow; it has no target. The accounting's own two clock reads per run are in both \
+         figures.",
         f.accounted_secs
     );
     report.add(rate_sec);

@@ -413,7 +413,7 @@ impl Maps {
         };
         if read_peers {
             let (entries, reply_entries) =
-                self.peers.read_rest(self.sweep.peer_timeouts.iter_mut())?;
+                self.peers.read_rest(self.sweep.peer_timeouts.iter_mut(), self.map_sizes)?;
             self.peer_evictions = self
                 .peer_evictions
                 .max(inserted[Stat::PeerInserts as usize].saturating_sub(entries as u64));
@@ -538,18 +538,31 @@ impl PeerMaps {
 
     /// A full read, second step: the exported peers' timeouts and greetings. Replaces the
     /// view, schedules the next read, and returns the number of entries in the per-peer map
-    /// and in the per-peer reply map.
+    /// and in the per-peer reply map, at most their `sizes` ([`within_sizes`]).
     fn read_rest<'a>(
         &mut self,
         timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a mut PeerTimeouts)>,
+        sizes: MapSizes,
     ) -> anyhow::Result<(usize, usize)> {
         let started = Instant::now();
-        let view = self.reader.read_rest(&self.greetings, timeouts)?;
+        let mut view = self.reader.read_rest(&self.greetings, timeouts)?;
+        within_sizes(&mut view, sizes);
         self.schedule.done(self.read_started, self.entries_took + started.elapsed());
         let entries = (view.entries, view.reply_entries);
         self.view = Arc::new(view);
         Ok(entries)
     }
+}
+
+/// Bounds a read's entry counts by the maps' sizes. A read walks a hash map's buckets while
+/// the kernel changes it: under a flood, an entry evicted after its bucket was read makes room
+/// for a new one in a bucket not read yet, so the read can count more entries than the map
+/// ever holds at once (27 over 65,920 in a million-source flood here). No map holds more than
+/// its size, so that is the count; the peers tracked are among those entries.
+fn within_sizes(view: &mut PeerView, sizes: MapSizes) {
+    view.entries = view.entries.min(sizes.peers as usize);
+    view.reply_entries = view.reply_entries.min(sizes.peer_replies as usize);
+    view.tracked = view.tracked.min(view.entries);
 }
 
 /// The per-peer entry a connection belongs to (its timed-out handshake, its open connection):
@@ -576,6 +589,21 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn a_read_counts_no_more_entries_than_the_maps_hold() {
+        let sizes = MapSizes { peers: 65_920, peer_replies: 262_528, flows: 262_528 };
+        let read = |entries, reply_entries, tracked| {
+            let mut view = PeerView::default();
+            (view.entries, view.reply_entries, view.tracked) = (entries, reply_entries, tracked);
+            within_sizes(&mut view, sizes);
+            (view.entries, view.reply_entries, view.tracked)
+        };
+        // A read under a flood met 27 entries too many: the counts stop at the maps' sizes.
+        assert_eq!(read(65_947, 262_600, 65_947), (65_920, 262_528, 65_920));
+        // Below them, nothing changes.
+        assert_eq!(read(300, 1_200, 290), (300, 1_200, 290));
+    }
 
     const MS: u64 = 1_000_000;
     const S: u64 = 1_000 * MS;
