@@ -148,12 +148,8 @@ pub fn attach(
             prog.load().map_err(|e| rejected(names::PROG_XDP, e))?;
             for iface in ifaces {
                 let driver = driver(&iface.name);
-                let how = attach_xdp(prog, iface, xdp_mode, driver.as_deref())?;
-                let runs = match how {
-                    XDP_DRIVER => XdpRuns::Driver,
-                    _ if xdp_mode.generic_first(driver.as_deref()) => XdpRuns::GenericChosen,
-                    _ => XdpRuns::GenericFallback,
-                };
+                let runs = attach_xdp(prog, iface, xdp_mode, driver.as_deref())?;
+                let how = runs.method();
                 let advice = mode_advice(&iface.name, driver.as_deref(), runs);
                 if advice.use_tc {
                     warn!("--mode xdp: {}", advice.text);
@@ -317,19 +313,15 @@ fn tc_attach_error(e: ProgramError, iface: &Iface, use_tcx: bool) -> anyhow::Err
     ))
 }
 
-/// How an XDP program is attached (the `method` of `smtpflow_attachment_info`).
-const XDP_DRIVER: &str = "xdp driver mode";
-const XDP_GENERIC: &str = "xdp generic mode";
-
 /// Attaches the XDP program to `iface` (of driver `driver`) as `choice` says: generic mode
 /// first where [`XdpAttach::generic_first`] says so, else driver mode, falling back to generic
-/// unless `--xdp-mode driver` asked for driver mode only. Returns how it attached.
+/// unless `--xdp-mode driver` asked for driver mode only. Returns how it runs.
 fn attach_xdp(
     prog: &mut Xdp,
     iface: &Iface,
     choice: XdpAttach,
     driver: Option<&str>,
-) -> anyhow::Result<&'static str> {
+) -> anyhow::Result<XdpRuns> {
     let taken =
         |e: &ProgramError| os_error(e) == Some(libc::EEXIST) || os_error(e) == Some(libc::EBUSY);
     let another = || {
@@ -340,9 +332,10 @@ fn attach_xdp(
             iface.name
         )
     };
-    if !choice.generic_first(driver) {
+    let chosen = choice.generic_first(driver);
+    if !chosen {
         match prog.attach(&iface.name, XdpMode::Driver) {
-            Ok(_) => return Ok(XDP_DRIVER),
+            Ok(_) => return Ok(XdpRuns::Driver),
             Err(e) if taken(&e) => return Err(another()),
             Err(e) if choice == XdpAttach::Driver => {
                 return Err(anyhow::Error::new(e).context(format!(
@@ -369,7 +362,7 @@ fn attach_xdp(
             iface.name, iface.name
         ))
     })?;
-    Ok(XDP_GENERIC)
+    Ok(if chosen { XdpRuns::GenericChosen } else { XdpRuns::GenericFallback })
 }
 
 /// The OS error code behind a program error, if any.
@@ -472,6 +465,16 @@ pub enum XdpRuns {
     GenericFallback,
 }
 
+impl XdpRuns {
+    /// How the program is attached: the `method` of `smtpflow_attachment_info`.
+    pub fn method(self) -> &'static str {
+        match self {
+            XdpRuns::Driver => "xdp driver mode",
+            XdpRuns::GenericChosen | XdpRuns::GenericFallback => "xdp generic mode",
+        }
+    }
+}
+
 /// The mode that fits interface `iface` of driver `driver` (`None`: unknown), where XDP runs as
 /// `runs` says. On veth, driver-mode XDP makes the device give up GSO (every segment goes
 /// through veth's NAPI path one by one); generic-mode XDP runs where tc does, after the socket
@@ -484,24 +487,22 @@ pub fn mode_advice(iface: &str, driver: Option<&str>, runs: XdpRuns) -> ModeAdvi
         text: format!("{iface} (driver {name}): {why}; use --mode tc here"),
     };
     let veth = driver == Some("veth");
-    let generic = |why: &str| {
-        format!(
+    let generic = |why: &str, so: &str| {
+        tc(format!(
             "XDP runs in generic mode here ({why}): where tc runs, after the socket buffer is \
-             built, and copying non-linear packets first, so it saves nothing over tc and sees \
-             ingress only"
-        )
+             built, and copying non-linear packets first, so it {so} and sees ingress only"
+        ))
     };
     match runs {
         XdpRuns::GenericChosen if veth => {
-            return tc(format!(
-                "XDP runs in generic mode here (in driver mode an empty XDP program keeps veth \
-                 {VETH_XDP_THROUGHPUT}, in generic mode {VETH_XDP_GENERIC_THROUGHPUT}, \
-                 docs/benchmarks.md): where tc runs, after the socket buffer is built, and \
-                 copying non-linear packets first, so it costs more than tc and sees ingress only"
-            ));
+            let why = format!(
+                "in driver mode an empty XDP program keeps veth {VETH_XDP_THROUGHPUT}, in \
+                 generic mode {VETH_XDP_GENERIC_THROUGHPUT}, docs/benchmarks.md"
+            );
+            return generic(&why, "costs more than tc");
         }
-        XdpRuns::GenericChosen => return tc(generic("--xdp-mode generic")),
-        XdpRuns::GenericFallback => return tc(generic("no native XDP")),
+        XdpRuns::GenericChosen => return generic("--xdp-mode generic", "saves nothing over tc"),
+        XdpRuns::GenericFallback => return generic("no native XDP", "saves nothing over tc"),
         XdpRuns::Driver => {}
     }
     if veth {
