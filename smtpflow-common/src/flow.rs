@@ -484,9 +484,10 @@ pub fn step_may_change(
 
 /// [`step_may_change`] writing its actions into `a` in place (the kernel keeps them in a map
 /// value, off its small stack), and reading the clock only when the step needs it: `now` is
-/// not called for a retransmitted SYN ([`is_syn_retransmit`]), whose step is the same at any
-/// time. A clock read costs the kernel some 34 ns, and retransmitted SYNs come exactly when
-/// handshakes fail.
+/// not called for a retransmitted SYN ([`is_syn_retransmit`]) or a RST that ends its flow
+/// without the time ([`is_timeless_reset`]), whose steps are the same at any time. A clock
+/// read costs the kernel some 34 ns; retransmitted SYNs come exactly when handshakes fail, and
+/// every attempt of a SYN flood ends in a RST.
 #[inline(always)]
 pub fn step_may_change_into(
     st: &mut FlowState,
@@ -500,11 +501,25 @@ pub fn step_may_change_into(
         *a = Actions { syn_retransmit: true, ..Actions::default() };
         return;
     }
+    if is_timeless_reset(st, exists, p) {
+        // No answer to judge late, nothing stored: any time gives the same step.
+        advance(st, exists, p, 0, timeout_ns, a);
+        return;
+    }
     let now = now();
     advance(st, exists, p, now, timeout_ns, a);
     if a.store {
         st.active = (now >> ACTIVE_SHIFT) as u32;
     }
+}
+
+/// Whether `p` is a RST whose step needs no time: one for no flow (counted as a `session`
+/// reset), or one that ends a flow that is not pending (no answer whose lateness the time
+/// would decide) and was never late (so it is deleted, not kept and stored for the sweep).
+/// The RST a SYN flood's sources answer every SYN-ACK with is one.
+#[inline(always)]
+pub const fn is_timeless_reset(st: &FlowState, exists: bool, p: &FlowPacket) -> bool {
+    p.flags & RST != 0 && (!exists || (st.state != state::SYN_SENT && st.flags & flag::LATE == 0))
 }
 
 /// Whether `p` is the client's SYN of an existing flow with the initial sequence number it
@@ -986,14 +1001,14 @@ mod tests {
         assert!(app.may_change_flow());
     }
 
-    /// The clock is read for every step but a retransmitted SYN's, and the steps are what they
-    /// were with the clock read first (`advance`, then the activity stamp when stored): every
-    /// state and flag, SYNs with every other flag, from either side, with the flow's own
-    /// initial sequence number or another, early and late.
+    /// The clock is read for every step but a retransmitted SYN's and a timeless RST's, and the
+    /// steps are what they were with the clock read first (`advance`, then the activity stamp
+    /// when stored): every state and flag, SYNs, RSTs and others with every other flag, from
+    /// either side, with the flow's own initial sequence number or another, early and late.
     #[test]
-    fn a_retransmitted_syn_reads_no_clock() {
+    fn a_retransmitted_syn_and_a_timeless_reset_read_no_clock() {
         const ISN: u32 = 7_000;
-        let mut retransmits = 0;
+        let (mut retransmits, mut timeless) = (0, 0);
         for st_state in [0, state::SYN_SENT, state::ESTABLISHED, state::GREETED, state::CLOSED] {
             for st_flags in [0, flag::LATE, flag::UNREACHABLE, flag::TLS | flag::REPLIED] {
                 for flags in [SYN, SYN | ACK, SYN | RST, SYN | FIN, SYN | PSH, ACK, RST, FIN | ACK]
@@ -1024,10 +1039,19 @@ mod tests {
                                 step_may_change_into(&mut st, exists, &p, clock, TIMEOUT, &mut a);
                                 assert_eq!((a, st), (want, want_st), "{p:?} in {before:?}");
                                 let retransmit = is_syn_retransmit(&before, exists, &p);
-                                assert_eq!(read, !retransmit, "{p:?} in {before:?} at {now}");
+                                let reset = is_timeless_reset(&before, exists, &p);
+                                assert_eq!(
+                                    read,
+                                    !(retransmit || reset),
+                                    "{p:?} in {before:?} at {now}"
+                                );
                                 if retransmit {
                                     retransmits += 1;
                                     assert!(a.syn_retransmit && st == before, "{p:?}");
+                                }
+                                if reset {
+                                    timeless += 1;
+                                    assert!(!a.store && a.reset.is_some(), "{p:?} in {before:?}");
                                 }
                             }
                         }
@@ -1035,7 +1059,7 @@ mod tests {
                 }
             }
         }
-        assert!(retransmits > 0);
+        assert!(retransmits > 0 && timeless > 0);
     }
 
     /// A segment the kernel returns early for ([`FlowPacket::quiet`]) is counted nowhere and

@@ -181,11 +181,11 @@ fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
     match o {
         Observer::None => Ok(Watching::default()),
         Observer::Smtpflow(mode) => {
-            Ok(Watching { _smtpflow: Some(smtpflow(gw, &["--mode", mode])?), _empty: None })
+            Ok(Watching { _smtpflow: Some(sys::watch(gw, &["--mode", mode])?), _empty: None })
         }
         Observer::SmtpflowXdpDriver => {
             let flags = ["--mode", "xdp", "--xdp-mode", "driver"];
-            Ok(Watching { _smtpflow: Some(smtpflow(gw, &flags)?), _empty: None })
+            Ok(Watching { _smtpflow: Some(sys::watch(gw, &flags)?), _empty: None })
         }
         Observer::EmptyTc => floor(empty::attach_tc(gw, Pair::LOCAL_IF)?),
         Observer::EmptyXdp => {
@@ -202,13 +202,6 @@ fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
             empty::SMTPFLOW_XDP_MODE,
         )?),
     }
-}
-
-/// `smtpflow watch <flags>` on the gateway's interface, once it serves.
-fn smtpflow(gw: &Netns, flags: &[&str]) -> anyhow::Result<Watch> {
-    let mut args = vec!["--iface", Pair::LOCAL_IF, "--status-every", "0s"];
-    args.extend_from_slice(flags);
-    sys::watch(gw, &args)
 }
 
 /// How long each flood lasts and how often each observer's is repeated.
@@ -303,7 +296,7 @@ fn accounting_rows(
 ) -> anyhow::Result<()> {
     let gw = &s.pair.local;
     let target = 4.0;
-    let sf = smtpflow(gw, &["--mode", "tc"])?;
+    let sf = sys::watch(gw, &["--mode", "tc"])?;
     let beside = empty::attach_tc(gw, Pair::LOCAL_IF)?;
     let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
     drop((beside, sf));
@@ -323,7 +316,7 @@ fn accounting_rows(
         let _attached = empty::attach_xdp(gw, Pair::LOCAL_IF, empty::SMTPFLOW_XDP_MODE)?;
         accounted_flood(s, sources, f.accounted_secs)?.0.get("xdp", empty::EMPTY_XDP)?
     };
-    let sf = smtpflow(gw, &["--mode", "xdp"])?;
+    let sf = sys::watch(gw, &["--mode", "xdp"])?;
     let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
     drop(sf);
     let cells = accounting::versus(
@@ -433,7 +426,6 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     };
     let s = setup()?;
     let gw = &s.pair.local;
-    let args = ["--iface", Pair::LOCAL_IF, "--status-every", "0s"];
     floods(&s, &f, report)?;
 
     // smtpflow's own cost at 10,000 SYN/s.
@@ -442,7 +434,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         &["peers", "SYNs answered/s", "smtpflow CPU (% of one core)", "peak RSS", "target", ""],
     );
     for peers in [1u32, 65536] {
-        let sf = sys::watch(gw, &args)?;
+        let sf = sys::watch(gw, &[])?;
         let sock = Arc::new(RawSocket::try_open(&s.pair.peer, Pair::PEER_IF)?);
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));

@@ -3,7 +3,7 @@
 //! them through a real TCP stack).
 use std::net::{IpAddr, Ipv4Addr};
 
-pub use smtpflow_common::rules::tcp_flags::{ACK, PSH, SYN};
+pub use smtpflow_common::rules::tcp_flags::{ACK, PSH, RST, SYN};
 use smtpflow_tests::frames::{self as f, ETH_P_ARP, ETH_P_IP, Eth, IPPROTO_TCP, IPPROTO_UDP};
 pub use smtpflow_tests::frames::{ETH_P_8021AD, ETH_P_8021Q, checksum};
 

@@ -13,7 +13,7 @@ use smtpflow_common::{Config, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS, DropConfig, 
 
 use crate::{
     Check, Report, Section, empty,
-    frames::{self, ACK, DATA_OPTIONS, ETH_P_8021AD, ETH_P_8021Q, PSH, Tcp},
+    frames::{self, ACK, DATA_OPTIONS, ETH_P_8021AD, ETH_P_8021Q, PSH, RST, SYN, Tcp},
     sys::median,
 };
 
@@ -93,7 +93,16 @@ enum Method {
     /// A different frame every call (one run each), because the case is the first packet of
     /// something (a new peer, a new connection).
     Distinct(Box<dyn Fn(u32) -> Vec<u8>>),
+    /// As [`Method::Distinct`], for the last packet of something: `setup(i)`'s frames go
+    /// through smtpflow's program first (unmeasured) for every `i`, then `last(i)` is measured
+    /// as a distinct frame. At most [`ENDINGS`] of them, so that every flow set up is still in
+    /// the flow map when its last packet comes.
+    Ending { setup: Box<dyn Fn(u32) -> Vec<Vec<u8>>>, last: Box<dyn Fn(u32) -> Vec<u8>> },
 }
+
+/// The flows an [`Method::Ending`] case sets up: fewer than the flow map holds by default
+/// (262,144), whatever the other cases left in it.
+const ENDINGS: u32 = 200_000;
 
 struct Case {
     name: &'static str,
@@ -140,6 +149,24 @@ fn cases() -> Vec<Case> {
     let non_smtp = non_smtp.frame();
     let mut qinq = Tcp::syn(client, 40002, gw, 25);
     qinq.vlans = &[ETH_P_8021AD, ETH_P_8021Q];
+    // Flow `i` of the RST case: from `client`, to 60,000 source ports of four servers (none the
+    // new-connection case uses).
+    let ending = move |i: u32, flags, seq| {
+        let mut t = Tcp::syn(
+            client,
+            1024 + (i % 60_000) as u16,
+            v4(192, 0, 2, 128 + (i / 60_000) as u8),
+            25,
+        );
+        t.flags = flags;
+        t.seq = seq;
+        if flags & ACK != 0 {
+            t.ack = 5001;
+            t.window = 502;
+            t.options = &DATA_OPTIONS;
+        }
+        t.frame()
+    };
     let v6 =
         Tcp::syn("2001:db8::7".parse().expect("v6"), 40003, "2001:db8::1".parse().expect("v6"), 25);
     vec![
@@ -206,6 +233,17 @@ fn cases() -> Vec<Case> {
             setup: vec![],
         },
         Case {
+            name: "SMTP RST ending an established flow",
+            // The last packet of each attempt of a SYN flood: its source's RST (here after the
+            // client's ACK, which establishes the flow in XDP too). One peer, a flow each.
+            method: Method::Ending {
+                setup: Box::new(move |i| vec![ending(i, SYN, 1000), ending(i, ACK, 1001)]),
+                last: Box::new(move |i| ending(i, RST | ACK, 1001)),
+            },
+            target: None,
+            setup: vec![],
+        },
+        Case {
             name: "IPv6 SMTP SYN, known peer",
             method: Method::Repeat(v6.frame()),
             target: None,
@@ -220,6 +258,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+#[derive(Clone, Copy)]
 pub struct Params {
     pub repeat: u32,
     pub rounds: usize,
@@ -354,7 +393,9 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
          and the floors (min–max: smtpflow's calls, the spread this machine gave). Distinct \
          cases: {} calls of one run each, a different frame every call; their ns is the empty \
          program's repeat floor plus the mean kernel-timed difference from the empty program on \
-         the same frames (the timer's own overhead cancels), for smtpflow and for each floor. \
+         the same frames (the timer's own overhead cancels), for smtpflow and for each floor; the \
+         RST case measures {} such frames, each ending a flow set up before (its SYN and ACK, \
+         not timed). \
          \"Header reads\" is a program that reads the Ethernet type, IPv4's version and \
          protocol and the TCP ports behind one bounds check, and returns: what any observer \
          that filters on ports pays (it stops at the first field that is not IPv4 or TCP, as \
@@ -366,7 +407,12 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
          instead appends the SYN's addresses to its CPU's log (for userspace to add up per \
          peer) and writes the flow table's slot. The ratio is to the empty program, as the \
          targets are.",
-        p.repeat, p.rounds, p.distinct, DEFAULT_MAX_PEERS, DEFAULT_MAX_FLOWS
+        p.repeat,
+        p.rounds,
+        p.distinct,
+        p.distinct.min(ENDINGS),
+        DEFAULT_MAX_PEERS,
+        DEFAULT_MAX_FLOWS
     );
     let started = Instant::now();
     for case in cases() {
@@ -378,6 +424,15 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             let m = match &case.method {
                 Method::Repeat(frame) => repeat(p, (&real, &empty), &progs, hook, frame)?,
                 Method::Distinct(make) => distinct(p, (&real, &empty), &progs, hook, make)?,
+                Method::Ending { setup, last } => {
+                    let p = Params { distinct: p.distinct.min(ENDINGS), ..*p };
+                    for i in 0..p.distinct {
+                        for f in setup(i) {
+                            test_run(&real, progs.real, hook, &f, 1)?;
+                        }
+                    }
+                    distinct(&p, (&real, &empty), &progs, hook, last)?
+                }
             };
             let ratio = m.real / m.empty;
             let (target, verdict) = match case.target {

@@ -72,11 +72,7 @@ enum Running {
 }
 
 fn start(gw: &Netns, o: Observer) -> anyhow::Result<Running> {
-    let smtpflow = |flags: &[&str]| -> anyhow::Result<Running> {
-        let mut args = vec!["--iface", Pair::LOCAL_IF, "--status-every", "0s"];
-        args.extend_from_slice(flags);
-        Ok(Running::Smtpflow(sys::watch(gw, &args)?))
-    };
+    let smtpflow = |flags: &[&str]| Ok(Running::Smtpflow(sys::watch(gw, flags)?));
     match o {
         Observer::None => Ok(Running::None),
         Observer::EmptyTc => Ok(Running::Empty(empty::attach_tc(gw, Pair::LOCAL_IF)?)),

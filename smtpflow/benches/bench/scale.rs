@@ -267,19 +267,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         for &cap in caps {
             let max_peers = n.next_power_of_two().max(65_536).to_string();
             let cap_s = cap.to_string();
-            let sf = sys::watch(
-                gw,
-                &[
-                    "--iface",
-                    Pair::LOCAL_IF,
-                    "--max-peers",
-                    &max_peers,
-                    "--max-peer-series",
-                    &cap_s,
-                    "--status-every",
-                    "0s",
-                ],
-            )?;
+            let sf = sys::watch(gw, &["--max-peers", &max_peers, "--max-peer-series", &cap_s])?;
             let found = find_program(gw)?;
             let t = Instant::now();
             fill(gw, found.prog, found.ifindex, n)?;

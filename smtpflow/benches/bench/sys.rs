@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::bail;
-use smtpflow_tests::{Netns, Watch, smtpflow::METRICS_ADDR};
+use smtpflow_tests::{Netns, Pair, Watch, smtpflow::METRICS_ADDR};
 
 /// The namespaces to remove if the run is interrupted.
 static NETNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -96,11 +96,14 @@ pub fn pair() -> smtpflow_tests::Pair {
     p
 }
 
-/// `smtpflow watch --metrics-addr METRICS_ADDR <args>` (the binary given to the benchmarks) in
-/// `ns`, once it serves (30 s at most).
-pub fn watch(ns: &Netns, args: &[&str]) -> anyhow::Result<Watch> {
-    let args = [&["--metrics-addr", METRICS_ADDR], args].concat();
-    Ok(Watch::try_launch(ns, &args, METRICS_ADDR, Duration::from_secs(30))?)
+/// `smtpflow watch` (the binary given to the benchmarks) on the gateway's interface
+/// ([`Pair::LOCAL_IF`]) in `gw`, with metrics on [`METRICS_ADDR`], no status lines, and `flags`;
+/// once it serves (30 s at most).
+pub fn watch(gw: &Netns, flags: &[&str]) -> anyhow::Result<Watch> {
+    let common =
+        ["--metrics-addr", METRICS_ADDR, "--iface", Pair::LOCAL_IF, "--status-every", "0s"];
+    let args = [&common[..], flags].concat();
+    Ok(Watch::try_launch(gw, &args, METRICS_ADDR, Duration::from_secs(30))?)
 }
 
 /// CPU time of every thread of a process (from schedstat, in ns).
