@@ -244,6 +244,14 @@ fn cases() -> Vec<Case> {
             setup: vec![],
         },
         Case {
+            name: "SMTP RST, no flow (same RST again)",
+            // A RST for a connection smtpflow does not follow (its flow ended or was evicted,
+            // or backscatter): the flow lookup misses, and the reset and its peer are counted.
+            method: Method::Repeat(ending(ENDINGS, RST | ACK, 1001)),
+            target: None,
+            setup: vec![],
+        },
+        Case {
             name: "IPv6 SMTP SYN, known peer",
             method: Method::Repeat(v6.frame()),
             target: None,
