@@ -133,11 +133,7 @@ pub fn run(args: &CheckArgs) -> Vec<Check> {
                 // Advice only, never a warning: tc, the default, fits every interface. For XDP,
                 // the mode `--mode xdp` starts in by default.
                 let driver = attach::driver(name);
-                let runs = if XdpAttach::Auto.generic_first(driver.as_deref()) {
-                    attach::XdpRuns::GenericChosen
-                } else {
-                    attach::XdpRuns::Driver
-                };
+                let runs = attach::XdpRuns::first(XdpAttach::Auto, driver.as_deref());
                 out.push(check(
                     &format!("mode {name}"),
                     Status::Ok,

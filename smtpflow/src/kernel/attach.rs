@@ -332,8 +332,8 @@ fn attach_xdp(
             iface.name
         )
     };
-    let chosen = choice.generic_first(driver);
-    if !chosen {
+    let first = XdpRuns::first(choice, driver);
+    if first == XdpRuns::Driver {
         match prog.attach(&iface.name, XdpMode::Driver) {
             Ok(_) => return Ok(XdpRuns::Driver),
             Err(e) if taken(&e) => return Err(another()),
@@ -362,7 +362,7 @@ fn attach_xdp(
             iface.name, iface.name
         ))
     })?;
-    Ok(if chosen { XdpRuns::GenericChosen } else { XdpRuns::GenericFallback })
+    Ok(if first == XdpRuns::Driver { XdpRuns::GenericFallback } else { first })
 }
 
 /// The OS error code behind a program error, if any.
@@ -466,6 +466,13 @@ pub enum XdpRuns {
 }
 
 impl XdpRuns {
+    /// How XDP runs on a device of driver `driver` when `choice` is tried first: in generic
+    /// mode by choice ([`XdpAttach::generic_first`]), else in driver mode, unless the device
+    /// then refuses it ([`XdpRuns::GenericFallback`], known only once tried).
+    pub fn first(choice: XdpAttach, driver: Option<&str>) -> Self {
+        if choice.generic_first(driver) { XdpRuns::GenericChosen } else { XdpRuns::Driver }
+    }
+
     /// How the program is attached: the `method` of `smtpflow_attachment_info`.
     pub fn method(self) -> &'static str {
         match self {
