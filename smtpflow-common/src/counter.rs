@@ -258,7 +258,8 @@ labelled_enum! {
         Malformed = 0 => "malformed",
         /// New per-peer entries created (LRU evictions = inserts - live entries).
         PeerInserts = 1 => "peer_inserts",
-        /// A per-peer entry could not be created (the event still counted in the totals).
+        /// A per-peer entry could not be created, or a per-peer log record found the ring full (the
+        /// event still counted in the totals).
         PeerInsertFailed = 2 => "peer_insert_failed",
         /// A counters entry could not be created: a count was lost. Must stay 0.
         CounterInsertFailed = 3 => "counter_insert_failed",

@@ -27,7 +27,7 @@ pub use flow::{
 };
 pub use icmp::UnreachableReason;
 pub use payload::{PayloadEvent, PayloadKind};
-pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey};
+pub use peer::{FAMILY_V4, FAMILY_V6, PeerCounters, PeerGreetingKey, PeerKey, PeerRecord};
 pub use reply::{ReplyClass, ReplyStatus, StarttlsStage};
 pub use rules::{Direction, Event, PortMatch, Side, classify, direction_of, smtp_port};
 
@@ -52,6 +52,7 @@ pub mod names {
     pub const MAP_SCOPES: &str = "SCOPES";
     pub const MAP_STATS: &str = "STATS";
     pub const MAP_PAYLOADS: &str = "PAYLOADS";
+    pub const MAP_PEER_LOG: &str = "PEER_LOG";
     /// The log target of the programs' aya-log reports: `--log-level debug`, or
     /// `RUST_LOG=smtpflow::kernel=debug`, shows them.
     pub const KERNEL_LOG_TARGET: &str = "smtpflow::kernel";
@@ -103,6 +104,11 @@ pub struct Config {
     /// `ifindex & iface_mask` picks its interface's entries in `SCOPES`. The programs run only
     /// on watched interfaces, so no other ifindex needs telling apart.
     pub iface_mask: u32,
+    /// How the programs count per peer: [`peer::peer_counts::MAP`] or
+    /// [`peer::peer_counts::LOG`] (`--peer-counts`). Read-only data, so the verifier drops the
+    /// other way as dead code.
+    pub peer_log: u32,
+    pub _pad: u32,
     /// The same ports as a set: bit `p % 64` of word `p / 64` is set when port `p` is one of
     /// `ports`. The per-packet filter, so that a segment of any other port costs two loads.
     pub port_set: [u64; PORT_SET_WORDS],
@@ -120,6 +126,8 @@ impl Config {
         ifindexes: [0; MAX_IFACES],
         iface_count: 0,
         iface_mask: 0,
+        peer_log: peer::peer_counts::MAP,
+        _pad: 0,
         port_set: [0; PORT_SET_WORDS],
     };
 
@@ -226,6 +234,6 @@ impl DropConfig {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 56 + 4 * MAX_IFACES + 8 * PORT_SET_WORDS);
+    assert!(size_of::<Config>() == 64 + 4 * MAX_IFACES + 8 * PORT_SET_WORDS);
     assert!(size_of::<DropConfig>() == 52);
 };

@@ -92,6 +92,85 @@ impl PeerCounters {
     }
 }
 
+/// How the kernel counts per peer (`--peer-counts`, [`crate::Config::peer_log`]).
+pub mod peer_counts {
+    /// Into the per-peer LRU map: a lookup a packet, an insert (with an eviction once the map
+    /// is full) a new peer.
+    pub const MAP: u32 = 0;
+    /// As [`super::PeerRecord`]s appended to the `PEER_LOG` ring buffer, which userspace adds up
+    /// into its own bounded per-peer table: no per-peer map work in the kernel.
+    pub const LOG: u32 = 1;
+}
+
+/// A per-peer slot not counted in a [`PeerRecord`] (never a valid index: the slots are masked
+/// below it).
+pub const BUMP_NONE: u8 = 0x80;
+
+/// Size of the per-peer log (`--peer-counts log`): 40 bytes a record with the ring's header,
+/// about 200,000 records. Userspace reads it every [`PEER_LOG_POLL_MS`], so it holds a flood of
+/// a million packets a second for a fifth of a second; a record that does not fit is lost and
+/// counted ([`crate::Stat::PeerInsertFailed`]).
+pub const PEER_LOG_BYTES: u32 = 8 << 20;
+
+/// How often userspace reads the per-peer log, in milliseconds.
+pub const PEER_LOG_POLL_MS: u64 = 10;
+
+/// One record of the per-peer log: what one packet adds to its peer's [`PeerCounters`], as the
+/// per-peer map's update would add it ([`PeerCounters::add_record`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub peer: PeerKey,
+    /// A slot of [`PeerCounters::counts`] ([`PeerCounters::index`]), or [`BUMP_NONE`].
+    pub event: u8,
+    /// An [`Outcome`] value, or [`BUMP_NONE`].
+    pub outcome: u8,
+    /// A [`Phase`] value, or [`BUMP_NONE`].
+    pub reset: u8,
+    /// 1: a session with a throttling reply.
+    pub throttled: u8,
+    pub _pad: u32,
+}
+
+impl PeerCounters {
+    /// Adds every counter of `other`. Writes only the counters `other` adds to: a connection's
+    /// packets add to a few of them, and the others' cache lines are not touched.
+    pub fn merge(&mut self, other: &Self) {
+        let add = |a: &mut u64, b: u64| {
+            if b != 0 {
+                *a += b;
+            }
+        };
+        for (a, &b) in self.counts.iter_mut().zip(&other.counts) {
+            add(a, b);
+        }
+        for (a, &b) in self.outcomes.iter_mut().zip(&other.outcomes) {
+            add(a, b);
+        }
+        for (a, &b) in self.resets.iter_mut().zip(&other.resets) {
+            add(a, b);
+        }
+        add(&mut self.throttled, other.throttled);
+    }
+
+    /// Adds a log record, exactly as the kernel adds the same bumps to a per-peer map entry:
+    /// each slot not [`BUMP_NONE`], masked into range.
+    pub fn add_record(&mut self, r: &PeerRecord) {
+        if r.event & BUMP_NONE == 0 {
+            self.counts[usize::from(r.event) & (PEER_EVENT_SLOTS - 1)] += 1;
+        }
+        if r.outcome & BUMP_NONE == 0 {
+            self.outcomes[usize::from(r.outcome) & (PEER_OUTCOME_SLOTS - 1)] += 1;
+        }
+        if r.reset & BUMP_NONE == 0 {
+            self.resets[usize::from(r.reset) & (PEER_RESET_SLOTS - 1)] += 1;
+        }
+        if r.throttled != 0 {
+            self.throttled += 1;
+        }
+    }
+}
+
 /// Key of the per-peer reply map: a peer, a reply code, and which replies it counts
 /// ([`reply_kind`]): the connections' first replies (greetings), or every reply.
 #[repr(C)]
@@ -134,6 +213,11 @@ const _: () = {
     );
     assert!(PEER_RESET_SLOTS.is_power_of_two());
     assert!(size_of::<PeerGreetingKey>() == 28);
+    assert!(size_of::<PeerRecord>() == 32);
+    // The ring buffer's size must be a power of two and a multiple of the page size.
+    assert!(PEER_LOG_BYTES.is_power_of_two() && PEER_LOG_BYTES >= 4096);
+    // The slots are masked below BUMP_NONE.
+    assert!(PEER_EVENT_SLOTS <= BUMP_NONE as usize);
     // The kernel masks outcome indices too, and stores outcome `o` at `outcomes[o as usize]`.
     assert!(PEER_OUTCOME_SLOTS.is_power_of_two());
     let mut i = 0;

@@ -4,7 +4,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -12,10 +12,10 @@ use aya_log_ebpf::debug;
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS,
     Direction, DropConfig, FlowKey, FlowState, HISTS_DEFAULT, HistKind, Histogram, PeerCounters,
-    PeerGreetingKey, PeerKey, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
+    PeerGreetingKey, PeerKey, PeerRecord, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
     names::KERNEL_LOG_TARGET,
     payload::PAYLOAD_RING_BYTES,
-    peer::{PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS},
+    peer::{BUMP_NONE, PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS, peer_counts},
 };
 
 use crate::packet::opaque;
@@ -59,6 +59,13 @@ static SCOPES: Array<u32> = Array::with_max_entries(SCOPES_DEFAULT, 0);
 #[map(name = "PEERS")]
 static PEERS: LruHashMap<PeerKey, PeerCounters> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
+
+/// The per-peer log (`--peer-counts log`): one [`PeerRecord`] a counted packet, added up per
+/// peer by userspace, which polls it (the records ask for no wakeup). One page as built, for
+/// the per-peer map's way; the loader sizes it in log mode
+/// ([`smtpflow_common::peer::PEER_LOG_BYTES`]).
+#[map(name = "PEER_LOG")]
+static PEER_LOG: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 /// Where a new peer's entry is built before it is inserted, counts included, so that the
 /// insert needs no lookup after it (a lookup also marks the entry recently used, which makes the
@@ -266,7 +273,7 @@ pub struct PeerBumps {
 
 impl PeerBumps {
     /// A slot not counted (never a valid index: the slots are masked below it).
-    pub const NONE: u8 = 0x80;
+    pub const NONE: u8 = BUMP_NONE;
     pub const EMPTY: Self =
         Self { event: Self::NONE, outcome: Self::NONE, reset: Self::NONE, throttled: false };
 
@@ -283,8 +290,9 @@ const OUTCOMES: usize = PEER_OUTCOME_SLOTS;
 const RESETS: usize = PEER_RESET_SLOTS;
 const _: () = assert!(COUNTS <= PeerBumps::NONE as usize && OUTCOMES <= COUNTS && RESETS <= COUNTS);
 
-/// Adds a packet's [`PeerBumps`] to its peer's entry, creating the entry when needed. Not
-/// inlined: a BPF subprogram has its own 512-byte stack frame.
+/// Adds a packet's [`PeerBumps`] to its peer's entry, creating the entry when needed; or, with
+/// `--peer-counts log`, appends them to the per-peer log ([`log_peer`]). Not inlined: a BPF
+/// subprogram has its own 512-byte stack frame.
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -292,6 +300,9 @@ const _: () = assert!(COUNTS <= PeerBumps::NONE as usize && OUTCOMES <= COUNTS &
               copied onto the stack"
 )]
 pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
+    if config().peer_log != peer_counts::MAP {
+        return log_peer(key, b);
+    }
     if let Some(v) = PEERS.get_ptr_mut(key) {
         return apply_peer::<true>(v, b);
     }
@@ -311,6 +322,24 @@ pub fn count_peer(key: &PeerKey, b: &PeerBumps) {
             None => failed(Stat::PeerInsertFailed, e),
         },
         Err(e) => failed(Stat::PeerInsertFailed, e),
+    }
+}
+
+/// Appends a packet's [`PeerBumps`] to the per-peer log: one copy into the ring, no lookup, no
+/// insert, no eviction. A record that does not fit (userspace fell behind by a whole ring) is
+/// lost and counted as a per-peer insert that failed.
+#[inline(always)]
+fn log_peer(key: &PeerKey, b: &PeerBumps) {
+    let record = PeerRecord {
+        peer: *key,
+        event: b.event,
+        outcome: b.outcome,
+        reset: b.reset,
+        throttled: u8::from(b.throttled),
+        _pad: 0,
+    };
+    if let Err(e) = PEER_LOG.output::<PeerRecord>(&record, u64::from(BPF_RB_NO_WAKEUP)) {
+        failed(Stat::PeerInsertFailed, e);
     }
 }
 

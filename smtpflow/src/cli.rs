@@ -116,11 +116,20 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "PORTS", default_value = "25,465,587", value_parser = parse_ports)]
     pub ports: PortList,
 
-    /// Capacity of the kernel's per-peer LRU map; the least recently seen peers are evicted
-    /// (their events stay in the exact totals).
+    /// Capacity of the per-peer table (the kernel's LRU map, or smtpflow's own with
+    /// --peer-counts log); the least recently seen peers are evicted (their events stay in the
+    /// exact totals).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PEERS,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_peers: u32,
+
+    /// Where per-peer counts are kept: `map`, the kernel's per-peer LRU map (a lookup a counted
+    /// packet, an insert a new peer); `log`, records the kernel appends to a ring buffer and
+    /// smtpflow adds up in a table of its own (--max-peers entries, the least recently counted
+    /// evicted first, and counted): cheaper in the kernel under a SYN flood from new sources,
+    /// at the cost of userspace CPU and memory. The metrics are the same.
+    #[arg(long, value_enum, default_value_t = PeerCounts::Map)]
+    pub peer_counts: PeerCounts,
 
     /// Capacity of the kernel's per-connection LRU map (handshake state, greetings, replies);
     /// evictions are counted.
@@ -193,6 +202,22 @@ pub struct ObserveArgs {
     /// (its greeting or EHLO reply outbound, its EHLO inbound), or `unknown`.
     #[arg(long, value_name = "FILE")]
     pub site_map: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerCounts {
+    Map,
+    Log,
+}
+
+impl PeerCounts {
+    /// The kernel's [`smtpflow_common::Config::peer_log`].
+    pub fn config(self) -> u32 {
+        match self {
+            Self::Map => smtpflow_common::peer::peer_counts::MAP,
+            Self::Log => smtpflow_common::peer::peer_counts::LOG,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -63,6 +63,7 @@ impl Observer {
         // The kernel decides from this whether an answer came in time; the sweep uses the same.
         config.handshake_timeout_ns =
             u64::try_from(args.handshake_timeout.as_nanos()).unwrap_or(u64::MAX);
+        config.peer_log = args.peer_counts.config();
         let (drop_config, drop_reasons) = match drop_reasons::prepare() {
             Ok((c, r)) => (c, Some(r)),
             Err(e) => {

@@ -10,6 +10,7 @@
 //! ([`Timeouts`]). It deletes only entries not written for [`flow::IDLE_NS`].
 pub mod batch;
 pub mod open;
+pub mod peer_log;
 pub mod peers;
 pub mod tls;
 pub mod totals;
@@ -30,6 +31,7 @@ use aya::{
 
 use self::{
     open::{OpenConnections, OpenPeer},
+    peer_log::{PeerLog, SharedPeerLog},
     peers::{PeerReader, PeerTimeouts, PeerView, ReadSchedule, series::SeriesLimits},
     tls::TlsFunnel,
     totals::Totals,
@@ -40,6 +42,7 @@ use smtpflow_common::{
     Config, Counter, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKind,
     Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
     payload::{PAYLOAD_RING_BYTES, PayloadEvent},
+    peer::peer_counts,
 };
 
 /// Most peers whose timed-out handshakes are counted one by one (the least recently timed out
@@ -162,6 +165,9 @@ impl Timeouts {
 /// The per-peer maps: how they are read, when, and the last reading.
 struct PeerMaps {
     peers: HashMap<MapData, PeerKey, PeerCounters>,
+    /// With `--peer-counts log`: the per-peer log and userspace's table, read instead of
+    /// `peers` (then a map of one entry the programs never touch).
+    log: Option<SharedPeerLog>,
     greetings: HashMap<MapData, PeerGreetingKey, u64>,
     reader: PeerReader,
     /// `--peer-label`, to find the exported label of a peer with open connections.
@@ -280,6 +286,12 @@ impl Maps {
         );
         reader.set_sites(sites);
         let flows = take(ebpf, names::MAP_FLOWS)?;
+        let log = (config.peer_log != peer_counts::MAP)
+            .then(|| {
+                take(ebpf, names::MAP_PEER_LOG)
+                    .map(|ring| SharedPeerLog::new(PeerLog::new(ring, peers_capacity)))
+            })
+            .transpose()?;
         let timeouts_kept = (peers_capacity as usize).min(PEER_TIMEOUTS_KEPT);
         Ok(Self {
             totals: Totals::take(ebpf, config)?,
@@ -295,6 +307,7 @@ impl Maps {
             },
             peers: PeerMaps {
                 peers: take(ebpf, names::MAP_PEERS)?,
+                log,
                 greetings: take(ebpf, names::MAP_PEER_GREETINGS)?,
                 reader,
                 labeler,
@@ -396,6 +409,9 @@ impl Maps {
         // the maps are listed and deletions after, so the estimate can only be too low at one
         // moment (never too high), and keeping the largest one seen is exact over time.
         let inserted = self.read_stats()?;
+        if let Some(log) = &mut self.peers.log {
+            log.start_polling()?;
+        }
         let read_peers = peers == PeerRead::Now || self.peers.schedule.due(started);
         let (flows, (counters, hists)) = if read_peers {
             let (peer_maps, sweep, totals) = (&mut self.peers, &mut self.sweep, &self.totals);
@@ -431,6 +447,10 @@ impl Maps {
         self.peer_reply_evictions = self.peer_reply_evictions.max(
             stats[Stat::PeerReplyInserts as usize].saturating_sub(u64::from(sizes.peer_replies)),
         );
+        if let Some(log) = &self.peers.log {
+            // Exact: userspace's own table counts what it evicts.
+            self.peer_evictions = log.evictions();
+        }
         let flow_gone = stats[Stat::FlowDeletes as usize] + self.sweep.deleted + flows as u64;
         self.flow_evictions =
             self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
@@ -531,7 +551,10 @@ impl PeerMaps {
     /// A full read, first step: every entry of the per-peer map.
     fn read_entries(&mut self) -> anyhow::Result<()> {
         self.read_started = Instant::now();
-        self.reader.read_entries(&self.peers)?;
+        match &self.log {
+            Some(log) => self.reader.read_table(log.read().table().iter()),
+            None => self.reader.read_entries(&self.peers)?,
+        }
         self.entries_took = self.read_started.elapsed();
         Ok(())
     }

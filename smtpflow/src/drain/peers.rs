@@ -440,6 +440,19 @@ impl PeerReader {
         Ok(())
     }
 
+    /// [`Self::read_entries`] of userspace's per-peer table (`--peer-counts log`) instead of
+    /// the kernel's map.
+    pub fn read_table<'a>(
+        &mut self,
+        entries: impl Iterator<Item = (&'a PeerKey, &'a PeerCounters)>,
+    ) {
+        self.start(Instant::now());
+        for (k, v) in entries {
+            self.add_entry(k, v);
+        }
+        self.count_tracked();
+    }
+
     /// A full read, second step: tracks new labels, then takes the timed-out handshakes
     /// userspace counts per peer and the per-peer greetings map, and chooses the exported series.
     pub fn read_rest<'a>(

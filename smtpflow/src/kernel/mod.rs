@@ -13,7 +13,10 @@ use anyhow::{Context as _, bail};
 use aya::{Ebpf, EbpfLoader, util::KernelVersion};
 use clap::ValueEnum;
 use log::warn;
-use smtpflow_common::{Config, DropConfig, HistKind, SCOPE_SLOTS, names};
+use smtpflow_common::{
+    Config, DropConfig, HistKind, SCOPE_SLOTS, names,
+    peer::{PEER_LOG_BYTES, peer_counts},
+};
 
 /// A `SCOPES` entry for a scope not watched (the kernel's `NO_SCOPE`).
 const NO_SCOPE: u32 = u32::MAX;
@@ -173,11 +176,18 @@ pub fn load(
     // An array has at least one entry; with no interface listed every lookup misses it.
     let scopes = config.scope_count().max(1);
     let maps = sizes.maps(possible_cpus()?);
+    // With the per-peer log, the programs never touch the per-peer map: one entry keeps its
+    // place in the object.
+    let (peers, peer_log) = match config.peer_log {
+        peer_counts::MAP => (maps.peers, 4096),
+        _ => (1, PEER_LOG_BYTES),
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_CONFIG, config, true)
         .override_global(names::GLOBAL_DROP_CONFIG, drop_config, true)
         .override_global(aya_log::LEVEL, &log_level, true)
-        .map_max_entries(names::MAP_PEERS, maps.peers)
+        .map_max_entries(names::MAP_PEERS, peers)
+        .map_max_entries(names::MAP_PEER_LOG, peer_log)
         .map_max_entries(names::MAP_PEER_GREETINGS, maps.peer_replies)
         .map_max_entries(names::MAP_FLOWS, maps.flows)
         .map_max_entries(names::MAP_SCOPE_COUNTS, scopes * SCOPE_SLOTS as u32)
@@ -190,7 +200,7 @@ pub fn load(
                  CONFIG_DEBUG_INFO_BTF); run as root, and see `dmesg` for the kernel's reason. \
                  The per-peer and flow maps take about {} MiB of kernel memory at these sizes \
                  (--max-peers {}, --max-flows {}): lower them if memory is short",
-                maps.kernel_bytes() >> 20,
+                (MapSizes { peers, ..maps }.kernel_bytes() + u64::from(peer_log)) >> 20,
                 sizes.max_peers,
                 sizes.max_flows
             )

@@ -151,7 +151,7 @@ pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
         (
             snap.stats[Stat::PeerInsertFailed as usize],
             "smtpflow_peer_insert_failures_total",
-            "Per-peer entries that could not be created (the events are still in the totals).",
+            "Per-peer entries that could not be created, or per-peer log records the ring had no room for (the events are still in the totals).",
         ),
         (
             snap.stats[Stat::FlowInsertFailed as usize],

@@ -6,7 +6,8 @@
 //! very object the binary embeds, with `BPF_PROG_TEST_RUN`. For every frame the program must
 //! return `TC_ACT_UNSPEC` / `XDP_PASS`, and the counters must change exactly as the reference
 //! classifier (`smtpflow_common::reference`, the README's contract in plain Rust) says: every
-//! `COUNTERS` event key, the malformed-frames stat, and the per-peer event counts in `PEERS`.
+//! `COUNTERS` event key, the malformed-frames stat, and the per-peer event counts in `PEERS`
+//! (or, with `--peer-counts log`, in the records of `PEER_LOG`, added up as smtpflow adds them).
 //!
 //! How counts are attributed: each program runs in its own copy of the object (its own maps), on
 //! its own thread. Frames go in batches; the reference's effects of a batch are summed, and after
@@ -24,7 +25,8 @@
 //!
 //! Seeded and reproducible: frame `i` of seed `s` is always the same bytes. `SMTPFLOW_FUZZ_SEED`
 //! (default fixed) and `SMTPFLOW_FUZZ_FRAMES` (default 500,000: each through TC ingress and XDP,
-//! a million test runs, and the first quarter of them through TC egress) choose the run;
+//! and again with the per-peer counts going through the per-peer log, two million test runs,
+//! and the first quarter of them through TC egress) choose the run;
 //! `cargo xtask fuzz [--frames N] [--seed S]` is the long run. Needs root; skips without it.
 use std::{collections::BTreeMap, fmt::Write as _, time::Instant};
 
@@ -110,12 +112,13 @@ fn kind(kernel: &Counts, reference: &Effect) -> (bool, bool, bool, bool) {
 /// kernel and the reference disagree on (at most `limit`), each shrunk.
 fn pinpoint(
     hook: Hook,
+    log: bool,
     frames: &[(u64, Vec<u8>)],
     origin: impl Fn(u64) -> String,
     ifindex: u32,
     limit: usize,
 ) -> anyhow::Result<Vec<Disagreement>> {
-    let mut k = Kernel::load(hook)?;
+    let mut k = Kernel::load_as(hook, log)?;
     let mut found = Vec::new();
     let mut seen_kinds = Vec::new();
     for (n, frame) in frames {
@@ -172,6 +175,8 @@ fn pinpoint(
 
 struct RunStats {
     hook: Hook,
+    /// Per-peer counts through the per-peer log (`--peer-counts log`).
+    log: bool,
     frames: u64,
     malformed: u64,
     counted: u64,
@@ -182,11 +187,16 @@ struct RunStats {
 
 /// Runs the truncation sweep and `frames` mutants of `seed` through `hook`; returns the counts,
 /// or the disagreements of the first batch that has any.
-fn fuzz(hook: Hook, seed: u64, frames: u64) -> anyhow::Result<Result<RunStats, Vec<Disagreement>>> {
+fn fuzz(
+    hook: Hook,
+    log: bool,
+    seed: u64,
+    frames: u64,
+) -> anyhow::Result<Result<RunStats, Vec<Disagreement>>> {
     let ifindex = lo_ifindex();
     let corpus = corpus();
     let sweep = truncations(&corpus);
-    let mut k = Kernel::load(hook)?;
+    let mut k = Kernel::load_as(hook, log)?;
     let mut want = Counts::default();
     let (mut malformed, mut counted, mut refused) = (0, 0, 0);
     let started = Instant::now();
@@ -226,7 +236,7 @@ fn fuzz(hook: Hook, seed: u64, frames: u64) -> anyhow::Result<Result<RunStats, V
         }
         let got = k.read()?;
         if bad_verdict || got != batch_want {
-            let found = pinpoint(hook, &batch, origin, ifindex, 8)?;
+            let found = pinpoint(hook, log, &batch, origin, ifindex, 8)?;
             anyhow::ensure!(
                 !found.is_empty(),
                 "{hook:?}: a batch disagreed but no single frame does: kernel {} vs reference {}",
@@ -239,6 +249,7 @@ fn fuzz(hook: Hook, seed: u64, frames: u64) -> anyhow::Result<Result<RunStats, V
     }
     Ok(Ok(RunStats {
         hook,
+        log,
         frames: total,
         malformed,
         counted,
@@ -271,20 +282,21 @@ fn differential_fuzz() {
     let frames = env_u64("SMTPFLOW_FUZZ_FRAMES", DEFAULT_FRAMES);
     eprintln!(
         "differential fuzz: seed {seed:#x}, the truncation sweep and {frames} mutated frames \
-         through TC ingress and XDP, the first quarter of them through TC egress (reproduce \
+         through TC ingress and XDP, again with the per-peer log, the first quarter of them \
+         through TC egress (reproduce \
          with SMTPFLOW_FUZZ_SEED={seed:#x} SMTPFLOW_FUZZ_FRAMES={frames})"
     );
     let started = Instant::now();
     let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = Hook::ALL
+        // Egress parses with the same code as ingress, only the side differs: a quarter of the
+        // frames covers it. The per-peer log (`--peer-counts log`) changes only where the
+        // per-peer counts go: TC ingress and XDP cover it.
+        let runs = Hook::ALL
             .iter()
-            .map(|&hook| {
-                // Egress parses with the same code as ingress, only the side differs: a quarter
-                // of the frames covers it.
-                let n = if hook == Hook::TcOut { frames / 4 } else { frames };
-                s.spawn(move || fuzz(hook, seed, n))
-            })
-            .collect();
+            .map(|&hook| (hook, false, if hook == Hook::TcOut { frames / 4 } else { frames }))
+            .chain([Hook::TcIn, Hook::Xdp].map(|hook| (hook, true, frames)));
+        let handles: Vec<_> =
+            runs.map(|(hook, log, n)| s.spawn(move || fuzz(hook, log, seed, n))).collect();
         handles.into_iter().map(|h| h.join().expect("fuzz thread panicked")).collect()
     });
     let mut failures = String::new();
@@ -294,10 +306,11 @@ fn differential_fuzz() {
             Ok(st) => {
                 total += st.frames;
                 eprintln!(
-                    "  {:?}: {} frames in {:.1}s ({:.0} frames/s): {} counted an event, {} \
+                    "  {:?}{}: {} frames in {:.1}s ({:.0} frames/s): {} counted an event, {} \
                      malformed, the rest nothing, {} refused by the test run; kernel and \
                      reference agree",
                     st.hook,
+                    if st.log { " (--peer-counts log)" } else { "" },
                     st.frames,
                     st.secs,
                     st.frames as f64 / st.secs,

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use smtpflow::{
@@ -14,8 +14,8 @@ use smtpflow::{
 };
 use smtpflow_common::{
     Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, FlowKey, FlowState,
-    PeerCounters, PeerKey, Side, Stat, names,
-    peer::PEER_EVENT_SLOTS,
+    PeerCounters, PeerKey, PeerRecord, Side, Stat, names,
+    peer::{PEER_EVENT_SLOTS, peer_counts},
     reference::{self, Effect},
 };
 use smtpflow_tests::frames::{ETH_P_IP, ETH_P_IPV6, hex};
@@ -125,6 +125,8 @@ pub(crate) struct Kernel {
     /// The exact counters, read as the drain reads them.
     pub(crate) counters: Totals,
     pub(crate) peers: HashMap<MapData, PeerKey, PeerCounters>,
+    /// With `--peer-counts log`: the per-peer log, read instead of `peers`.
+    pub(crate) peer_log: Option<RingBuf<MapData>>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
     /// The flow map, which the ICMP cases fill with the attempts their messages answer.
     pub(crate) flows: HashMap<MapData, FlowKey, FlowState>,
@@ -136,7 +138,14 @@ impl Kernel {
     /// Loads the object as `smtpflow watch` does (the same globals; drop reasons off), with only
     /// `hook`'s program, not attached.
     pub(crate) fn load(hook: Hook) -> anyhow::Result<Self> {
+        Self::load_as(hook, false)
+    }
+
+    /// [`Self::load`], the per-peer counts going through the per-peer log when `log`
+    /// (`--peer-counts log`).
+    pub(crate) fn load_as(hook: Hook, log: bool) -> anyhow::Result<Self> {
         let mut config = Config::from_ports(PORTS, PLAINTEXT).context("ports")?;
+        config.peer_log = if log { peer_counts::LOG } else { peer_counts::MAP };
         // The test run's device in the first slot: the path compared in place.
         config.set_ifaces(&[lo_ifindex()]).context("interfaces")?;
         // Flows are not compared; a smaller map than the default keeps three copies light.
@@ -156,10 +165,11 @@ impl Kernel {
         }
         let mut take = |map: &str| ebpf.take_map(map).with_context(|| format!("no map {map}"));
         let peers = take(names::MAP_PEERS)?.try_into()?;
+        let peer_log = if log { Some(take(names::MAP_PEER_LOG)?.try_into()?) } else { None };
         let stats = take(names::MAP_STATS)?.try_into()?;
         let flows = take(names::MAP_FLOWS)?.try_into()?;
         let counters = Totals::take(&mut ebpf, &config)?;
-        Ok(Self { hook, ebpf, counters, peers, stats, flows, last: Counts::default() })
+        Ok(Self { hook, ebpf, counters, peers, peer_log, stats, flows, last: Counts::default() })
     }
 
     /// One test run of `frame`; the program's return value, or `None` when a TC test run
@@ -204,13 +214,34 @@ impl Kernel {
             }
         }
         c.malformed = self.stats.get(&(Stat::Malformed as u32), 0)?.iter().sum();
+        let mut logged: BTreeMap<PeerKey, PeerCounters> = BTreeMap::new();
+        if let Some(log) = &mut self.peer_log {
+            // Added up as smtpflow's table adds them; the map stays empty.
+            while let Some(item) = log.next() {
+                anyhow::ensure!(
+                    item.len() == size_of::<PeerRecord>(),
+                    "a {}-byte record",
+                    item.len()
+                );
+                // SAFETY: exactly a PeerRecord's bytes; any bit pattern is valid.
+                let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
+                logged.entry(r.peer).or_default().add_record(&r);
+            }
+        }
         let keys: Vec<PeerKey> = self.peers.keys().collect::<Result<_, _>>()?;
+        anyhow::ensure!(
+            self.peer_log.is_none() || keys.is_empty(),
+            "--peer-counts log: the per-peer map has {} entries",
+            keys.len()
+        );
         for k in keys {
-            let v = self.peers.get(&k, 0)?;
+            logged.insert(k, self.peers.get(&k, 0)?);
+            self.peers.remove(&k)?;
+        }
+        for (k, v) in logged {
             if v.counts.iter().any(|&n| n != 0) {
                 c.peers.insert(k, v.counts);
             }
-            self.peers.remove(&k)?;
         }
         Ok(c)
     }

@@ -16,10 +16,15 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
     util::nr_cpus,
 };
-use smtpflow::kernel::{self, Sizes};
+use smtpflow::{
+    drain::peer_log::PeerLog,
+    kernel::{self, Sizes},
+};
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig,
-    Event, Scope, Side, Stat, names, rules::tcp_flags::SYN,
+    Event, Scope, Side, Stat, names,
+    peer::{PEER_LOG_BYTES, peer_counts},
+    rules::tcp_flags::SYN,
 };
 use smtpflow_tests::{
     frames::{ETH_P_IP, Eth, IPPROTO_TCP, Ipv4, Tcp},
@@ -136,4 +141,47 @@ fn a_failed_map_update_is_counted_and_reported_on_powers_of_two() {
     let (failed, lines) = failures(INFO, 9).expect("nine SYNs with COUNTERS full, at info");
     assert_eq!(failed, 9, "counted the same below debug");
     assert_eq!(lines, [], "nothing reported below debug");
+}
+
+/// With `--peer-counts log`, a record the per-peer log has no room for is lost and counted,
+/// never silently: one SYN run 300,000 times through TC ingress with nothing reading the log
+/// between (more records than its 8 MiB hold) leaves the log full, and every run's record is
+/// either in it, read and added up by smtpflow's own reader, or counted in
+/// `peer_insert_failed`.
+#[test]
+fn a_full_peer_log_counts_every_record_it_loses() {
+    require_root!();
+    if !kernel_available() {
+        return;
+    }
+    const RUNS: u32 = 300_000;
+    let mut config = Config::from_ports(PORTS, PLAINTEXT).expect("ports");
+    config.set_ifaces(&[super::programs::lo_ifindex()]).expect("interfaces");
+    config.peer_log = peer_counts::LOG;
+    let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 1024 };
+    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0).expect("load");
+    let name = names::PROG_TC_INGRESS;
+    let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().unwrap();
+    prog.load().expect("loading TC ingress");
+    let prog: &SchedClassifier = ebpf.program(name).expect("program").try_into().unwrap();
+    let frame = Eth::new(MAC_GW, MAC_PEER).frame(
+        ETH_P_IP,
+        &Ipv4::new(peer_v4(), gw_v4(), IPPROTO_TCP).packet(&Tcp::new(40_000, 25, SYN).bytes()),
+    );
+    let opts = TestRunOptions { data_in: Some(&frame), repeat: RUNS, ..TestRunOptions::default() };
+    let verdict = prog.test_run(opts).expect("test run").return_value;
+    assert_eq!(verdict, u32::MAX, "the packet's fate changed");
+
+    let ring = ebpf.take_map(names::MAP_PEER_LOG).expect("no PEER_LOG").try_into().unwrap();
+    let mut log = PeerLog::new(ring, 16);
+    let read = log.pump() as u64;
+    let stats: PerCpuArray<_, u64> =
+        ebpf.take_map(names::MAP_STATS).expect("no STATS").try_into().unwrap();
+    let lost: u64 = stats.get(&(Stat::PeerInsertFailed as u32), 0).unwrap().iter().sum();
+    // A record takes 40 bytes of the ring (its 8-byte header and 32 bytes).
+    let room = u64::from(PEER_LOG_BYTES) / 40;
+    assert_eq!((read, lost), (room, u64::from(RUNS) - room), "records read and counted lost");
+    let syns: Vec<u64> = log.table().iter().map(|(_, c)| c.event(Event::Syn, Side::Peer)).collect();
+    assert_eq!(syns, [room], "one peer, every record read added up");
+    assert_eq!(log.pump(), 0, "the log was read to its end");
 }

@@ -12,7 +12,9 @@
 //! (EHLO/HELO, EHLO replies with and without STARTTLS, STARTTLS 220 then TLS records, implicit
 //! TLS on 465, resets and FINs mid-handshake, retransmissions, payloads longer than an event
 //! carries) and seeded random ones (the client's SYN again among their segments: a
-//! retransmission with its first sequence number, else a new attempt).
+//! retransmission with its first sequence number, else a new attempt). Each mode runs twice: with
+//! the per-peer map, and with the per-peer log (`--peer-counts log`), whose records are added up
+//! as smtpflow adds them.
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
@@ -27,11 +29,11 @@ use smtpflow::{
 };
 use smtpflow_common::{
     Config, Counter, CounterKey, DEFAULT_MAX_PEERS, DropConfig, FlowKey, FlowState, PeerCounters,
-    PeerGreetingKey, PeerKey, Scope, Side, direction_of,
+    PeerGreetingKey, PeerKey, PeerRecord, Scope, Side, direction_of,
     flow::step,
     names,
     payload::{PAYLOAD_BYTES, PayloadEvent, PayloadKind},
-    peer::PEER_RESET_SLOTS,
+    peer::{PEER_RESET_SLOTS, peer_counts},
     reference::{self, Parsed},
     rules::tcp_flags::{ACK, FIN, PSH, RST, SYN},
     smtp_port,
@@ -92,6 +94,8 @@ struct Programs {
     ebpf: Ebpf,
     counters: Totals,
     peers: HashMap<MapData, PeerKey, PeerCounters>,
+    /// With `--peer-counts log`: the per-peer log, read instead of `peers`.
+    peer_log: Option<RingBuf<MapData>>,
     greetings: HashMap<MapData, PeerGreetingKey, u64>,
     payloads: RingBuf<MapData>,
     /// The counters compared ([`followed`]) as read last (they are cumulative).
@@ -108,8 +112,10 @@ fn followed<'a>(seen: &'a mut Seen, key: &CounterKey) -> Option<&'a mut BTreeMap
 }
 
 impl Programs {
-    fn load(xdp: bool) -> anyhow::Result<Self> {
+    /// `log`: the per-peer counts go through the per-peer log (`--peer-counts log`).
+    fn load(xdp: bool, log: bool) -> anyhow::Result<Self> {
         let mut config = Config::from_ports(PORTS, PLAINTEXT).context("ports")?;
+        config.peer_log = if log { peer_counts::LOG } else { peer_counts::MAP };
         // The test run's device in the second slot, after an interface no packet comes in on:
         // the scopes of a second interface, told apart by a mask.
         config.set_ifaces(&[OTHER_IFINDEX, lo_ifindex()]).context("interfaces")?;
@@ -129,10 +135,20 @@ impl Programs {
         }
         let mut take = |map: &str| ebpf.take_map(map).with_context(|| format!("no map {map}"));
         let peers = take(names::MAP_PEERS)?.try_into()?;
+        let peer_log = if log { Some(take(names::MAP_PEER_LOG)?.try_into()?) } else { None };
         let greetings = take(names::MAP_PEER_GREETINGS)?.try_into()?;
         let payloads = take(names::MAP_PAYLOADS)?.try_into()?;
         let counters = Totals::take(&mut ebpf, &config)?;
-        Ok(Self { xdp, ebpf, counters, peers, greetings, payloads, followed: BTreeMap::new() })
+        Ok(Self {
+            xdp,
+            ebpf,
+            counters,
+            peers,
+            peer_log,
+            greetings,
+            payloads,
+            followed: BTreeMap::new(),
+        })
     }
 
     /// The program that sees a frame sent by `side`; `None` where none does (XDP: egress).
@@ -183,13 +199,29 @@ impl Programs {
             }
         }
         self.followed = now;
+        let mut peers: BTreeMap<PeerKey, PeerCounters> = BTreeMap::new();
+        if let Some(log) = &mut self.peer_log {
+            // Added up as smtpflow's table adds them.
+            while let Some(item) = log.next() {
+                anyhow::ensure!(
+                    item.len() == size_of::<PeerRecord>(),
+                    "a {}-byte record",
+                    item.len()
+                );
+                // SAFETY: exactly a PeerRecord's bytes; any bit pattern is valid.
+                let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
+                peers.entry(r.peer).or_default().add_record(&r);
+            }
+        }
         let keys: Vec<PeerKey> = self.peers.keys().collect::<Result<_, _>>()?;
         for k in keys {
-            let v = self.peers.get(&k, 0)?;
+            peers.insert(k, self.peers.get(&k, 0)?);
+            self.peers.remove(&k)?;
+        }
+        for (k, v) in peers {
             if v.resets.iter().any(|&n| n != 0) {
                 seen.resets.insert(k, v.resets);
             }
-            self.peers.remove(&k)?;
         }
         let keys: Vec<PeerGreetingKey> = self.greetings.keys().collect::<Result<_, _>>()?;
         for k in keys {
@@ -608,7 +640,12 @@ fn check(
     if got == model.seen {
         return Ok(Ok(got));
     }
-    let mode = if k.xdp { "XDP" } else { "TC" };
+    let mode = match (k.xdp, k.peer_log.is_some()) {
+        (false, false) => "TC",
+        (true, false) => "XDP",
+        (false, true) => "TC --peer-counts log",
+        (true, true) => "XDP --peer-counts log",
+    };
     Ok(Err(format!(
         "{mode} {name} (port {port}, {}):\n  kernel {got:?}\n  model  {:?}",
         if inbound { "inbound" } else { "outbound" },
@@ -627,8 +664,8 @@ fn kernel_follows_sessions_as_the_model_does() {
     let mut wrong = Vec::new();
     let mut kinds = BTreeMap::new();
     let mut stages = BTreeMap::new();
-    for xdp in [false, true] {
-        let mut k = Programs::load(xdp).expect("load");
+    for (xdp, log) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mut k = Programs::load(xdp, log).expect("load");
         let mut client_port = 30_000u16;
         let mut run = |name: String, port, inbound, segs: &[Seg]| {
             client_port += 1;

@@ -42,7 +42,9 @@ enum Needs {
 /// attach method, the verifier on every program (the parser's direct reads and its
 /// `bpf_skb_load_bytes` fallback, reply reading, the ICMP unreachable path), drop reasons by name from each kernel's BTF (IPv4 and IPv6, read through the kernel's typed pointers),
 /// the tcp_conn_request fexit, conntrack statistics through ctnetlink, the LRU maps' room
-/// (each kernel's LRU keeps its own number of free entries per CPU), and the diagnosis at its
+/// (each kernel's LRU keeps its own number of free entries per CPU), the per-peer log
+/// (`--peer-counts log`: the programs write a ring buffer instead of the per-peer map), and the
+/// diagnosis at its
 /// default thresholds: silent on a noisy but healthy gateway, naming each real fault.
 const SUITE: &[(&str, &str, Needs)] = &[
     ("traffic", "tc_ipv4_connections", Needs::Any),
@@ -63,6 +65,7 @@ const SUITE: &[(&str, &str, Needs)] = &[
     ("handshakes", "tc_outbound_unreachable_answered_by_icmp", Needs::Any),
     ("handshakes", "xdp_ingress_only_outcomes", Needs::Any),
     ("peer_series", "peers_that_fit_are_never_evicted", Needs::Any),
+    ("peer_series", "peers_that_fit_are_never_evicted_from_the_peer_log", Needs::Any),
     ("pressure", "conntrack_default_source_is_ctnetlink_and_matches_node_exporter", Needs::Any),
     ("diagnosis", "noisy::noisy_but_healthy_gateway_raises_no_cause", Needs::Any),
     ("diagnosis", "faults::remote_throttling_a_421_on_every_session", Needs::Any),

@@ -1,0 +1,386 @@
+//! `--peer-counts log`: the per-peer counts as a log the kernel appends to and userspace adds
+//! up, instead of the kernel's per-peer LRU map.
+//!
+//! Each counted packet appends one [`PeerRecord`] (its peer and what it adds) to the `PEER_LOG`
+//! ring buffer: no lookup, no insert and no eviction on the packet's path, which is what a SYN
+//! flood from new sources costs the per-peer map ("The floor round" in docs/benchmarks.md). A
+//! thread reads the ring every [`PEER_LOG_POLL_MS`] and adds each record to its peer in a
+//! [`PeerTable`], bounded by `--max-peers`; the drain reads it first ([`PeerLog::pump`]), so a
+//! reading holds every record written before it. The table then stands where the kernel's map
+//! stood: the per-peer reader streams its entries the same way.
+use std::{
+    collections::HashMap,
+    hash::RandomState,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    thread,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use smtpflow_common::{
+    PeerCounters, PeerKey, PeerRecord,
+    peer::{PEER_LOG_BYTES, PEER_LOG_POLL_MS},
+};
+
+/// Userspace's per-peer table: the counts of at most `capacity` peers (`--max-peers`). A new
+/// peer in a full table evicts one, and the eviction is counted. Which one: CLOCK, the
+/// second-chance approximation of least recently used. A peer counted since the clock's hand
+/// last passed it is spared once; a new peer starts unmarked, so a flood of sources seen once
+/// evicts its own kind before a peer that keeps coming back.
+///
+/// Laid out for the caches: the entries side by side in one vector (a count adds to one entry in
+/// place, a reading walks them in order), found through an index of their positions. Keys come
+/// from the wire (a flood chooses its source addresses), so the index hashes them with a
+/// randomly keyed SipHash.
+#[derive(Debug)]
+pub struct PeerTable {
+    index: HashMap<PeerKey, u32, RandomState>,
+    slots: Vec<Slot>,
+    /// The clock's hand: the next slot an eviction looks at.
+    hand: usize,
+    capacity: usize,
+    evictions: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: PeerKey,
+    counters: PeerCounters,
+    /// Counted since the hand last passed.
+    referenced: bool,
+}
+
+impl PeerTable {
+    /// An empty table for `capacity` peers (at least one). It grows as peers come: a big
+    /// `--max-peers` costs memory only once that many peers were seen.
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            index: HashMap::with_hasher(RandomState::new()),
+            slots: Vec::new(),
+            hand: 0,
+            capacity: (capacity as usize).clamp(1, u32::MAX as usize),
+            evictions: 0,
+        }
+    }
+
+    /// Adds `counters` to `key`'s entry, creating it (and evicting one when the table is
+    /// full).
+    pub fn add(&mut self, key: &PeerKey, counters: &PeerCounters) {
+        if let Some(&at) = self.index.get(key) {
+            let slot = &mut self.slots[at as usize];
+            slot.counters.merge(counters);
+            slot.referenced = true;
+            return;
+        }
+        if self.slots.len() >= self.capacity {
+            self.evict_one();
+        }
+        self.index.insert(*key, self.slots.len() as u32);
+        self.slots.push(Slot { key: *key, counters: *counters, referenced: false });
+    }
+
+    /// Evicts the first unmarked entry from the hand on, unmarking those it passes: at most
+    /// one turn and a slot.
+    fn evict_one(&mut self) {
+        loop {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let Some(slot) = self.slots.get_mut(self.hand) else { return };
+            if slot.referenced {
+                slot.referenced = false;
+                self.hand += 1;
+                continue;
+            }
+            let gone = self.slots.swap_remove(self.hand);
+            self.index.remove(&gone.key);
+            // The last entry moved into the freed slot.
+            if let Some(moved) = self.slots.get(self.hand) {
+                self.index.insert(moved.key, self.hand as u32);
+            }
+            self.evictions += 1;
+            return;
+        }
+    }
+
+    /// Peers in the table.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Entries evicted to make room, since the start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Every entry.
+    pub fn iter(&self) -> impl Iterator<Item = (&PeerKey, &PeerCounters)> {
+        self.slots.iter().map(|s| (&s.key, &s.counters))
+    }
+
+    /// One peer's counts.
+    pub fn get(&self, k: &PeerKey) -> Option<&PeerCounters> {
+        self.index.get(k).map(|&at| &self.slots[at as usize].counters)
+    }
+}
+
+/// Records added up per peer before they go to the table: bounds the batch's memory (about
+/// 170 bytes a peer) whatever a read finds in the ring.
+const BATCH: usize = 4096;
+
+/// The ring the kernel writes and the table it is added up into.
+pub struct PeerLog {
+    ring: RingBuf<MapData>,
+    table: PeerTable,
+    /// The records of one read added up per peer before they go to the table: the packets of
+    /// one connection (a SYN, its SYN-ACK, the RST) come microseconds apart, so they touch the
+    /// table once. Emptied after each use; its room is kept.
+    batch: HashMap<PeerKey, PeerCounters, RandomState>,
+    /// Records of another size than [`PeerRecord`] (a kernel object of another version).
+    skipped: u64,
+}
+
+impl PeerLog {
+    pub fn new(ring: RingBuf<MapData>, capacity: u32) -> Self {
+        Self {
+            ring,
+            table: PeerTable::new(capacity),
+            batch: HashMap::with_hasher(RandomState::new()),
+            skipped: 0,
+        }
+    }
+
+    /// Adds every record the kernel wrote since the last call to the table, and returns how
+    /// many. At most a ring's worth per call, so that a kernel writing as fast as this reads
+    /// cannot keep the caller here.
+    pub fn pump(&mut self) -> usize {
+        const MOST: usize = PEER_LOG_BYTES as usize / size_of::<PeerRecord>();
+        let mut read = 0;
+        for _ in 0..MOST {
+            let Some(item) = self.ring.next() else { break };
+            if item.len() != size_of::<PeerRecord>() {
+                self.skipped += 1;
+                continue;
+            }
+            // SAFETY: `item` holds exactly a `PeerRecord`'s bytes, and every bit pattern is a
+            // valid `PeerRecord` (integers and byte arrays only).
+            let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
+            drop(item);
+            self.batch.entry(r.peer).or_default().add_record(&r);
+            read += 1;
+            if read % BATCH == 0 {
+                flush(&mut self.batch, &mut self.table);
+            }
+        }
+        flush(&mut self.batch, &mut self.table);
+        read
+    }
+
+    pub fn table(&self) -> &PeerTable {
+        &self.table
+    }
+
+    /// Records skipped for their size since the start.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+}
+
+/// The log, shared between the drain and the thread that reads the ring between drains.
+pub struct SharedPeerLog {
+    log: Arc<Mutex<PeerLog>>,
+    polling: bool,
+}
+
+impl SharedPeerLog {
+    pub fn new(log: PeerLog) -> Self {
+        Self { log: Arc::new(Mutex::new(log)), polling: false }
+    }
+
+    /// Starts the thread that reads the ring every [`PEER_LOG_POLL_MS`], once. Started by the
+    /// first drain, not when the maps are taken: `watch` drops its capabilities while it has
+    /// one thread (capabilities belong to threads), between the two. The thread ends when the
+    /// log is dropped.
+    pub fn start_polling(&mut self) -> anyhow::Result<()> {
+        if self.polling {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(&self.log);
+        thread::Builder::new()
+            .name("peer-log".into())
+            .spawn(move || poll(&weak))
+            .context("starting the thread that reads the per-peer log")?;
+        self.polling = true;
+        Ok(())
+    }
+
+    /// Entries the table evicted to make room, since the start.
+    pub fn evictions(&self) -> u64 {
+        lock(&self.log).table.evictions()
+    }
+
+    /// The log, with every record written so far added up.
+    pub fn read(&self) -> MutexGuard<'_, PeerLog> {
+        let mut log = lock(&self.log);
+        log.pump();
+        log
+    }
+}
+
+/// Adds a batch to the table, in the order of its keys (random: no peer is favoured by the
+/// clock), and empties it.
+fn flush(batch: &mut HashMap<PeerKey, PeerCounters, RandomState>, table: &mut PeerTable) {
+    for (k, c) in batch.drain() {
+        table.add(&k, &c);
+    }
+}
+
+fn lock(log: &Mutex<PeerLog>) -> MutexGuard<'_, PeerLog> {
+    // A panic while the table was held leaves whole records added: the table stays usable.
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn poll(log: &Weak<Mutex<PeerLog>>) {
+    let every = Duration::from_millis(PEER_LOG_POLL_MS);
+    while let Some(log) = log.upgrade() {
+        lock(&log).pump();
+        drop(log);
+        thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use smtpflow_common::{Event, Outcome, Phase, Side, peer::BUMP_NONE};
+
+    use super::*;
+
+    fn record(last: u8, event: u8, outcome: u8, reset: u8, throttled: u8) -> PeerRecord {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, last]);
+        PeerRecord {
+            peer: PeerKey { ifindex: 2, addr, port: 25, family: 4, direction: 0 },
+            event,
+            outcome,
+            reset,
+            throttled,
+            _pad: 0,
+        }
+    }
+
+    fn add(t: &mut PeerTable, r: &PeerRecord) {
+        let mut c = PeerCounters::ZERO;
+        c.add_record(r);
+        t.add(&r.peer, &c);
+    }
+
+    fn syn(n: u8) -> PeerRecord {
+        record(n, PeerCounters::index(Event::Syn, Side::Peer) as u8, BUMP_NONE, BUMP_NONE, 0)
+    }
+
+    #[test]
+    fn records_add_up_as_the_kernel_map_counts() {
+        let mut t = PeerTable::new(4);
+        let syn = PeerCounters::index(Event::Syn, Side::Peer) as u8;
+        add(&mut t, &record(1, syn, BUMP_NONE, BUMP_NONE, 0));
+        add(&mut t, &record(1, syn, Outcome::Established as u8, BUMP_NONE, 0));
+        add(&mut t, &record(1, BUMP_NONE, BUMP_NONE, Phase::Handshake as u8, 1));
+        // Nothing counted: the entry is still made, as the kernel's insert makes it.
+        add(&mut t, &record(2, BUMP_NONE, BUMP_NONE, BUMP_NONE, 0));
+        let c = t.get(&record(1, 0, 0, 0, 0).peer).unwrap();
+        assert_eq!(c.event(Event::Syn, Side::Peer), 2);
+        assert_eq!(c.outcome(Outcome::Established), 1);
+        assert_eq!(c.resets(Phase::Handshake), 1);
+        assert_eq!(c.throttled, 1);
+        assert_eq!(c.total(), 4);
+        assert_eq!(t.get(&record(2, 0, 0, 0, 0).peer), Some(&PeerCounters::ZERO));
+        assert_eq!((t.len(), t.evictions()), (2, 0));
+    }
+
+    #[test]
+    fn a_full_table_evicts_a_peer_not_counted_again_and_counts_it() {
+        let mut t = PeerTable::new(2);
+        let peer = |n| record(n, 0, 0, 0, 0).peer;
+        add(&mut t, &syn(1));
+        add(&mut t, &syn(2));
+        // 1 counted again: 2 goes first.
+        add(&mut t, &syn(1));
+        add(&mut t, &syn(3));
+        assert_eq!((t.len(), t.evictions()), (2, 1));
+        assert!(t.get(&peer(2)).is_none());
+        assert_eq!(t.get(&peer(1)).unwrap().event(Event::Syn, Side::Peer), 2);
+        assert_eq!(t.get(&peer(3)).unwrap().event(Event::Syn, Side::Peer), 1);
+        // The moved entry is still found where it went.
+        add(&mut t, &syn(3));
+        assert_eq!(t.get(&peer(3)).unwrap().event(Event::Syn, Side::Peer), 2);
+    }
+
+    #[test]
+    fn peers_that_fit_are_never_evicted_and_a_flood_evicts_its_own_kind() {
+        let mut t = PeerTable::new(200);
+        for _ in 0..3 {
+            for n in 0..200u8 {
+                add(&mut t, &syn(n));
+            }
+        }
+        assert_eq!((t.len(), t.evictions()), (200, 0));
+        assert!(t.iter().all(|(_, c)| c.event(Event::Syn, Side::Peer) == 3));
+        // 100 peers keep coming back while 10,000 sources come once each: the sources evict
+        // one another, and the peers that came back stay.
+        let mut t = PeerTable::new(200);
+        let other = |n: u32| {
+            let mut r = syn(0);
+            r.peer.addr[..4].copy_from_slice(&(0x0a00_0000 + n).to_be_bytes());
+            r
+        };
+        for n in 0..10_000u32 {
+            if n % 50 == 0 {
+                for p in 0..100u8 {
+                    add(&mut t, &syn(p));
+                }
+            }
+            add(&mut t, &other(n));
+        }
+        assert_eq!(t.len(), 200);
+        assert_eq!(t.evictions(), 100 + 10_000 - 200);
+        for p in 0..100u8 {
+            let c = t.get(&syn(p).peer).map(|c| c.event(Event::Syn, Side::Peer));
+            assert_eq!(c, Some(200), "peer {p}");
+        }
+    }
+
+    #[test]
+    fn a_batch_of_records_adds_up_as_the_records_one_by_one() {
+        let records: Vec<PeerRecord> = (0..1000u32)
+            .map(|i| {
+                let n = (i * 7 % 50) as u8;
+                match i % 3 {
+                    0 => syn(n),
+                    1 => record(n, BUMP_NONE, Outcome::Established as u8, BUMP_NONE, 0),
+                    _ => record(n, BUMP_NONE, BUMP_NONE, Phase::Session as u8, (i % 2) as u8),
+                }
+            })
+            .collect();
+        let mut one_by_one = PeerTable::new(64);
+        for r in &records {
+            add(&mut one_by_one, r);
+        }
+        let mut batch: HashMap<PeerKey, PeerCounters> = HashMap::new();
+        for r in &records {
+            batch.entry(r.peer).or_default().add_record(r);
+        }
+        let mut batched = PeerTable::new(64);
+        for (k, c) in &batch {
+            batched.add(k, c);
+        }
+        assert_eq!(batched.len(), one_by_one.len());
+        for (k, c) in one_by_one.iter() {
+            assert_eq!(batched.get(k), Some(c));
+        }
+    }
+}
