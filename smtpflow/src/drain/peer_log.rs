@@ -73,34 +73,36 @@ impl PeerTable {
             slot.referenced = true;
             return;
         }
-        if self.slots.len() >= self.capacity {
-            self.evict_one();
+        let slot = Slot { key: *key, counters: *counters, referenced: false };
+        if self.slots.len() < self.capacity {
+            self.index.insert(*key, self.slots.len() as u32);
+            self.slots.push(slot);
+            return;
         }
-        self.index.insert(*key, self.slots.len() as u32);
-        self.slots.push(Slot { key: *key, counters: *counters, referenced: false });
+        // The new entry takes the evicted one's place, and the hand moves past it: it is the
+        // last the hand comes back to, so a peer whose connection is under way (its first
+        // records added, the rest to come) is not the next one evicted.
+        let at = self.victim();
+        let gone = std::mem::replace(&mut self.slots[at], slot);
+        self.index.remove(&gone.key);
+        self.index.insert(*key, at as u32);
+        self.hand = at + 1;
+        self.evictions += 1;
     }
 
-    /// Evicts the first unmarked entry from the hand on, unmarking those it passes: at most
-    /// one turn and a slot.
-    fn evict_one(&mut self) {
+    /// The first unmarked entry from the hand on, unmarking those it passes: at most one turn
+    /// and a slot. The table is full (and so not empty).
+    fn victim(&mut self) -> usize {
         loop {
             if self.hand >= self.slots.len() {
                 self.hand = 0;
             }
-            let Some(slot) = self.slots.get_mut(self.hand) else { return };
-            if slot.referenced {
-                slot.referenced = false;
-                self.hand += 1;
-                continue;
+            let slot = &mut self.slots[self.hand];
+            if !slot.referenced {
+                return self.hand;
             }
-            let gone = self.slots.swap_remove(self.hand);
-            self.index.remove(&gone.key);
-            // The last entry moved into the freed slot.
-            if let Some(moved) = self.slots.get(self.hand) {
-                self.index.insert(moved.key, self.hand as u32);
-            }
-            self.evictions += 1;
-            return;
+            slot.referenced = false;
+            self.hand += 1;
         }
     }
 
@@ -315,9 +317,14 @@ mod tests {
         assert!(t.get(&peer(2)).is_none());
         assert_eq!(t.get(&peer(1)).unwrap().event(Event::Syn, Side::Peer), 2);
         assert_eq!(t.get(&peer(3)).unwrap().event(Event::Syn, Side::Peer), 1);
-        // The moved entry is still found where it went.
+        // 3 took 2's place, and the hand moved past it: 1 (unmarked by the hand's pass) goes
+        // next, not 3, whose connection may still be under way.
+        add(&mut t, &syn(4));
+        assert!(t.get(&peer(1)).is_none());
+        assert_eq!(t.get(&peer(3)).unwrap().event(Event::Syn, Side::Peer), 1);
         add(&mut t, &syn(3));
         assert_eq!(t.get(&peer(3)).unwrap().event(Event::Syn, Side::Peer), 2);
+        assert_eq!((t.len(), t.evictions()), (2, 2));
     }
 
     #[test]
