@@ -295,6 +295,24 @@ fn accounted_flood(
     Ok((after.since(&before), started.elapsed().as_secs_f64()))
 }
 
+/// The cells of one of smtpflow's programs against the empty one, `(ours, empty)`: as it runs
+/// by default (`suffix` empty) with its target and a check in `report`; with the flags `suffix`
+/// names (`--peer-counts log`), without a target.
+fn cost_cells(
+    report: &mut Report,
+    what: String,
+    suffix: &str,
+    (ours, empty): (accounting::Cost, accounting::Cost),
+    wall: f64,
+    target: f64,
+) -> anyhow::Result<Vec<String>> {
+    if suffix.is_empty() {
+        accounting::versus(report, what, ours, empty, wall, target)
+    } else {
+        accounting::floor(&format!("{what}{suffix}"), ours, empty, wall)
+    }
+}
+
 /// Section 3a's rows of one source count: smtpflow's programs' ns/run during the flood against
 /// empty programs of the same types. TC: the empty program beside smtpflow's on each TCX hook,
 /// in the same flood. XDP: one program per interface, so the empty one floods right before.
@@ -316,13 +334,9 @@ fn accounting_rows(
         let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
         drop((beside, sf));
         for (hook, prog) in [("ingress", "smtpflow_tc_in"), ("egress", "smtpflow_tc_out")] {
-            let (ours, theirs) = (tc.get(hook, prog)?, tc.get(hook, empty::EMPTY_TC)?);
             let what = format!("SYN flood from {sources} sources: {prog} ns/run (TC {hook})");
-            let cells = if suffix.is_empty() {
-                accounting::versus(report, what, ours, theirs, wall, target)?
-            } else {
-                accounting::floor(&format!("{what}{suffix}"), ours, theirs, wall)?
-            };
+            let (ours, theirs) = (tc.get(hook, prog)?, tc.get(hook, empty::EMPTY_TC)?);
+            let cells = cost_cells(report, what, suffix, (ours, theirs), wall, target)?;
             let label = format!("{} (TCX {hook}, same flood)", empty::EMPTY_TC);
             let row = vec![sources.to_string(), format!("{prog}{suffix}"), label];
             sec.rows.push([row, cells].concat());
@@ -336,15 +350,9 @@ fn accounting_rows(
         let sf = sys::watch(gw, &[&["--mode", "xdp"], flags].concat())?;
         let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
         drop(sf);
-        let (ours, what) = (
-            xdp.get("xdp", "smtpflow_xdp")?,
-            format!("SYN flood from {sources} sources: smtpflow_xdp ns/run"),
-        );
-        let cells = if suffix.is_empty() {
-            accounting::versus(report, what, ours, empty_xdp, wall, target)?
-        } else {
-            accounting::floor(&format!("{what}{suffix}"), ours, empty_xdp, wall)?
-        };
+        let what = format!("SYN flood from {sources} sources: smtpflow_xdp ns/run");
+        let costs = (xdp.get("xdp", "smtpflow_xdp")?, empty_xdp);
+        let cells = cost_cells(report, what, suffix, costs, wall, target)?;
         let label = format!("{} (the flood before)", empty::EMPTY_XDP);
         let row = vec![sources.to_string(), format!("smtpflow_xdp{suffix}"), label];
         sec.rows.push([row, cells].concat());

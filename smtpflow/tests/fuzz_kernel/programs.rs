@@ -216,17 +216,8 @@ impl Kernel {
         c.malformed = self.stats.get(&(Stat::Malformed as u32), 0)?.iter().sum();
         let mut logged: BTreeMap<PeerKey, PeerCounters> = BTreeMap::new();
         if let Some(log) = &mut self.peer_log {
-            // Added up as smtpflow's table adds them; the map stays empty.
-            while let Some(item) = log.next() {
-                anyhow::ensure!(
-                    item.len() == size_of::<PeerRecord>(),
-                    "a {}-byte record",
-                    item.len()
-                );
-                // SAFETY: exactly a PeerRecord's bytes; any bit pattern is valid.
-                let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
-                logged.entry(r.peer).or_default().add_record(&r);
-            }
+            // The map stays empty.
+            add_up_peer_log(log, &mut logged)?;
         }
         let keys: Vec<PeerKey> = self.peers.keys().collect::<Result<_, _>>()?;
         anyhow::ensure!(
@@ -268,6 +259,21 @@ impl Kernel {
         let Some(verdict) = self.run(frame)? else { return Ok(None) };
         Ok(Some((verdict, self.delta()?)))
     }
+}
+
+/// Reads the per-peer log to its end and adds its records up per peer into `into`, as
+/// smtpflow's table adds them ([`PeerCounters::add_record`]).
+pub(crate) fn add_up_peer_log(
+    log: &mut RingBuf<MapData>,
+    into: &mut BTreeMap<PeerKey, PeerCounters>,
+) -> anyhow::Result<()> {
+    while let Some(item) = log.next() {
+        anyhow::ensure!(item.len() == size_of::<PeerRecord>(), "a {}-byte record", item.len());
+        // SAFETY: exactly a PeerRecord's bytes; any bit pattern is valid.
+        let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
+        into.entry(r.peer).or_default().add_record(&r);
+    }
+    Ok(())
 }
 
 /// Frames a TC test run may refuse (`EINVAL`; Linux 6.18 does): `BPF_PROG_TEST_RUN` on an skb

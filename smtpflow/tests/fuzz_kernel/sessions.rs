@@ -29,7 +29,7 @@ use smtpflow::{
 };
 use smtpflow_common::{
     Config, Counter, CounterKey, DEFAULT_MAX_PEERS, DropConfig, FlowKey, FlowState, PeerCounters,
-    PeerGreetingKey, PeerKey, PeerRecord, Scope, Side, direction_of,
+    PeerGreetingKey, PeerKey, Scope, Side, direction_of,
     flow::step,
     names,
     payload::{PAYLOAD_BYTES, PayloadEvent, PayloadKind},
@@ -46,7 +46,7 @@ use smtpflow_tests::{
 use super::{
     PLAINTEXT, PORTS,
     corpus::{MAC_GW, MAC_PEER, Rng, gw_v4, peer_v4},
-    programs::{kernel_available, lo_ifindex},
+    programs::{add_up_peer_log, kernel_available, lo_ifindex},
 };
 
 /// A payload event as compared: the kernel's record, or the model's.
@@ -201,17 +201,7 @@ impl Programs {
         self.followed = now;
         let mut peers: BTreeMap<PeerKey, PeerCounters> = BTreeMap::new();
         if let Some(log) = &mut self.peer_log {
-            // Added up as smtpflow's table adds them.
-            while let Some(item) = log.next() {
-                anyhow::ensure!(
-                    item.len() == size_of::<PeerRecord>(),
-                    "a {}-byte record",
-                    item.len()
-                );
-                // SAFETY: exactly a PeerRecord's bytes; any bit pattern is valid.
-                let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
-                peers.entry(r.peer).or_default().add_record(&r);
-            }
+            add_up_peer_log(log, &mut peers)?;
         }
         let keys: Vec<PeerKey> = self.peers.keys().collect::<Result<_, _>>()?;
         for k in keys {
