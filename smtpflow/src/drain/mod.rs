@@ -247,6 +247,47 @@ impl Snapshot {
     }
 }
 
+/// A record type of the kernel's ring buffers: `#[repr(C)]` integers and byte arrays only.
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value.
+pub(crate) unsafe trait PlainRecord: Copy {}
+
+// SAFETY: integers and byte arrays only (`#[repr(C)]`, in smtpflow-common).
+unsafe impl PlainRecord for PayloadEvent {}
+// SAFETY: as above.
+unsafe impl PlainRecord for smtpflow_common::PeerRecord {}
+
+/// Reads at most `most` records from `ring` (so that a kernel writing as fast as this reads
+/// cannot keep the caller here), calling `f` on each, and returns how many were read. A record
+/// of another size than `T` (a kernel object of another version) is skipped, and said at debug
+/// level as `what` records.
+pub(crate) fn read_records<T: PlainRecord>(
+    ring: &mut RingBuf<MapData>,
+    most: usize,
+    what: &str,
+    mut f: impl FnMut(T),
+) -> usize {
+    let (mut read, mut skipped) = (0, 0);
+    for _ in 0..most {
+        let Some(item) = ring.next() else { break };
+        if item.len() != size_of::<T>() {
+            skipped += 1;
+            continue;
+        }
+        // SAFETY: `item` holds exactly a `T`'s bytes, and every bit pattern is a valid `T`
+        // (`PlainRecord`).
+        let record = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) };
+        drop(item);
+        f(record);
+        read += 1;
+    }
+    if skipped != 0 {
+        log::debug!("skipped {skipped} {what} records of an unexpected size");
+    }
+    read
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -371,24 +412,7 @@ impl Maps {
     /// that a kernel writing as fast as this reads cannot keep the drain here.
     pub fn read_payloads(&mut self, mut f: impl FnMut(&PayloadEvent)) -> usize {
         const MOST: usize = PAYLOAD_RING_BYTES as usize / size_of::<PayloadEvent>() + 1;
-        let mut read = 0;
-        let mut skipped = 0;
-        for _ in 0..MOST {
-            let Some(item) = self.payloads.next() else { break };
-            if item.len() != size_of::<PayloadEvent>() {
-                skipped += 1;
-                continue;
-            }
-            // SAFETY: `item` holds exactly a `PayloadEvent`'s bytes, and every bit pattern is a
-            // valid `PayloadEvent` (integers and byte arrays only).
-            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PayloadEvent>()) };
-            f(&ev);
-            read += 1;
-        }
-        if skipped != 0 {
-            log::debug!("skipped {skipped} payload records of an unexpected size");
-        }
-        read
+        read_records(&mut self.payloads, MOST, "payload", |ev: PayloadEvent| f(&ev))
     }
 
     /// The [`Stat`] counters, summed over CPUs.

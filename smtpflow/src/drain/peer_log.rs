@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use super::read_records;
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use smtpflow_common::{
@@ -143,8 +144,6 @@ pub struct PeerLog {
     /// one connection (a SYN, its SYN-ACK, the RST) come microseconds apart, so they touch the
     /// table once. Emptied after each use; its room is kept.
     batch: HashMap<PeerKey, PeerCounters, RandomState>,
-    /// Records of another size than [`PeerRecord`] (a kernel object of another version).
-    skipped: u64,
 }
 
 impl PeerLog {
@@ -153,7 +152,6 @@ impl PeerLog {
             ring,
             table: PeerTable::new(capacity),
             batch: HashMap::with_hasher(RandomState::new()),
-            skipped: 0,
         }
     }
 
@@ -162,34 +160,21 @@ impl PeerLog {
     /// cannot keep the caller here.
     pub fn pump(&mut self) -> usize {
         const MOST: usize = PEER_LOG_BYTES as usize / size_of::<PeerRecord>();
-        let mut read = 0;
-        for _ in 0..MOST {
-            let Some(item) = self.ring.next() else { break };
-            if item.len() != size_of::<PeerRecord>() {
-                self.skipped += 1;
-                continue;
+        let (batch, table) = (&mut self.batch, &mut self.table);
+        let mut batched = 0;
+        let read = read_records(&mut self.ring, MOST, "per-peer log", |r: PeerRecord| {
+            batch.entry(r.peer).or_default().add_record(&r);
+            batched += 1;
+            if batched % BATCH == 0 {
+                flush(batch, table);
             }
-            // SAFETY: `item` holds exactly a `PeerRecord`'s bytes, and every bit pattern is a
-            // valid `PeerRecord` (integers and byte arrays only).
-            let r = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PeerRecord>()) };
-            drop(item);
-            self.batch.entry(r.peer).or_default().add_record(&r);
-            read += 1;
-            if read % BATCH == 0 {
-                flush(&mut self.batch, &mut self.table);
-            }
-        }
+        });
         flush(&mut self.batch, &mut self.table);
         read
     }
 
     pub fn table(&self) -> &PeerTable {
         &self.table
-    }
-
-    /// Records skipped for their size since the start.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
     }
 }
 
