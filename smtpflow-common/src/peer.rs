@@ -133,26 +133,6 @@ pub struct PeerRecord {
 }
 
 impl PeerCounters {
-    /// Adds every counter of `other`. Writes only the counters `other` adds to: a connection's
-    /// packets add to a few of them, and the others' cache lines are not touched.
-    pub fn merge(&mut self, other: &Self) {
-        let add = |a: &mut u64, b: u64| {
-            if b != 0 {
-                *a += b;
-            }
-        };
-        for (a, &b) in self.counts.iter_mut().zip(&other.counts) {
-            add(a, b);
-        }
-        for (a, &b) in self.outcomes.iter_mut().zip(&other.outcomes) {
-            add(a, b);
-        }
-        for (a, &b) in self.resets.iter_mut().zip(&other.resets) {
-            add(a, b);
-        }
-        add(&mut self.throttled, other.throttled);
-    }
-
     /// Adds a log record, exactly as the kernel adds the same bumps to a per-peer map entry:
     /// each slot not [`BUMP_NONE`], masked into range.
     pub fn add_record(&mut self, r: &PeerRecord) {

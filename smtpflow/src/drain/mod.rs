@@ -12,8 +12,11 @@ pub mod batch;
 pub mod open;
 pub mod peer_log;
 pub mod peers;
+pub mod ring;
 pub mod tls;
 pub mod totals;
+
+use ring::RecordRing;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
@@ -26,7 +29,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray},
 };
 
 use self::{
@@ -58,7 +61,7 @@ pub struct Maps {
     peers: PeerMaps,
     stats: PerCpuArray<MapData, u64>,
     /// The payload events' ring buffer ([`Maps::read_payloads`]).
-    payloads: RingBuf<MapData>,
+    payloads: RecordRing,
     pub peers_capacity: u32,
     /// The reply-code entries `--max-peers` makes room for ([`crate::kernel::Sizes::max_peer_replies`]).
     peer_replies_capacity: u32,
@@ -247,47 +250,6 @@ impl Snapshot {
     }
 }
 
-/// A record type of the kernel's ring buffers: `#[repr(C)]` integers and byte arrays only.
-///
-/// # Safety
-/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value.
-pub(crate) unsafe trait PlainRecord: Copy {}
-
-// SAFETY: integers and byte arrays only (`#[repr(C)]`, in smtpflow-common).
-unsafe impl PlainRecord for PayloadEvent {}
-// SAFETY: as above.
-unsafe impl PlainRecord for smtpflow_common::PeerRecord {}
-
-/// Reads at most `most` records from `ring` (so that a kernel writing as fast as this reads
-/// cannot keep the caller here), calling `f` on each, and returns how many were read. A record
-/// of another size than `T` (a kernel object of another version) is skipped, and said at debug
-/// level as `what` records.
-pub(crate) fn read_records<T: PlainRecord>(
-    ring: &mut RingBuf<MapData>,
-    most: usize,
-    what: &str,
-    mut f: impl FnMut(T),
-) -> usize {
-    let (mut read, mut skipped) = (0, 0);
-    for _ in 0..most {
-        let Some(item) = ring.next() else { break };
-        if item.len() != size_of::<T>() {
-            skipped += 1;
-            continue;
-        }
-        // SAFETY: `item` holds exactly a `T`'s bytes, and every bit pattern is a valid `T`
-        // (`PlainRecord`).
-        let record = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) };
-        drop(item);
-        f(record);
-        read += 1;
-    }
-    if skipped != 0 {
-        log::debug!("skipped {skipped} {what} records of an unexpected size");
-    }
-    read
-}
-
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -329,7 +291,7 @@ impl Maps {
         let flows = take(ebpf, names::MAP_FLOWS)?;
         let log = (config.peer_log != peer_counts::MAP)
             .then(|| {
-                take(ebpf, names::MAP_PEER_LOG)
+                RecordRing::take(ebpf, names::MAP_PEER_LOG)
                     .map(|ring| SharedPeerLog::new(PeerLog::new(ring, peers_capacity)))
             })
             .transpose()?;
@@ -358,7 +320,7 @@ impl Maps {
                 entries_took: Duration::ZERO,
             },
             stats: take(ebpf, names::MAP_STATS)?,
-            payloads: take(ebpf, names::MAP_PAYLOADS)?,
+            payloads: RecordRing::take(ebpf, names::MAP_PAYLOADS)?,
             peers_capacity,
             peer_replies_capacity: sizes.max_peer_replies(),
             flows_capacity,
@@ -412,7 +374,7 @@ impl Maps {
     /// that a kernel writing as fast as this reads cannot keep the drain here.
     pub fn read_payloads(&mut self, mut f: impl FnMut(&PayloadEvent)) -> usize {
         const MOST: usize = PAYLOAD_RING_BYTES as usize / size_of::<PayloadEvent>() + 1;
-        read_records(&mut self.payloads, MOST, "payload", |ev: PayloadEvent| f(&ev))
+        self.payloads.read(MOST, "payload", |ev: PayloadEvent| f(&ev))
     }
 
     /// The [`Stat`] counters, summed over CPUs.

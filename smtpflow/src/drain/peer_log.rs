@@ -9,16 +9,15 @@
 //! reading holds every record written before it. The table then stands where the kernel's map
 //! stood: the per-peer reader streams its entries the same way.
 use std::{
-    collections::HashMap,
-    hash::RandomState,
+    hash::{BuildHasher as _, Hasher as _},
     sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
     thread,
     time::Duration,
 };
 
-use super::read_records;
+use super::ring::RecordRing;
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
+use hashbrown::{DefaultHashBuilder, HashTable};
 use smtpflow_common::{
     PeerCounters, PeerKey, PeerRecord,
     peer::{PEER_LOG_BYTES, PEER_LOG_POLL_MS},
@@ -31,13 +30,18 @@ use smtpflow_common::{
 /// evicts its own kind before a peer that keeps coming back.
 ///
 /// Laid out for the caches: the entries side by side in one vector (a count adds to one entry in
-/// place, a reading walks them in order), found through an index of their positions. Keys come
-/// from the wire (a flood chooses its source addresses), so the index hashes them with a
-/// randomly keyed SipHash.
+/// place, a reading walks them in order), found through an index of their positions. A record
+/// is added to its entry as it is read from the ring: the records of one connection (a SYN, its
+/// SYN-ACK, the RST) come microseconds apart, so the entry is still in the cache for the second
+/// and third. Each entry keeps its key's hash, so a record's key is hashed once, and an eviction
+/// finds the evicted entry's place in the index without hashing again. Keys come from the wire
+/// (a flood chooses its source addresses), so the hash is keyed at random when the table is
+/// made (foldhash, hashbrown's default).
 #[derive(Debug)]
 pub struct PeerTable {
-    index: HashMap<PeerKey, u32, RandomState>,
+    index: HashTable<u32>,
     slots: Vec<Slot>,
+    hasher: DefaultHashBuilder,
     /// The clock's hand: the next slot an eviction looks at.
     hand: usize,
     capacity: usize,
@@ -47,48 +51,86 @@ pub struct PeerTable {
 #[derive(Debug)]
 struct Slot {
     key: PeerKey,
+    hash: u64,
     counters: PeerCounters,
     /// Counted since the hand last passed.
     referenced: bool,
 }
 
 impl PeerTable {
-    /// An empty table for `capacity` peers (at least one). It grows as peers come: a big
-    /// `--max-peers` costs memory only once that many peers were seen.
+    /// An empty table for `capacity` peers (at least one). Its room is reserved at once, so
+    /// the table is never copied to grow (a copy would hold the old entries and the new ones in
+    /// memory together); the pages of entries not yet made are not touched, so a big
+    /// `--max-peers` costs memory only once that many peers were seen. Where the system will
+    /// not reserve that much, the table grows as peers come instead.
     pub fn new(capacity: u32) -> Self {
+        let capacity = (capacity as usize).max(1);
+        let mut slots = Vec::new();
+        let mut index = HashTable::new();
+        if slots.try_reserve_exact(capacity).is_err()
+            || index.try_reserve(capacity, |_: &u32| 0).is_err()
+        {
+            log::debug!("per-peer log: no room reserved for {capacity} peers; the table grows");
+        }
         Self {
-            index: HashMap::with_hasher(RandomState::new()),
-            slots: Vec::new(),
+            index,
+            slots,
+            hasher: DefaultHashBuilder::default(),
             hand: 0,
-            capacity: (capacity as usize).clamp(1, u32::MAX as usize),
+            capacity,
             evictions: 0,
         }
     }
 
-    /// Adds `counters` to `key`'s entry, creating it (and evicting one when the table is
-    /// full).
-    pub fn add(&mut self, key: &PeerKey, counters: &PeerCounters) {
-        if let Some(&at) = self.index.get(key) {
-            let slot = &mut self.slots[at as usize];
-            slot.counters.merge(counters);
+    /// Adds one record of the log to its peer's entry, creating it (and evicting one when the
+    /// table is full): the same bumps the kernel adds to a per-peer map entry.
+    pub fn add(&mut self, r: &PeerRecord) {
+        let hash = self.hash(&r.peer);
+        let Self { index, slots, .. } = self;
+        if let Some(&at) = index.find(hash, |&at| slots[at as usize].key == r.peer) {
+            let slot = &mut slots[at as usize];
+            slot.counters.add_record(r);
             slot.referenced = true;
             return;
         }
-        let slot = Slot { key: *key, counters: *counters, referenced: false };
-        if self.slots.len() < self.capacity {
-            self.index.insert(*key, self.slots.len() as u32);
-            self.slots.push(slot);
+        let mut slot = Slot { key: r.peer, hash, counters: PeerCounters::ZERO, referenced: false };
+        slot.counters.add_record(r);
+        if slots.len() < self.capacity {
+            index.insert_unique(hash, slots.len() as u32, |&at| slots[at as usize].hash);
+            slots.push(slot);
             return;
         }
         // The new entry takes the evicted one's place, and the hand moves past it: it is the
         // last the hand comes back to, so a peer whose connection is under way (its first
         // records added, the rest to come) is not the next one evicted.
         let at = self.victim();
-        let gone = std::mem::replace(&mut self.slots[at], slot);
-        self.index.remove(&gone.key);
-        self.index.insert(*key, at as u32);
+        let Self { index, slots, .. } = self;
+        let gone = std::mem::replace(&mut slots[at], slot);
+        if let Ok(entry) = index.find_entry(gone.hash, |&i| i as usize == at) {
+            entry.remove();
+        }
+        index.insert_unique(hash, at as u32, |&i| slots[i as usize].hash);
         self.hand = at + 1;
         self.evictions += 1;
+    }
+
+    /// `k`'s hash: its 24 bytes as three words, three steps of the hasher (the derived `Hash`
+    /// takes six, one a field, and was a third of the thread's time).
+    fn hash(&self, k: &PeerKey) -> u64 {
+        let a = &k.addr;
+        let word = |b: [u8; 8]| u64::from_ne_bytes(b);
+        let mut h = self.hasher.build_hasher();
+        h.write_u64(
+            u64::from(k.ifindex) | u64::from(u32::from_ne_bytes([a[0], a[1], a[2], a[3]])) << 32,
+        );
+        h.write_u64(word([a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11]]));
+        h.write_u64(
+            u64::from(u32::from_ne_bytes([a[12], a[13], a[14], a[15]]))
+                | u64::from(k.port) << 32
+                | u64::from(k.family) << 48
+                | u64::from(k.direction) << 56,
+        );
+        h.finish()
     }
 
     /// The first unmarked entry from the hand on, unmarking those it passes: at most one turn
@@ -128,31 +170,20 @@ impl PeerTable {
 
     /// One peer's counts.
     pub fn get(&self, k: &PeerKey) -> Option<&PeerCounters> {
-        self.index.get(k).map(|&at| &self.slots[at as usize].counters)
+        let at = self.index.find(self.hash(k), |&at| self.slots[at as usize].key == *k)?;
+        Some(&self.slots[*at as usize].counters)
     }
 }
 
-/// Records added up per peer before they go to the table: bounds the batch's memory (about
-/// 170 bytes a peer) whatever a read finds in the ring.
-const BATCH: usize = 4096;
-
 /// The ring the kernel writes and the table it is added up into.
 pub struct PeerLog {
-    ring: RingBuf<MapData>,
+    ring: RecordRing,
     table: PeerTable,
-    /// The records of one read added up per peer before they go to the table: the packets of
-    /// one connection (a SYN, its SYN-ACK, the RST) come microseconds apart, so they touch the
-    /// table once. Emptied after each use; its room is kept.
-    batch: HashMap<PeerKey, PeerCounters, RandomState>,
 }
 
 impl PeerLog {
-    pub fn new(ring: RingBuf<MapData>, capacity: u32) -> Self {
-        Self {
-            ring,
-            table: PeerTable::new(capacity),
-            batch: HashMap::with_hasher(RandomState::new()),
-        }
+    pub fn new(ring: RecordRing, capacity: u32) -> Self {
+        Self { ring, table: PeerTable::new(capacity) }
     }
 
     /// Adds every record the kernel wrote since the last call to the table, and returns how
@@ -160,17 +191,8 @@ impl PeerLog {
     /// cannot keep the caller here.
     pub fn pump(&mut self) -> usize {
         const MOST: usize = PEER_LOG_BYTES as usize / size_of::<PeerRecord>();
-        let (batch, table) = (&mut self.batch, &mut self.table);
-        let mut batched = 0;
-        let read = read_records(&mut self.ring, MOST, "per-peer log", |r: PeerRecord| {
-            batch.entry(r.peer).or_default().add_record(&r);
-            batched += 1;
-            if batched % BATCH == 0 {
-                flush(batch, table);
-            }
-        });
-        flush(&mut self.batch, &mut self.table);
-        read
+        let table = &mut self.table;
+        self.ring.read(MOST, "per-peer log", |r: PeerRecord| table.add(&r))
     }
 
     pub fn table(&self) -> &PeerTable {
@@ -219,14 +241,6 @@ impl SharedPeerLog {
     }
 }
 
-/// Adds a batch to the table, in the order of its keys (random: no peer is favoured by the
-/// clock), and empties it.
-fn flush(batch: &mut HashMap<PeerKey, PeerCounters, RandomState>, table: &mut PeerTable) {
-    for (k, c) in batch.drain() {
-        table.add(&k, &c);
-    }
-}
-
 fn lock(log: &Mutex<PeerLog>) -> MutexGuard<'_, PeerLog> {
     // A panic while the table was held leaves whole records added: the table stays usable.
     log.lock().unwrap_or_else(PoisonError::into_inner)
@@ -261,9 +275,7 @@ mod tests {
     }
 
     fn add(t: &mut PeerTable, r: &PeerRecord) {
-        let mut c = PeerCounters::ZERO;
-        c.add_record(r);
-        t.add(&r.peer, &c);
+        t.add(r);
     }
 
     fn syn(n: u8) -> PeerRecord {
@@ -347,32 +359,22 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_records_adds_up_as_the_records_one_by_one() {
-        let records: Vec<PeerRecord> = (0..1000u32)
-            .map(|i| {
-                let n = (i * 7 % 50) as u8;
-                match i % 3 {
-                    0 => syn(n),
-                    1 => record(n, BUMP_NONE, Outcome::Established as u8, BUMP_NONE, 0),
-                    _ => record(n, BUMP_NONE, BUMP_NONE, Phase::Session as u8, (i % 2) as u8),
-                }
-            })
-            .collect();
-        let mut one_by_one = PeerTable::new(64);
-        for r in &records {
-            add(&mut one_by_one, r);
+    fn every_byte_of_a_key_changes_its_hash() {
+        let t = PeerTable::new(1);
+        let base = syn(1).peer;
+        let mut keys = vec![base];
+        for i in 0..16 {
+            let mut k = base;
+            k.addr[i] ^= 0x80;
+            keys.push(k);
         }
-        let mut batch: HashMap<PeerKey, PeerCounters> = HashMap::new();
-        for r in &records {
-            batch.entry(r.peer).or_default().add_record(r);
-        }
-        let mut batched = PeerTable::new(64);
-        for (k, c) in &batch {
-            batched.add(k, c);
-        }
-        assert_eq!(batched.len(), one_by_one.len());
-        for (k, c) in one_by_one.iter() {
-            assert_eq!(batched.get(k), Some(c));
-        }
+        keys.push(PeerKey { ifindex: base.ifindex + 1, ..base });
+        keys.push(PeerKey { port: base.port + 1, ..base });
+        keys.push(PeerKey { family: 6, ..base });
+        keys.push(PeerKey { direction: 1, ..base });
+        let mut hashes: Vec<u64> = keys.iter().map(|k| t.hash(k)).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), keys.len());
     }
 }

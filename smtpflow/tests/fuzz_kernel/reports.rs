@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use smtpflow::{
-    drain::peer_log::PeerLog,
+    drain::{peer_log::PeerLog, ring::RecordRing},
     kernel::{self, Sizes},
 };
 use smtpflow_common::{
@@ -147,7 +147,9 @@ fn a_failed_map_update_is_counted_and_reported_on_powers_of_two() {
 /// never silently: one SYN run 300,000 times through TC ingress with nothing reading the log
 /// between (more records than its 8 MiB hold) leaves the log full, and every run's record is
 /// either in it, read and added up by smtpflow's own reader, or counted in
-/// `peer_insert_failed`.
+/// `peer_insert_failed`. Then the same again: the reader gave the kernel the ring's room back
+/// (it does so in batches, not a record at a time), so the ring holds as many records the
+/// second time, and those now wrap around its end.
 #[test]
 fn a_full_peer_log_counts_every_record_it_loses() {
     require_root!();
@@ -163,25 +165,38 @@ fn a_full_peer_log_counts_every_record_it_loses() {
     let name = names::PROG_TC_INGRESS;
     let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().unwrap();
     prog.load().expect("loading TC ingress");
+    let ring = RecordRing::take(&mut ebpf, names::MAP_PEER_LOG).expect("PEER_LOG");
+    let mut log = PeerLog::new(ring, 16);
+    let stats: PerCpuArray<_, u64> =
+        ebpf.take_map(names::MAP_STATS).expect("no STATS").try_into().unwrap();
     let prog: &SchedClassifier = ebpf.program(name).expect("program").try_into().unwrap();
     let frame = Eth::new(MAC_GW, MAC_PEER).frame(
         ETH_P_IP,
         &Ipv4::new(peer_v4(), gw_v4(), IPPROTO_TCP).packet(&Tcp::new(40_000, 25, SYN).bytes()),
     );
-    let opts = TestRunOptions { data_in: Some(&frame), repeat: RUNS, ..TestRunOptions::default() };
-    let verdict = prog.test_run(opts).expect("test run").return_value;
-    assert_eq!(verdict, u32::MAX, "the packet's fate changed");
+    let run = || {
+        let opts =
+            TestRunOptions { data_in: Some(&frame), repeat: RUNS, ..TestRunOptions::default() };
+        let verdict = prog.test_run(opts).expect("test run").return_value;
+        assert_eq!(verdict, u32::MAX, "the packet's fate changed");
+    };
+    run();
 
-    let ring = ebpf.take_map(names::MAP_PEER_LOG).expect("no PEER_LOG").try_into().unwrap();
-    let mut log = PeerLog::new(ring, 16);
-    let read = log.pump() as u64;
-    let stats: PerCpuArray<_, u64> =
-        ebpf.take_map(names::MAP_STATS).expect("no STATS").try_into().unwrap();
-    let lost: u64 = stats.get(&(Stat::PeerInsertFailed as u32), 0).unwrap().iter().sum();
+    let lost = || -> u64 { stats.get(&(Stat::PeerInsertFailed as u32), 0).unwrap().iter().sum() };
+    let syns = |log: &PeerLog| -> Vec<u64> {
+        log.table().iter().map(|(_, c)| c.event(Event::Syn, Side::Peer)).collect()
+    };
     // A record takes 40 bytes of the ring (its 8-byte header and 32 bytes).
     let room = u64::from(PEER_LOG_BYTES) / 40;
-    assert_eq!((read, lost), (room, u64::from(RUNS) - room), "records read and counted lost");
-    let syns: Vec<u64> = log.table().iter().map(|(_, c)| c.event(Event::Syn, Side::Peer)).collect();
-    assert_eq!(syns, [room], "one peer, every record read added up");
+    let lost_once = u64::from(RUNS) - room;
+    let read = log.pump() as u64;
+    assert_eq!((read, lost()), (room, lost_once), "records read and counted lost");
+    assert_eq!(syns(&log), [room], "one peer, every record read added up");
     assert_eq!(log.pump(), 0, "the log was read to its end");
+
+    run();
+    let read = log.pump() as u64;
+    assert_eq!((read, lost()), (room, 2 * lost_once), "the second time: read and lost");
+    assert_eq!(syns(&log), [2 * room], "every record of both times added up");
+    assert_eq!(log.pump(), 0, "the log was read to its end again");
 }
