@@ -126,8 +126,9 @@ pub struct ObserveArgs {
     /// Where per-peer counts are kept: `map`, the kernel's per-peer LRU map (a lookup a counted
     /// packet, an insert a new peer); `log`, records the kernel appends to a ring buffer and
     /// smtpflow adds up in a table of its own (--max-peers entries; a peer not counted again
-    /// since the last pass is evicted first, and evictions are counted): cheaper in the kernel under a SYN flood from new sources,
-    /// at the cost of userspace CPU and memory. The metrics are the same.
+    /// since the last pass is evicted first, and evictions are counted): cheaper in the kernel
+    /// under a SYN flood from new sources, at the cost of userspace CPU and memory. The metrics
+    /// are the same.
     #[arg(long, value_enum, default_value_t = PeerCounts::Map)]
     pub peer_counts: PeerCounts,
 

@@ -254,10 +254,13 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).with_context(|| {
-        format!("map {name} missing from the embedded object (a build problem)")
-    })?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    T::try_from(take_map(ebpf, name)?).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// The map `name` of the loaded object, taken out of it.
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the embedded object (a build problem)"))
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.

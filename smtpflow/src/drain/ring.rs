@@ -59,6 +59,16 @@ impl RecordRing {
     /// its room back in sixteenths of the ring while a long backlog is read.
     const COMMIT_EVERY: usize = 16;
 
+    /// The ring buffer map `name` of the loaded object, mapped for reading.
+    pub fn take(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<Self> {
+        match super::take_map(ebpf, name)? {
+            Map::RingBuf(data) => {
+                Self::new(data).with_context(|| format!("reading the ring buffer {name}"))
+            }
+            _ => anyhow::bail!("map {name} is not a ring buffer (a build problem)"),
+        }
+    }
+
     fn new(map: MapData) -> anyhow::Result<Self> {
         let size = map.info()?.max_entries() as usize;
         // SAFETY: sysconf has no preconditions.
@@ -72,24 +82,23 @@ impl RecordRing {
             .context("mmap of the consumer page")?;
         let producer = Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)
             .context("mmap of the producer page and the data")?;
-        let pos = consumer.word(0).load(Ordering::Acquire);
+        let pos = consumer.position().load(Ordering::Acquire);
         Ok(Self { consumer, producer, page, mask: size - 1, pos, _map: map })
     }
 
     /// Reads at most `most` records (so that a kernel writing as fast as this reads cannot keep
     /// the caller here), calling `f` on each, and returns how many were read: the kernel has
-    /// their room back when this returns. A record of
-    /// another size than `T` (a kernel object of another version) is skipped, and said at debug
-    /// level as `what` records.
+    /// their room back when this returns. A record of another size than `T` (a kernel object of
+    /// another version) is skipped, and said at debug level as `what` records.
     pub fn read<T: PlainRecord>(&mut self, most: usize, what: &str, mut f: impl FnMut(T)) -> usize {
         let commit_every = (self.mask + 1) / Self::COMMIT_EVERY;
         let (mut read, mut skipped, mut uncommitted) = (0, 0, 0);
-        let mut end = self.producer.word(0).load(Ordering::Acquire);
+        let mut end = self.producer.position().load(Ordering::Acquire);
         // Discarded and skipped records count towards `most` too.
         for _ in 0..most {
             if self.pos == end {
                 // Caught up with what was there: one more look, for what came in meanwhile.
-                end = self.producer.word(0).load(Ordering::Acquire);
+                end = self.producer.position().load(Ordering::Acquire);
                 if self.pos == end {
                     break;
                 }
@@ -136,20 +145,7 @@ impl RecordRing {
     /// Gives the kernel the room of every record read so far. Release: the kernel may write
     /// over a record only after this reader is done with it.
     fn commit(&self) {
-        self.consumer.word(0).store(self.pos, Ordering::Release);
-    }
-}
-
-impl RecordRing {
-    /// The ring buffer map `name` of the loaded object, mapped for reading.
-    pub fn take(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<Self> {
-        match ebpf.take_map(name) {
-            Some(Map::RingBuf(data)) => {
-                Self::new(data).with_context(|| format!("reading the ring buffer {name}"))
-            }
-            Some(_) => anyhow::bail!("map {name} is not a ring buffer (a build problem)"),
-            None => anyhow::bail!("map {name} missing from the embedded object (a build problem)"),
-        }
+        self.consumer.position().store(self.pos, Ordering::Release);
     }
 }
 
@@ -177,13 +173,12 @@ impl Mapping {
         Ok(Self { ptr, len })
     }
 
-    /// The word at the mapping's start (a position, `unsigned long` in the kernel).
-    fn word(&self, at: usize) -> &AtomicUsize {
-        assert!(
-            at + size_of::<usize>() <= self.len && at.is_multiple_of(align_of::<AtomicUsize>())
-        );
-        // SAFETY: in bounds and aligned (checked); the kernel writes the word atomically.
-        unsafe { &*self.ptr.as_ptr().add(at).cast::<AtomicUsize>() }
+    /// The word at the mapping's start: the consumer's or the producer's position (`unsigned
+    /// long` in the kernel).
+    fn position(&self) -> &AtomicUsize {
+        // SAFETY: a mapping is at least a page, and page-aligned; the kernel writes the word
+        // atomically.
+        unsafe { &*self.ptr.as_ptr().cast::<AtomicUsize>() }
     }
 
     /// The 32-bit word at `at` (a record's length and flags).

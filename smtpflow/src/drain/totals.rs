@@ -33,9 +33,7 @@ pub type Read = (BTreeMap<(Scope, Counter), u64>, BTreeMap<(Scope, HistKind), Hi
 impl Totals {
     /// Takes the maps from a loaded object whose configuration is `config`.
     pub fn take(ebpf: &mut Ebpf, config: &Config) -> anyhow::Result<Self> {
-        let mut take = |name: &str| -> anyhow::Result<aya::maps::Map> {
-            ebpf.take_map(name).with_context(|| format!("the kernel object has no map {name}"))
-        };
+        let mut take = |name: &str| super::take_map(ebpf, name);
         Ok(Self {
             counters: take(names::MAP_COUNTERS)?.try_into()?,
             by_scope: take(names::MAP_SCOPE_COUNTS)?.try_into()?,
