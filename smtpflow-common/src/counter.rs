@@ -263,11 +263,12 @@ labelled_enum! {
         PeerInsertFailed = 2 => "peer_insert_failed",
         /// A counters entry could not be created: a count was lost. Must stay 0.
         CounterInsertFailed = 3 => "counter_insert_failed",
-        /// New flow entries created (LRU evictions = inserts - live entries - deletions).
+        /// New flow entries created.
         FlowInserts = 4 => "flow_inserts",
         /// Flow entries the kernel deleted (connection reset or closed by the server).
         FlowDeletes = 5 => "flow_deletes",
-        /// A flow entry could not be created.
+        /// A flow entry could not be created: another CPU took the way it chose at the same
+        /// moment.
         FlowInsertFailed = 6 => "flow_insert_failed",
         /// A histogram entry could not be created: a duration was lost. Must stay 0.
         HistInsertFailed = 7 => "hist_insert_failed",
@@ -277,6 +278,10 @@ labelled_enum! {
         /// New per-peer reply-code entries created (`PEER_GREETINGS`; LRU evictions = inserts -
         /// live entries).
         PeerReplyInserts = 9 => "peer_reply_inserts",
+        /// Flows a new flow overwrote in the flow table, both its candidate sets full
+        /// ([`crate::flow_table`]): no longer followed. Flows idle for
+        /// [`crate::flow::IDLE_NS`] are not counted (the sweep no longer showed them).
+        FlowEvictions = 10 => "flow_evictions",
     }
 }
 
@@ -405,7 +410,7 @@ mod tests {
 
     #[test]
     fn stats_are_numbered_and_named() {
-        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::PeerReplyInserts));
+        assert_eq!(Stat::from_repr(Stat::COUNT as u32 - 1), Some(Stat::FlowEvictions));
         assert_eq!(Stat::Malformed.label(), "malformed");
     }
 }

@@ -11,6 +11,7 @@ mod labels;
 
 pub mod counter;
 pub mod flow;
+pub mod flow_table;
 pub mod icmp;
 pub mod payload;
 pub mod peer;
@@ -47,6 +48,7 @@ pub mod names {
     pub const MAP_PEERS: &str = "PEERS";
     pub const MAP_PEER_GREETINGS: &str = "PEER_GREETINGS";
     pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_FLOW_TAGS: &str = "FLOW_TAGS";
     pub const MAP_HISTS: &str = "HISTS";
     pub const MAP_SCOPE_COUNTS: &str = "SCOPE_COUNTS";
     pub const MAP_SCOPES: &str = "SCOPES";
@@ -108,7 +110,11 @@ pub struct Config {
     /// [`peer::peer_counts::LOG`] (`--peer-counts`). Read-only data, so the verifier drops the
     /// other way as dead code.
     pub peer_log: u32,
-    pub _pad: u32,
+    /// Sets of the flow table ([`flow_table::sets_for`] `--max-flows`): the `FLOWS` array's
+    /// entries, which the loader sizes to match.
+    pub flow_sets: u32,
+    /// The flow table's hash seed ([`flow_table::flow_hash`]), random per load.
+    pub flow_seed: u64,
     /// The same ports as a set: bit `p % 64` of word `p / 64` is set when port `p` is one of
     /// `ports`. The per-packet filter, so that a segment of any other port costs two loads.
     pub port_set: [u64; PORT_SET_WORDS],
@@ -127,7 +133,8 @@ impl Config {
         iface_count: 0,
         iface_mask: 0,
         peer_log: peer::peer_counts::MAP,
-        _pad: 0,
+        flow_sets: 1,
+        flow_seed: 0,
         port_set: [0; PORT_SET_WORDS],
     };
 
@@ -234,6 +241,6 @@ impl DropConfig {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 64 + 4 * MAX_IFACES + 8 * PORT_SET_WORDS);
+    assert!(size_of::<Config>() == 72 + 4 * MAX_IFACES + 8 * PORT_SET_WORDS);
     assert!(size_of::<DropConfig>() == 52);
 };

@@ -6,6 +6,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::{
     Config, CounterKey, DropConfig, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, HistKey, Histogram,
     PayloadEvent, PeerCounters, PeerGreetingKey, PeerKey,
+    flow_table::{FlowSet, FlowTags},
 };
 
 // SAFETY: all are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with no padding
@@ -18,6 +19,8 @@ unsafe impl aya::Pod for PeerCounters {}
 unsafe impl aya::Pod for PeerGreetingKey {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowState {}
+unsafe impl aya::Pod for FlowSet {}
+unsafe impl aya::Pod for FlowTags {}
 unsafe impl aya::Pod for HistKey {}
 unsafe impl aya::Pod for Histogram {}
 unsafe impl aya::Pod for PayloadEvent {}
@@ -33,6 +36,11 @@ impl Config {
         cfg.ports[..ports.len()].copy_from_slice(ports);
         cfg.port_count = ports.len() as u32;
         cfg.handshake_timeout_ns = crate::DEFAULT_HANDSHAKE_TIMEOUT_NS;
+        // Random per process: the std hasher's keys are.
+        cfg.flow_seed = {
+            use std::hash::BuildHasher as _;
+            std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+        };
         for (i, &p) in ports.iter().enumerate() {
             cfg.port_set[usize::from(p >> 6)] |= 1 << (p & 63);
             if plaintext.contains(&p) {

@@ -4,15 +4,16 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use aya_log_ebpf::debug;
 use smtpflow_common::{
     COUNTERS_CAPACITY, Config, Counter, CounterKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PEERS,
-    Direction, DropConfig, FlowKey, FlowState, HISTS_DEFAULT, HistKind, Histogram, PeerCounters,
-    PeerGreetingKey, PeerKey, PeerRecord, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
+    Direction, DropConfig, HISTS_DEFAULT, HistKind, Histogram, PeerCounters, PeerGreetingKey,
+    PeerKey, PeerRecord, SCOPE_COUNTS_DEFAULT, SCOPE_SLOTS, SCOPES_DEFAULT, Stat,
+    flow_table::{FlowSet, FlowTags, sets_for},
     names::KERNEL_LOG_TARGET,
     payload::PAYLOAD_RING_BYTES,
     peer::{BUMP_NONE, PEER_EVENT_SLOTS, PEER_OUTCOME_SLOTS, PEER_RESET_SLOTS, peer_counts},
@@ -81,11 +82,20 @@ static PEER_NEW: PerCpuArray<PeerCounters> = PerCpuArray::with_max_entries(1, 0)
 static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
     LruHashMap::with_max_entries(DEFAULT_MAX_PEERS, 0);
 
-/// One entry per SMTP connection attempt, advanced by [`crate::flow::track`]; resized by the
-/// loader (`--max-flows`). Userspace's sweep reads it (timeouts) and deletes idle entries.
+/// The flow table ([`smtpflow_common::flow_table`]): one way per SMTP connection attempt,
+/// advanced by [`crate::flow::track`]; its sets resized by the loader (`--max-flows`). The
+/// sets' tags, a cache line a set; and their flows, keys and states, in `FLOWS` below. Arrays,
+/// so a lookup is an address computation the verifier inlines, with no lock and no LRU list;
+/// mappable, so that userspace's sweep reads them in place (timeouts, open connections): all
+/// the tags, and the flows only where a tag says there is one. Only the programs write them.
+#[map(name = "FLOW_TAGS")]
+pub static FLOW_TAGS: Array<FlowTags> =
+    Array::with_max_entries(sets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
+
+/// The flow table's flows, set by set as in `FLOW_TAGS`.
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static FLOWS: Array<FlowSet> =
+    Array::with_max_entries(sets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
 
 /// Payload events ([`smtpflow_common::payload::PayloadEvent`]), a few per session, written by
 /// [`crate::payload::emit`] and drained by userspace; a record that does not fit is lost and
@@ -157,7 +167,7 @@ pub fn failed(stat: Stat, err: i32) {
             debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: per-peer insert failed ({}): peer counts lost, #{}", err, n)
         }
         Stat::FlowInsertFailed => {
-            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: FLOWS insert failed ({}): attempt not tracked, #{}", err, n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: FLOWS way taken by another CPU: attempt not tracked, #{}", n)
         }
         Stat::PayloadsLost => {
             debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)
@@ -166,6 +176,7 @@ pub fn failed(stat: Stat, err: i32) {
         | Stat::PeerInserts
         | Stat::FlowInserts
         | Stat::FlowDeletes
+        | Stat::FlowEvictions
         | Stat::PeerReplyInserts => {}
     }
 }

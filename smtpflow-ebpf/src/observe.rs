@@ -14,7 +14,7 @@ use crate::{
         NO_SCOPE, PeerBumps, bump, config, count, count_peer, count_peer_greeting,
         observe_duration, scope_counter, scope_of,
     },
-    packet::{Frame as _, Packet},
+    packet::{Frame as _, Packet, opaque},
     parse::{
         self, Located, Ports, Segment, Skip,
         icmp::{self, Quoted},
@@ -35,6 +35,7 @@ pub struct Seen {
     event: Option<Event>,
     actions: Actions,
     bumps: PeerBumps,
+    flow: flow::Scratch,
 }
 
 /// The packet being observed, one slot per CPU (the programs are not re-entered on a CPU).
@@ -45,6 +46,11 @@ pub struct Seen {
 /// it, and TC egress came within 7 % of the million instructions it allows.
 #[map(name = "SEEN")]
 static SEEN: PerCpuArray<Seen> = PerCpuArray::with_max_entries(1, 0);
+
+/// What an ICMP destination unreachable quotes ([`observe_unreachable`]), one slot per CPU, for
+/// the same reason as [`SEEN`].
+#[map(name = "QUOTED")]
+static QUOTED: PerCpuArray<Quoted> = PerCpuArray::with_max_entries(1, 0);
 
 /// The per-packet path of the TC and XDP programs. Most packets are not SMTP: they cost the
 /// header reads of [`locate`] in place and two loads of the port set, in the program itself
@@ -111,10 +117,21 @@ fn skipped<P: Packet>(p: &P, skip: Skip, side: Side) {
 /// the TCP path's state, and decides nothing about the packet's fate.
 #[inline(never)]
 fn observe_unreachable<P: Packet>(p: &P) {
-    let mut q = Quoted::EMPTY;
-    if icmp::unreachable(p, &mut q).is_err() {
+    let Some(slot) = QUOTED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, this program's alone while it runs (not re-entered on a CPU).
+    let fresh = unsafe { &mut *slot };
+    // Emptied first: the parse writes only what the message has (an IPv4 address's 4 bytes).
+    *fresh = Quoted::EMPTY;
+    if icmp::unreachable(p, fresh).is_err() {
         return;
     }
+    // Read back from the slot, through a pointer LLVM cannot trace to the writes: the verifier
+    // knows nothing of a map value's contents, so it walks the flow lookup below once, not
+    // once for every reason, family and header layout the parse took a path for.
+    // SAFETY: as above; the same slot.
+    let q = unsafe { &*(opaque(slot as usize) as *const Quoted) };
     let config = config();
     // Our SYN: sent by the client (us) to an SMTP port. A quoted segment from an SMTP port is
     // our answer to a peer's SYN, not an attempt of ours.
@@ -125,7 +142,7 @@ fn observe_unreachable<P: Packet>(p: &P) {
     let ifindex = p.ifindex();
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if flow::track_unreachable(&q, ifindex, now) != Some(Outcome::Unreachable) {
+    if flow::track_unreachable(q, ifindex, now) != Some(Outcome::Unreachable) {
         return;
     }
     let peer = PeerKey {
@@ -222,7 +239,7 @@ fn observe_smtp<P: Packet>(p: &P, loc: &Located, side: Side) {
     }
     // The segments of a transfer (ACKs, plain data) change no flow: no lookup, no clock read.
     if seen.packet.may_change_flow() {
-        flow::track(&seen.seg, &seen.at, &seen.packet, &mut seen.actions);
+        flow::track(&seen.seg, &seen.at, &seen.packet, &mut seen.actions, &mut seen.flow);
         // A SYN that opens a flow has nothing to count here.
         if !seen.actions.counts_nothing() {
             record(&seen.actions, &seen.peer, seen.scope as u32, side, &mut seen.bumps);

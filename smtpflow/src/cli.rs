@@ -132,8 +132,9 @@ pub struct ObserveArgs {
     #[arg(long, value_enum, default_value_t = PeerCounts::Map)]
     pub peer_counts: PeerCounts,
 
-    /// Capacity of the kernel's per-connection LRU map (handshake state, greetings, replies);
-    /// evictions are counted.
+    /// Connections the kernel's flow table follows with none overwritten (handshake state,
+    /// greetings, replies): it has twice as many ways, two candidate sets of 8 a connection;
+    /// past that, overwritten connections are counted as evictions.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_flows: u32,

@@ -1,14 +1,16 @@
 //! Reading the kernel maps into a [`Snapshot`]: exact counters and histograms summed over CPUs,
 //! a bounded view of the per-peer maps ([`crate::peers`]), and the programs' own bookkeeping;
-//! and sweeping the flow map for handshakes that timed out (the one outcome counted here, since
-//! it is the absence of a packet) and for idle flows; the same listing counts the open
+//! and sweeping the flow table ([`flows`]) for handshakes that timed out (the one outcome
+//! counted here, since it is the absence of a packet); the same listing counts the open
 //! connections ([`open`]). The payload events' counts ([`tls`]) are kept here too.
 //!
-//! The sweep never writes a flow entry: the kernel decides from its own clock whether an answer
-//! came in time ([`smtpflow_common::flow::step`]); the sweep reads `CLOCK_MONOTONIC` (the same
+//! The sweep never writes a flow: the kernel decides from its own clock whether an answer came
+//! in time ([`smtpflow_common::flow::step`]); the sweep reads `CLOCK_MONOTONIC` (the same
 //! clock) and counts each attempt with no answer in time once, remembering what it counted
-//! ([`Timeouts`]). It deletes only entries not written for [`flow::IDLE_NS`].
+//! ([`Timeouts`]). Flows not written for [`flow::IDLE_NS`] are no longer shown (the kernel
+//! gives their ways to new flows).
 pub mod batch;
+pub mod flows;
 pub mod open;
 pub mod peer_log;
 pub mod peers;
@@ -16,6 +18,7 @@ pub mod ring;
 pub mod tls;
 pub mod totals;
 
+use flows::FlowTable;
 use ring::RecordRing;
 
 use std::{
@@ -72,24 +75,18 @@ pub struct Maps {
     /// Highest eviction counts reported so far (the estimates only ever grow).
     peer_evictions: u64,
     peer_reply_evictions: u64,
-    flow_evictions: u64,
     /// How long the last drain that read the per-peer maps took.
     full_drain_seconds: f64,
     /// What userspace counts from the payload events.
     tls: TlsFunnel,
 }
 
-/// The flow map, swept for handshakes that timed out and for idle flows, and the timeouts
-/// counted.
+/// The flow table, swept for handshakes that timed out, and the timeouts counted.
 struct FlowSweep {
-    flows: HashMap<MapData, FlowKey, FlowState>,
+    flows: FlowTable,
     timeouts: Timeouts,
     /// Timed-out handshakes per peer entry, for the [`PEER_TIMEOUTS_KEPT`] most recent.
     peer_timeouts: LruCache<PeerKey, PeerTimeouts>,
-    /// Idle flows found by the last listing, deleted after it.
-    idle: Vec<FlowKey>,
-    /// Flows the sweep deleted (idle), for the eviction estimate.
-    deleted: u64,
     /// The established connections the last listing showed.
     open: OpenConnections,
 }
@@ -139,8 +136,8 @@ impl Timeouts {
         let mut counted = false;
         if swept.timeout {
             let attempt = self.fingerprint.hash_one((key, st.syn_ns));
-            // A listing shows an entry once: batches go bucket by bucket. (The key-by-key
-            // fallback, for kernels before 5.6, can show one twice after a deletion.)
+            // A listing shows a way once. (A flow shows twice only if two CPUs inserted it at
+            // the same moment, each finding no way for it: then its timeout could count twice.)
             counted = self.counted.binary_search(&attempt).is_err();
             if counted && let Some(direction) = Direction::from_repr(key.direction) {
                 let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
@@ -291,7 +288,7 @@ impl Maps {
             peers_capacity as usize,
         );
         reader.set_sites(sites);
-        let flows = take(ebpf, names::MAP_FLOWS)?;
+        let flows = FlowTable::take(ebpf, config.flow_seed)?;
         let log = (config.peer_log != peer_counts::MAP)
             .then(|| {
                 RecordRing::take(ebpf, names::MAP_PEER_LOG)
@@ -307,8 +304,6 @@ impl Maps {
                 peer_timeouts: LruCache::new(
                     NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
                 ),
-                idle: Vec::new(),
-                deleted: 0,
                 open: OpenConnections::default(),
             },
             peers: PeerMaps {
@@ -330,7 +325,6 @@ impl Maps {
             map_sizes,
             peer_evictions: 0,
             peer_reply_evictions: 0,
-            flow_evictions: 0,
             full_drain_seconds: 0.0,
             tls: TlsFunnel::default(),
         })
@@ -440,9 +434,6 @@ impl Maps {
             // Exact: userspace's own table counts what it evicts.
             self.peer_evictions = log.evictions();
         }
-        let flow_gone = stats[Stat::FlowDeletes as usize] + self.sweep.deleted + flows as u64;
-        self.flow_evictions =
-            self.flow_evictions.max(inserted[Stat::FlowInserts as usize].saturating_sub(flow_gone));
         let drain_seconds = started.elapsed().as_secs_f64();
         if read_peers {
             self.full_drain_seconds = drain_seconds;
@@ -459,7 +450,8 @@ impl Maps {
             peer_reply_evictions: self.peer_reply_evictions,
             peer_replies_capacity: self.peer_replies_capacity,
             flows,
-            flow_evictions: self.flow_evictions,
+            // Exact: the kernel counts every flow it overwrites.
+            flow_evictions: stats[Stat::FlowEvictions as usize],
             flows_capacity: self.flows_capacity,
             drain_seconds,
             full_drain_seconds: self.full_drain_seconds,
@@ -476,63 +468,30 @@ impl Maps {
 }
 
 impl FlowSweep {
-    /// Lists the flow map once: counts the attempts that timed out (each once), then deletes
-    /// the idle flows. Returns the number of live flows left. Never writes an entry.
+    /// Lists the flow table once: counts the attempts that timed out (each once), and the open
+    /// connections. Returns the number of flows followed (those not idle). Never writes a flow.
     fn sweep(&mut self) -> anyhow::Result<usize> {
-        // Read before the listing: an entry is read at or after `now`, so one shown pending
-        // with its first SYN older than the timeout plus the grace had no answer in time.
+        // Read before the listing: a flow is read at or after `now`, so one shown pending with
+        // its first SYN older than the timeout plus the grace had no answer in time.
         let now = monotonic_ns();
-        let (timeouts, peer_timeouts, idle) =
-            (&mut self.timeouts, &mut self.peer_timeouts, &mut self.idle);
-        let open = &mut self.open;
-        idle.clear();
+        let (timeouts, peer_timeouts, open) =
+            (&mut self.timeouts, &mut self.peer_timeouts, &mut self.open);
         open.start();
-        let live = batch::for_each_entry(&self.flows, "flows", |key, st| {
+        let mut live = 0;
+        self.flows.for_each(|key, st| {
             let (timed_out, is_idle) = timeouts.entry(key, st, now);
             if timed_out {
                 peer_timeouts.get_or_insert_mut(flow_peer(key), PeerTimeouts::default).total += 1;
             }
-            if is_idle {
-                // Deleted below: no longer followed, so not counted open either.
-                idle.push(*key);
-            } else {
+            // An idle flow is no longer followed: its way goes to the next new flow that needs
+            // it, and it is not open.
+            if !is_idle {
                 open.entry(key, st);
+                live += 1;
             }
-        })?;
+        });
         timeouts.finish();
-        let mut deleted = 0;
-        for key in std::mem::take(&mut self.idle) {
-            if delete_idle(&mut self.flows, &key, now)? {
-                deleted += 1;
-            }
-        }
-        self.deleted += deleted;
-        Ok(live.saturating_sub(deleted as usize))
-    }
-}
-
-/// Deletes a flow found idle if it still is. A packet of the flow between this look and the
-/// delete (the kernel updates entries in place) loses only that flow's state: the connection
-/// had been silent for [`flow::IDLE_NS`], its outcome was decided long before (and a timeout already
-/// counted: the sweep counts before it deletes, and the idle time is far longer than the
-/// timeout), so its later packets find no flow and count as for a connection not seen starting
-/// (resets as `session`, no reply codes). Nothing is counted twice.
-fn delete_idle(
-    flows: &mut HashMap<MapData, FlowKey, FlowState>,
-    key: &FlowKey,
-    now: u64,
-) -> anyhow::Result<bool> {
-    match flows.get(key, 0) {
-        Ok(st) if flow::sweep(&st, now, u64::MAX).idle => {}
-        _ => return Ok(false),
-    }
-    match flows.remove(key) {
-        Ok(()) => Ok(true),
-        // Evicted or ended meanwhile.
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(false)
-        }
-        Err(e) => Err(e).context("deleting an idle flow"),
+        Ok(live)
     }
 }
 
@@ -604,7 +563,7 @@ mod tests {
 
     #[test]
     fn a_read_counts_no_more_entries_than_the_maps_hold() {
-        let sizes = MapSizes { peers: 65_920, peer_replies: 262_528, flows: 262_528 };
+        let sizes = MapSizes { peers: 65_920, peer_replies: 262_528, flow_sets: 65_536 };
         let read = |entries, reply_entries, tracked| {
             let mut view = PeerView::default();
             (view.entries, view.reply_entries, view.tracked) = (entries, reply_entries, tracked);

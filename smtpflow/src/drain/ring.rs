@@ -150,7 +150,7 @@ impl RecordRing {
 }
 
 /// A shared mapping of a map's pages, unmapped on drop.
-struct Mapping {
+pub(super) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -160,7 +160,7 @@ struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    fn new(fd: i32, len: usize, prot: i32, offset: usize) -> io::Result<Self> {
+    pub(super) fn new(fd: i32, len: usize, prot: i32, offset: usize) -> io::Result<Self> {
         let offset = libc::off_t::try_from(offset).map_err(io::Error::other)?;
         // SAFETY: a fresh mapping of `len` bytes of the map's file at `offset`; nothing else
         // refers to the address range it returns.
@@ -171,6 +171,15 @@ impl Mapping {
         }
         let ptr = NonNull::new(ptr.cast()).expect("mmap returned a null mapping");
         Ok(Self { ptr, len })
+    }
+
+    /// The mapping's first byte (page-aligned), valid for [`Mapping::len`] bytes.
+    pub(super) fn start(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
     }
 
     /// The word at the mapping's start: the consumer's or the producer's position (`unsigned

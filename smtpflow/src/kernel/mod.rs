@@ -14,7 +14,9 @@ use aya::{Ebpf, EbpfLoader, util::KernelVersion};
 use clap::ValueEnum;
 use log::warn;
 use smtpflow_common::{
-    Config, DropConfig, HistKind, SCOPE_SLOTS, names,
+    Config, DropConfig, HistKind, SCOPE_SLOTS,
+    flow_table::{self, SET_BYTES},
+    names,
     peer::{PEER_LOG_BYTES, peer_counts},
 };
 
@@ -121,26 +123,28 @@ impl Sizes {
         MapSizes {
             peers: Self::lru_entries(self.max_peers, cpus),
             peer_replies: Self::lru_entries(self.max_peer_replies(), cpus),
-            flows: Self::lru_entries(self.max_flows, cpus),
+            flow_sets: flow_table::sets_for(self.max_flows),
         }
     }
 }
 
-/// The sizes of the kernel's LRU maps ([`Sizes::maps`]): what each can hold before it evicts.
+/// The sizes of the kernel's per-peer LRU maps ([`Sizes::maps`]: what each can hold before it
+/// evicts) and the flow table's sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapSizes {
     pub peers: u32,
     pub peer_replies: u32,
-    pub flows: u32,
+    pub flow_sets: u32,
 }
 
 impl MapSizes {
-    /// About how much kernel memory the maps take: an entry of each, with the hash table's
-    /// own share, as `bpftool map show` reports it on Linux 6.18 (240, 120 and 160 bytes).
+    /// About how much kernel memory the maps take: an entry of each LRU map, with the hash
+    /// table's own share, as `bpftool map show` reports it on Linux 6.18 (240 and 120 bytes),
+    /// and the flow table's sets (704 bytes, 88 a way).
     pub fn kernel_bytes(&self) -> u64 {
         u64::from(self.peers) * 240
             + u64::from(self.peer_replies) * 120
-            + u64::from(self.flows) * 160
+            + u64::from(self.flow_sets) * SET_BYTES as u64
     }
 }
 
@@ -173,9 +177,14 @@ pub fn load(
     log_level: u8,
 ) -> anyhow::Result<Ebpf> {
     raise_memlock_limit();
+    let maps = sizes.maps(possible_cpus()?);
+    // The flow table's sets, for `--max-flows`: the programs read their number from the
+    // configuration, and the map is created with as many.
+    let mut config = *config;
+    config.flow_sets = maps.flow_sets;
+    let config = &config;
     // An array has at least one entry; with no interface listed every lookup misses it.
     let scopes = config.scope_count().max(1);
-    let maps = sizes.maps(possible_cpus()?);
     // With the per-peer log, the programs never touch the per-peer map: one entry keeps its
     // place in the object.
     let (peers, peer_log) = match config.peer_log {
@@ -189,7 +198,8 @@ pub fn load(
         .map_max_entries(names::MAP_PEERS, peers)
         .map_max_entries(names::MAP_PEER_LOG, peer_log)
         .map_max_entries(names::MAP_PEER_GREETINGS, maps.peer_replies)
-        .map_max_entries(names::MAP_FLOWS, maps.flows)
+        .map_max_entries(names::MAP_FLOWS, config.flow_sets)
+        .map_max_entries(names::MAP_FLOW_TAGS, config.flow_sets)
         .map_max_entries(names::MAP_SCOPE_COUNTS, scopes * SCOPE_SLOTS as u32)
         .map_max_entries(names::MAP_HISTS, scopes * HistKind::COUNT as u32)
         .map_max_entries(names::MAP_SCOPES, config.scope_keys_len())
@@ -251,10 +261,10 @@ mod tests {
         // Two CPUs: 128 × 3 more each.
         assert_eq!(
             sizes.maps(2),
-            MapSizes { peers: 65_920, peer_replies: 262_528, flows: 262_528 }
+            MapSizes { peers: 65_920, peer_replies: 262_528, flow_sets: 65_536 }
         );
-        // What the load error names: 15.8 + 31.5 + 42.0 MB at the defaults.
-        assert_eq!(sizes.maps(2).kernel_bytes(), 89_328_640);
+        // What the load error names: 15.8 + 31.5 + 46.1 MB at the defaults.
+        assert_eq!(sizes.maps(2).kernel_bytes(), 93_461_504);
         assert_eq!(Sizes::lru_entries(1, 1), 257);
         // The largest --max-peers (16,777,216) with four reply entries a peer still fits, and
         // nothing wraps.

@@ -124,7 +124,7 @@ pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     let mut cap = Family::new(
         "smtpflow_map_capacity",
         MetricType::GAUGE,
-        "Entries a kernel map holds with none evicted: --max-peers, 4 a peer for peer_replies, --max-flows (each LRU map is created 128 x (CPUs + 1) entries larger, the free entries Linux may keep aside).",
+        "Entries a kernel map holds with none evicted: --max-peers, 4 a peer for peer_replies, --max-flows (each LRU map is created 128 x (CPUs + 1) entries larger, the free entries Linux may keep aside; the flow table has twice the ways).",
     );
     cap.add(&[("map", "peers")], f64::from(snap.peers_capacity));
     cap.add(&[("map", "peer_replies")], f64::from(snap.peer_replies_capacity));
@@ -134,7 +134,7 @@ pub fn render_health(snap: &Snapshot, out: &mut Vec<MetricFamily>) {
     let mut ev = Family::new(
         "smtpflow_map_evictions_total",
         MetricType::COUNTER,
-        "Entries evicted from a kernel LRU map (peers and peer_replies: their events and replies stay in the totals; flows: their handshake, greeting and replies are no longer followed).",
+        "Entries evicted from a kernel map (peers and peer_replies, by the LRU: their events and replies stay in the totals; flows, overwritten in the flow table by a new flow: their handshake, greeting and replies are no longer followed).",
     );
     ev.add(&[("map", "peers")], snap.peer_evictions as f64);
     ev.add(&[("map", "peer_replies")], snap.peer_reply_evictions as f64);

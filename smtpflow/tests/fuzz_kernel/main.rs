@@ -41,6 +41,7 @@ mod programs;
 mod replies;
 mod reports;
 mod sessions;
+mod table;
 mod unreachable;
 
 use corpus::*;

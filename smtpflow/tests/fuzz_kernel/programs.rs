@@ -9,12 +9,12 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 use smtpflow::{
-    drain::totals::Totals,
+    drain::{flows::FlowTable, totals::Totals},
     kernel::{self, Sizes},
 };
 use smtpflow_common::{
-    Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, FlowKey, FlowState,
-    PeerCounters, PeerKey, PeerRecord, Side, Stat, names,
+    Config, Counter, CounterKey, DEFAULT_MAX_PEERS, Direction, DropConfig, PeerCounters, PeerKey,
+    PeerRecord, Side, Stat, names,
     peer::{PEER_EVENT_SLOTS, peer_counts},
     reference::{self, Effect},
 };
@@ -128,8 +128,8 @@ pub(crate) struct Kernel {
     /// With `--peer-counts log`: the per-peer log, read instead of `peers`.
     pub(crate) peer_log: Option<RingBuf<MapData>>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
-    /// The flow map, which the ICMP cases fill with the attempts their messages answer.
-    pub(crate) flows: HashMap<MapData, FlowKey, FlowState>,
+    /// The flow table, which the ICMP cases fill with the attempts their messages answer.
+    pub(crate) flows: FlowTable,
     /// Counts read last (events and malformed are cumulative; peers are emptied on read).
     pub(crate) last: Counts,
 }
@@ -167,7 +167,7 @@ impl Kernel {
         let peers = take(names::MAP_PEERS)?.try_into()?;
         let peer_log = if log { Some(take(names::MAP_PEER_LOG)?.try_into()?) } else { None };
         let stats = take(names::MAP_STATS)?.try_into()?;
-        let flows = take(names::MAP_FLOWS)?.try_into()?;
+        let flows = FlowTable::take(&mut ebpf, config.flow_seed)?;
         let counters = Totals::take(&mut ebpf, &config)?;
         Ok(Self { hook, ebpf, counters, peers, peer_log, stats, flows, last: Counts::default() })
     }

@@ -497,7 +497,7 @@ fn kernel_reads_unreachables_as_the_reference_does() {
             let flow = seeds[*i].flow;
             let now = monotonic_ns();
             if let Some((fk, isn)) = flow {
-                k.flows.insert(fk, flow_state(*before, isn, now), 0).expect("flow");
+                k.flows.insert(&fk, &flow_state(*before, isn, now)).expect("flow");
             }
             k.delta().expect("read");
             let counters = unreachable_counters(&k);

@@ -8,19 +8,18 @@ use smtpflow_tests::{
         RETRANSMITS,
     },
     netfilter::{nft_counter, nft_drop_syns, nft_table},
-    procfs::lru_room,
     require_root, smtp,
     smtpflow::METRICS_ADDR,
 };
 
 use crate::{IF, series::*};
 
-/// A flow map of 8 entries (`--max-flows 8`; the kernel map has the LRU's room besides,
-/// [`lru_room`]) and a burst of attempts whose SYNs nftables drops, more than all of it, so
-/// that no flow is ever deleted: every flow beyond what the map holds is evicted. Exactly:
-/// evictions = SYNs seen (the nft counter; one per attempt, the clients give up before the
-/// first retransmission) minus the entries left, and only the flows still in the map can time
-/// out. The entries left are read from the kernel map itself with bpftool.
+/// A flow table for 8 flows (`--max-flows 8`: 2 sets of 8 ways, twice the flows it is sized
+/// for) and a burst of attempts whose SYNs nftables drops, more than all of it, so that no flow
+/// is ever deleted: every flow beyond what the table holds overwrites one. Exactly: evictions
+/// = SYNs seen (the nft counter; one per attempt, the clients give up before the first
+/// retransmission) minus the flows left, and only the flows still in the table can time out.
+/// The flows left are read from the kernel's table itself with bpftool.
 #[test]
 fn tc_flow_map_evictions() {
     require_root!();
@@ -29,7 +28,8 @@ fn tc_flow_map_evictions() {
     nft_table(&pair.local);
     nft_drop_syns(&pair.local, "input", 25, "in25");
 
-    let room = lru_room();
+    // The table's ways: 2 sets of 8.
+    let room = 8;
     let k = 8 + room as usize + 64;
     let results =
         smtp::attempts(&pair.peer, &addr(Pair::LOCAL_V4, 25), k, Duration::from_millis(400));
@@ -66,8 +66,9 @@ fn tc_flow_map_evictions() {
     w.expect_settled(&pair.local, &expected);
 }
 
-/// Entries in the FLOWS map of the smtpflow process `pid`, read with bpftool (the map ids a
-/// process holds are in its /proc fdinfo).
+/// Flows in the flow table of the smtpflow process `pid`, read with bpftool (the map ids a
+/// process holds are in its /proc fdinfo): the ways whose tag holds a flow (odd; 0 is free), a
+/// set's eight tags being its `FLOW_TAGS` value's 64 bytes, little-endian.
 fn flow_map_entries(pid: u32) -> u64 {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo");
     let ids: Vec<String> = fds
@@ -81,21 +82,34 @@ fn flow_map_entries(pid: u32) -> u64 {
             .args(["map", "show", "id", &id])
             .output()
             .expect("bpftool");
-        if !String::from_utf8_lossy(&show.stdout).contains("name FLOWS ") {
+        if !String::from_utf8_lossy(&show.stdout).contains("name FLOW_TAGS ") {
             continue;
         }
         let dump = std::process::Command::new("bpftool")
-            .args(["map", "dump", "id", &id])
+            .args(["-j", "map", "dump", "id", &id])
             .output()
             .expect("bpftool");
-        let text = String::from_utf8_lossy(&dump.stdout);
-        // "Found N elements"
-        return text
-            .lines()
-            .find_map(|l| l.strip_prefix("Found ")?.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no element count in bpftool output:\n{text}"));
+        let sets: serde_json::Value = serde_json::from_slice(&dump.stdout)
+            .unwrap_or_else(|e| panic!("bpftool's dump is not JSON ({e})"));
+        let byte = |b: &serde_json::Value| {
+            let hex = b.as_str().and_then(|h| h.strip_prefix("0x")).expect("a hex byte");
+            u8::from_str_radix(hex, 16).expect("a hex byte")
+        };
+        return sets
+            .as_array()
+            .expect("a list of sets")
+            .iter()
+            .map(|set| {
+                let value: Vec<u8> =
+                    set["value"].as_array().expect("a value").iter().map(byte).collect();
+                value[..64]
+                    .chunks(8)
+                    .filter(|tag| u64::from_le_bytes((*tag).try_into().unwrap()) & 1 == 1)
+                    .count() as u64
+            })
+            .sum();
     }
-    panic!("smtpflow (pid {pid}) holds no FLOWS map");
+    panic!("smtpflow (pid {pid}) holds no FLOW_TAGS map");
 }
 
 /// Many short connections, each reset by its client right after the handshake, while smtpflow

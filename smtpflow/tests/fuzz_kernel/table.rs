@@ -1,0 +1,90 @@
+//! The flow table in the kernel: the flows that fit in `--max-flows` all keep their way, and
+//! past the table's ways every flow a new one overwrites is counted, exactly.
+//!
+//! New connections (SYNs of distinct 4-tuples) go through the real TC ingress program with
+//! `BPF_PROG_TEST_RUN`; the table is read in place as smtpflow's sweep reads it, and the counts
+//! are the kernel's own (`STATS`: `flow_inserts`, `flow_evictions`).
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::PerCpuArray,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use smtpflow::{
+    drain::flows::FlowTable,
+    kernel::{self, Sizes},
+};
+use smtpflow_common::{
+    Config, DEFAULT_MAX_PEERS, DropConfig, Stat,
+    flow_table::{FLOW_WAYS, sets_for},
+    names,
+    rules::tcp_flags::SYN,
+};
+use smtpflow_tests::{
+    frames::{ETH_P_IP, Eth, IPPROTO_TCP, Ipv4, Tcp},
+    require_root,
+};
+
+use super::{
+    PLAINTEXT, PORTS,
+    corpus::{MAC_GW, MAC_PEER, gw_v4},
+    programs::{kernel_available, lo_ifindex},
+};
+
+/// The flows the table is sized for.
+const MAX_FLOWS: u32 = 4096;
+
+#[test]
+fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
+    require_root!();
+    if !kernel_available() {
+        return;
+    }
+    let mut config = Config::from_ports(PORTS, PLAINTEXT).expect("ports");
+    config.set_ifaces(&[lo_ifindex()]).expect("interfaces");
+    let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: MAX_FLOWS };
+    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0).expect("load");
+    let name = names::PROG_TC_INGRESS;
+    let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().unwrap();
+    prog.load().expect("loading TC ingress");
+    let table = FlowTable::take(&mut ebpf, config.flow_seed).expect("FLOWS");
+    let ways = u64::from(sets_for(MAX_FLOWS)) * FLOW_WAYS as u64;
+    assert_eq!((table.sets(), ways), (1024, 8192), "twice the ways of --max-flows");
+    let stats: PerCpuArray<_, u64> =
+        ebpf.take_map(names::MAP_STATS).expect("no STATS").try_into().unwrap();
+    let stat = |s: Stat| -> u64 { stats.get(&(s as u32), 0).unwrap().iter().sum() };
+    let prog: &SchedClassifier = ebpf.program(name).expect("program").try_into().unwrap();
+    let eth = Eth::new(MAC_GW, MAC_PEER);
+    // Attempt `i`: its own source address and port.
+    let syn = |i: u32| {
+        let src = Ipv4Addr::from(0x0a80_0000 + i);
+        let tcp = Tcp::new(10_000 + (i % 50_000) as u16, 25, SYN);
+        let frame = eth.frame(ETH_P_IP, &Ipv4::new(src, gw_v4(), IPPROTO_TCP).packet(&tcp.bytes()));
+        let opts = TestRunOptions { data_in: Some(&frame), repeat: 1, ..TestRunOptions::default() };
+        let verdict = prog.test_run(opts).expect("test run").return_value;
+        assert_eq!(verdict, u32::MAX, "the packet's fate changed");
+    };
+
+    for i in 0..MAX_FLOWS {
+        syn(i);
+    }
+    let shown = table.for_each(|_, _| {});
+    let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
+    eprintln!("  {MAX_FLOWS} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
+    assert_eq!((inserts, evictions, shown as u64), (4096, 0, 4096), "every flow that fits kept");
+    assert_eq!(stat(Stat::FlowInsertFailed), 0);
+
+    // Three times as many: past the table's ways, each new flow overwrites one, and the kernel
+    // counts each: what the table shows is what was inserted and not overwritten.
+    let more = 3 * MAX_FLOWS;
+    for i in MAX_FLOWS..more {
+        syn(i);
+    }
+    let shown = table.for_each(|_, _| {}) as u64;
+    let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
+    eprintln!("  {more} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
+    assert_eq!(inserts, u64::from(more), "every new attempt inserted");
+    assert!(evictions > 0 && shown <= ways, "{evictions} overwritten, {shown} shown of {ways}");
+    assert_eq!(inserts - evictions, shown, "every flow not shown was counted overwritten");
+    assert_eq!(stat(Stat::FlowInsertFailed), 0);
+}
