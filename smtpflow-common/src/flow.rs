@@ -28,7 +28,7 @@ pub struct FlowKey {
 /// A connection is open while its flow is [`ESTABLISHED`] or [`GREETED`] ([`is_open`]):
 /// userspace counts open connections by listing the flow map. The kernel deletes a flow when
 /// its connection ends, except a [`flag::LATE`] one, which the sweep must still see: that one
-/// becomes [`CLOSED`] instead, and the sweep's idle cleanup deletes it.
+/// becomes [`CLOSED`] instead, and its way goes to a new flow once it is idle ([`IDLE_NS`]).
 pub mod state {
     /// SYN seen, no answer yet.
     pub const SYN_SENT: u8 = 1;
@@ -86,8 +86,8 @@ pub mod flag {
     pub const SEQ_KNOWN: u8 = 16;
     /// The answer to the first SYN (SYN-ACK, RST, or the client's ACK in XDP mode) came later
     /// than the handshake timeout: the kernel counted no outcome, userspace's sweep counts a
-    /// timeout. The kernel never deletes such a flow (the sweep must see it); its idle cleanup
-    /// or the LRU removes it.
+    /// timeout. The kernel never deletes such a flow (the sweep must see it); its way goes to a
+    /// new flow once it is idle, or when a new flow overwrites it.
     pub const LATE: u8 = 32;
     /// A throttling reply was counted for this session.
     pub const THROTTLED: u8 = 64;
@@ -805,11 +805,13 @@ pub fn unreachable(st: &mut FlowState, seq: u32, now: u64, timeout_ns: u64) -> A
 /// answer the kernel decided in time is always seen written.
 pub const SWEEP_GRACE_NS: u64 = 1_000_000_000;
 
-/// Flows not written for this long are deleted by userspace's sweep: 15 minutes, longer than
-/// any SMTP timeout (RFC 5321 lets a client wait 10 minutes for the reply to the end of DATA).
-/// Only needed where the end of a connection is not seen (XDP sees no server FIN; a FIN lost
-/// or a peer gone silent in either mode), and for [`state::CLOSED`] flows (kept after their end for
-/// the sweep); otherwise the kernel deletes flows as they end.
+/// Flows not written for this long are no longer followed: 15 minutes, longer than any SMTP
+/// timeout (RFC 5321 lets a client wait 10 minutes for the reply to the end of DATA).
+/// Userspace's sweep no longer shows them, and the kernel gives their ways to new flows without
+/// counting an eviction. Only needed where the end of a connection is not seen (XDP sees no
+/// server FIN; a FIN lost or a peer gone silent in either mode), and for [`state::CLOSED`]
+/// flows (kept after their end for the sweep); otherwise the kernel frees a flow's way as it
+/// ends.
 pub const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
 /// What userspace's sweep decides for one flow entry.
@@ -820,12 +822,12 @@ pub struct Swept {
     /// ([`flag::UNREACHABLE`]: its outcome is decided). Counted once per attempt
     /// (the sweep remembers the flows it counted, by key and `syn_ns`).
     pub timeout: bool,
-    /// Not written for [`IDLE_NS`]: delete it.
+    /// Not written for [`IDLE_NS`]: no longer followed (not shown, its way free to take).
     pub idle: bool,
 }
 
 /// The sweep's decision for a flow entry read at `now` (`CLOCK_MONOTONIC`, the clock of
-/// `bpf_ktime_get_ns`). Pure: the sweep never writes an entry, it only counts and deletes.
+/// `bpf_ktime_get_ns`). Pure: the sweep never writes a flow, it only counts.
 pub const fn sweep(st: &FlowState, now: u64, timeout_ns: u64) -> Swept {
     let unanswered = (st.state == state::SYN_SENT || st.flags & flag::LATE != 0)
         && st.flags & flag::UNREACHABLE == 0;
@@ -1666,7 +1668,7 @@ mod tests {
     }
 
     /// A late flow is kept for the sweep when its connection ends, as `CLOSED` (no longer
-    /// open); the sweep still counts its timeout and deletes it when idle.
+    /// open); the sweep still counts its timeout, and its way is free to take once idle.
     #[test]
     fn late_flows_close_instead_of_being_deleted() {
         let late = 1 + TIMEOUT + 1;

@@ -264,12 +264,13 @@ fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> bo
         // SAFETY: a live value of the table.
         free = pick(is_zero(unsafe { (*chosen.tags).tags[w] }), w as u64, free);
     }
-    let (which, way) = if free < FLOW_WAYS as u64 {
-        (right_freer, free)
-    } else {
-        (hash >> 40 & 1, (hash >> 41) % FLOW_WAYS as u64)
-    };
-    let Some(at) = table.way(which, way as usize) else { return true };
+    // With no free way, one of the two sets' picked by the hash. Picked with arithmetic too:
+    // LLVM made the two choices two branches on one test, and Linux 6.1's verifier, following
+    // the second one's side that the first had ruled out, lost the pointer the way indexes.
+    let none = is_zero(free ^ FLOW_WAYS as u64);
+    let which = pick(none, hash >> 40 & 1, right_freer);
+    let way = pick(none, hash >> 41, free) as usize % FLOW_WAYS;
+    let Some(at) = table.way(which, way) else { return true };
     // SAFETY: a live value of the table.
     let old = unsafe { (*at.tags).tags[at.way] };
     if !(old == 0 || holds_flow(old)) || !swap_tag(at, old, BUSY) {

@@ -5,7 +5,7 @@
 //! What the flow map can show is what the observation point sees: in XDP mode only ingress, so
 //! an inbound connection is open from the client's ACK to the client's FIN or RST, and an
 //! outbound one from the server's SYN-ACK to its FIN or RST (the local host's own FIN is not
-//! seen). A flow evicted from the LRU map, or deleted idle by the sweep, is no longer counted.
+//! seen). A flow overwritten in the flow table, or idle, is no longer counted.
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
