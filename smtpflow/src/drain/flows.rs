@@ -1,8 +1,10 @@
-//! The kernel's flow table (`FLOW_TAGS` and `FLOWS`, [`smtpflow_common::flow_table`]), mapped
-//! read-only and read in place: the sweep lists its flows with no syscall and no copy of the
-//! table, reading every set's tags (a cache line a set) and a set's flows only where its tags
-//! say it holds one, so that only the pages of those flows are in smtpflow's memory; tests find
-//! a flow by its key as the kernel does.
+//! The kernel's flow table (`FLOW_TAGS` and `FLOWS`, [`smtpflow_common::flow_table`]), read
+//! as the kernel writes it: the tags of every set in place, mapped read-only (64 bytes a set,
+//! 4 MiB at the default), and a set's flows, with one lookup, only where its tags say it holds
+//! one. So a sweep costs a pass over the tags and a syscall a set with flows, and smtpflow's
+//! memory holds the tags, not the table (Linux maps a mappable array's every page at once:
+//! mapped whole, the default table's 46 MB counted in smtpflow's RSS). Tests find a flow by
+//! its key as the kernel does.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
@@ -10,39 +12,58 @@ use aya::maps::{Array, Map, MapData};
 use smtpflow_common::{
     FlowKey, FlowState,
     flow_table::{
-        FLOW_WAYS, FlowSet, FlowTags, candidate_sets, flow_hash, read_way, same_key, tag,
+        FLOW_WAYS, FlowSet, FlowTags, candidate_sets, flow_hash, holds_flow, same_key, tag,
     },
     names,
 };
 
 use super::ring::Mapping;
 
-/// `BPF_F_MMAPABLE`: the kernel object creates `FLOWS` with it.
+/// `BPF_F_MMAPABLE`: the kernel object creates `FLOW_TAGS` with it.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// The flow table of a loaded object, mapped for reading.
+/// The flow table of a loaded object: its tags mapped for reading, its flows read by set.
 pub struct FlowTable {
     tags: Mapping,
-    flows: Mapping,
+    flows: Array<MapData, FlowSet>,
     sets: u32,
     /// The hash seed the object was loaded with ([`smtpflow_common::Config::flow_seed`]).
     seed: u64,
-    /// Kept so the maps live as long as their mappings (and for the tests' writes).
+    /// Kept so the map lives as long as its mapping (and for the tests' writes).
     tags_map: Map,
-    flows_map: Map,
 }
 
 impl FlowTable {
     /// `FLOW_TAGS` and `FLOWS` of the loaded object, which was loaded with `seed` as its flow
     /// hash seed.
     pub fn take(ebpf: &mut aya::Ebpf, seed: u64) -> anyhow::Result<Self> {
-        let (tags_map, tags, sets) = map::<FlowTags>(ebpf, names::MAP_FLOW_TAGS)?;
-        let (flows_map, flows, flow_sets) = map::<FlowSet>(ebpf, names::MAP_FLOWS)?;
+        let tags_map = super::take_map(ebpf, names::MAP_FLOW_TAGS)?;
+        let Map::Array(data) = &tags_map else {
+            anyhow::bail!("map {} is not an array (a build problem)", names::MAP_FLOW_TAGS);
+        };
+        let info = data.info()?;
+        let (sets, value) = (info.max_entries(), info.value_size() as usize);
         anyhow::ensure!(
-            sets == flow_sets,
+            value == size_of::<FlowTags>() && info.map_flags() & BPF_F_MMAPABLE != 0,
+            "the flow table's tags are {value} bytes (flags {:#x}), this build's {} and \
+             mappable: the kernel object and smtpflow are of different builds",
+            info.map_flags(),
+            size_of::<FlowTags>()
+        );
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (sets as usize * value).div_ceil(page) * page;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let tags = Mapping::new(fd, len, libc::PROT_READ, 0).context("mmap of FLOW_TAGS")?;
+        let flows: Array<MapData, FlowSet> =
+            super::take_map(ebpf, names::MAP_FLOWS)?.try_into().with_context(|| {
+                format!("map {} is not an array of flow sets (a build problem)", names::MAP_FLOWS)
+            })?;
+        anyhow::ensure!(
+            flows.len() == sets,
             "the flow table's maps differ in sets (a build problem)"
         );
-        Ok(Self { tags, flows, sets, seed, tags_map, flows_map })
+        Ok(Self { tags, flows, sets, seed, tags_map })
     }
 
     /// The table's sets.
@@ -50,52 +71,64 @@ impl FlowTable {
         self.sets
     }
 
-    /// Set `i`'s tags and flows, in the mappings.
-    fn set(&self, i: u32) -> (*const FlowTags, *const FlowSet) {
+    /// Set `i`'s tags as they are now, read in place (volatile: the kernel writes them).
+    fn tags(&self, i: u32) -> [u64; FLOW_WAYS] {
         let i = i as usize;
-        assert!(
-            (i + 1) * size_of::<FlowTags>() <= self.tags.len()
-                && (i + 1) * size_of::<FlowSet>() <= self.flows.len()
-        );
-        // SAFETY: inside the mappings (checked above); the arrays' values are 8-byte aligned
-        // and start their page-aligned mappings.
+        assert!((i + 1) * size_of::<FlowTags>() <= self.tags.len());
+        // SAFETY: inside the mapping (checked above); the array's values are 8-byte aligned and
+        // start its page-aligned mapping; the kernel writes each tag whole.
         unsafe {
-            (
-                self.tags.start().cast::<FlowTags>().add(i),
-                self.flows.start().cast::<FlowSet>().add(i),
-            )
+            let at = self.tags.start().cast::<FlowTags>().add(i);
+            std::ptr::read_volatile(std::ptr::addr_of!((*at).tags))
         }
+    }
+
+    /// The flows of set `i` whose tags it held before its flows were read and still holds
+    /// after: a way the kernel gave to another flow meanwhile went through `BUSY`, so its tag
+    /// differs, and it is left for the next reading.
+    fn flows_of(
+        &self,
+        i: u32,
+        before: [u64; FLOW_WAYS],
+    ) -> anyhow::Result<Vec<(FlowKey, FlowState)>> {
+        if !before.iter().any(|&t| holds_flow(t)) {
+            return Ok(Vec::new());
+        }
+        let set = self.flows.get(&i, 0).context("reading a set of the flow table (FLOWS)")?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let after = self.tags(i);
+        Ok((0..FLOW_WAYS)
+            .filter(|&w| holds_flow(before[w]) && after[w] == before[w])
+            .map(|w| (set.keys[w], set.states[w]))
+            .collect())
     }
 
     /// Calls `f` with every flow in the table, read as it is while the kernel writes it (a way
     /// that changes while read is skipped: it is a new flow, for the next listing). Returns how
     /// many flows it showed.
-    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> usize {
+    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> anyhow::Result<usize> {
         let mut shown = 0;
         for i in 0..self.sets {
-            let (tags, set) = self.set(i);
-            for way in 0..FLOW_WAYS {
-                // SAFETY: `tags` and `set` are in the mappings.
-                if let Some((key, st)) = unsafe { read_way(tags, set, way) } {
-                    f(&key, &st);
-                    shown += 1;
-                }
+            for (key, st) in self.flows_of(i, self.tags(i))? {
+                f(&key, &st);
+                shown += 1;
             }
         }
-        shown
+        Ok(shown)
     }
 
     /// The flow of `key`, found as the kernel finds it.
-    pub fn get(&self, key: &FlowKey) -> Option<FlowState> {
+    pub fn get(&self, key: &FlowKey) -> anyhow::Result<Option<FlowState>> {
         let h = flow_hash(key, self.seed);
-        candidate_sets(h, self.sets).into_iter().find_map(|i| {
-            let (tags, set) = self.set(i);
-            (0..FLOW_WAYS).find_map(|way| {
-                // SAFETY: `tags` and `set` are in the mappings.
-                let (k, st) = unsafe { read_way(tags, set, way) }?;
-                same_key(&k, key).then_some(st)
-            })
-        })
+        for i in candidate_sets(h, self.sets) {
+            let tags = self.tags(i);
+            if let Some((_, st)) =
+                self.flows_of(i, tags)?.into_iter().find(|(k, _)| same_key(k, key))
+            {
+                return Ok(Some(st));
+            }
+        }
+        Ok(None)
     }
 
     /// Writes `st` as `key`'s flow, in its way or else in a free way of its candidate sets, as
@@ -105,7 +138,7 @@ impl FlowTable {
         let h = flow_hash(key, self.seed);
         let sets = candidate_sets(h, self.sets);
         let mut tags: Array<&mut MapData, FlowTags> = (&mut self.tags_map).try_into()?;
-        let mut flows: Array<&mut MapData, FlowSet> = (&mut self.flows_map).try_into()?;
+        let flows = &mut self.flows;
         let mut place = None;
         for pass in [true, false] {
             for &i in &sets {
@@ -130,29 +163,4 @@ impl FlowTable {
         tags.set(i, t, 0)?;
         Ok(())
     }
-}
-
-/// The array map `name` of the loaded object, of `T`s, mapped read-only: the map, the mapping
-/// and its entries.
-fn map<T>(ebpf: &mut aya::Ebpf, name: &str) -> anyhow::Result<(Map, Mapping, u32)> {
-    let map = super::take_map(ebpf, name)?;
-    let Map::Array(data) = &map else {
-        anyhow::bail!("map {name} is not an array (a build problem)");
-    };
-    let info = data.info()?;
-    let (entries, value) = (info.max_entries(), info.value_size() as usize);
-    anyhow::ensure!(
-        value == size_of::<T>() && info.map_flags() & BPF_F_MMAPABLE != 0,
-        "{name}'s entries are {value} bytes (flags {:#x}), this build's {} and mappable: the \
-         kernel object and smtpflow are of different builds",
-        info.map_flags(),
-        size_of::<T>()
-    );
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    let len = (entries as usize * value).div_ceil(page) * page;
-    let fd = data.fd().as_fd().as_raw_fd();
-    let mapping =
-        Mapping::new(fd, len, libc::PROT_READ, 0).with_context(|| format!("mmap of {name}"))?;
-    Ok((map, mapping, entries))
 }

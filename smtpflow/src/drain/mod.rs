@@ -489,7 +489,7 @@ impl FlowSweep {
                 open.entry(key, st);
                 live += 1;
             }
-        });
+        })?;
         timeouts.finish();
         Ok(live)
     }
