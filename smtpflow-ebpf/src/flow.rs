@@ -284,7 +284,7 @@ fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> bo
         (*at.set).keys[at.way] = *key;
         (*at.set).states[at.way] = *st;
     }
-    swap_tag(at, BUSY, tag(hash));
+    swap_tag(at, BUSY, table.tag);
     bump(Stat::FlowInserts);
     true
 }

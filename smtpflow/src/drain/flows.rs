@@ -3,8 +3,8 @@
 //! 4 MiB at the default), and a set's flows, with one lookup, only where its tags say it holds
 //! one. So a sweep costs a pass over the tags and a syscall a set with flows, and smtpflow's
 //! memory holds the tags, not the table (Linux maps a mappable array's every page at once:
-//! mapped whole, the default table's 46 MB counted in smtpflow's RSS). Tests find a flow by
-//! its key as the kernel does.
+//! mapped whole, the default table's 46 MB counted in smtpflow's RSS). Tests write a flow
+//! where the kernel finds it.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
@@ -83,52 +83,26 @@ impl FlowTable {
         }
     }
 
-    /// The flows of set `i` whose tags it held before its flows were read and still holds
-    /// after: a way the kernel gave to another flow meanwhile went through `BUSY`, so its tag
-    /// differs, and it is left for the next reading.
-    fn flows_of(
-        &self,
-        i: u32,
-        before: [u64; FLOW_WAYS],
-    ) -> anyhow::Result<Vec<(FlowKey, FlowState)>> {
-        if !before.iter().any(|&t| holds_flow(t)) {
-            return Ok(Vec::new());
-        }
-        let set = self.flows.get(&i, 0).context("reading a set of the flow table (FLOWS)")?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let after = self.tags(i);
-        Ok((0..FLOW_WAYS)
-            .filter(|&w| holds_flow(before[w]) && after[w] == before[w])
-            .map(|w| (set.keys[w], set.states[w]))
-            .collect())
-    }
-
-    /// Calls `f` with every flow in the table, read as it is while the kernel writes it (a way
-    /// that changes while read is skipped: it is a new flow, for the next listing). Returns how
-    /// many flows it showed.
+    /// Calls `f` with every flow in the table, read as it is while the kernel writes it, and
+    /// returns how many flows it showed. A set's flows are read only where its tags hold one,
+    /// and shown only where it still holds them after: a way the kernel gave to another flow
+    /// meanwhile went through `BUSY`, so its tag differs, and it is left for the next listing.
     pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> anyhow::Result<usize> {
         let mut shown = 0;
         for i in 0..self.sets {
-            for (key, st) in self.flows_of(i, self.tags(i))? {
-                f(&key, &st);
+            let before = self.tags(i);
+            if !before.iter().any(|&t| holds_flow(t)) {
+                continue;
+            }
+            let set = self.flows.get(&i, 0).context("reading a set of the flow table (FLOWS)")?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let after = self.tags(i);
+            for w in (0..FLOW_WAYS).filter(|&w| holds_flow(before[w]) && after[w] == before[w]) {
+                f(&set.keys[w], &set.states[w]);
                 shown += 1;
             }
         }
         Ok(shown)
-    }
-
-    /// The flow of `key`, found as the kernel finds it.
-    pub fn get(&self, key: &FlowKey) -> anyhow::Result<Option<FlowState>> {
-        let h = flow_hash(key, self.seed);
-        for i in candidate_sets(h, self.sets) {
-            let tags = self.tags(i);
-            if let Some((_, st)) =
-                self.flows_of(i, tags)?.into_iter().find(|(k, _)| same_key(k, key))
-            {
-                return Ok(Some(st));
-            }
-        }
-        Ok(None)
     }
 
     /// Writes `st` as `key`'s flow, in its way or else in a free way of its candidate sets, as
