@@ -268,7 +268,7 @@ labelled_enum! {
         /// Flow entries the kernel deleted (connection reset or closed by the server).
         FlowDeletes = 5 => "flow_deletes",
         /// A flow entry could not be created: another CPU took the way it chose at the same
-        /// moment.
+        /// moment (or, which cannot happen, one of its candidate sets was not in the table).
         FlowInsertFailed = 6 => "flow_insert_failed",
         /// A histogram entry could not be created: a duration was lost. Must stay 0.
         HistInsertFailed = 7 => "hist_insert_failed",

@@ -146,8 +146,9 @@ pub fn track(seg: &Segment, at: &Where, fp: &FlowPacket, out: &mut Actions, flow
             Some(s) => unsafe { *s = flow.state },
             None => {
                 let [left, right] = table.sets;
-                if !insert(left, right, table.hash, &flow.key, &flow.state) {
-                    failed(Stat::FlowInsertFailed, 0);
+                let err = insert(left, right, table.hash, &flow.key, &flow.state);
+                if err != 0 {
+                    failed(Stat::FlowInsertFailed, err);
                 }
             }
         }
@@ -247,17 +248,19 @@ impl Table {
 /// Stores a new flow: in a free way of the candidate set with more of them (the left one on
 /// a tie), else over a flow of the two sets picked by the hash, counted in
 /// [`Stat::FlowEvictions`] unless it was idle. Claimed with a CAS, written, then published
-/// with its tag; a way another CPU claims at the same moment is counted in
-/// [`Stat::FlowInsertFailed`] by the caller (the attempt is not followed): false then.
+/// with its tag. 0 when stored; else the attempt is not followed, and the caller counts it in
+/// [`Stat::FlowInsertFailed`] with the error returned: [`EBUSY`] when another CPU claimed the
+/// way at the same moment, [`ENOENT`] when a candidate set is not in the table (cannot happen:
+/// the sets are below `flow_sets`, the maps' size; counted all the same, not lost).
 /// Not inlined: its frame is not stacked under the failure report's.
 #[inline(never)]
-fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> bool {
+fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> i32 {
     let table = Table { sets: [left, right], hash, tag: tag(hash) };
     let [Some(left_set), Some(right_set)] = [left, right].map(|i| FLOW_TAGS.get_ptr_mut(i)) else {
-        return true;
+        return ENOENT;
     };
     let right_freer = is_negative(free_ways(left_set).wrapping_sub(free_ways(right_set)));
-    let Some(chosen) = table.way(right_freer, 0) else { return true };
+    let Some(chosen) = table.way(right_freer, 0) else { return ENOENT };
     // The first free way of that set, FLOW_WAYS for none.
     let mut free = FLOW_WAYS as u64;
     for w in (0..FLOW_WAYS).rev() {
@@ -270,11 +273,11 @@ fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> bo
     let none = is_zero(free ^ FLOW_WAYS as u64);
     let which = pick(none, hash >> 40 & 1, right_freer);
     let way = pick(none, hash >> 41, free) as usize % FLOW_WAYS;
-    let Some(at) = table.way(which, way) else { return true };
+    let Some(at) = table.way(which, way) else { return ENOENT };
     // SAFETY: a live value of the table.
     let old = unsafe { (*at.tags).tags[at.way] };
     if !(old == 0 || holds_flow(old)) || !swap_tag(at, old, BUSY) {
-        return false;
+        return EBUSY;
     }
     // SAFETY: the way is this CPU's until published: its tag is BUSY.
     unsafe {
@@ -286,8 +289,12 @@ fn insert(left: u32, right: u32, hash: u64, key: &FlowKey, st: &FlowState) -> bo
     }
     swap_tag(at, BUSY, table.tag);
     bump(Stat::FlowInserts);
-    true
+    0
 }
+
+/// [`insert`]'s errors, as the kernel's errnos (negative), for the debug log's line.
+const EBUSY: i32 = -16;
+const ENOENT: i32 = -2;
 
 /// Which way of the sets `left` and `right` has the tag `tag`: 1 + the way's index among the
 /// two sets' (left first), 0 for none. The right set is read only when the left one does not

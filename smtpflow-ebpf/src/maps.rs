@@ -168,7 +168,7 @@ pub fn failed(stat: Stat, err: i32) {
             debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: per-peer insert failed ({}): peer counts lost, #{}", err, n)
         }
         Stat::FlowInsertFailed => {
-            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: FLOWS way taken by another CPU: attempt not tracked, #{}", n)
+            debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: FLOWS insert failed ({}; -16: the way taken by another CPU): attempt not tracked, #{}", err, n)
         }
         Stat::PayloadsLost => {
             debug!(&ctx, target: KERNEL_LOG_TARGET, "kernel: PAYLOADS ring full: a payload event lost, #{}", n)

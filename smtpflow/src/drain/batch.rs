@@ -145,6 +145,48 @@ pub fn for_each_raw(
     }
 }
 
+/// Reads entries `first..first + count` of an array map with one `BPF_MAP_LOOKUP_BATCH` into
+/// `values` (`count` values of `value_size` bytes, as the kernel lays them out) and `keys`
+/// (`count` u32 indices), and returns how many it read: `count`, fewer at the array's end.
+pub fn read_array_range(
+    map: BorrowedFd<'_>,
+    first: u32,
+    value_size: usize,
+    keys: &mut [u32],
+    values: &mut [u8],
+) -> io::Result<usize> {
+    let count = keys.len();
+    assert!(values.len() >= count * value_size, "room for {count} values");
+    // The batch starts after the key `in_batch` points to: none for the first index.
+    let before = first.wrapping_sub(1);
+    let mut token_out = [0u64; 4];
+    let mut attr = BatchAttr {
+        in_batch: if first == 0 { 0 } else { (&raw const before) as u64 },
+        out_batch: token_out.as_mut_ptr() as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command; the buffers it points to hold
+    // `count` keys and values and outlive the call; `before` is an array map's 4-byte key.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    let err = (rc < 0).then(io::Error::last_os_error);
+    match err.as_ref().and_then(io::Error::raw_os_error) {
+        // ENOENT: the read reached the array's end (`count` says what it read).
+        None | Some(libc::ENOENT) => Ok(attr.count as usize),
+        Some(_) => Err(err.unwrap_or_else(io::Error::last_os_error)),
+    }
+}
+
 /// Whether a batch lookup failed because the kernel or map type has none (then the maps are
 /// read key by key, as before Linux 5.6).
 pub fn batch_unsupported(e: &io::Error) -> bool {

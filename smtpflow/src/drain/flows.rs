@@ -1,14 +1,16 @@
 //! The kernel's flow table (`FLOW_TAGS` and `FLOWS`, [`smtpflow_common::flow_table`]), read
 //! as the kernel writes it: the tags of every set in place, mapped read-only (64 bytes a set,
-//! 4 MiB at the default), and a set's flows, with one lookup, only where its tags say it holds
-//! one. So a sweep costs a pass over the tags and a syscall a set with flows, and smtpflow's
-//! memory holds the tags, not the table (Linux maps a mappable array's every page at once:
-//! mapped whole, the default table's 46 MB counted in smtpflow's RSS). Tests write a flow
-//! where the kernel finds it.
+//! 4 MiB at the default), and the flows only of the sets whose tags say they hold one, read a
+//! run of sets at a time (`BPF_MAP_LOOKUP_BATCH`: one syscall for up to [`READ_SETS`] sets,
+//! where a lookup a set made a sweep of a full table 65,536 syscalls). So a sweep costs a pass
+//! over the tags and a syscall for each run of sets with flows, and smtpflow's memory holds the
+//! tags and one run, not the table (Linux maps a mappable array's every page at once: mapped
+//! whole, the default table's 46 MB counted in smtpflow's RSS). Tests write a flow where the
+//! kernel finds it.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, IterableMap as _, Map, MapData};
 use smtpflow_common::{
     FlowKey, FlowState,
     flow_table::{
@@ -17,7 +19,12 @@ use smtpflow_common::{
     names,
 };
 
-use super::ring::Mapping;
+use super::{batch, ring::Mapping};
+
+/// Sets read with one syscall at most: the sets from the first to the last with flows among
+/// this many (40 KiB of flows). Reading a set between them that holds none costs a copy, far
+/// less than a syscall.
+const READ_SETS: u32 = 64;
 
 /// `BPF_F_MMAPABLE`: the kernel object creates `FLOW_TAGS` with it.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -31,6 +38,11 @@ pub struct FlowTable {
     seed: u64,
     /// Kept so the map lives as long as its mapping (and for the tests' writes).
     tags_map: Map,
+    /// The last run of sets read, as the kernel lays them out, and their indices.
+    run: Vec<u8>,
+    run_keys: Vec<u32>,
+    /// Whether this kernel reads an array in batches (Linux 5.6+); else a set a lookup.
+    batched: bool,
 }
 
 impl FlowTable {
@@ -63,7 +75,16 @@ impl FlowTable {
             flows.len() == sets,
             "the flow table's maps differ in sets (a build problem)"
         );
-        Ok(Self { tags, flows, sets, seed, tags_map })
+        Ok(Self {
+            tags,
+            flows,
+            sets,
+            seed,
+            tags_map,
+            run: vec![0; READ_SETS as usize * size_of::<FlowSet>()],
+            run_keys: vec![0; READ_SETS as usize],
+            batched: true,
+        })
     }
 
     /// The table's sets.
@@ -83,26 +104,89 @@ impl FlowTable {
         }
     }
 
+    /// Whether the sets are read in batches (else a lookup a set: a kernel before 5.6).
+    pub fn batched(&self) -> bool {
+        self.batched
+    }
+
     /// Calls `f` with every flow in the table, read as it is while the kernel writes it, and
     /// returns how many flows it showed. A set's flows are read only where its tags hold one,
     /// and shown only where it still holds them after: a way the kernel gave to another flow
     /// meanwhile went through `BUSY`, so its tag differs, and it is left for the next listing.
-    pub fn for_each(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> anyhow::Result<usize> {
+    pub fn for_each(&mut self, mut f: impl FnMut(&FlowKey, &FlowState)) -> anyhow::Result<usize> {
         let mut shown = 0;
-        for i in 0..self.sets {
-            let before = self.tags(i);
-            if !before.iter().any(|&t| holds_flow(t)) {
-                continue;
+        let mut before = [[0u64; FLOW_WAYS]; READ_SETS as usize];
+        for start in (0..self.sets).step_by(READ_SETS as usize) {
+            let end = (start + READ_SETS).min(self.sets);
+            let mut with_flows = None;
+            for i in start..end {
+                before[(i - start) as usize] = self.tags(i);
+                if before[(i - start) as usize].iter().any(|&t| holds_flow(t)) {
+                    with_flows = Some(with_flows.map_or((i, i), |(first, _)| (first, i)));
+                }
             }
-            let set = self.flows.get(&i, 0).context("reading a set of the flow table (FLOWS)")?;
+            let Some((first, last)) = with_flows else { continue };
+            self.read_run(first, (last - first + 1) as usize)?;
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            let after = self.tags(i);
-            for w in (0..FLOW_WAYS).filter(|&w| holds_flow(before[w]) && after[w] == before[w]) {
-                f(&set.keys[w], &set.states[w]);
-                shown += 1;
+            for i in first..=last {
+                let was = &before[(i - start) as usize];
+                if !was.iter().any(|&t| holds_flow(t)) {
+                    continue;
+                }
+                let after = self.tags(i);
+                let set = self.run_set((i - first) as usize);
+                for w in (0..FLOW_WAYS).filter(|&w| holds_flow(was[w]) && after[w] == was[w]) {
+                    f(&set.keys[w], &set.states[w]);
+                    shown += 1;
+                }
             }
         }
         Ok(shown)
+    }
+
+    /// Reads sets `first..first + n` (`n` ≤ [`READ_SETS`]) into the run: one batch, or where
+    /// the kernel has none, a lookup each.
+    fn read_run(&mut self, first: u32, n: usize) -> anyhow::Result<()> {
+        let set_size = size_of::<FlowSet>();
+        if self.batched {
+            let fd = self.flows.map().fd().as_fd();
+            let read = batch::read_array_range(
+                fd,
+                first,
+                set_size,
+                &mut self.run_keys[..n],
+                &mut self.run[..n * set_size],
+            );
+            match read {
+                Ok(read) if read == n => return Ok(()),
+                Ok(read) => anyhow::bail!(
+                    "the flow table (FLOWS) gave {read} of sets {first}..{}: it has {}",
+                    first as usize + n,
+                    self.sets
+                ),
+                Err(e) if batch::batch_unsupported(&e) => self.batched = false,
+                Err(e) => return Err(e).context("reading sets of the flow table (FLOWS)"),
+            }
+        }
+        for k in 0..n {
+            let set = self
+                .flows
+                .get(&(first + k as u32), 0)
+                .context("reading a set of the flow table (FLOWS)")?;
+            // SAFETY: `run` holds READ_SETS sets and k < n ≤ READ_SETS; FlowSet is plain data.
+            unsafe {
+                std::ptr::write_unaligned(self.run.as_mut_ptr().cast::<FlowSet>().add(k), set);
+            }
+        }
+        Ok(())
+    }
+
+    /// Set `k` of the last run read.
+    fn run_set(&self, k: usize) -> FlowSet {
+        assert!((k + 1) * size_of::<FlowSet>() <= self.run.len());
+        // SAFETY: inside the run (checked above), written whole by the kernel or `read_run`;
+        // FlowSet is plain data (any bytes are a value).
+        unsafe { std::ptr::read_unaligned(self.run.as_ptr().cast::<FlowSet>().add(k)) }
     }
 
     /// Writes `st` as `key`'s flow, in its way or else in a free way of its candidate sets, as

@@ -47,7 +47,7 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     let name = names::PROG_TC_INGRESS;
     let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().unwrap();
     prog.load().expect("loading TC ingress");
-    let table = FlowTable::take(&mut ebpf, config.flow_seed).expect("FLOWS");
+    let mut table = FlowTable::take(&mut ebpf, config.flow_seed).expect("FLOWS");
     let ways = u64::from(sets_for(MAX_FLOWS)) * FLOW_WAYS as u64;
     assert_eq!((table.sets(), ways), (1024, 8192), "twice the ways of --max-flows");
     let stats: PerCpuArray<_, u64> =
@@ -72,6 +72,7 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
     eprintln!("  {MAX_FLOWS} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
     assert_eq!((inserts, evictions, shown as u64), (4096, 0, 4096), "every flow that fits kept");
+    assert!(table.batched(), "this kernel reads the sets in batches (Linux 5.6+)");
     assert_eq!(stat(Stat::FlowInsertFailed), 0);
 
     // Three times as many: past the table's ways, each new flow overwrites one, and the kernel
