@@ -109,11 +109,15 @@ impl FlowTable {
         self.batched
     }
 
-    /// Calls `f` with every flow in the table, read as it is while the kernel writes it, and
-    /// returns how many flows it showed. A set's flows are read only where its tags hold one,
+    /// Calls `f` with every flow in the table and its way (set × [`FLOW_WAYS`] + way: a flow
+    /// keeps its way while it lives), read as it is while the kernel writes it, and returns
+    /// how many flows it showed. A set's flows are read only where its tags hold one,
     /// and shown only where it still holds them after: a way the kernel gave to another flow
     /// meanwhile went through `BUSY`, so its tag differs, and it is left for the next listing.
-    pub fn for_each(&mut self, mut f: impl FnMut(&FlowKey, &FlowState)) -> anyhow::Result<usize> {
+    pub fn for_each(
+        &mut self,
+        mut f: impl FnMut(usize, &FlowKey, &FlowState),
+    ) -> anyhow::Result<usize> {
         let mut shown = 0;
         let mut before = [[0u64; FLOW_WAYS]; READ_SETS as usize];
         for start in (0..self.sets).step_by(READ_SETS as usize) {
@@ -136,7 +140,7 @@ impl FlowTable {
                 let after = self.tags(i);
                 let set = self.run_set((i - first) as usize);
                 for w in (0..FLOW_WAYS).filter(|&w| holds_flow(was[w]) && after[w] == was[w]) {
-                    f(&set.keys[w], &set.states[w]);
+                    f(i as usize * FLOW_WAYS + w, &set.keys[w], &set.states[w]);
                     shown += 1;
                 }
             }

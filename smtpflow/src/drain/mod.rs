@@ -23,7 +23,7 @@ use ring::RecordRing;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    hash::{BuildHasher as _, RandomState},
+    hash::BuildHasher as _,
     num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
@@ -43,10 +43,11 @@ use self::{
     totals::Totals,
 };
 use crate::{kernel::MapSizes, output::peer_label::PeerLabel};
+use hashbrown::DefaultHashBuilder;
 use lru::LruCache;
 use smtpflow_common::{
     Config, Counter, Direction, Event, FAMILY_V4, FlowKey, FlowState, HIST_BUCKETS, HistKind,
-    Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, names,
+    Histogram, PeerCounters, PeerGreetingKey, PeerKey, Scope, Side, Stat, flow, flow_table, names,
     payload::{PAYLOAD_RING_BYTES, PayloadEvent},
     peer::peer_counts,
 };
@@ -91,74 +92,65 @@ struct FlowSweep {
     open: OpenConnections,
 }
 
-/// The handshake timeouts the sweep counts: pure bookkeeping over listings of the flow map, so
-/// that the decision can be tested against the kernel's state machine without a kernel.
+/// The handshake timeouts the sweep counts: pure bookkeeping over listings of the flow table,
+/// so that the decision can be tested against the kernel's state machine without a kernel.
 ///
 /// An attempt is counted once, when a listing shows it [`flow::sweep`]-timed-out: its first SYN
-/// older than the timeout plus a grace, and no answer in time. It is remembered until a listing
-/// no longer shows it timed out (the flow left the map, or a new attempt reused its ports), so
-/// at most as many attempts are remembered as the map holds (`--max-flows`).
+/// older than the timeout plus a grace, and no answer in time. Its way of the table remembers
+/// it: a flow keeps its way while it lives, so every later listing finds it counted there, and
+/// a new attempt in that way (another flow, or a new first SYN on the same ports) is a new one.
 ///
-/// An attempt is remembered by a fingerprint: a 64-bit keyed hash ([`RandomState`], keys
-/// random per process) of its flow key and first-SYN time. 8 bytes where the key and time took
-/// 56, in two sorted vectors where two hash sets were: a full map of timed-out attempts (a
-/// flood from spoofed sources, 262,144 by default) took 71 MiB of the process's peak, and takes
-/// 4 MiB. A newly timed-out attempt matches one of 262,144 remembered with a probability of
-/// 2⁻⁴⁶; the cost would be one timeout not counted.
+/// An attempt is remembered by a fingerprint: a 64-bit keyed hash (foldhash, keys random per
+/// process) of its flow key and first-SYN time, one word a way. A table full of timed-out
+/// attempts (a flood from spoofed sources: the default's 524,288 ways) holds 4 MiB, and a
+/// sweep neither sorts nor searches; the pages of ways that never held a timed-out attempt are
+/// never touched (zeroed memory from the allocator). Before, two sorted vectors held the
+/// fingerprints a listing showed and those it had counted: 8 MiB at their peak with that table,
+/// and a sort and a binary search a sweep. A new attempt has its way's previous fingerprint
+/// with a probability of 2⁻⁶³; the cost would be one timeout not counted.
 pub struct Timeouts {
     timeout_ns: u64,
     /// Keys of the fingerprints.
-    fingerprint: RandomState,
-    /// Fingerprints of the attempts counted and still in the map, sorted: those the last
-    /// listing showed timed out.
+    fingerprint: DefaultHashBuilder,
+    /// By way of the table: the fingerprint of the timed-out attempt it held when counted
+    /// (odd), or 0.
     counted: Vec<u64>,
-    /// Fingerprints of the timed-out attempts the current listing showed.
-    seen: Vec<u64>,
     /// Timed-out handshakes by scope.
     by_scope: BTreeMap<Scope, u64>,
 }
 
 impl Timeouts {
-    pub fn new(handshake_timeout: Duration) -> Self {
+    /// For a table of `ways` ways.
+    pub fn new(handshake_timeout: Duration, ways: usize) -> Self {
         Self {
             timeout_ns: u64::try_from(handshake_timeout.as_nanos()).unwrap_or(u64::MAX),
-            fingerprint: RandomState::new(),
-            counted: Vec::new(),
-            seen: Vec::new(),
+            fingerprint: DefaultHashBuilder::default(),
+            counted: vec![0; ways],
             by_scope: BTreeMap::new(),
         }
     }
 
-    /// One entry of a listing read at or after `now`: whether the attempt timed out and was
-    /// not counted before (now it is), and whether the entry is idle.
-    pub fn entry(&mut self, key: &FlowKey, st: &FlowState, now: u64) -> (bool, bool) {
+    /// Way `way`'s entry of a listing read at or after `now`: whether the attempt timed out and
+    /// was not counted before (now it is), and whether the entry is idle.
+    pub fn entry(&mut self, way: usize, key: &FlowKey, st: &FlowState, now: u64) -> (bool, bool) {
         let swept = flow::sweep(st, now, self.timeout_ns);
         let mut counted = false;
-        if swept.timeout {
-            let attempt = self.fingerprint.hash_one((key, st.syn_ns));
-            // A listing shows a way once. (A flow shows twice only if two CPUs inserted it at
-            // the same moment, each finding no way for it: then its timeout could count twice.)
-            counted = self.counted.binary_search(&attempt).is_err();
-            if counted && let Some(direction) = Direction::from_repr(key.direction) {
-                let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
-                *self.by_scope.entry(scope).or_default() += 1;
+        if swept.timeout
+            && let Some(seen) = self.counted.get_mut(way)
+        {
+            let attempt = self.fingerprint.hash_one((key, st.syn_ns)) | 1;
+            // A flow shows in two ways only if two CPUs inserted it at the same moment, each
+            // finding no way for it: then its timeout could count twice.
+            counted = *seen != attempt;
+            if counted {
+                *seen = attempt;
+                if let Some(direction) = Direction::from_repr(key.direction) {
+                    let scope = Scope { ifindex: key.ifindex, port: key.server_port, direction };
+                    *self.by_scope.entry(scope).or_default() += 1;
+                }
             }
-            self.seen.push(attempt);
         }
         (counted, swept.idle)
-    }
-
-    /// Ends a listing: forgets the counted attempts it did not show.
-    pub fn finish(&mut self) {
-        self.seen.sort_unstable();
-        self.seen.dedup();
-        std::mem::swap(&mut self.counted, &mut self.seen);
-        self.seen.clear();
-    }
-
-    /// Attempts remembered (at most the flows in the map).
-    pub fn remembered(&self) -> usize {
-        self.counted.len()
     }
 }
 
@@ -289,6 +281,7 @@ impl Maps {
         );
         reader.set_sites(sites);
         let flows = FlowTable::take(ebpf, config.flow_seed)?;
+        let ways = flows.sets() as usize * flow_table::FLOW_WAYS;
         let log = (config.peer_log != peer_counts::MAP)
             .then(|| {
                 RecordRing::take(ebpf, names::MAP_PEER_LOG)
@@ -300,7 +293,7 @@ impl Maps {
             totals: Totals::take(ebpf, config)?,
             sweep: FlowSweep {
                 flows,
-                timeouts: Timeouts::new(handshake_timeout),
+                timeouts: Timeouts::new(handshake_timeout, ways),
                 peer_timeouts: LruCache::new(
                     NonZeroUsize::new(timeouts_kept).unwrap_or(NonZeroUsize::MIN),
                 ),
@@ -478,8 +471,8 @@ impl FlowSweep {
             (&mut self.timeouts, &mut self.peer_timeouts, &mut self.open);
         open.start();
         let mut live = 0;
-        self.flows.for_each(|key, st| {
-            let (timed_out, is_idle) = timeouts.entry(key, st, now);
+        self.flows.for_each(|way, key, st| {
+            let (timed_out, is_idle) = timeouts.entry(way, key, st, now);
             if timed_out {
                 peer_timeouts.get_or_insert_mut(flow_peer(key), PeerTimeouts::default).total += 1;
             }
@@ -490,7 +483,6 @@ impl FlowSweep {
                 live += 1;
             }
         })?;
-        timeouts.finish();
         Ok(live)
     }
 }
@@ -691,14 +683,12 @@ mod tests {
         lag: u64,
         write_delay: u64,
     ) -> (Vec<Outcome>, u64) {
-        let mut timeouts = Timeouts::new(Duration::from_nanos(TIMEOUT));
+        let mut timeouts = Timeouts::new(Duration::from_nanos(TIMEOUT), 1);
         let mut now = 0;
         while now < SYN_AT + 60 * S {
             if let (Some(st), _) = kernel(packets, now + lag, write_delay) {
-                timeouts.entry(&key(), &st, now);
+                timeouts.entry(0, &key(), &st, now);
             }
-            timeouts.finish();
-            assert!(timeouts.remembered() <= 1, "only the flow in the map is remembered");
             now += interval;
         }
         let (_, outcomes) = kernel(packets, u64::MAX, 0);
@@ -773,29 +763,30 @@ mod tests {
         assert_eq!(runs, answers.len() * ats.len() * 4 * 4 * 3);
     }
 
-    /// Counted attempts are forgotten once the map no longer shows them; a new attempt on the
-    /// same ports (a new first SYN) is a new one.
+    /// A counted attempt is remembered in its way, however many listings show it, and whatever
+    /// the other ways hold; a new attempt in the way (a new first SYN on the same ports) is a new
+    /// one.
     #[test]
-    fn counted_attempts_are_remembered_while_in_the_map() {
-        let mut t = Timeouts::new(Duration::from_nanos(TIMEOUT));
+    fn counted_attempts_are_remembered_in_their_way() {
+        let mut t = Timeouts::new(Duration::from_nanos(TIMEOUT), 2);
         let mut st = FlowState::default();
         step(&mut st, false, &pkt(SYN, true), SYN_AT, TIMEOUT);
         let late = SYN_AT + 7 * S;
-        assert_eq!(t.entry(&key(), &st, late), (true, false));
-        t.finish();
-        assert_eq!(t.entry(&key(), &st, late + S), (false, false), "once");
-        t.finish();
-        assert_eq!(t.remembered(), 1);
-        t.finish();
-        assert_eq!(t.remembered(), 0, "gone from the map: forgotten");
+        assert_eq!(t.entry(1, &key(), &st, late), (true, false));
+        assert_eq!(t.entry(1, &key(), &st, late + S), (false, false), "once");
+        let mut other = FlowState::default();
+        step(&mut other, false, &pkt(SYN, true), SYN_AT + 1, TIMEOUT);
+        assert_eq!(t.entry(0, &key(), &other, late), (true, false), "another way's attempt");
+        assert_eq!(t.entry(1, &key(), &st, late + 2 * S), (false, false), "still once");
         let mut again = pkt(SYN, true);
         again.seq = 99;
         step(&mut st, true, &again, late + 2 * S, TIMEOUT);
-        assert_eq!(t.entry(&key(), &st, late + 9 * S), (true, false), "a new attempt");
-        t.finish();
+        assert_eq!(t.entry(1, &key(), &st, late + 9 * S), (true, false), "a new attempt");
+        assert_eq!(t.entry(1, &key(), &st, late + 10 * S), (false, false), "counted once");
+        assert_eq!(t.entry(9, &key(), &st, late + 10 * S), (false, false), "no such way");
         let scope = Scope { ifindex: 2, port: 25, direction: Direction::Outbound };
-        assert_eq!(t.by_scope.get(&scope), Some(&2));
+        assert_eq!(t.by_scope.get(&scope), Some(&3));
         // Idle: not written for the idle time.
-        assert!(t.entry(&key(), &st, late + 2 * S + IDLE_NS + 2 * S).1);
+        assert!(t.entry(1, &key(), &st, late + 2 * S + IDLE_NS + 2 * S).1);
     }
 }

@@ -68,7 +68,7 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     for i in 0..MAX_FLOWS {
         syn(i);
     }
-    let shown = table.for_each(|_, _| {}).expect("reading the table");
+    let shown = table.for_each(|_, _, _| {}).expect("reading the table");
     let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
     eprintln!("  {MAX_FLOWS} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
     assert_eq!((inserts, evictions, shown as u64), (4096, 0, 4096), "every flow that fits kept");
@@ -81,7 +81,7 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     for i in MAX_FLOWS..more {
         syn(i);
     }
-    let shown = table.for_each(|_, _| {}).expect("reading the table") as u64;
+    let shown = table.for_each(|_, _, _| {}).expect("reading the table") as u64;
     let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
     eprintln!("  {more} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
     assert_eq!(inserts, u64::from(more), "every new attempt inserted");
