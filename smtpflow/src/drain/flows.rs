@@ -22,9 +22,9 @@ use smtpflow_common::{
 use super::{batch, ring::Mapping};
 
 /// Sets read with one syscall at most: the sets from the first to the last with flows among
-/// this many (40 KiB of flows). Reading a set between them that holds none costs a copy, far
+/// this many (40 KiB of flows; one bit a set in a word says which hold flows). Reading a set between them that holds none costs a copy, far
 /// less than a syscall.
-const READ_SETS: u32 = 64;
+const READ_SETS: u32 = u64::BITS;
 
 /// `BPF_F_MMAPABLE`: the kernel object creates `FLOW_TAGS` with it.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -122,21 +122,23 @@ impl FlowTable {
         let mut before = [[0u64; FLOW_WAYS]; READ_SETS as usize];
         for start in (0..self.sets).step_by(READ_SETS as usize) {
             let end = (start + READ_SETS).min(self.sets);
-            let mut with_flows = None;
-            for i in start..end {
-                before[(i - start) as usize] = self.tags(i);
-                if before[(i - start) as usize].iter().any(|&t| holds_flow(t)) {
-                    with_flows = Some(with_flows.map_or((i, i), |(first, _)| (first, i)));
+            // Bit k: set start + k holds a flow.
+            let mut holding = 0u64;
+            for (k, i) in (start..end).enumerate() {
+                before[k] = self.tags(i);
+                if before[k].iter().any(|&t| holds_flow(t)) {
+                    holding |= 1 << k;
                 }
             }
-            let Some((first, last)) = with_flows else { continue };
+            if holding == 0 {
+                continue;
+            }
+            let first = start + holding.trailing_zeros();
+            let last = start + (u64::BITS - 1 - holding.leading_zeros());
             self.read_run(first, (last - first + 1) as usize)?;
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            for i in first..=last {
+            for i in (first..=last).filter(|i| holding & 1 << (i - start) != 0) {
                 let was = &before[(i - start) as usize];
-                if !was.iter().any(|&t| holds_flow(t)) {
-                    continue;
-                }
                 let after = self.tags(i);
                 let set = self.run_set((i - first) as usize);
                 for w in (0..FLOW_WAYS).filter(|&w| holds_flow(was[w]) && after[w] == was[w]) {
