@@ -86,17 +86,19 @@ static PEER_GREETINGS: LruHashMap<PeerGreetingKey, u64> =
 /// advanced by [`crate::flow::track`]; its sets resized by the loader (`--max-flows`). The
 /// sets' tags, a cache line a set; and their flows, keys and states, in `FLOWS` below. Arrays,
 /// so a lookup is an address computation the verifier inlines, with no lock and no LRU list.
-/// The tags are mappable: userspace's sweep reads them all in place, and reads a set's flows
+/// The tags are mappable: userspace's sweep reads them in place, and reads a set's flows
 /// (timeouts, open connections) only where its tags say it holds one. Only the programs write
 /// them.
 #[map(name = "FLOW_TAGS")]
 pub static FLOW_TAGS: Array<FlowTags> =
     Array::with_max_entries(sets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
 
-/// The flow table's flows, set by set as in `FLOW_TAGS`. Not mappable: Linux maps a mappable
-/// array's every page at once, so that the whole table would count in smtpflow's RSS.
+/// The flow table's flows, set by set as in `FLOW_TAGS`. Mappable too: the sweep reads the
+/// flows in place, mapping a window of sets at a time (Linux maps every page of a mapping at
+/// once, so the whole table mapped would count in smtpflow's RSS).
 #[map(name = "FLOWS")]
-pub static FLOWS: Array<FlowSet> = Array::with_max_entries(sets_for(DEFAULT_MAX_FLOWS), 0);
+pub static FLOWS: Array<FlowSet> =
+    Array::with_max_entries(sets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
 
 /// Payload events ([`smtpflow_common::payload::PayloadEvent`]), a few per session, written by
 /// [`crate::payload::emit`] and drained by userspace; a record that does not fit is lost and

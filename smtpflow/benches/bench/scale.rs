@@ -136,16 +136,24 @@ fn wait_tracked(sf: &Watch, gw: &Netns, n: u32) -> anyhow::Result<f64> {
 struct Drains {
     full: Vec<f64>,
     other: Vec<f64>,
+    /// When the per-peer maps were last read, as the last scrape said.
+    read_at: Option<f64>,
 }
 
 impl Drains {
     fn see(&mut self, m: &Metrics) {
         let last = m.get(DRAIN_DURATION, &[]).unwrap_or(0.0);
         let full = m.get(FULL_DRAIN_DURATION, &[]).unwrap_or(0.0);
-        // The last drain read the per-peer maps if it took as long as the last that did.
-        if last == full {
+        let (_, read_at) = peer_reading(m);
+        // A new reading of the per-peer maps: its drain's duration stays in the full drains'
+        // gauge until the next one (the next drain may already have replaced the last one's,
+        // a few tens of ms after a full drain that overran its interval).
+        if self.read_at.is_some_and(|before| before != read_at) {
             self.full.push(full);
-        } else {
+        }
+        self.read_at = Some(read_at);
+        // The last drain read the per-peer maps if it took as long as the last that did.
+        if last != full {
             self.other.push(last);
         }
     }
@@ -159,7 +167,9 @@ fn next_peer_reading(
     limit: Duration,
     drains: &mut Drains,
 ) -> anyhow::Result<()> {
-    let (_, before) = peer_reading(&sf.try_scrape(gw)?);
+    let first = sf.try_scrape(gw)?;
+    let (_, before) = peer_reading(&first);
+    drains.see(&first);
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
@@ -297,6 +307,8 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 last = m;
             }
             let exported = last.matching(PEER_EVENTS, &[]).count();
+            // Every cycle ends at a new reading of the per-peer maps, so at least one was seen.
+            anyhow::ensure!(!drains.full.is_empty(), "no drain that read the per-peer maps seen");
             let drain = drains.full.iter().copied().fold(0.0, f64::max);
             let other = if drains.other.is_empty() {
                 "(all read)".to_owned()

@@ -137,43 +137,14 @@ pub fn for_each_raw(
     }
 }
 
-/// Reads entries `first..first + count` of an array map with one `BPF_MAP_LOOKUP_BATCH` into
-/// `values` (`count` values of `value_size` bytes, as the kernel lays them out) and `keys`
-/// (`count` u32 indices), and returns how many it read: `count`, fewer at the array's end.
-pub fn read_array_range(
-    map: BorrowedFd<'_>,
-    first: u32,
-    value_size: usize,
-    keys: &mut [u32],
-    values: &mut [u8],
-) -> io::Result<usize> {
-    let count = keys.len();
-    assert!(values.len() >= count * value_size, "room for {count} values");
-    // The batch starts after the key `in_batch` points to: none for the first index.
-    let before = first.wrapping_sub(1);
-    let in_batch = if first == 0 { 0 } else { (&raw const before) as u64 };
-    let mut next = [0u64; 4];
-    // SAFETY: `in_batch` is 0 or an array map's 4-byte key; the buffers hold `count` keys and
-    // values of the map's sizes (asserted above); `next` has room for a key.
-    let (n, err) = unsafe {
-        lookup_batch(map, in_batch, &mut next, keys.as_mut_ptr().cast(), values.as_mut_ptr(), count)
-    };
-    match err.as_ref().and_then(io::Error::raw_os_error) {
-        // ENOENT: the read reached the array's end (`n` says what it read).
-        None | Some(libc::ENOENT) => Ok(n),
-        Some(_) => Err(err.unwrap_or_else(io::Error::last_os_error)),
-    }
-}
-
 /// One `BPF_MAP_LOOKUP_BATCH` of up to `count` entries of `map`, after the position `in_batch`
 /// points to (0: from the map's start), into `keys` and `values`; the position after them goes
 /// to `out_batch`. Returns the entries read and the call's error: with ENOENT (the map's end)
 /// some may have been read.
 ///
 /// # Safety
-/// `in_batch` is 0 or the address of a position of this map (a key for an array, the token
-/// the previous call wrote for a hash map); `keys` and `values` have room for `count` of the
-/// map's keys and values; `out_batch` for a key or a token.
+/// `in_batch` is 0 or the address of the token the previous call on this map wrote; `keys` and
+/// `values` have room for `count` of the map's keys and values; `out_batch` for a token.
 unsafe fn lookup_batch(
     map: BorrowedFd<'_>,
     in_batch: u64,

@@ -1,13 +1,19 @@
 //! The kernel's flow table (`FLOW_TAGS` and `FLOWS`, [`smtpflow_common::flow_table`]), read
-//! as the kernel writes it: the tags of every set in place, mapped read-only (64 bytes a set,
-//! 4 MiB at the default), and the flows only of the sets whose tags say they hold one, read a
-//! run of sets at a time (`BPF_MAP_LOOKUP_BATCH`: one syscall for up to [`READ_SETS`] sets,
-//! where a lookup a set made a sweep of a full table 65,536 syscalls). So a sweep costs a pass
-//! over the tags and a syscall for each run of sets with flows, and smtpflow's memory holds the
-//! tags and one run, not the table (Linux maps a mappable array's every page at once: mapped
-//! whole, the default table's 46 MB counted in smtpflow's RSS). Tests write a flow where the
-//! kernel finds it.
-use std::os::fd::{AsFd as _, AsRawFd as _};
+//! in place as the kernel writes it, through windows: the tags of [`TAGS_WINDOW`] sets mapped
+//! read-only (64 bytes a set), then, within them, the flows of up to [`FLOWS_WINDOW`] sets from
+//! the first set whose tags hold a flow to the last (640 bytes a set), and each way's key and
+//! state read only where its tag holds a flow. Both maps are mappable arrays, and a window is
+//! unmapped before the next is mapped: Linux maps every page of a mapping at once, so the whole
+//! table mapped (4 MiB of tags and 40 MiB of flows at the default) would count in smtpflow's
+//! RSS, where the windows add at most 576 KiB, and only while they are read. No flow is copied
+//! (reading them with `BPF_MAP_LOOKUP_BATCH` copied every set of a run of sets): a sweep costs
+//! a map and an unmap a window, 32 syscalls for the default table's tags and up to 256 more for
+//! its flows. Tests write a flow where the kernel finds it.
+use std::{
+    mem::offset_of,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::atomic::{Ordering, fence},
+};
 
 use anyhow::Context as _;
 use aya::maps::{Array, IterableMap as _, Map, MapData};
@@ -19,94 +25,110 @@ use smtpflow_common::{
     names,
 };
 
-use super::{batch, ring::Mapping};
+use super::ring::Mapping;
 
-/// Sets read with one syscall at most: the sets from the first to the last with flows among
-/// this many (40 KiB of flows; one bit a set in a word says which hold flows). Reading a set between them that holds none costs a copy, far
-/// less than a syscall.
-const READ_SETS: u32 = u64::BITS;
+/// Sets whose tags are mapped at a time: 256 KiB, 64 pages of 4 KiB.
+pub const TAGS_WINDOW: u32 = 4096;
 
-/// `BPF_F_MMAPABLE`: the kernel object creates `FLOW_TAGS` with it.
+/// Sets whose flows are mapped at a time at most, within a window of tags: 320 KiB, 80 pages.
+/// With the tags', 576 KiB mapped at most, and only while they are read.
+pub const FLOWS_WINDOW: u32 = 512;
+
+/// Where a set's keys and states start in it.
+const KEYS: usize = offset_of!(FlowSet, keys);
+const STATES: usize = offset_of!(FlowSet, states);
+
+/// `BPF_F_MMAPABLE`: the kernel object creates `FLOW_TAGS` and `FLOWS` with it.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// The flow table of a loaded object: its tags mapped for reading, its flows read by set.
+/// The flow table of a loaded object, read through windows of its maps.
 pub struct FlowTable {
-    tags: Mapping,
+    tags: Map,
+    /// `tags`' descriptor, which lives as long as it.
+    tags_fd: i32,
     flows: Array<MapData, FlowSet>,
     sets: u32,
     /// The hash seed the object was loaded with ([`smtpflow_common::Config::flow_seed`]).
     seed: u64,
-    /// Kept so the map lives as long as its mapping (and for the tests' writes).
-    tags_map: Map,
-    /// The last run of sets read, as the kernel lays them out, and their indices.
-    run: Vec<u8>,
-    run_keys: Vec<u32>,
-    /// Whether this kernel reads an array in batches (Linux 5.6+); else a set a lookup.
-    batched: bool,
+    page: usize,
+    /// A window's tags as the listing first read them.
+    before: Vec<[u64; FLOW_WAYS]>,
+}
+
+/// Bytes `from..to` of a mappable array's values, mapped read-only (rounded out to whole
+/// pages), and unmapped on drop.
+struct Window {
+    map: Mapping,
+    /// The byte of the values the mapping starts at.
+    base: usize,
+}
+
+impl Window {
+    fn new(fd: i32, from: usize, to: usize, page: usize) -> std::io::Result<Self> {
+        let base = from / page * page;
+        let len = to.div_ceil(page) * page - base;
+        Ok(Self { map: Mapping::new(fd, len, libc::PROT_READ, base)?, base })
+    }
+
+    /// The `T` at byte `at` of the values (inside the window), read whole and volatile: the
+    /// kernel may write it meanwhile.
+    fn read<T: Copy>(&self, at: usize) -> T {
+        let off = at.checked_sub(self.base).expect("a byte before the window");
+        assert!(off + size_of::<T>() <= self.map.len(), "a byte past the window");
+        // SAFETY: inside the mapping (checked above). The values are plain data (any bytes are
+        // a value), laid out from a page-aligned start at their size's stride, so a field
+        // read at its offset in a value is aligned.
+        unsafe { std::ptr::read_volatile(self.map.start().add(off).cast::<T>()) }
+    }
 }
 
 impl FlowTable {
     /// `FLOW_TAGS` and `FLOWS` of the loaded object, which was loaded with `seed` as its flow
     /// hash seed.
     pub fn take(ebpf: &mut aya::Ebpf, seed: u64) -> anyhow::Result<Self> {
-        let tags_map = super::take_map(ebpf, names::MAP_FLOW_TAGS)?;
-        let Map::Array(data) = &tags_map else {
+        let tags = super::take_map(ebpf, names::MAP_FLOW_TAGS)?;
+        let Map::Array(data) = &tags else {
             anyhow::bail!("map {} is not an array (a build problem)", names::MAP_FLOW_TAGS);
         };
-        let info = data.info()?;
-        let (sets, value) = (info.max_entries(), info.value_size() as usize);
-        anyhow::ensure!(
-            value == size_of::<FlowTags>() && info.map_flags() & BPF_F_MMAPABLE != 0,
-            "the flow table's tags are {value} bytes (flags {:#x}), this build's {} and \
-             mappable: the kernel object and smtpflow are of different builds",
-            info.map_flags(),
-            size_of::<FlowTags>()
-        );
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = (sets as usize * value).div_ceil(page) * page;
-        let fd = data.fd().as_fd().as_raw_fd();
-        let tags = Mapping::new(fd, len, libc::PROT_READ, 0).context("mmap of FLOW_TAGS")?;
+        let tags_info = data.info()?;
+        let tags_fd = data.fd().as_fd().as_raw_fd();
         let flows: Array<MapData, FlowSet> =
             super::take_map(ebpf, names::MAP_FLOWS)?.try_into().with_context(|| {
                 format!("map {} is not an array of flow sets (a build problem)", names::MAP_FLOWS)
             })?;
+        let flows_info = flows.map().info()?;
+        for (info, size) in
+            [(&tags_info, size_of::<FlowTags>()), (&flows_info, size_of::<FlowSet>())]
+        {
+            let value = info.value_size() as usize;
+            anyhow::ensure!(
+                value == size && info.map_flags() & BPF_F_MMAPABLE != 0,
+                "a flow table map's values are {value} bytes (flags {:#x}), this build's {size} \
+                 and mappable: the kernel object and smtpflow are of different builds",
+                info.map_flags(),
+            );
+        }
+        let sets = tags_info.max_entries();
         anyhow::ensure!(
-            flows.len() == sets,
+            flows_info.max_entries() == sets,
             "the flow table's maps differ in sets (a build problem)"
         );
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         Ok(Self {
             tags,
+            tags_fd,
             flows,
             sets,
             seed,
-            tags_map,
-            run: vec![0; READ_SETS as usize * size_of::<FlowSet>()],
-            run_keys: vec![0; READ_SETS as usize],
-            batched: true,
+            page,
+            before: vec![[0; FLOW_WAYS]; TAGS_WINDOW as usize],
         })
     }
 
     /// The table's sets.
     pub fn sets(&self) -> u32 {
         self.sets
-    }
-
-    /// Set `i`'s tags as they are now, read in place (volatile: the kernel writes them).
-    fn tags(&self, i: u32) -> [u64; FLOW_WAYS] {
-        let i = i as usize;
-        assert!((i + 1) * size_of::<FlowTags>() <= self.tags.len());
-        // SAFETY: inside the mapping (checked above); the array's values are 8-byte aligned and
-        // start its page-aligned mapping; the kernel writes each tag whole.
-        unsafe {
-            let at = self.tags.start().cast::<FlowTags>().add(i);
-            std::ptr::read_volatile(std::ptr::addr_of!((*at).tags))
-        }
-    }
-
-    /// Whether the sets are read in batches (else a lookup a set: a kernel before 5.6).
-    pub fn batched(&self) -> bool {
-        self.batched
     }
 
     /// Calls `f` with every flow in the table and its way (set × [`FLOW_WAYS`] + way: a flow
@@ -118,81 +140,66 @@ impl FlowTable {
         &mut self,
         mut f: impl FnMut(usize, &FlowKey, &FlowState),
     ) -> anyhow::Result<usize> {
+        let tags_fd = self.tags_fd;
+        let flows_fd = self.flows.map().fd().as_fd().as_raw_fd();
+        let (tags_size, set_size) = (size_of::<FlowTags>(), size_of::<FlowSet>());
         let mut shown = 0;
-        let mut before = [[0u64; FLOW_WAYS]; READ_SETS as usize];
-        for start in (0..self.sets).step_by(READ_SETS as usize) {
-            let end = (start + READ_SETS).min(self.sets);
-            // Bit k: set start + k holds a flow.
-            let mut holding = 0u64;
-            for (k, i) in (start..end).enumerate() {
-                before[k] = self.tags(i);
-                if before[k].iter().any(|&t| holds_flow(t)) {
-                    holding |= 1 << k;
-                }
+        for start in (0..self.sets).step_by(TAGS_WINDOW as usize) {
+            let end = (start + TAGS_WINDOW).min(self.sets);
+            let tags = Window::new(
+                tags_fd,
+                start as usize * tags_size,
+                end as usize * tags_size,
+                self.page,
+            )
+            .with_context(|| {
+                format!("mapping the tags of sets {start}..{end} of the flow table")
+            })?;
+            let tags_of = |i: u32| tags.read::<[u64; FLOW_WAYS]>(i as usize * tags_size);
+            for i in start..end {
+                self.before[(i - start) as usize] = tags_of(i);
             }
-            if holding == 0 {
-                continue;
-            }
-            let first = start + holding.trailing_zeros();
-            let last = start + (u64::BITS - 1 - holding.leading_zeros());
-            self.read_run(first, (last - first + 1) as usize)?;
-            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            for i in (first..=last).filter(|i| holding & 1 << (i - start) != 0) {
-                let was = &before[(i - start) as usize];
-                let after = self.tags(i);
-                let set = self.run_set((i - first) as usize);
-                for w in (0..FLOW_WAYS).filter(|&w| holds_flow(was[w]) && after[w] == was[w]) {
-                    f(i as usize * FLOW_WAYS + w, &set.keys[w], &set.states[w]);
-                    shown += 1;
+            let before = &self.before;
+            let was = |i: u32| &before[(i - start) as usize];
+            let holds = |i: &u32| was(*i).iter().any(|&t| holds_flow(t));
+            for part in (start..end).step_by(FLOWS_WINDOW as usize) {
+                let mut holding = (part..(part + FLOWS_WINDOW).min(end)).filter(holds);
+                let Some(first) = holding.next() else { continue };
+                let last = holding.next_back().unwrap_or(first);
+                let flows = Window::new(
+                    flows_fd,
+                    first as usize * set_size,
+                    (last as usize + 1) * set_size,
+                    self.page,
+                )
+                .with_context(|| format!("mapping sets {first}..={last} of the flow table"))?;
+                for i in (first..=last).filter(holds) {
+                    let was = was(i);
+                    let set = i as usize * set_size;
+                    // The flows after their tags were read, the tags again after the flows.
+                    fence(Ordering::Acquire);
+                    let read: [_; FLOW_WAYS] = std::array::from_fn(|w| {
+                        holds_flow(was[w]).then(|| {
+                            let key: FlowKey = flows.read(set + KEYS + w * size_of::<FlowKey>());
+                            let st: FlowState =
+                                flows.read(set + STATES + w * size_of::<FlowState>());
+                            (key, st)
+                        })
+                    });
+                    fence(Ordering::Acquire);
+                    let after = tags_of(i);
+                    for (w, flow) in read.iter().enumerate() {
+                        if let Some((key, st)) = flow
+                            && after[w] == was[w]
+                        {
+                            f(i as usize * FLOW_WAYS + w, key, st);
+                            shown += 1;
+                        }
+                    }
                 }
             }
         }
         Ok(shown)
-    }
-
-    /// Reads sets `first..first + n` (`n` ≤ [`READ_SETS`]) into the run: one batch, or where
-    /// the kernel has none, a lookup each.
-    fn read_run(&mut self, first: u32, n: usize) -> anyhow::Result<()> {
-        let set_size = size_of::<FlowSet>();
-        if self.batched {
-            let fd = self.flows.map().fd().as_fd();
-            let read = batch::read_array_range(
-                fd,
-                first,
-                set_size,
-                &mut self.run_keys[..n],
-                &mut self.run[..n * set_size],
-            );
-            match read {
-                Ok(read) if read == n => return Ok(()),
-                Ok(read) => anyhow::bail!(
-                    "the flow table (FLOWS) gave {read} of sets {first}..{}: it has {}",
-                    first as usize + n,
-                    self.sets
-                ),
-                Err(e) if batch::batch_unsupported(&e) => self.batched = false,
-                Err(e) => return Err(e).context("reading sets of the flow table (FLOWS)"),
-            }
-        }
-        for k in 0..n {
-            let set = self
-                .flows
-                .get(&(first + k as u32), 0)
-                .context("reading a set of the flow table (FLOWS)")?;
-            // SAFETY: `run` holds READ_SETS sets and k < n ≤ READ_SETS; FlowSet is plain data.
-            unsafe {
-                std::ptr::write_unaligned(self.run.as_mut_ptr().cast::<FlowSet>().add(k), set);
-            }
-        }
-        Ok(())
-    }
-
-    /// Set `k` of the last run read.
-    fn run_set(&self, k: usize) -> FlowSet {
-        assert!((k + 1) * size_of::<FlowSet>() <= self.run.len());
-        // SAFETY: inside the run (checked above), written whole by the kernel or `read_run`;
-        // FlowSet is plain data (any bytes are a value).
-        unsafe { std::ptr::read_unaligned(self.run.as_ptr().cast::<FlowSet>().add(k)) }
     }
 
     /// Writes `st` as `key`'s flow, in its way or else in a free way of its candidate sets, as
@@ -201,7 +208,7 @@ impl FlowTable {
     pub fn insert(&mut self, key: &FlowKey, st: &FlowState) -> anyhow::Result<()> {
         let h = flow_hash(key, self.seed);
         let sets = candidate_sets(h, self.sets);
-        let mut tags: Array<&mut MapData, FlowTags> = (&mut self.tags_map).try_into()?;
+        let mut tags: Array<&mut MapData, FlowTags> = (&mut self.tags).try_into()?;
         let flows = &mut self.flows;
         let mut place = None;
         for pass in [true, false] {

@@ -11,7 +11,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use smtpflow::{
-    drain::flows::FlowTable,
+    drain::flows::{FlowTable, TAGS_WINDOW},
     kernel::{self, Sizes},
 };
 use smtpflow_common::{
@@ -31,8 +31,8 @@ use super::{
     programs::{kernel_available, lo_ifindex},
 };
 
-/// The flows the table is sized for.
-const MAX_FLOWS: u32 = 4096;
+/// The flows the table is sized for: a table of two of the sweep's windows of tags.
+const MAX_FLOWS: u32 = 32_768;
 
 #[test]
 fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
@@ -49,7 +49,8 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     prog.load().expect("loading TC ingress");
     let mut table = FlowTable::take(&mut ebpf, config.flow_seed).expect("FLOWS");
     let ways = u64::from(sets_for(MAX_FLOWS)) * FLOW_WAYS as u64;
-    assert_eq!((table.sets(), ways), (1024, 8192), "twice the ways of --max-flows");
+    assert_eq!((table.sets(), ways), (8192, 65_536), "twice the ways of --max-flows");
+    assert_eq!(table.sets(), 2 * TAGS_WINDOW, "the listing maps two windows of tags");
     let stats: PerCpuArray<_, u64> =
         ebpf.take_map(names::MAP_STATS).expect("no STATS").try_into().unwrap();
     let stat = |s: Stat| -> u64 { stats.get(&(s as u32), 0).unwrap().iter().sum() };
@@ -71,8 +72,11 @@ fn flows_that_fit_keep_their_way_and_overwrites_are_counted() {
     let shown = table.for_each(|_, _, _| {}).expect("reading the table");
     let (inserts, evictions) = (stat(Stat::FlowInserts), stat(Stat::FlowEvictions));
     eprintln!("  {MAX_FLOWS} attempts: {inserts} inserted, {evictions} overwritten, {shown} shown");
-    assert_eq!((inserts, evictions, shown as u64), (4096, 0, 4096), "every flow that fits kept");
-    assert!(table.batched(), "this kernel reads the sets in batches (Linux 5.6+)");
+    assert_eq!(
+        (inserts, evictions, shown as u64),
+        (MAX_FLOWS.into(), 0, MAX_FLOWS.into()),
+        "every flow that fits kept"
+    );
     assert_eq!(stat(Stat::FlowInsertFailed), 0);
 
     // Three times as many: past the table's ways, each new flow overwrites one, and the kernel
