@@ -96,23 +96,30 @@ pub fn for_each_raw(
     let mut first = true;
     let mut stats = BatchStats::default();
     loop {
-        let in_batch = if first { 0 } else { token_in.as_ptr() as u64 };
-        // SAFETY: the position token is 0 or the one the previous call wrote; the buffers hold
-        // `chunk` keys and values of the map's sizes; `token_out` has room for any token.
-        let (n, err) = unsafe {
-            lookup_batch(
-                map,
-                in_batch,
-                &mut token_out,
-                keys.as_mut_ptr(),
-                values.as_mut_ptr(),
-                chunk,
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command; the buffers it points to
+        // hold `chunk` keys and values and outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as libc::c_uint,
             )
         };
         stats.syscalls += 1;
+        let err = (rc < 0).then(io::Error::last_os_error);
         match err.as_ref().and_then(io::Error::raw_os_error) {
             // ENOSPC: one hash bucket holds more entries than `chunk`; retry with more room.
-            Some(libc::ENOSPC) if n == 0 => {
+            Some(libc::ENOSPC) if attr.count == 0 => {
                 chunk *= 2;
                 keys.resize(key_size * chunk, 0);
                 values.resize(value_size * chunk, 0);
@@ -121,6 +128,7 @@ pub fn for_each_raw(
             None | Some(libc::ENOENT) => {}
             Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
         }
+        let n = attr.count as usize;
         for i in 0..n {
             f(
                 &keys[i * key_size..(i + 1) * key_size],
@@ -135,44 +143,6 @@ pub fn for_each_raw(
         token_in = token_out;
         first = false;
     }
-}
-
-/// One `BPF_MAP_LOOKUP_BATCH` of up to `count` entries of `map`, after the position `in_batch`
-/// points to (0: from the map's start), into `keys` and `values`; the position after them goes
-/// to `out_batch`. Returns the entries read and the call's error: with ENOENT (the map's end)
-/// some may have been read.
-///
-/// # Safety
-/// `in_batch` is 0 or the address of the token the previous call on this map wrote; `keys` and
-/// `values` have room for `count` of the map's keys and values; `out_batch` for a token.
-unsafe fn lookup_batch(
-    map: BorrowedFd<'_>,
-    in_batch: u64,
-    out_batch: &mut [u64; 4],
-    keys: *mut u8,
-    values: *mut u8,
-    count: usize,
-) -> (usize, Option<io::Error>) {
-    let mut attr = BatchAttr {
-        in_batch,
-        out_batch: out_batch.as_mut_ptr() as u64,
-        keys: keys as u64,
-        values: values as u64,
-        count: count as u32,
-        map_fd: map.as_raw_fd() as u32,
-        ..BatchAttr::default()
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for this command, and the buffers it points
-    // to are as the caller promises.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    (attr.count as usize, (rc < 0).then(io::Error::last_os_error))
 }
 
 /// Whether a batch lookup failed because the kernel or map type has none (then the maps are
