@@ -182,9 +182,11 @@ fn next_peer_reading(
     bail!("smtpflow did not read its per-peer maps again within {limit:?}")
 }
 
-/// One drain of the per-peer map, timed, with its peak heap.
+/// One drain of the per-peer map, timed, with its CPU time (the calling thread's and the
+/// batched reads' own threads') and its peak heap.
 struct Measured {
     secs: f64,
+    cpu_secs: f64,
     heap: usize,
     entries: usize,
     /// Distinct peers, where the method counts them.
@@ -194,11 +196,12 @@ struct Measured {
 /// The floor of any drain of the per-peer map: the batched read alone, every entry dropped.
 fn read_only(map: &HashMap<MapData, PeerKey, PeerCounters>) -> anyhow::Result<Measured> {
     let base = alloc_count::reset_peak();
-    let t = Instant::now();
-    let entries = batch::for_each_entry(map, "per-peer", |_, _| {})?;
+    let (t, cpu) = (Instant::now(), batch::thread_cpu_time());
+    let read = batch::for_each_entry(map, "per-peer", |_, _| {})?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu_secs = (batch::thread_cpu_time() - cpu + read.walker_cpu).as_secs_f64();
     let heap = alloc_count::peak() - base;
-    Ok(Measured { secs, heap, entries, tracked: None })
+    Ok(Measured { secs, cpu_secs, heap, entries: read.entries, tracked: None })
 }
 
 /// The drain of the per-peer map before `peers.rs`: every entry, batched, into a Vec; then the
@@ -209,9 +212,9 @@ fn vec_of_all(
     cap: usize,
 ) -> anyhow::Result<Measured> {
     let base = alloc_count::reset_peak();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), batch::thread_cpu_time());
     let mut all: Vec<(PeerKey, PeerCounters)> = Vec::new();
-    batch::for_each_entry(map, "per-peer", |k, v| all.push((*k, *v)))?;
+    let read = batch::for_each_entry(map, "per-peer", |k, v| all.push((*k, *v)))?;
     let mut activity: StdHashMap<peers::PeerId, u64> = StdHashMap::new();
     for (k, v) in &all {
         *activity.entry(peers::peer_id(k)).or_default() += v.total();
@@ -223,8 +226,9 @@ fn vec_of_all(
     }
     let tracked = all.iter().map(|(k, _)| peers::peer_id(k)).collect::<HashSet<_>>().len();
     let secs = t.elapsed().as_secs_f64();
+    let cpu_secs = (batch::thread_cpu_time() - cpu + read.walker_cpu).as_secs_f64();
     let heap = alloc_count::peak() - base;
-    Ok(Measured { secs, heap, entries: all.len(), tracked: Some(tracked) })
+    Ok(Measured { secs, cpu_secs, heap, entries: all.len(), tracked: Some(tracked) })
 }
 
 /// smtpflow's drain of the per-peer maps (`peers::PeerReader`), as `watch` runs it (on one
@@ -239,12 +243,15 @@ fn streamed(
     let mut reader = PeerReader::new(cap);
     reader.read_entries(map)?;
     reader.read_rest(greetings, [])?;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), batch::thread_cpu_time());
     reader.read_entries(map)?;
+    let walker_cpu = reader.walker_cpu();
     let view = reader.read_rest(greetings, [])?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu_secs =
+        (batch::thread_cpu_time() - cpu + walker_cpu + reader.walker_cpu()).as_secs_f64();
     let heap = alloc_count::peak() - base;
-    Ok(Measured { secs, heap, entries: view.entries, tracked: Some(view.tracked) })
+    Ok(Measured { secs, cpu_secs, heap, entries: view.entries, tracked: Some(view.tracked) })
 }
 
 pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
@@ -383,7 +390,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         let now = streamed(&map, &greetings, cap)?;
         let mut sec = Section::new(
             "4b. Draining the same full per-peer map: before and now",
-            &["method", "entries", "distinct peers", "time (s)", "heap peak"],
+            &["method", "entries", "distinct peers", "time (s)", "CPU time (s)", "heap peak"],
         );
         for (name, r) in [
             ("floor: the batched read alone, nothing kept", floor),
@@ -395,13 +402,15 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 r.entries.to_string(),
                 r.tracked.map_or("–".to_owned(), |t| t.to_string()),
                 format!("{:.3}", r.secs),
+                format!("{:.3}", r.cpu_secs),
                 format!("{:.1} MiB", r.heap as f64 / 1048576.0),
             ]);
         }
         sec.note = format!(
             "Measured in the benchmark process on the maps of the {largest}-peer run (kept open \
-             after smtpflow exited), {cap} peer series. Both read with BPF_MAP_LOOKUP_BATCH, \
-             4,096 entries a call. Before: the export's ranking (activity per peer in a hash \
+             after smtpflow exited), {cap} peer series. All read with BPF_MAP_LOOKUP_BATCH, \
+             4,096 entries in memory at a time, the kernel's walk on a second thread while this \
+             one takes the chunk before (batch.rs); CPU time is both threads'. Before: the export's ranking (activity per peer in a hash \
              map) and the distinct-peer count (a hash set of every peer) over the Vec. Now: the \
              second read of one reader (its buffers kept, as in smtpflow), the per-peer \
              greetings map included; the heap peak counts the reader's kept buffers."

@@ -166,9 +166,9 @@ struct PeerMaps {
     labeler: PeerLabel,
     schedule: ReadSchedule,
     view: Arc<PeerView>,
-    /// When the current read started, and how long its first step took.
+    /// When the current read started, and the CPU time its first step took on its thread.
     read_started: Instant,
-    entries_took: Duration,
+    entries_cpu: Duration,
 }
 
 /// Whether a drain reads the per-peer maps.
@@ -308,7 +308,7 @@ impl Maps {
                 schedule: ReadSchedule::new(),
                 view: Arc::default(),
                 read_started: Instant::now(),
-                entries_took: Duration::ZERO,
+                entries_cpu: Duration::ZERO,
             },
             stats: take(ebpf, names::MAP_STATS)?,
             payloads: RecordRing::take(ebpf, names::MAP_PAYLOADS)?,
@@ -491,11 +491,12 @@ impl PeerMaps {
     /// A full read, first step: every entry of the per-peer map.
     fn read_entries(&mut self) -> anyhow::Result<()> {
         self.read_started = Instant::now();
+        let cpu = batch::thread_cpu_time();
         match &self.log {
             Some(log) => self.reader.read_table(log.read().table().iter()),
             None => self.reader.read_entries(&self.peers)?,
         }
-        self.entries_took = self.read_started.elapsed();
+        self.entries_cpu = batch::thread_cpu_time().saturating_sub(cpu);
         Ok(())
     }
 
@@ -507,10 +508,14 @@ impl PeerMaps {
         timeouts: impl IntoIterator<Item = (&'a PeerKey, &'a mut PeerTimeouts)>,
         sizes: MapSizes,
     ) -> anyhow::Result<(usize, usize)> {
-        let started = Instant::now();
+        let cpu = batch::thread_cpu_time();
         let mut view = self.reader.read_rest(&self.greetings, timeouts)?;
         within_sizes(&mut view, sizes);
-        self.schedule.done(self.read_started, self.entries_took + started.elapsed());
+        // Its CPU time on every thread: the two steps' (on two threads) and the batched
+        // reads' own threads'.
+        let rest_cpu = batch::thread_cpu_time().saturating_sub(cpu);
+        let cost = self.entries_cpu + rest_cpu + self.reader.walker_cpu();
+        self.schedule.done(self.read_started, cost);
         let entries = (view.entries, view.reply_entries);
         self.view = Arc::new(view);
         Ok(entries)

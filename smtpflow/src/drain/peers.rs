@@ -16,7 +16,7 @@
 //! [`ReadSchedule`] spaces the reads of a big map out; see there.
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, VecDeque},
     hash::{BuildHasher as _, RandomState},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -239,12 +239,31 @@ impl ActivitySketch {
         }
     }
 
+    /// The two buckets an entry whose key hashes to `h` may have its slot in.
+    fn buckets(&self, h: u64) -> [usize; 2] {
+        [(h as usize) & self.mask, ((h >> 20) as usize) & self.mask]
+    }
+
+    /// Asks the CPU to fetch the buckets of the entry whose key hashes to `h`, which
+    /// [`Self::observe`] will read a few entries later. A bucket is 48 bytes, so it may span two
+    /// cache lines: its first and last slots are fetched.
+    pub fn prefetch(&self, h: u64) {
+        for bucket in self.buckets(h) {
+            let first = bucket * Self::WAYS;
+            for i in [first, first + Self::WAYS - 1] {
+                if let Some(slot) = self.slots.get(i) {
+                    prefetch(slot);
+                }
+            }
+        }
+    }
+
     /// How much the entry whose key hashes to `h` rose by since the last read, its total being
     /// `total`.
     pub fn observe(&mut self, h: u64, total: u64) -> u64 {
         let fp = (h >> 24) | 1;
         let lo = total & Self::LOW;
-        let (a, b) = ((h as usize) & self.mask, ((h >> 20) as usize) & self.mask);
+        let [a, b] = self.buckets(h);
         let ways = |bucket: usize| bucket * Self::WAYS..(bucket + 1) * Self::WAYS;
         // Per bucket: its first free slot and how many are free.
         let mut free = [(None, 0); 2];
@@ -278,6 +297,35 @@ impl ActivitySketch {
         self.slots[i] = (fp << 24) | lo;
         self.seen[i / 64] |= 1 << (i % 64);
     }
+}
+
+/// Asks the CPU to bring the cache line holding `value` closer, without waiting for it: a hint
+/// that reads nothing the program sees (a no-op where there is no such instruction here).
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    // SAFETY: SSE, which the instruction needs, is part of every x86_64 CPU; a prefetch reads
+    // nothing into the program and never faults, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (value as *const T).cast(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
+/// How many entries [`PeerReader::add_entry`] reads ahead of the one it adds: with a big map
+/// each entry's sketch buckets are a cache miss or two, and the CPU fetches those of the next
+/// entries meanwhile it adds this one. A few hundred ns of work an entry covers a miss at 8.
+const LOOKAHEAD: usize = 8;
+
+/// An entry read ahead ([`LOOKAHEAD`]), with its hash in the sketch.
+#[derive(Debug)]
+struct Ahead {
+    key: PeerKey,
+    counters: PeerCounters,
+    entry_hash: u64,
 }
 
 /// One per-peer entry's timed-out handshakes: the sweep's count, and how many of them its site
@@ -374,6 +422,12 @@ pub struct PeerReader {
     series: Option<(Accumulator, ActivitySketch)>,
     /// Names learnt and the per-site totals, given every entry of every read.
     sites: Sites,
+    /// The entries read but not added yet, at most [`LOOKAHEAD`]: their sketch buckets are on
+    /// their way from memory meanwhile.
+    ahead: VecDeque<Ahead>,
+    /// The CPU time of the threads the batched reads of the current read ran the kernel's walk
+    /// on ([`batch::for_each_raw`]).
+    walker_cpu: Duration,
     /// When the current read started.
     now: Instant,
     view: PeerView,
@@ -401,6 +455,8 @@ impl PeerReader {
             figures: std::array::from_fn(|_| TopN::new(FIGURE_KEEP)),
             series,
             sites: Sites::new(SiteMap::default(), DEFAULT_MAX_SITE_SERIES, &[]),
+            ahead: VecDeque::with_capacity(LOOKAHEAD),
+            walker_cpu: Duration::ZERO,
             now: Instant::now(),
             view: PeerView::default(),
         }
@@ -423,6 +479,12 @@ impl PeerReader {
         &mut self.sites
     }
 
+    /// The CPU time the current (or last) read's batched reads used on threads of their own,
+    /// besides the threads that called [`Self::read_entries`] and [`Self::read_rest`].
+    pub fn walker_cpu(&self) -> Duration {
+        self.walker_cpu
+    }
+
     /// Labels tracked and members followed by the series' accumulator (for tests).
     pub fn series_tracked(&self) -> (usize, usize) {
         self.series.as_ref().map_or((0, 0), |(acc, _)| acc.tracked())
@@ -435,7 +497,8 @@ impl PeerReader {
         peers: &BpfHashMap<MapData, PeerKey, PeerCounters>,
     ) -> anyhow::Result<()> {
         self.start(Instant::now());
-        batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
+        let read = batch::for_each_entry(peers, "per-peer", |k, v| self.add_entry(k, v))?;
+        self.walker_cpu += read.walker_cpu;
         self.count_tracked();
         Ok(())
     }
@@ -464,7 +527,10 @@ impl PeerReader {
         for (k, t) in timeouts {
             self.add_timeouts(k, t);
         }
-        batch::for_each_entry(greetings, "per-peer greetings", |k, n| self.add_greeting(k, *n))?;
+        let read = batch::for_each_entry(greetings, "per-peer greetings", |k, n| {
+            self.add_greeting(k, *n);
+        })?;
+        self.walker_cpu += read.walker_cpu;
         Ok(self.finish())
     }
 
@@ -473,6 +539,9 @@ impl PeerReader {
         self.view = PeerView { read_at: Some(SystemTime::now()), ..PeerView::default() };
         self.now = now;
         self.peer_hashes.clear();
+        // Left by a read that failed part way: not this read's.
+        self.ahead.clear();
+        self.walker_cpu = Duration::ZERO;
         self.sites.start(now);
         if let Some((acc, sketch)) = &mut self.series {
             acc.start(now);
@@ -498,15 +567,38 @@ impl PeerReader {
         fold(peer_hash ^ rest, self.hash_keys[0])
     }
 
-    /// One entry of the per-peer map.
+    /// One entry of the per-peer map: counted and hashed now, its sketch buckets fetched, and
+    /// added [`LOOKAHEAD`] entries later (or by [`Self::count_tracked`], which ends the entries).
+    /// The entries are added in the order they came.
     pub fn add_entry(&mut self, k: &PeerKey, v: &PeerCounters) {
         self.view.entries += 1;
-        self.sites.entry(k, v);
         let peer_hash = self.peer_hash(k);
         self.peer_hashes.push(peer_hash);
         let entry_hash = self.entry_hash(peer_hash, k);
+        if let Some((_, sketch)) = &self.series {
+            sketch.prefetch(entry_hash);
+        }
+        if self.ahead.len() == LOOKAHEAD
+            && let Some(a) = self.ahead.pop_front()
+        {
+            self.add_ahead(&a);
+        }
+        self.ahead.push_back(Ahead { key: *k, counters: *v, entry_hash });
+    }
+
+    /// Adds the entries still ahead.
+    fn add_entries_ahead(&mut self) {
+        while let Some(a) = self.ahead.pop_front() {
+            self.add_ahead(&a);
+        }
+    }
+
+    /// Adds one entry [`Self::add_entry`] read ahead.
+    fn add_ahead(&mut self, a: &Ahead) {
+        let (k, v) = (&a.key, &a.counters);
+        self.sites.entry(k, v);
         if let Some((acc, sketch)) = &mut self.series {
-            let recent = sketch.observe(entry_hash, v.total());
+            let recent = sketch.observe(a.entry_hash, v.total());
             if !acc.entry(k, v, recent) && recent > 0 {
                 self.candidates.offer(Candidate { activity: recent, key: *k, counters: *v });
             }
@@ -569,8 +661,10 @@ impl PeerReader {
         }
     }
 
-    /// Counts the distinct peers among the entries added (sorting their hashes).
+    /// Ends the entries: adds those still ahead, and counts the distinct peers among them
+    /// (sorting their hashes).
     pub fn count_tracked(&mut self) {
+        self.add_entries_ahead();
         self.peer_hashes.sort_unstable();
         self.peer_hashes.dedup();
         self.view.tracked = self.peer_hashes.len();
@@ -640,10 +734,11 @@ fn fold(x: u64, y: u64) -> u64 {
 /// When the per-peer maps are read in full. Reading costs the kernel about 0.3 µs an entry
 /// (bucket locks and copies; 20–25 ms for 65,536 entries, 0.5 s or more for a million), which
 /// on every 1 s drain would be 2–50 % of a core for numbers that change slowly. So a read that
-/// took `t` is followed by the next no sooner than `t` / [`ReadSchedule::SHARE`] later (at most
-/// 1 % of one core on average), and no later than [`ReadSchedule::MAX_PAUSE`]. Small maps (up
-/// to about 30,000 entries) are still read on every 1 s drain. The exact totals do not depend
-/// on this: they come from the counters map, read on every drain.
+/// cost `t` of CPU time (on every thread it ran on: a big map's read runs the kernel's walk on a
+/// second thread) is followed by the next no sooner than `t` / [`ReadSchedule::SHARE`] later
+/// (at most 1 % of one core on average), and no later than [`ReadSchedule::MAX_PAUSE`]. Small
+/// maps (up to about 30,000 entries) are still read on every 1 s drain. The exact totals do not
+/// depend on this: they come from the counters map, read on every drain.
 #[derive(Debug)]
 pub struct ReadSchedule {
     next: Instant,
@@ -670,9 +765,9 @@ impl ReadSchedule {
         now >= self.next
     }
 
-    /// Records a read that started at `started` and took `took`.
-    pub fn done(&mut self, started: Instant, took: Duration) {
-        self.next = started + took.div_f64(Self::SHARE).min(Self::MAX_PAUSE);
+    /// Records a read that started at `started` and cost `cpu` (CPU time, all threads').
+    pub fn done(&mut self, started: Instant, cpu: Duration) {
+        self.next = started + cpu.div_f64(Self::SHARE).min(Self::MAX_PAUSE);
     }
 }
 

@@ -44,7 +44,7 @@ use super::{
     map::{OTHER, SiteMap, UNKNOWN},
     names,
 };
-use crate::drain::peers::PeerTimeouts;
+use crate::drain::peers::{FoldState, PeerTimeouts};
 
 /// Most remote names remembered (address and direction → site).
 pub const NAMES_KEPT: usize = 65_536;
@@ -168,8 +168,10 @@ pub struct Sites {
     /// Watched ports (seeded zeros of `unknown` and `other`).
     ports: Vec<u16>,
     names: LruCache<NameKey, Arc<str>>,
-    entries: HashMap<PeerKey, Last<EntryCounts>>,
-    replies: HashMap<(PeerKey, u16), Last<u64>>,
+    /// Looked up for every entry of every read (a million at most): keyed with the per-peer
+    /// reader's fast hash, not SipHash.
+    entries: HashMap<PeerKey, Last<EntryCounts>, FoldState>,
+    replies: HashMap<(PeerKey, u16), Last<u64>, FoldState>,
     pending: LruCache<NameKey, Pending>,
     sites: HashMap<Arc<str>, Site>,
     unknown: Counts,
@@ -188,8 +190,8 @@ impl Sites {
             grace: NAME_GRACE,
             ports: ports.to_vec(),
             names: LruCache::new(NonZeroUsize::new(NAMES_KEPT).unwrap_or(NonZeroUsize::MIN)),
-            entries: HashMap::new(),
-            replies: HashMap::new(),
+            entries: HashMap::default(),
+            replies: HashMap::default(),
             pending: LruCache::new(NonZeroUsize::new(PENDING_KEPT).unwrap_or(NonZeroUsize::MIN)),
             sites: HashMap::new(),
             unknown: Counts::new(),

@@ -37,6 +37,7 @@ use smtpflow_tests::{frames::hex, require_root};
 mod corpus;
 mod crafted;
 mod mutate;
+mod peers_read;
 mod programs;
 mod replies;
 mod reports;
