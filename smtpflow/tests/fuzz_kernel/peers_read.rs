@@ -6,27 +6,14 @@
 //! each is one new entry of `PEERS`, with one SYN.
 use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsFd as _};
 
-use aya::{
-    maps::{HashMap, IterableMap as _, MapData},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
-use smtpflow::{
-    drain::{batch, peers::PeerReader},
-    kernel::{self, Sizes},
-};
-use smtpflow_common::{
-    Config, DEFAULT_MAX_PEERS, DropConfig, Event, PeerCounters, PeerKey, Side, names,
-    rules::tcp_flags::SYN,
-};
-use smtpflow_tests::{
-    frames::{ETH_P_IP, Eth, IPPROTO_TCP, Ipv4, Tcp},
-    require_root,
-};
+use aya::maps::{HashMap, IterableMap as _, MapData};
+use smtpflow::drain::{batch, peers::PeerReader};
+use smtpflow_common::{Event, PeerCounters, PeerKey, Side, names};
+use smtpflow_tests::require_root;
 
 use super::{
-    PLAINTEXT, PORTS,
-    corpus::{MAC_GW, MAC_PEER, gw_v4},
-    programs::{kernel_available, lo_ifindex},
+    programs::kernel_available,
+    table::{syn_through, tc_ingress},
 };
 
 /// Peers: ten and a bit of the two threads' chunks (half of [`batch::DEFAULT_CHUNK`] each).
@@ -38,24 +25,11 @@ fn a_big_per_peer_map_is_read_whole_once() {
     if !kernel_available() {
         return;
     }
-    let mut config = Config::from_ports(PORTS, PLAINTEXT).expect("ports");
-    config.set_ifaces(&[lo_ifindex()]).expect("interfaces");
-    let sizes = Sizes { max_peers: DEFAULT_MAX_PEERS, max_flows: 65_536 };
-    let mut ebpf = kernel::load(&config, &DropConfig::DISABLED, &sizes, 0).expect("load");
-    let name = names::PROG_TC_INGRESS;
-    let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().unwrap();
-    prog.load().expect("loading TC ingress");
+    let (mut ebpf, _) = tc_ingress(65_536);
     let peers: HashMap<MapData, PeerKey, PeerCounters> =
         ebpf.take_map(names::MAP_PEERS).expect("no PEERS").try_into().unwrap();
-    let prog: &SchedClassifier = ebpf.program(name).expect("program").try_into().unwrap();
-    let eth = Eth::new(MAC_GW, MAC_PEER);
     for i in 0..PEERS {
-        let src = Ipv4Addr::from(0x0a90_0000 + i);
-        let tcp = Tcp::new(40_000, 25, SYN);
-        let frame = eth.frame(ETH_P_IP, &Ipv4::new(src, gw_v4(), IPPROTO_TCP).packet(&tcp.bytes()));
-        let opts = TestRunOptions { data_in: Some(&frame), repeat: 1, ..TestRunOptions::default() };
-        let verdict = prog.test_run(opts).expect("test run").return_value;
-        assert_eq!(verdict, u32::MAX, "the packet's fate changed");
+        syn_through(&ebpf, Ipv4Addr::from(0x0a90_0000 + i), 40_000);
     }
 
     let syn = PeerCounters::index(Event::Syn, Side::Peer);
