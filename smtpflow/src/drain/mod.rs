@@ -391,9 +391,10 @@ impl Maps {
         let read_peers = peers == PeerRead::Now || self.peers.schedule.due(started);
         let (flows, (counters, hists)) = if read_peers {
             let (peer_maps, sweep, totals) = (&mut self.peers, &mut self.sweep, &self.totals);
-            // Listing a big per-peer map is most of a full drain (about 0.5 s for a million
-            // entries, mostly in the kernel): it runs on a second thread meanwhile the flow map
-            // and the totals are read.
+            // Listing a big per-peer map is most of a full drain (about 0.7 s for a million
+            // entries, mostly the kernel's walk, which runs on a thread of its own besides:
+            // `batch::for_each_raw`): it runs on a second thread meanwhile the flow map and the
+            // totals are read.
             std::thread::scope(|s| {
                 let entries = s.spawn(|| peer_maps.read_entries());
                 let rest = sweep.sweep().and_then(|flows| Ok((flows, totals.read()?)));
