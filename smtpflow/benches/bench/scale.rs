@@ -409,10 +409,11 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             "Measured in the benchmark process on the maps of the {largest}-peer run (kept open \
              after smtpflow exited), {cap} peer series. All read with BPF_MAP_LOOKUP_BATCH, \
              4,096 entries in memory at a time, the kernel's walk on a second thread while this \
-             one takes the chunk before (batch.rs); CPU time is both threads'. Before: the export's ranking (activity per peer in a hash \
-             map) and the distinct-peer count (a hash set of every peer) over the Vec. Now: the \
-             second read of one reader (its buffers kept, as in smtpflow), the per-peer \
-             greetings map included; the heap peak counts the reader's kept buffers."
+             one takes the chunk before (batch.rs); CPU time is both threads'. Before: the \
+             export's ranking (activity per peer in a hash map) and the distinct-peer count (a \
+             hash set of every peer) over the Vec. Now: the second read of one reader (its \
+             buffers kept, as in smtpflow), the per-peer greetings map included; the heap peak \
+             counts the reader's kept buffers."
         );
         report.add(sec);
     }

@@ -3,8 +3,9 @@
 //! (`BPF_MAP_GET_NEXT_KEY`, then `BPF_MAP_LOOKUP_ELEM`). On a 1M-entry per-peer map that is the
 //! difference between seconds and tens of milliseconds (see docs/benchmarks.md).
 //!
-//! Entries are handed to a callback one at a time from a reused buffer, so a caller that keeps
-//! only what it needs (e.g. the top peers) uses memory for one chunk, not for the whole map.
+//! Entries are handed to a callback one at a time from two reused buffers (one the kernel fills
+//! while the callback takes the other), so a caller that keeps only what it needs (e.g. the top
+//! peers) uses memory for one chunk, not for the whole map.
 use std::{
     io,
     mem::size_of,
@@ -30,7 +31,8 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Entries fetched per syscall unless the caller says otherwise.
+/// Entries in memory at a time unless the caller says otherwise: half of them fetched per
+/// syscall, into each of [`for_each_raw`]'s two buffers.
 pub const DEFAULT_CHUNK: usize = 4096;
 
 /// What a batch read reports besides the entries.
@@ -96,8 +98,8 @@ pub fn for_each_per_cpu<K: aya::Pod, V: aya::Pod>(
 ///
 /// When the map holds more than one call's worth, a second thread makes the calls while this
 /// one hands the entries of the call before to `f`: in a big map the kernel's walk is most of
-/// the read (its entries are cache misses, about 0.6 µs each here), and `f`'s work on one chunk
-/// overlaps the kernel's on the next. `chunk` entries are in memory at a time, in two buffers
+/// the read (its entries are cache misses: 0.6–0.7 µs each on the benchmarks' host), and `f`'s
+/// work on one chunk overlaps the kernel's on the next. `chunk` entries are in memory at a time, in two buffers
 /// of half as many; a map that fits in one is read on this thread alone.
 pub fn for_each_raw(
     map: BorrowedFd<'_>,
