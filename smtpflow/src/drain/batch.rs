@@ -99,8 +99,8 @@ pub fn for_each_per_cpu<K: aya::Pod, V: aya::Pod>(
 /// When the map holds more than one call's worth, a second thread makes the calls while this
 /// one hands the entries of the call before to `f`: in a big map the kernel's walk is most of
 /// the read (its entries are cache misses: 0.6–0.7 µs each on the benchmarks' host), and `f`'s
-/// work on one chunk overlaps the kernel's on the next. `chunk` entries are in memory at a time, in two buffers
-/// of half as many; a map that fits in one is read on this thread alone.
+/// work on one chunk overlaps the kernel's on the next. `chunk` entries are in memory at a
+/// time, in two buffers of half as many; a map that fits in one is read on this thread alone.
 pub fn for_each_raw(
     map: BorrowedFd<'_>,
     key_size: usize,
