@@ -136,13 +136,21 @@ enum Observer {
     EmptyXdp,
     /// The empty XDP program in driver mode: what `--xdp-mode driver` costs veth.
     EmptyXdpDriver,
-    /// The floor of the direct-mapped tables ([`empty::TABLES_TC`]).
-    TablesTc,
-    TablesXdp,
+    /// A floor program of [`empty`] attached to TCX ingress and egress: the direct-mapped
+    /// tables' ([`empty::TABLES_TC`]) or the per-CPU log's ([`empty::LOG_TC`]).
+    FloorTc(&'static str),
+    /// A floor program of [`empty`] in generic-mode XDP ([`empty::TABLES_XDP`],
+    /// [`empty::LOG_XDP`]).
+    FloorXdp(&'static str),
 }
 
+/// The floors flooded and accounted, TC and XDP program of each: the direct-mapped tables', then
+/// the per-CPU log's.
+const FLOORS: [(&str, &str); 2] =
+    [(empty::TABLES_TC, empty::TABLES_XDP), (empty::LOG_TC, empty::LOG_XDP)];
+
 impl Observer {
-    const ALL: [Observer; 11] = [
+    const ALL: [Observer; 13] = [
         Observer::None,
         Observer::Smtpflow("tc"),
         Observer::Smtpflow("xdp"),
@@ -152,8 +160,10 @@ impl Observer {
         Observer::EmptyTc,
         Observer::EmptyXdp,
         Observer::EmptyXdpDriver,
-        Observer::TablesTc,
-        Observer::TablesXdp,
+        Observer::FloorTc(FLOORS[0].0),
+        Observer::FloorXdp(FLOORS[0].1),
+        Observer::FloorTc(FLOORS[1].0),
+        Observer::FloorXdp(FLOORS[1].1),
     ];
 
     fn label(self) -> String {
@@ -167,8 +177,8 @@ impl Observer {
                 format!("{} (generic mode, as smtpflow on veth)", empty::EMPTY_XDP)
             }
             Observer::EmptyXdpDriver => format!("{} (driver mode)", empty::EMPTY_XDP),
-            Observer::TablesTc => format!("{} (TCX ingress and egress)", empty::TABLES_TC),
-            Observer::TablesXdp => format!("{} (generic mode)", empty::TABLES_XDP),
+            Observer::FloorTc(name) => format!("{name} (TCX ingress and egress)"),
+            Observer::FloorXdp(name) => format!("{name} (generic mode)"),
         }
     }
 }
@@ -202,15 +212,10 @@ fn start(gw: &Netns, o: Observer) -> anyhow::Result<Watching> {
             floor(empty::attach_xdp(gw, Pair::LOCAL_IF, empty::SMTPFLOW_XDP_MODE)?)
         }
         Observer::EmptyXdpDriver => floor(empty::attach_xdp(gw, Pair::LOCAL_IF, XdpMode::Driver)?),
-        Observer::TablesTc => {
-            floor(empty::attach_tc_program(gw, Pair::LOCAL_IF, empty::TABLES_TC)?)
+        Observer::FloorTc(name) => floor(empty::attach_tc_program(gw, Pair::LOCAL_IF, name)?),
+        Observer::FloorXdp(name) => {
+            floor(empty::attach_xdp_program(gw, Pair::LOCAL_IF, name, empty::SMTPFLOW_XDP_MODE)?)
         }
-        Observer::TablesXdp => floor(empty::attach_xdp_program(
-            gw,
-            Pair::LOCAL_IF,
-            empty::TABLES_XDP,
-            empty::SMTPFLOW_XDP_MODE,
-        )?),
     }
 }
 
@@ -250,8 +255,8 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
             | Observer::EmptyTc
             | Observer::EmptyXdp
             | Observer::EmptyXdpDriver
-            | Observer::TablesTc
-            | Observer::TablesXdp => ("", ""),
+            | Observer::FloorTc(_)
+            | Observer::FloorXdp(_) => ("", ""),
             Observer::Smtpflow(mode) => {
                 let pass = ratio >= 0.95;
                 report.checks.push(Check {
@@ -358,37 +363,39 @@ fn accounting_rows(
         sec.rows.push([row, cells].concat());
     }
 
-    // The tables' floor, each in a flood of its own (beside smtpflow it would find its own
-    // slots competing for the caches with smtpflow's maps): TC beside the empty program, XDP
-    // against the empty program's flood above.
-    let floor = empty::attach_tc_program(gw, Pair::LOCAL_IF, empty::TABLES_TC)?;
-    let beside = empty::attach_tc(gw, Pair::LOCAL_IF)?;
-    let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
-    drop((beside, floor));
-    for hook in ["ingress", "egress"] {
+    // The floors, each in a flood of its own (beside smtpflow it would find its own slots
+    // competing for the caches with smtpflow's maps): TC beside the empty program, XDP against
+    // the empty program's flood above.
+    for (floor_tc, floor_xdp) in FLOORS {
+        let floor = empty::attach_tc_program(gw, Pair::LOCAL_IF, floor_tc)?;
+        let beside = empty::attach_tc(gw, Pair::LOCAL_IF)?;
+        let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
+        drop((beside, floor));
+        for hook in ["ingress", "egress"] {
+            let cells = accounting::floor(
+                &format!("SYN flood from {sources} sources: {floor_tc} (TC {hook})"),
+                tc.get(hook, floor_tc)?,
+                tc.get(hook, empty::EMPTY_TC)?,
+                wall,
+            )?;
+            let label = format!("{} (TCX {hook}, same flood)", empty::EMPTY_TC);
+            let row = vec![sources.to_string(), format!("{floor_tc} (no smtpflow)"), label];
+            sec.rows.push([row, cells].concat());
+        }
+        let floor =
+            empty::attach_xdp_program(gw, Pair::LOCAL_IF, floor_xdp, empty::SMTPFLOW_XDP_MODE)?;
+        let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
+        drop(floor);
         let cells = accounting::floor(
-            &format!("SYN flood from {sources} sources: {} (TC {hook})", empty::TABLES_TC),
-            tc.get(hook, empty::TABLES_TC)?,
-            tc.get(hook, empty::EMPTY_TC)?,
+            &format!("SYN flood from {sources} sources: {floor_xdp}"),
+            xdp.get("xdp", floor_xdp)?,
+            empty_xdp,
             wall,
         )?;
-        let label = format!("{} (TCX {hook}, same flood)", empty::EMPTY_TC);
-        let row = vec![sources.to_string(), format!("{} (no smtpflow)", empty::TABLES_TC), label];
+        let label = format!("{} (the flood before smtpflow's)", empty::EMPTY_XDP);
+        let row = vec![sources.to_string(), format!("{floor_xdp} (no smtpflow)"), label];
         sec.rows.push([row, cells].concat());
     }
-    let floor =
-        empty::attach_xdp_program(gw, Pair::LOCAL_IF, empty::TABLES_XDP, empty::SMTPFLOW_XDP_MODE)?;
-    let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
-    drop(floor);
-    let cells = accounting::floor(
-        &format!("SYN flood from {sources} sources: {}", empty::TABLES_XDP),
-        xdp.get("xdp", empty::TABLES_XDP)?,
-        empty_xdp,
-        wall,
-    )?;
-    let label = format!("{} (the flood before smtpflow's)", empty::EMPTY_XDP);
-    let row = vec![sources.to_string(), format!("{} (no smtpflow)", empty::TABLES_XDP), label];
-    sec.rows.push([row, cells].concat());
     Ok(())
 }
 
@@ -439,8 +446,8 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
          (same sources, same length, generic mode as smtpflow on veth). smtpflow is measured \
          twice: as it runs by default (the targets), then with --peer-counts log (no target). \
          The tables' floor \
-         (`tables_tc`, `tables_xdp`) is measured the same way in a flood of its own, without \
-         smtpflow; it has no target. The accounting's own two clock reads per run are in both \
+         (`tables_tc`, `tables_xdp`) and the log's (`log_tc`, `log_xdp`) are measured the same \
+         way, each in a flood of its own, without smtpflow; they have no target. The accounting's own two clock reads per run are in both \
          figures.",
         f.accounted_secs
     );

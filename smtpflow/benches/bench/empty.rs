@@ -392,8 +392,8 @@ pub fn attach_tc(ns: &Netns, iface: &str) -> anyhow::Result<Attached> {
     attach_tc_program(ns, iface, EMPTY_TC)
 }
 
-/// Attaches the TC program `name` of this object ([`EMPTY_TC`], [`HEADERS_TC`], [`TABLES_TC`]) as
-/// [`attach_tc`] does.
+/// Attaches the TC program `name` of this object ([`EMPTY_TC`], [`HEADERS_TC`], [`TABLES_TC`],
+/// [`LOG_TC`]) as [`attach_tc`] does.
 pub fn attach_tc_program(ns: &Netns, iface: &str, name: &'static str) -> anyhow::Result<Attached> {
     let mut held = Vec::new();
     for t in [TcAttachType::Ingress, TcAttachType::Egress] {
@@ -420,8 +420,8 @@ pub fn attach_xdp(ns: &Netns, iface: &str, mode: XdpMode) -> anyhow::Result<Atta
     attach_xdp_program(ns, iface, EMPTY_XDP, mode)
 }
 
-/// Attaches the XDP program `name` of this object ([`EMPTY_XDP`], [`TABLES_XDP`]) to `iface` in
-/// `ns` in `mode` (generic, as smtpflow attaches on veth, or driver).
+/// Attaches the XDP program `name` of this object ([`EMPTY_XDP`], [`TABLES_XDP`], [`LOG_XDP`]) to
+/// `iface` in `ns` in `mode` (generic, as smtpflow attaches on veth, or driver).
 pub fn attach_xdp_program(
     ns: &Netns,
     iface: &str,
