@@ -19,10 +19,6 @@ pub trait Frame {
     /// order (convert with `from_be`), or `Err` when any byte of it is past the end of the frame.
     fn load<T: Int>(&self, off: usize) -> Result<T, ()>;
 
-    /// Reads a `T` (bytes: addresses, payload) at `off` bytes from the start of the frame, or
-    /// `Err` when any byte of it is past the end of the frame.
-    fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()>;
-
     /// A header of `N` bytes as this frame holds it.
     type Header<const N: usize>: Fields;
 
@@ -228,13 +224,6 @@ impl<P: Frame> Frame for Linear<'_, P> {
     }
 
     #[inline(always)]
-    fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
-        let p = ptr_at::<T>(self.start, self.end, off)?;
-        // SAFETY: `ptr_at` checked that the bytes lie inside the packet.
-        Ok(unsafe { core::ptr::read_unaligned(p) })
-    }
-
-    #[inline(always)]
     fn len(&self) -> usize {
         self.end - self.start
     }
@@ -256,11 +245,6 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
         self.linear().load(off)
-    }
-
-    #[inline(always)]
-    fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
-        self.linear().read_at(off)
     }
 
     #[inline(always)]
@@ -340,11 +324,6 @@ impl Frame for TcContext {
     #[inline(always)]
     fn load<T: Int>(&self, off: usize) -> Result<T, ()> {
         self.linear().load(off).or_else(|()| skb_load_bytes(self, off))
-    }
-
-    #[inline(always)]
-    fn read_at<T: Copy>(&self, off: usize) -> Result<T, ()> {
-        self.linear().read_at(off).or_else(|()| skb_load_bytes(self, off))
     }
 
     #[inline(always)]
