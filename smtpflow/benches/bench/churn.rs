@@ -423,17 +423,21 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
          {}s per run, {} round(s) of no observer, smtpflow --mode tc, smtpflow --mode xdp \
          (generic mode on veth), each again with --peer-counts log (no target: the per-peer \
          counts through a log smtpflow adds up), --xdp-mode driver (no target: the mode it \
-         attached in on veth before), the empty programs of each mode (the floor: what the hooks cost with \
-         nothing in them; XDP in generic mode, as smtpflow attaches on veth, and in driver \
-         mode) and the tables' floor of each mode (`tables_tc`, `tables_xdp` in generic mode: \
-         the header reads, then for a segment with SYN set one read-and-write of its source's \
-         slot in a 65,536-slot peer table and one write of its 4-tuple's slot in a \
+         attached in on veth before), the empty programs of each mode (the floor: what the \
+         hooks cost with nothing in them; XDP in generic mode, as smtpflow attaches on veth, \
+         and in driver mode), the tables' floor of each mode (`tables_tc`, `tables_xdp` in \
+         generic mode: the header reads, then for a segment with SYN set one read-and-write of \
+         its source's slot in a 65,536-slot peer table and one write of its 4-tuple's slot in a \
          262,144-slot flow table, the least a design with per-peer counters in kernel tables \
-         does), interleaved; the rate is the SYN-ACKs the gateway sent, the ratio the median \
-         over rounds of each run / that round's no-observer run. Every SYN is a new connection \
-         (SYN in, SYN-ACK out, RST in); with a million sources every SYN of a run comes from a \
-         peer smtpflow has not seen. Sender and gateway share the machine's cores, so this is \
-         the whole path's rate. Per-program accounting is off during these runs.",
+         does) and the log's floor of each mode (`log_tc`, `log_xdp`: the same header reads, \
+         then for a segment with SYN set a 16-byte record appended to its CPU's log and the \
+         same write of the flow table's slot, the least a design with per-peer counts added up \
+         in userspace does), interleaved; the rate is the SYN-ACKs the gateway sent, the \
+         ratio the median over rounds of each run / that round's no-observer run. Every SYN is \
+         a new connection (SYN in, SYN-ACK out, RST in); with a million sources every SYN of a \
+         run comes from a peer smtpflow has not seen. Sender and gateway share the machine's \
+         cores, so this is the whole path's rate. Per-program accounting is off during these \
+         runs.",
         f.secs, f.rounds
     );
     cost_sec.note = format!(
@@ -445,10 +449,9 @@ fn floods(s: &Setup, f: &Floods, report: &mut Report) -> anyhow::Result<()> {
          one XDP program, so the empty one is measured in its own flood right before smtpflow's \
          (same sources, same length, generic mode as smtpflow on veth). smtpflow is measured \
          twice: as it runs by default (the targets), then with --peer-counts log (no target). \
-         The tables' floor \
-         (`tables_tc`, `tables_xdp`) and the log's (`log_tc`, `log_xdp`) are measured the same \
-         way, each in a flood of its own, without smtpflow; they have no target. The accounting's own two clock reads per run are in both \
-         figures.",
+         The tables' floor (`tables_tc`, `tables_xdp`) and the log's (`log_tc`, `log_xdp`) are \
+         measured the same way, each in a flood of its own, without smtpflow; they have no \
+         target. The accounting's own two clock reads per run are in both figures.",
         f.accounted_secs
     );
     report.add(rate_sec);
