@@ -161,6 +161,7 @@ pub fn versus(
         what: format!("{what} ≤ {target}× empty"),
         value: format!("{ratio:.2}×"),
         pass,
+        floor: None,
     });
     cells[4] = format!("≤ {target}×");
     cells[5] = if pass { "pass" } else { "MISS" }.to_owned();

@@ -20,7 +20,7 @@ use aya::programs::XdpMode;
 use smtpflow_tests::{Netns, Pair, Watch, frames::RawSocket, in_netns, procfs::iface_stat};
 
 use crate::{
-    Check, Params, Report, Section, accounting, empty,
+    Check, Floor, Params, Report, Section, accounting, empty,
     frames::{self, Tcp},
     sys::{self, median},
 };
@@ -120,7 +120,7 @@ fn flood(s: &Setup, sources: u32, secs: f64) -> anyhow::Result<f64> {
 /// Who watches the gateway's interface during a flood. The empty programs are the floor of
 /// the hooks themselves: what any observer attached there costs the gateway before it does any
 /// work, so that smtpflow's ratio can be read against what is reachable at all.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Observer {
     None,
     Smtpflow(&'static str),
@@ -245,9 +245,35 @@ fn rates(s: &Setup, sources: u32, f: &Floods) -> anyhow::Result<Vec<Vec<f64>>> {
 /// rounds of each run's rate / the same round's rate without an observer (drifts of a shared
 /// machine cancel better so than between medians).
 fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Section) {
-    for (o, rates) in Observer::ALL.into_iter().zip(runs) {
-        let mut ratios: Vec<f64> = rates.iter().zip(&runs[0]).map(|(x, none)| x / none).collect();
-        let ratio = median(&mut ratios);
+    let ratios: Vec<f64> = runs
+        .iter()
+        .map(|rates| {
+            let mut ratios: Vec<f64> =
+                rates.iter().zip(&runs[0]).map(|(x, none)| x / none).collect();
+            median(&mut ratios)
+        })
+        .collect();
+    // The floors of a mode beside a smtpflow check: the better of the two designs' floors,
+    // with what the hook alone keeps.
+    let floor_of = |mode: &str| {
+        let of_mode = |o: Observer| match o {
+            Observer::FloorTc(name) if mode == "tc" => Some(name),
+            Observer::FloorXdp(name) if mode == "xdp" => Some(name),
+            _ => None,
+        };
+        let (name, best) = Observer::ALL
+            .into_iter()
+            .zip(&ratios)
+            .filter_map(|(o, &r)| of_mode(o).map(|name| (name, r)))
+            .fold(("", 0.0), |best, (name, r)| if r > best.1 { (name, r) } else { best });
+        let hook = if mode == "tc" { Observer::EmptyTc } else { Observer::EmptyXdp };
+        let mut floor = Floor::rate(name, best, 0.95);
+        if let Some((_, bare)) = Observer::ALL.into_iter().zip(&ratios).find(|&(o, _)| o == hook) {
+            floor.what += &format!(" (empty {:.1}%)", bare * 100.0);
+        }
+        floor
+    };
+    for ((o, rates), &ratio) in Observer::ALL.into_iter().zip(runs).zip(&ratios) {
         let (target, verdict) = match o {
             Observer::None
             | Observer::SmtpflowLog(_)
@@ -266,6 +292,7 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
                     ),
                     value: format!("{:.1}%", ratio * 100.0),
                     pass,
+                    floor: Some(floor_of(mode)),
                 });
                 ("≥ 95%", if pass { "pass" } else { "MISS" })
             }
@@ -365,19 +392,22 @@ fn accounting_rows(
 
     // The floors, each in a flood of its own (beside smtpflow it would find its own slots
     // competing for the caches with smtpflow's maps): TC beside the empty program, XDP against
-    // the empty program's flood above.
+    // the empty program's flood above. Each program's floors go beside its check.
+    let mut floors: [Vec<(&str, f64)>; 3] = Default::default(); // ingress, egress, XDP
     for (floor_tc, floor_xdp) in FLOORS {
         let floor = empty::attach_tc_program(gw, Pair::LOCAL_IF, floor_tc)?;
         let beside = empty::attach_tc(gw, Pair::LOCAL_IF)?;
         let (tc, wall) = accounted_flood(s, sources, f.accounted_secs)?;
         drop((beside, floor));
-        for hook in ["ingress", "egress"] {
+        for (i, hook) in ["ingress", "egress"].into_iter().enumerate() {
+            let (floor, bare) = (tc.get(hook, floor_tc)?, tc.get(hook, empty::EMPTY_TC)?);
             let cells = accounting::floor(
                 &format!("SYN flood from {sources} sources: {floor_tc} (TC {hook})"),
-                tc.get(hook, floor_tc)?,
-                tc.get(hook, empty::EMPTY_TC)?,
+                floor,
+                bare,
                 wall,
             )?;
+            floors[i].push((floor_tc, floor.per_run() / bare.per_run()));
             let label = format!("{} (TCX {hook}, same flood)", empty::EMPTY_TC);
             let row = vec![sources.to_string(), format!("{floor_tc} (no smtpflow)"), label];
             sec.rows.push([row, cells].concat());
@@ -386,15 +416,28 @@ fn accounting_rows(
             empty::attach_xdp_program(gw, Pair::LOCAL_IF, floor_xdp, empty::SMTPFLOW_XDP_MODE)?;
         let (xdp, wall) = accounted_flood(s, sources, f.accounted_secs)?;
         drop(floor);
+        let floor = xdp.get("xdp", floor_xdp)?;
         let cells = accounting::floor(
             &format!("SYN flood from {sources} sources: {floor_xdp}"),
-            xdp.get("xdp", floor_xdp)?,
+            floor,
             empty_xdp,
             wall,
         )?;
+        floors[2].push((floor_xdp, floor.per_run() / empty_xdp.per_run()));
         let label = format!("{} (the flood before smtpflow's)", empty::EMPTY_XDP);
         let row = vec![sources.to_string(), format!("{floor_xdp} (no smtpflow)"), label];
         sec.rows.push([row, cells].concat());
+    }
+    let programs = [
+        "smtpflow_tc_in ns/run (TC ingress)",
+        "smtpflow_tc_out ns/run (TC egress)",
+        "smtpflow_xdp ns/run",
+    ];
+    for (prog, of_program) in programs.into_iter().zip(floors) {
+        if let [a, b] = of_program[..] {
+            let what = format!("SYN flood from {sources} sources: {prog}");
+            report.set_floor(&what, Floor::least_ratio([a, b], target));
+        }
     }
     Ok(())
 }
@@ -512,6 +555,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
                 what: format!("smtpflow CPU ≤ 2% of one core at 10,000 SYN/s ({peers} peers)"),
                 value: format!("{cpu:.2}%"),
                 pass,
+                floor: None,
             });
             (peers.to_string(), "≤ 2%", if pass { "pass" } else { "MISS" })
         } else {
