@@ -115,7 +115,8 @@ pub struct Check {
     pub value: String,
     pub pass: bool,
     /// The least a design costs by the same measure in the same run, where the run measures
-    /// one ([`Report::set_floor`]): whether any observer could meet the target on this host.
+    /// one ([`Report::set_floor`]): whether a design of that kind could meet the target on
+    /// this host at all.
     pub floor: Option<Floor>,
 }
 
@@ -181,11 +182,12 @@ impl Report {
         s.push_str(
             "\nThe least floor is the least that a design costs by the same measure in the same \
              run: in `BPF_PROG_TEST_RUN` and under the flood, the cheaper of the tables' and the \
-             log's floors (both read the headers, and do their tables' work for a SYN only); under iperf3's load, the header reads (TC); for a rate \
-             kept, the empty programs of the mode (the iperf3 rows) or the better of the \
-             tables' and the log's floors (the flood rows, the empty programs beside them). A \
-             floor that does not meet its target is a target no design of that kind meets on \
-             this host.\n",
+             log's floors (both read the headers, and do their tables' work for a SYN only); \
+             under iperf3's load, the header reads (TC); for a rate kept, the empty programs of \
+             the mode (the iperf3 rows) or the better of the tables' and the log's floors (the \
+             flood rows, the empty programs beside them); for the full drain, the batched read \
+             alone (4b). A floor that does not meet its target is a target no design of that \
+             kind meets on this host.\n",
         );
         s
     }

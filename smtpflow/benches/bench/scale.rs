@@ -253,6 +253,9 @@ fn streamed(
     Ok(Measured { secs, cpu_secs, heap, entries: view.entries, tracked: Some(view.tracked) })
 }
 
+/// The full drain's target (issue #15): a million peers read in at most this long.
+const DRAIN_TARGET_SECS: f64 = 1.0;
+
 pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let (sizes, caps, window): (&[u32], &[usize], f64) = if p.smoke {
         (&[2_000], &[1_000], 1.0)
@@ -349,9 +352,9 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             }
             if n == largest && cap == caps[0] {
                 report.checks.push(Check {
-                    what: format!("drain of a full {n}-entry map ≤ 1 s"),
+                    what: format!("drain of a full {n}-entry map ≤ {DRAIN_TARGET_SECS} s"),
                     value: format!("{drain:.2} s"),
-                    pass: drain <= 1.0,
+                    pass: drain <= DRAIN_TARGET_SECS,
                     floor: None,
                 });
                 report.checks.push(Check {
@@ -392,7 +395,7 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             &format!("drain of a full {largest}-entry map"),
             Floor {
                 what: format!("the batched read alone {:.2} s", floor.secs),
-                meets: floor.secs <= 1.0,
+                meets: floor.secs <= DRAIN_TARGET_SECS,
             },
         );
         let before = vec_of_all(&map, cap)?;
