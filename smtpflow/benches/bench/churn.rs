@@ -22,7 +22,7 @@ use smtpflow_tests::{Netns, Pair, Watch, frames::RawSocket, in_netns, procfs::if
 use crate::{
     Check, Floor, Params, Report, Section, accounting, empty,
     frames::{self, Tcp},
-    sys::{self, median},
+    sys::{self, median, median_ratio},
 };
 
 /// Peers the generator sends from: 10.128.0.0/12 (1,048,576 addresses), routed to the peer
@@ -245,14 +245,8 @@ fn rates(s: &Setup, sources: u32, f: &Floods) -> anyhow::Result<Vec<Vec<f64>>> {
 /// rounds of each run's rate / the same round's rate without an observer (drifts of a shared
 /// machine cancel better so than between medians).
 fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Section) {
-    let ratios: Vec<f64> = runs
-        .iter()
-        .map(|rates| {
-            let mut ratios: Vec<f64> =
-                rates.iter().zip(&runs[0]).map(|(x, none)| x / none).collect();
-            median(&mut ratios)
-        })
-        .collect();
+    let target = 0.95;
+    let ratios: Vec<f64> = runs.iter().map(|rates| median_ratio(rates, &runs[0])).collect();
     // The floors of a mode beside a smtpflow check: the better of the two designs' floors,
     // with what the hook alone keeps.
     let floor_of = |mode: &str| {
@@ -267,7 +261,7 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
             .filter_map(|(o, &r)| of_mode(o).map(|name| (name, r)))
             .fold(("", 0.0), |best, (name, r)| if r > best.1 { (name, r) } else { best });
         let hook = if mode == "tc" { Observer::EmptyTc } else { Observer::EmptyXdp };
-        let mut floor = Floor::rate(name, best, 0.95);
+        let mut floor = Floor::rate(name, best, target);
         if let Some((_, bare)) = Observer::ALL.into_iter().zip(&ratios).find(|&(o, _)| o == hook) {
             floor.what += &format!(" (empty {:.1}%)", bare * 100.0);
         }
@@ -284,7 +278,7 @@ fn rate_rows(sources: u32, runs: &[Vec<f64>], report: &mut Report, sec: &mut Sec
             | Observer::FloorTc(_)
             | Observer::FloorXdp(_) => ("", ""),
             Observer::Smtpflow(mode) => {
-                let pass = ratio >= 0.95;
+                let pass = ratio >= target;
                 report.checks.push(Check {
                     what: format!(
                         "SYN flood from {sources} sources: SYN-ACK rate with smtpflow --mode \

@@ -15,7 +15,7 @@ use crate::{
     Check, Floor, Params, Report, Section,
     accounting::{self, Cost},
     empty,
-    sys::{self, median},
+    sys::{self, median, median_ratio},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -166,27 +166,23 @@ pub fn run(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         "2. Live path: iperf3 over veth, server on port 25",
         &["observer", "Gbit/s (median)", "runs (Gbit/s)", "ratio to none", "target", ""],
     );
-    // Each run against the no-observer run of the same round: slow drifts of the machine
-    // (other work on it) cancel better than between medians.
-    let ratio_of = |i: usize| {
-        let mut ratios: Vec<f64> =
-            results[i].iter().zip(&results[0]).map(|(x, none)| x / none).collect();
-        median(&mut ratios)
-    };
+    // Each run against the no-observer run of the same round.
+    let ratio_of = |i: usize| median_ratio(&results[i], &results[0]);
+    let target = 0.97;
     let index = |o: Observer| Observer::ALL.iter().position(|&x| x == o).expect("listed");
     for (i, o) in Observer::ALL.into_iter().enumerate() {
         let m = median(&mut results[i].clone());
         let ratio = ratio_of(i);
         let runs = results[i].iter().map(|b| format!("{:.1}", b / 1e9)).collect::<Vec<_>>();
         let (target, verdict) = if matches!(o, Observer::Tc | Observer::Xdp) {
-            let pass = ratio >= 0.97;
+            let pass = ratio >= target;
             // What the hook alone keeps, in the same mode: more than any observer there can.
             let empty = if o == Observer::Xdp { Observer::EmptyXdp } else { Observer::EmptyTc };
             report.checks.push(Check {
                 what: format!("iperf3 with {} ≥ 97% of no observer", o.label()),
                 value: format!("{:.1}%", ratio * 100.0),
                 pass,
-                floor: Some(Floor::rate("empty program", ratio_of(index(empty)), 0.97)),
+                floor: Some(Floor::rate("empty program", ratio_of(index(empty)), target)),
             });
             ("≥ 97%", if pass { "pass" } else { "MISS" })
         } else {

@@ -195,8 +195,9 @@ impl Report {
     /// Gives the check whose target begins with `what` the least a design costs by the same
     /// measure in the same run (measured after the check, as the floors run after smtpflow).
     pub fn set_floor(&mut self, what: &str, floor: Floor) {
-        if let Some(c) = self.checks.iter_mut().find(|c| c.what.starts_with(what)) {
-            c.floor = Some(floor);
+        match self.checks.iter_mut().find(|c| c.what.starts_with(what)) {
+            Some(c) => c.floor = Some(floor),
+            None => eprintln!("bench: no target {what:?} to put the floor {:?} beside", floor.what),
         }
     }
 }

@@ -178,6 +178,12 @@ pub fn test_run_skb(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> std::io
 }
 
 /// Median of a non-empty list.
+/// The median over rounds of each round's `runs` / that round's `reference` (the run with no
+/// observer): slow drifts of a shared machine cancel better so than between medians.
+pub fn median_ratio(runs: &[f64], reference: &[f64]) -> f64 {
+    median(&mut runs.iter().zip(reference).map(|(x, r)| x / r).collect::<Vec<_>>())
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
